@@ -1,0 +1,1 @@
+"""Developer and CI tooling for Trace (local services, demo, benchmarks); not in the wheel."""

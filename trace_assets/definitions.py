@@ -1,0 +1,69 @@
+"""The one Definitions object of Trace. Resources are chosen per environment in one place."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from trace_assets.raw.chain import raw_chain
+from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
+from trace_resources.settings import Settings, get_settings
+from trace_resources.storage.io_manager import DatasetIOManager
+from trace_sensors.chain_head import chain_head_sensor
+
+__all__ = ["defs", "build_resources", "raw_backfill_job"]
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    """Resources for the environment the settings describe (local, test or prod).
+
+    Secrets come from `dg.EnvVar` so that they are read when a run starts, never at import.
+    """
+    chain = ChainResource(
+        rpc_url=settings.rpc_url,
+        chain_id=settings.chain_id,
+        range_size=settings.range_size,
+        requests_per_second=settings.rpc_requests_per_second,
+        max_concurrent_requests=settings.rpc_max_concurrent_requests,
+        timeout_s=settings.rpc_timeout_s,
+        retry_budget_s=settings.rpc_retry_budget_s,
+        max_attempts=settings.rpc_max_attempts,
+    )
+    if settings.object_store == "local":
+        objects = ObjectStoreResource(kind="local", local_root=str(settings.local_store_root))
+    else:
+        objects = ObjectStoreResource(
+            kind="s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID"),
+            secret_access_key=dg.EnvVar("AWS_SECRET_ACCESS_KEY"),
+            bucket_datasets=settings.bucket_datasets,
+            bucket_results=settings.bucket_results,
+            bucket_scratch=settings.bucket_scratch,
+        )
+    state = StateStoreResource(dsn=settings.state_dsn)
+    return {
+        "chain": chain,
+        "objects": objects,
+        "state": state,
+        "dataset_io_manager": DatasetIOManager(objects=objects, state=state),
+    }
+
+
+raw_backfill_job = dg.define_asset_job(
+    "raw_chain_job",
+    selection=dg.AssetSelection.assets(raw_chain),
+    description="Extract, verify and commit blocks, transactions and logs of block ranges.",
+)
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[raw_chain],
+        jobs=[raw_backfill_job],
+        sensors=[chain_head_sensor],
+        resources=build_resources(settings or get_settings()),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,243 @@
+"""Extract verified raw block ranges with cryo used as a library.
+
+cryo 0.3.2 raises a message-less `RustPanic` on any failure (the cause goes to stderr), does
+not retry HTTP 429/5xx, and can return partial data, so Trace (1) checks its inputs first and
+says itself what is wrong, (2) retries failed or incomplete extractions with backoff inside a
+budget, and (3) verifies every range before anything is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cryo
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from trace_resources.chain.ranges import BlockRange
+from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
+from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
+from trace_resources.chain.verify import verify_range
+from trace_resources.errors import (
+    RangeIncompleteError,
+    RangeNotFinalizedError,
+    RpcFaultError,
+    UnknownDatasetError,
+    WrongChainIdError,
+)
+
+__all__ = ["ChainClient", "RangeData", "BlockRef", "ChainHead"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    number: int
+    hash: str
+    parent_hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "hash": self.hash, "parent_hash": self.parent_hash}
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    chain_id: int
+    latest: int
+    finalized: int
+
+
+@dataclass
+class RangeData:
+    """The verified raw tables of one block range."""
+
+    block_range: BlockRange
+    tables: dict[RawDataset, pa.Table]
+    first: BlockRef
+    last: BlockRef
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Source block hashes recorded in each committed manifest."""
+        return {
+            "range": self.block_range.key,
+            "first": self.first.as_dict(),
+            "last": self.last.as_dict(),
+        }
+
+
+class _CryoFailed(Exception):
+    """cryo panicked; the cause is on stderr."""
+
+
+def _hex(value: bytes) -> str:
+    return "0x" + value.hex()
+
+
+def to_schema(frame: pl.DataFrame, dataset: RawDataset, extra: Mapping[str, pa.Array]) -> pa.Table:
+    """cryo's frame as Trace's explicit schema for `dataset` (columns selected, types cast)."""
+    schema = RAW_SCHEMAS[dataset]
+    source = frame.to_arrow()
+    columns = []
+    for f in schema:
+        column = extra[f.name] if f.name in extra else source.column(f.name)
+        columns.append(column.cast(f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class ChainClient:
+    """Everything Trace asks of a chain: head, finality, and verified range extraction."""
+
+    def __init__(
+        self,
+        rpc_url: str,
+        chain_id: int,
+        *,
+        requests_per_second: int | None = None,
+        max_concurrent_requests: int = 32,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.rpc_url = rpc_url
+        self.chain_id = chain_id
+        self.requests_per_second = requests_per_second
+        self.max_concurrent_requests = max_concurrent_requests
+        self.retry = retry or RetryPolicy()
+        self.rpc = JsonRpcClient(rpc_url, timeout_s=timeout_s, retry=self.retry)
+
+    def close(self) -> None:
+        self.rpc.close()
+
+    # -- head and preflight ------------------------------------------------------------
+
+    def check_chain_id(self) -> None:
+        reported = int(self.rpc.call("eth_chainId"), 16)
+        if reported != self.chain_id:
+            raise WrongChainIdError(
+                f"the endpoint {self.rpc_url} serves chain id {reported}, but Trace is "
+                f"configured for chain id {self.chain_id}: point TRACE_RPC_URL at a node of "
+                f"chain {self.chain_id}, or set TRACE_CHAIN_ID={reported} if that chain is meant"
+            )
+
+    def head(self) -> ChainHead:
+        """Chain id, latest and finalized block numbers (the chain id is checked)."""
+        self.check_chain_id()
+        latest, finalized = (
+            int(block["number"], 16)
+            for block in self.rpc.batch(
+                "eth_getBlockByNumber", [["latest", False], ["finalized", False]]
+            )
+        )
+        return ChainHead(chain_id=self.chain_id, latest=latest, finalized=finalized)
+
+    def preflight(self, ranges: Sequence[BlockRange], datasets: Sequence[str]) -> ChainHead:
+        """Check everything cryo would otherwise fail on with a message-less panic."""
+        unknown = [d for d in datasets if d not in RAW_DATASETS]
+        if unknown:
+            raise UnknownDatasetError(
+                f"unknown raw dataset(s) {', '.join(map(repr, unknown))}: "
+                f"Trace extracts {', '.join(RAW_DATASETS)}"
+            )
+        head = self.head()
+        beyond = [r for r in ranges if r.last > head.finalized]
+        if beyond:
+            raise RangeNotFinalizedError(
+                f"block range {beyond[0].key} ends at block {beyond[0].last}, past the chain's "
+                f"finalized block {head.finalized} (latest {head.latest}); Trace commits only "
+                "finalized blocks. Wait until the chain-head sensor adds this range, or "
+                "materialise an earlier range"
+            )
+        return head
+
+    # -- extraction ----------------------------------------------------------------------
+
+    def extract_range(self, block_range: BlockRange) -> RangeData:
+        """Extract blocks, transactions and logs of one finalized range, verified complete."""
+        self.preflight([block_range], RAW_DATASETS)
+        return self.extract_verified(block_range)
+
+    def extract_verified(self, block_range: BlockRange) -> RangeData:
+        """Extract and verify, retrying failed or incomplete extractions inside the budget."""
+        started = time.monotonic()
+        retrying = self.retry.retrying(
+            lambda exc: isinstance(exc, _CryoFailed | RangeIncompleteError)
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    data = self._extract_once(block_range)
+                    return data
+        except _CryoFailed as exc:
+            self.check_chain_id()  # a clear error if the endpoint went away or changed
+            raise RpcFaultError(
+                f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
+                f"{self.rpc_url} after retrying for {time.monotonic() - started:.1f} s ({exc}). "
+                "cryo prints the cause on stderr (see the step's stderr log); it is usually "
+                "the node rate limiting (HTTP 429) or failing (5xx): lower "
+                "TRACE_RPC_REQUESTS_PER_SECOND or retry later"
+            ) from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    def _extract_once(self, block_range: BlockRange) -> RangeData:
+        frames, counts = asyncio.run(self._collect_all(block_range))
+        tables: dict[RawDataset, pa.Table] = {
+            "blocks": to_schema(
+                frames["blocks"], "blocks", {"transaction_count": pa.array(counts, pa.uint32())}
+            ),
+            "transactions": to_schema(frames["transactions"], "transactions", {}),
+            "logs": to_schema(frames["logs"], "logs", {}),
+        }
+        verify_range(block_range, **tables).raise_if_incomplete()
+        blocks = tables["blocks"].sort_by("block_number")
+        first, last = blocks.slice(0, 1).to_pylist()[0], blocks.slice(blocks.num_rows - 1).to_pylist()[0]
+        return RangeData(
+            block_range=block_range,
+            tables=tables,
+            first=BlockRef(first["block_number"], _hex(first["block_hash"]), _hex(first["parent_hash"])),
+            last=BlockRef(last["block_number"], _hex(last["block_hash"]), _hex(last["parent_hash"])),
+        )
+
+    def transaction_counts(self, block_range: BlockRange) -> dict[int, int]:
+        """Transactions per block, from the node's headers (what verification checks against)."""
+        results = self.rpc.batch(
+            "eth_getBlockTransactionCountByNumber", [[hex(n)] for n in block_range.blocks()]
+        )
+        return {n: int(c, 16) for n, c in zip(block_range.blocks(), results, strict=True) if c}
+
+    async def _collect_all(
+        self, block_range: BlockRange
+    ) -> tuple[dict[RawDataset, pl.DataFrame], np.ndarray]:
+        kwargs: dict[str, Any] = {
+            "blocks": [block_range.cryo_spec],
+            "rpc": self.rpc_url,
+            "include_columns": ["all"],
+            "max_concurrent_requests": self.max_concurrent_requests,
+            "verbose": False,
+        }
+        if self.requests_per_second:
+            kwargs["requests_per_second"] = self.requests_per_second
+
+        async def collect(dataset: RawDataset) -> pl.DataFrame:
+            try:
+                return await cryo.async_collect(dataset, output_format="polars", **kwargs)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # cryo raises pyo3's RustPanic, a BaseException
+                raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
+
+        results = await asyncio.gather(
+            *(collect(d) for d in RAW_DATASETS),
+            asyncio.to_thread(self.transaction_counts, block_range),
+        )
+        frames = dict(zip(RAW_DATASETS, results[:3], strict=True))
+        counts_by_block: dict[int, int] = results[3]
+        numbers = frames["blocks"]["block_number"].to_numpy()
+        counts = np.array([counts_by_block.get(int(n), 0) for n in numbers], dtype=np.uint32)
+        return frames, counts

@@ -1,0 +1,158 @@
+"""A small JSON-RPC client for the calls Trace makes itself (preflight, finality, counts).
+
+cryo does the bulk extraction; Trace needs only a handful of cheap calls around it, and it
+needs them to retry transient faults (HTTP 429/5xx, JSON-RPC server errors, timeouts,
+dropped connections) with backoff inside a time budget, which cryo 0.3.2 does not do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from trace_resources.errors import RpcFaultError, RpcUnreachableError
+
+__all__ = ["JsonRpcClient", "JsonRpcError", "RetryPolicy"]
+
+log = logging.getLogger(__name__)
+
+# JSON-RPC error codes that a healthy node returns for load or transient trouble.
+_TRANSIENT_RPC_CODES = {-32000, -32005, -32603, 429}
+
+
+class JsonRpcError(Exception):
+    """The node answered with a JSON-RPC error object."""
+
+    def __init__(self, method: str, code: int, message: str) -> None:
+        super().__init__(f"{method}: JSON-RPC error {code}: {message}")
+        self.method = method
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        return self.code in _TRANSIENT_RPC_CODES
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often to retry transient faults."""
+
+    max_attempts: int = 8
+    budget_s: float = 120.0
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+
+    def retrying(self, is_transient: Any) -> Retrying:
+        return Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.budget_s),
+            wait=wait_exponential_jitter(initial=self.initial_backoff_s, max=self.max_backoff_s),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("transient RPC fault (attempt %d): %s; retrying", state.attempt_number, exc)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, JsonRpcError):
+        return exc.transient
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code == 429 or exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError | _MissingResult)
+
+
+class _MissingResult(Exception):
+    """A batch answer lacks the result of one of its calls (a faulty or overloaded node)."""
+
+
+class JsonRpcClient:
+    """JSON-RPC over HTTP with keep-alive, batching and retries."""
+
+    def __init__(
+        self, url: str, timeout_s: float = 10.0, retry: RetryPolicy | None = None
+    ) -> None:
+        self.url = url
+        self.retry = retry or RetryPolicy()
+        self._ids = itertools.count(1)
+        self._http = httpx.Client(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> JsonRpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        """One call, retried on transient faults."""
+        return self.batch(method, [params])[0]
+
+    def batch(self, method: str, params_list: Sequence[Sequence[Any]], size: int = 500) -> list:
+        """Many calls of one method, sent as JSON-RPC batches of `size`, results in order."""
+        results: list[Any] = []
+        for offset in range(0, len(params_list), size):
+            chunk = params_list[offset : offset + size]
+            results.extend(self._with_retries(method, chunk))
+        return results
+
+    def _with_retries(self, method: str, params_list: Sequence[Sequence[Any]]) -> list:
+        try:
+            for attempt in self.retry.retrying(_is_transient):
+                with attempt:
+                    return self._send(method, params_list)
+        except httpx.TransportError as exc:
+            raise RpcUnreachableError(
+                f"the JSON-RPC endpoint {self.url} did not answer {method} "
+                f"({type(exc).__name__}: {exc}), retried up to {self.retry.max_attempts} times "
+                f"within {self.retry.budget_s:.0f} s; check that the node is running and that "
+                "TRACE_RPC_URL points at it"
+            ) from exc
+        except (httpx.HTTPStatusError, JsonRpcError, _MissingResult) as exc:
+            raise RpcFaultError(
+                f"the JSON-RPC endpoint {self.url} kept failing {method}: {exc}; "
+                "it may be rate limiting or overloaded: lower TRACE_RPC_REQUESTS_PER_SECOND "
+                "or TRACE_RPC_MAX_CONCURRENT_REQUESTS, or retry later"
+            ) from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    def _send(self, method: str, params_list: Sequence[Sequence[Any]]) -> list:
+        ids = [next(self._ids) for _ in params_list]
+        body = [
+            {"jsonrpc": "2.0", "id": i, "method": method, "params": list(p)}
+            for i, p in zip(ids, params_list, strict=True)
+        ]
+        response = self._http.post(self.url, json=body)
+        response.raise_for_status()
+        answers = response.json()
+        if isinstance(answers, dict):  # some nodes answer a whole-batch error with one object
+            answers = [answers]
+        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        results = []
+        for i in ids:
+            answer = by_id.get(i)
+            if answer is None:
+                raise _MissingResult(f"{method}: the answer has no result for request id {i}")
+            if "error" in answer and answer["error"] is not None:
+                err = answer["error"]
+                raise JsonRpcError(method, int(err.get("code", 0)), str(err.get("message", "")))
+            results.append(answer.get("result"))
+        return results

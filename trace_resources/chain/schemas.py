@@ -1,0 +1,111 @@
+"""One explicit Arrow schema per raw dataset, stable across partitions.
+
+Every table carries `chain_id` and `block_number`. Hashes and addresses are raw bytes.
+256-bit quantities are kept exact: `value_binary` holds the 32-byte big-endian integer and
+`value_string` its decimal digits; `value_f64` is a lossy convenience for quick analysis.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import pyarrow as pa
+
+from trace_resources.errors import UnknownDatasetError
+
+__all__ = ["RawDataset", "RAW_DATASETS", "RAW_SCHEMAS", "raw_schema", "CRYO_COLUMNS"]
+
+RawDataset = Literal["blocks", "transactions", "logs"]
+RAW_DATASETS: tuple[RawDataset, ...] = get_args(RawDataset)
+
+_HASH = pa.binary()
+_ADDRESS = pa.binary()
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+BLOCKS = pa.schema(
+    [
+        _field("chain_id", pa.uint64(), "EIP-155 chain id"),
+        _field("block_number", pa.uint64(), "block height"),
+        _field("block_hash", _HASH, "block hash (32 bytes)"),
+        _field("parent_hash", _HASH, "hash of the parent block (32 bytes)"),
+        _field("timestamp", pa.uint64(), "block timestamp, seconds since the Unix epoch"),
+        _field("author", _ADDRESS, "block proposer / fee recipient (20 bytes)", True),
+        _field("transaction_count", pa.uint32(), "number of transactions in the block"),
+        _field("gas_used", pa.uint64(), "gas used by all transactions", True),
+        _field("base_fee_per_gas", pa.uint64(), "EIP-1559 base fee in wei", True),
+        _field("size", pa.uint64(), "block size in bytes", True),
+        _field("state_root", _HASH, "state trie root", True),
+        _field("transactions_root", _HASH, "transactions trie root", True),
+        _field("receipts_root", _HASH, "receipts trie root", True),
+        _field("logs_bloom", pa.binary(), "256-byte bloom filter of the block's logs", True),
+        _field("extra_data", pa.binary(), "proposer's extra data", True),
+    ]
+)
+
+TRANSACTIONS = pa.schema(
+    [
+        _field("chain_id", pa.uint64(), "EIP-155 chain id"),
+        _field("block_number", pa.uint64(), "block height"),
+        _field("block_hash", _HASH, "hash of the block holding the transaction"),
+        _field("timestamp", pa.uint64(), "block timestamp, seconds since the Unix epoch"),
+        _field("transaction_index", pa.uint32(), "position in the block"),
+        _field("transaction_hash", _HASH, "transaction hash (32 bytes)"),
+        _field("nonce", pa.uint64(), "sender nonce"),
+        _field("from_address", _ADDRESS, "sender (20 bytes)"),
+        _field("to_address", _ADDRESS, "recipient; null for contract creation", True),
+        _field("value_binary", pa.binary(), "value in wei, exact, 32-byte big-endian"),
+        _field("value_string", pa.string(), "value in wei, exact, decimal digits"),
+        _field("value_f64", pa.float64(), "value in wei as a float (lossy)"),
+        _field("input", pa.binary(), "call data", True),
+        _field("gas_limit", pa.uint64(), "gas limit", True),
+        _field("gas_used", pa.uint64(), "gas used (from the receipt)", True),
+        _field("gas_price", pa.uint64(), "effective gas price in wei", True),
+        _field("transaction_type", pa.uint32(), "EIP-2718 type", True),
+        _field("max_priority_fee_per_gas", pa.uint64(), "EIP-1559 tip cap", True),
+        _field("max_fee_per_gas", pa.uint64(), "EIP-1559 fee cap", True),
+        _field("success", pa.bool_(), "receipt status", True),
+    ]
+)
+
+LOGS = pa.schema(
+    [
+        _field("chain_id", pa.uint64(), "EIP-155 chain id"),
+        _field("block_number", pa.uint64(), "block height"),
+        _field("block_hash", _HASH, "hash of the block holding the log"),
+        _field("transaction_index", pa.uint32(), "position of the emitting transaction"),
+        _field("log_index", pa.uint32(), "position of the log in the block"),
+        _field("transaction_hash", _HASH, "emitting transaction hash"),
+        _field("address", _ADDRESS, "emitting contract (20 bytes)"),
+        _field("topic0", _HASH, "event signature hash", True),
+        _field("topic1", _HASH, "first indexed argument", True),
+        _field("topic2", _HASH, "second indexed argument", True),
+        _field("topic3", _HASH, "third indexed argument", True),
+        _field("data", pa.binary(), "non-indexed event data", True),
+    ]
+)
+
+RAW_SCHEMAS: dict[RawDataset, pa.Schema] = {
+    "blocks": BLOCKS,
+    "transactions": TRANSACTIONS,
+    "logs": LOGS,
+}
+
+# Columns Trace asks cryo for; the rest of the schema is added by Trace itself.
+CRYO_COLUMNS: dict[RawDataset, list[str]] = {
+    "blocks": [f.name for f in BLOCKS if f.name != "transaction_count"],
+    "transactions": [f.name for f in TRANSACTIONS],
+    "logs": [f.name for f in LOGS],
+}
+
+
+def raw_schema(dataset: str) -> pa.Schema:
+    try:
+        return RAW_SCHEMAS[dataset]  # type: ignore[index]
+    except KeyError:
+        raise UnknownDatasetError(
+            f"unknown raw dataset {dataset!r}: the raw datasets are {', '.join(RAW_DATASETS)}"
+        ) from None

@@ -1,0 +1,160 @@
+"""Completeness checks run on every extracted range before anything is committed.
+
+cryo 0.3.2 can return a silently partial dataset when the node drops data, so Trace checks
+the three raw tables against each other and against the block headers:
+- every block of the range is present exactly once and the parent hashes link up;
+- each block has exactly `transaction_count` transactions, indexed 0..n-1;
+- logs are indexed 0..m-1 within each block, and a block whose logs bloom is non-empty has
+  logs while a block with an empty bloom has none;
+- every transaction and log belongs to the block hash the blocks table has for its number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trace_resources.chain.ranges import BlockRange
+from trace_resources.errors import RangeIncompleteError
+
+__all__ = ["VerificationReport", "verify_range"]
+
+_EMPTY_BLOOM = bytes(256)
+
+
+@dataclass
+class VerificationReport:
+    """What is wrong with a range's extracted data, block by block."""
+
+    block_range: BlockRange
+    problems: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, problem: str, blocks: list[int] | np.ndarray) -> None:
+        blocks = [int(b) for b in blocks]
+        if blocks:
+            self.problems.setdefault(problem, []).extend(blocks)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_incomplete(self) -> None:
+        if self.ok:
+            return
+        details = "; ".join(
+            f"{problem}: {_summarise(blocks)}" for problem, blocks in sorted(self.problems.items())
+        )
+        raise RangeIncompleteError(
+            f"blocks {self.block_range.start}..{self.block_range.last} failed verification and "
+            f"were not committed ({details}). The RPC node returned incomplete data; the range "
+            "is retried automatically, and if this persists check the node's health or use "
+            "another endpoint"
+        )
+
+
+def _summarise(blocks: list[int], limit: int = 10) -> str:
+    unique = sorted(set(blocks))
+    shown = ", ".join(str(b) for b in unique[:limit])
+    more = f" and {len(unique) - limit} more" if len(unique) > limit else ""
+    return f"blocks {shown}{more}"
+
+
+def _per_block_counts(numbers: pa.Array, block_range: BlockRange) -> np.ndarray:
+    offsets = numbers.to_numpy(zero_copy_only=False).astype(np.int64) - block_range.start
+    inside = (offsets >= 0) & (offsets < block_range.size)
+    return np.bincount(offsets[inside], minlength=block_range.size)
+
+
+def _check_blocks(blocks: pa.Table, report: VerificationReport) -> dict[int, bytes]:
+    rng = report.block_range
+    numbers = blocks["block_number"].to_numpy().astype(np.int64)
+    counts = _per_block_counts(blocks["block_number"].combine_chunks(), rng)
+    report.add("missing blocks", np.flatnonzero(counts == 0) + rng.start)
+    report.add("duplicated blocks", np.flatnonzero(counts > 1) + rng.start)
+    outside = numbers[(numbers < rng.start) | (numbers > rng.last)]
+    report.add("blocks outside the range", outside)
+    hashes = dict(zip(numbers.tolist(), blocks["block_hash"].to_pylist(), strict=True))
+    parents = dict(zip(numbers.tolist(), blocks["parent_hash"].to_pylist(), strict=True))
+    broken = [
+        n for n in rng.blocks()[1:] if n in parents and n - 1 in hashes and parents[n] != hashes[n - 1]
+    ]
+    report.add("parent hash does not link to the previous block", broken)
+    return hashes
+
+
+def _check_children(
+    name: str,
+    table: pa.Table,
+    index_column: str,
+    expected: np.ndarray,
+    hashes: dict[int, bytes],
+    report: VerificationReport,
+) -> None:
+    """Rows per block equal `expected`, indexed 0..n-1, on the block hash of the blocks table."""
+    rng = report.block_range
+    counts = _per_block_counts(table["block_number"].combine_chunks(), rng)
+    report.add(f"{name} missing", np.flatnonzero(counts < expected) + rng.start)
+    report.add(f"{name} unexpected", np.flatnonzero(counts > expected) + rng.start)
+    if table.num_rows == 0:
+        return
+    numbers = table["block_number"].to_numpy().astype(np.int64)
+    index = table[index_column].to_numpy().astype(np.int64)
+    # index must be 0..n-1 in each block: the sum and the max give it away when one is missing
+    order = np.lexsort((index, numbers))
+    numbers, index = numbers[order], index[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(numbers)) + 1]
+    position = np.arange(len(numbers)) - np.repeat(starts, np.diff(np.r_[starts, len(numbers)]))
+    report.add(f"{name} not contiguous by {index_column}", np.unique(numbers[position != index]))
+    block_hashes = table["block_hash"].to_pylist()
+    wrong_fork = {
+        int(n)
+        for n, h in zip(table["block_number"].to_pylist(), block_hashes, strict=True)
+        if n in hashes and hashes[n] != h
+    }
+    report.add(f"{name} from another fork (block hash differs)", sorted(wrong_fork))
+
+
+def verify_range(
+    block_range: BlockRange, blocks: pa.Table, transactions: pa.Table, logs: pa.Table
+) -> VerificationReport:
+    """Check the three raw tables of one range; the report lists every problem found."""
+    report = VerificationReport(block_range)
+    hashes = _check_blocks(blocks, report)
+    offsets = blocks["block_number"].to_numpy().astype(np.int64) - block_range.start
+    valid = (offsets >= 0) & (offsets < block_range.size)
+    expected_txs = np.zeros(block_range.size, dtype=np.int64)
+    expected_txs[offsets[valid]] = blocks["transaction_count"].to_numpy()[valid]
+    _check_children("transactions", transactions, "transaction_index", expected_txs, hashes, report)
+
+    blooms = blocks["logs_bloom"].to_pylist()
+    has_logs = np.zeros(block_range.size, dtype=bool)
+    has_logs[offsets[valid]] = [b not in (None, b"", _EMPTY_BLOOM) for b in np.array(blooms)[valid]]
+    log_counts = _per_block_counts(logs["block_number"].combine_chunks(), block_range)
+    report.add("logs missing (logs bloom is not empty)", np.flatnonzero(has_logs & (log_counts == 0)) + block_range.start)
+    report.add("logs present although the logs bloom is empty", np.flatnonzero(~has_logs & (log_counts > 0)) + block_range.start)
+    # contiguity and fork checks for logs; their expected count per block is what was found
+    _check_children("logs", logs, "log_index", log_counts, hashes, report)
+    if transactions.num_rows and logs.num_rows:
+        tx_keys = set(zip(transactions["block_number"].to_pylist(), transactions["transaction_index"].to_pylist(), strict=True))
+        orphan = {
+            n
+            for n, i in zip(logs["block_number"].to_pylist(), logs["transaction_index"].to_pylist(), strict=True)
+            if (n, i) not in tx_keys
+        }
+        report.add("logs whose transaction is missing", sorted(orphan))
+    return report
+
+
+def count_by_block(table: pa.Table) -> dict[int, int]:
+    """Rows per block number (used by tests and the demo summary)."""
+    grouped = table.group_by("block_number").aggregate([("block_number", "count")])
+    return dict(
+        zip(
+            grouped["block_number"].to_pylist(),
+            pc.cast(grouped["block_number_count"], pa.int64()).to_pylist(),
+            strict=True,
+        )
+    )

@@ -1,0 +1,101 @@
+"""Trace's exception hierarchy, written down in one place.
+
+Every error says what was wrong and what to do about it. Errors that retrying cannot fix
+(`permanent = True`) are not retried by Trace's own backoff, and assets turn them into a
+`dagster.Failure` that Dagster's retry policies do not retry either.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TraceError",
+    "ConfigError",
+    "ChainError",
+    "RpcUnreachableError",
+    "WrongChainIdError",
+    "RangeNotFinalizedError",
+    "RpcFaultError",
+    "RangeIncompleteError",
+    "ChainContinuityError",
+    "DatasetError",
+    "UnknownDatasetError",
+    "MalformedPartitionKeyError",
+    "CommitError",
+    "AttemptFencedError",
+    "SchemaIncompatibleError",
+    "StagedObjectError",
+]
+
+
+class TraceError(Exception):
+    """Base of every error Trace raises on purpose."""
+
+    permanent: bool = True
+
+
+class ConfigError(TraceError):
+    """A setting or declaration is invalid."""
+
+
+class ChainError(TraceError):
+    """The chain endpoint or the chain data is not what Trace needs."""
+
+
+class RpcUnreachableError(ChainError):
+    """The JSON-RPC endpoint does not answer."""
+
+    permanent = False
+
+
+class WrongChainIdError(ChainError):
+    """The endpoint serves another chain than the one configured."""
+
+
+class RangeNotFinalizedError(ChainError):
+    """A block range reaches past the chain's finalized head."""
+
+
+class RpcFaultError(ChainError):
+    """Transient RPC faults outlasted the retry budget."""
+
+    permanent = False
+
+
+class RangeIncompleteError(ChainError):
+    """Extracted data failed verification: blocks, transactions or logs are missing."""
+
+    permanent = False
+
+
+class ChainContinuityError(ChainError):
+    """A range does not link to its committed neighbour (parent hash mismatch): a fork."""
+
+
+class DatasetError(TraceError):
+    """A dataset or partition named by the caller does not exist or is malformed."""
+
+
+class UnknownDatasetError(DatasetError):
+    """No dataset of that name is declared."""
+
+
+class MalformedPartitionKeyError(DatasetError):
+    """A partition key is not of the form `{start:012d}-{end:012d}`."""
+
+
+class CommitError(TraceError):
+    """A commit was refused; nothing of it became visible."""
+
+
+class AttemptFencedError(CommitError):
+    """A newer attempt holds the fence for this (dataset, partition)."""
+
+
+class SchemaIncompatibleError(CommitError):
+    """The staged data does not match the dataset's registered schema."""
+
+
+class StagedObjectError(CommitError):
+    """A staged file is missing or differs from what the writer recorded."""
+
+    permanent = False

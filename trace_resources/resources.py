@@ -1,0 +1,89 @@
+"""Dagster resources: thin configuration around the chain client and the storage layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from trace_resources.chain.extract import ChainClient
+from trace_resources.chain.rpc import RetryPolicy
+from trace_resources.storage.commit import DatasetReader, DatasetWriter
+from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
+from trace_resources.storage.state import engine_for
+from trace_resources.storage.versions import VersionStore
+
+__all__ = ["ChainResource", "ObjectStoreResource", "StateStoreResource"]
+
+
+class ChainResource(dg.ConfigurableResource):
+    """A Monad (or any EVM) JSON-RPC endpoint, extracted with cryo."""
+
+    rpc_url: str = Field(description="JSON-RPC endpoint, e.g. http://127.0.0.1:18545.")
+    chain_id: int = Field(description="Chain id the endpoint must report (10143: Monad testnet).")
+    range_size: int = Field(description="Blocks per partition.")
+    requests_per_second: int | None = Field(
+        default=None, description="Cap on RPC requests per second (None: no cap)."
+    )
+    max_concurrent_requests: int = Field(default=32, description="Cap on concurrent RPC requests.")
+    timeout_s: float = Field(default=10.0, description="Timeout of one RPC request, seconds.")
+    retry_budget_s: float = Field(
+        default=120.0, description="Time spent retrying transient faults for one operation."
+    )
+    max_attempts: int = Field(default=8, description="Attempts per operation before giving up.")
+
+    def client(self) -> ChainClient:
+        return ChainClient(
+            self.rpc_url,
+            self.chain_id,
+            requests_per_second=self.requests_per_second,
+            max_concurrent_requests=self.max_concurrent_requests,
+            timeout_s=self.timeout_s,
+            retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
+        )
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Buckets for datasets, results and scratch: S3 (any S3 API) or a local folder."""
+
+    kind: Literal["local", "s3"] = Field(description="'local' folder or 's3' API.")
+    local_root: str = Field(default=".local/objectstore", description="Root of the local store.")
+    endpoint_url: str | None = Field(default=None, description="S3 API endpoint (None: AWS).")
+    region: str = Field(default="us-east-1", description="S3 region.")
+    access_key_id: str | None = Field(default=None, description="S3 access key (None: AWS chain).")
+    secret_access_key: str | None = Field(default=None, description="S3 secret key.")
+    bucket_datasets: str = Field(default="trace-datasets", description="Committed datasets.")
+    bucket_results: str = Field(default="trace-results", description="Query results, exports.")
+    bucket_scratch: str = Field(default="trace-scratch", description="Scratch files.")
+
+    def bucket(self, name: str) -> ObjectStore:
+        if self.kind == "local":
+            return local_store(Path(self.local_root), name)
+        return s3_store(
+            name,
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key=self.access_key_id,
+            secret_key=self.secret_access_key,
+        )
+
+    def datasets(self) -> ObjectStore:
+        return self.bucket(self.bucket_datasets)
+
+
+class StateStoreResource(dg.ConfigurableResource):
+    """Postgres state: dataset registry, versions, pointers, attempts, outbox."""
+
+    dsn: str = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg2://u:p@host/trace_state.")
+    lease_s: float = Field(default=600.0, description="Lease of a writer's attempt, seconds.")
+
+    def versions(self) -> VersionStore:
+        return VersionStore(engine_for(self.dsn), lease_s=self.lease_s)
+
+    def writer(self, objects: ObjectStoreResource) -> DatasetWriter:
+        return DatasetWriter(objects.datasets(), self.versions())
+
+    def reader(self, objects: ObjectStoreResource) -> DatasetReader:
+        return DatasetReader(objects.datasets(), self.versions())

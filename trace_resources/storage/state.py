@@ -1,0 +1,121 @@
+"""The version store in Postgres state: registry, schemas, fences, attempts, versions,
+current-version pointers and the outbox (SQLAlchemy Core; the SQL of the protocol lives here).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+__all__ = [
+    "metadata",
+    "datasets",
+    "dataset_schemas",
+    "fences",
+    "attempts",
+    "versions",
+    "pointers",
+    "outbox",
+    "engine_for",
+]
+
+metadata = sa.MetaData()
+
+_now = sa.func.now()
+
+datasets = sa.Table(
+    "trace_datasets",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("commit_mode", sa.Text, nullable=False),
+    sa.Column("current_schema_version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+dataset_schemas = sa.Table(
+    "trace_dataset_schemas",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("schema_version", sa.Integer, primary_key=True),
+    sa.Column("schema_hash", sa.Text, nullable=False),
+    sa.Column("schema_json", JSONB, nullable=False),
+    sa.Column("drift", JSONB, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+fences = sa.Table(
+    "trace_fences",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("fence", sa.BigInteger, nullable=False),
+)
+
+attempts = sa.Table(
+    "trace_attempts",
+    metadata,
+    sa.Column("attempt_id", UUID(as_uuid=False), primary_key=True),
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("partition_key", sa.Text, nullable=False),
+    sa.Column("fence", sa.BigInteger, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=True),
+    sa.Column("step_key", sa.Text, nullable=True),
+    sa.Column("retry_number", sa.Integer, nullable=False, server_default="0"),
+    # staging -> committed | fenced | failed | abandoned
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("committed_version", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Index("trace_attempts_by_partition", "dataset", "partition_key"),
+)
+
+versions = sa.Table(
+    "trace_versions",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("attempt_id", UUID(as_uuid=False), nullable=False, unique=True),
+    sa.Column("commit_mode", sa.Text, nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("manifest", JSONB, nullable=False),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("byte_count", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+pointers = sa.Table(
+    "trace_pointers",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("current_version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+outbox = sa.Table(
+    "trace_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("partition_key", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Column("relayed_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+@functools.cache
+def engine_for(dsn: str) -> sa.Engine:
+    """One pooled engine per database per process, with the state tables created."""
+    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
+    with engine.begin() as conn:
+        # serialise first-time DDL between processes that start together
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110001)"))
+        metadata.create_all(conn, checkfirst=True)
+    return engine
