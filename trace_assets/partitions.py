@@ -11,7 +11,7 @@ __all__ = ["block_ranges", "MAX_PARTITIONS_PER_RUN"]
 
 block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
 
-# A backfill of hundreds of ranges runs as runs of this many ranges each, not one process per
-# range. Each run holds its ranges' tables in memory until the IO manager commits them, which
-# bounds this number: 25 ranges of 10,000 Monad blocks stay well inside a worker's memory.
+# The raw assets run any number of ranges in one run (a single-run backfill policy, which the
+# dagster CLI needs for --partition-range); the chain-head sensor still requests runs of at
+# most this many ranges so that one failing range holds back few others.
 MAX_PARTITIONS_PER_RUN = 25

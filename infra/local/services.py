@@ -505,8 +505,11 @@ class MotoS3Server(_BackgroundProcess):
         return _http_answers(f"{self.endpoint_url}/moto-api/") is not None
 
     def env(self) -> dict[str, str]:
-        """Standard AWS variables pointing boto3 / botocore at this server."""
+        """Variables pointing Trace's S3 object store (and any boto3 client) at this server."""
         return {
+            "TRACE_OBJECT_STORE": "s3",
+            "TRACE_S3_ENDPOINT_URL": self.endpoint_url,
+            "TRACE_S3_REGION": MOTO_REGION,
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": MOTO_CREDENTIALS["aws_access_key_id"],
             "AWS_SECRET_ACCESS_KEY": MOTO_CREDENTIALS["aws_secret_access_key"],

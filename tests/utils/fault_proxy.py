@@ -150,7 +150,7 @@ class Fault:
         if not self._applies_to(method, params):
             return False
         self.matched += 1
-        if self.matched <= self.after:
+        if self.matched <= self.after or self.exhausted:
             return False
         if self.probability < 1.0 and self._rng.random() >= self.probability:
             return False
@@ -286,8 +286,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw)
         except ValueError:
-            self._send(400, b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,'
-                       b'"message":"parse error"}}')
+            self._send(
+                400, b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}'
+            )
             return
         is_batch = isinstance(body, list)
         calls: list[Any] = body if is_batch else [body]
@@ -299,8 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         # forward the calls that are not answered by a jsonrpc_error fault
-        to_forward = [c for c, f in zip(calls, plan, strict=True)
-                      if f is None or f.kind != "jsonrpc_error"]
+        to_forward = [
+            c for c, f in zip(calls, plan, strict=True) if f is None or f.kind != "jsonrpc_error"
+        ]
         upstream: dict[int, dict[str, Any]] = {}
         if to_forward:
             try:
@@ -433,8 +435,10 @@ class FaultProxy:
         self._t0 = time.monotonic()
         self._server = _Server(self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"fault-proxy-{self._server.server_address[1]}", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fault-proxy-{self._server.server_address[1]}",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -462,8 +466,8 @@ class FaultProxy:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("proxy not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     # -- faults and observations ---------------------------------------------------------
 
@@ -515,7 +519,8 @@ class FaultProxy:
         """Calls per method; ``faulted`` = True/False restricts to (non-)faulted calls."""
         with self._lock:
             return Counter(
-                r.method for r in self._records
+                r.method
+                for r in self._records
                 if faulted is None or (r.fault is not None) == faulted
             )
 
@@ -535,10 +540,10 @@ class FaultProxy:
                         break
                 plan.append(chosen)
             # a transport fault hits the whole HTTP request
-            transport = next((f for f in plan if f is not None and f.kind in TRANSPORT_KINDS),
-                             None)
+            transport = next((f for f in plan if f is not None and f.kind in TRANSPORT_KINDS), None)
             for call, chosen in zip(calls, plan, strict=True):
-                kind = transport.kind if transport is not None else (chosen and chosen.kind)
+                hit = transport if transport is not None else chosen
+                kind = hit.kind if hit is not None else None
                 method = call.get("method", "") if isinstance(call, dict) else ""
                 params = call.get("params") if isinstance(call, dict) else None
                 self._records.append(RequestRecord(self._seq, t, method, params, kind, is_batch))

@@ -20,17 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cryo
+import cryo  # type: ignore[import-untyped]
 import httpx
 import polars as pl
 import pytest
 
 from tests.utils.fault_proxy import Fault, FaultProxy
 
-ANVIL = (
-    Path(__file__).resolve().parents[2]
-    / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
-)
+ANVIL = Path(__file__).resolve().parents[2] / "node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
 # init code: MSTORE(0, 42); LOG1(mem[0:32], topic0=1); STOP  -> one log per deployment
 LOG_INIT_CODE = "0x602a600052600160206000a100"
 N_BLOCKS = 10
@@ -73,9 +70,18 @@ def chain() -> Iterator[Chain]:
     for _ in range(3):
         port = _free_port()
         proc = subprocess.Popen(
-            [str(ANVIL), "--port", str(port), "--chain-id", "10143", "--host", "127.0.0.1",
-             "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(ANVIL),
+                "--port",
+                str(port),
+                "--chain-id",
+                "10143",
+                "--host",
+                "127.0.0.1",
+                "--silent",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 10
@@ -98,13 +104,23 @@ def chain() -> Iterator[Chain]:
         _rpc(url, "evm_setAutomine", [False])
         txs, logs = {}, {}
         for n in range(1, N_BLOCKS + 1):
-            _rpc(url, "eth_sendTransaction", [{
-                "from": sender, "to": "0x000000000000000000000000000000000000dEaD",
-                "value": hex(10**15),
-            }])
+            _rpc(
+                url,
+                "eth_sendTransaction",
+                [
+                    {
+                        "from": sender,
+                        "to": "0x000000000000000000000000000000000000dEaD",
+                        "value": hex(10**15),
+                    }
+                ],
+            )
             for _ in range(n % 3):
-                _rpc(url, "eth_sendTransaction",
-                     [{"from": sender, "data": LOG_INIT_CODE, "gas": hex(100_000)}])
+                _rpc(
+                    url,
+                    "eth_sendTransaction",
+                    [{"from": sender, "data": LOG_INIT_CODE, "gas": hex(100_000)}],
+                )
             _rpc(url, "evm_mine")
             txs[n], logs[n] = 1 + n % 3, n % 3
         _rpc(url, "evm_setAutomine", [True])
@@ -135,8 +151,9 @@ def _collect(datatype: str, proxy: FaultProxy, **kwargs: Any) -> pl.DataFrame:
     the same Rust entry point, awaited in a loop that ``asyncio.run`` closes."""
     if datatype == "blocks":
         kwargs.setdefault("include_columns", ["all"])
-    coro = cryo.async_collect(datatype, blocks=[RANGE], rpc=proxy.url, output_format="polars",
-                              **kwargs)
+    coro = cryo.async_collect(
+        datatype, blocks=[RANGE], rpc=proxy.url, output_format="polars", **kwargs
+    )
     return asyncio.run(coro)  # type: ignore[return-value]
 
 
@@ -167,15 +184,19 @@ def test_passthrough_single_and_batch_are_logged(proxy: FaultProxy) -> None:
     single = _post(proxy.url, _call("eth_blockNumber", []))
     assert single.status_code == 200 and single.json()["result"] == hex(N_BLOCKS)
 
-    batch = _post(proxy.url, [_call("eth_chainId", [], 7), _call("eth_getBlockByNumber",
-                                                                ["0x3", False], 8)])
+    batch = _post(
+        proxy.url, [_call("eth_chainId", [], 7), _call("eth_getBlockByNumber", ["0x3", False], 8)]
+    )
     answers = {a["id"]: a for a in batch.json()}
     assert answers[7]["result"] == hex(10143)
     assert answers[8]["result"]["number"] == "0x3"
 
     methods = [(r.method, r.batch, r.fault) for r in proxy.requests]
-    assert methods == [("eth_blockNumber", False, None), ("eth_chainId", True, None),
-                       ("eth_getBlockByNumber", True, None)]
+    assert methods == [
+        ("eth_blockNumber", False, None),
+        ("eth_chainId", True, None),
+        ("eth_getBlockByNumber", True, None),
+    ]
     assert proxy.requests[1].seq == proxy.requests[2].seq  # same HTTP request
     assert not proxy.injected
     proxy.reset()
@@ -196,12 +217,19 @@ def test_http_429_count_then_pass(proxy: FaultProxy) -> None:
 
 
 def test_http_5xx_and_json_body(proxy: FaultProxy) -> None:
-    proxy.set_faults([Fault("http_5xx", status=502, count=1, json_body=True),
-                      Fault("http_5xx", status=500, count=1)])
+    proxy.set_faults(
+        [
+            Fault("http_5xx", status=502, count=1, json_body=True),
+            Fault("http_5xx", status=500, count=1),
+        ]
+    )
     first = _post(proxy.url, _call("eth_chainId", [], 5))
     assert first.status_code == 502
-    assert first.json() == {"jsonrpc": "2.0", "id": 5,
-                            "error": {"code": -32603, "message": "HTTP 502"}}
+    assert first.json() == {
+        "jsonrpc": "2.0",
+        "id": 5,
+        "error": {"code": -32603, "message": "HTTP 502"},
+    }
     second = _post(proxy.url, _call("eth_chainId", []))
     assert second.status_code == 500 and second.text.startswith("500")
     assert _post(proxy.url, _call("eth_chainId", [])).status_code == 200
@@ -210,12 +238,16 @@ def test_http_5xx_and_json_body(proxy: FaultProxy) -> None:
 
 
 def test_jsonrpc_error_hits_only_matching_batch_element(proxy: FaultProxy) -> None:
-    proxy.set_faults([Fault("jsonrpc_error", methods={"eth_getLogs"}, code=-32603,
-                            message="internal error")])
-    batch = _post(proxy.url, [
-        _call("eth_blockNumber", [], 1),
-        _call("eth_getLogs", [{"fromBlock": "0x1", "toBlock": "0x2"}], 2),
-    ]).json()
+    proxy.set_faults(
+        [Fault("jsonrpc_error", methods={"eth_getLogs"}, code=-32603, message="internal error")]
+    )
+    batch = _post(
+        proxy.url,
+        [
+            _call("eth_blockNumber", [], 1),
+            _call("eth_getLogs", [{"fromBlock": "0x1", "toBlock": "0x2"}], 2),
+        ],
+    ).json()
     assert batch[0]["result"] == hex(N_BLOCKS)
     assert batch[1]["error"] == {"code": -32603, "message": "internal error"}
     assert proxy.injected == {"jsonrpc_error": 1}
@@ -259,11 +291,13 @@ def test_timeout_hold_ends_after_delay_or_on_stop(chain: Chain) -> None:
 
 
 def test_data_faults(proxy: FaultProxy, chain: Chain) -> None:
-    proxy.set_faults([
-        Fault("missing_block", blocks={2}),
-        Fault("missing_logs", blocks={5}),
-        Fault("truncate_txs", blocks={8}, drop_txs=2),
-    ])
+    proxy.set_faults(
+        [
+            Fault("missing_block", blocks={2}),
+            Fault("missing_logs", blocks={5}),
+            Fault("truncate_txs", blocks={8}, drop_txs=2),
+        ]
+    )
     assert _post(proxy.url, _call("eth_getBlockByNumber", ["0x2", False])).json()["result"] is None
     assert _post(proxy.url, _call("eth_getBlockReceipts", ["0x2"])).json()["result"] is None
     assert _post(proxy.url, _call("eth_getBlockByNumber", ["0x1", False])).json()["result"]
@@ -290,8 +324,7 @@ def test_after_and_seeded_probability(proxy: FaultProxy) -> None:
     def pattern(seed: int) -> list[bool]:
         fault = Fault("jsonrpc_error", probability=0.5, seed=seed)
         proxy.set_faults([fault])
-        return ["error" in _post(proxy.url, _call("eth_chainId", [])).json()
-                for _ in range(12)]
+        return ["error" in _post(proxy.url, _call("eth_chainId", [])).json() for _ in range(12)]
 
     assert pattern(3) == pattern(3)
     assert 0 < sum(pattern(3)) < 12
@@ -340,10 +373,12 @@ def test_cryo_requests_without_faults(proxy: FaultProxy, chain: Chain) -> None:
     proxy.reset()
     txs = _collect("transactions", proxy)
     assert txs.height == sum(chain.txs.values())
-    assert proxy.method_counts() == {"eth_chainId": 1, "eth_getBlockByNumber": N_BLOCKS,
-                                     "eth_getBlockReceipts": N_BLOCKS}
-    assert all(r.params[1] is True for r in proxy.requests
-               if r.method == "eth_getBlockByNumber")
+    assert proxy.method_counts() == {
+        "eth_chainId": 1,
+        "eth_getBlockByNumber": N_BLOCKS,
+        "eth_getBlockReceipts": N_BLOCKS,
+    }
+    assert all(r.params[1] is True for r in proxy.requests if r.method == "eth_getBlockByNumber")
 
     proxy.reset()
     logs = _collect("logs", proxy)
@@ -357,11 +392,13 @@ def test_cryo_requests_without_faults(proxy: FaultProxy, chain: Chain) -> None:
 
 def test_cryo_retries_only_json_bodies_with_rate_limit_codes(proxy: FaultProxy) -> None:
     # 429 / -32005 / JSON-RPC code 429 are retried after a constant `initial_backoff` (ms)
-    proxy.set_faults([
-        Fault("http_429", methods={"eth_getLogs"}, blocks={3}, count=2, json_body=True),
-        Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={4}, count=2),  # -32005
-        Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={5}, count=1, code=429),
-    ])
+    proxy.set_faults(
+        [
+            Fault("http_429", methods={"eth_getLogs"}, blocks={3}, count=2, json_body=True),
+            Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={4}, count=2),  # -32005
+            Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={5}, count=1, code=429),
+        ]
+    )
     logs = _collect("logs", proxy, initial_backoff=200)
     assert sorted(set(logs["block_number"])) == [1, 2, 4, 5, 7, 8, 10]
     assert proxy.injected == {"http_429": 2, "jsonrpc_error": 3}
@@ -379,10 +416,15 @@ def test_cryo_retries_only_json_bodies_with_rate_limit_codes(proxy: FaultProxy) 
         Fault("http_429", methods={"eth_getLogs"}, blocks={4}, count=1),  # text body
         Fault("http_5xx", methods={"eth_getLogs"}, blocks={4}, count=1, status=500),
         Fault("http_5xx", methods={"eth_getLogs"}, blocks={4}, count=1, status=502),
-        Fault("http_5xx", methods={"eth_getLogs"}, blocks={4}, count=1, status=503,
-              json_body=True),
-        Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={4}, count=1, code=-32603,
-              message="internal error"),
+        Fault("http_5xx", methods={"eth_getLogs"}, blocks={4}, count=1, status=503, json_body=True),
+        Fault(
+            "jsonrpc_error",
+            methods={"eth_getLogs"},
+            blocks={4},
+            count=1,
+            code=-32603,
+            message="internal error",
+        ),
         Fault("drop", methods={"eth_getLogs"}, blocks={4}, count=1),
     ],
     ids=["429-text", "500-text", "502-text", "503-json", "rpc-32603", "drop"],
@@ -405,8 +447,9 @@ def test_cryo_fails_fast_without_retry(
     assert "error collecting ProviderError" in err
 
 
-def test_cryo_gives_up_after_max_retries(proxy: FaultProxy, capfd: pytest.CaptureFixture[str]
-                                         ) -> None:
+def test_cryo_gives_up_after_max_retries(
+    proxy: FaultProxy, capfd: pytest.CaptureFixture[str]
+) -> None:
     proxy.set_faults([Fault("jsonrpc_error", methods={"eth_getLogs"}, blocks={6})])
     t0 = time.monotonic()
     with pytest.raises(Exception) as excinfo:
@@ -414,14 +457,14 @@ def test_cryo_gives_up_after_max_retries(proxy: FaultProxy, capfd: pytest.Captur
     assert _is_rust_panic(excinfo.value)
     assert time.monotonic() - t0 < 1.0
     assert len(_attempts(proxy, "eth_getLogs", 6)) == 3  # 1 + max_retries
-    assert "error collecting ProviderError(JsonRpcClientError(TimeoutError))" in \
-        capfd.readouterr().err
+    assert (
+        "error collecting ProviderError(JsonRpcClientError(TimeoutError))" in capfd.readouterr().err
+    )
 
 
 def test_cryo_has_no_client_timeout(proxy: FaultProxy) -> None:
     # cryo waits for the whole hold, then fails (IncompleteMessage) without retrying
-    proxy.set_faults([Fault("timeout", methods={"eth_getLogs"}, blocks={2}, count=1,
-                            delay=1.5)])
+    proxy.set_faults([Fault("timeout", methods={"eth_getLogs"}, blocks={2}, count=1, delay=1.5)])
     t0 = time.monotonic()
     with pytest.raises(Exception) as excinfo:
         _collect("logs", proxy)
@@ -432,8 +475,9 @@ def test_cryo_has_no_client_timeout(proxy: FaultProxy) -> None:
         _collect("logs", proxy, timeout=5)
 
 
-def test_cryo_fails_on_fault_during_chain_id(proxy: FaultProxy,
-                                             capfd: pytest.CaptureFixture[str]) -> None:
+def test_cryo_fails_on_fault_during_chain_id(
+    proxy: FaultProxy, capfd: pytest.CaptureFixture[str]
+) -> None:
     proxy.set_faults([Fault("jsonrpc_error", methods={"eth_chainId"}, count=1)])  # -32005
     assert _collect("blocks", proxy).height == N_BLOCKS  # retried
     proxy.set_faults([Fault("http_5xx", methods={"eth_chainId"}, count=1)])
@@ -443,13 +487,14 @@ def test_cryo_fails_on_fault_during_chain_id(proxy: FaultProxy,
     assert "error parsing opts" in capfd.readouterr().err
 
 
-def test_cryo_missing_block_is_an_error_and_not_retried(proxy: FaultProxy,
-                                                        capfd: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_cryo_missing_block_is_an_error_and_not_retried(
+    proxy: FaultProxy, capfd: pytest.CaptureFixture[str]
+) -> None:
     for datatype in ("blocks", "transactions"):
         proxy.reset()
-        proxy.set_faults([Fault("missing_block", methods={"eth_getBlockByNumber"}, blocks={5},
-                                count=1)])
+        proxy.set_faults(
+            [Fault("missing_block", methods={"eth_getBlockByNumber"}, blocks={5}, count=1)]
+        )
         with pytest.raises(Exception) as excinfo:
             _collect(datatype, proxy)
         assert _is_rust_panic(excinfo.value)
@@ -457,8 +502,9 @@ def test_cryo_missing_block_is_an_error_and_not_retried(proxy: FaultProxy,
         assert 'CollectError("block not found")' in capfd.readouterr().err
 
 
-def test_cryo_missing_block_receipts_falls_back_to_tx_receipts(proxy: FaultProxy,
-                                                               chain: Chain) -> None:
+def test_cryo_missing_block_receipts_falls_back_to_tx_receipts(
+    proxy: FaultProxy, chain: Chain
+) -> None:
     proxy.set_faults([Fault("missing_block", methods={"eth_getBlockReceipts"}, blocks={5})])
     txs = _collect("transactions", proxy)
     assert txs.height == sum(chain.txs.values())
@@ -466,8 +512,7 @@ def test_cryo_missing_block_receipts_falls_back_to_tx_receipts(proxy: FaultProxy
     assert proxy.method_counts()["eth_getTransactionReceipt"] == chain.txs[5]
 
 
-def test_cryo_silently_returns_fewer_rows_on_missing_logs(proxy: FaultProxy,
-                                                          chain: Chain) -> None:
+def test_cryo_silently_returns_fewer_rows_on_missing_logs(proxy: FaultProxy, chain: Chain) -> None:
     proxy.set_faults([Fault("missing_logs", blocks={5})])
     logs = _collect("logs", proxy)
     assert proxy.injected == {"missing_logs": 1}

@@ -7,15 +7,17 @@ logs match its logs bloom. Each range is committed as its own version of each da
 
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 
 from trace_resources.failures import as_dagster_failure
-from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
+from trace_assets.partitions import block_ranges
 from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS
-from trace_resources.resources import ChainResource
-from trace_resources.storage.commit import PartitionData
+from trace_resources.chain.extract import RangeData
+from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
+from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS"]
@@ -46,6 +48,23 @@ def _column_schema(dataset: str) -> dg.TableSchema:
     )
 
 
+def _stage_range(
+    writer: DatasetWriter, data: RangeData, context: dg.AssetExecutionContext
+) -> dict[str, StagedPartition]:
+    retry_number = context.retry_number
+    return {
+        name: writer.stage_partition(
+            name,
+            data.block_range.key,
+            PartitionData(data.tables[name], source=data.source),
+            run_id=context.run_id,
+            step_key=context.op_execution_context.get_step_execution_context().step.key,
+            retry_number=retry_number,
+        )
+        for name in RAW_DATASETS
+    }
+
+
 @dg.multi_asset(
     name="raw_chain",
     outs={
@@ -61,13 +80,25 @@ def _column_schema(dataset: str) -> dg.TableSchema:
         for name in RAW_DATASETS
     },
     partitions_def=block_ranges,
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_PARTITIONS_PER_RUN),
+    backfill_policy=dg.BackfillPolicy.single_run(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     group_name="raw",
     can_subset=False,
 )
-def raw_chain(context: dg.AssetExecutionContext, chain: ChainResource) -> Iterator[dg.Output]:
-    """Extract, verify and commit the raw datasets of every block range in the run."""
+def raw_chain(
+    context: dg.AssetExecutionContext,
+    chain: ChainResource,
+    objects: ObjectStoreResource,
+    state: StateStoreResource,
+) -> Iterator[dg.Output]:
+    """Extract, verify and stage the raw datasets of every block range in the run.
+
+    Each verified range is uploaded under its own attempts' prefixes while the next range is
+    extracted, so memory stays flat however many ranges a backfill run covers; the IO manager
+    commits every staged partition when the outputs are handed over.
+    """
+    writer = state.writer(objects)
+    staged: dict[str, dict[str, StagedPartition]] = {name: {} for name in RAW_DATASETS}
     with as_dagster_failure():
         ranges = [parse_partition_key(key) for key in context.partition_keys]
         client = chain.client()
@@ -77,18 +108,21 @@ def raw_chain(context: dg.AssetExecutionContext, chain: ChainResource) -> Iterat
                 f"extracting {len(ranges)} range(s) {ranges[0].key}..{ranges[-1].key}; "
                 f"finalized head {head.finalized}"
             )
-            outputs: dict[str, dict[str, PartitionData]] = {name: {} for name in RAW_DATASETS}
-            for block_range in ranges:
-                data = client.extract_verified(block_range)
-                for name in RAW_DATASETS:
-                    outputs[name][block_range.key] = PartitionData(
-                        data.tables[name], source=data.source
-                    )
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as uploader:
+                pending: list[Future[dict[str, StagedPartition]]] = []
+                for block_range in ranges:
+                    data = client.extract_verified(block_range)
+                    pending.append(uploader.submit(_stage_range, writer, data, context))
+                    # at most one range uploading while the next is extracted
+                    while len(pending) > 1:
+                        _collect(pending.pop(0), staged, writer)
+                for future in pending:
+                    _collect(future, staged, writer)
         finally:
             client.close()
     for name in RAW_DATASETS:
         yield dg.Output(
-            outputs[name],
+            staged[name],
             output_name=name,
             metadata={
                 "trace/ranges": len(ranges),
@@ -96,3 +130,14 @@ def raw_chain(context: dg.AssetExecutionContext, chain: ChainResource) -> Iterat
                 "trace/last_block": ranges[-1].last,
             },
         )
+
+
+def _collect(
+    future: Future[dict[str, StagedPartition]],
+    staged: dict[str, dict[str, StagedPartition]],
+    writer: DatasetWriter,
+) -> None:
+    for name, partition in future.result().items():
+        staged[name][partition.attempt.partition_key] = partition
+    # heartbeat: the leases of everything staged so far outlive a long run
+    writer.versions.extend_leases([p.attempt for parts in staged.values() for p in parts.values()])

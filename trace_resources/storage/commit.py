@@ -33,7 +33,7 @@ from trace_resources.storage.versions import (
     schema_fingerprint,
 )
 
-__all__ = ["PartitionData", "DatasetWriter", "DatasetReader"]
+__all__ = ["PartitionData", "StagedPartition", "DatasetWriter", "DatasetReader"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ class PartitionData:
     table: pa.Table
     source: dict[str, Any] | None = None
     segment_key: str | None = None
+
+
+@dataclass
+class StagedPartition:
+    """A partition uploaded under its attempt's prefix, waiting for its commit."""
+
+    attempt: Attempt
+    files: list[FileEntry]
+    schema: pa.Schema
+    source: dict[str, Any] | None = None
+    segment_key: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
 
 
 class DatasetWriter:
@@ -68,18 +83,48 @@ class DatasetWriter:
         step_key: str | None = None,
         retry_number: int = 0,
     ) -> CommitResult:
+        """Stage and commit one partition: one new version (or appended segment)."""
+        staged = self.stage_partition(
+            dataset, partition_key, data, run_id=run_id, step_key=step_key, retry_number=retry_number
+        )
+        return self.commit_staged(staged, mode=mode)
+
+    def stage_partition(
+        self,
+        dataset: str,
+        partition_key: str,
+        data: PartitionData,
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        retry_number: int = 0,
+    ) -> StagedPartition:
+        """Take the fence with a new attempt and upload its files; nothing is visible yet."""
         attempt = self.versions.begin_attempt(
             dataset, partition_key, run_id=run_id, step_key=step_key, retry_number=retry_number
         )
         try:
             files = self.stage(attempt, data.table)
             self.verify_staged(files)
-            manifest = Manifest(
-                files=files, schema_hash=schema_fingerprint(data.table.schema), source=data.source
-            )
-            return self.commit(attempt, manifest, data.table.schema, mode=mode, segment_key=data.segment_key)
         except BaseException as exc:
             self._give_up(attempt, exc)
+            raise
+        return StagedPartition(attempt, files, data.table.schema, data.source, data.segment_key)
+
+    def commit_staged(self, staged: StagedPartition, *, mode: CommitMode = "replace") -> CommitResult:
+        """Verify the staged objects again and commit them (fenced, idempotent by attempt)."""
+        try:
+            self.verify_staged(staged.files)
+            manifest = Manifest(
+                files=staged.files,
+                schema_hash=schema_fingerprint(staged.schema),
+                source=staged.source,
+            )
+            return self.commit(
+                staged.attempt, manifest, staged.schema, mode=mode, segment_key=staged.segment_key
+            )
+        except BaseException as exc:
+            self._give_up(staged.attempt, exc)
             raise
 
     def stage(self, attempt: Attempt, table: pa.Table) -> list[FileEntry]:

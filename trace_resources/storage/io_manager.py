@@ -2,7 +2,10 @@
 
 An asset returns a `pyarrow.Table` (one partition or an unpartitioned dataset), a
 `PartitionData`, or a mapping `{partition_key: PartitionData}` when one run materialises many
-partitions (a ranged backfill). Each partition is committed as its own version.
+partitions (a ranged backfill). Assets that handle many large partitions stream each one to
+the object store as they go and return `StagedPartition`s instead, so a run's memory does not
+grow with its number of partitions; the IO manager then only verifies and commits. Each
+partition is committed as its own version.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pyarrow as pa
 
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.storage.commit import DatasetWriter, PartitionData
+from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.versions import CommitResult
 
@@ -35,7 +38,9 @@ def _expected_keys(context: dg.OutputContext | dg.InputContext) -> list[str]:
     return list(context.asset_partition_keys) if context.has_asset_partitions else [UNPARTITIONED]
 
 
-def _as_partitions(context: dg.OutputContext, obj: object) -> dict[str, PartitionData]:
+def _as_partitions(
+    context: dg.OutputContext, obj: object
+) -> dict[str, PartitionData | StagedPartition]:
     expected = _expected_keys(context)
     if isinstance(obj, pa.Table):
         obj = PartitionData(obj)
@@ -54,7 +59,10 @@ def _as_partitions(context: dg.OutputContext, obj: object) -> dict[str, Partitio
                 f"but the run materialises {expected[:3]}…; return exactly one entry per "
                 "partition of the run"
             )
-        return {k: v if isinstance(v, PartitionData) else PartitionData(v) for k, v in obj.items()}
+        return {
+            k: v if isinstance(v, PartitionData | StagedPartition) else PartitionData(v)
+            for k, v in obj.items()
+        }
     raise dg.DagsterInvariantViolationError(
         f"{context.asset_key.to_user_string()} returned {type(obj).__name__}; the dataset IO "
         "manager stores a pyarrow.Table, a PartitionData or a mapping of them by partition key"
@@ -103,18 +111,26 @@ class DatasetIOManager(dg.ConfigurableIOManager):
     def _commit_all(
         context: dg.OutputContext, writer: DatasetWriter, dataset: str, mode: str, obj: object
     ) -> dict[str, CommitResult]:
-        return {
-            key: writer.write(
-                dataset,
-                key,
-                data,
-                mode=mode,  # type: ignore[arg-type]
-                run_id=context.run_id,
-                step_key=context.step_key,
-                retry_number=_retry_number(context),
-            )
-            for key, data in sorted(_as_partitions(context, obj).items())
-        }
+        results = {}
+        for key, data in sorted(_as_partitions(context, obj).items()):
+            if isinstance(data, StagedPartition):  # the asset streamed it up already
+                if (data.attempt.dataset, data.attempt.partition_key) != (dataset, key):
+                    raise dg.DagsterInvariantViolationError(
+                        f"staged {data.attempt.dataset}/{data.attempt.partition_key} was "
+                        f"returned as {dataset}/{key}"
+                    )
+                results[key] = writer.commit_staged(data, mode=mode)  # type: ignore[arg-type]
+            else:
+                results[key] = writer.write(
+                    dataset,
+                    key,
+                    data,
+                    mode=mode,  # type: ignore[arg-type]
+                    run_id=context.run_id,
+                    step_key=context.step_key,
+                    retry_number=_retry_number(context),
+                )
+        return results
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         dataset = context.asset_key.path[-1]

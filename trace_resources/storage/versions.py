@@ -195,10 +195,16 @@ class VersionStore:
         return Attempt(attempt_id, dataset, partition_key, fence, run_id, step_key, retry_number)
 
     def extend_lease(self, attempt: Attempt) -> None:
+        self.extend_leases([attempt])
+
+    def extend_leases(self, attempts: list[Attempt]) -> None:
+        """Heartbeat: keep the staged files of live attempts safe from GC."""
+        if not attempts:
+            return
         with self.engine.begin() as conn:
             conn.execute(
                 t.attempts.update()
-                .where(t.attempts.c.attempt_id == attempt.attempt_id)
+                .where(t.attempts.c.attempt_id.in_([a.attempt_id for a in attempts]))
                 .where(t.attempts.c.state == "staging")
                 .values(
                     lease_expires_at=sa.func.now() + sa.text(f"interval '{int(self.lease_s)} seconds'"),
