@@ -5,7 +5,6 @@ restarted daemon resumes where it stopped; ranges are requested in runs of up to
 MAX_PARTITIONS_PER_RUN so a catch-up of hundreds of ranges is not hundreds of runs.
 """
 
-
 import dagster as dg
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -36,7 +35,9 @@ def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
         first, last = chunk[0].key, chunk[-1].key
         if len(chunk) == 1:
             requests.append(
-                dg.RunRequest(run_key=f"range:{first}", partition_key=first, asset_selection=RAW_ASSET_KEYS)
+                dg.RunRequest(
+                    run_key=f"range:{first}", partition_key=first, asset_selection=RAW_ASSET_KEYS
+                )
             )
         else:
             requests.append(

@@ -5,7 +5,6 @@ when every block is present, each block's transactions match its transaction cou
 logs match its logs bloom. Each range is committed as its own version of each dataset.
 """
 
-
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 

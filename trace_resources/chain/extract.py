@@ -196,12 +196,19 @@ class ChainClient:
         }
         verify_range(block_range, **tables).raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
-        first, last = blocks.slice(0, 1).to_pylist()[0], blocks.slice(blocks.num_rows - 1).to_pylist()[0]
+        first, last = (
+            blocks.slice(0, 1).to_pylist()[0],
+            blocks.slice(blocks.num_rows - 1).to_pylist()[0],
+        )
         return RangeData(
             block_range=block_range,
             tables=tables,
-            first=BlockRef(first["block_number"], _hex(first["block_hash"]), _hex(first["parent_hash"])),
-            last=BlockRef(last["block_number"], _hex(last["block_hash"]), _hex(last["parent_hash"])),
+            first=BlockRef(
+                first["block_number"], _hex(first["block_hash"]), _hex(first["parent_hash"])
+            ),
+            last=BlockRef(
+                last["block_number"], _hex(last["block_hash"]), _hex(last["parent_hash"])
+            ),
         )
 
     def transaction_counts(self, block_range: BlockRange) -> dict[int, int]:

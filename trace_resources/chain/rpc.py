@@ -85,9 +85,7 @@ class _MissingResult(Exception):
 class JsonRpcClient:
     """JSON-RPC over HTTP with keep-alive, batching and retries."""
 
-    def __init__(
-        self, url: str, timeout_s: float = 10.0, retry: RetryPolicy | None = None
-    ) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0, retry: RetryPolicy | None = None) -> None:
         self.url = url
         self.retry = retry or RetryPolicy()
         self._ids = itertools.count(1)

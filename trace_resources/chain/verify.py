@@ -79,7 +79,9 @@ def _check_blocks(blocks: pa.Table, report: VerificationReport) -> dict[int, byt
     hashes = dict(zip(numbers.tolist(), blocks["block_hash"].to_pylist(), strict=True))
     parents = dict(zip(numbers.tolist(), blocks["parent_hash"].to_pylist(), strict=True))
     broken = [
-        n for n in rng.blocks()[1:] if n in parents and n - 1 in hashes and parents[n] != hashes[n - 1]
+        n
+        for n in rng.blocks()[1:]
+        if n in parents and n - 1 in hashes and parents[n] != hashes[n - 1]
     ]
     report.add("parent hash does not link to the previous block", broken)
     return hashes
@@ -133,15 +135,29 @@ def verify_range(
     has_logs = np.zeros(block_range.size, dtype=bool)
     has_logs[offsets[valid]] = [b not in (None, b"", _EMPTY_BLOOM) for b in np.array(blooms)[valid]]
     log_counts = _per_block_counts(logs["block_number"].combine_chunks(), block_range)
-    report.add("logs missing (logs bloom is not empty)", np.flatnonzero(has_logs & (log_counts == 0)) + block_range.start)
-    report.add("logs present although the logs bloom is empty", np.flatnonzero(~has_logs & (log_counts > 0)) + block_range.start)
+    report.add(
+        "logs missing (logs bloom is not empty)",
+        np.flatnonzero(has_logs & (log_counts == 0)) + block_range.start,
+    )
+    report.add(
+        "logs present although the logs bloom is empty",
+        np.flatnonzero(~has_logs & (log_counts > 0)) + block_range.start,
+    )
     # contiguity and fork checks for logs; their expected count per block is what was found
     _check_children("logs", logs, "log_index", log_counts, hashes, report)
     if transactions.num_rows and logs.num_rows:
-        tx_keys = set(zip(transactions["block_number"].to_pylist(), transactions["transaction_index"].to_pylist(), strict=True))
+        tx_keys = set(
+            zip(
+                transactions["block_number"].to_pylist(),
+                transactions["transaction_index"].to_pylist(),
+                strict=True,
+            )
+        )
         orphan = {
             n
-            for n, i in zip(logs["block_number"].to_pylist(), logs["transaction_index"].to_pylist(), strict=True)
+            for n, i in zip(
+                logs["block_number"].to_pylist(), logs["transaction_index"].to_pylist(), strict=True
+            )
             if (n, i) not in tx_keys
         }
         report.add("logs whose transaction is missing", sorted(orphan))

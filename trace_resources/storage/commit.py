@@ -85,7 +85,12 @@ class DatasetWriter:
     ) -> CommitResult:
         """Stage and commit one partition: one new version (or appended segment)."""
         staged = self.stage_partition(
-            dataset, partition_key, data, run_id=run_id, step_key=step_key, retry_number=retry_number
+            dataset,
+            partition_key,
+            data,
+            run_id=run_id,
+            step_key=step_key,
+            retry_number=retry_number,
         )
         return self.commit_staged(staged, mode=mode)
 
@@ -111,7 +116,9 @@ class DatasetWriter:
             raise
         return StagedPartition(attempt, files, data.table.schema, data.source, data.segment_key)
 
-    def commit_staged(self, staged: StagedPartition, *, mode: CommitMode = "replace") -> CommitResult:
+    def commit_staged(
+        self, staged: StagedPartition, *, mode: CommitMode = "replace"
+    ) -> CommitResult:
         """Verify the staged objects again and commit them (fenced, idempotent by attempt)."""
         try:
             self.verify_staged(staged.files)
@@ -160,11 +167,17 @@ class DatasetWriter:
         """The fenced commit, retried by the same attempt id when its outcome is unknown."""
         for retry in range(self.commit_retries):
             try:
-                return self.versions.commit(attempt, manifest, schema, mode=mode, segment_key=segment_key)
+                return self.versions.commit(
+                    attempt, manifest, schema, mode=mode, segment_key=segment_key
+                )
             except sa.exc.OperationalError as exc:  # connection lost: did the commit land?
                 if retry == self.commit_retries - 1:
                     raise
-                log.warning("commit of attempt %s had an unknown outcome (%s); retrying", attempt.attempt_id, exc)
+                log.warning(
+                    "commit of attempt %s had an unknown outcome (%s); retrying",
+                    attempt.attempt_id,
+                    exc,
+                )
                 time.sleep(0.2 * 2**retry)
         raise AssertionError("unreachable")
 
@@ -182,7 +195,9 @@ class DatasetReader:
         self.store = store
         self.versions = versions
 
-    def resolve(self, dataset: str, partition_keys: list[str] | None = None) -> dict[str, VersionRecord]:
+    def resolve(
+        self, dataset: str, partition_keys: list[str] | None = None
+    ) -> dict[str, VersionRecord]:
         return self.versions.current_versions(dataset, partition_keys)
 
     def read(
@@ -198,8 +213,9 @@ class DatasetReader:
                 )
         return self.read_versions(records.values(), schema)
 
-    def read_versions(self, records: Iterable[VersionRecord], schema: pa.Schema | None = None) -> pa.Table:
+    def read_versions(
+        self, records: Iterable[VersionRecord], schema: pa.Schema | None = None
+    ) -> pa.Table:
         ordered = sorted(records, key=lambda r: r.partition_key)
         keys = [f.key for r in ordered for f in r.manifest.files]
         return self.store.read_parquet(keys, schema=schema)
-

@@ -137,4 +137,3 @@ def s3_store(
         options["secret_key"] = secret_key
     fs = pafs.S3FileSystem(**options)  # type: ignore[arg-type]
     return ObjectStore(fs, bucket, f"s3://{bucket}")
-

@@ -189,7 +189,8 @@ class VersionStore:
                     step_key=step_key,
                     retry_number=retry_number,
                     state="staging",
-                    lease_expires_at=sa.func.now() + sa.text(f"interval '{int(self.lease_s)} seconds'"),
+                    lease_expires_at=sa.func.now()
+                    + sa.text(f"interval '{int(self.lease_s)} seconds'"),
                 )
             )
         return Attempt(attempt_id, dataset, partition_key, fence, run_id, step_key, retry_number)
@@ -207,7 +208,8 @@ class VersionStore:
                 .where(t.attempts.c.attempt_id.in_([a.attempt_id for a in attempts]))
                 .where(t.attempts.c.state == "staging")
                 .values(
-                    lease_expires_at=sa.func.now() + sa.text(f"interval '{int(self.lease_s)} seconds'"),
+                    lease_expires_at=sa.func.now()
+                    + sa.text(f"interval '{int(self.lease_s)} seconds'"),
                     updated_at=sa.func.now(),
                 )
             )
@@ -241,12 +243,16 @@ class VersionStore:
         """
         with self.engine.begin() as conn:
             row = conn.execute(
-                sa.select(t.attempts).where(t.attempts.c.attempt_id == attempt.attempt_id).with_for_update()
+                sa.select(t.attempts)
+                .where(t.attempts.c.attempt_id == attempt.attempt_id)
+                .with_for_update()
             ).one_or_none()
             if row is None:
                 raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
             if row.state == "committed":
-                record = self._version(conn, attempt.dataset, attempt.partition_key, row.committed_version)
+                record = self._version(
+                    conn, attempt.dataset, attempt.partition_key, row.committed_version
+                )
                 return CommitResult(record, True, record.schema_version, None)
             if row.state != "staging":
                 raise AttemptFencedError(
@@ -259,77 +265,99 @@ class VersionStore:
                 .where(t.fences.c.partition_key == attempt.partition_key)
                 .with_for_update()
             ).scalar_one()
-            if fence != attempt.fence:
-                self._set_state(conn, attempt, "fenced")
-                raise AttemptFencedError(
-                    f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
-                    f"holds fence {attempt.fence} but a newer attempt holds fence {fence}; "
-                    "this stale write was refused and its files are never referenced"
-                )
-            schema_version, drift = self._register_schema(conn, attempt.dataset, schema, mode)
-            current = self._current(conn, attempt.dataset, attempt.partition_key)
-            if mode == "append":
-                manifest, duplicate = self._appended(current, manifest, segment_key, attempt)
-                if duplicate and current is not None:
-                    self._set_state(conn, attempt, "committed", current.version)
-                    return CommitResult(current, True, current.schema_version, None)
-            if manifest.source is not None:
-                self._check_continuity(conn, attempt.dataset, attempt.partition_key, manifest.source)
-            number = (
-                conn.execute(
-                    sa.select(sa.func.max(t.versions.c.version))
-                    .where(t.versions.c.dataset == attempt.dataset)
-                    .where(t.versions.c.partition_key == attempt.partition_key)
-                ).scalar()
-                or 0
-            ) + 1
+            if fence == attempt.fence:
+                return self._commit_fenced(conn, attempt, manifest, schema, mode, segment_key)
+            # recorded (the transaction commits) before the refusal is raised
+            self._set_state(conn, attempt, "fenced")
+        raise AttemptFencedError(
+            f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
+            f"holds fence {attempt.fence} but a newer attempt holds fence {fence}; "
+            "this stale write was refused and its files are never referenced"
+        )
+
+    def _commit_fenced(
+        self,
+        conn: sa.Connection,
+        attempt: Attempt,
+        manifest: Manifest,
+        schema: pa.Schema,
+        mode: CommitMode,
+        segment_key: str | None,
+    ) -> CommitResult:
+        """The commit proper, once the attempt is known to hold the fence (row locked)."""
+        schema_version, drift = self._register_schema(conn, attempt.dataset, schema, mode)
+        current = self._current(conn, attempt.dataset, attempt.partition_key)
+        if mode == "append":
+            manifest, duplicate = self._appended(current, manifest, segment_key, attempt)
+            if duplicate and current is not None:
+                self._set_state(conn, attempt, "committed", current.version)
+                return CommitResult(current, True, current.schema_version, None)
+        if manifest.source is not None:
+            self._check_continuity(conn, attempt.dataset, attempt.partition_key, manifest.source)
+        number = (
             conn.execute(
-                t.versions.insert().values(
-                    dataset=attempt.dataset,
-                    partition_key=attempt.partition_key,
-                    version=number,
-                    attempt_id=attempt.attempt_id,
-                    commit_mode=mode,
-                    schema_version=schema_version,
-                    manifest=manifest.as_dict(),
-                    row_count=manifest.rows,
-                    byte_count=manifest.bytes,
-                )
+                sa.select(sa.func.max(t.versions.c.version))
+                .where(t.versions.c.dataset == attempt.dataset)
+                .where(t.versions.c.partition_key == attempt.partition_key)
+            ).scalar()
+            or 0
+        ) + 1
+        conn.execute(
+            t.versions.insert().values(
+                dataset=attempt.dataset,
+                partition_key=attempt.partition_key,
+                version=number,
+                attempt_id=attempt.attempt_id,
+                commit_mode=mode,
+                schema_version=schema_version,
+                manifest=manifest.as_dict(),
+                row_count=manifest.rows,
+                byte_count=manifest.bytes,
             )
-            conn.execute(
-                pg_insert(t.pointers)
-                .values(dataset=attempt.dataset, partition_key=attempt.partition_key, current_version=number)
-                .on_conflict_do_update(
-                    index_elements=["dataset", "partition_key"],
-                    set_={"current_version": number, "updated_at": sa.func.now()},
-                )
+        )
+        conn.execute(
+            pg_insert(t.pointers)
+            .values(
+                dataset=attempt.dataset, partition_key=attempt.partition_key, current_version=number
             )
-            self._set_state(conn, attempt, "committed", number)
-            conn.execute(
-                t.outbox.insert().values(
-                    event_type=COMMITTED_EVENT,
-                    dataset=attempt.dataset,
-                    partition_key=attempt.partition_key,
-                    version=number,
-                    payload={
-                        "attempt_id": attempt.attempt_id,
-                        "run_id": attempt.run_id,
-                        "mode": mode,
-                        "rows": manifest.rows,
-                        "bytes": manifest.bytes,
-                        "schema_version": schema_version,
-                    },
-                )
+            .on_conflict_do_update(
+                index_elements=["dataset", "partition_key"],
+                set_={"current_version": number, "updated_at": sa.func.now()},
             )
-            record = VersionRecord(
-                attempt.dataset, attempt.partition_key, number, attempt.attempt_id, mode,
-                schema_version, manifest,
+        )
+        self._set_state(conn, attempt, "committed", number)
+        conn.execute(
+            t.outbox.insert().values(
+                event_type=COMMITTED_EVENT,
+                dataset=attempt.dataset,
+                partition_key=attempt.partition_key,
+                version=number,
+                payload={
+                    "attempt_id": attempt.attempt_id,
+                    "run_id": attempt.run_id,
+                    "mode": mode,
+                    "rows": manifest.rows,
+                    "bytes": manifest.bytes,
+                    "schema_version": schema_version,
+                },
             )
-            return CommitResult(record, False, schema_version, drift)
+        )
+        record = VersionRecord(
+            attempt.dataset,
+            attempt.partition_key,
+            number,
+            attempt.attempt_id,
+            mode,
+            schema_version,
+            manifest,
+        )
+        return CommitResult(record, False, schema_version, drift)
 
     # -- reads ---------------------------------------------------------------------------
 
-    def current_versions(self, dataset: str, partition_keys: list[str] | None = None) -> dict[str, VersionRecord]:
+    def current_versions(
+        self, dataset: str, partition_keys: list[str] | None = None
+    ) -> dict[str, VersionRecord]:
         """Current version of each committed partition (all partitions if keys is None)."""
         query = (
             sa.select(t.versions)
@@ -368,7 +396,9 @@ class VersionStore:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _version(self, conn: sa.Connection, dataset: str, partition_key: str, version: int) -> VersionRecord:
+    def _version(
+        self, conn: sa.Connection, dataset: str, partition_key: str, version: int
+    ) -> VersionRecord:
         row = conn.execute(
             sa.select(t.versions)
             .where(t.versions.c.dataset == dataset)
@@ -377,7 +407,9 @@ class VersionStore:
         ).one()
         return _record(row)
 
-    def _current(self, conn: sa.Connection, dataset: str, partition_key: str) -> VersionRecord | None:
+    def _current(
+        self, conn: sa.Connection, dataset: str, partition_key: str
+    ) -> VersionRecord | None:
         number = conn.execute(
             sa.select(t.pointers.c.current_version)
             .where(t.pointers.c.dataset == dataset)
@@ -387,7 +419,9 @@ class VersionStore:
         return None if number is None else self._version(conn, dataset, partition_key, number)
 
     @staticmethod
-    def _set_state(conn: sa.Connection, attempt: Attempt, state: str, version: int | None = None) -> None:
+    def _set_state(
+        conn: sa.Connection, attempt: Attempt, state: str, version: int | None = None
+    ) -> None:
         conn.execute(
             t.attempts.update()
             .where(t.attempts.c.attempt_id == attempt.attempt_id)
@@ -399,7 +433,11 @@ class VersionStore:
         current: VersionRecord | None, manifest: Manifest, segment_key: str | None, attempt: Attempt
     ) -> tuple[Manifest, bool]:
         key = segment_key or attempt.attempt_id
-        segment = {"segment_key": key, "attempt_id": attempt.attempt_id, "files": [f.key for f in manifest.files]}
+        segment = {
+            "segment_key": key,
+            "attempt_id": attempt.attempt_id,
+            "files": [f.key for f in manifest.files],
+        }
         if current is None:
             return Manifest(manifest.files, manifest.schema_hash, manifest.source, [segment]), False
         if any(s["segment_key"] == key for s in current.manifest.segments):
@@ -424,7 +462,9 @@ class VersionStore:
             .on_conflict_do_nothing()
         )
         current_version = conn.execute(
-            sa.select(t.datasets.c.current_schema_version).where(t.datasets.c.name == dataset).with_for_update()
+            sa.select(t.datasets.c.current_schema_version)
+            .where(t.datasets.c.name == dataset)
+            .with_for_update()
         ).scalar_one()
         registered = conn.execute(
             sa.select(t.dataset_schemas)
@@ -434,7 +474,10 @@ class VersionStore:
         if registered is None:
             conn.execute(
                 t.dataset_schemas.insert().values(
-                    dataset=dataset, schema_version=current_version, schema_hash=fingerprint, schema_json=fields
+                    dataset=dataset,
+                    schema_version=current_version,
+                    schema_hash=fingerprint,
+                    schema_json=fields,
                 )
             )
             return current_version, None
@@ -457,12 +500,17 @@ class VersionStore:
         new_version = current_version + 1
         conn.execute(
             t.dataset_schemas.insert().values(
-                dataset=dataset, schema_version=new_version, schema_hash=fingerprint,
-                schema_json=fields, drift=drift,
+                dataset=dataset,
+                schema_version=new_version,
+                schema_hash=fingerprint,
+                schema_json=fields,
+                drift=drift,
             )
         )
         conn.execute(
-            t.datasets.update().where(t.datasets.c.name == dataset).values(current_schema_version=new_version)
+            t.datasets.update()
+            .where(t.datasets.c.name == dataset)
+            .values(current_schema_version=new_version)
         )
         return new_version, drift
 
@@ -487,7 +535,10 @@ class VersionStore:
             other = manifest.get("source") or {}
             if not other:
                 continue
-            if key == this.previous_key() and other["last"]["hash"] != source["first"]["parent_hash"]:
+            if (
+                key == this.previous_key()
+                and other["last"]["hash"] != source["first"]["parent_hash"]
+            ):
                 raise ChainContinuityError(
                     f"{dataset} range {partition_key} starts at block {source['first']['number']} "
                     f"whose parent hash {source['first']['parent_hash']} is not the hash "
