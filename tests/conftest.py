@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from infra.devnet.generate import GenerationSummary, generate
+from infra.devnet.generate import GENESIS_TIMESTAMP, GenerationSummary, generate
 from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
@@ -63,7 +63,13 @@ def s3_server() -> Iterator[MotoS3Server]:
 @pytest.fixture(scope="session")
 def devnet(services_root: Path) -> Iterator[Devnet]:
     """A devnet with a few hundred blocks of ERC-20, native and deployment traffic."""
-    node = AnvilNode(services_root / "anvil", free_port(), chain_id=CHAIN_ID, persist=False)
+    node = AnvilNode(
+        services_root / "anvil",
+        free_port(),
+        chain_id=CHAIN_ID,
+        persist=False,
+        extra_args=["--timestamp", str(GENESIS_TIMESTAMP)],
+    )
     node.start()
     try:
         record = services_root / "traffic.jsonl"

@@ -56,7 +56,7 @@ def _stage_range(
             name,
             data.block_range.key,
             PartitionData(data.tables[name], source=data.source),
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             step_key=context.op_execution_context.get_step_execution_context().step.key,
             retry_number=retry_number,
         )

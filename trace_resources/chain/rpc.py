@@ -59,7 +59,11 @@ class RetryPolicy:
         return Retrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(self.max_attempts) | stop_after_delay(self.budget_s),
-            wait=wait_exponential_jitter(initial=self.initial_backoff_s, max=self.max_backoff_s),
+            wait=wait_exponential_jitter(
+                multiplier=self.initial_backoff_s,
+                max=self.max_backoff_s,
+                jitter=self.initial_backoff_s,
+            ),
             before_sleep=_log_retry,
             reraise=True,
         )
