@@ -29,6 +29,9 @@ class ChainResource(dg.ConfigurableResource):
     )
     max_concurrent_requests: int = Field(default=32, description="Cap on concurrent RPC requests.")
     timeout_s: float = Field(default=10.0, description="Timeout of one RPC request, seconds.")
+    collect_timeout_s: float = Field(
+        default=300.0, description="Timeout of one cryo extraction of one range, seconds."
+    )
     retry_budget_s: float = Field(
         default=120.0, description="Time spent retrying transient faults for one operation."
     )
@@ -41,6 +44,7 @@ class ChainResource(dg.ConfigurableResource):
             requests_per_second=self.requests_per_second,
             max_concurrent_requests=self.max_concurrent_requests,
             timeout_s=self.timeout_s,
+            collect_timeout_s=self.collect_timeout_s,
             retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
         )
 

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
     )
     rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of Trace's own RPC calls.")
+    rpc_collect_timeout_s: float = Field(
+        300.0, gt=0, description="Timeout of one cryo extraction of one range."
+    )
     rpc_retry_budget_s: float = Field(
         120.0, gt=0, description="Total time spent retrying transient RPC faults for one range."
     )

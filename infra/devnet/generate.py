@@ -116,8 +116,8 @@ FEE_STEP_WEI = GWEI // 10
 # Traffic mix (relative weights per transaction).
 MIX: tuple[tuple[str, int], ...] = (
     ("transfer", 50),
-    ("batch", 17),
-    ("native", 20),
+    ("batch", 20),
+    ("native", 18),
     ("approve", 6),
     ("transfer_from", 4),
     ("mint", 3),
@@ -350,9 +350,10 @@ class Traffic:
             if ids.get(sig) != sel:
                 raise GeneratorError(f"selector mismatch for {sig}: build has {ids.get(sig)}")
         topics = artifact.get("eventTopics", {})
-        if topics.get("Transfer(address,address,uint256)") != TRANSFER_TOPIC or topics.get(
-            "Approval(address,address,uint256)"
-        ) != APPROVAL_TOPIC:
+        if (
+            topics.get("Transfer(address,address,uint256)") != TRANSFER_TOPIC
+            or topics.get("Approval(address,address,uint256)") != APPROVAL_TOPIC
+        ):
             raise GeneratorError(f"unexpected event topics in the build json: {topics}")
         self.sel_transfer = ids["transfer(address,uint256)"]
         self.sel_transfer_from = ids["transferFrom(address,address,uint256)"]
@@ -406,8 +407,12 @@ class Traffic:
             "owner": sender,
             "initial": initial,
         }
-        logs: list[ExpectedLog] = [(None, TRANSFER_TOPIC, ZERO_ADDRESS, self.addresses[sender], supply)]
-        return PlannedTx("deploy", sender, None, 0, data, GAS_DEPLOY, logs, "constructor", deploy=meta)
+        logs: list[ExpectedLog] = [
+            (None, TRANSFER_TOPIC, ZERO_ADDRESS, self.addresses[sender], supply)
+        ]
+        return PlannedTx(
+            "deploy", sender, None, 0, data, GAS_DEPLOY, logs, "constructor", deploy=meta
+        )
 
     def _plan_native(self) -> PlannedTx:
         sender = self._random_account()
@@ -425,8 +430,14 @@ class Traffic:
         data = "0x" + self.sel_transfer + _word_addr(self.addresses[recipient]) + _word_uint(amount)
         frm, to = self.addresses[sender], self.addresses[recipient]
         tx = PlannedTx(
-            "transfer", sender, token.address, 0, data, GAS_TRANSFER,
-            [(token.address, TRANSFER_TOPIC, frm, to, amount)], "transfer",
+            "transfer",
+            sender,
+            token.address,
+            0,
+            data,
+            GAS_TRANSFER,
+            [(token.address, TRANSFER_TOPIC, frm, to, amount)],
+            "transfer",
         )
         tx.debits.append((token.index, sender, amount))
         tx.credits.append((token.index, recipient, amount))
@@ -440,16 +451,26 @@ class Traffic:
         token, sender, avail = picked
         recipients = [self._random_account() for _ in range(k)]
         share = avail // k
-        amounts = [self.rng.randint(1, max(1, share // self.rng.choice((1, 10, 1000)))) for _ in range(k)]
-        data = encode_batch_transfer(self.sel_batch, [self.addresses[r] for r in recipients], amounts)
+        amounts = [
+            self.rng.randint(1, max(1, share // self.rng.choice((1, 10, 1000)))) for _ in range(k)
+        ]
+        data = encode_batch_transfer(
+            self.sel_batch, [self.addresses[r] for r in recipients], amounts
+        )
         frm = self.addresses[sender]
         logs: list[ExpectedLog] = [
             (token.address, TRANSFER_TOPIC, frm, self.addresses[r], a)
             for r, a in zip(recipients, amounts, strict=True)
         ]
         tx = PlannedTx(
-            "batch", sender, token.address, 0, data,
-            GAS_BATCH_BASE + GAS_BATCH_PER_RECIPIENT * k, logs, "batchTransfer",
+            "batch",
+            sender,
+            token.address,
+            0,
+            data,
+            GAS_BATCH_BASE + GAS_BATCH_PER_RECIPIENT * k,
+            logs,
+            "batchTransfer",
         )
         for r, a in zip(recipients, amounts, strict=True):
             tx.debits.append((token.index, sender, a))
@@ -472,8 +493,21 @@ class Traffic:
             value = self._amount(max(token.balances.get(owner, 0), 10**token.decimals) * 2)
         data = "0x" + self.sel_approve + _word_addr(self.addresses[spender]) + _word_uint(value)
         tx = PlannedTx(
-            "approve", owner, token.address, 0, data, GAS_APPROVE,
-            [(token.address, APPROVAL_TOPIC, self.addresses[owner], self.addresses[spender], value)],
+            "approve",
+            owner,
+            token.address,
+            0,
+            data,
+            GAS_APPROVE,
+            [
+                (
+                    token.address,
+                    APPROVAL_TOPIC,
+                    self.addresses[owner],
+                    self.addresses[spender],
+                    value,
+                )
+            ],
             "approve",
         )
         tx.allowance_set = (key, value)
@@ -500,8 +534,14 @@ class Traffic:
         frm, to = self.addresses[owner], self.addresses[recipient]
         data = "0x" + self.sel_transfer_from + _word_addr(frm) + _word_addr(to) + _word_uint(amount)
         tx = PlannedTx(
-            "transfer_from", spender, token.address, 0, data, GAS_TRANSFER_FROM,
-            [(token.address, TRANSFER_TOPIC, frm, to, amount)], "transferFrom",
+            "transfer_from",
+            spender,
+            token.address,
+            0,
+            data,
+            GAS_TRANSFER_FROM,
+            [(token.address, TRANSFER_TOPIC, frm, to, amount)],
+            "transferFrom",
         )
         tx.debits.append((t, owner, amount))
         tx.credits.append((t, recipient, amount))
@@ -509,7 +549,9 @@ class Traffic:
             tx.allowance_spend = (key, amount)
         return tx
 
-    def _plan_mint(self, token: Token | None = None, recipient: int | None = None) -> PlannedTx | None:
+    def _plan_mint(
+        self, token: Token | None = None, recipient: int | None = None
+    ) -> PlannedTx | None:
         if token is None:
             if not self.tokens:
                 return None
@@ -520,8 +562,14 @@ class Traffic:
         to = self.addresses[recipient]
         data = "0x" + self.sel_mint + _word_addr(to) + _word_uint(amount)
         tx = PlannedTx(
-            "mint", token.owner, token.address, 0, data, GAS_MINT,
-            [(token.address, TRANSFER_TOPIC, ZERO_ADDRESS, to, amount)], "mint",
+            "mint",
+            token.owner,
+            token.address,
+            0,
+            data,
+            GAS_MINT,
+            [(token.address, TRANSFER_TOPIC, ZERO_ADDRESS, to, amount)],
+            "mint",
         )
         tx.credits.append((token.index, recipient, amount))
         return tx
@@ -635,7 +683,9 @@ def _hex(v: int) -> str:
     return hex(v)
 
 
-def _tx_request(tx: PlannedTx, frm: str, nonce: int, fee: int, legacy: bool, chain_id: int) -> dict[str, Any]:
+def _tx_request(
+    tx: PlannedTx, frm: str, nonce: int, fee: int, legacy: bool, chain_id: int
+) -> dict[str, Any]:
     req: dict[str, Any] = {
         "from": frm,
         "nonce": _hex(nonce),
@@ -660,7 +710,9 @@ def _topic_addr(address: str) -> str:
     return "0x" + _word_addr(address)
 
 
-def _check_logs(block: int, pos: int, tx: PlannedTx, receipt: dict[str, Any], created: str | None) -> None:
+def _check_logs(
+    block: int, pos: int, tx: PlannedTx, receipt: dict[str, Any], created: str | None
+) -> None:
     logs = receipt.get("logs") or []
     expected = [
         (
@@ -670,7 +722,10 @@ def _check_logs(block: int, pos: int, tx: PlannedTx, receipt: dict[str, Any], cr
         )
         for addr, topic0, a, b, value in tx.logs
     ]
-    actual = [(lg["address"].lower(), [t.lower() for t in lg["topics"]], lg["data"].lower()) for lg in logs]
+    actual = [
+        (lg["address"].lower(), [t.lower() for t in lg["topics"]], lg["data"].lower())
+        for lg in logs
+    ]
     if actual != expected:
         raise GeneratorError(
             f"block {block} tx {pos} ({tx.kind}, {receipt['transactionHash']}): logs differ from "
@@ -712,7 +767,9 @@ def _check_chain(rpc: Rpc, chain_id: int) -> dict[str, Any]:
         raise GeneratorError(f"refusing to generate traffic: {rpc.url} is {client!r}, not anvil")
     pending = int(pool.get("pending", "0x0"), 16) + int(pool.get("queued", "0x0"), 16)
     if pending:
-        raise GeneratorError(f"refusing to generate traffic: {pending} transactions already pending")
+        raise GeneratorError(
+            f"refusing to generate traffic: {pending} transactions already pending"
+        )
     return dict(head)
 
 
@@ -741,7 +798,10 @@ def generate(
         if genesis_ts != GENESIS_TIMESTAMP:
             log.warning(
                 "genesis timestamp is %d, not %d: block hashes will not be reproducible "
-                "(start anvil with --timestamp %d)", genesis_ts, GENESIS_TIMESTAMP, GENESIS_TIMESTAMP,
+                "(start anvil with --timestamp %d)",
+                genesis_ts,
+                GENESIS_TIMESTAMP,
+                GENESIS_TIMESTAMP,
             )
         gas_budget = int(int(head["gasLimit"], 16) * BLOCK_GAS_BUDGET_FRACTION)
         traffic = Traffic(seed, accounts, artifact, tokens)
@@ -754,26 +814,49 @@ def generate(
         ]
         setup += [("anvil_setBalance", [a, _hex(ACCOUNT_BALANCE)]) for a in addresses]
         rpc.batch(setup)
-        nonces = [int(n, 16) for n in rpc.batch([("eth_getTransactionCount", [a, "latest"]) for a in addresses])]
+        nonces = [
+            int(n, 16)
+            for n in rpc.batch([("eth_getTransactionCount", [a, "latest"]) for a in addresses])
+        ]
         first_block = head_number + 1
         first_ts = max(head_ts, GENESIS_TIMESTAMP) + 1
         log.info(
             "generating %d blocks from #%d on %s (chain %d, seed %d, %d accounts, %d tokens)",
-            blocks, first_block, rpc_url, chain_id, seed, accounts, tokens,
+            blocks,
+            first_block,
+            rpc_url,
+            chain_id,
+            seed,
+            accounts,
+            tokens,
         )
         summary = GenerationSummary(
-            blocks=blocks, first_block=first_block, last_block=first_block + blocks - 1,
-            transactions=0, erc20_transfers=0, native_transfers=0, deployments=0, seconds=0.0,
+            blocks=blocks,
+            first_block=first_block,
+            last_block=first_block + blocks - 1,
+            transactions=0,
+            erc20_transfers=0,
+            native_transfers=0,
+            deployments=0,
+            seconds=0.0,
         )
         fee_rng = random.Random(f"{seed}:fees")
         order_warned = False
         with _record_writer(record_path) as write:
             write(
                 {
-                    "kind": "meta", "format": RECORD_FORMAT, "chain_id": chain_id, "seed": seed,
-                    "blocks": blocks, "txs_per_block": txs_per_block, "accounts": accounts,
-                    "tokens": tokens, "first_block": first_block, "first_timestamp": first_ts,
-                    "genesis_timestamp": genesis_ts, "deployer": addresses[traffic.deployer],
+                    "kind": "meta",
+                    "format": RECORD_FORMAT,
+                    "chain_id": chain_id,
+                    "seed": seed,
+                    "blocks": blocks,
+                    "txs_per_block": txs_per_block,
+                    "accounts": accounts,
+                    "tokens": tokens,
+                    "first_block": first_block,
+                    "first_timestamp": first_ts,
+                    "genesis_timestamp": genesis_ts,
+                    "deployer": addresses[traffic.deployer],
                     "account_addresses": addresses[: traffic.n_accounts],
                 }
             )
@@ -787,16 +870,23 @@ def generate(
                 for pos, tx in enumerate(planned):
                     fee = BASE_FEE_WEI + (n - pos) * FEE_STEP_WEI
                     legacy = fee_rng.random() < LEGACY_TX_PROBABILITY
-                    req = _tx_request(tx, addresses[tx.sender], nonces[tx.sender], fee, legacy, chain_id)
+                    req = _tx_request(
+                        tx, addresses[tx.sender], nonces[tx.sender], fee, legacy, chain_id
+                    )
                     nonces[tx.sender] += 1
                     calls.append(("eth_sendTransaction", [req]))
                 hashes = [h.lower() for h in rpc.batch(calls)]
                 rpc.call("evm_mine", ts)
                 receipts, block = rpc.batch(
-                    [("eth_getBlockReceipts", [_hex(number)]), ("eth_getBlockByNumber", [_hex(number), False])]
+                    [
+                        ("eth_getBlockReceipts", [_hex(number)]),
+                        ("eth_getBlockByNumber", [_hex(number), False]),
+                    ]
                 )
                 if block is None or int(block["timestamp"], 16) != ts:
-                    raise GeneratorError(f"block {number} missing or with an unexpected timestamp: {block}")
+                    raise GeneratorError(
+                        f"block {number} missing or with an unexpected timestamp: {block}"
+                    )
                 receipts = receipts or []
                 if len(receipts) != n:
                     raise GeneratorError(
@@ -809,7 +899,9 @@ def generate(
                 for pos, (tx, h) in enumerate(zip(planned, hashes, strict=True)):
                     r = by_hash.get(h)
                     if r is None:
-                        raise GeneratorError(f"transaction {h} ({tx.kind}) is not in block {number}")
+                        raise GeneratorError(
+                            f"transaction {h} ({tx.kind}) is not in block {number}"
+                        )
                     if r.get("status") != "0x1":
                         raise GeneratorError(
                             f"transaction {h} ({tx.kind}, {tx.method}) failed in block {number}: {r}"
@@ -819,45 +911,74 @@ def generate(
                         order_warned = True
                         log.warning(
                             "block %d: tx built at position %d landed at index %d; the mempool "
-                            "ordering is not fee-based, hashes may not be reproducible", number, pos, tx_index,
+                            "ordering is not fee-based, hashes may not be reproducible",
+                            number,
+                            pos,
+                            tx_index,
                         )
                     addr = r.get("contractAddress")
                     addr = addr.lower() if addr else None
                     if tx.kind == "deploy" and addr is None:
-                        raise GeneratorError(f"deployment {h} in block {number} has no contractAddress")
+                        raise GeneratorError(
+                            f"deployment {h} in block {number} has no contractAddress"
+                        )
                     created.append(addr)
                     _check_logs(number, pos, tx, r, addr)
                     frm = addresses[tx.sender]
                     base = {"block_number": number, "tx_index": tx_index, "tx_hash": h}
                     if tx.kind == "native":
                         summary.native_transfers += 1
-                        write({"kind": "native_transfer", **base, "from": frm, "to": tx.to, "value": str(tx.value)})
+                        write(
+                            {
+                                "kind": "native_transfer",
+                                **base,
+                                "from": frm,
+                                "to": tx.to,
+                                "value": str(tx.value),
+                            }
+                        )
                     if tx.deploy is not None:
                         summary.deployments += 1
                         meta = tx.deploy
                         write(
                             {
-                                "kind": "deployment", **base, "deployer": frm, "contract_address": addr,
-                                "name": meta["name"], "symbol": meta["symbol"], "decimals": meta["decimals"],
+                                "kind": "deployment",
+                                **base,
+                                "deployer": frm,
+                                "contract_address": addr,
+                                "name": meta["name"],
+                                "symbol": meta["symbol"],
+                                "decimals": meta["decimals"],
                                 "initial_supply": str(meta["initial_supply"]),
                             }
                         )
                     for lg, (laddr, topic0, a, b, value) in zip(r["logs"], tx.logs, strict=True):
                         block_logs += 1
-                        common = {**base, "log_index": int(lg["logIndex"], 16), "token": laddr or addr}
+                        common = {
+                            **base,
+                            "log_index": int(lg["logIndex"], 16),
+                            "token": laddr or addr,
+                        }
                         if topic0 == TRANSFER_TOPIC:
                             summary.erc20_transfers += 1
                             write(
                                 {
-                                    "kind": "erc20_transfer", **common, "from": a, "to": b,
-                                    "value": str(value), "method": tx.method,
+                                    "kind": "erc20_transfer",
+                                    **common,
+                                    "from": a,
+                                    "to": b,
+                                    "value": str(value),
+                                    "method": tx.method,
                                 }
                             )
                         else:
                             summary.approvals += 1
                             write(
                                 {
-                                    "kind": "approval", **common, "owner": a, "spender": b,
+                                    "kind": "approval",
+                                    **common,
+                                    "owner": a,
+                                    "spender": b,
                                     "value": str(value),
                                 }
                             )
@@ -867,8 +988,12 @@ def generate(
                 summary.last_block_hash = block["hash"].lower()
                 write(
                     {
-                        "kind": "block", "block_number": number, "block_hash": summary.last_block_hash,
-                        "timestamp": ts, "tx_count": n, "log_count": block_logs,
+                        "kind": "block",
+                        "block_number": number,
+                        "block_hash": summary.last_block_hash,
+                        "timestamp": ts,
+                        "tx_count": n,
+                        "log_count": block_logs,
                     }
                 )
                 now = time.perf_counter()
@@ -876,7 +1001,10 @@ def generate(
                     last_log = now
                     log.info(
                         "block %d/%d (#%d): %d txs so far, %.0f tx/s",
-                        i + 1, blocks, number, summary.transactions,
+                        i + 1,
+                        blocks,
+                        number,
+                        summary.transactions,
                         summary.transactions / (now - started),
                     )
             head_number = summary.last_block
@@ -887,8 +1015,10 @@ def generate(
                 head_number += FINALITY_DEPTH
                 finalized = rpc.call("eth_getBlockByNumber", "finalized", False)
                 if finalized is None or int(finalized["number"], 16) < summary.last_block:
-                    raise GeneratorError(f"finalized block is {finalized and finalized['number']}, "
-                                         f"expected >= {summary.last_block}")
+                    raise GeneratorError(
+                        f"finalized block is {finalized and finalized['number']}, "
+                        f"expected >= {summary.last_block}"
+                    )
             summary.head_block = head_number
             if was_automine:
                 rpc.call("evm_setAutomine", True)
@@ -905,17 +1035,34 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m infra.devnet.generate",
         description="Generate deterministic ERC-20/native traffic on a fresh anvil devnet.",
     )
-    parser.add_argument("--rpc", required=True, help="anvil JSON-RPC URL, e.g. http://127.0.0.1:8545")
-    parser.add_argument("--blocks", type=int, default=3000, help="traffic blocks to mine (default 3000)")
-    parser.add_argument("--txs-per-block", type=int, default=30, help="average txs per block (default 30)")
-    parser.add_argument("--accounts", type=int, default=300, help="number of accounts (default 300)")
-    parser.add_argument("--tokens", type=int, default=5, help="tokens deployed up front (default 5)")
+    parser.add_argument(
+        "--rpc", required=True, help="anvil JSON-RPC URL, e.g. http://127.0.0.1:8545"
+    )
+    parser.add_argument(
+        "--blocks", type=int, default=3000, help="traffic blocks to mine (default 3000)"
+    )
+    parser.add_argument(
+        "--txs-per-block", type=int, default=30, help="average txs per block (default 30)"
+    )
+    parser.add_argument(
+        "--accounts", type=int, default=300, help="number of accounts (default 300)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=5, help="tokens deployed up front (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     parser.add_argument("--record", metavar="PATH", help="write a JSON-lines record of the traffic")
-    parser.add_argument("--finalize", action="store_true",
-                        help=f"mine {FINALITY_DEPTH} empty blocks afterwards so all traffic is finalized")
-    parser.add_argument("--chain-id", type=int, default=DEFAULT_CHAIN_ID,
-                        help=f"expected chain id (default {DEFAULT_CHAIN_ID})")
+    parser.add_argument(
+        "--finalize",
+        action="store_true",
+        help=f"mine {FINALITY_DEPTH} empty blocks afterwards so all traffic is finalized",
+    )
+    parser.add_argument(
+        "--chain-id",
+        type=int,
+        default=DEFAULT_CHAIN_ID,
+        help=f"expected chain id (default {DEFAULT_CHAIN_ID})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,7 +1,8 @@
 """Extract verified raw block ranges with cryo used as a library.
 
 cryo 0.3.2 raises a message-less `RustPanic` on any failure (the cause goes to stderr), does
-not retry HTTP 429/5xx, and can return partial data, so Trace (1) checks its inputs first and
+not retry HTTP 429/5xx (only JSON-RPC rate-limit errors), has no request timeout, and returns
+fewer rows without an error when a node drops logs or transactions, so Trace (1) checks its inputs first and
 says itself what is wrong, (2) retries failed or incomplete extractions with backoff inside a
 budget, and (3) verifies every range before anything is committed.
 """
@@ -103,12 +104,14 @@ class ChainClient:
         requests_per_second: int | None = None,
         max_concurrent_requests: int = 32,
         timeout_s: float = 10.0,
+        collect_timeout_s: float = 300.0,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.rpc_url = rpc_url
         self.chain_id = chain_id
         self.requests_per_second = requests_per_second
         self.max_concurrent_requests = max_concurrent_requests
+        self.collect_timeout_s = collect_timeout_s
         self.retry = retry or RetryPolicy()
         self.rpc = JsonRpcClient(rpc_url, timeout_s=timeout_s, retry=self.retry)
 
@@ -232,11 +235,17 @@ class ChainClient:
             kwargs["requests_per_second"] = self.requests_per_second
 
         async def collect(dataset: RawDataset) -> pl.DataFrame:
+            # cryo has no request timeout: a node that holds a request would hang it forever
             try:
-                return await cryo.async_collect(dataset, output_format="polars", **kwargs)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # cryo raises pyo3's RustPanic, a BaseException
+                return await asyncio.wait_for(
+                    cryo.async_collect(dataset, output_format="polars", **kwargs),
+                    self.collect_timeout_s,
+                )
+            except TimeoutError:
+                raise _CryoFailed(
+                    f"cryo.collect({dataset!r}) did not finish within {self.collect_timeout_s:.0f} s"
+                ) from None
+            except Exception as exc:  # cryo raises pyo3's RustPanic with no detail
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
         results = await asyncio.gather(
