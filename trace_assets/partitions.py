@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-__all__ = ["block_ranges", "MAX_PARTITIONS_PER_RUN"]
+from trace_resources.chain.ranges import complete_ranges
+
+__all__ = ["block_ranges", "MAX_PARTITIONS_PER_RUN", "add_finalized_partitions"]
 
 block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
 
@@ -15,3 +17,15 @@ block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
 # dagster CLI needs for --partition-range); the chain-head sensor still requests runs of at
 # most this many ranges so that one failing range holds back few others.
 MAX_PARTITIONS_PER_RUN = 25
+
+
+def add_finalized_partitions(instance: dg.DagsterInstance, finalized: int, range_size: int) -> list[str]:
+    """Add every complete range up to `finalized` that the instance lacks; return the new keys.
+
+    What the chain-head sensor does tick by tick, in one call (for the CLI and the demo).
+    """
+    existing = set(instance.get_dynamic_partitions(block_ranges.name or ""))
+    keys = [r.key for r in complete_ranges(-1, finalized, range_size) if r.key not in existing]
+    if keys:
+        instance.add_dynamic_partitions(block_ranges.name or "", keys)
+    return keys

@@ -272,7 +272,7 @@ def encode_batch_transfer(selector: str, recipients: Sequence[str], amounts: Seq
 
 
 def derive_address(seed: int, label: str) -> str:
-    """A fake but deterministic address: last 20 bytes of sha3-256("trace-devnet:<seed>:<label>")."""
+    """Deterministic fake address: last 20 bytes of sha3-256("trace-devnet:<seed>:<label>")."""
     return "0x" + hashlib.sha3_256(f"trace-devnet:{seed}:{label}".encode()).digest()[-20:].hex()
 
 
@@ -706,33 +706,6 @@ def _tx_request(
     return req
 
 
-def _topic_addr(address: str) -> str:
-    return "0x" + _word_addr(address)
-
-
-def _check_logs(
-    block: int, pos: int, tx: PlannedTx, receipt: dict[str, Any], created: str | None
-) -> None:
-    logs = receipt.get("logs") or []
-    expected = [
-        (
-            (addr or created or "").lower(),
-            [topic0, _topic_addr(a), _topic_addr(b)],
-            "0x" + _word_uint(value),
-        )
-        for addr, topic0, a, b, value in tx.logs
-    ]
-    actual = [
-        (lg["address"].lower(), [t.lower() for t in lg["topics"]], lg["data"].lower())
-        for lg in logs
-    ]
-    if actual != expected:
-        raise GeneratorError(
-            f"block {block} tx {pos} ({tx.kind}, {receipt['transactionHash']}): logs differ from "
-            f"the model.\nexpected: {expected}\nactual:   {actual}"
-        )
-
-
 @contextmanager
 def _record_writer(path: str | Path | None) -> Iterator[Callable[[dict[str, Any]], None]]:
     if path is None:
@@ -773,6 +746,186 @@ def _check_chain(rpc: Rpc, chain_id: int) -> dict[str, Any]:
     return dict(head)
 
 
+class _Run:
+    """State of one generation run (RPC connection, model, nonces, counters, record)."""
+
+    def __init__(
+        self,
+        rpc: Rpc,
+        traffic: Traffic,
+        summary: GenerationSummary,
+        write: Callable[[dict[str, Any]], None],
+        chain_id: int,
+        seed: int,
+    ) -> None:
+        self.rpc = rpc
+        self.traffic = traffic
+        self.addresses = traffic.addresses
+        self.summary = summary
+        self.write = write
+        self.chain_id = chain_id
+        self.fee_rng = random.Random(f"{seed}:fees")
+        self.nonces: list[int] = []
+        self.order_warned = False
+
+    def setup(self) -> None:
+        setup: list[tuple[str, list[Any]]] = [
+            ("evm_setAutomine", [False]),
+            ("evm_setIntervalMining", [0]),
+            ("anvil_autoImpersonateAccount", [True]),
+        ]
+        setup += [("anvil_setBalance", [a, _hex(ACCOUNT_BALANCE)]) for a in self.addresses]
+        self.rpc.batch(setup)
+        counts = self.rpc.batch(
+            [("eth_getTransactionCount", [a, "latest"]) for a in self.addresses]
+        )
+        self.nonces = [int(n, 16) for n in counts]
+
+    def mine_block(self, number: int, ts: int, planned: list[PlannedTx]) -> None:
+        """Send the planned transactions in one batch, mine them, check and record the block."""
+        n = len(planned)
+        calls: list[tuple[str, list[Any]]] = []
+        for pos, tx in enumerate(planned):
+            fee = BASE_FEE_WEI + (n - pos) * FEE_STEP_WEI  # strictly decreasing: fixes the order
+            legacy = self.fee_rng.random() < LEGACY_TX_PROBABILITY
+            sender = self.addresses[tx.sender]
+            req = _tx_request(tx, sender, self.nonces[tx.sender], fee, legacy, self.chain_id)
+            self.nonces[tx.sender] += 1
+            calls.append(("eth_sendTransaction", [req]))
+        hashes = [h.lower() for h in self.rpc.batch(calls)]
+        self.rpc.call("evm_mine", ts)
+        receipts, block = self.rpc.batch(
+            [
+                ("eth_getBlockReceipts", [_hex(number)]),
+                ("eth_getBlockByNumber", [_hex(number), False]),
+            ]
+        )
+        if block is None or int(block["timestamp"], 16) != ts:
+            raise GeneratorError(
+                f"block {number} is missing or has an unexpected timestamp: {block}"
+            )
+        receipts = receipts or []
+        if len(receipts) != n:
+            raise GeneratorError(
+                f"block {number} has {len(receipts)} transactions, {n} were sent "
+                "(is something else sending transactions or mining blocks?)"
+            )
+        by_hash = {r["transactionHash"].lower(): r for r in receipts}
+        created: list[str | None] = []
+        block_logs = 0
+        for pos, (tx, tx_hash) in enumerate(zip(planned, hashes, strict=True)):
+            receipt = by_hash.get(tx_hash)
+            if receipt is None:
+                raise GeneratorError(f"transaction {tx_hash} ({tx.kind}) is not in block {number}")
+            created.append(self._check_receipt(number, pos, tx, receipt))
+            block_logs += self._record_tx(number, tx, receipt, created[-1])
+        self.traffic.commit(planned, created)
+        self.summary.transactions += n
+        self.summary.logs += block_logs
+        self.summary.last_block_hash = block["hash"].lower()
+        self.write(
+            {
+                "kind": "block",
+                "block_number": number,
+                "block_hash": self.summary.last_block_hash,
+                "timestamp": ts,
+                "tx_count": n,
+                "log_count": block_logs,
+            }
+        )
+
+    def _check_receipt(
+        self, number: int, pos: int, tx: PlannedTx, receipt: dict[str, Any]
+    ) -> str | None:
+        """Fail unless the tx succeeded with exactly the expected logs; return a new contract."""
+        tx_hash = receipt["transactionHash"]
+        if receipt.get("status") != "0x1":
+            raise GeneratorError(
+                f"{tx.kind} transaction {tx_hash} failed in block {number}: {receipt}"
+            )
+        tx_index = int(receipt["transactionIndex"], 16)
+        if tx_index != pos and not self.order_warned:
+            self.order_warned = True
+            log.warning(
+                "block %d: the transaction built at position %d landed at index %d; the mempool "
+                "is not fee-ordered (anvil --order?), block hashes may not be reproducible",
+                number,
+                pos,
+                tx_index,
+            )
+        created = receipt.get("contractAddress")
+        created = created.lower() if created else None
+        if tx.kind == "deploy" and created is None:
+            raise GeneratorError(f"deployment {tx_hash} in block {number} has no contractAddress")
+        expected = [
+            (
+                (addr or created or "").lower(),
+                [topic0, "0x" + _word_addr(a), "0x" + _word_addr(b)],
+                "0x" + _word_uint(value),
+            )
+            for addr, topic0, a, b, value in tx.logs
+        ]
+        actual = [
+            (lg["address"].lower(), [t.lower() for t in lg["topics"]], lg["data"].lower())
+            for lg in receipt.get("logs") or []
+        ]
+        if actual != expected:
+            raise GeneratorError(
+                f"block {number} tx {pos} ({tx.kind}, {tx_hash}): logs differ from the model."
+                f"\nexpected: {expected}\nactual:   {actual}"
+            )
+        return created
+
+    def _record_tx(
+        self, number: int, tx: PlannedTx, receipt: dict[str, Any], created: str | None
+    ) -> int:
+        """Count and record one confirmed transaction; return its number of logs."""
+        summary, write = self.summary, self.write
+        base = {
+            "block_number": number,
+            "tx_index": int(receipt["transactionIndex"], 16),
+            "tx_hash": receipt["transactionHash"].lower(),
+        }
+        sender = self.addresses[tx.sender]
+        if tx.kind == "native":
+            summary.native_transfers += 1
+            write(
+                {"kind": "native_transfer", **base, "from": sender, "to": tx.to}
+                | {"value": str(tx.value)}
+            )
+        if tx.deploy is not None:
+            summary.deployments += 1
+            meta = tx.deploy
+            write(
+                {"kind": "deployment", **base, "deployer": sender, "contract_address": created}
+                | {k: meta[k] for k in ("name", "symbol", "decimals")}
+                | {"initial_supply": str(meta["initial_supply"])}
+            )
+        for lg, (token, topic0, a, b, value) in zip(receipt["logs"], tx.logs, strict=True):
+            common = {**base, "log_index": int(lg["logIndex"], 16), "token": token or created}
+            if topic0 == TRANSFER_TOPIC:
+                summary.erc20_transfers += 1
+                write(
+                    {"kind": "erc20_transfer", **common, "from": a, "to": b}
+                    | {"value": str(value), "method": tx.method}
+                )
+            else:
+                summary.approvals += 1
+                write({"kind": "approval", **common, "owner": a, "spender": b, "value": str(value)})
+        return len(tx.logs)
+
+    def finalize(self, first_ts: int) -> None:
+        """Mine FINALITY_DEPTH empty blocks so that every traffic block is finalized."""
+        for j in range(FINALITY_DEPTH):
+            self.rpc.call("evm_mine", first_ts + j)
+        finalized = self.rpc.call("eth_getBlockByNumber", "finalized", False)
+        if finalized is None or int(finalized["number"], 16) < self.summary.last_block:
+            raise GeneratorError(
+                f"the finalized block is {finalized and int(finalized['number'], 16)}, "
+                f"expected >= {self.summary.last_block}"
+            )
+
+
 def generate(
     rpc_url: str,
     blocks: int = 3000,
@@ -784,7 +937,13 @@ def generate(
     finalize: bool = False,
     chain_id: int = DEFAULT_CHAIN_ID,
 ) -> GenerationSummary:
-    """Generate ``blocks`` blocks of deterministic traffic on the anvil at ``rpc_url``."""
+    """Generate ``blocks`` blocks of deterministic traffic on the anvil at ``rpc_url``.
+
+    Refuses (``GeneratorError``) unless the node is anvil with chain id ``chain_id`` and an
+    empty mempool. Raises ``GeneratorError``/``RpcError`` on any JSON-RPC error, failed
+    transaction or receipt that differs from the model. Automine is restored at the end if it
+    was on; auto-impersonation stays on.
+    """
     if blocks < 1 or txs_per_block < 0 or accounts < 2 or tokens < 0:
         raise ValueError("need blocks >= 1, txs_per_block >= 0, accounts >= 2, tokens >= 0")
     started = time.perf_counter()
@@ -792,44 +951,21 @@ def generate(
     rpc = Rpc(rpc_url)
     try:
         head = _check_chain(rpc, chain_id)
-        head_number = int(head["number"], 16)
-        head_ts = int(head["timestamp"], 16)
+        head_number, head_ts = int(head["number"], 16), int(head["timestamp"], 16)
         genesis_ts = int(rpc.call("eth_getBlockByNumber", "0x0", False)["timestamp"], 16)
         if genesis_ts != GENESIS_TIMESTAMP:
             log.warning(
-                "genesis timestamp is %d, not %d: block hashes will not be reproducible "
+                "the genesis timestamp is %d, not %d: block hashes will not be reproducible "
                 "(start anvil with --timestamp %d)",
                 genesis_ts,
                 GENESIS_TIMESTAMP,
                 GENESIS_TIMESTAMP,
             )
         gas_budget = int(int(head["gasLimit"], 16) * BLOCK_GAS_BUDGET_FRACTION)
-        traffic = Traffic(seed, accounts, artifact, tokens)
-        addresses = traffic.addresses
         was_automine = bool(rpc.call("anvil_getAutomine"))
-        setup = [
-            ("evm_setAutomine", [False]),
-            ("evm_setIntervalMining", [0]),
-            ("anvil_autoImpersonateAccount", [True]),
-        ]
-        setup += [("anvil_setBalance", [a, _hex(ACCOUNT_BALANCE)]) for a in addresses]
-        rpc.batch(setup)
-        nonces = [
-            int(n, 16)
-            for n in rpc.batch([("eth_getTransactionCount", [a, "latest"]) for a in addresses])
-        ]
+        traffic = Traffic(seed, accounts, artifact, tokens)
         first_block = head_number + 1
         first_ts = max(head_ts, GENESIS_TIMESTAMP) + 1
-        log.info(
-            "generating %d blocks from #%d on %s (chain %d, seed %d, %d accounts, %d tokens)",
-            blocks,
-            first_block,
-            rpc_url,
-            chain_id,
-            seed,
-            accounts,
-            tokens,
-        )
         summary = GenerationSummary(
             blocks=blocks,
             first_block=first_block,
@@ -840,8 +976,16 @@ def generate(
             deployments=0,
             seconds=0.0,
         )
-        fee_rng = random.Random(f"{seed}:fees")
-        order_warned = False
+        log.info(
+            "generating %d blocks from #%d on %s (chain %d, seed %d, %d accounts, %d tokens)",
+            blocks,
+            first_block,
+            rpc_url,
+            chain_id,
+            seed,
+            accounts,
+            tokens,
+        )
         with _record_writer(record_path) as write:
             write(
                 {
@@ -856,173 +1000,33 @@ def generate(
                     "first_block": first_block,
                     "first_timestamp": first_ts,
                     "genesis_timestamp": genesis_ts,
-                    "deployer": addresses[traffic.deployer],
-                    "account_addresses": addresses[: traffic.n_accounts],
+                    "deployer": traffic.addresses[traffic.deployer],
+                    "account_addresses": traffic.addresses[: traffic.n_accounts],
                 }
             )
-            last_log = time.perf_counter()
+            run = _Run(rpc, traffic, summary, write, chain_id, seed)
+            run.setup()
+            last_progress = time.perf_counter()
             for i in range(blocks):
-                number = first_block + i
-                ts = first_ts + i
-                planned = traffic.plan_block(txs_per_block, gas_budget)
-                n = len(planned)
-                calls = []
-                for pos, tx in enumerate(planned):
-                    fee = BASE_FEE_WEI + (n - pos) * FEE_STEP_WEI
-                    legacy = fee_rng.random() < LEGACY_TX_PROBABILITY
-                    req = _tx_request(
-                        tx, addresses[tx.sender], nonces[tx.sender], fee, legacy, chain_id
-                    )
-                    nonces[tx.sender] += 1
-                    calls.append(("eth_sendTransaction", [req]))
-                hashes = [h.lower() for h in rpc.batch(calls)]
-                rpc.call("evm_mine", ts)
-                receipts, block = rpc.batch(
-                    [
-                        ("eth_getBlockReceipts", [_hex(number)]),
-                        ("eth_getBlockByNumber", [_hex(number), False]),
-                    ]
+                run.mine_block(
+                    first_block + i, first_ts + i, traffic.plan_block(txs_per_block, gas_budget)
                 )
-                if block is None or int(block["timestamp"], 16) != ts:
-                    raise GeneratorError(
-                        f"block {number} missing or with an unexpected timestamp: {block}"
-                    )
-                receipts = receipts or []
-                if len(receipts) != n:
-                    raise GeneratorError(
-                        f"block {number} has {len(receipts)} transactions, sent {n} "
-                        f"(is something else sending transactions or mining?)"
-                    )
-                by_hash = {r["transactionHash"].lower(): r for r in receipts}
-                created: list[str | None] = []
-                block_logs = 0
-                for pos, (tx, h) in enumerate(zip(planned, hashes, strict=True)):
-                    r = by_hash.get(h)
-                    if r is None:
-                        raise GeneratorError(
-                            f"transaction {h} ({tx.kind}) is not in block {number}"
-                        )
-                    if r.get("status") != "0x1":
-                        raise GeneratorError(
-                            f"transaction {h} ({tx.kind}, {tx.method}) failed in block {number}: {r}"
-                        )
-                    tx_index = int(r["transactionIndex"], 16)
-                    if tx_index != pos and not order_warned:
-                        order_warned = True
-                        log.warning(
-                            "block %d: tx built at position %d landed at index %d; the mempool "
-                            "ordering is not fee-based, hashes may not be reproducible",
-                            number,
-                            pos,
-                            tx_index,
-                        )
-                    addr = r.get("contractAddress")
-                    addr = addr.lower() if addr else None
-                    if tx.kind == "deploy" and addr is None:
-                        raise GeneratorError(
-                            f"deployment {h} in block {number} has no contractAddress"
-                        )
-                    created.append(addr)
-                    _check_logs(number, pos, tx, r, addr)
-                    frm = addresses[tx.sender]
-                    base = {"block_number": number, "tx_index": tx_index, "tx_hash": h}
-                    if tx.kind == "native":
-                        summary.native_transfers += 1
-                        write(
-                            {
-                                "kind": "native_transfer",
-                                **base,
-                                "from": frm,
-                                "to": tx.to,
-                                "value": str(tx.value),
-                            }
-                        )
-                    if tx.deploy is not None:
-                        summary.deployments += 1
-                        meta = tx.deploy
-                        write(
-                            {
-                                "kind": "deployment",
-                                **base,
-                                "deployer": frm,
-                                "contract_address": addr,
-                                "name": meta["name"],
-                                "symbol": meta["symbol"],
-                                "decimals": meta["decimals"],
-                                "initial_supply": str(meta["initial_supply"]),
-                            }
-                        )
-                    for lg, (laddr, topic0, a, b, value) in zip(r["logs"], tx.logs, strict=True):
-                        block_logs += 1
-                        common = {
-                            **base,
-                            "log_index": int(lg["logIndex"], 16),
-                            "token": laddr or addr,
-                        }
-                        if topic0 == TRANSFER_TOPIC:
-                            summary.erc20_transfers += 1
-                            write(
-                                {
-                                    "kind": "erc20_transfer",
-                                    **common,
-                                    "from": a,
-                                    "to": b,
-                                    "value": str(value),
-                                    "method": tx.method,
-                                }
-                            )
-                        else:
-                            summary.approvals += 1
-                            write(
-                                {
-                                    "kind": "approval",
-                                    **common,
-                                    "owner": a,
-                                    "spender": b,
-                                    "value": str(value),
-                                }
-                            )
-                traffic.commit(planned, created)
-                summary.transactions += n
-                summary.logs += block_logs
-                summary.last_block_hash = block["hash"].lower()
-                write(
-                    {
-                        "kind": "block",
-                        "block_number": number,
-                        "block_hash": summary.last_block_hash,
-                        "timestamp": ts,
-                        "tx_count": n,
-                        "log_count": block_logs,
-                    }
-                )
-                now = time.perf_counter()
-                if now - last_log >= 10:
-                    last_log = now
+                if time.perf_counter() - last_progress >= 10:
+                    last_progress = time.perf_counter()
                     log.info(
-                        "block %d/%d (#%d): %d txs so far, %.0f tx/s",
+                        "block %d/%d: %d txs so far, %.0f tx/s",
                         i + 1,
                         blocks,
-                        number,
                         summary.transactions,
-                        summary.transactions / (now - started),
+                        summary.transactions / (last_progress - started),
                     )
-            head_number = summary.last_block
+            summary.head_block = summary.last_block
             if finalize:
-                ts = first_ts + blocks
-                for j in range(FINALITY_DEPTH):
-                    rpc.call("evm_mine", ts + j)
-                head_number += FINALITY_DEPTH
-                finalized = rpc.call("eth_getBlockByNumber", "finalized", False)
-                if finalized is None or int(finalized["number"], 16) < summary.last_block:
-                    raise GeneratorError(
-                        f"finalized block is {finalized and finalized['number']}, "
-                        f"expected >= {summary.last_block}"
-                    )
-            summary.head_block = head_number
+                run.finalize(first_ts + blocks)
+                summary.head_block += FINALITY_DEPTH
             if was_automine:
                 rpc.call("evm_setAutomine", True)
-            summary.seconds = time.perf_counter() - started
+            summary.seconds = round(time.perf_counter() - started, 3)
             write({"kind": "summary", **dataclasses.asdict(summary)})
         log.info("%s", summary.one_line())
         return summary

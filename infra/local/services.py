@@ -56,6 +56,9 @@ LOOPBACK = "127.0.0.1"
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_PG_PORT = 54329
 DEFAULT_ANVIL_PORT = 18545
+GENESIS_TIMESTAMP = 1_735_689_600  # as infra.devnet.generate expects (2025-01-01T00:00:00Z)
+# Monad uses 10,000-block ranges; the devnet's few thousand blocks use smaller ones.
+DEVNET_RANGE_SIZE = 250
 MONAD_TESTNET_CHAIN_ID = 10143
 
 TRACE_DATABASES: tuple[str, ...] = ("dagster", "trace_state", "trace_data")
@@ -986,7 +989,8 @@ class LocalServices:
                 anvil_port, "TRACE_ANVIL_PORT", recorded.get("anvil_port"), DEFAULT_ANVIL_PORT
             ),
             chain_id=chain_id,
-            extra_args=anvil_args,
+            # a fixed genesis timestamp makes the generated devnet reproducible block for block
+            extra_args=anvil_args or ("--timestamp", str(GENESIS_TIMESTAMP)),
         )
         self.object_store = LocalObjectStore(self.root)
         self.databases = tuple(databases)
@@ -1065,6 +1069,7 @@ class LocalServices:
         return {
             "TRACE_RPC_URL": self.anvil.url,
             "TRACE_CHAIN_ID": str(self.anvil.chain_id),
+            "TRACE_RANGE_SIZE": str(DEVNET_RANGE_SIZE),
             "TRACE_STATE_DSN": pg.dsn("trace_state"),
             "TRACE_DATA_DSN": pg.dsn("trace_data"),
             "TRACE_DAGSTER_PG_HOST": LOOPBACK,
