@@ -48,15 +48,24 @@ def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
     """Add the finalized ranges as partitions and backfill them in one run via the CLI."""
     from trace_assets.partitions import block_ranges
 
-    subprocess.run([sys.executable, "-m", "trace_assets.cli", "partitions", "sync"], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "trace_assets.cli", "partitions", "sync"], env=env, check=True
+    )
     import dagster as dg
 
     with dg.DagsterInstance.get() as instance:
         keys = sorted(instance.get_dynamic_partitions(block_ranges.name or ""))
     _say(f"materialising blocks, transactions, logs for {len(keys)} ranges {keys[0]} .. {keys[-1]}")
     command = [
-        _dagster_bin(), "asset", "materialize", "-m", "trace_assets.definitions",
-        "--select", "blocks,transactions,logs", "--partition-range", f"{keys[0]}...{keys[-1]}",
+        _dagster_bin(),
+        "asset",
+        "materialize",
+        "-m",
+        "trace_assets.definitions",
+        "--select",
+        "blocks,transactions,logs",
+        "--partition-range",
+        f"{keys[0]}...{keys[-1]}",
     ]
     _say("$ " + " ".join(command))
     started = time.perf_counter()
@@ -83,7 +92,10 @@ def print_summary(env: dict[str, str], keys: list[str], seconds: float) -> None:
         f"backfill of {len(keys)} ranges ({blocks} blocks) through Dagster: "
         f"{seconds:.1f} s wall, {blocks / seconds:,.0f} blocks/s (incl. process start)"
     )
-    print(f"committed Parquet under {env['TRACE_LOCAL_STORE_ROOT']}; registry in {env['TRACE_STATE_DSN']}")
+    print(
+        f"committed Parquet under {env['TRACE_LOCAL_STORE_ROOT']}; "
+        f"registry in {env['TRACE_STATE_DSN']}"
+    )
     print("see it in the Dagster UI with `make dev` (http://127.0.0.1:3000)")
 
 

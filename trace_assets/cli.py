@@ -21,7 +21,9 @@ def _chain(settings: Settings):  # type: ignore[no-untyped-def]
         settings.rpc_url,
         settings.chain_id,
         timeout_s=settings.rpc_timeout_s,
-        retry=RetryPolicy(max_attempts=settings.rpc_max_attempts, budget_s=settings.rpc_retry_budget_s),
+        retry=RetryPolicy(
+            max_attempts=settings.rpc_max_attempts, budget_s=settings.rpc_retry_budget_s
+        ),
     )
 
 
@@ -65,9 +67,13 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
         return 0
-    sys.stdout.write(f"{'dataset':<14}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}\n")
+    sys.stdout.write(
+        f"{'dataset':<14}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}\n"
+    )
     for r in rows:
-        sys.stdout.write(f"{r.dataset:<14}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}\n")
+        sys.stdout.write(
+            f"{r.dataset:<14}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}\n"
+        )
     return 0
 
 
@@ -79,7 +85,8 @@ def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
         mark = "*" if v["current"] else " "
         sys.stdout.write(
             f"{mark} {v['partition_key']} v{v['version']:<4} {v['commit_mode']:<8} "
-            f"{v['row_count']:>10,} rows {v['byte_count']:>12,} bytes  {v['created_at']:%Y-%m-%d %H:%M:%S}\n"
+            f"{v['row_count']:>10,} rows {v['byte_count']:>12,} bytes  "
+            f"{v['created_at']:%Y-%m-%d %H:%M:%S}\n"
         )
     return 0
 
@@ -87,7 +94,9 @@ def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("head", help="chain id, latest and finalized block").set_defaults(func=cmd_head)
+    commands.add_parser("head", help="chain id, latest and finalized block").set_defaults(
+        func=cmd_head
+    )
     partitions = commands.add_parser("partitions", help="block-range partitions").add_subparsers(
         dest="action", required=True
     )

@@ -24,6 +24,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         range_size=settings.range_size,
         requests_per_second=settings.rpc_requests_per_second,
         max_concurrent_requests=settings.rpc_max_concurrent_requests,
+        extract_concurrency=settings.extract_concurrency,
         timeout_s=settings.rpc_timeout_s,
         collect_timeout_s=settings.rpc_collect_timeout_s,
         retry_budget_s=settings.rpc_retry_budget_s,

@@ -19,7 +19,9 @@ block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
 MAX_PARTITIONS_PER_RUN = 25
 
 
-def add_finalized_partitions(instance: dg.DagsterInstance, finalized: int, range_size: int) -> list[str]:
+def add_finalized_partitions(
+    instance: dg.DagsterInstance, finalized: int, range_size: int
+) -> list[str]:
     """Add every complete range up to `finalized` that the instance lacks; return the new keys.
 
     What the chain-head sensor does tick by tick, in one call (for the CLI and the demo).

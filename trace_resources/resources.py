@@ -27,7 +27,13 @@ class ChainResource(dg.ConfigurableResource):
     requests_per_second: int | None = Field(
         default=None, description="Cap on RPC requests per second (None: no cap)."
     )
-    max_concurrent_requests: int = Field(default=32, description="Cap on concurrent RPC requests.")
+    max_concurrent_requests: int = Field(
+        default=32, description="Cap on concurrent RPC requests of one cryo extraction."
+    )
+    extract_concurrency: int = Field(
+        default=2,
+        description="Ranges extracted at once within one run (each uses its own cryo calls).",
+    )
     timeout_s: float = Field(default=10.0, description="Timeout of one RPC request, seconds.")
     collect_timeout_s: float = Field(
         default=300.0, description="Timeout of one cryo extraction of one range, seconds."

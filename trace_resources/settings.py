@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     rpc_max_concurrent_requests: int = Field(
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
     )
+    extract_concurrency: int = Field(
+        2, gt=0, description="Block ranges extracted at once within one run."
+    )
     rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of Trace's own RPC calls.")
     rpc_collect_timeout_s: float = Field(
         300.0, gt=0, description="Timeout of one cryo extraction of one range."
@@ -75,7 +78,8 @@ class Settings(BaseSettings):
     def _rpc_url_is_http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError(
-                f"TRACE_RPC_URL must be an http(s) URL such as http://127.0.0.1:18545, got {value!r}"
+                "TRACE_RPC_URL must be an http(s) URL such as http://127.0.0.1:18545, "
+                f"got {value!r}"
             )
         return value
 

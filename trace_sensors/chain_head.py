@@ -55,9 +55,10 @@ def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
 
 @dg.sensor(
     name="chain_head_sensor",
-    description="Adds block-range partitions up to the chain's finalized head and requests their runs.",
+    description="Adds block-range partitions up to the finalized head and requests their runs.",
     asset_selection=RAW_ASSET_KEYS,
     minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def chain_head_sensor(
     context: dg.SensorEvaluationContext, chain: ChainResource
@@ -71,7 +72,8 @@ def chain_head_sensor(
     ranges = plan_new_ranges(context.cursor, head.finalized, chain.range_size)
     if not ranges:
         return dg.SkipReason(
-            f"no complete range past block {context.cursor or -1}; finalized head is {head.finalized}"
+            f"no complete range past block {context.cursor or -1}; "
+            f"finalized head is {head.finalized}"
         )
     existing = set(context.instance.get_dynamic_partitions(block_ranges.name or ""))
     new_keys = [r.key for r in ranges if r.key not in existing]

@@ -595,7 +595,7 @@ class Traffic:
             planned.append(tx)
             return True
 
-        while self.bootstrap and len(planned) < max(n, 1):
+        while self.bootstrap and len(planned) < n:
             if not add(self.bootstrap[0]):
                 break
             self.bootstrap.pop(0)
@@ -722,14 +722,9 @@ def _record_writer(path: str | Path | None) -> Iterator[Callable[[dict[str, Any]
         yield write
 
 
-def _check_chain(rpc: Rpc, chain_id: int) -> dict[str, Any]:
-    actual_chain_id, client, head, pool = rpc.batch(
-        [
-            ("eth_chainId", []),
-            ("web3_clientVersion", []),
-            ("eth_getBlockByNumber", ["latest", False]),
-            ("txpool_status", []),
-        ]
+def _check_chain(rpc: Rpc, chain_id: int) -> None:
+    actual_chain_id, client, pool = rpc.batch(
+        [("eth_chainId", []), ("web3_clientVersion", []), ("txpool_status", [])]
     )
     if int(actual_chain_id, 16) != chain_id:
         raise GeneratorError(
@@ -743,7 +738,6 @@ def _check_chain(rpc: Rpc, chain_id: int) -> dict[str, Any]:
         raise GeneratorError(
             f"refusing to generate traffic: {pending} transactions already pending"
         )
-    return dict(head)
 
 
 class _Run:
@@ -769,11 +763,7 @@ class _Run:
         self.order_warned = False
 
     def setup(self) -> None:
-        setup: list[tuple[str, list[Any]]] = [
-            ("evm_setAutomine", [False]),
-            ("evm_setIntervalMining", [0]),
-            ("anvil_autoImpersonateAccount", [True]),
-        ]
+        setup: list[tuple[str, list[Any]]] = [("anvil_autoImpersonateAccount", [True])]
         setup += [("anvil_setBalance", [a, _hex(ACCOUNT_BALANCE)]) for a in self.addresses]
         self.rpc.batch(setup)
         counts = self.rpc.batch(
@@ -941,8 +931,8 @@ def generate(
 
     Refuses (``GeneratorError``) unless the node is anvil with chain id ``chain_id`` and an
     empty mempool. Raises ``GeneratorError``/``RpcError`` on any JSON-RPC error, failed
-    transaction or receipt that differs from the model. Automine is restored at the end if it
-    was on; auto-impersonation stays on.
+    transaction or receipt that differs from the model. Automine / interval mining are
+    restored after a successful run (left off after a failure); auto-impersonation stays on.
     """
     if blocks < 1 or txs_per_block < 0 or accounts < 2 or tokens < 0:
         raise ValueError("need blocks >= 1, txs_per_block >= 0, accounts >= 2, tokens >= 0")
@@ -950,7 +940,12 @@ def generate(
     artifact = load_artifact("TraceToken")
     rpc = Rpc(rpc_url)
     try:
-        head = _check_chain(rpc, chain_id)
+        _check_chain(rpc, chain_id)
+        was_automine, was_interval = rpc.batch(
+            [("anvil_getAutomine", []), ("anvil_getIntervalMining", [])]
+        )
+        rpc.batch([("evm_setAutomine", [False]), ("evm_setIntervalMining", [0])])
+        head = rpc.call("eth_getBlockByNumber", "latest", False)
         head_number, head_ts = int(head["number"], 16), int(head["timestamp"], 16)
         genesis_ts = int(rpc.call("eth_getBlockByNumber", "0x0", False)["timestamp"], 16)
         if genesis_ts != GENESIS_TIMESTAMP:
@@ -962,7 +957,6 @@ def generate(
                 GENESIS_TIMESTAMP,
             )
         gas_budget = int(int(head["gasLimit"], 16) * BLOCK_GAS_BUDGET_FRACTION)
-        was_automine = bool(rpc.call("anvil_getAutomine"))
         traffic = Traffic(seed, accounts, artifact, tokens)
         first_block = head_number + 1
         first_ts = max(head_ts, GENESIS_TIMESTAMP) + 1
@@ -1026,6 +1020,8 @@ def generate(
                 summary.head_block += FINALITY_DEPTH
             if was_automine:
                 rpc.call("evm_setAutomine", True)
+            if was_interval:
+                rpc.call("evm_setIntervalMining", was_interval)
             summary.seconds = round(time.perf_counter() - started, 3)
             write({"kind": "summary", **dataclasses.asdict(summary)})
         log.info("%s", summary.one_line())

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
-import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,

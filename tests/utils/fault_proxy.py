@@ -221,6 +221,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins handler threads -> no leaked threads
     block_on_close = True
     allow_reuse_address = True
+    # cryo opens up to max_concurrent_requests (32) connections at once, more when ranges are
+    # extracted concurrently; socketserver's default backlog of 5 overflows and the kernel
+    # drops the SYNs, which clients retry only after 1 s, 3 s, ...: slow, flaky extractions
+    request_queue_size = 1024
 
     def __init__(self, proxy: FaultProxy) -> None:
         self.proxy = proxy

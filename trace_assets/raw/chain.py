@@ -5,16 +5,17 @@ when every block is present, each block's transactions match its transaction cou
 logs match its logs bloom. Each range is committed as its own version of each dataset.
 """
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 
-from trace_resources.failures import as_dagster_failure
 from trace_assets.partitions import block_ranges
-from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.chain.extract import ChainClient, RangeData
+from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS
-from trace_resources.chain.extract import RangeData
+from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
@@ -107,16 +108,13 @@ def raw_chain(
                 f"extracting {len(ranges)} range(s) {ranges[0].key}..{ranges[-1].key}; "
                 f"finalized head {head.finalized}"
             )
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as uploader:
-                pending: list[Future[dict[str, StagedPartition]]] = []
-                for block_range in ranges:
-                    data = client.extract_verified(block_range)
-                    pending.append(uploader.submit(_stage_range, writer, data, context))
-                    # at most one range uploading while the next is extracted
-                    while len(pending) > 1:
-                        _collect(pending.pop(0), staged, writer)
-                for future in pending:
-                    _collect(future, staged, writer)
+            _extract_and_stage(context, client, writer, ranges, chain.extract_concurrency, staged)
+        except BaseException:
+            # nothing of this run is committed: release what it staged for GC at once
+            for parts in staged.values():
+                for partition in parts.values():
+                    writer.versions.mark_failed(partition.attempt)
+            raise
         finally:
             client.close()
     for name in RAW_DATASETS:
@@ -129,6 +127,41 @@ def raw_chain(
                 "trace/last_block": ranges[-1].last,
             },
         )
+
+
+def _extract_and_stage(
+    context: dg.AssetExecutionContext,
+    client: ChainClient,
+    writer: DatasetWriter,
+    ranges: list[BlockRange],
+    concurrency: int,
+    staged: dict[str, dict[str, StagedPartition]],
+) -> None:
+    """Extract up to `concurrency` ranges at once while verified ones upload, in range order.
+
+    The windows are bounded so that at most `concurrency` ranges are being extracted and one
+    is uploading at any time: memory does not grow with the number of ranges in the run.
+    """
+    with (
+        ThreadPoolExecutor(concurrency, thread_name_prefix="extract") as extractor,
+        ThreadPoolExecutor(1, thread_name_prefix="stage") as uploader,
+    ):
+        extracting: deque[Future[RangeData]] = deque()
+        uploading: deque[Future[dict[str, StagedPartition]]] = deque()
+        for block_range in ranges:
+            extracting.append(extractor.submit(client.extract_verified, block_range))
+            while len(extracting) >= concurrency:
+                uploading.append(
+                    uploader.submit(_stage_range, writer, extracting.popleft().result(), context)
+                )
+                while len(uploading) > 1:
+                    _collect(uploading.popleft(), staged, writer)
+        while extracting:
+            uploading.append(
+                uploader.submit(_stage_range, writer, extracting.popleft().result(), context)
+            )
+        while uploading:
+            _collect(uploading.popleft(), staged, writer)
 
 
 def _collect(

@@ -2,9 +2,9 @@
 
 cryo 0.3.2 raises a message-less `RustPanic` on any failure (the cause goes to stderr), does
 not retry HTTP 429/5xx (only JSON-RPC rate-limit errors), has no request timeout, and returns
-fewer rows without an error when a node drops logs or transactions, so Trace (1) checks its inputs first and
-says itself what is wrong, (2) retries failed or incomplete extractions with backoff inside a
-budget, and (3) verifies every range before anything is committed.
+fewer rows without an error when a node drops logs or transactions, so Trace (1) checks
+inputs first and says itself what is wrong, (2) retries failed or incomplete extractions with
+backoff inside a budget, and (3) verifies every range before anything is committed.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import pyarrow as pa
 from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
-from trace_resources.chain.verify import verify_range
+from trace_resources.chain.verify import VerificationReport, verify_range
 from trace_resources.errors import (
     RangeIncompleteError,
     RangeNotFinalizedError,
     RpcFaultError,
+    RpcUnreachableError,
     UnknownDatasetError,
     WrongChainIdError,
 )
@@ -179,6 +180,7 @@ class ChainClient:
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
+            self._raise_if_blocks_missing(block_range)
             raise RpcFaultError(
                 f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
                 f"{self.rpc_url} after retrying for {time.monotonic() - started:.1f} s ({exc}). "
@@ -187,6 +189,28 @@ class ChainClient:
                 "TRACE_RPC_REQUESTS_PER_SECOND or retry later"
             ) from exc
         raise AssertionError("unreachable: tenacity reraises")
+
+    def _raise_if_blocks_missing(self, block_range: BlockRange) -> None:
+        """Name the blocks the node does not have: cryo panics on them without detail.
+
+        A diagnosis after cryo failed, one attempt without retries: if it fails too, the
+        caller's RpcFaultError still says what failed.
+        """
+        numbers = list(block_range.blocks())
+        try:
+            headers = self.rpc.batch(
+                "eth_getBlockByNumber",
+                [[hex(n), False] for n in numbers],
+                retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
+            )
+        except (RpcFaultError, RpcUnreachableError):
+            return
+        report = VerificationReport(block_range)
+        report.add(
+            "missing blocks (the node returned no block for them)",
+            [n for n, header in zip(numbers, headers, strict=True) if header is None],
+        )
+        report.raise_if_incomplete()
 
     def _extract_once(self, block_range: BlockRange) -> RangeData:
         frames, counts = asyncio.run(self._collect_all(block_range))
@@ -243,17 +267,16 @@ class ChainClient:
                 )
             except TimeoutError:
                 raise _CryoFailed(
-                    f"cryo.collect({dataset!r}) did not finish within {self.collect_timeout_s:.0f} s"
+                    f"cryo.collect({dataset!r}) did not finish within "
+                    f"{self.collect_timeout_s:.0f} s"
                 ) from None
             except Exception as exc:  # cryo raises pyo3's RustPanic with no detail
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
-        results = await asyncio.gather(
-            *(collect(d) for d in RAW_DATASETS),
-            asyncio.to_thread(self.transaction_counts, block_range),
-        )
-        frames = dict(zip(RAW_DATASETS, results[:3], strict=True))
-        counts_by_block: dict[int, int] = results[3]
+        counting = asyncio.create_task(asyncio.to_thread(self.transaction_counts, block_range))
+        collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
+        frames: dict[RawDataset, pl.DataFrame] = dict(zip(RAW_DATASETS, collected, strict=True))
+        counts_by_block = await counting
         numbers = frames["blocks"]["block_number"].to_numpy()
         counts = np.array([counts_by_block.get(int(n), 0) for n in numbers], dtype=np.uint32)
         return frames, counts

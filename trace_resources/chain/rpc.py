@@ -108,24 +108,36 @@ class JsonRpcClient:
         """One call, retried on transient faults."""
         return self.batch(method, [params])[0]
 
-    def batch(self, method: str, params_list: Sequence[Sequence[Any]], size: int = 500) -> list:
-        """Many calls of one method, sent as JSON-RPC batches of `size`, results in order."""
+    def batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[Any]],
+        size: int = 500,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> list:
+        """Many calls of one method, sent as JSON-RPC batches of `size`, results in order.
+
+        `retry` overrides the client's policy for these calls (e.g. a single attempt).
+        """
         results: list[Any] = []
         for offset in range(0, len(params_list), size):
             chunk = params_list[offset : offset + size]
-            results.extend(self._with_retries(method, chunk))
+            results.extend(self._with_retries(method, chunk, retry or self.retry))
         return results
 
-    def _with_retries(self, method: str, params_list: Sequence[Sequence[Any]]) -> list:
+    def _with_retries(
+        self, method: str, params_list: Sequence[Sequence[Any]], retry: RetryPolicy
+    ) -> list:
         try:
-            for attempt in self.retry.retrying(_is_transient):
+            for attempt in retry.retrying(_is_transient):
                 with attempt:
                     return self._send(method, params_list)
         except httpx.TransportError as exc:
             raise RpcUnreachableError(
                 f"the JSON-RPC endpoint {self.url} did not answer {method} "
-                f"({type(exc).__name__}: {exc}), retried up to {self.retry.max_attempts} times "
-                f"within {self.retry.budget_s:.0f} s; check that the node is running and that "
+                f"({type(exc).__name__}: {exc}), retried up to {retry.max_attempts} times "
+                f"within {retry.budget_s:.0f} s; check that the node is running and that "
                 "TRACE_RPC_URL points at it"
             ) from exc
         except (httpx.HTTPStatusError, JsonRpcError, _MissingResult) as exc:

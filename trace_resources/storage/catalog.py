@@ -56,14 +56,20 @@ def summarise_datasets(engine: sa.Engine) -> list[DatasetSummary]:
     with engine.connect() as conn:
         return [
             DatasetSummary(
-                r.dataset, r.partitions, int(r.rows), int(r.bytes), r.versions,
+                r.dataset,
+                r.partitions,
+                int(r.rows),
+                int(r.bytes),
+                r.versions,
                 r.latest.isoformat() if r.latest else None,
             )
             for r in conn.execute(query)
         ]
 
 
-def version_history(engine: sa.Engine, dataset: str, partition_key: str | None = None) -> list[dict[str, object]]:
+def version_history(
+    engine: sa.Engine, dataset: str, partition_key: str | None = None
+) -> list[dict[str, object]]:
     """Every committed version of a dataset (optionally one partition), newest first."""
     query = (
         sa.select(

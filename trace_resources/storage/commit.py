@@ -119,9 +119,8 @@ class DatasetWriter:
     def commit_staged(
         self, staged: StagedPartition, *, mode: CommitMode = "replace"
     ) -> CommitResult:
-        """Verify the staged objects again and commit them (fenced, idempotent by attempt)."""
+        """Commit staged (and verified) objects: fenced, idempotent by attempt id."""
         try:
-            self.verify_staged(staged.files)
             manifest = Manifest(
                 files=staged.files,
                 schema_hash=schema_fingerprint(staged.schema),

@@ -135,5 +135,5 @@ def s3_store(
     if access_key and secret_key:
         options["access_key"] = access_key
         options["secret_key"] = secret_key
-    fs = pafs.S3FileSystem(**options)  # type: ignore[arg-type]
+    fs = pafs.S3FileSystem(**options)
     return ObjectStore(fs, bucket, f"s3://{bucket}")

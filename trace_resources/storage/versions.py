@@ -493,7 +493,8 @@ class VersionStore:
                 f"the data staged for {dataset} does not match its registered schema "
                 f"v{current_version}: removed columns {drift['removed'] or 'none'}, retyped "
                 f"{[r['column'] for r in drift['retyped']] or 'none'}, new non-nullable "
-                f"{added_required or 'none'}, nullability changed {drift['nullability'] or 'none'}. "
+                f"{added_required or 'none'}, nullability changed "
+                f"{drift['nullability'] or 'none'}. "
                 "Keep the old columns and types (new columns must be nullable), or declare a "
                 "new dataset"
             )

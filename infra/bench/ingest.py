@@ -1,0 +1,196 @@
+"""`make bench-ingest`: Trace's ingest through Dagster against bare cryo, alternated in one run.
+
+Trace: one run materialising blocks, transactions and logs for every range of the devnet, as a
+single-run backfill would (in-process executor, Postgres-backed Dagster instance), from RPC to
+committed Parquet on the S3 API (moto server on loopback) and the Postgres registry.
+cryo: `cryo.collect` of the same blocks for the same three datasets, written as Parquet to
+local disk. The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated
+once and cached as an anvil state file.
+
+Last line: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cryo
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from infra.devnet.generate import GENESIS_TIMESTAMP, generate
+from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
+from trace_assets.definitions import build_resources
+from trace_assets.partitions import add_finalized_partitions
+from trace_assets.raw.chain import raw_chain
+from trace_resources.chain.schemas import RAW_DATASETS
+from trace_resources.settings import Settings
+from trace_resources.storage.catalog import summarise_datasets
+from trace_resources.storage.state import engine_for
+
+CACHE = REPO_ROOT / ".local" / "bench"
+CHAIN_ID = 10143
+
+
+def _say(message: str) -> None:
+    print(f"[bench-ingest] {message}", flush=True)
+
+
+def devnet_state(blocks: int) -> Path:
+    """An anvil state file with `blocks` blocks of traffic (generated once, then reused)."""
+    path = CACHE / f"devnet-{blocks}.json"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="trace-bench-gen-"))
+    node = AnvilNode(
+        work,
+        free_port(),
+        chain_id=CHAIN_ID,
+        state_file=work / "state.json",
+        extra_args=["--timestamp", str(GENESIS_TIMESTAMP)],
+    )
+    node.start()
+    try:
+        _say(f"generating a devnet of {blocks} blocks (once; cached in {path}) ...")
+        _say(generate(node.url, blocks=blocks, finalize=True).one_line())
+    finally:
+        node.stop()  # dumps the state file
+    shutil.move(work / "state.json", path)
+    shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def dagster_instance(home: Path, pg: PostgresServer) -> dg.DagsterInstance:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"      username: {pg.user}\n      password: {pg.password}\n      hostname: 127.0.0.1\n"
+        f"      db_name: dagster\n      port: {pg.port}\n      scheme: postgresql+psycopg2\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]) -> float:
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+    resources = build_resources(settings)
+    started = time.perf_counter()
+    result = dg.materialize([raw_chain], instance=instance, resources=resources, tags=tags)
+    seconds = time.perf_counter() - started
+    assert result.success
+    return seconds
+
+
+def time_cryo(rpc_url: str, first: int, last: int, out: Path) -> float:
+    started = time.perf_counter()
+    for dataset in RAW_DATASETS:
+        frame = asyncio.run(
+            cryo.async_collect(
+                dataset,
+                blocks=[f"{first}:{last + 1}"],
+                rpc=rpc_url,
+                output_format="polars",
+                include_columns=["all"],
+                verbose=False,
+            )
+        )
+        frame.write_parquet(out / f"{dataset}.parquet")
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=3000, help="devnet traffic blocks (>= 3000)")
+    parser.add_argument("--range-size", type=int, default=250, help="blocks per partition")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of each")
+    parser.add_argument(
+        "--extract-concurrency", type=int, default=2, help="ranges extracted at once"
+    )
+    args = parser.parse_args()
+
+    state_file = devnet_state(args.blocks)
+    work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
+    pg = PostgresServer(work / "pg", free_port())
+    s3 = MotoS3Server(free_port())
+    node = AnvilNode(
+        work / "anvil",
+        free_port(),
+        chain_id=CHAIN_ID,
+        persist=False,
+        extra_args=["--load-state", str(state_file)],
+    )
+    try:
+        pg.start()
+        pg.ensure_databases(("dagster", "trace_state"))
+        s3.start()
+        s3.create_buckets(["trace-datasets"])
+        node.start()
+        os.environ.update(s3.env())
+        settings = Settings(
+            environment="test",
+            rpc_url=node.url,
+            chain_id=CHAIN_ID,
+            range_size=args.range_size,
+            state_dsn=pg.dsn("trace_state"),
+            object_store="s3",
+            s3_endpoint_url=s3.endpoint_url,
+            extract_concurrency=args.extract_concurrency,
+        )
+        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        instance = dagster_instance(work / "dagster_home", pg)
+        keys = add_finalized_partitions(instance, finalized, args.range_size)
+        first, last = int(keys[0][:12]), int(keys[-1][13:])
+        blocks = last - first + 1
+        _say(
+            f"{blocks} blocks in {len(keys)} ranges of {args.range_size}; "
+            f"{args.rounds} rounds each, alternated"
+        )
+
+        runs: dict[str, list[float]] = {"trace": [], "cryo": []}
+        contenders: list[tuple[str, Callable[[], float]]] = [
+            ("trace", lambda: time_trace(settings, instance, keys)),
+            ("cryo", lambda: time_cryo(node.url, first, last, work)),
+        ]
+        for round_number in range(args.rounds):
+            order = contenders if round_number % 2 == 0 else contenders[::-1]
+            for name, run in order:
+                seconds = run()
+                runs[name].append(seconds)
+                _say(
+                    f"round {round_number + 1}: {name:<5} {seconds:6.2f} s  "
+                    f"{blocks / seconds:7.0f} blocks/s"
+                )
+
+        summary = {r.dataset: r.rows for r in summarise_datasets(engine_for(settings.state_dsn))}
+        _say(f"committed rows per dataset (current versions): {summary}")
+        trace_rate = blocks / statistics.median(runs["trace"])
+        cryo_rate = blocks / statistics.median(runs["cryo"])
+        spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
+        _say(f"min-max per run: {spread}")
+        print(
+            f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
+            f"ratio={trace_rate / cryo_rate:.2f}"
+        )
+        instance.dispose()
+    finally:
+        node.stop()
+        s3.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

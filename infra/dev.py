@@ -1,0 +1,68 @@
+"""`make dev`: the local services plus the Dagster UI and daemon, until interrupted.
+
+The chain-head sensor (on by default) adds block ranges as the devnet's finalized head moves
+and requests their runs; materialise and backfill from the UI at http://127.0.0.1:3000.
+Ctrl-C stops Dagster, then the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local services folder")
+    parser.add_argument("--port", type=int, default=3000, help="Dagster UI port")
+    parser.add_argument(
+        "--mine-every",
+        type=int,
+        default=1,
+        help="devnet block time in seconds while dev runs (0: no new blocks)",
+    )
+    args = parser.parse_args()
+    services = LocalServices(args.root)
+    services.up()
+    env = {**os.environ, **services.env()}
+    dagster = None
+    try:
+        if args.mine_every > 0:  # the chain moves, so the sensor has new ranges to add
+            services.anvil.rpc("evm_setIntervalMining", [max(1, round(args.mine_every))])
+        command = [
+            str(Path(sys.executable).with_name("dagster")),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(args.port),
+        ]
+        print(f"[dev] Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+        # its own process group: Ctrl-C reaches it once, through us, and we wait for it
+        dagster = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True)
+        dagster.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if dagster is not None and dagster.poll() is None:
+            os.killpg(dagster.pid, signal.SIGINT)
+            try:
+                dagster.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(dagster.pid, signal.SIGKILL)
+                dagster.wait()
+        services.down()
+        print("[dev] stopped Dagster and the local services", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
