@@ -14,7 +14,7 @@ import dagster as dg
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
-from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS
+from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
@@ -23,15 +23,6 @@ from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
 __all__ = ["raw_chain", "RAW_ASSET_KEYS"]
 
 RAW_ASSET_KEYS = [dg.AssetKey(name) for name in RAW_DATASETS]
-
-_DESCRIPTIONS = {
-    "blocks": "One row per block of the chain: hashes, parent hash, timestamp, gas, proposer, "
-    "transaction count and logs bloom. The backbone every other dataset joins to.",
-    "transactions": "One row per transaction with its receipt outcome (gas used, success); "
-    "values in wei kept exact as 32-byte big-endian and decimal string.",
-    "logs": "One row per event log emitted by a transaction: emitting contract, topics and "
-    "data. Decoded datasets such as ERC-20 transfers are derived from it.",
-}
 
 
 def _column_schema(dataset: str) -> dg.TableSchema:
@@ -51,18 +42,24 @@ def _column_schema(dataset: str) -> dg.TableSchema:
 def _stage_range(
     writer: DatasetWriter, data: RangeData, context: dg.AssetExecutionContext
 ) -> dict[str, StagedPartition]:
-    retry_number = context.retry_number
-    return {
-        name: writer.stage_partition(
-            name,
-            data.block_range.key,
-            PartitionData(data.tables[name], source=data.source),
-            run_id=context.run.run_id,
-            step_key=context.op_execution_context.get_step_execution_context().step.key,
-            retry_number=retry_number,
-        )
-        for name in RAW_DATASETS
-    }
+    """Stage the three datasets of one verified range, each under its own new attempt."""
+    staged: dict[str, StagedPartition] = {}
+    step_key = context.op_execution_context.get_step_execution_context().step.key
+    try:
+        for name in RAW_DATASETS:
+            staged[name] = writer.stage_partition(
+                name,
+                data.block_range.key,
+                PartitionData(data.tables[name], source=data.source),
+                run_id=context.run.run_id,
+                step_key=step_key,
+                retry_number=context.retry_number,
+            )
+    except BaseException:
+        for partition in staged.values():  # the range commits whole or not at all
+            writer.versions.mark_failed(partition.attempt)
+        raise
+    return staged
 
 
 @dg.multi_asset(
@@ -70,7 +67,7 @@ def _stage_range(
     outs={
         name: dg.AssetOut(
             io_manager_key="dataset_io_manager",
-            description=_DESCRIPTIONS[name],
+            description=RAW_DESCRIPTIONS[name],
             metadata={
                 "dagster/column_schema": _column_schema(name),
                 COMMIT_MODE_METADATA: "replace",
@@ -142,26 +139,33 @@ def _extract_and_stage(
     The windows are bounded so that at most `concurrency` ranges are being extracted and one
     is uploading at any time: memory does not grow with the number of ranges in the run.
     """
+    extracting: deque[Future[RangeData]] = deque()
+    uploading: deque[Future[dict[str, StagedPartition]]] = deque()
     with (
         ThreadPoolExecutor(concurrency, thread_name_prefix="extract") as extractor,
         ThreadPoolExecutor(1, thread_name_prefix="stage") as uploader,
     ):
-        extracting: deque[Future[RangeData]] = deque()
-        uploading: deque[Future[dict[str, StagedPartition]]] = deque()
-        for block_range in ranges:
-            extracting.append(extractor.submit(client.extract_verified, block_range))
-            while len(extracting) >= concurrency:
-                uploading.append(
-                    uploader.submit(_stage_range, writer, extracting.popleft().result(), context)
-                )
-                while len(uploading) > 1:
-                    _collect(uploading.popleft(), staged, writer)
-        while extracting:
-            uploading.append(
-                uploader.submit(_stage_range, writer, extracting.popleft().result(), context)
-            )
-        while uploading:
-            _collect(uploading.popleft(), staged, writer)
+        try:
+            for block_range in ranges:
+                extracting.append(extractor.submit(client.extract_verified, block_range))
+                while len(extracting) >= concurrency:
+                    data = extracting.popleft().result()
+                    uploading.append(uploader.submit(_stage_range, writer, data, context))
+                    while len(uploading) > 1:
+                        _collect(uploading.popleft(), staged, writer)
+            while extracting:
+                data = extracting.popleft().result()
+                uploading.append(uploader.submit(_stage_range, writer, data, context))
+            while uploading:
+                _collect(uploading.popleft(), staged, writer)
+        except BaseException:
+            for future in extracting:
+                future.cancel()
+            # uploads already under way finish; record them so the caller releases them too
+            for future in uploading:
+                if future.exception() is None:
+                    _collect(future, staged, writer)
+            raise
 
 
 def _collect(
