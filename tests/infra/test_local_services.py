@@ -1,0 +1,60 @@
+"""The local services start and stop cleanly, leak no process, and keep their data (the chain,
+Postgres state and the object store) across a restart, as `make dev` / `make demo` need."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from infra.local.services import LocalServices, free_port
+from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
+from trace_resources.storage.object_store import local_store
+from trace_resources.storage.state import engine_for
+from trace_resources.storage.versions import VersionStore
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie waiting to be reaped has exited already
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_services_keep_data_across_restart(tmp_path: Path) -> None:
+    services = LocalServices(tmp_path / "local", pg_port=free_port(), anvil_port=free_port())
+    services.up()
+    try:
+        env = services.env()
+        services.anvil.rpc("anvil_mine", ["0x20"])
+        head = services.anvil.rpc("eth_getBlockByNumber", ["0x20", False])["hash"]
+        store = local_store(env["TRACE_LOCAL_STORE_ROOT"], "trace-datasets")
+        versions = VersionStore(engine_for(env["TRACE_STATE_DSN"]))
+        DatasetWriter(store, versions).write(
+            "blocks",
+            "000000000000-000000000031",
+            PartitionData(pa.table({"block_number": pa.array(range(32), pa.uint64())})),
+        )
+        engine_for(env["TRACE_STATE_DSN"]).dispose()
+        pids = [services.postgres.pid, services.anvil.pid]
+        assert all(pid and _alive(pid) for pid in pids)
+    finally:
+        services.down()
+    assert not any(_alive(pid) for pid in pids if pid)
+
+    again = LocalServices(tmp_path / "local")  # ports come back from services.json
+    again.up()
+    try:
+        assert again.anvil.rpc("eth_getBlockByNumber", ["0x20", False])["hash"] == head
+        env = again.env()
+        reader = DatasetReader(
+            local_store(env["TRACE_LOCAL_STORE_ROOT"], "trace-datasets"),
+            VersionStore(engine_for(env["TRACE_STATE_DSN"])),
+        )
+        assert reader.read("blocks", ["000000000000-000000000031"]).num_rows == 32
+        engine_for(env["TRACE_STATE_DSN"]).dispose()
+    finally:
+        again.down()
