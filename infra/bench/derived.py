@@ -1,0 +1,177 @@
+"""`make bench-derived`: derived materialisation through Dagster against the same transforms run
+directly, alternated in one run.
+
+Setup (not timed): the cached devnet of `bench-ingest` (>= 3,000 blocks) is extracted once
+into committed raw ranges on the S3 API (moto server) with the Postgres registry.
+Trace: one Dagster run (single-run backfill, in-process, Postgres-backed instance) of
+erc20_transfers, native_transfers and contracts over every range: read the committed upstream
+files, transform, evaluate every quality rule, stage, verify and commit a version per range.
+Direct: the same transform functions over the same committed files read from the S3 API with
+pyarrow, written back as one Parquet file per dataset with pyarrow — no rules, no commit.
+
+Last line: `derived: trace_rows_per_s=<> direct_rows_per_s=<> ratio=<trace/direct>`, rows being
+the derived rows produced (medians of the rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from infra.bench.ingest import CHAIN_ID, dagster_instance, devnet_state
+from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
+from trace_assets.definitions import build_resources
+from trace_assets.derived.assets import DERIVED_ASSETS, PARTITIONED_TRANSFORMS
+from trace_assets.partitions import add_finalized_partitions
+from trace_assets.raw.chain import raw_chain
+from trace_assets.registry import arrow_schema, declarations
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.settings import Settings
+
+
+def _say(message: str) -> None:
+    print(f"[bench-derived] {message}", flush=True)
+
+
+PARTITIONED = [a for a in DERIVED_ASSETS if a.partitions_def is not None]
+
+
+def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]) -> float:
+    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+    resources = build_resources(settings)
+    started = time.perf_counter()
+    result = dg.materialize(
+        [raw_chain, *DERIVED_ASSETS],
+        selection=PARTITIONED,
+        instance=instance,
+        resources=resources,
+        tags=tags,
+    )
+    seconds = time.perf_counter() - started
+    assert result.success
+    return seconds
+
+
+def time_direct(
+    objects: ObjectStoreResource, state: StateStoreResource, keys: list[str], round_number: int
+) -> tuple[float, int]:
+    reader = state.reader(objects)
+    store = objects.datasets()
+    started = time.perf_counter()
+    rows = 0
+    for name, transform in PARTITIONED_TRANSFORMS.items():
+        decl = declarations()[name]
+        inputs = {up: reader.read(up, keys) for up in decl.upstream}
+        table = transform(**inputs).cast(arrow_schema(decl))
+        path = store.path(f"bench-direct/{name}/round-{round_number}.parquet")
+        with store.fs.open_output_stream(path) as out:
+            pq.write_table(table, out)
+        rows += table.num_rows
+    return time.perf_counter() - started, rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=3000, help="devnet traffic blocks")
+    parser.add_argument("--range-size", type=int, default=250, help="blocks per partition")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of each")
+    args = parser.parse_args()
+
+    state_file = devnet_state(args.blocks)
+    work = Path(tempfile.mkdtemp(prefix="trace-bench-derived-"))
+    pg = PostgresServer(work / "pg", free_port())
+    s3 = MotoS3Server(free_port())
+    node = AnvilNode(
+        work / "anvil",
+        free_port(),
+        chain_id=CHAIN_ID,
+        persist=False,
+        extra_args=["--load-state", str(state_file)],
+    )
+    try:
+        pg.start()
+        pg.ensure_databases(("dagster", "trace_state"))
+        s3.start()
+        s3.create_buckets(["trace-datasets"])
+        node.start()
+        os.environ.update(s3.env())
+        settings = Settings(
+            environment="test",
+            rpc_url=node.url,
+            chain_id=CHAIN_ID,
+            range_size=args.range_size,
+            state_dsn=pg.dsn("trace_state"),
+            object_store="s3",
+            s3_endpoint_url=s3.endpoint_url,
+        )
+        resources = build_resources(settings)
+        objects, state = resources["objects"], resources["state"]
+        assert isinstance(objects, ObjectStoreResource) and isinstance(state, StateStoreResource)
+        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        instance = dagster_instance(work / "dagster_home", pg)
+        keys = add_finalized_partitions(instance, finalized, args.range_size)
+        tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
+        _say(f"extracting {len(keys)} raw ranges once (not timed) ...")
+        assert dg.materialize(
+            [raw_chain], instance=instance, resources=resources, tags=tags
+        ).success
+        upstream_rows = sum(
+            state.reader(objects).read(d, keys).num_rows for d in ("logs", "transactions")
+        )
+        _say(f"{upstream_rows} upstream rows (logs + transactions); {args.rounds} rounds each")
+
+        runs: dict[str, list[float]] = {"trace": [], "direct": []}
+        rows_out = 0
+
+        def direct(round_number: int) -> float:
+            nonlocal rows_out
+            seconds, rows_out = time_direct(objects, state, keys, round_number)
+            return seconds
+
+        contenders: list[tuple[str, Callable[[int], float]]] = [
+            ("trace", lambda _: time_trace(settings, instance, keys)),
+            ("direct", direct),
+        ]
+        time_trace(settings, instance, keys)  # warm-up (imports, first schema registration)
+        for round_number in range(args.rounds):
+            order = contenders if round_number % 2 == 0 else contenders[::-1]
+            for name, run in order:
+                seconds = run(round_number)
+                runs[name].append(seconds)
+                _say(f"round {round_number + 1}: {name:<6} {seconds:6.2f} s")
+        committed = sum(
+            state.reader(objects).read(name, keys).num_rows for name in PARTITIONED_TRANSFORMS
+        )
+        assert committed == rows_out, (committed, rows_out)
+        trace_rate = rows_out / statistics.median(runs["trace"])
+        direct_rate = rows_out / statistics.median(runs["direct"])
+        spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
+        _say(f"{rows_out} derived rows per round; min-max per run: {spread}")
+        print(
+            f"derived: trace_rows_per_s={trace_rate:.0f} direct_rows_per_s={direct_rate:.0f} "
+            f"ratio={trace_rate / direct_rate:.2f}"
+        )
+        instance.dispose()
+    finally:
+        node.stop()
+        s3.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Quality rules pass on good data and fail on data corrupted on purpose, with the counts
+right; the circuit breaker keeps bad data from readers (nothing committed for the partition)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from tests.derived.conftest import ALL_ASSETS, Env, ranged_tags
+from trace_assets.checks import raw_rule_outcomes
+from trace_assets.derived import transforms
+from trace_assets.quality import evaluate_rule, evaluate_rules
+from trace_assets.registry import RangeRule, declarations
+from trace_resources.storage.commit import PartitionData
+
+
+def rule(dataset: str, name: str):  # type: ignore[no-untyped-def]
+    return next(r for r in declarations()[dataset].quality if r.name == name)
+
+
+def set_rows(table: pa.Table, column: str, rows: list[int], value: object) -> pa.Table:
+    values = table[column].to_pylist()
+    for i in rows:
+        values[i] = value
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, table.field(column), pa.array(values, table.field(column).type))
+
+
+@pytest.fixture(scope="module")
+def transfers(raw_env: Env) -> tuple[str, pa.Table]:
+    """One range of erc20_transfers computed from the committed raw data (not committed)."""
+    key = raw_env.keys[2]
+    table = transforms.erc20_transfers(
+        raw_env.reader.read("logs", [key]), raw_env.reader.read("blocks", [key])
+    )
+    return key, table
+
+
+def test_every_rule_passes_on_good_data(raw_env: Env, transfers: tuple[str, pa.Table]) -> None:
+    key, table = transfers
+    outcomes = evaluate_rules(declarations()["erc20_transfers"], {key: table})
+    assert {o.rule for o in outcomes} == {r.name for r in declarations()["erc20_transfers"].quality}
+    assert all(o.passed and o.failing == 0 and o.rows == table.num_rows for o in outcomes)
+    raw = [
+        o
+        for d in ("blocks", "transactions", "logs")
+        for o in raw_rule_outcomes(declarations()[d], raw_env.reader, raw_env.keys)
+    ]
+    assert {o.kind for o in raw} >= {"not_null", "unique", "regex", "sql", "chain_continuity"}
+    assert all(o.passed and o.failing == 0 for o in raw), [o.summary() for o in raw]
+    links = next(o for o in raw if o.kind == "chain_continuity")
+    assert links.rows == len(raw_env.keys) * 50 - 1  # every consecutive pair was compared
+
+
+def test_not_null_counts_null_rows(transfers: tuple[str, pa.Table]) -> None:
+    key, table = transfers
+    bad = set_rows(table, "to_address", [0, 5, 9], None)
+    outcome = evaluate_rule(rule("erc20_transfers", "parties_not_null"), bad, key)
+    assert (outcome.failing, outcome.passed, len(outcome.examples)) == (3, False, 3)
+    assert outcome.examples[0]["to_address"] is None
+    assert outcome.examples[0]["log_index"] == table["log_index"][0].as_py()
+
+
+def test_unique_counts_duplicate_rows(transfers: tuple[str, pa.Table]) -> None:
+    key, table = transfers
+    bad = pa.concat_tables([table, table.slice(10, 4)])
+    outcome = evaluate_rule(rule("erc20_transfers", "one_row_per_log"), bad, key)
+    assert (outcome.failing, outcome.rows, outcome.passed) == (4, table.num_rows + 4, False)
+    assert {e["copies"] for e in outcome.examples} == {2}
+
+
+def test_regex_counts_malformed_values(transfers: tuple[str, pa.Table]) -> None:
+    key, table = transfers
+    bad = set_rows(table, "value_string", [1, 2], "0x10")
+    bad = set_rows(bad, "value_string", [3], "007")
+    outcome = evaluate_rule(rule("erc20_transfers", "value_is_decimal"), bad, key)
+    assert outcome.failing == 3
+    assert {e["value_string"] for e in outcome.examples} == {"0x10", "007"}
+
+
+def test_range_counts_out_of_range_rows_and_threshold(transfers: tuple[str, pa.Table]) -> None:
+    key, table = transfers
+    bad = set_rows(table, "transaction_index", [4, 6], 200_000)
+    strict = rule("erc20_transfers", "transaction_index_plausible")
+    outcome = evaluate_rule(strict, bad, key)
+    assert (outcome.failing, outcome.passed) == (2, False)
+    tolerant = RangeRule(**{**strict.model_dump(), "threshold": 2 / table.num_rows})
+    assert evaluate_rule(tolerant, bad, key).passed  # at the threshold: passes
+
+
+def test_custom_sql_counts_rows_outside_their_partition(
+    raw_env: Env, transfers: tuple[str, pa.Table]
+) -> None:
+    key, table = transfers
+    outcome = evaluate_rule(rule("erc20_transfers", "rows_in_partition"), table, raw_env.keys[0])
+    assert outcome.failing == table.num_rows > 0
+    short = set_rows(table, "from_address", [7], b"\x01" * 19)
+    assert evaluate_rule(rule("erc20_transfers", "addresses_are_20_bytes"), short, key).failing == 1
+
+
+def test_chain_continuity_finds_a_broken_link_across_ranges(raw_env: Env) -> None:
+    blocks = declarations()["blocks"]
+    key = raw_env.keys[3]
+    table = raw_env.reader.read("blocks", [key])
+    bad = set_rows(table, "parent_hash", [0], b"\xee" * 32)  # the link to the previous range
+    with raw_env.state.writer(raw_env.objects) as writer:
+        # no source hashes: bypasses the commit-time continuity check, as a buggy writer would
+        writer.write("blocks", key, PartitionData(bad))
+    try:
+        outcomes = raw_rule_outcomes(blocks, raw_env.reader, [key])
+        link = next(o for o in outcomes if o.kind == "chain_continuity")
+        assert (link.failing, link.passed) == (1, False)
+        first = int(key[:12])
+        assert link.examples[0]["block_number"] == first
+        assert link.examples[0]["parent_hash"] == "0x" + "ee" * 32
+        # the neighbours were checked too: both boundaries of the range were compared
+        assert link.rows == 3 * 50 - 1
+    finally:
+        with raw_env.state.writer(raw_env.objects) as writer:
+            writer.write("blocks", key, PartitionData(table))
+    assert all(o.passed for o in raw_rule_outcomes(blocks, raw_env.reader, [key]))
+
+
+def test_circuit_breaker_keeps_bad_data_from_readers(raw_env: Env) -> None:
+    key = raw_env.keys[1]
+    logs = raw_env.reader.read("logs", [key])
+    is_transfer = pc.equal(logs["topic0"], pa.scalar(transforms.TRANSFER_TOPIC, pa.binary()))
+    duplicated = pa.concat_tables([logs, logs.filter(is_transfer).slice(0, 3)])
+    with raw_env.state.writer(raw_env.objects) as writer:
+        writer.write("logs", key, PartitionData(duplicated))
+    try:
+        result = dg.materialize(
+            ALL_ASSETS,
+            instance=raw_env.instance,
+            resources=raw_env.resources(),
+            tags=ranged_tags(raw_env.keys[:2]),
+            selection=["erc20_transfers"],
+            raise_on_error=False,
+        )
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        message = failure.step_failure_data.user_failure_data.description
+        assert "erc20_transfers was not committed" in message
+        assert "'one_row_per_log' (unique): 3 of" in message
+        assert "copies" in message  # shows examples
+        check = next(
+            e.asset_check_evaluation_data
+            for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and e.asset_check_evaluation_data.check_name == "one_row_per_log"
+        )
+        assert not check.passed
+        assert check.metadata["failing_rows"].value == 3
+        assert check.metadata["failing_by_partition"].value == {key: 3}
+        # nothing reached readers: no version for either range of the failed run
+        assert raw_env.reader.resolve("erc20_transfers", raw_env.keys[:2]) == {}
+    finally:
+        with raw_env.state.writer(raw_env.objects) as writer:
+            writer.write("logs", key, PartitionData(logs))
+    good = dg.materialize(
+        ALL_ASSETS,
+        instance=raw_env.instance,
+        resources=raw_env.resources(),
+        tags=ranged_tags(raw_env.keys[:2]),
+        selection=["erc20_transfers"],
+    )
+    assert good.success
+    assert sorted(raw_env.reader.resolve("erc20_transfers")) == raw_env.keys[:2]

@@ -1,0 +1,167 @@
+"""Asset checks built from the declarations that run after a materialisation, over committed data.
+
+* Raw datasets: their declared quality rules (including `chain_continuity` on blocks) over the
+  committed ranges of the run and, for continuity, their committed neighbours. The raw
+  commit is already done; a blocking failure stops every downstream asset of the run, and the
+  check's failure says which rule, how many rows and shows examples.
+* Every dataset: `schema_matches_declaration`, the schema registry surfaced in the UI. It
+  compares the schema registered at commit with the declaration and shows every registered
+  schema version with its drift (added, removed, retyped columns).
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
+
+from trace_assets.derived.assets import SCHEMA_CHECK
+from trace_assets.partitions import block_ranges
+from trace_assets.quality import check_results, evaluate_rules
+from trace_assets.registry import DatasetDeclaration, declarations
+from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.storage.versions import VersionStore
+
+__all__ = ["DATASET_CHECKS", "run_partition_keys", "schema_check_result", "raw_rule_outcomes"]
+
+
+def run_partition_keys(context: dg.AssetCheckExecutionContext) -> list[str] | None:
+    """The block ranges of the run (from its tags); None when it names no partition."""
+    tags = context.run.tags
+    if PARTITION_NAME_TAG in tags:
+        return [tags[PARTITION_NAME_TAG]]
+    start, end = tags.get(ASSET_PARTITION_RANGE_START_TAG), tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    if start and end:
+        keys = sorted(context.instance.get_dynamic_partitions(block_ranges.name or ""))
+        return [k for k in keys if start <= k <= end]
+    return None
+
+
+def schema_check_result(decl: DatasetDeclaration, versions: VersionStore) -> dg.AssetCheckResult:
+    declared = [{"name": c.name, "type": c.type, "nullable": c.nullable} for c in decl.columns]
+    registered = versions.registered_schema(decl.name)
+    history = [
+        {"schema_version": v, "schema_hash": h, "drift": drift}
+        for v, h, drift in versions.schema_history(decl.name)
+    ]
+    metadata: dict[str, Any] = {
+        "schema_versions": dg.MetadataValue.json(history),
+        "declared_columns": len(declared),
+    }
+    if registered is None:
+        return dg.AssetCheckResult(
+            asset_key=decl.name,
+            check_name=SCHEMA_CHECK,
+            passed=True,
+            description="nothing committed yet",
+            metadata=metadata,
+        )
+    version, fields = registered
+    before = {f["name"]: f for f in fields}
+    after = {f["name"]: f for f in declared}
+    diff = {
+        "missing_from_committed": [n for n in after if n not in before],
+        "not_declared": [n for n in before if n not in after],
+        "type_differs": [
+            {"column": n, "committed": before[n]["type"], "declared": after[n]["type"]}
+            for n in after
+            if n in before and before[n]["type"] != after[n]["type"]
+        ],
+        "nullability_differs": [
+            n for n in after if n in before and before[n]["nullable"] != after[n]["nullable"]
+        ],
+    }
+    passed = not any(diff.values())
+    metadata |= {"schema_version": version, "difference": dg.MetadataValue.json(diff)}
+    return dg.AssetCheckResult(
+        asset_key=decl.name,
+        check_name=SCHEMA_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=None
+        if passed
+        else f"committed schema v{version} of {decl.name} differs from {decl.source_file}: "
+        f"{ {k: v for k, v in diff.items() if v} }",
+        metadata=metadata,
+    )
+
+
+def raw_rule_outcomes(decl: DatasetDeclaration, reader: Any, keys: list[str] | None) -> list[Any]:
+    """The declared rules of a raw dataset over its committed ranges `keys` (None: all).
+
+    Continuity is checked over the ranges and their committed neighbours, as one table, so
+    links across range boundaries are checked too.
+    """
+    committed = reader.resolve(decl.name)
+    keys = sorted(committed) if keys is None else [k for k in keys if k in committed]
+    row_rules = {r.kind for r in decl.quality} - {"chain_continuity"}
+    outcomes = []
+    if keys and row_rules:
+        tables = {k: reader.read(decl.name, [k]) for k in keys}
+        outcomes += evaluate_rules(decl, tables, kinds=row_rules)
+    if keys and any(r.kind == "chain_continuity" for r in decl.quality):
+        around: set[str] = set(keys)
+        for k in keys:
+            r = parse_partition_key(k)
+            around |= {n for n in (r.previous_key(), r.next_key()) if n and n in committed}
+        columns = ["block_number", "block_hash", "parent_hash"]
+        table = reader.read(decl.name, sorted(around)).select(columns)
+        outcomes += evaluate_rules(decl, {None: table}, kinds={"chain_continuity"})
+    return outcomes
+
+
+def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
+    specs = [
+        dg.AssetCheckSpec(rule.name, asset=decl.name, blocking=rule.blocking)
+        for rule in decl.quality
+    ] + [dg.AssetCheckSpec(SCHEMA_CHECK, asset=decl.name)]
+
+    @dg.multi_asset_check(specs=specs, name=f"{decl.name}_quality", can_subset=True)
+    def _checks(
+        context: dg.AssetCheckExecutionContext,
+        state: StateStoreResource,
+        objects: ObjectStoreResource,
+    ) -> Iterator[dg.AssetCheckResult]:
+        selected = {key.name for key in context.selected_asset_check_keys}
+        reader = state.reader(objects)
+        outcomes = raw_rule_outcomes(decl, reader, run_partition_keys(context))
+        evaluated = {o.rule for o in outcomes}
+        for result in check_results(decl.name, outcomes):
+            if result.check_name in selected:
+                yield result
+        for rule in decl.quality:  # nothing committed in the run's ranges: nothing to fail
+            if rule.name in selected and rule.name not in evaluated:
+                yield dg.AssetCheckResult(
+                    asset_key=decl.name,
+                    check_name=rule.name,
+                    passed=True,
+                    description="no committed rows to check",
+                )
+        if SCHEMA_CHECK in selected:
+            yield schema_check_result(decl, state.versions())
+
+    return _checks
+
+
+def _build_schema_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=decl.name,
+        name=SCHEMA_CHECK,
+        description="the committed schema "
+        "equals the declaration; shows every registered schema version and drift",
+    )
+    def _check(state: StateStoreResource) -> dg.AssetCheckResult:
+        return schema_check_result(decl, state.versions())
+
+    return _check
+
+
+DATASET_CHECKS: list[dg.AssetChecksDefinition] = [
+    _build_raw_check(d) if d.kind == "raw" else _build_schema_check(d)
+    for d in declarations().values()
+]

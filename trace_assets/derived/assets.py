@@ -1,0 +1,289 @@
+"""Derived assets, built from the declarations in `trace_assets/datasets/*.yaml`.
+
+Each declaration gives the asset its description, `dagster/column_schema`,
+`dagster/column_lineage`, commit mode and asset checks (one per quality rule, plus
+`schema_matches_declaration`). The code here only says how rows are computed (`transforms`).
+
+Partitioned datasets read the committed upstream ranges of the run (any number at once, one
+run per backfill), transform them together, cut the result by range, evaluate the quality
+rules of every range and commit only when no blocking rule tripped (the circuit breaker).
+"""
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+from dagster_shared.utils.warnings import BetaWarning
+
+from trace_assets.derived import transforms
+from trace_assets.partitions import block_ranges
+from trace_assets.quality import QualityGateError, check_results, evaluate_rules, gate
+from trace_assets.registry import DatasetDeclaration, arrow_schema, declarations
+from trace_resources.failures import as_dagster_failure
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.storage.commit import DatasetReader, PartitionData
+from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
+from trace_resources.storage.paths import UNPARTITIONED
+
+__all__ = [
+    "DERIVED_ASSETS",
+    "PARTITIONED_TRANSFORMS",
+    "build_derived_asset",
+    "column_lineage",
+    "column_schema",
+    "dataset_metadata",
+    "rollup_update",
+    "SCHEMA_CHECK",
+]
+
+SCHEMA_CHECK = "schema_matches_declaration"
+
+# dataset -> transform over its upstream tables (passed by dataset name)
+PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
+    "erc20_transfers": transforms.erc20_transfers,
+    "native_transfers": transforms.native_transfers,
+    "contracts": transforms.contracts,
+}
+
+
+def column_schema(decl: DatasetDeclaration) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name=c.name,
+                type=c.type,
+                description=c.doc,
+                constraints=dg.TableColumnConstraints(nullable=c.nullable),
+            )
+            for c in decl.columns
+        ]
+    )
+
+
+def column_lineage(decl: DatasetDeclaration) -> dg.TableColumnLineage:
+    deps: dict[str, list[dg.TableColumnDep]] = {}
+    for column in decl.column_names:
+        deps[column] = [
+            dg.TableColumnDep(
+                asset_key=dg.AssetKey(ref.split(".")[0]), column_name=ref.split(".")[1]
+            )
+            for ref in decl.column_deps(column)
+        ]
+    return dg.TableColumnLineage(deps_by_column=deps)
+
+
+def dataset_metadata(decl: DatasetDeclaration) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "dagster/column_schema": column_schema(decl),
+        COMMIT_MODE_METADATA: decl.commit_mode,
+        "trace/declaration": dg.MetadataValue.path(decl.source_file),
+        "trace/quality_rules": dg.MetadataValue.json(
+            [r.model_dump(mode="json") for r in decl.quality]
+        ),
+    }
+    if decl.kind == "derived":
+        metadata["dagster/column_lineage"] = column_lineage(decl)
+    return metadata
+
+
+def check_specs(decl: DatasetDeclaration) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec(
+            name=rule.name,
+            asset=decl.name,
+            blocking=rule.blocking,
+            description=f"{rule.kind} rule (threshold {rule.threshold:g}): "
+            + (rule.description or rule.model_dump_json(exclude={"name", "description"})),
+        )
+        for rule in decl.quality
+    ]
+
+
+def _quality_failure(exc: QualityGateError, outcomes: list[Any]) -> dg.Failure:
+    tripped = [o for o in outcomes if o.blocking and not o.passed]
+    return dg.Failure(
+        description=f"{type(exc).__name__}: {exc}",
+        metadata={
+            "error": type(exc).__name__,
+            "failed_rules": dg.MetadataValue.json(
+                [
+                    {
+                        "rule": o.rule,
+                        "failing_rows": o.failing,
+                        "rows": o.rows,
+                        "error_rate": o.error_rate,
+                        "threshold": o.threshold,
+                        "examples": o.examples,
+                        "failing_by_partition": {k: v for k, v in o.by_partition.items() if v},
+                    }
+                    for o in tripped
+                ]
+            ),
+        },
+        allow_retries=False,  # the same data fails the same way
+    )
+
+
+def _gated(
+    decl: DatasetDeclaration, tables: dict[str | None, pa.Table]
+) -> Iterator[dg.AssetCheckResult]:
+    """Yield the check results of every rule, then raise if a blocking one tripped."""
+    outcomes = evaluate_rules(decl, tables)
+    yield from check_results(decl.name, outcomes)
+    try:
+        gate(decl.name, outcomes)
+    except QualityGateError as exc:
+        raise _quality_failure(exc, outcomes) from exc
+
+
+def build_derived_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
+    """A block-range partitioned derived asset from its declaration and its transform."""
+    transform = PARTITIONED_TRANSFORMS[decl.name]
+    schema = arrow_schema(decl)
+
+    # `backfill_policy` on @asset is flagged beta (on @multi_asset, as raw_chain uses it, it
+    # is not); a single-run backfill is what lets one run transform many ranges at once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)
+        return _decorate(decl, transform, schema)
+
+
+def _decorate(
+    decl: DatasetDeclaration, transform: Callable[..., pa.Table], schema: pa.Schema
+) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=decl.name,
+        description=decl.description,
+        ins={up: dg.AssetIn(key=up) for up in decl.upstream},
+        partitions_def=block_ranges,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        io_manager_key="dataset_io_manager",
+        metadata=dataset_metadata(decl),
+        check_specs=check_specs(decl),
+        automation_condition=dg.AutomationCondition.eager(),
+        group_name="derived",
+        kinds={"parquet", "s3"},
+    )
+    def _derived(context: dg.AssetExecutionContext, **upstream: pa.Table) -> Iterator[Any]:
+        keys = list(context.partition_keys)
+        derived = transform(**upstream).cast(schema)
+        parts = transforms.split_by_range(derived, keys)
+        yield from _gated(decl, dict(parts))
+        yield dg.Output(
+            {k: PartitionData(t) for k, t in parts.items()},
+            metadata={"trace/input_rows": sum(t.num_rows for t in upstream.values())},
+        )
+
+    return _derived
+
+
+def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table | None:
+    """The new token_daily_volume table, or None when no erc20_transfers range changed.
+
+    Recomputes only the days touched by ranges committed (or re-committed) since the current
+    rollup version was made, from every range that holds those days; other rows are kept.
+    """
+    schema = arrow_schema(decl)
+    versions = reader.versions
+    upstream = decl.upstream[0]
+    current = versions.current_versions(upstream)
+    tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
+    if decl.name in versions.known_datasets() and versions.current_versions(decl.name):
+        previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
+    else:
+        previous = schema.empty_table()
+    sources_by_day: dict[Any, set[str]] = {}
+    for day, sources in zip(
+        previous["day"].to_pylist(), previous["source_ranges"].to_pylist(), strict=True
+    ):
+        sources_by_day.setdefault(day, set()).update(sources)
+    included = set().union(*sources_by_day.values()) if sources_by_day else set()
+    changed = sorted(k for k, tag in tags.items() if tag not in included)
+    if not changed:
+        return None
+    upstream_schema = arrow_schema(declarations()[upstream])
+    stale_days = {
+        day
+        for day, sources in sources_by_day.items()
+        if any(s.split("@")[0] in changed and s not in tags.values() for s in sources)
+    }
+    with reader.pinned(upstream, changed) as records:
+        fresh = reader.read_versions(records.values(), upstream_schema)
+    new_days = set(
+        pa.compute.unique(pa.compute.divide(fresh["block_timestamp"], 86_400)).to_pylist()
+    )
+    affected = stale_days | {_day(d) for d in new_days}
+    if not affected:
+        return None
+    needed = sorted(
+        {s.split("@")[0] for d in affected for s in sources_by_day.get(d, ())} | set(changed)
+    )
+    needed = [k for k in needed if k in current]
+    with reader.pinned(upstream, needed) as records:
+        transfers = reader.read_versions(records.values(), upstream_schema)
+        used = {k: f"{k}@v{r.version}" for k, r in records.items()}
+    days = pa.compute.divide(transfers["block_timestamp"], 86_400).cast(pa.int32())
+    in_affected = pa.compute.is_in(
+        days.cast(pa.int32()).cast(pa.date32()), value_set=pa.array(sorted(affected), pa.date32())
+    )
+    recomputed = transforms.daily_volume(transfers.filter(in_affected), used).cast(schema)
+    kept = previous.filter(
+        pa.compute.invert(
+            pa.compute.is_in(previous["day"], value_set=pa.array(sorted(affected), pa.date32()))
+        )
+    )
+    return pa.concat_tables([kept, recomputed]).sort_by(
+        [("day", "ascending"), ("token", "ascending")]
+    )
+
+
+def _day(days_since_epoch: int) -> Any:
+    return pa.scalar(int(days_since_epoch), pa.int32()).cast(pa.date32()).as_py()
+
+
+def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=decl.name,
+        description=decl.description,
+        deps=decl.upstream,
+        io_manager_key="dataset_io_manager",
+        metadata=dataset_metadata(decl),
+        check_specs=check_specs(decl),
+        # catch-up by design: whatever changed upstream since the last run is folded in
+        automation_condition=(
+            dg.AutomationCondition.any_deps_updated().since_last_handled()
+            & ~dg.AutomationCondition.in_progress()
+        ),
+        output_required=False,
+        group_name="derived",
+        kinds={"parquet", "s3"},
+    )
+    def _rollup(
+        context: dg.AssetExecutionContext, state: StateStoreResource, objects: ObjectStoreResource
+    ) -> Iterator[Any]:
+        with as_dagster_failure():
+            table = rollup_update(state.reader(objects), decl)
+        if table is None:
+            context.log.info(f"no {decl.upstream[0]} range changed since the last {decl.name}")
+            return
+        yield from _gated(decl, {None: table})
+        yield dg.Output(table, metadata={"dagster/row_count": table.num_rows})
+
+    return _rollup
+
+
+def _build_all() -> list[dg.AssetsDefinition]:
+    assets = []
+    for decl in declarations().values():
+        if decl.kind != "derived":
+            continue
+        if decl.partitioning == "block_range":
+            assets.append(build_derived_asset(decl))
+        else:
+            assets.append(build_rollup_asset(decl))
+    return assets
+
+
+DERIVED_ASSETS = _build_all()

@@ -1,0 +1,228 @@
+"""Quality rules evaluated with DuckDB over Arrow tables (staged output or committed data).
+
+A rule finds its failing rows; its error rate is failing rows / rows; it fails when the rate
+is above the rule's threshold. Each outcome keeps a few failing rows as examples, so that a
+failure says which rule, how many rows and shows them.
+
+The circuit breaker: derived assets evaluate their rules on what they are about to commit and
+raise `QualityGateError` before the IO manager sees the output when a blocking rule fails, so
+nothing is committed and readers keep the previous version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pyarrow as pa
+
+from trace_assets.registry import (
+    ChainContinuityRule,
+    DatasetDeclaration,
+    NotNullRule,
+    RangeRule,
+    RegexRule,
+    SqlRule,
+    UniqueRule,
+)
+from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.errors import TraceError
+
+__all__ = [
+    "EXAMPLES",
+    "QualityGateError",
+    "RuleOutcome",
+    "evaluate_rule",
+    "evaluate_rules",
+    "check_results",
+    "gate",
+    "merge_outcomes",
+]
+
+EXAMPLES = 5
+
+
+class QualityGateError(TraceError):
+    """A blocking quality rule failed: the data was not committed."""
+
+
+@dataclass
+class RuleOutcome:
+    rule: str
+    kind: str
+    rows: int
+    failing: int
+    threshold: float
+    blocking: bool
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    by_partition: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float:
+        return self.failing / self.rows if self.rows else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.error_rate <= self.threshold
+
+    def summary(self) -> str:
+        shown = "; ".join(str(e) for e in self.examples[:3])
+        return (
+            f"rule {self.rule!r} ({self.kind}): {self.failing} of {self.rows} rows fail "
+            f"(error rate {self.error_rate:.4%} > threshold {self.threshold:.4%})"
+            + (f"; e.g. {shown}" if shown else "")
+        )
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cursor = con.execute(sql, params)
+    names = [d[0] for d in cursor.description or []]
+    return [{n: _plain(v) for n, v in zip(names, row, strict=True)} for row in cursor.fetchall()]
+
+
+def _failing_query(rule: Any, first: int | None, last: int | None) -> tuple[str, list[Any]]:
+    """SELECT of the failing rows of a row-level rule."""
+    if isinstance(rule, NotNullRule):
+        where = " OR ".join(f"{_q(c)} IS NULL" for c in rule.columns)
+        return f"SELECT * FROM data WHERE {where}", []
+    if isinstance(rule, RangeRule):
+        bounds, params = [], []
+        if rule.min is not None:
+            bounds.append(f"{_q(rule.column)} < ?")
+            params.append(rule.min)
+        if rule.max is not None:
+            bounds.append(f"{_q(rule.column)} > ?")
+            params.append(rule.max)
+        return f"SELECT * FROM data WHERE {' OR '.join(bounds) or 'false'}", params
+    if isinstance(rule, RegexRule):
+        column = _q(rule.column)
+        return (f"SELECT * FROM data WHERE NOT regexp_full_match({column}, ?)", [rule.pattern])
+    if isinstance(rule, SqlRule):
+        return rule.query.format(first_block=first, last_block=last), []
+    raise TypeError(f"no row query for rule kind {rule.kind}")
+
+
+def evaluate_rule(
+    rule: Any,
+    table: pa.Table,
+    partition_key: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> RuleOutcome:
+    """Evaluate one declared rule over a table (registered in DuckDB as `data`)."""
+    own = con is None
+    con = con or duckdb.connect()
+    try:
+        con.register("data", table)
+        bounds = parse_partition_key(partition_key) if partition_key else None
+        first, last = (bounds.start, bounds.last) if bounds else (None, None)
+        rows = table.num_rows
+        if isinstance(rule, UniqueRule):
+            key = ", ".join(_q(c) for c in rule.columns)
+            dupes = f"SELECT {key}, count(*) AS copies FROM data GROUP BY {key} HAVING count(*) > 1"
+            failing = con.execute(f"SELECT coalesce(sum(copies - 1), 0) FROM ({dupes})").fetchone()
+            examples = _rows(con, f"{dupes} ORDER BY copies DESC LIMIT {EXAMPLES}", [])
+            count = int(failing[0]) if failing else 0
+        elif isinstance(rule, ChainContinuityRule):
+            links = (
+                "SELECT b.block_number, b.parent_hash, p.block_hash AS previous_block_hash "
+                "FROM data b JOIN data p ON p.block_number + 1 = b.block_number"
+            )
+            rows = int(con.execute(f"SELECT count(*) FROM ({links})").fetchone()[0])  # type: ignore[index]
+            broken = f"{links} WHERE b.parent_hash IS DISTINCT FROM p.block_hash"
+            count = int(con.execute(f"SELECT count(*) FROM ({broken})").fetchone()[0])  # type: ignore[index]
+            examples = _rows(con, f"{broken} ORDER BY 1 LIMIT {EXAMPLES}", [])
+        else:
+            query, params = _failing_query(rule, first, last)
+            count = int(con.execute(f"SELECT count(*) FROM ({query})", params).fetchone()[0])  # type: ignore[index]
+            examples = _rows(con, f"SELECT * FROM ({query}) LIMIT {EXAMPLES}", params)
+        con.unregister("data")
+    finally:
+        if own:
+            con.close()
+    return RuleOutcome(
+        rule=rule.name,
+        kind=rule.kind,
+        rows=rows,
+        failing=count,
+        threshold=rule.threshold,
+        blocking=rule.blocking,
+        examples=examples,
+        by_partition={partition_key: count} if partition_key else {},
+    )
+
+
+def merge_outcomes(outcomes: Iterable[RuleOutcome]) -> RuleOutcome:
+    """One outcome per rule over several partitions."""
+    items = list(outcomes)
+    first = items[0]
+    merged = RuleOutcome(first.rule, first.kind, 0, 0, first.threshold, first.blocking)
+    for o in items:
+        merged.rows += o.rows
+        merged.failing += o.failing
+        merged.examples += o.examples[: max(0, EXAMPLES - len(merged.examples))]
+        merged.by_partition.update(o.by_partition)
+    return merged
+
+
+def evaluate_rules(
+    decl: DatasetDeclaration, tables: Mapping[str | None, pa.Table], kinds: set[str] | None = None
+) -> list[RuleOutcome]:
+    """Every rule of the declaration over every partition's table, merged per rule."""
+    rules = [r for r in decl.quality if kinds is None or r.kind in kinds]
+    with duckdb.connect() as con:
+        return [
+            merge_outcomes(evaluate_rule(rule, table, key, con) for key, table in tables.items())
+            for rule in rules
+        ]
+
+
+def check_results(asset: str, outcomes: Iterable[RuleOutcome]) -> list[dg.AssetCheckResult]:
+    return [
+        dg.AssetCheckResult(
+            asset_key=asset,
+            check_name=o.rule,
+            passed=o.passed,
+            severity=dg.AssetCheckSeverity.ERROR if o.blocking else dg.AssetCheckSeverity.WARN,
+            description=None if o.passed else o.summary(),
+            metadata={
+                "rows": o.rows,
+                "failing_rows": o.failing,
+                "error_rate": o.error_rate,
+                "threshold": o.threshold,
+                "examples": dg.MetadataValue.json(o.examples),
+                "failing_by_partition": dg.MetadataValue.json(
+                    {k: v for k, v in o.by_partition.items() if v}
+                ),
+            },
+        )
+        for o in outcomes
+    ]
+
+
+def gate(dataset: str, outcomes: Iterable[RuleOutcome]) -> None:
+    """The circuit breaker: raise if a blocking rule's error rate passed its threshold."""
+    tripped = [o for o in outcomes if o.blocking and not o.passed]
+    if tripped:
+        raise QualityGateError(
+            f"{dataset} was not committed: {len(tripped)} blocking quality rule(s) failed. "
+            + " | ".join(o.summary() for o in tripped)
+            + ". Fix the upstream data (or the rule) and re-materialise these partitions."
+        )
