@@ -181,14 +181,19 @@ def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
     )
     assert isinstance(again, dg.SkipReason)
 
-    # the finalized head moves one range on: exactly one new range
-    rpc(devnet, "anvil_mine", hex(RANGE_SIZE))
-    moved = chain_head_sensor(
-        dg.build_sensor_context(
-            instance=instance, cursor=result.cursor, resources={"chain": resources["chain"]}
+    # the finalized head moves one range on: exactly one new range (the shared devnet is
+    # reverted afterwards so other tests see the chain they expect)
+    snapshot = rpc(devnet, "evm_snapshot")
+    try:
+        rpc(devnet, "anvil_mine", hex(RANGE_SIZE))
+        moved = chain_head_sensor(
+            dg.build_sensor_context(
+                instance=instance, cursor=result.cursor, resources={"chain": resources["chain"]}
+            )
         )
-    )
-    assert isinstance(moved, dg.SensorResult)
-    new = [k for req in moved.dynamic_partitions_requests for k in req.partition_keys]
-    assert len(new) == 1 and new[0] > expected[-1]
-    assert moved.run_requests[0].partition_key == new[0]
+        assert isinstance(moved, dg.SensorResult)
+        new = [k for req in moved.dynamic_partitions_requests for k in req.partition_keys]
+        assert len(new) == 1 and new[0] > expected[-1]
+        assert moved.run_requests[0].partition_key == new[0]
+    finally:
+        assert rpc(devnet, "evm_revert", snapshot)
