@@ -19,7 +19,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest
+BENCHES := bench-ingest bench-query bench-derived
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -72,6 +72,12 @@ bench: $(BENCHES) ## run all benchmarks
 
 bench-ingest: install ## ingest benchmark
 	$(PYTHON) -m infra.bench.ingest
+
+bench-derived: install ## derived datasets: Dagster materialisation vs the same transforms direct
+	$(PYTHON) -m infra.bench.derived
+
+bench-query: install ## query service (uvicorn) vs DuckDB directly on the same files
+	$(PYTHON) -m infra.bench.query
 
 lint: install ## ruff check, ruff format --check, mypy
 	$(PYTHON) -m ruff check .

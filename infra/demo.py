@@ -1,6 +1,8 @@
 """`make demo`: start the local services, make a devnet with realistic traffic, materialise
 every complete block range of the raw datasets through Dagster (the dagster CLI, as an
-operator's backfill would), print what was committed, and stop what was started.
+operator's backfill would), print what was committed, run sample queries through the query
+service (uvicorn on a free loopback port, a capability token from the keyring), and stop what
+was started.
 
 Run again, it reuses the chain and the committed data (the services keep them) and commits a
 new version of every range, which the summary shows.
@@ -99,6 +101,60 @@ def print_summary(env: dict[str, str], keys: list[str], seconds: float) -> None:
     print("see it in the Dagster UI with `make dev` (http://127.0.0.1:3000)")
 
 
+DEMO_QUERIES = {
+    "transactions and gas per 500 blocks": (
+        "SELECT block_number // 500 * 500 AS from_block, count(*) AS transactions, "
+        "sum(gas_used) AS gas FROM transactions GROUP BY 1 ORDER BY 1 LIMIT 6"
+    ),
+    "contracts emitting the most ERC-20 Transfer events": (
+        "SELECT '0x' || lower(hex(address)) AS contract, count(*) AS transfers FROM logs "
+        "WHERE topic0 = unhex('ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef')"
+        " GROUP BY 1 ORDER BY 2 DESC LIMIT 5"
+    ),
+    "busiest blocks": (
+        "SELECT block_number, transaction_count, gas_used FROM blocks "
+        "ORDER BY transaction_count DESC, block_number LIMIT 5"
+    ),
+}
+
+
+def query_through_the_service(root: Path) -> None:
+    """Serve the committed datasets over HTTP and run the sample queries as organisation 'demo'."""
+    import httpx
+
+    from infra.local.query_service import QueryServer
+    from trace_query_api.tokens import Keyring, issue_token
+    from trace_resources.settings import get_query_settings
+
+    settings = get_query_settings()
+    token, _ = issue_token(
+        Keyring.from_settings(settings), settings, org="demo", subject="demo-user", ttl_s=600
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    with QueryServer({}, log_file=root / "query-service.log") as server:
+        _say(f"query service on {server.url} (docs: {server.url}/docs)")
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+            listed = client.get("/v1/datasets").raise_for_status().json()
+            _say(
+                "datasets this token may read: "
+                + ", ".join(f"{d['name']} ({d['rows']:,} rows)" for d in listed["data"])
+            )
+            for title, sql in DEMO_QUERIES.items():
+                response = client.post("/v1/query", json={"sql": sql})
+                body = response.raise_for_status().json()
+                print()
+                print(
+                    f"{title} ({body['elapsed_ms']:.1f} ms in the sandbox, snapshot "
+                    f"{body['snapshot'][:12]}):"
+                )
+                names = [c["name"] for c in body["columns"]]
+                print("  " + " | ".join(names))
+                for row in body["rows"]:
+                    print("  " + " | ".join(str(v) for v in row))
+    print()
+    _say("stopped the query service")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blocks", type=int, default=DEMO_BLOCKS, help="devnet traffic blocks")
@@ -114,6 +170,7 @@ def main() -> int:
         ensure_traffic(services, args.blocks)
         keys, seconds = materialise_all(env)
         print_summary(env, keys, seconds)
+        query_through_the_service(args.root)
     finally:
         if not args.keep_running:
             services.down()

@@ -1,8 +1,11 @@
-"""`make dev`: the local services plus the Dagster UI and daemon, until interrupted.
+"""`make dev`: the local services plus the Dagster UI and daemon, and the query service beside
+them, until interrupted.
 
 The chain-head sensor (on by default) adds block ranges as the devnet's finalized head moves
-and requests their runs; materialise and backfill from the UI at http://127.0.0.1:3000.
-Ctrl-C stops Dagster, then the services.
+and requests their runs; materialise and backfill from the UI at http://127.0.0.1:3000. The
+query service (uvicorn) answers on http://127.0.0.1:8700 (docs at /docs); get a token with
+`.venv/bin/trace token issue --org ORG --subject SUB`. Ctrl-C stops the query service and
+Dagster, then the services.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.local.query_service import QueryServer
 from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
 
 
@@ -21,6 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="local services folder")
     parser.add_argument("--port", type=int, default=3000, help="Dagster UI port")
+    parser.add_argument("--query-port", type=int, default=8700, help="query service port")
     parser.add_argument(
         "--mine-every",
         type=int,
@@ -32,7 +37,10 @@ def main() -> int:
     services.up()
     env = {**os.environ, **services.env()}
     dagster = None
+    query = QueryServer(env, args.query_port, log_file=args.root / "query-service.log")
     try:
+        query.start()
+        print(f"[dev] query service on {query.url} (docs: {query.url}/docs)", flush=True)
         if args.mine_every > 0:  # the chain moves, so the sensor has new ranges to add
             services.anvil.rpc("evm_setIntervalMining", [max(1, round(args.mine_every))])
         command = [
@@ -52,6 +60,7 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        query.stop()
         if dagster is not None and dagster.poll() is None:
             os.killpg(dagster.pid, signal.SIGINT)
             try:
@@ -60,7 +69,7 @@ def main() -> int:
                 os.killpg(dagster.pid, signal.SIGKILL)
                 dagster.wait()
         services.down()
-        print("[dev] stopped Dagster and the local services", flush=True)
+        print("[dev] stopped the query service, Dagster and the local services", flush=True)
     return 0
 
 

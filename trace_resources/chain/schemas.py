@@ -13,7 +13,14 @@ import pyarrow as pa
 
 from trace_resources.errors import UnknownDatasetError
 
-__all__ = ["RawDataset", "RAW_DATASETS", "RAW_SCHEMAS", "raw_schema", "CRYO_COLUMNS"]
+__all__ = [
+    "RawDataset",
+    "RAW_DATASETS",
+    "RAW_DESCRIPTIONS",
+    "RAW_SCHEMAS",
+    "raw_schema",
+    "CRYO_COLUMNS",
+]
 
 RawDataset = Literal["blocks", "transactions", "logs"]
 RAW_DATASETS: tuple[RawDataset, ...] = get_args(RawDataset)
@@ -87,6 +94,16 @@ LOGS = pa.schema(
         _field("data", pa.binary(), "non-indexed event data", True),
     ]
 )
+
+# The business meaning of each raw dataset (Dagster asset descriptions, query-service discovery).
+RAW_DESCRIPTIONS: dict[RawDataset, str] = {
+    "blocks": "One row per block of the chain: hashes, parent hash, timestamp, gas, proposer, "
+    "transaction count and logs bloom. The backbone every other dataset joins to.",
+    "transactions": "One row per transaction with its receipt outcome (gas used, success); "
+    "values in wei kept exact as 32-byte big-endian and decimal string.",
+    "logs": "One row per event log emitted by a transaction: emitting contract, topics and "
+    "data. Decoded datasets such as ERC-20 transfers are derived from it.",
+}
 
 RAW_SCHEMAS: dict[RawDataset, pa.Schema] = {
     "blocks": BLOCKS,

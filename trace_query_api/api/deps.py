@@ -1,0 +1,69 @@
+"""Dependencies of the routes: the process's services and the caller behind the bearer token.
+
+`CurrentPrincipal` verifies the token (signature, algorithm, claims), then in one Postgres
+round trip refuses revoked tokens and applies the organisation's and the subject's rate
+limits. `CurrentUser` further refuses task tokens where only people act (creating and
+deleting saved queries).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from trace_query_api.errors import ApiError, AuthError, ForbiddenError
+from trace_query_api.services import Services
+from trace_query_api.tokens import Principal
+
+__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser"]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="CapabilityToken",
+    description="A capability token from `trace token issue`, as `Authorization: Bearer <jwt>`.",
+)
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_principal(
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    try:
+        if credentials is None:
+            raise AuthError(
+                "send a capability token as `Authorization: Bearer <token>` "
+                "(`trace token issue --org ORG --subject SUB` makes one)",
+                code="missing_token",
+            )
+        principal = services.verifier.verify(credentials.credentials)
+        with services.engine.begin() as conn:
+            services.limits.admit(conn, principal)
+    except ApiError as exc:
+        services.metrics.rejected.labels(exc.code).inc()
+        raise
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def get_user(principal: CurrentPrincipal) -> Principal:
+    if principal.is_task:
+        raise ForbiddenError(
+            "task tokens read; creating or deleting saved queries takes a user's org token",
+            code="task_token_not_allowed",
+        )
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_user)]

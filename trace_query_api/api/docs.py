@@ -1,0 +1,37 @@
+"""OpenAPI declarations shared by the routes: every error status a route can answer, with the
+one error body the service uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trace_query_api.models import ErrorPublic
+
+__all__ = ["errors", "AUTH_ERRORS"]
+
+_DESCRIPTIONS = {
+    400: "Bad request: invalid SQL, statement not allowed, bad pagination, row cap",
+    401: "Missing, invalid, expired or revoked token",
+    403: "Not allowed for this token",
+    404: "Unknown (or not readable with this token)",
+    409: "Conflict",
+    410: "Pinned version garbage-collected",
+    422: "Request does not match the schema, or the query hit a resource limit",
+    429: "Rate limit or concurrency cap; see Retry-After",
+    503: "A committed file is unavailable or does not match its manifest",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorPublic, "description": _DESCRIPTIONS[status]}
+        if status == 429:
+            entry["headers"] = {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            }
+        out[status] = entry
+    return out
+
+
+AUTH_ERRORS = (401, 422, 429)

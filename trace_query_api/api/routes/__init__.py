@@ -1,0 +1,1 @@
+"""Routes of the query service, one module per resource."""

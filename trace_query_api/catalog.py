@@ -1,0 +1,456 @@
+"""Which datasets a token may read, what they hold, and which committed files a query sees.
+
+Who may read a dataset (the one rule, applied to every path and id):
+
+- **public**: the raw chain datasets (`blocks`, `transactions`, `logs`) and every dataset an
+  operator published with `trace public add NAME` (table `trace_query_public_datasets`);
+- **owned by an organisation**: a dataset named `org_<org>__<name>` (for example
+  `org_acme__wallet_labels`) belongs to organisation `<org>` and to nobody else; org ids are
+  lowercase letters and digits in words joined by single underscores, so the name says its
+  owner unambiguously and no registration can hand it to another organisation;
+- everything else is internal to the platform and not served.
+
+A token narrows this further (see `tokens.py`): to its listed datasets, and for task tokens to
+the listed partitions. A dataset a token may not read is reported exactly like one that does
+not exist.
+
+Files come only from committed manifests: the current version of each partition, or the
+versions a request pins (directly or through a snapshot id returned by an earlier query).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from trace_query_api import db
+from trace_query_api.errors import (
+    BadRequestError,
+    GoneError,
+    NotFoundError,
+    UnknownDatasetError,
+)
+from trace_query_api.files import FileCache
+from trace_query_api.tokens import DATASET_PATTERN, Principal
+from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS
+from trace_resources.storage import state as t
+from trace_resources.storage.versions import FileEntry, VersionStore
+
+__all__ = [
+    "OWNED_PATTERN",
+    "owner_of",
+    "Catalog",
+    "Resolution",
+    "Pins",
+    "DatasetInfo",
+    "PartitionInfo",
+]
+
+OWNED_PATTERN = re.compile(r"^org_(?P<org>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)__[a-z0-9][a-z0-9_]*$")
+Pins = dict[str, dict[str, int]]  # dataset -> partition key -> version
+_SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def owner_of(dataset: str) -> str | None:
+    """The organisation owning a dataset by its name, or None."""
+    match = OWNED_PATTERN.match(dataset)
+    return match.group("org") if match else None
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    key: str
+    version: int
+    rows: int
+    bytes: int
+    committed_at: datetime
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    description: str | None
+    visibility: str  # "public" | "org"
+    owner: str | None
+    partitions: list[PartitionInfo]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.partitions)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.partitions)
+
+    @property
+    def last_commit_at(self) -> datetime | None:
+        return max((p.committed_at for p in self.partitions), default=None)
+
+
+@dataclass
+class Resolution:
+    """The exact files a query reads, and the versions they belong to."""
+
+    versions: Pins = field(default_factory=dict)
+    files: dict[str, list[FileEntry]] = field(default_factory=dict)
+    schemas: dict[str, pa.Schema] = field(default_factory=dict)
+
+    def snapshot_id(self, org: str) -> str:
+        canonical = json.dumps([org, self.versions], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class Catalog:
+    """Access rule, discovery and version resolution over Postgres state (read-only) and the
+    query service's own tables."""
+
+    def __init__(self, engine: sa.Engine, files: FileCache) -> None:
+        self.engine = engine
+        self.files = files
+        self._stored_snapshots: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- the access rule -------------------------------------------------------------------
+
+    def public_datasets(self, conn: sa.Connection) -> dict[str, str | None]:
+        """Public datasets and their descriptions."""
+        published = dict(
+            conn.execute(sa.select(db.public_datasets.c.dataset, db.public_datasets.c.description))
+            .tuples()
+            .all()
+        )
+        return {**published, **{name: RAW_DESCRIPTIONS[name] for name in RAW_DATASETS}}
+
+    def readable(
+        self, principal: Principal, dataset: str, public: Mapping[str, str | None] | None
+    ) -> bool:
+        """May this token read `dataset`? (`public`: as from public_datasets, or None to look
+        it up only when the name is neither raw nor owned.)"""
+        if not DATASET_PATTERN.match(dataset) or not principal.scope_allows(dataset):
+            return False
+        if dataset in RAW_DATASETS or owner_of(dataset) == principal.org:
+            return True
+        if public is None:
+            with self.engine.connect() as conn:
+                return self._is_published(conn, dataset)
+        return dataset in public
+
+    @staticmethod
+    def _is_published(conn: sa.Connection, dataset: str) -> bool:
+        return (
+            conn.execute(
+                sa.select(sa.literal(1)).where(db.public_datasets.c.dataset == dataset)
+            ).first()
+            is not None
+        )
+
+    def require_readable(self, principal: Principal, names: Iterable[str]) -> None:
+        for name in sorted(names):
+            if not self.readable(principal, name, None):
+                raise UnknownDatasetError(name)
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def list_datasets(self, principal: Principal) -> list[DatasetInfo]:
+        with self.engine.connect() as conn:
+            public = self.public_datasets(conn)
+            committed = conn.execute(sa.select(t.datasets.c.name)).scalars().all()
+            names = sorted(
+                {n for n in [*committed, *public] if self.readable(principal, n, public)}
+            )
+            partitions = self._partitions(conn, principal, names)
+        return [self._info(name, public, partitions.get(name, [])) for name in names]
+
+    def dataset(self, principal: Principal, name: str) -> DatasetInfo:
+        with self.engine.connect() as conn:
+            public = self.public_datasets(conn)
+            if not self.readable(principal, name, public):
+                raise UnknownDatasetError(name)
+            partitions = self._partitions(conn, principal, [name]).get(name, [])
+            known = conn.execute(sa.select(sa.literal(1)).where(t.datasets.c.name == name)).first()
+        if known is None and name not in public:
+            raise UnknownDatasetError(name)
+        return self._info(name, public, partitions)
+
+    def columns(self, name: str) -> list[dict[str, Any]]:
+        """Columns with type, nullability and documentation (from the schema registry, and
+        the docs from the raw schemas or the newest committed file's footer)."""
+        schema = self.arrow_schema(name)
+        with self.engine.connect() as conn:
+            registered = conn.execute(
+                sa.select(t.dataset_schemas.c.schema_json)
+                .where(t.dataset_schemas.c.dataset == name)
+                .order_by(t.dataset_schemas.c.schema_version.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        docs = {
+            f.name: (f.metadata or {}).get(b"doc", b"").decode() or None
+            for f in (schema or pa.schema([]))
+        }
+        if registered is None:
+            registered = [
+                {"name": f.name, "type": str(f.type), "nullable": f.nullable}
+                for f in (schema or pa.schema([]))
+            ]
+        return [{**column, "doc": docs.get(column["name"])} for column in registered]
+
+    def arrow_schema(self, name: str) -> pa.Schema | None:
+        """The dataset's Arrow schema: raw schemas, else the newest committed file's footer."""
+        if name in RAW_SCHEMAS:
+            return RAW_SCHEMAS[name]
+        with self.engine.connect() as conn:
+            manifest = conn.execute(
+                sa.select(t.versions.c.manifest["files"])
+                .where(t.versions.c.dataset == name)
+                .order_by(t.versions.c.created_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        if not manifest:
+            return None
+        return self.files.schema(FileEntry(**manifest[0]))
+
+    def _partitions(
+        self, conn: sa.Connection, principal: Principal, names: list[str]
+    ) -> dict[str, list[PartitionInfo]]:
+        if not names:
+            return {}
+        rows = conn.execute(
+            sa.select(
+                t.versions.c.dataset,
+                t.versions.c.partition_key,
+                t.versions.c.version,
+                t.versions.c.row_count,
+                t.versions.c.byte_count,
+                t.versions.c.created_at,
+            )
+            .join(
+                t.pointers,
+                (t.pointers.c.dataset == t.versions.c.dataset)
+                & (t.pointers.c.partition_key == t.versions.c.partition_key)
+                & (t.pointers.c.current_version == t.versions.c.version),
+            )
+            .where(t.versions.c.dataset.in_(names))
+            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
+        )
+        found: dict[str, list[PartitionInfo]] = {}
+        for r in rows:
+            allowed = principal.partitions_for(r.dataset)
+            if allowed is not None and r.partition_key not in allowed:
+                continue
+            found.setdefault(r.dataset, []).append(
+                PartitionInfo(r.partition_key, r.version, r.row_count, r.byte_count, r.created_at)
+            )
+        return found
+
+    @staticmethod
+    def _info(
+        name: str, public: Mapping[str, str | None], partitions: list[PartitionInfo]
+    ) -> DatasetInfo:
+        owner = owner_of(name)
+        if name in public:
+            return DatasetInfo(name, public[name], "public", owner, partitions)
+        return DatasetInfo(name, None, "org", owner, partitions)
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def resolve(self, principal: Principal, names: Iterable[str], pins: Pins) -> Resolution:
+        """Committed files of `names` as this token may see them: pinned versions where the
+        request pins a dataset (exactly those partitions), current versions elsewhere."""
+        names = sorted(set(names))
+        self.require_readable(principal, names)
+        resolution = Resolution()
+        pinned = {n: pins[n] for n in names if n in pins}
+        current = [n for n in names if n not in pins]
+        for name, by_partition in pinned.items():
+            allowed = principal.partitions_for(name)
+            outside = sorted(set(by_partition) - allowed) if allowed is not None else []
+            if outside:
+                raise NotFoundError(
+                    f"{name} has no committed partition {outside[0]!r} available to this token",
+                    code="unknown_version",
+                )
+        with self.engine.connect() as conn:
+            if current:
+                self._add_current(conn, principal, current, resolution)
+            if pinned:
+                self._add_pinned(conn, pinned, resolution)
+        for name in names:
+            resolution.versions.setdefault(name, {})
+            resolution.files.setdefault(name, [])
+            resolution.schemas[name] = self._query_schema(name, resolution.files[name])
+        return resolution
+
+    def pin(
+        self,
+        versions: VersionStore,
+        reader_id: str,
+        principal: Principal,
+        name: str,
+        requested: Mapping[str, int] | None,
+        resolution: Resolution,
+        ttl_s: float,
+    ) -> None:
+        """Pin the versions of `name` against GC until `unpin(reader_id)` or `ttl_s`.
+
+        Current versions are resolved again and pinned in one step (atomic with respect to
+        GC), and that answer replaces the earlier one; requested versions are pinned as they
+        are. A version GC already removed is gone (410).
+        """
+        try:
+            if requested is None:
+                allowed = principal.partitions_for(name)
+                records = versions.pin_current(
+                    reader_id, name, None if allowed is None else sorted(allowed), ttl_s
+                )
+                ordered = sorted(records.items())
+                resolution.versions[name] = {key: r.version for key, r in ordered}
+                resolution.files[name] = [f for _, r in ordered for f in r.manifest.files]
+                resolution.schemas[name] = self._query_schema(name, resolution.files[name])
+            else:
+                for key, version in sorted(requested.items()):
+                    versions.pin_version(reader_id, name, key, version, ttl_s)
+        except FileNotFoundError:
+            raise GoneError(
+                f"a version of {name} this request reads was garbage-collected; query the "
+                "current versions instead"
+            ) from None
+
+    def _add_current(
+        self, conn: sa.Connection, principal: Principal, names: list[str], out: Resolution
+    ) -> None:
+        conditions = []
+        for name in names:
+            allowed = principal.partitions_for(name)
+            condition = t.versions.c.dataset == name
+            if allowed is not None:
+                condition &= t.versions.c.partition_key.in_(sorted(allowed))
+            conditions.append(condition)
+        rows = conn.execute(
+            sa.select(
+                t.versions.c.dataset,
+                t.versions.c.partition_key,
+                t.versions.c.version,
+                t.versions.c.manifest["files"].label("files"),
+            )
+            .join(
+                t.pointers,
+                (t.pointers.c.dataset == t.versions.c.dataset)
+                & (t.pointers.c.partition_key == t.versions.c.partition_key)
+                & (t.pointers.c.current_version == t.versions.c.version),
+            )
+            .where(sa.or_(*conditions))
+            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
+        )
+        for r in rows:
+            _add(out, r.dataset, r.partition_key, r.version, r.files)
+
+    def _add_pinned(self, conn: sa.Connection, pinned: Pins, out: Resolution) -> None:
+        wanted = [(n, k, v) for n, by_key in pinned.items() for k, v in by_key.items()]
+        if not wanted:
+            return
+        rows = conn.execute(
+            sa.select(
+                t.versions.c.dataset,
+                t.versions.c.partition_key,
+                t.versions.c.version,
+                t.versions.c.manifest["files"].label("files"),
+            )
+            .where(
+                sa.tuple_(
+                    t.versions.c.dataset, t.versions.c.partition_key, t.versions.c.version
+                ).in_(wanted)
+            )
+            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
+        )
+        for r in rows:
+            _add(out, r.dataset, r.partition_key, r.version, r.files)
+        for name, key, version in wanted:
+            if out.versions.get(name, {}).get(key) != version:
+                raise NotFoundError(
+                    f"{name} has no committed version {version} of partition {key!r} (it may "
+                    "have been garbage-collected); query the current versions instead",
+                    code="unknown_version",
+                )
+
+    def _query_schema(self, name: str, files: list[FileEntry]) -> pa.Schema:
+        if name in RAW_SCHEMAS:
+            return RAW_SCHEMAS[name]
+        if files:
+            return pa.unify_schemas([self.files.schema(f) for f in files])
+        schema = self.arrow_schema(name)
+        if schema is None:  # published but never committed
+            return pa.schema([])
+        return schema
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def record_snapshot(self, principal: Principal, resolution: Resolution) -> str:
+        """Store the versions a query read under a content-addressed id, once."""
+        snapshot = resolution.snapshot_id(principal.org)
+        with self._lock:
+            if snapshot in self._stored_snapshots:
+                self._stored_snapshots.move_to_end(snapshot)
+                return snapshot
+        with self.engine.begin() as conn:
+            conn.execute(
+                pg_insert(db.snapshots)
+                .values(id=snapshot, org=principal.org, versions=resolution.versions)
+                .on_conflict_do_nothing()
+            )
+        with self._lock:
+            self._stored_snapshots[snapshot] = None
+            while len(self._stored_snapshots) > 10_000:
+                self._stored_snapshots.popitem(last=False)
+        return snapshot
+
+    def snapshot(self, principal: Principal, snapshot_id: str) -> Pins:
+        """The versions of a snapshot of the token's organisation (others: not found)."""
+        return self.snapshot_record(principal, snapshot_id)[0]
+
+    def snapshot_record(self, principal: Principal, snapshot_id: str) -> tuple[Pins, datetime]:
+        row = None
+        if _SNAPSHOT_ID.match(snapshot_id):
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(db.snapshots.c.versions, db.snapshots.c.created_at)
+                    .where(db.snapshots.c.id == snapshot_id)
+                    .where(db.snapshots.c.org == principal.org)
+                ).first()
+        if row is None:
+            raise NotFoundError(
+                f"no snapshot {snapshot_id[:40]!r} for this organisation; a snapshot id comes "
+                "from the `snapshot` field of a query result",
+                code="unknown_snapshot",
+            )
+        return row.versions, row.created_at
+
+
+def _add(
+    out: Resolution, dataset: str, key: str, version: int, files: list[dict[str, Any]]
+) -> None:
+    out.versions.setdefault(dataset, {})[key] = version
+    out.files.setdefault(dataset, []).extend(FileEntry(**f) for f in files)
+
+
+def pins_covering(pins: Pins, names: Iterable[str], snapshot_id: str) -> Pins:
+    """Pins of a snapshot for the datasets a query reads; each must be in the snapshot."""
+    missing = sorted(set(names) - set(pins))
+    if missing:
+        raise BadRequestError(
+            f"snapshot {snapshot_id} does not cover dataset {missing[0]!r}: it holds "
+            f"{', '.join(sorted(pins)) or 'no dataset'}; run without the snapshot or pin "
+            "versions explicitly",
+            code="snapshot_mismatch",
+        )
+    return {name: pins[name] for name in names}

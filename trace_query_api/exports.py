@@ -1,0 +1,351 @@
+"""Exports: a query's whole result written to the results bucket by a background job.
+
+`POST /v1/exports` resolves the versions at once (so the export reads the data as it was when
+it was asked for, recorded as a snapshot), stores a `queued` row and hands the job to a small
+thread pool with sandboxes of its own (exports never take the interactive query slots). The
+job streams the result in Arrow batches into Parquet or CSV at
+`exports/<org>/<export id>.<format>` in the results bucket, then marks the row `succeeded` with
+rows and bytes, or `failed` with the error.
+
+Downloads: on S3 a presigned GET URL (boto3); on the local object store a link to this
+service, `/v1/exports/{id}/download?expires=..&signature=..`, signed with HMAC-SHA256 under
+`TRACE_QUERY_URL_SIGNING_KEY`. Either link is the capability: it works without a token until it
+expires, as a presigned URL does.
+
+Only the subject that asked for an export sees it (other subjects of the same organisation may
+hold narrower tokens). A job whose process died is reported failed once its time is up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from trace_query_api import db
+from trace_query_api.encode import text_table
+from trace_query_api.engine import Sandbox, SandboxSession
+from trace_query_api.errors import ApiError, ForbiddenError, NotFoundError, ResourceLimitError
+from trace_query_api.files import FileCache
+from trace_query_api.metrics import Metrics
+from trace_query_api.tokens import Principal
+
+if TYPE_CHECKING:
+    from trace_query_api.services import Plan
+from trace_resources.settings import QuerySettings
+from trace_resources.storage.object_store import ObjectStore
+
+__all__ = ["Exports"]
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {"parquet": "parquet", "csv": "csv"}
+_MEDIA_TYPES = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv"}
+_INTERRUPTED = {"code": "interrupted", "message": "the service stopped; submit the export again"}
+
+
+class Exports:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        files: FileCache,
+        results: ObjectStore,
+        settings: QuerySettings,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.files = files
+        self.results = results
+        self.settings = settings
+        self.metrics = metrics
+        self.sandbox = Sandbox(
+            settings.query_export_workers,
+            memory_limit=settings.query_memory_limit,
+            threads=settings.query_threads,
+        )
+        self.pool = ThreadPoolExecutor(
+            settings.query_export_workers, thread_name_prefix="trace-export"
+        )
+        self._key = settings.query_url_signing_key.get_secret_value().encode()
+        self._presigner: Any = None
+        self._mine: set[str] = set()  # jobs of this process not finished yet
+        self._running: set[SandboxSession] = set()
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(
+        self, plan: Plan, snapshot_id: str, fmt: str, on_done: Callable[[Plan], None]
+    ) -> dict[str, Any]:
+        """Record the job and queue it; `on_done(plan)` runs when it ends (releases pins)."""
+        export_id = str(uuid.uuid4())
+        with self.engine.begin() as conn:
+            row = (
+                conn.execute(
+                    db.exports.insert()
+                    .values(
+                        id=export_id,
+                        org=plan.principal.org,
+                        subject=plan.principal.subject,
+                        sql=plan.parsed.sql,
+                        format=fmt,
+                        status="queued",
+                        snapshot_id=snapshot_id,
+                    )
+                    .returning(*db.exports.c)
+                )
+                .mappings()
+                .one()
+            )
+        with self._lock:
+            self._mine.add(export_id)
+        self.pool.submit(self._run, export_id, plan, fmt, on_done)
+        return dict(row)
+
+    def _run(self, export_id: str, plan: Plan, fmt: str, on_done: Callable[[Plan], None]) -> None:
+        key = f"exports/{plan.principal.org}/{export_id}.{_EXTENSIONS[fmt]}"
+        resolution = plan.resolution
+        try:
+            self._update(export_id, status="running", started_at=sa.func.now())
+            with self.sandbox.session(wait_s=self.settings.query_export_timeout_s) as session:
+                with self._lock:
+                    self._running.add(session)
+                try:
+                    for name in plan.parsed.datasets:
+                        source = self.files.arrow_source(
+                            resolution.files[name], resolution.schemas[name]
+                        )
+                        session.register(name, source)
+                    batches = session.batches(
+                        plan.parsed.sql, timeout_s=self.settings.query_export_timeout_s
+                    )
+                    rows, size = self._write(key, fmt, batches)
+                finally:
+                    with self._lock:
+                        self._running.discard(session)
+        except Exception as exc:  # the job must end in a state the client can read
+            if self._stopping:
+                self._fail(export_id, _INTERRUPTED)
+            elif isinstance(exc, ApiError):
+                self._fail(export_id, exc.body()["error"])
+            else:
+                log.exception("export %s failed", export_id)
+                self._fail(
+                    export_id, {"code": "export_failed", "message": f"the export failed: {exc}"}
+                )
+            return
+        finally:
+            with self._lock:
+                self._mine.discard(export_id)
+            on_done(plan)
+        self._update(
+            export_id,
+            status="succeeded",
+            object_key=key,
+            rows=rows,
+            bytes=size,
+            finished_at=sa.func.now(),
+        )
+        self.metrics.exports.labels("succeeded").inc()
+
+    def _write(self, key: str, fmt: str, batches: Any) -> tuple[int, int]:
+        path = self.results.path(key)
+        if isinstance(self.results.fs, pafs.LocalFileSystem):
+            self.results.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        rows = 0
+        cap = self.settings.query_export_row_cap
+        with self.results.fs.open_output_stream(path) as out:
+            writer: Any = None
+            try:
+                for batch in batches:
+                    rows += batch.num_rows
+                    if rows > cap:
+                        raise ResourceLimitError(
+                            f"the result has more than {cap} rows, the export limit "
+                            "(TRACE_QUERY_EXPORT_ROW_CAP); aggregate or narrow the query",
+                            code="export_row_cap",
+                        )
+                    table = pa.Table.from_batches([batch])
+                    if fmt == "csv":
+                        table = text_table(table)
+                        if writer is None:
+                            writer = pacsv.CSVWriter(out, table.schema)
+                    elif writer is None:
+                        writer = pq.ParquetWriter(out, table.schema, compression="zstd")
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
+        size = self.results.size(key) or 0
+        return rows, size
+
+    def _fail(self, export_id: str, error: dict[str, Any]) -> None:
+        self._update(export_id, status="failed", error=error, finished_at=sa.func.now())
+        self.metrics.exports.labels("failed").inc()
+
+    def _update(self, export_id: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(db.exports.update().where(db.exports.c.id == export_id).values(**values))
+
+    def shutdown(self) -> None:
+        """Stop: running jobs are interrupted and queued ones dropped, all marked failed."""
+        self._stopping = True
+        with self._lock:
+            running = list(self._running)
+        for session in running:
+            session.conn.interrupt()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            never_started = list(self._mine)
+        for export_id in never_started:
+            self._fail(export_id, _INTERRUPTED)
+        self.sandbox.close()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get(self, principal: Principal, export_id: str) -> dict[str, Any]:
+        row = None
+        if _is_uuid(export_id):
+            with self.engine.connect() as conn:
+                row = (
+                    conn.execute(
+                        sa.select(db.exports)
+                        .where(db.exports.c.id == export_id)
+                        .where(db.exports.c.org == principal.org)
+                        .where(db.exports.c.subject == principal.subject)
+                    )
+                    .mappings()
+                    .first()
+                )
+        if row is None:
+            raise NotFoundError(
+                f"no export {export_id[:40]!r} for this token", code="unknown_export"
+            )
+        return self._settle(dict(row))
+
+    def latest(self, principal: Principal, limit: int = 100) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    sa.select(db.exports)
+                    .where(db.exports.c.org == principal.org)
+                    .where(db.exports.c.subject == principal.subject)
+                    .order_by(db.exports.c.created_at.desc())
+                    .limit(limit)
+                )
+                .mappings()
+                .all()
+            )
+        return [self._settle(dict(r)) for r in rows]
+
+    def _settle(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A job whose process died never finishes: report it failed once its time is up."""
+        now = dt.datetime.now(dt.UTC)
+        timeout = dt.timedelta(seconds=self.settings.query_export_timeout_s + 60)
+        stale = (row["status"] == "running" and row["started_at"] + timeout < now) or (
+            row["status"] == "queued" and row["created_at"] + 4 * timeout < now
+        )
+        if stale:
+            row["status"], row["error"] = "failed", _INTERRUPTED
+        return row
+
+    def public(self, row: dict[str, Any], base_url: str) -> dict[str, Any]:
+        url, expires = (None, None)
+        if row["status"] == "succeeded" and row["object_key"]:
+            url, expires = self.download_url(row, base_url)
+        return {
+            "id": str(row["id"]),
+            "status": row["status"],
+            "format": row["format"],
+            "sql": row["sql"],
+            "snapshot": row["snapshot_id"],
+            "rows": row["rows"],
+            "bytes": row["bytes"],
+            "error": row["error"],
+            "download_url": url,
+            "download_expires_at": expires,
+            "created_at": row["created_at"],
+            "started_at": row["started_at"],
+            "finished_at": row["finished_at"],
+        }
+
+    # -- download links ------------------------------------------------------------------------
+
+    def download_url(self, row: dict[str, Any], base_url: str) -> tuple[str, dt.datetime]:
+        ttl = self.settings.query_export_url_ttl_s
+        expires = int(time.time()) + ttl
+        filename = f"{row['id']}.{_EXTENSIONS[row['format']]}"
+        if isinstance(self.results.fs, pafs.S3FileSystem):
+            url = self._presign(row["object_key"], filename, ttl)
+        else:
+            signature = self.signature(str(row["id"]), expires)
+            url = (
+                f"{base_url.rstrip('/')}/v1/exports/{row['id']}/download"
+                f"?expires={expires}&signature={signature}"
+            )
+        return url, dt.datetime.fromtimestamp(expires, dt.UTC)
+
+    def _presign(self, key: str, filename: str, ttl: int) -> str:
+        if self._presigner is None:
+            import boto3  # lazily: only the S3 backend needs it
+
+            self._presigner = boto3.client(
+                "s3",
+                endpoint_url=self.settings.s3_endpoint_url,
+                region_name=self.settings.s3_region,
+            )
+        url: str = self._presigner.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.settings.bucket_results,
+                "Key": key,
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+            },
+            ExpiresIn=ttl,
+        )
+        return url
+
+    def signature(self, export_id: str, expires: int) -> str:
+        message = f"{export_id}:{expires}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def signed_object(self, export_id: str, expires: int, signature: str) -> tuple[str, str, str]:
+        """(path in the results store, media type, file name) of a validly signed link."""
+        valid = hmac.compare_digest(self.signature(export_id, expires).encode(), signature.encode())
+        if not valid or expires < time.time():
+            raise ForbiddenError(
+                "the download link is invalid or has expired; GET the export for a new one",
+                code="invalid_signature",
+            )
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(db.exports.c.object_key, db.exports.c.format)
+                .where(db.exports.c.id == export_id)
+                .where(db.exports.c.status == "succeeded")
+            ).first()
+        if row is None or not row.object_key:
+            raise NotFoundError("no finished export behind this link", code="unknown_export")
+        filename = f"{export_id}.{_EXTENSIONS[row.format]}"
+        return self.results.path(row.object_key), _MEDIA_TYPES[row.format], filename
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,224 @@
+"""Request and response models of the HTTP API (requests refuse unknown fields)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from trace_query_api.engine import MAX_SQL_CHARS
+from trace_query_api.tokens import DATASET_PATTERN, PARTITION_PATTERN
+
+__all__ = [
+    "DatasetName",
+    "PinMap",
+    "QueryRequest",
+    "SavedQueryRunRequest",
+    "ExportRequest",
+    "SavedQueryCreate",
+    "ErrorBody",
+    "ErrorPublic",
+    "ColumnPublic",
+    "QueryResultPublic",
+    "DatasetSummaryPublic",
+    "DatasetsPublic",
+    "ColumnDocPublic",
+    "PartitionPublic",
+    "FreshnessPublic",
+    "DatasetPublic",
+    "SnapshotPublic",
+    "ExportPublic",
+    "ExportsPublic",
+    "SavedQueryPublic",
+    "SavedQueriesPublic",
+    "HealthPublic",
+    "ReadyPublic",
+]
+
+MAX_LIMIT = 1_000_000
+DatasetName = Annotated[str, StringConstraints(pattern=DATASET_PATTERN.pattern, max_length=120)]
+PartitionKey = Annotated[str, StringConstraints(pattern=PARTITION_PATTERN.pattern, max_length=100)]
+Version = Annotated[int, Field(ge=1, le=2**31 - 1)]
+PinMap = dict[DatasetName, dict[PartitionKey, Version]]
+Sql = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SQL_CHARS)]
+SnapshotId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Paging(_Request):
+    limit: int | None = Field(
+        None, ge=1, le=MAX_LIMIT, description="Rows per page (default and maximum: settings)."
+    )
+    offset: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Rows to skip (or use `cursor`)."
+    )
+    cursor: str | None = Field(
+        None, max_length=2000, description="`next_cursor` of the previous page."
+    )
+    pin: PinMap | None = Field(
+        None,
+        description="Read exactly these versions: {dataset: {partition_key: version}}. A "
+        "pinned dataset is read at these partitions only.",
+    )
+    snapshot: SnapshotId | None = Field(
+        None, description="Read the versions recorded under this id by an earlier query."
+    )
+
+
+class QueryRequest(_Paging):
+    sql: Sql = Field(description="One SELECT; datasets are referenced by their names.")
+
+
+class SavedQueryRunRequest(_Paging):
+    pass
+
+
+class ExportRequest(_Request):
+    sql: Sql
+    format: Literal["parquet", "csv"] = "parquet"
+    pin: PinMap | None = None
+    snapshot: SnapshotId | None = None
+
+
+class SavedQueryCreate(_Request):
+    name: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f]+$", max_length=200)]
+    sql: Sql
+    description: (
+        Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=2000)] | None
+    ) = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorPublic(BaseModel):
+    error: ErrorBody
+
+
+class ColumnPublic(BaseModel):
+    name: str
+    type: str
+
+
+class QueryResultPublic(BaseModel):
+    columns: list[ColumnPublic]
+    rows: list[list[Any]]
+    row_count: int
+    offset: int
+    next_cursor: str | None = Field(description="Pass it back with the same SQL for the next page.")
+    truncated: bool = Field(
+        description="True when more rows exist beyond the interactive row cap: export them."
+    )
+    notice: str | None = None
+    snapshot: str = Field(description="Id of the versions read; pass `snapshot` to re-run.")
+    versions: dict[str, dict[str, int]] = Field(
+        description="{dataset: {partition_key: version}} this query read."
+    )
+    elapsed_ms: float
+
+
+class DatasetSummaryPublic(BaseModel):
+    name: str
+    description: str | None
+    visibility: Literal["public", "org"]
+    owner: str | None
+    partitions: int
+    rows: int
+    bytes: int
+    last_commit_at: datetime | None
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetSummaryPublic]
+    count: int
+
+
+class ColumnDocPublic(BaseModel):
+    name: str
+    type: str
+    nullable: bool
+    doc: str | None
+
+
+class PartitionPublic(BaseModel):
+    key: str
+    version: int
+    rows: int
+    bytes: int
+    committed_at: datetime
+
+
+class FreshnessPublic(BaseModel):
+    last_commit_at: datetime | None
+    latest_partition: str | None
+    last_block: int | None = Field(description="Highest block covered (block-range datasets).")
+
+
+class DatasetPublic(BaseModel):
+    name: str
+    description: str | None
+    visibility: Literal["public", "org"]
+    owner: str | None
+    columns: list[ColumnDocPublic]
+    partitions: list[PartitionPublic]
+    current_versions: dict[str, int]
+    rows: int
+    bytes: int
+    freshness: FreshnessPublic
+
+
+class SnapshotPublic(BaseModel):
+    id: str
+    versions: dict[str, dict[str, int]]
+    created_at: datetime
+
+
+class ExportPublic(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    format: Literal["parquet", "csv"]
+    sql: str
+    snapshot: str
+    rows: int | None
+    bytes: int | None
+    error: ErrorBody | None
+    download_url: str | None
+    download_expires_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExportsPublic(BaseModel):
+    data: list[ExportPublic]
+    count: int
+
+
+class SavedQueryPublic(BaseModel):
+    id: str
+    name: str
+    sql: str
+    description: str | None
+    created_by: str
+    created_at: datetime
+
+
+class SavedQueriesPublic(BaseModel):
+    data: list[SavedQueryPublic]
+    count: int
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]

@@ -1,0 +1,299 @@
+"""Everything a request needs, built once per process from the settings, and the query path
+shared by `/v1/query`, saved-query runs and exports:
+
+    parse (one SELECT, dataset names)  ->  versions asked for (pin, snapshot or cursor)
+    ->  resolve the committed files the token may read
+    ->  Arrow data: from memory, or from files pinned against GC for the request
+    ->  record the snapshot  ->  sandbox: register, run under the time limit, page  ->  result
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import sqlalchemy as sa
+
+from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
+from trace_query_api.db import query_db
+from trace_query_api.encode import Cursor, sql_fingerprint
+from trace_query_api.engine import ParsedQuery, QueryPage, Sandbox
+from trace_query_api.errors import (
+    ApiError,
+    BadPaginationError,
+    BadRequestError,
+    RowCapExceededError,
+)
+from trace_query_api.exports import Exports
+from trace_query_api.files import FileCache
+from trace_query_api.limits import RateLimits
+from trace_query_api.metrics import Metrics
+from trace_query_api.models import ExportRequest
+from trace_query_api.saved import SavedQueries
+from trace_query_api.tokens import Keyring, Principal, TokenVerifier
+from trace_resources.settings import QuerySettings
+from trace_resources.storage.commit import DatasetReader
+from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
+from trace_resources.storage.versions import VersionStore
+
+__all__ = ["Services", "Plan", "PageResult", "bucket"]
+
+
+def bucket(settings: QuerySettings, name: str) -> ObjectStore:
+    """A bucket of the configured object store (S3 API or local folder)."""
+    if settings.object_store == "local":
+        return local_store(settings.local_store_root, name)
+    return s3_store(name, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+
+
+@dataclass
+class Plan:
+    """A query's parse, requested pins and resolved versions, and its reader id for GC pins."""
+
+    principal: Principal
+    parsed: ParsedQuery
+    pins: Pins
+    resolution: Resolution
+    reader_id: str
+    pinned: bool = False
+
+
+@dataclass
+class PageResult:
+    table: pa.Table
+    columns: list[tuple[str, str]]
+    offset: int
+    next_cursor: str | None
+    truncated: bool
+    snapshot: str
+    versions: Pins
+    elapsed_ms: float
+
+    def notice(self, row_cap: int) -> str | None:
+        if not self.truncated:
+            return None
+        return (
+            f"the result has more than {row_cap} rows, the interactive row cap; "
+            "POST /v1/exports with the same SQL writes all of it to a file"
+        )
+
+    def meta(self, row_cap: int) -> dict[str, Any]:
+        return {
+            "row_count": self.table.num_rows,
+            "offset": self.offset,
+            "next_cursor": self.next_cursor,
+            "truncated": self.truncated,
+            "notice": self.notice(row_cap),
+            "snapshot": self.snapshot,
+            "versions": self.versions,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+        }
+
+
+class Services:
+    def __init__(self, settings: QuerySettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.keyring = Keyring.from_settings(settings)
+        self.verifier = TokenVerifier(self.keyring, settings)
+        self.limits = RateLimits(
+            settings.query_rate_org_per_s,
+            settings.query_rate_org_burst,
+            settings.query_rate_user_per_s,
+            settings.query_rate_user_burst,
+        )
+        self.engine = query_db(settings.state_dsn)
+        self.versions = VersionStore(self.engine)
+        self.datasets = bucket(settings, settings.bucket_datasets)
+        self.results = bucket(settings, settings.bucket_results)
+        self.files = FileCache(
+            self.datasets,
+            memory_bytes=settings.query_cache_memory_bytes,
+            disk_dir=settings.query_cache_dir,
+            disk_bytes=settings.query_cache_disk_bytes,
+        )
+        self.catalog = Catalog(self.engine, self.files)
+        self.saved = SavedQueries(self.engine)
+        self.sandbox = Sandbox(
+            settings.query_max_concurrent,
+            memory_limit=settings.query_memory_limit,
+            threads=settings.query_threads,
+        )
+        self.exports = Exports(self.engine, self.files, self.results, settings, self.metrics)
+
+    def close(self) -> None:
+        self.exports.shutdown()
+        self.sandbox.close()
+
+    # -- readiness -------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"error: {type(exc).__name__}"
+        for label, store in (("datasets_bucket", self.datasets), ("results_bucket", self.results)):
+            try:
+                found = store.fs.get_file_info(store.root).type != pafs.FileType.NotFound
+                checks[label] = "ok" if found else f"error: {store.uri_prefix} does not exist"
+            except Exception as exc:
+                checks[label] = f"error: {type(exc).__name__}"
+        return checks
+
+    # -- the query path ----------------------------------------------------------------------
+
+    def plan(
+        self,
+        principal: Principal,
+        sql: str,
+        *,
+        pin: Pins | None,
+        snapshot: str | None,
+        cursor: Cursor | None = None,
+    ) -> Plan:
+        """Parse, choose the versions (request, snapshot or cursor) and resolve the files."""
+        parsed = self.sandbox.parse(sql)
+        if pin is not None and snapshot is not None:
+            raise BadRequestError("give `pin` or `snapshot`, not both", code="invalid_request")
+        pins: Pins = {}
+        if cursor is not None:
+            pins = pins_covering(
+                self.catalog.snapshot(principal, cursor.snapshot), parsed.datasets, cursor.snapshot
+            )
+        elif snapshot is not None:
+            pins = pins_covering(
+                self.catalog.snapshot(principal, snapshot), parsed.datasets, snapshot
+            )
+        elif pin is not None:
+            pins = {name: versions for name, versions in pin.items() if name in parsed.datasets}
+        resolution = self.catalog.resolve(principal, parsed.datasets, pins)
+        return Plan(principal, parsed, pins, resolution, DatasetReader.new_reader_id())
+
+    def pin(self, plan: Plan, name: str, ttl_s: float) -> None:
+        """Pin one dataset of the plan against GC (`unpin` releases every pin of the plan)."""
+        self.catalog.pin(
+            self.versions,
+            plan.reader_id,
+            plan.principal,
+            name,
+            plan.pins.get(name),
+            plan.resolution,
+            ttl_s,
+        )
+        plan.pinned = True
+
+    def unpin(self, plan: Plan) -> None:
+        if plan.pinned:
+            self.versions.unpin(plan.reader_id)
+            plan.pinned = False
+
+    def load(self, plan: Plan, ttl_s: float) -> dict[str, pa.Table | pads.Dataset]:
+        """Arrow data of every dataset the query reads. Data already decoded in memory needs
+        no pin; anything read from files is pinned first, for the rest of the request."""
+        sources: dict[str, pa.Table | pads.Dataset] = {}
+        for name in sorted(plan.parsed.datasets):
+            files, schema = plan.resolution.files[name], plan.resolution.schemas[name]
+            cached = self.files.cached_source(files, schema)
+            if cached is None:
+                self.pin(plan, name, ttl_s)
+                files, schema = plan.resolution.files[name], plan.resolution.schemas[name]
+                cached = self.files.arrow_source(files, schema)
+            sources[name] = cached
+        return sources
+
+    def run_page(
+        self,
+        principal: Principal,
+        sql: str,
+        *,
+        limit: int | None,
+        offset: int | None,
+        cursor: str | None,
+        pin: Pins | None,
+        snapshot: str | None,
+    ) -> PageResult:
+        s = self.settings
+        try:
+            page_size = (
+                min(s.query_page_rows_default, s.query_page_rows_max) if limit is None else limit
+            )
+            if page_size > s.query_page_rows_max:
+                raise BadPaginationError(
+                    f"limit {page_size} is above the largest page, {s.query_page_rows_max} "
+                    "rows; page with `next_cursor`, or export the result"
+                )
+            decoded = None
+            if cursor is not None:
+                if offset is not None or pin is not None or snapshot is not None:
+                    raise BadPaginationError(
+                        "a cursor already fixes the offset and the versions; send it without "
+                        "`offset`, `pin` or `snapshot`"
+                    )
+                decoded = Cursor.decode(cursor, sql)
+            start = decoded.offset if decoded else (offset or 0)
+            if start >= s.query_row_cap:
+                raise RowCapExceededError(
+                    f"interactive queries page through at most {s.query_row_cap} rows; "
+                    "POST /v1/exports with the same SQL writes the whole result to a file"
+                )
+            plan = self.plan(principal, sql, pin=pin, snapshot=snapshot, cursor=decoded)
+            try:
+                sources = self.load(plan, ttl_s=s.query_timeout_s + 60)
+                snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
+                size = min(page_size, s.query_row_cap - start)
+                page = self._run(sql, sources, start, size)
+            finally:
+                self.unpin(plan)
+        except ApiError as exc:
+            self.metrics.queries.labels(exc.code).inc()
+            raise
+        self.metrics.queries.labels("ok").inc()
+        self.metrics.query_seconds.observe(page.elapsed_ms / 1000)
+        self.metrics.rows.inc(page.table.num_rows)
+        end = start + page.table.num_rows
+        truncated = page.has_more and end >= s.query_row_cap
+        next_cursor = None
+        if page.has_more and not truncated:
+            next_cursor = Cursor(end, snapshot_id, sql_fingerprint(sql)).encode()
+        return PageResult(
+            page.table,
+            page.columns,
+            start,
+            next_cursor,
+            truncated,
+            snapshot_id,
+            plan.resolution.versions,
+            page.elapsed_ms,
+        )
+
+    def _run(
+        self, sql: str, sources: dict[str, pa.Table | pads.Dataset], offset: int, limit: int
+    ) -> QueryPage:
+        s = self.settings
+        with self.sandbox.session(s.query_queue_timeout_s) as session:
+            self.metrics.sandboxes_busy.inc()
+            try:
+                for name, source in sources.items():
+                    session.register(name, source)
+                return session.page(sql, offset=offset, limit=limit, timeout_s=s.query_timeout_s)
+            finally:
+                self.metrics.sandboxes_busy.dec()
+
+    def submit_export(self, principal: Principal, body: ExportRequest) -> dict[str, Any]:
+        """Resolve and pin the versions now; the export job reads them and unpins."""
+        plan = self.plan(principal, body.sql, pin=body.pin, snapshot=body.snapshot)
+        ttl_s = 4 * self.settings.query_export_timeout_s + 300  # queueing included
+        try:
+            for name in sorted(plan.parsed.datasets):
+                self.pin(plan, name, ttl_s)
+            snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
+            return self.exports.submit(plan, snapshot_id, body.format, on_done=self.unpin)
+        except BaseException:
+            self.unpin(plan)
+            raise
