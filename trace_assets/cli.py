@@ -1,4 +1,4 @@
-"""`trace`: the operator's command line (chain head, partitions, committed datasets)."""
+"""`trace`: the operator's command line (chain head, partitions, committed datasets, GC)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from trace_resources.errors import TraceError
 from trace_resources.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from trace_resources.storage.gc import GarbageCollector
 
 __all__ = ["main"]
 
@@ -91,6 +96,302 @@ def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> timedelta:
+    """`90s`, `30m`, `12h`, `7d` (or plain seconds) as a timedelta."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        return timedelta(seconds=float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use e.g. 90s, 30m, 12h or 7d"
+        ) from None
+
+
+def _garbage_collector(settings: Settings) -> GarbageCollector:
+    from trace_resources.storage.gc import GarbageCollector
+    from trace_resources.storage.object_store import local_store, s3_store
+    from trace_resources.storage.state import engine_for
+    from trace_resources.storage.versions import VersionStore
+
+    if settings.object_store == "local":
+        store = local_store(settings.local_store_root, settings.bucket_datasets)
+    else:  # credentials from the AWS chain (AWS_ACCESS_KEY_ID, ... or an instance role)
+        store = s3_store(
+            settings.bucket_datasets,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    return GarbageCollector(store, VersionStore(engine_for(settings.state_dsn)))
+
+
+def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.gc import GcPolicy
+
+    policy = GcPolicy(keep_last=args.keep_last, older_than=args.older_than)
+    report = _garbage_collector(settings).collect(
+        policy, apply=args.apply, datasets=args.dataset or None
+    )
+    for line in report.lines():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def cmd_staging_cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    report = _garbage_collector(settings).cleanup_staging(
+        grace=args.grace, apply=args.apply, datasets=args.dataset or None
+    )
+    for line in report.lines():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def _add_storage_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gc = commands.add_parser(
+        "gc",
+        help="remove superseded dataset versions (dry run unless --apply)",
+        description="Remove superseded versions beyond the newest --keep-last of each partition "
+        "and superseded more than --older-than ago, and the files only they reference. Never "
+        "touches a current version, a version a reader has pinned, or a live attempt; safe "
+        "while writers work. Without --apply, prints what it would remove.",
+    )
+    gc.add_argument("--apply", action="store_true", help="remove (default: dry run)")
+    gc.add_argument(
+        "--keep-last",
+        type=int,
+        default=2,
+        metavar="N",
+        help="versions kept per partition, the current one included (default 2)",
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_duration,
+        default=timedelta(days=1),
+        metavar="AGE",
+        help="remove only versions superseded more than AGE ago, e.g. 12h, 7d (default 1d)",
+    )
+    gc.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    gc.set_defaults(func=cmd_gc)
+
+    cleanup = commands.add_parser(
+        "staging-cleanup",
+        help="remove files of failed, fenced and expired attempts and orphans (dry run unless "
+        "--apply)",
+        description="Mark attempts whose lease expired abandoned, then remove the files of "
+        "attempts that can never commit, files no kept version references, and orphan files "
+        "no attempt knows that are older than --grace. Never touches a live attempt's files or "
+        "a committed file; safe while writers work.",
+    )
+    cleanup.add_argument("--apply", action="store_true", help="remove (default: dry run)")
+    cleanup.add_argument(
+        "--grace",
+        type=_duration,
+        default=timedelta(hours=1),
+        metavar="AGE",
+        help="leave orphan files younger than AGE (default 1h)",
+    )
+    cleanup.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    cleanup.set_defaults(func=cmd_staging_cleanup)
+
+
+def _token_partitions(values: list[str], datasets: list[str]) -> dict[str, list[str]]:
+    """`--partition KEY` (every listed dataset) or `--partition DATASET:KEY` (one dataset)."""
+    partitions: dict[str, list[str]] = {}
+    for value in values:
+        dataset, _, key = value.rpartition(":")
+        for name in [dataset] if dataset else datasets:
+            partitions.setdefault(name, []).append(key)
+    return partitions
+
+
+def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_query_api.tokens import Keyring, issue_token
+    from trace_resources.settings import get_query_settings
+
+    query_settings = get_query_settings()
+    token, claims = issue_token(
+        Keyring.from_settings(query_settings),
+        query_settings,
+        org=args.org,
+        subject=args.subject,
+        datasets=args.dataset or None,
+        ttl_s=args.ttl,
+        task=args.task,
+        partitions=_token_partitions(args.partition or [], args.dataset or []) or None,
+    )
+    sys.stdout.write(token + "\n")
+    sys.stderr.write(
+        f"token {claims['jti']} for {claims['sub']} of {claims['org']} "
+        f"({claims['scope']['kind']}), expires in {claims['exp'] - claims['iat']} s; "
+        f"revoke with `trace token revoke {claims['jti']}`\n"
+    )
+    return 0
+
+
+def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_query_api.db import query_db
+    from trace_query_api.tokens import revoke_token
+
+    fresh = revoke_token(query_db(settings.state_dsn), args.jti, args.reason)
+    sys.stdout.write(f"token {args.jti} {'revoked' if fresh else 'was already revoked'}\n")
+    return 0
+
+
+def cmd_token_keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_query_api.tokens import generate_key
+
+    entry, public = generate_key(args.kid, args.alg)
+    sys.stdout.write(entry + "\n")
+    if public:
+        sys.stderr.write(f"verify-only entry for services that do not issue tokens: {public}\n")
+    sys.stderr.write(
+        "add it to TRACE_QUERY_TOKEN_KEYS (comma-separated, keep the old key while its tokens "
+        f"live) and set TRACE_QUERY_TOKEN_SIGNING_KID={args.kid} to sign with it\n"
+    )
+    return 0
+
+
+def cmd_public(settings: Settings, args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    from trace_query_api import db
+
+    engine = db.query_db(settings.state_dsn)
+    table = db.public_datasets
+    with engine.begin() as conn:
+        if args.action == "add":
+            conn.execute(
+                pg_insert(table)
+                .values(dataset=args.dataset, description=args.description)
+                .on_conflict_do_update(
+                    index_elements=["dataset"], set_={"description": args.description}
+                )
+            )
+            sys.stdout.write(f"{args.dataset} is readable by every organisation\n")
+        elif args.action == "remove":
+            conn.execute(table.delete().where(table.c.dataset == args.dataset))
+            sys.stdout.write(f"{args.dataset} is no longer public\n")
+        else:
+            for name, description in conn.execute(
+                sa.select(table.c.dataset, table.c.description).order_by(table.c.dataset)
+            ):
+                sys.stdout.write(f"{name}\t{description or ''}\n")
+    return 0
+
+
+def _add_query_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser(
+        "token", help="capability tokens of the query service"
+    ).add_subparsers(dest="action", required=True)
+    issue = token.add_parser(
+        "issue",
+        help="print a JWT for `Authorization: Bearer`",
+        description="Sign a capability token with the keyring of TRACE_QUERY_TOKEN_KEYS. An "
+        "org token reads the public datasets and the org's own (org_<org>__*), narrowed to "
+        "--dataset if given; with --task it is a task token that reads only its --dataset "
+        "list, and with --partition only those partitions.",
+    )
+    issue.add_argument("--org", required=True, help="organisation id, e.g. acme")
+    issue.add_argument("--subject", required=True, help="user or task identity (`sub`)")
+    issue.add_argument("--dataset", action="append", help="read only this dataset (repeatable)")
+    issue.add_argument("--ttl", type=int, help="lifetime in seconds (default: settings)")
+    issue.add_argument("--task", help="make a task token for this task")
+    issue.add_argument(
+        "--partition",
+        action="append",
+        metavar="[DATASET:]KEY",
+        help="task tokens: read only this partition (of DATASET, or of every --dataset)",
+    )
+    issue.set_defaults(func=cmd_token_issue)
+    revoke = token.add_parser("revoke", help="refuse a token id (jti) from now on")
+    revoke.add_argument("jti")
+    revoke.add_argument("--reason", help="why, for the record")
+    revoke.set_defaults(func=cmd_token_revoke)
+    keygen = token.add_parser("keygen", help="print a new keyring entry for rotation")
+    keygen.add_argument("--kid", required=True, help="key id written into token headers")
+    keygen.add_argument("--alg", choices=["HS256", "EdDSA"], default="HS256")
+    keygen.set_defaults(func=cmd_token_keygen)
+
+    public = commands.add_parser(
+        "public", help="datasets the query service serves to every organisation"
+    ).add_subparsers(dest="action", required=True)
+    add = public.add_parser("add", help="publish a dataset to every organisation")
+    add.add_argument("dataset")
+    add.add_argument("--description", help="what the dataset holds")
+    add.set_defaults(func=cmd_public)
+    remove = public.add_parser("remove", help="stop publishing a dataset")
+    remove.add_argument("dataset")
+    remove.set_defaults(func=cmd_public)
+    public.add_parser("list", help="published datasets").set_defaults(func=cmd_public)
+
+
+def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_assets.registry import catalogue_markdown
+
+    text = catalogue_markdown()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as out:
+            out.write(text)
+        sys.stdout.write(f"wrote the dataset catalogue to {args.output}\n")
+    return 0
+
+
+def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_assets.registry import impacted_datasets
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    impacted = impacted_datasets(args.dataset, columns)
+    if not impacted:
+        sys.stdout.write(f"no downstream dataset reads {args.dataset}.{{{','.join(columns)}}}\n")
+        return 0
+    for dataset, hit in impacted.items():
+        sys.stdout.write(f"{dataset}\t{','.join(hit)}\n")
+    if not args.launch:
+        return 0
+    import dagster as dg
+
+    from trace_assets.definitions import build_resources
+    from trace_assets.lineage import launch_impacted
+
+    with dg.DagsterInstance.get() as instance:
+        results = launch_impacted(
+            list(impacted), args.partition, build_resources(settings), instance
+        )
+    for result in results:
+        sys.stdout.write(f"run {result.run_id}: {'success' if result.success else 'FAILED'}\n")
+    return 0 if all(r.success for r in results) else 1
+
+
+def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    docs = commands.add_parser(
+        "docs", help="write the dataset catalogue (Markdown) from the declarations"
+    )
+    docs.add_argument("--output", default="-", help="file to write (default: stdout)")
+    docs.set_defaults(func=cmd_docs)
+    lineage = commands.add_parser("lineage", help="column lineage").add_subparsers(
+        dest="action", required=True
+    )
+    impacted = lineage.add_parser(
+        "impacted",
+        help="downstream datasets that read the given columns (and --launch them)",
+        description="Follow the declared column lineage from DATASET's COLUMNS, transitively, "
+        "and list only the datasets with a column computed from them. With --launch, "
+        "materialise exactly those (for --partition ranges, default every range) on the "
+        "instance of $DAGSTER_HOME.",
+    )
+    impacted.add_argument("--dataset", required=True, help="the upstream dataset that changed")
+    impacted.add_argument("--columns", required=True, help="changed columns, comma-separated")
+    impacted.add_argument("--launch", action="store_true", help="materialise them")
+    impacted.add_argument(
+        "--partition", action="append", metavar="KEY", help="block range to redo (repeatable)"
+    )
+    impacted.set_defaults(func=cmd_lineage_impacted)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("dataset")
     versions.add_argument("--partition", help="one partition key")
     versions.set_defaults(func=cmd_versions)
+    _add_storage_commands(commands)
+    _add_query_commands(commands)
+    _add_dataset_commands(commands)
     return parser
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
+from trace_assets.audit import ingest_audit
+from trace_assets.checks import DATASET_CHECKS
+from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.raw.chain import raw_chain
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager
-from trace_sensors.chain_head import chain_head_sensor
+from trace_sensors.chain_head import build_chain_head_sensor
+from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
 
 __all__ = ["defs", "build_resources", "raw_backfill_job"]
 
@@ -60,11 +64,17 @@ raw_backfill_job = dg.define_asset_job(
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or get_settings()
     return dg.Definitions(
-        assets=[raw_chain],
+        assets=[raw_chain, ingest_audit, *DERIVED_ASSETS],
+        asset_checks=DATASET_CHECKS,
         jobs=[raw_backfill_job],
-        sensors=[chain_head_sensor],
-        resources=build_resources(settings or get_settings()),
+        sensors=[
+            build_chain_head_sensor(settings.sensors_running),
+            build_outbox_relay_sensor(settings.sensors_running),
+            build_automation_sensor(settings.sensors_running),
+        ],
+        resources=build_resources(settings),
     )
 
 

@@ -24,6 +24,9 @@ __all__ = [
     "AttemptFencedError",
     "SchemaIncompatibleError",
     "StagedObjectError",
+    "StagingError",
+    "LeaseExpiredError",
+    "SegmentConflictError",
 ]
 
 
@@ -97,5 +100,23 @@ class SchemaIncompatibleError(CommitError):
 
 class StagedObjectError(CommitError):
     """A staged file is missing or differs from what the writer recorded."""
+
+    permanent = False
+
+
+class StagingError(CommitError):
+    """Uploading an attempt's files failed; nothing was committed."""
+
+    permanent = False
+
+
+class LeaseExpiredError(CommitError):
+    """The attempt's lease ran out (its writer stalled); GC may already have removed its files."""
+
+    permanent = False
+
+
+class SegmentConflictError(CommitError):
+    """An append carries some segment keys the dataset already holds, and some it does not."""
 
     permanent = False

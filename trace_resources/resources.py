@@ -87,13 +87,31 @@ class StateStoreResource(dg.ConfigurableResource):
     """Postgres state: dataset registry, versions, pointers, attempts, outbox."""
 
     dsn: str = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg2://u:p@host/trace_state.")
-    lease_s: float = Field(default=600.0, description="Lease of a writer's attempt, seconds.")
+    lease_s: float = Field(
+        default=600.0,
+        description="Lease of a writer's attempt, seconds: a writer that stops heartbeating "
+        "for this long is presumed dead, and staging cleanup may abandon its attempt.",
+    )
+    heartbeat_s: float | None = Field(
+        default=None, description="Seconds between lease extensions (None: a third of lease_s)."
+    )
+    pin_ttl_s: float = Field(
+        default=3600.0,
+        description="How long a reader's pin protects the versions it reads from GC, seconds "
+        "(a reader unpins when done; the TTL only matters for readers that die).",
+    )
+    outbox_settle_s: float = Field(
+        default=300.0,
+        description="The outbox relay reports a committed version Dagster has not recorded once "
+        "its run has finished, or after this many seconds if the run still looks in progress "
+        "(a killed run process).",
+    )
 
     def versions(self) -> VersionStore:
         return VersionStore(engine_for(self.dsn), lease_s=self.lease_s)
 
     def writer(self, objects: ObjectStoreResource) -> DatasetWriter:
-        return DatasetWriter(objects.datasets(), self.versions())
+        return DatasetWriter(objects.datasets(), self.versions(), heartbeat_s=self.heartbeat_s)
 
     def reader(self, objects: ObjectStoreResource) -> DatasetReader:
-        return DatasetReader(objects.datasets(), self.versions())
+        return DatasetReader(objects.datasets(), self.versions(), pin_ttl_s=self.pin_ttl_s)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "get_settings", "QuerySettings", "get_query_settings"]
 
 MONAD_TESTNET_CHAIN_ID = 10143
 
@@ -24,6 +24,10 @@ class Settings(BaseSettings):
 
     environment: Literal["local", "test", "prod"] = Field(
         "local", description="Which resource set definitions.py builds."
+    )
+
+    sensors_running: bool = Field(
+        True, description="Whether sensors start running by default (tests start them stopped)."
     )
 
     # chain
@@ -73,6 +77,13 @@ class Settings(BaseSettings):
     bucket_results: str = Field("trace-results", description="Bucket of query results/exports.")
     bucket_scratch: str = Field("trace-scratch", description="Bucket of scratch files.")
 
+    # fault injection (tests only): read by trace_resources.storage.crash at each crash point
+    crash_point: str | None = Field(
+        None,
+        description="TRACE_CRASH_POINT=name[@N]: SIGKILL the process the N-th time it reaches "
+        "the named crash point (see trace_resources/storage/crash.py). Never set in production.",
+    )
+
     @field_validator("rpc_url")
     @classmethod
     def _rpc_url_is_http(cls, value: str) -> str:
@@ -87,3 +98,117 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Read the settings from the environment now."""
     return Settings()
+
+
+# Development-only secrets: usable by `make dev`, `make demo` and the tests, refused in prod.
+PLACEHOLDER_MARK = "change-me"
+DEV_TOKEN_KEYS = f"dev-1:HS256:trace-local-development-token-key-{PLACEHOLDER_MARK}"
+DEV_URL_SIGNING_KEY = f"trace-local-download-url-key-{PLACEHOLDER_MARK}"
+
+
+class QuerySettings(Settings):
+    """The query service's settings (`TRACE_QUERY_*`) on top of the shared ones.
+
+    The query service and `trace token` read these; Dagster code reads only `Settings`, so a
+    Dagster deployment does not need the query service's secrets. Read by libraries, not here:
+    `AWS_*` credentials (boto3 / pyarrow's S3 client, for the buckets and presigned URLs) and
+    `PROMETHEUS_MULTIPROC_DIR` (set it to an empty folder to sum /metrics over uvicorn workers).
+    """
+
+    query_host: str = Field("127.0.0.1", description="Interface uvicorn binds to.")
+    query_port: int = Field(8700, gt=0, lt=65536, description="Port of the query service.")
+    query_workers: int = Field(1, gt=0, description="uvicorn worker processes.")
+    # capability tokens
+    query_token_keys: SecretStr = Field(
+        SecretStr(DEV_TOKEN_KEYS),
+        description=(
+            "Keyring of token keys, comma-separated `KID:ALG:MATERIAL`: `HS256` with a secret of "
+            "at least 32 bytes, `EdDSA` with a base64url Ed25519 private key (signs and "
+            "verifies) or `EdDSA-public` with a base64url public key (verifies only). Keep the "
+            "old key next to the new one while tokens signed with it are alive (rotation)."
+        ),
+    )
+    query_token_signing_kid: str | None = Field(
+        None, description="Key id that signs new tokens (None: the first key able to sign)."
+    )
+    query_token_issuer: str = Field("trace", description="`iss` of issued and accepted tokens.")
+    query_token_audience: str = Field(
+        "trace-query", description="`aud` of issued and accepted tokens."
+    )
+    query_token_default_ttl_s: int = Field(
+        3600, gt=0, description="Lifetime of a token issued without --ttl, seconds."
+    )
+    query_token_max_ttl_s: int = Field(
+        30 * 86400, gt=0, description="Longest accepted token lifetime (exp - iat), seconds."
+    )
+    query_token_leeway_s: int = Field(
+        30, ge=0, description="Clock skew tolerated on exp / iat / nbf, seconds."
+    )
+    # the sandbox
+    query_timeout_s: float = Field(
+        10.0, gt=0, description="Hard time limit of an interactive query, seconds."
+    )
+    query_memory_limit: str = Field(
+        "1GB", description="DuckDB memory_limit of each sandbox (one query at a time each)."
+    )
+    query_threads: int = Field(1, gt=0, description="DuckDB threads of each sandbox.")
+    query_max_concurrent: int = Field(
+        4, gt=0, description="Queries run at once per process (the number of sandboxes)."
+    )
+    query_queue_timeout_s: float = Field(
+        2.0, ge=0, description="How long a query waits for a free sandbox before a 429."
+    )
+    query_page_rows_default: int = Field(1000, gt=0, description="Rows per page by default.")
+    query_page_rows_max: int = Field(10_000, gt=0, description="Largest page a client may ask.")
+    query_row_cap: int = Field(
+        100_000, gt=0, description="Rows an interactive query may page through; beyond: export."
+    )
+    # rate limits (shared by every process through Postgres)
+    query_rate_org_per_s: float = Field(50.0, gt=0, description="Requests/s per organisation.")
+    query_rate_org_burst: int = Field(100, gt=0, description="Burst per organisation.")
+    query_rate_user_per_s: float = Field(20.0, gt=0, description="Requests/s per subject.")
+    query_rate_user_burst: int = Field(40, gt=0, description="Burst per subject.")
+    # exports
+    query_export_workers: int = Field(2, gt=0, description="Export jobs run at once per process.")
+    query_export_timeout_s: float = Field(300.0, gt=0, description="Time limit of an export.")
+    query_export_row_cap: int = Field(50_000_000, gt=0, description="Rows an export may write.")
+    query_export_url_ttl_s: int = Field(
+        900, gt=0, description="Lifetime of a presigned / signed download URL, seconds."
+    )
+    query_url_signing_key: SecretStr = Field(
+        SecretStr(DEV_URL_SIGNING_KEY),
+        description="HMAC key of the service's own download links (local object store).",
+    )
+    # caches of committed files (immutable: a file's key names its attempt)
+    query_cache_dir: Path = Field(
+        Path(".local/query-cache"), description="Disk cache of committed files read from S3."
+    )
+    query_cache_disk_bytes: int = Field(
+        2 * 1024**3, ge=0, description="Size bound of the disk cache (0: no disk cache)."
+    )
+    query_cache_memory_bytes: int = Field(
+        512 * 1024**2, ge=0, description="Size bound of the in-memory cache of decoded files."
+    )
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_prod(self) -> QuerySettings:
+        secrets = {
+            "TRACE_QUERY_TOKEN_KEYS": self.query_token_keys.get_secret_value(),
+            "TRACE_QUERY_URL_SIGNING_KEY": self.query_url_signing_key.get_secret_value(),
+        }
+        if self.environment == "prod":
+            for name, value in secrets.items():
+                if PLACEHOLDER_MARK in value:
+                    raise ValueError(
+                        f"{name} still holds the development placeholder; set a real secret "
+                        "in production, e.g. "
+                        + ("`k1:HS256:<secret>` with " if name.endswith("KEYS") else "")
+                        + "a secret from `python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(48))'`"
+                    )
+        return self
+
+
+def get_query_settings() -> QuerySettings:
+    """Read the query service's settings from the environment now."""
+    return QuerySettings()

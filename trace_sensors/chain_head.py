@@ -17,7 +17,12 @@ from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource
 
-__all__ = ["chain_head_sensor", "plan_new_ranges", "MAX_RANGES_PER_TICK"]
+__all__ = [
+    "chain_head_sensor",
+    "build_chain_head_sensor",
+    "plan_new_ranges",
+    "MAX_RANGES_PER_TICK",
+]
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
 MAX_RANGES_PER_TICK = 1_000
@@ -53,14 +58,7 @@ def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
     return requests
 
 
-@dg.sensor(
-    name="chain_head_sensor",
-    description="Adds block-range partitions up to the finalized head and requests their runs.",
-    asset_selection=RAW_ASSET_KEYS,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def chain_head_sensor(
+def _evaluate(
     context: dg.SensorEvaluationContext, chain: ChainResource
 ) -> dg.SensorResult | dg.SkipReason:
     with as_dagster_failure():
@@ -82,3 +80,19 @@ def chain_head_sensor(
         dynamic_partitions_requests=[block_ranges.build_add_request(new_keys)] if new_keys else [],
         cursor=str(ranges[-1].last),
     )
+
+
+def build_chain_head_sensor(running: bool = True) -> dg.SensorDefinition:
+    """The sensor, on by default; `TRACE_SENSORS_RUNNING=false` starts it stopped."""
+    return dg.sensor(
+        name="chain_head_sensor",
+        description="Adds block-range partitions up to the finalized head and requests their runs.",
+        asset_selection=RAW_ASSET_KEYS,
+        minimum_interval_seconds=30,
+        default_status=(
+            dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+        ),
+    )(_evaluate)
+
+
+chain_head_sensor = build_chain_head_sensor()

@@ -38,6 +38,7 @@ def materialize_keys(
 ) -> tuple[dg.ExecuteInProcessResult, dg.DagsterInstance]:
     """Materialise `raw_chain` for `keys` (one run, like a single-run backfill)."""
     instance = instance or dg.DagsterInstance.ephemeral()
+    assert block_ranges.name is not None
     instance.add_dynamic_partitions(block_ranges.name, keys)
     if len(keys) == 1:
         extra: dict[str, object] = {"partition_key": keys[0]}

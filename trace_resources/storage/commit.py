@@ -10,16 +10,24 @@ manifests (`DatasetReader`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Iterable
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
 
-from trace_resources.errors import StagedObjectError
+from trace_resources.errors import StagedObjectError, StagingError
+from trace_resources.storage.crash import crash_point
+from trace_resources.storage.lease import LeaseKeeper
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import data_file_key
 from trace_resources.storage.versions import (
@@ -42,11 +50,25 @@ MAX_ROWS_PER_FILE = 2_000_000
 
 @dataclass
 class PartitionData:
-    """One partition's table, with the source block hashes to record in its manifest."""
+    """One partition's table, with the source block hashes to record in its manifest.
+
+    In append mode `segment_key` (or several `segment_keys`, one per logical item the table
+    holds) makes the append idempotent: keys already in the dataset make a retry a no-op.
+    """
 
     table: pa.Table
     source: dict[str, Any] | None = None
     segment_key: str | None = None
+    segment_keys: Sequence[str] | None = None
+
+    def keys(self) -> list[str] | None:
+        return _segment_keys(self.segment_key, self.segment_keys)
+
+
+def _segment_keys(one: str | None, many: Sequence[str] | None) -> list[str] | None:
+    if many is not None:
+        return list(many)
+    return None if one is None else [one]
 
 
 @dataclass
@@ -58,6 +80,7 @@ class StagedPartition:
     schema: pa.Schema
     source: dict[str, Any] | None = None
     segment_key: str | None = None
+    segment_keys: Sequence[str] | None = None
 
     @property
     def rows(self) -> int:
@@ -65,12 +88,42 @@ class StagedPartition:
 
 
 class DatasetWriter:
-    """Writes partitions of datasets through the commit protocol."""
+    """Writes partitions of datasets through the commit protocol.
 
-    def __init__(self, store: ObjectStore, versions: VersionStore, commit_retries: int = 5) -> None:
+    While an attempt is between `begin` and its commit (or failure), a heartbeat thread keeps
+    its lease alive (`LeaseKeeper`), however long the writer takes. Close the writer (or use
+    it as a context manager) when done; it is also closed when garbage collected.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        versions: VersionStore,
+        commit_retries: int = 5,
+        *,
+        max_rows_per_file: int = MAX_ROWS_PER_FILE,
+        heartbeat_s: float | None = None,
+    ) -> None:
         self.store = store
         self.versions = versions
         self.commit_retries = commit_retries
+        self.max_rows_per_file = max_rows_per_file
+        self.leases = LeaseKeeper(versions, heartbeat_s)
+        weakref.finalize(self, self.leases.close)
+
+    def close(self) -> None:
+        self.leases.close()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def write(
         self,
@@ -82,6 +135,7 @@ class DatasetWriter:
         run_id: str | None = None,
         step_key: str | None = None,
         retry_number: int = 0,
+        commit_key: str | None = None,
     ) -> CommitResult:
         """Stage and commit one partition: one new version (or appended segment)."""
         staged = self.stage_partition(
@@ -91,8 +145,9 @@ class DatasetWriter:
             run_id=run_id,
             step_key=step_key,
             retry_number=retry_number,
+            mode=mode,
         )
-        return self.commit_staged(staged, mode=mode)
+        return self.commit_staged(staged, mode=mode, commit_key=commit_key)
 
     def stage_partition(
         self,
@@ -103,21 +158,36 @@ class DatasetWriter:
         run_id: str | None = None,
         step_key: str | None = None,
         retry_number: int = 0,
+        mode: CommitMode = "replace",
     ) -> StagedPartition:
-        """Take the fence with a new attempt and upload its files; nothing is visible yet."""
+        """Begin an attempt (a replace takes the fence) and upload its files; nothing is
+        visible yet. The attempt's lease is kept alive until it commits or fails."""
         attempt = self.versions.begin_attempt(
-            dataset, partition_key, run_id=run_id, step_key=step_key, retry_number=retry_number
+            dataset,
+            partition_key,
+            run_id=run_id,
+            step_key=step_key,
+            retry_number=retry_number,
+            mode=mode,
         )
+        self.leases.track(attempt)
         try:
             files = self.stage(attempt, data.table)
             self.verify_staged(files)
         except BaseException as exc:
             self._give_up(attempt, exc)
             raise
-        return StagedPartition(attempt, files, data.table.schema, data.source, data.segment_key)
+        crash_point("stage.after_upload")
+        return StagedPartition(
+            attempt, files, data.table.schema, data.source, data.segment_key, data.segment_keys
+        )
 
     def commit_staged(
-        self, staged: StagedPartition, *, mode: CommitMode = "replace"
+        self,
+        staged: StagedPartition,
+        *,
+        mode: CommitMode = "replace",
+        commit_key: str | None = None,
     ) -> CommitResult:
         """Commit staged (and verified) objects: fenced, idempotent by attempt id."""
         try:
@@ -126,20 +196,37 @@ class DatasetWriter:
                 schema_hash=schema_fingerprint(staged.schema),
                 source=staged.source,
             )
-            return self.commit(
-                staged.attempt, manifest, staged.schema, mode=mode, segment_key=staged.segment_key
+            result = self.commit(
+                staged.attempt,
+                manifest,
+                staged.schema,
+                mode=mode,
+                segment_keys=_segment_keys(staged.segment_key, staged.segment_keys),
+                commit_key=commit_key,
             )
         except BaseException as exc:
             self._give_up(staged.attempt, exc)
             raise
+        self.leases.release(staged.attempt)
+        return result
 
     def stage(self, attempt: Attempt, table: pa.Table) -> list[FileEntry]:
         """Upload the table as Parquet under the attempt's own prefix (invisible to readers)."""
         files = []
-        chunks = range(0, max(table.num_rows, 1), MAX_ROWS_PER_FILE)
+        step = self.max_rows_per_file
+        chunks = range(0, max(table.num_rows, 1), step)
         for index, offset in enumerate(chunks):
+            if index:
+                crash_point("stage.during_upload")
             key = data_file_key(attempt.dataset, attempt.partition_key, attempt.attempt_id, index)
-            stored = self.store.write_parquet(key, table.slice(offset, MAX_ROWS_PER_FILE))
+            try:
+                stored = self.store.write_parquet(key, table.slice(offset, step))
+            except OSError as exc:
+                raise StagingError(
+                    f"uploading {self.store.uri(key)} failed: {exc}. Nothing was committed; the "
+                    "attempt's files are left for `trace staging-cleanup`. Retry the run once "
+                    "the object store answers"
+                ) from exc
             files.append(FileEntry(stored.key, stored.size, stored.sha256, stored.rows))
         return files
 
@@ -161,13 +248,24 @@ class DatasetWriter:
         schema: pa.Schema,
         *,
         mode: CommitMode,
-        segment_key: str | None,
+        segment_keys: Sequence[str] | None = None,
+        commit_key: str | None = None,
     ) -> CommitResult:
-        """The fenced commit, retried by the same attempt id when its outcome is unknown."""
+        """The fenced commit, retried by the same attempt id when its outcome is unknown.
+
+        A lost connection during COMMIT leaves the outcome unknown: the transaction may have
+        landed or not. Retrying with the same attempt id is safe either way: if it landed the
+        attempt is 'committed' and the retry returns that version; if not, the retry commits.
+        """
         for retry in range(self.commit_retries):
             try:
-                return self.versions.commit(
-                    attempt, manifest, schema, mode=mode, segment_key=segment_key
+                result = self.versions.commit(
+                    attempt,
+                    manifest,
+                    schema,
+                    mode=mode,
+                    segment_keys=segment_keys,
+                    commit_key=commit_key,
                 )
             except sa.exc.OperationalError as exc:  # connection lost: did the commit land?
                 if retry == self.commit_retries - 1:
@@ -178,9 +276,13 @@ class DatasetWriter:
                     exc,
                 )
                 time.sleep(0.2 * 2**retry)
+                continue
+            crash_point("commit.after_pg_commit")
+            return result
         raise AssertionError("unreachable")
 
     def _give_up(self, attempt: Attempt, exc: BaseException) -> None:
+        self.leases.release(attempt)
         try:
             self.versions.mark_failed(attempt)
         except Exception:  # the original error matters more; GC treats expired leases alike
@@ -188,29 +290,73 @@ class DatasetWriter:
 
 
 class DatasetReader:
-    """Reads only what committed manifests reference, never by listing prefixes."""
+    """Reads only what committed manifests reference, never by listing prefixes.
 
-    def __init__(self, store: ObjectStore, versions: VersionStore) -> None:
+    Every read pins the versions it resolved (`trace_pins`) until it is done, so GC never
+    removes a version while it is being read, however old it becomes meanwhile.
+    """
+
+    def __init__(
+        self, store: ObjectStore, versions: VersionStore, *, pin_ttl_s: float = 3600.0
+    ) -> None:
         self.store = store
         self.versions = versions
+        self.pin_ttl_s = pin_ttl_s
+
+    @staticmethod
+    def new_reader_id() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
 
     def resolve(
         self, dataset: str, partition_keys: list[str] | None = None
     ) -> dict[str, VersionRecord]:
+        """Current versions, unpinned: for inspection, not for reading files."""
         return self.versions.current_versions(dataset, partition_keys)
+
+    @contextlib.contextmanager
+    def pinned(
+        self, dataset: str, partition_keys: list[str] | None = None
+    ) -> Iterator[dict[str, VersionRecord]]:
+        """Resolve and pin the current versions for the duration of the block."""
+        reader_id = self.new_reader_id()
+        try:
+            yield self.versions.pin_current(reader_id, dataset, partition_keys, self.pin_ttl_s)
+        finally:
+            self.versions.unpin(reader_id)
+
+    @contextlib.contextmanager
+    def pinned_version(
+        self, dataset: str, partition_key: str, version: int
+    ) -> Iterator[VersionRecord]:
+        """Pin one version (e.g. a superseded one) for the duration of the block."""
+        reader_id = self.new_reader_id()
+        try:
+            yield self.versions.pin_version(
+                reader_id, dataset, partition_key, version, self.pin_ttl_s
+            )
+        finally:
+            self.versions.unpin(reader_id)
 
     def read(
         self, dataset: str, partition_keys: list[str] | None = None, schema: pa.Schema | None = None
     ) -> pa.Table:
-        records = self.resolve(dataset, partition_keys)
-        if partition_keys is not None:
-            missing = sorted(set(partition_keys) - set(records))
-            if missing:
-                raise FileNotFoundError(
-                    f"{dataset} has no committed version for partition(s) {', '.join(missing[:5])}"
-                    f"{' …' if len(missing) > 5 else ''}: materialise them first"
-                )
-        return self.read_versions(records.values(), schema)
+        with self.pinned(dataset, partition_keys) as records:
+            if partition_keys is not None:
+                missing = sorted(set(partition_keys) - set(records))
+                if missing:
+                    raise FileNotFoundError(
+                        f"{dataset} has no committed version for partition(s) "
+                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}: "
+                        "materialise them first"
+                    )
+            return self.read_versions(records.values(), schema)
+
+    def read_version(
+        self, dataset: str, partition_key: str, version: int, schema: pa.Schema | None = None
+    ) -> pa.Table:
+        """One version, current or superseded (if GC kept it)."""
+        with self.pinned_version(dataset, partition_key, version) as record:
+            return self.read_versions([record], schema)
 
     def read_versions(
         self, records: Iterable[VersionRecord], schema: pa.Schema | None = None

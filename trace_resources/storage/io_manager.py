@@ -6,6 +6,10 @@ partitions (a ranged backfill). Assets that handle many large partitions stream 
 the object store as they go and return `StagedPartition`s instead, so a run's memory does not
 grow with its number of partitions; the IO manager then only verifies and commits. Each
 partition is committed as its own version.
+
+Every commit carries a commit key naming the logical writer (`commit_key_for`): a step, its
+retries within the run, and re-executions of the run from the failure, so a step whose
+output committed and which then failed commits that output once, however it is retried.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+from dagster._core.execution.stats import StepEventStatus
 
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -22,9 +27,34 @@ from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedP
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.versions import CommitResult
 
-__all__ = ["DatasetIOManager", "COMMIT_MODE_METADATA"]
+__all__ = ["DatasetIOManager", "COMMIT_MODE_METADATA", "commit_key_for"]
 
 COMMIT_MODE_METADATA = "trace/commit_mode"
+
+
+def commit_key_for(context: dg.OutputContext) -> str | None:
+    """The logical writer of this output: `dagster:<anchor run id>:<step key>`.
+
+    Step retries keep the run id; a re-execution gets a new run id with the old run as its
+    parent. The anchor is the earliest run in the parent chain whose attempts at this step all
+    failed since: a retry after a failure finds the version its earlier try committed and
+    commits nothing new, while re-executing a step that had succeeded (a deliberate refresh)
+    anchors on the new run and makes a new version.
+    """
+    try:
+        step = context.step_context
+    except Exception:  # outside a run (direct invocation): every write is its own writer
+        return None
+    run, instance, anchor = step.dagster_run, step.instance, step.dagster_run.run_id
+    parent = run.parent_run_id
+    while parent is not None:
+        stats = instance.get_run_step_stats(parent, step_keys=[context.step_key])
+        if any(s.status == StepEventStatus.SUCCESS for s in stats):
+            break
+        anchor = parent
+        parent_run = instance.get_run_by_id(parent)
+        parent = parent_run.parent_run_id if parent_run is not None else None
+    return f"dagster:{anchor}:{context.step_key}"
 
 
 def _retry_number(context: dg.OutputContext) -> int:
@@ -88,6 +118,8 @@ def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
     if len(results) == 1:
         metadata["trace/version"] = next(iter(versions.values()))
         metadata["dagster/row_count"] = rows
+    # a retry whose output had committed already: the same version, nothing new written
+    metadata["trace/already_committed"] = all(r.already_committed for r in results.values())
     if drifts:
         metadata["trace/schema_drift"] = dg.MetadataValue.json(drifts)
     return metadata
@@ -102,8 +134,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         dataset = context.asset_key.path[-1]
         mode = (context.definition_metadata or {}).get(COMMIT_MODE_METADATA, "replace")
-        writer = self.state.writer(self.objects)
-        with as_dagster_failure():
+        with self.state.writer(self.objects) as writer, as_dagster_failure():
             results = self._commit_all(context, writer, dataset, mode, obj)
         context.add_output_metadata(_metadata(results, writer.store.uri(f"{dataset}/")))
 
@@ -112,6 +143,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         context: dg.OutputContext, writer: DatasetWriter, dataset: str, mode: str, obj: object
     ) -> dict[str, CommitResult]:
         results = {}
+        commit_key = commit_key_for(context)
         for key, data in sorted(_as_partitions(context, obj).items()):
             if isinstance(data, StagedPartition):  # the asset streamed it up already
                 if (data.attempt.dataset, data.attempt.partition_key) != (dataset, key):
@@ -119,7 +151,11 @@ class DatasetIOManager(dg.ConfigurableIOManager):
                         f"staged {data.attempt.dataset}/{data.attempt.partition_key} was "
                         f"returned as {dataset}/{key}"
                     )
-                results[key] = writer.commit_staged(data, mode=mode)  # type: ignore[arg-type]
+                results[key] = writer.commit_staged(
+                    data,
+                    mode=mode,  # type: ignore[arg-type]
+                    commit_key=commit_key,
+                )
             else:
                 results[key] = writer.write(
                     dataset,
@@ -129,6 +165,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
                     run_id=context.run_id,
                     step_key=context.step_key,
                     retry_number=_retry_number(context),
+                    commit_key=commit_key,
                 )
         return results
 

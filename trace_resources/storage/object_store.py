@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,7 +19,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["ObjectStore", "StoredObject", "local_store", "s3_store"]
+from trace_resources.storage.crash import crash_point
+
+__all__ = ["ObjectInfo", "ObjectStore", "StoredObject", "local_store", "s3_store"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class StoredObject:
     size: int
     sha256: str
     rows: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime | None
 
 
 class ObjectStore:
@@ -50,7 +60,11 @@ class ObjectStore:
         if isinstance(self.fs, pafs.LocalFileSystem):  # S3 has no directories to make
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with self.fs.open_output_stream(path) as out:
-            out.write(data)
+            view = memoryview(data)
+            half = len(view) // 2
+            out.write(view[:half])
+            crash_point("upload.mid_object")
+            out.write(view[half:])
 
     def write_parquet(
         self, key: str, table: pa.Table, *, compression: str = "zstd", row_group_size: int = 131_072
@@ -95,10 +109,21 @@ class ObjectStore:
     # -- listing and deleting (GC and tests only; readers never list) -----------------------
 
     def list_keys(self, prefix: str) -> list[str]:
+        return [o.key for o in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix` with its size and last-modified time, by key."""
         selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         infos = self.fs.get_file_info(selector)
         offset = len(self.root) + 1
-        return sorted(i.path[offset:] for i in infos if i.type == pafs.FileType.File)
+        return sorted(
+            (
+                ObjectInfo(i.path[offset:], i.size, i.mtime)
+                for i in infos
+                if i.type == pafs.FileType.File
+            ),
+            key=lambda o: o.key,
+        )
 
     def delete(self, keys: Iterable[str]) -> int:
         deleted = 0

@@ -18,6 +18,9 @@ __all__ = [
     "versions",
     "pointers",
     "outbox",
+    "commit_keys",
+    "pins",
+    "gc_queue",
     "engine_for",
 ]
 
@@ -70,6 +73,10 @@ attempts = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
     sa.Index("trace_attempts_by_partition", "dataset", "partition_key"),
+    # staging cleanup finds expired leases among the live attempts only
+    sa.Index(
+        "trace_attempts_live", "lease_expires_at", postgresql_where=sa.text("state = 'staging'")
+    ),
 )
 
 versions = sa.Table(
@@ -107,6 +114,46 @@ outbox = sa.Table(
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
     sa.Column("relayed_at", sa.DateTime(timezone=True), nullable=True),
+    # the relay looks only at what it has not relayed yet
+    sa.Index("trace_outbox_unrelayed", "id", postgresql_where=sa.text("relayed_at IS NULL")),
+)
+
+# Which version a logical writer committed: a Dagster step's outputs within one run and its
+# retries (same root run id) commit each (dataset, partition) at most once, as Delta's
+# transaction identifiers (txn appId) make a retried write a no-op.
+commit_keys = sa.Table(
+    "trace_commit_keys",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("commit_key", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("attempt_id", UUID(as_uuid=False), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+# Versions a reader is reading: GC never removes a version with an unexpired pin.
+pins = sa.Table(
+    "trace_pins",
+    metadata,
+    sa.Column("reader_id", sa.Text, primary_key=True),
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Index("trace_pins_by_version", "dataset", "partition_key", "version"),
+)
+
+# Files of removed versions, queued in the transaction that removed the versions and deleted
+# afterwards: a GC killed between the two finishes on its next run (a write-ahead log).
+gc_queue = sa.Table(
+    "trace_gc_queue",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("queued_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
 )
 
 

@@ -1,0 +1,57 @@
+"""Named crash points: where the fault-injection tests SIGKILL a writer, a GC or a cleanup.
+
+`TRACE_CRASH_POINT=name` (or `name@N`: on the N-th time the point is reached) makes the process
+that reaches `crash_point("name")` kill itself with SIGKILL at once: no `finally`, no atexit, no
+flushing, no rollback by the client, exactly as if the machine had lost power for that process.
+Unset (always, outside the tests) a crash point costs one dictionary lookup.
+
+The points, in the order a write reaches them:
+
+- `upload.mid_object`      an object's bytes half written, its stream never closed
+- `stage.during_upload`    one of an attempt's files uploaded, the next not yet
+- `stage.after_upload`     every file staged and verified, the commit not started
+- `commit.after_pg_commit` the Postgres transaction committed, the caller (Dagster) not told
+- `gc.after_versions_deleted`  GC removed version rows and queued their files, none deleted
+- `gc.during_file_delete`  GC deleted one queued file, the others not yet
+- `cleanup.after_abandon`  staging cleanup marked expired attempts abandoned, files not deleted
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+__all__ = ["CRASH_POINTS", "CRASH_POINT_ENV", "crash_point"]
+
+# Read from the environment on every call (never at import) so tests can set it per process.
+# Documented with the other environment variables in `trace_resources.settings`.
+CRASH_POINT_ENV = "TRACE_CRASH_POINT"
+
+CRASH_POINTS = (
+    "upload.mid_object",
+    "stage.during_upload",
+    "stage.after_upload",
+    "commit.after_pg_commit",
+    "gc.after_versions_deleted",
+    "gc.during_file_delete",
+    "cleanup.after_abandon",
+)
+
+_hits: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    """SIGKILL this process if `TRACE_CRASH_POINT` names this point (and its hit count)."""
+    wanted = os.environ.get(CRASH_POINT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    with _lock:
+        _hits[name] = _hits.get(name, 0) + 1
+        hit = _hits[name]
+    if hit >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
