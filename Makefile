@@ -19,7 +19,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived
+BENCHES := bench-ingest bench-query bench-derived bench-commit
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -72,6 +72,9 @@ bench: $(BENCHES) ## run all benchmarks
 
 bench-ingest: install ## ingest benchmark
 	$(PYTHON) -m infra.bench.ingest
+
+bench-commit: install ## commit latency/throughput on Postgres, commit share of the ingest
+	$(PYTHON) -m infra.bench.commit
 
 bench-derived: install ## derived datasets: Dagster materialisation vs the same transforms direct
 	$(PYTHON) -m infra.bench.derived

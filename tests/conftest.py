@@ -18,6 +18,7 @@ from infra.devnet.generate import GENESIS_TIMESTAMP, GenerationSummary, generate
 from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
+from trace_resources.storage.state import dispose_engine
 
 CHAIN_ID = 10143
 RANGE_SIZE = 50
@@ -95,6 +96,8 @@ def state_dsn(postgres: PostgresServer) -> Iterator[str]:
     name = f"state_{os.getpid()}_{next(_counter)}"
     postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
     yield postgres.dsn(name)
+    # close this test's pooled connections, or a long session runs out of connection slots
+    dispose_engine(postgres.dsn(name))
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from trace_resources.errors import TraceError
 from trace_resources.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from trace_resources.storage.gc import GarbageCollector
 
 __all__ = ["main"]
@@ -392,6 +394,100 @@ def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.Argument
     impacted.set_defaults(func=cmd_lineage_impacted)
 
 
+def _alerts_engine(settings: Settings) -> Engine:
+    from trace_resources.buffer.tables import data_engine
+
+    return data_engine(settings.data_dsn)
+
+
+def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.buffer.rules import RuleStore, describe, load_rule_file
+
+    store = RuleStore(_alerts_engine(settings))
+    if args.action == "list":
+        rows = describe(store.latest(args.org))
+        if args.json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return 0
+        for r in rows:
+            state = "enabled" if r["enabled"] else "disabled"
+            sys.stdout.write(
+                f"{r['org']}/{r['id']} v{r['version']} {state} {r['kind']} "
+                f"-> {', '.join(r['channels'])}\n"
+            )
+        return 0
+    if args.action == "disable":
+        stored = store.disable(args.org, args.rule_id)
+    else:
+        rule = load_rule_file(args.file)
+        stored = store.create(rule) if args.action == "create" else store.update(rule)
+    sys.stdout.write(
+        f"{args.action}d rule {stored.rule.org}/{stored.rule.id}: version {stored.version}"
+        f"{'' if stored.rule.enabled else ' (disabled)'}\n"
+    )
+    return 0
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.buffer import dlq
+
+    engine = _alerts_engine(settings)
+    if args.action == "list":
+        dead = dlq.list_dead(engine, org=args.org, channel=args.channel, limit=args.limit)
+        if args.json:
+            rows = [{**d.__dict__, "dead_at": str(d.dead_at)} for d in dead]
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return 0
+        for d in dead:
+            sys.stdout.write(
+                f"{d.dedupe_key} {d.channel} attempts={d.attempts} replays={d.replays} "
+                f"dead_at={d.dead_at:%Y-%m-%dT%H:%M:%S} error={d.last_error}\n"
+            )
+        sys.stdout.write(f"{len(dead)} dead letter(s)\n")
+        return 0
+    if not (args.all or args.key or args.org or args.channel):
+        sys.stderr.write("trace dlq replay: give --key, --org, --channel or --all\n")
+        return 2
+    count = dlq.replay(engine, keys=args.key or None, org=args.org, channel=args.channel)
+    sys.stdout.write(f"replayed {count} dead letter(s): pending again\n")
+    return 0
+
+
+def _add_alert_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    alerts = commands.add_parser("alerts", help="alert rules").add_subparsers(
+        dest="group", required=True
+    )
+    rule = alerts.add_parser("rule", help="create, list, update, disable rules").add_subparsers(
+        dest="action", required=True
+    )
+    for action, text in (("create", "a new rule"), ("update", "a new version of a rule")):
+        sub = rule.add_parser(action, help=f"{text} from a YAML or JSON file")
+        sub.add_argument("file", help="rule file (.yaml/.yml/.json)")
+        sub.set_defaults(func=cmd_alert_rule)
+    listing = rule.add_parser("list", help="the version in force of every rule")
+    listing.add_argument("--org", help="one organisation")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_alert_rule)
+    disable = rule.add_parser("disable", help="a new, disabled version of a rule")
+    disable.add_argument("org")
+    disable.add_argument("rule_id")
+    disable.set_defaults(func=cmd_alert_rule)
+
+    dlq = commands.add_parser("dlq", help="dead-lettered alert deliveries").add_subparsers(
+        dest="action", required=True
+    )
+    listing = dlq.add_parser("list", help="deliveries that failed their last attempt")
+    replay = dlq.add_parser("replay", help="return dead deliveries to pending")
+    for sub in (listing, replay):
+        sub.add_argument("--org", help="one organisation")
+        sub.add_argument("--channel", help="one channel, '<org>/<name>'")
+        sub.set_defaults(func=cmd_dlq)
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    replay.add_argument("--key", action="append", help="dedupe key (repeatable)")
+    replay.add_argument("--all", action="store_true", help="every dead delivery")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -414,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_commands(commands)
     _add_query_commands(commands)
     _add_dataset_commands(commands)
+    _add_alert_commands(commands)
     return parser
 
 

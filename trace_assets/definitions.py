@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dagster as dg
 
+from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.raw.chain import raw_chain
+from trace_resources.buffer.resource import AlertsResource
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager
@@ -53,6 +55,13 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "objects": objects,
         "state": state,
         "dataset_io_manager": DatasetIOManager(objects=objects, state=state),
+        "alerts": AlertsResource(
+            data_dsn=settings.data_dsn,
+            sqs_endpoint_url=settings.sqs_endpoint_url,
+            region=settings.s3_region,
+            queue=settings.alerts_queue,
+            visibility_timeout_s=settings.alerts_visibility_timeout_s,
+        ),
     }
 
 
@@ -66,7 +75,7 @@ raw_backfill_job = dg.define_asset_job(
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or get_settings()
     return dg.Definitions(
-        assets=[raw_chain, ingest_audit, *DERIVED_ASSETS],
+        assets=[raw_chain, ingest_audit, *DERIVED_ASSETS, alert_evaluations],
         asset_checks=DATASET_CHECKS,
         jobs=[raw_backfill_job],
         sensors=[

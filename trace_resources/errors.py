@@ -27,6 +27,7 @@ __all__ = [
     "StagingError",
     "LeaseExpiredError",
     "SegmentConflictError",
+    "VersionRemovedError",
 ]
 
 
@@ -120,3 +121,7 @@ class SegmentConflictError(CommitError):
     """An append carries some segment keys the dataset already holds, and some it does not."""
 
     permanent = False
+
+
+class VersionRemovedError(CommitError):
+    """A retried commit had landed, but its version was superseded and removed by GC since."""

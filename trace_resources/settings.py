@@ -77,6 +77,42 @@ class Settings(BaseSettings):
     bucket_results: str = Field("trace-results", description="Bucket of query results/exports.")
     bucket_scratch: str = Field("trace-scratch", description="Bucket of scratch files.")
 
+    # alerts: buffer (SQS API), sink, delivery
+    sqs_endpoint_url: str | None = Field(
+        None,
+        description="SQS API endpoint of the alert buffer (None: AWS; locally the moto "
+        "server, which serves S3 and SQS on one port).",
+    )
+    alerts_queue: str = Field("trace-alerts", description="SQS queue name of the alert buffer.")
+    alerts_visibility_timeout_s: int = Field(
+        30,
+        gt=0,
+        description="Seconds a received buffer message stays hidden before it is "
+        "redelivered (a sink that dies before acknowledging loses nothing).",
+    )
+    alerts_sink_batch: int = Field(
+        100, gt=0, description="Messages the sink upserts in one Postgres transaction."
+    )
+    alert_delivery_max_attempts: int = Field(
+        6, gt=0, description="Delivery attempts per alert and channel before the dead letters."
+    )
+    alert_backoff_base_s: float = Field(
+        1.0, gt=0, description="First retry delay; doubles per attempt, with full jitter."
+    )
+    alert_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay, seconds.")
+    alert_delivery_timeout_s: float = Field(
+        10.0, gt=0, description="Time limit of one delivery request (webhook, Slack, SMTP)."
+    )
+    alert_channel_rate_per_s: float = Field(
+        10.0,
+        gt=0,
+        description="Default deliveries per second per channel (a rule's channel "
+        "may set its own `rate_per_s`).",
+    )
+    alert_delivery_concurrency: int = Field(
+        8, gt=0, description="Deliveries in flight at once per deliverer process."
+    )
+
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
         None,

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from infra.local.services import MotoS3Server
 from tests.storage.conftest import REPO, SpawnWriter
 from tests.utils.invariants import InvariantReport, table_of, visible_ids
+from trace_resources.errors import VersionRemovedError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
@@ -273,3 +274,38 @@ def test_gc_and_cleanup_in_a_loop_while_writers_and_a_reader_work(
     for key in (A, B):
         assert visible_ids(reader, "blocks", key) == list(range(700, 707))
     assert len(store.list_keys("blocks/")) == 2 * 3  # 7 rows in files of 3, per partition
+
+
+def test_a_late_retry_of_a_writer_whose_version_gc_removed_commits_nothing(
+    writer: DatasetWriter, store: ObjectStore, versions: VersionStore
+) -> None:
+    key = "dagster:run-1:step"
+    first = writer.stage_partition("blocks", A, PartitionData(table_of([1])))
+    assert writer.commit_staged(first, commit_key=key).version.version == 1
+    writer.write("blocks", A, PartitionData(table_of([2])))  # a newer run's version
+    GarbageCollector(store, versions).collect(ALL_NOW, apply=True)
+    assert kept_versions(versions) == [(A, 2)]
+    # the same logical writer retries late (a new attempt, its commit key): no v3 of stale data
+    with pytest.raises(VersionRemovedError, match=r"already committed blocks/\S+ as version 1"):
+        writer.write("blocks", A, PartitionData(table_of([1])), commit_key=key)
+    # the same attempt retries its commit (unknown outcome long ago): likewise
+    with pytest.raises(VersionRemovedError, match="now v2"):
+        writer.commit_staged(first, commit_key=key)
+    assert kept_versions(versions) == [(A, 2)]
+    assert visible_ids(DatasetReader(store, versions), "blocks", A) == [2]
+
+
+def test_a_late_retry_of_an_append_whose_version_gc_removed_returns_the_current_version(
+    writer: DatasetWriter, store: ObjectStore, versions: VersionStore
+) -> None:
+    first = writer.stage_partition(
+        "audit_log", UNPARTITIONED, PartitionData(table_of([1]), segment_key="a"), mode="append"
+    )
+    assert writer.commit_staged(first, mode="append").version.version == 1
+    later = PartitionData(table_of([2]), segment_key="b")
+    writer.write("audit_log", UNPARTITIONED, later, mode="append")
+    GarbageCollector(store, versions).collect(ALL_NOW, apply=True)
+    again = writer.commit_staged(first, mode="append")  # v1 is gone; v2 carries segment "a"
+    assert again.already_committed and again.version.version == 2
+    assert again.version.manifest.segment_keys() == {"a", "b"}
+    assert visible_ids(DatasetReader(store, versions), "audit_log", UNPARTITIONED) == [1, 2]

@@ -45,8 +45,17 @@ def table_of(ids: list[int], writer: str = "w") -> pa.Table:
 
 
 def check_invariants(
-    versions: VersionStore, store: ObjectStore, datasets: list[str] | None = None
+    versions: VersionStore,
+    store: ObjectStore,
+    datasets: list[str] | None = None,
+    verified: dict[str, tuple[int, str, int]] | None = None,
 ) -> InvariantReport:
+    """Check every invariant; raise AssertionError (or FileNotFoundError) on the first breach.
+
+    `verified` (a dict kept across calls) remembers files already read and hashed: objects are
+    immutable, so later calls check those by a listing (present, same size) instead of reading
+    them again.
+    """
     report = InvariantReport()
     pointer_query, version_query = sa.select(t.pointers), sa.select(t.versions)
     if datasets is not None:
@@ -75,6 +84,12 @@ def check_invariants(
             f"not at the newest version v{newest[(p.dataset, p.partition_key)]}"
         )
     checked: dict[str, tuple[int, str, int]] = {}
+    if verified:
+        prefixes = [f"{d}/" for d in datasets] if datasets is not None else [""]
+        listed = {o.key: o.size for p in prefixes for o in store.list_objects(p)}
+        for key, facts in verified.items():
+            if listed.get(key) == facts[0]:
+                checked[key] = facts
     for r in rows:
         report.versions += 1
         manifest = Manifest.from_dict(r.manifest)
@@ -102,6 +117,8 @@ def check_invariants(
                 f"the manifest says {entry.size} / {entry.rows} / {entry.sha256}: a partial or "
                 "foreign object"
             )
+    if verified is not None:
+        verified.update(checked)
     return report
 
 

@@ -4,7 +4,7 @@ current-version pointers and the outbox (SQLAlchemy Core; the SQL of the protoco
 
 from __future__ import annotations
 
-import functools
+import threading
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -22,6 +22,7 @@ __all__ = [
     "pins",
     "gc_queue",
     "engine_for",
+    "dispose_engine",
 ]
 
 metadata = sa.MetaData()
@@ -118,9 +119,10 @@ outbox = sa.Table(
     sa.Index("trace_outbox_unrelayed", "id", postgresql_where=sa.text("relayed_at IS NULL")),
 )
 
-# Which version a logical writer committed: a Dagster step's outputs within one run and its
-# retries (same root run id) commit each (dataset, partition) at most once, as Delta's
-# transaction identifiers (txn appId) make a retried write a no-op.
+# Which version a logical writer committed: a Dagster step and its retries (see
+# `io_manager.commit_key_for`) commit each (dataset, partition) at most once, as Delta's
+# transaction identifiers (txn appId) make a retried write a no-op. Kept when GC removes the
+# version, so that a late retry never commits superseded data again.
 commit_keys = sa.Table(
     "trace_commit_keys",
     metadata,
@@ -157,12 +159,27 @@ gc_queue = sa.Table(
 )
 
 
-@functools.cache
+_engines: dict[str, sa.Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def engine_for(dsn: str) -> sa.Engine:
     """One pooled engine per database per process, with the state tables created."""
-    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-    with engine.begin() as conn:
-        # serialise first-time DDL between processes that start together
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110001)"))
-        metadata.create_all(conn, checkfirst=True)
+    with _engines_lock:
+        engine = _engines.get(dsn)
+        if engine is None:
+            engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
+            with engine.begin() as conn:
+                # serialise first-time DDL between processes that start together
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110001)"))
+                metadata.create_all(conn, checkfirst=True)
+            _engines[dsn] = engine
     return engine
+
+
+def dispose_engine(dsn: str) -> None:
+    """Close the pooled connections to one database (e.g. a test's, before it is dropped)."""
+    with _engines_lock:
+        engine = _engines.pop(dsn, None)
+    if engine is not None:
+        engine.dispose()

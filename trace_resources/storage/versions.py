@@ -27,6 +27,7 @@ from trace_resources.errors import (
     LeaseExpiredError,
     SchemaIncompatibleError,
     SegmentConflictError,
+    VersionRemovedError,
 )
 from trace_resources.storage import state as t
 
@@ -398,16 +399,9 @@ class VersionStore:
             if row is None:
                 raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
             if row.state == "committed":
-                record = self._version(
-                    conn, attempt.dataset, attempt.partition_key, row.committed_version
-                )
+                who = f"attempt {attempt.attempt_id}"
+                record = self._landed(conn, attempt, row.committed_version, who)
                 return CommitResult(record, True, record.schema_version, None)
-            if commit_key is not None:
-                landed = self._committed_by_key(conn, attempt, commit_key)
-                if landed is not None:
-                    if row.state == "staging":
-                        self._set_state(conn, attempt, "committed", landed.version)
-                    return CommitResult(landed, True, landed.schema_version, None)
             if row.state != "staging":
                 raise AttemptFencedError(
                     f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
@@ -426,12 +420,19 @@ class VersionStore:
                     "StateStoreResource.lease_s if writers legitimately stall this long"
                 )
             else:
+                # the fence row lock serialises every commit of this (dataset, partition)
                 fence = conn.execute(
                     sa.select(t.fences.c.fence)
                     .where(t.fences.c.dataset == attempt.dataset)
                     .where(t.fences.c.partition_key == attempt.partition_key)
                     .with_for_update()
                 ).scalar_one()
+                landed = self._committed_by_key(conn, attempt, commit_key)
+                if landed is not None:
+                    who = f"the writer with commit key {commit_key!r}"
+                    record = self._landed(conn, attempt, landed, who)
+                    self._set_state(conn, attempt, "committed", landed)
+                    return CommitResult(record, True, record.schema_version, None)
                 if mode == "append" or fence == attempt.fence:
                     result = self._commit_fenced(conn, attempt, manifest, schema, mode, keys)
                     if commit_key is not None and not result.already_committed:
@@ -524,22 +525,48 @@ class VersionStore:
         )
         return CommitResult(record, False, schema_version, drift)
 
+    @staticmethod
     def _committed_by_key(
-        self, conn: sa.Connection, attempt: Attempt, commit_key: str
-    ) -> VersionRecord | None:
-        row = conn.execute(
-            sa.select(t.versions)
-            .join(
-                t.commit_keys,
-                (t.commit_keys.c.dataset == t.versions.c.dataset)
-                & (t.commit_keys.c.partition_key == t.versions.c.partition_key)
-                & (t.commit_keys.c.version == t.versions.c.version),
-            )
+        conn: sa.Connection, attempt: Attempt, commit_key: str | None
+    ) -> int | None:
+        """The version this logical writer already committed here, if any."""
+        if commit_key is None:
+            return None
+        return conn.execute(
+            sa.select(t.commit_keys.c.version)
             .where(t.commit_keys.c.dataset == attempt.dataset)
             .where(t.commit_keys.c.partition_key == attempt.partition_key)
             .where(t.commit_keys.c.commit_key == commit_key)
+        ).scalar_one_or_none()
+
+    def _landed(
+        self, conn: sa.Connection, attempt: Attempt, version: int, who: str
+    ) -> VersionRecord:
+        """The version an earlier commit landed as. If GC has removed it since: for an append,
+        the current version (which carries its segments forward); for a replace, a refusal."""
+        row = conn.execute(
+            sa.select(t.versions)
+            .where(t.versions.c.dataset == attempt.dataset)
+            .where(t.versions.c.partition_key == attempt.partition_key)
+            .where(t.versions.c.version == version)
         ).one_or_none()
-        return None if row is None else _record(row)
+        if row is not None:
+            return _record(row)
+        if attempt.mode == "append":
+            # later appends carried the segments forward: the current version holds them
+            current_record = self._current(conn, attempt.dataset, attempt.partition_key)
+            if current_record is not None:
+                return current_record
+        current = conn.execute(
+            sa.select(t.pointers.c.current_version)
+            .where(t.pointers.c.dataset == attempt.dataset)
+            .where(t.pointers.c.partition_key == attempt.partition_key)
+        ).scalar_one_or_none()
+        raise VersionRemovedError(
+            f"{who} already committed {attempt.dataset}/{attempt.partition_key} as version "
+            f"{version}, which a newer version (now v{current}) has superseded and GC has "
+            "removed since. Nothing was written again: the newer version stands"
+        )
 
     @staticmethod
     def _record_commit_key(
@@ -827,12 +854,13 @@ class VersionStore:
                     RemovedVersion(dataset, r.partition_key, r.version, r.created_at, files)
                 )
             if apply:
-                for table in (t.versions, t.commit_keys):
-                    conn.execute(
-                        table.delete()
-                        .where(table.c.dataset == dataset)
-                        .where(sa.tuple_(table.c.partition_key, table.c.version).in_(doomed))
-                    )
+                # commit keys stay (tombstones): a late retry of the writer that committed a
+                # removed version must not commit its superseded data again
+                conn.execute(
+                    t.versions.delete()
+                    .where(t.versions.c.dataset == dataset)
+                    .where(sa.tuple_(t.versions.c.partition_key, t.versions.c.version).in_(doomed))
+                )
                 queued = [
                     {"key": f.key, "dataset": dataset, "reason": f"{r.partition_key} v{r.version}"}
                     for r in removed

@@ -1,0 +1,263 @@
+"""`make bench-commit`: the commit protocol's latency and throughput on the real Postgres, and
+its share of Trace's ingest.
+
+1. Latency: attempts are staged on the S3 API (moto server on loopback) first, then committed
+   one by one; only the commit is timed (`DatasetWriter.commit_staged`: the fenced transaction
+   with schema check, version, pointer, commit key and outbox event). Replace commits rotate
+   over partitions of one dataset; append commits add one segment each to one partition (its
+   manifest grows with every append, as in production). Staging time is reported apart.
+2. Throughput: `--writers` threads commit pre-staged attempts of different partitions of one
+   dataset at once; commits/s is the number of commits over the wall time.
+3. Ingest share: the ingest benchmark's devnet backfill (infra/bench/ingest.py: one Dagster run
+   materialising blocks, transactions and logs for every range, RPC to committed Parquet),
+   with the time spent inside commits measured around the IO manager's commit calls:
+   `ingest_share` = commit time / run time (median over rounds).
+
+Last line: `commit: replace_p50_ms=<> replace_p99_ms=<> append_p50_ms=<> commits_per_s=<>
+ingest_share=<fraction>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from infra.bench.ingest import CHAIN_ID, dagster_instance, devnet_state, time_trace
+from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
+from trace_assets.partitions import add_finalized_partitions
+from trace_resources.settings import Settings
+from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
+from trace_resources.storage.object_store import s3_store
+from trace_resources.storage.paths import UNPARTITIONED
+from trace_resources.storage.state import engine_for
+from trace_resources.storage.versions import VersionStore
+
+
+def _say(message: str) -> None:
+    print(f"[bench-commit] {message}", flush=True)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _table(rows: int, seed: int) -> pa.Table:
+    return pa.table(
+        {
+            "block_number": pa.array(range(seed * rows, seed * rows + rows), pa.uint64()),
+            "value": pa.array([float(i) for i in range(rows)], pa.float64()),
+        }
+    )
+
+
+def _key(i: int) -> str:
+    return f"{i * 100:012d}-{i * 100 + 99:012d}"
+
+
+def measure_latency(
+    writer: DatasetWriter, commits: int, partitions: int, rows: int
+) -> dict[str, list[float]]:
+    """Stage then commit, one at a time; the commit alone is timed."""
+    times: dict[str, list[float]] = {"replace": [], "append": [], "stage": []}
+    for i in range(commits):
+        started = time.perf_counter()
+        staged = writer.stage_partition("bench_replace", _key(i % partitions), _data(rows, i))
+        times["stage"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        writer.commit_staged(staged)
+        times["replace"].append(time.perf_counter() - started)
+    for i in range(commits):
+        data = _data(rows, i, segment_key=f"segment-{i}")
+        staged = writer.stage_partition("bench_append", UNPARTITIONED, data, mode="append")
+        started = time.perf_counter()
+        writer.commit_staged(staged, mode="append")
+        times["append"].append(time.perf_counter() - started)
+    return times
+
+
+def _data(rows: int, seed: int, segment_key: str | None = None) -> PartitionData:
+    return PartitionData(_table(rows, seed), segment_key=segment_key)
+
+
+def measure_throughput(writer: DatasetWriter, writers: int, per_writer: int, rows: int) -> float:
+    """Commits/s of `writers` threads committing pre-staged attempts on distinct partitions."""
+    staged: list[list[StagedPartition]] = [
+        [
+            writer.stage_partition(
+                "bench_concurrent", _key(w * per_writer + i), _data(rows, w * per_writer + i)
+            )
+            for i in range(per_writer)
+        ]
+        for w in range(writers)
+    ]
+    start = threading.Barrier(writers + 1)
+    errors: list[BaseException] = []
+
+    def commit_all(attempts: list[StagedPartition]) -> None:
+        start.wait()
+        try:
+            for attempt in attempts:
+                writer.commit_staged(attempt)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit_all, args=(s,)) for s in staged]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    if errors:
+        raise errors[0]
+    return writers * per_writer / wall
+
+
+@contextmanager
+def timed_commits() -> Iterator[list[float]]:
+    """Record the duration of every `DatasetWriter.commit_staged` call in this process (the
+    real method runs; it is only wrapped with a timer)."""
+    durations: list[float] = []
+    original: Callable[..., Any] = DatasetWriter.commit_staged
+    lock = threading.Lock()
+
+    def timed(self: DatasetWriter, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            with lock:
+                durations.append(time.perf_counter() - started)
+
+    DatasetWriter.commit_staged = timed  # type: ignore[method-assign]
+    try:
+        yield durations
+    finally:
+        DatasetWriter.commit_staged = original  # type: ignore[method-assign]
+
+
+def measure_ingest_share(
+    pg: PostgresServer, s3: MotoS3Server, work: Path, args: argparse.Namespace
+) -> tuple[float, list[float], int]:
+    state_file = devnet_state(args.blocks)
+    node = AnvilNode(
+        work / "anvil",
+        free_port(),
+        chain_id=CHAIN_ID,
+        persist=False,
+        extra_args=["--load-state", str(state_file)],
+    )
+    node.start()
+    try:
+        pg.ensure_databases(("dagster", "trace_state_ingest"))
+        settings = Settings(
+            environment="test",
+            rpc_url=node.url,
+            chain_id=CHAIN_ID,
+            range_size=args.range_size,
+            state_dsn=pg.dsn("trace_state_ingest"),
+            object_store="s3",
+            s3_endpoint_url=s3.endpoint_url,
+        )
+        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        instance = dagster_instance(work / "dagster_home", pg)
+        keys = add_finalized_partitions(instance, finalized, args.range_size)
+        shares: list[float] = []
+        commits = 0
+        for round_number in range(args.ingest_rounds):
+            with timed_commits() as durations:
+                seconds = time_trace(settings, instance, keys)
+            shares.append(sum(durations) / seconds)
+            commits = len(durations)
+            _say(
+                f"ingest round {round_number + 1}: run {seconds:5.2f} s, {len(durations)} "
+                f"commits took {sum(durations) * 1000:7.1f} ms: share {shares[-1]:.4f}"
+            )
+        instance.dispose()
+        return statistics.median(shares), shares, commits
+    finally:
+        node.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--commits", type=int, default=400, help="timed commits of each mode")
+    parser.add_argument("--partitions", type=int, default=20, help="replace partitions")
+    parser.add_argument("--rows", type=int, default=1000, help="rows per staged table")
+    parser.add_argument("--writers", type=int, default=8, help="concurrent committers")
+    parser.add_argument("--per-writer", type=int, default=50, help="commits per writer")
+    parser.add_argument("--blocks", type=int, default=3000, help="ingest devnet blocks")
+    parser.add_argument("--range-size", type=int, default=250, help="ingest blocks per range")
+    parser.add_argument("--ingest-rounds", type=int, default=3, help="ingest runs timed")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="trace-bench-commit-"))
+    pg = PostgresServer(work / "pg", free_port())
+    s3 = MotoS3Server(free_port())
+    try:
+        pg.start()
+        pg.ensure_databases(("trace_state",))
+        s3.start()
+        s3.create_buckets(["trace-datasets"])
+        os.environ.update(s3.env())
+        versions = VersionStore(engine_for(pg.dsn("trace_state")))
+        store = s3_store("trace-datasets", endpoint_url=s3.endpoint_url)
+        with DatasetWriter(store, versions) as writer:
+            _say(f"{args.commits} replace and {args.commits} append commits, one at a time")
+            times = measure_latency(writer, args.commits, args.partitions, args.rows)
+            replace_ms = [t * 1000 for t in times["replace"]]
+            append_ms = [t * 1000 for t in times["append"]]
+            stage_ms = [t * 1000 for t in times["stage"]]
+            tenth = max(args.commits // 10, 1)
+            for name, values in (("replace", replace_ms), ("append", append_ms)):
+                first, last = values[:tenth], values[-tenth:]
+                _say(
+                    f"{name:<8} commit p50 {_percentile(values, 0.5):6.2f} ms  "
+                    f"p90 {_percentile(values, 0.9):6.2f} ms  p99 {_percentile(values, 0.99):6.2f}"
+                    f" ms  max {max(values):6.2f} ms  (p50 of the first {tenth}: "
+                    f"{_percentile(first, 0.5):.2f} ms, of the last {tenth}: "
+                    f"{_percentile(last, 0.5):.2f} ms)"
+                )
+            _say(
+                f"staging (begin attempt + upload + verify, excluded above) p50 "
+                f"{_percentile(stage_ms, 0.5):.2f} ms"
+            )
+            sequential = len(replace_ms) / (sum(replace_ms) / 1000)
+            concurrent = measure_throughput(writer, args.writers, args.per_writer, args.rows)
+            _say(
+                f"throughput: {sequential:.0f} commits/s from one writer, {concurrent:.0f} "
+                f"commits/s from {args.writers} writers on distinct partitions of one dataset"
+            )
+        share, shares, commits = measure_ingest_share(pg, s3, work, args)
+        _say(
+            f"ingest: {commits} commits per backfill run; commit share median {share:.4f} "
+            f"(min-max {min(shares):.4f}-{max(shares):.4f}); target < 0.05"
+        )
+        print(
+            f"commit: replace_p50_ms={_percentile(replace_ms, 0.5):.2f} "
+            f"replace_p99_ms={_percentile(replace_ms, 0.99):.2f} "
+            f"append_p50_ms={_percentile(append_ms, 0.5):.2f} "
+            f"commits_per_s={concurrent:.0f} ingest_share={share:.4f}"
+        )
+    finally:
+        s3.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

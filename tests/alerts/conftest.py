@@ -1,0 +1,254 @@
+"""Alert tests: a fresh data database and SQS queue per test, real HTTP receivers on loopback,
+and worker processes (sink, deliverer) in their own process groups, always stopped."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from infra.local.services import MotoS3Server, PostgresServer
+from trace_resources.buffer import tables as t
+from trace_resources.buffer.queue import BufferMessage, SqsBuffer
+from trace_resources.buffer.rules import AlertRule, RuleStore, StoredRule, parse_rule
+
+_counter = itertools.count()
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "test-webhook-secret-0123456789"
+
+
+@dataclass
+class Hit:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """Answers by path: /ok, /fail (500), /slow (0.3 s), /hang (5 s), /toggle (500 until
+    `healthy`). Records every request it finished reading."""
+
+    port: int = 0
+    hits: list[Hit] = field(default_factory=list)
+    healthy: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def keys(self, path: str | None = None) -> list[str]:
+        with self.lock:
+            return [
+                h.headers.get("x-trace-dedupe-key") or json.loads(h.body).get("text", "")
+                for h in self.hits
+                if path is None or h.path == path
+            ]
+
+    def on(self, path: str) -> list[Hit]:
+        with self.lock:
+            return [h for h in self.hits if h.path == path]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            hit = Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
+            with state.lock:
+                state.hits.append(hit)
+            status = 200
+            if self.path == "/fail" or (self.path == "/toggle" and not state.healthy):
+                status = 500
+            elif self.path == "/slow":
+                time.sleep(0.3)
+            elif self.path == "/hang":
+                time.sleep(5)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def data_dsn(postgres: PostgresServer) -> str:
+    name = f"data_{os.getpid()}_{next(_counter)}"
+    postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
+    return postgres.dsn(name)
+
+
+@pytest.fixture
+def engine(data_dsn: str) -> sa.Engine:
+    return t.data_engine(data_dsn)
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"alerts-{os.getpid()}-{next(_counter)}"
+
+
+@pytest.fixture
+def buffer(s3_server: MotoS3Server, queue_name: str) -> SqsBuffer:
+    return SqsBuffer(queue_name, endpoint_url=s3_server.endpoint_url, visibility_timeout_s=2)
+
+
+@pytest.fixture
+def worker_env(s3_server: MotoS3Server, data_dsn: str, queue_name: str) -> dict[str, str]:
+    """Environment of sink / deliverer processes (and of the `trace` CLI)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    env.update(s3_server.env())
+    env.update(
+        {
+            "TRACE_DATA_DSN": data_dsn,
+            "TRACE_SQS_ENDPOINT_URL": s3_server.endpoint_url,
+            "TRACE_ALERTS_QUEUE": queue_name,
+            "TRACE_ALERTS_VISIBILITY_TIMEOUT_S": "2",
+            "TRACE_ALERTS_SINK_BATCH": "50",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    return env
+
+
+class Workers:
+    """Starts worker processes in new sessions; stops every one of them at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Any] = {}
+
+    def start(self, module: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+        log = tempfile.TemporaryFile()  # not a pipe: a chatty worker must never block on it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        self.logs[proc.pid] = log
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                self.signal(proc, signal.SIGKILL)
+            proc.wait(timeout=10)
+        for log in self.logs.values():
+            log.close()
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        handle = self.logs[proc.pid]
+        handle.seek(0)
+        return str(handle.read().decode())
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    w = Workers()
+    try:
+        yield w
+    finally:
+        w.stop_all()
+
+
+def make_rule(
+    channels: list[dict[str, Any]], *, org: str = "acme", rule_id: str = "big", **condition: Any
+) -> AlertRule:
+    return parse_rule(
+        {
+            "org": org,
+            "id": rule_id,
+            "condition": condition
+            or {"kind": "watched_addresses", "addresses": ["0x" + "11" * 20]},
+            "channels": channels,
+        }
+    )
+
+
+def webhook(name: str, url: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "webhook", "name": name, "url": url, "secret": SECRET, **extra}
+
+
+def messages_for(stored: StoredRule, n: int, prefix: str = "k") -> list[BufferMessage]:
+    """n synthetic alerts of a stored rule (as the evaluation would publish them)."""
+    destination = {
+        "org": stored.rule.org,
+        "rule_id": stored.rule.id,
+        "rule_version": stored.version,
+        "channels": [c.name for c in stored.rule.channels],
+    }
+    return [
+        BufferMessage(
+            f"{prefix}-{i:06d}",
+            {"type": "alert", "org": stored.rule.org, "n": i, "text": f"alert {prefix}-{i}"},
+            destination,
+        )
+        for i in range(n)
+    ]
+
+
+def store_rule(engine: sa.Engine, rule: AlertRule) -> StoredRule:
+    return RuleStore(engine).create(rule)
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    detail: Callable[[], object] = lambda: "",
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}: {detail()}")
+        time.sleep(0.1)
+
+
+def count(engine: sa.Engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(sql)).scalar_one())

@@ -1,0 +1,402 @@
+"""Delivery of upserted alerts to their channels: webhook (HMAC-signed) and Slack.
+
+State lives in `trace_alert_deliveries`, one row per (alert, channel):
+
+- the deliverer claims due rows (`FOR UPDATE SKIP LOCKED`, so any number of deliverers share
+  the work), counts the attempt and pushes `next_attempt_at` past a lease in the same
+  transaction: a deliverer killed mid-send leaves the row due again once the lease runs out
+  (at least once; receivers dedupe on `X-Trace-Dedupe-Key`);
+- a channel's token bucket (`trace_alert_channels`) is charged in that transaction; rows over
+  the rate wait, without the wait counting as an attempt;
+- success marks the row delivered; a failure schedules the next attempt after an exponential
+  backoff with full jitter, and the last failure marks it `dead` (the dead-letter state that
+  `trace dlq list` shows and `trace dlq replay` returns to pending).
+
+Each row is sent in its own worker thread with a time limit and its own outcome, so a poison
+alert (a receiver that hangs, answers 5xx, or a channel that no longer exists) never blocks
+the others.
+
+Webhook request: POST, body = JSON `{"dedupe_key", "alert"}`, headers
+`X-Trace-Timestamp: <unix seconds>`, `X-Trace-Signature: <hex HMAC-SHA256(secret,
+"<timestamp>.<body>")>`, `X-Trace-Dedupe-Key`. Slack: POST `{"text": …}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from trace_resources.buffer import tables as t
+from trace_resources.buffer.rules import AlertRule, RuleStore, SlackChannel, WebhookChannel
+from trace_resources.settings import Settings, get_settings
+from trace_resources.storage.crash import crash_point
+
+__all__ = [
+    "Claim",
+    "DeliveryPolicy",
+    "Deliverer",
+    "backoff_s",
+    "sign",
+    "verify_signature",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    max_attempts: int = 6
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    timeout_s: float = 10.0
+    default_rate_per_s: float = 10.0
+    concurrency: int = 8
+
+    @property
+    def lease_s(self) -> float:
+        # longer than one send can take, so a live deliverer's row is never re-claimed
+        return self.timeout_s * 3 + 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DeliveryPolicy:
+        return cls(
+            max_attempts=settings.alert_delivery_max_attempts,
+            backoff_base_s=settings.alert_backoff_base_s,
+            backoff_max_s=settings.alert_backoff_max_s,
+            timeout_s=settings.alert_delivery_timeout_s,
+            default_rate_per_s=settings.alert_channel_rate_per_s,
+            concurrency=settings.alert_delivery_concurrency,
+        )
+
+
+def backoff_s(attempt: int, policy: DeliveryPolicy, rng: random.Random | None = None) -> float:
+    """Delay before attempt `attempt + 1`: full jitter over base * 2^(attempt-1), capped."""
+    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** max(0, attempt - 1))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    secret: str, timestamp: str, body: bytes, signature: str, *, tolerance_s: float = 300.0
+) -> bool:
+    """What a receiver does: constant-time compare, and refuse stale timestamps (replays)."""
+    try:
+        fresh = abs(time.time() - int(timestamp)) <= tolerance_s
+    except ValueError:
+        return False
+    return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+@dataclass(frozen=True)
+class Claim:
+    dedupe_key: str
+    channel: str
+    attempts: int
+    payload: dict[str, Any]
+    destination: dict[str, Any]
+
+
+@dataclass
+class DelivererStats:
+    delivered: int = 0
+    failed: int = 0
+    dead: int = 0
+    rate_limited: int = 0
+    by_channel: dict[str, int] = field(default_factory=dict)
+
+
+class DeliveryError(Exception):
+    """One attempt failed (the message says why, and is stored as `last_error`)."""
+
+
+class Deliverer:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        policy: DeliveryPolicy | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.policy = policy or DeliveryPolicy()
+        self.rules = RuleStore(engine)
+        self.rng = rng or random.Random()
+        self.http = httpx.Client(timeout=self.policy.timeout_s, follow_redirects=False)
+        self.stats = DelivererStats()
+        self.stopping = threading.Event()
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- claiming --------------------------------------------------------------------------
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - rule versions are immutable
+    def _rule(self, org: str, rule_id: str, version: int) -> AlertRule | None:
+        stored = self.rules.get(org, rule_id, version)
+        return None if stored is None else stored.rule
+
+    def _rate(self, claim: Claim) -> float:
+        channel = self._channel(claim)
+        rate = getattr(channel, "rate_per_s", None) if channel is not None else None
+        return float(rate or self.policy.default_rate_per_s)
+
+    def _channel(self, claim: Claim) -> WebhookChannel | SlackChannel | None:
+        dest = claim.destination
+        try:
+            rule = self._rule(str(dest["org"]), str(dest["rule_id"]), int(dest["rule_version"]))
+            return None if rule is None else rule.channel(claim.channel.split("/", 1)[1])
+        except (KeyError, ValueError, TypeError, IndexError):
+            return None
+
+    def claim(self, limit: int) -> list[Claim]:
+        """Claim up to `limit` due rows, within each channel's rate."""
+        d, a = t.deliveries, t.alerts
+        with self.engine.begin() as conn:
+            due = (
+                sa.select(d.c.dedupe_key, d.c.channel)
+                .where(d.c.state == "pending", d.c.next_attempt_at <= sa.func.now())
+                .order_by(d.c.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .cte("due")
+            )
+            rows = conn.execute(
+                sa.select(d.c.dedupe_key, d.c.channel, d.c.attempts, a.c.payload, a.c.destination)
+                .join(due, (due.c.dedupe_key == d.c.dedupe_key) & (due.c.channel == d.c.channel))
+                .join(a, a.c.dedupe_key == d.c.dedupe_key)
+            ).all()
+            claims = [
+                Claim(r.dedupe_key, r.channel, r.attempts, r.payload, r.destination) for r in rows
+            ]
+            allowed, deferred = self._charge_rate(conn, claims)
+            lease = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, self.policy.lease_s)
+            for claim in allowed:
+                conn.execute(
+                    d.update()
+                    .where(d.c.dedupe_key == claim.dedupe_key, d.c.channel == claim.channel)
+                    .values(attempts=d.c.attempts + 1, next_attempt_at=lease)
+                )
+            for claim, wait_s in deferred:
+                conn.execute(
+                    d.update()
+                    .where(d.c.dedupe_key == claim.dedupe_key, d.c.channel == claim.channel)
+                    .values(
+                        next_attempt_at=sa.func.now()
+                        + sa.func.make_interval(0, 0, 0, 0, 0, 0, wait_s)
+                    )
+                )
+        with self._stats_lock:
+            self.stats.rate_limited += len(deferred)
+        return [
+            Claim(c.dedupe_key, c.channel, c.attempts + 1, c.payload, c.destination)
+            for c in allowed
+        ]
+
+    def _charge_rate(
+        self, conn: sa.Connection, claims: list[Claim]
+    ) -> tuple[list[Claim], list[tuple[Claim, float]]]:
+        """Token bucket per channel (burst = max(1, rate)), kept in Postgres so every
+        deliverer process shares it."""
+        by_channel: dict[str, list[Claim]] = {}
+        for claim in claims:
+            by_channel.setdefault(claim.channel, []).append(claim)
+        allowed: list[Claim] = []
+        deferred: list[tuple[Claim, float]] = []
+        c = t.channels
+        for channel, group in sorted(by_channel.items()):
+            rate = self._rate(group[0])
+            burst = max(1.0, rate)
+            conn.execute(
+                sa.dialects.postgresql.insert(c)
+                .values(channel=channel, tokens=burst)
+                .on_conflict_do_nothing(index_elements=["channel"])
+            )
+            row = conn.execute(
+                sa.select(
+                    c.c.tokens,
+                    sa.func.extract("epoch", sa.func.now() - c.c.updated_at).label("elapsed"),
+                )
+                .where(c.c.channel == channel)
+                .with_for_update()
+            ).one()
+            tokens = min(burst, row.tokens + max(0.0, float(row.elapsed)) * rate)
+            take = min(len(group), int(tokens))
+            allowed += group[:take]
+            for i, claim in enumerate(group[take:]):
+                deferred.append((claim, (i + 1 - (tokens - take)) / rate))
+            conn.execute(
+                c.update()
+                .where(c.c.channel == channel)
+                .values(tokens=tokens - take, updated_at=sa.func.now())
+            )
+        return allowed, deferred
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, claim: Claim) -> None:
+        channel = self._channel(claim)
+        if channel is None:
+            raise DeliveryError(
+                f"channel {claim.channel} is not in rule {claim.destination.get('rule_id')} "
+                f"v{claim.destination.get('rule_version')}"
+            )
+        if isinstance(channel, WebhookChannel):
+            body = json.dumps(
+                {"dedupe_key": claim.dedupe_key, "alert": claim.payload},
+                sort_keys=True,
+                separators=(",", ":"),
+            ).encode()
+            timestamp = str(int(time.time()))
+            headers = {
+                "Content-Type": "application/json",
+                "X-Trace-Timestamp": timestamp,
+                "X-Trace-Signature": sign(channel.secret.get_secret_value(), timestamp, body),
+                "X-Trace-Dedupe-Key": claim.dedupe_key,
+            }
+            self._post(channel.url, body, headers)
+        else:
+            text = str(claim.payload.get("text") or json.dumps(claim.payload, sort_keys=True))
+            body = json.dumps({"text": text}).encode()
+            self._post(channel.url, body, {"Content-Type": "application/json"})
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        try:
+            response = self.http.post(url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise DeliveryError(f"timed out after {self.policy.timeout_s}s: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code >= 300:
+            raise DeliveryError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    def deliver(self, claim: Claim) -> bool:
+        """Send one claimed row and record the outcome; True when delivered."""
+        try:
+            self.send(claim)
+            error = None
+        except DeliveryError as exc:
+            error = str(exc)
+        except Exception as exc:  # a poison alert must not take the worker down
+            error = f"{type(exc).__name__}: {exc}"
+        crash_point("deliver.after_send")
+        self._record(claim, error)
+        return error is None
+
+    def _record(self, claim: Claim, error: str | None) -> None:
+        d = t.deliveries
+        where = (
+            (d.c.dedupe_key == claim.dedupe_key)
+            & (d.c.channel == claim.channel)
+            & (d.c.state == "pending")
+            & (d.c.attempts == claim.attempts)
+        )
+        if error is None:
+            values: dict[str, Any] = {
+                "state": "delivered",
+                "delivered_at": sa.func.now(),
+                "last_error": None,
+            }
+            outcome = "delivered"
+        elif claim.attempts >= self.policy.max_attempts:
+            values = {"state": "dead", "dead_at": sa.func.now(), "last_error": error}
+            outcome = "dead"
+        else:
+            delay = backoff_s(claim.attempts, self.policy, self.rng)
+            values = {
+                "next_attempt_at": sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, delay),
+                "last_error": error,
+            }
+            outcome = "failed"
+        with self.engine.begin() as conn:
+            conn.execute(d.update().where(where).values(**values))
+        with self._stats_lock:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if outcome == "delivered":
+                self.stats.by_channel[claim.channel] = (
+                    self.stats.by_channel.get(claim.channel, 0) + 1
+                )
+        if error is not None:
+            log.warning(
+                "delivery %s -> %s %s: %s", claim.dedupe_key[:16], claim.channel, outcome, error
+            )
+
+    # -- the worker loop -------------------------------------------------------------------
+
+    def run(self, *, poll_s: float = 0.2, until_idle: bool = False) -> DelivererStats:
+        """Deliver until `stopping` is set (or, with until_idle, nothing is due or in flight);
+        on stop, finish the sends in flight and record them."""
+        inflight: set[Future[bool]] = set()
+        with ThreadPoolExecutor(self.policy.concurrency, thread_name_prefix="deliver") as pool:
+            while not self.stopping.is_set():
+                free = self.policy.concurrency - len(inflight)
+                claimed = self.claim(free) if free > 0 else []
+                for claim in claimed:
+                    inflight.add(pool.submit(self.deliver, claim))
+                if until_idle and not claimed and not inflight:
+                    break
+                if inflight:
+                    done, _ = wait(
+                        inflight, timeout=0 if claimed else poll_s, return_when=FIRST_COMPLETED
+                    )
+                    inflight -= done
+                elif not claimed:
+                    self.stopping.wait(poll_s)
+            wait(inflight)
+        return self.stats
+
+    def pending_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(t.deliveries.c.state == "pending")
+                ).scalar_one()
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trace_resources.buffer.delivery",
+        description="Deliver pending alerts until SIGTERM (finishes the sends in flight).",
+    )
+    parser.add_argument("--poll", type=float, default=0.2, help="seconds between idle polls")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s deliver %(levelname)s %(message)s")
+    settings = get_settings()
+    deliverer = Deliverer(t.data_engine(settings.data_dsn), DeliveryPolicy.from_settings(settings))
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        deliverer.stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        stats = deliverer.run(poll_s=args.poll)
+    finally:
+        deliverer.close()
+    log.info("deliverer stopped: %s", stats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

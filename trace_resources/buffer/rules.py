@@ -1,0 +1,298 @@
+"""Alert rules: versioned declarations per organisation, validated with field-level errors.
+
+A rule file (YAML or JSON) holds one rule:
+
+    format_version: 1
+    org: acme
+    id: big-usdc-moves
+    description: USDC transfers above 1,000,000 base units
+    condition: {kind: erc20_transfer_above, token: "0x…", threshold: "1000000"}
+    channels:
+      - {kind: webhook, name: ops-hook, url: "https://…", secret: "…"}
+      - {kind: slack, name: ops-slack, url: "https://hooks.slack.com/…"}
+
+Every create, update or disable writes a new version row in `trace_alert_rules`; the highest
+version of a rule is the one in force. Alerts carry the rule version they were computed with,
+and the deliverer reads channel settings (secrets included) from that version, so secrets
+never travel through the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+import yaml  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from trace_resources.buffer import tables as t
+from trace_resources.errors import TraceError
+
+__all__ = [
+    "ALERT_DATASETS",
+    "AlertRule",
+    "RuleError",
+    "RuleStore",
+    "StoredRule",
+    "parse_rule",
+    "load_rule_file",
+]
+
+# the datasets alert conditions read: the decoded transfers of each committed block range
+ALERT_DATASETS = ("erc20_transfers", "native_transfers")
+_ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ORG = r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$"
+
+
+class RuleError(TraceError):
+    """A rule file that does not validate, or a rule operation that can not apply."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Erc20TransferAbove(_Strict):
+    kind: Literal["erc20_transfer_above"]
+    token: str = Field(pattern=_ADDRESS, description="ERC-20 contract address (0x + 40 hex).")
+    threshold: str = Field(
+        pattern=r"^(0|[1-9][0-9]{0,77})$",
+        description="Alert on transfers strictly above this amount, in base units (decimal).",
+    )
+
+
+class WatchedAddresses(_Strict):
+    kind: Literal["watched_addresses"]
+    addresses: list[Annotated[str, Field(pattern=_ADDRESS)]] = Field(min_length=1, max_length=1000)
+    datasets: list[Literal["erc20_transfers", "native_transfers"]] = Field(
+        default=["erc20_transfers", "native_transfers"], min_length=1
+    )
+
+
+class CustomSql(_Strict):
+    kind: Literal["custom_sql"]
+    sql: str = Field(
+        min_length=1,
+        description="One DuckDB SELECT over tables named like the datasets (erc20_transfers, "
+        "native_transfers), holding the rows of the block range being evaluated; each row it "
+        "returns is one alert. A column `alert_key` (if returned) names the row's identity.",
+    )
+
+    @field_validator("sql")
+    @classmethod
+    def _one_select(cls, value: str) -> str:
+        body = value.strip().rstrip(";").strip()
+        if ";" in body:
+            raise ValueError("must be one statement (no ';' inside)")
+        if not re.match(r"(?is)^(select|with)\b", body):
+            raise ValueError("must be a SELECT (or WITH … SELECT) statement")
+        return body
+
+
+Condition = Annotated[
+    Erc20TransferAbove | WatchedAddresses | CustomSql, Field(discriminator="kind")
+]
+
+
+class WebhookChannel(_Strict):
+    kind: Literal["webhook"]
+    name: str = Field(pattern=_NAME)
+    url: str = Field(pattern=r"^https?://", description="Receiver URL (POST, JSON body).")
+    secret: SecretStr = Field(
+        description="HMAC-SHA256 key: X-Trace-Signature = hex(HMAC(secret, timestamp + '.' + "
+        "body)), X-Trace-Timestamp = unix seconds."
+    )
+    rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
+class SlackChannel(_Strict):
+    kind: Literal["slack"]
+    name: str = Field(pattern=_NAME)
+    url: str = Field(pattern=r"^https?://", description="Slack incoming-webhook URL.")
+    rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+
+
+Channel = Annotated[WebhookChannel | SlackChannel, Field(discriminator="kind")]
+
+
+class AlertRule(_Strict):
+    format_version: Literal[1] = 1
+    org: str = Field(pattern=_ORG, description="Owning organisation id.")
+    id: str = Field(pattern=_NAME, description="Rule id, unique within the organisation.")
+    description: str = ""
+    condition: Condition
+    channels: list[Channel] = Field(min_length=1)
+    enabled: bool = True
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_names(cls, value: list[Any]) -> list[Any]:
+        names = [c.name for c in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channel names must be unique, got {names}")
+        return value
+
+    def channel(self, name: str) -> WebhookChannel | SlackChannel:
+        for channel in self.channels:
+            if channel.name == name:
+                return channel
+        raise KeyError(name)
+
+    def stored_json(self) -> dict[str, Any]:
+        """The spec as stored (secrets in clear: Postgres data is the platform's store)."""
+        data = self.model_dump(mode="json")
+        for stored, channel in zip(data["channels"], self.channels, strict=True):
+            if isinstance(channel, WebhookChannel):
+                stored["secret"] = channel.secret.get_secret_value()
+        return data
+
+
+@dataclass(frozen=True)
+class StoredRule:
+    rule: AlertRule
+    version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.rule.org}/{self.rule.id}@v{self.version}"
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(rule)"
+        lines.append(f"  {where}: {item['msg']}")
+    return f"{source}: invalid alert rule\n" + "\n".join(lines)
+
+
+def parse_rule(data: Any, source: str = "rule") -> AlertRule:
+    """Validate a rule; RuleError lists every bad field as `path.to.field: message`."""
+    try:
+        return AlertRule.model_validate(data)
+    except ValidationError as exc:
+        raise RuleError(_format_errors(exc, source)) from None
+
+
+def load_rule_file(path: str) -> AlertRule:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        raise RuleError(f"{path}: not valid {kind}: {exc}") from None
+    return parse_rule(data, path)
+
+
+class RuleStore:
+    """Versioned rules in Postgres data."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def _latest(self, conn: sa.Connection, org: str, rule_id: str) -> sa.Row[Any] | None:
+        return conn.execute(
+            sa.select(t.rules)
+            .where(t.rules.c.org == org, t.rules.c.rule_id == rule_id)
+            .order_by(t.rules.c.version.desc())
+            .limit(1)
+            .with_for_update()
+        ).one_or_none()
+
+    def _write(self, rule: AlertRule, *, must_exist: bool) -> StoredRule:
+        with self.engine.begin() as conn:
+            # serialise writers of one rule so versions never collide
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                {"k": f"rule:{rule.org}/{rule.id}"},
+            )
+            latest = self._latest(conn, rule.org, rule.id)
+            if must_exist and latest is None:
+                raise RuleError(
+                    f"no rule {rule.org}/{rule.id}: create it first (`trace alerts rule create`)"
+                )
+            if not must_exist and latest is not None:
+                raise RuleError(
+                    f"rule {rule.org}/{rule.id} exists (version {latest.version}): use "
+                    "`trace alerts rule update`"
+                )
+            version = 1 if latest is None else latest.version + 1
+            conn.execute(
+                t.rules.insert().values(
+                    org=rule.org,
+                    rule_id=rule.id,
+                    version=version,
+                    spec=rule.stored_json(),
+                    enabled=rule.enabled,
+                )
+            )
+        return StoredRule(rule, version)
+
+    def create(self, rule: AlertRule) -> StoredRule:
+        return self._write(rule, must_exist=False)
+
+    def update(self, rule: AlertRule) -> StoredRule:
+        return self._write(rule, must_exist=True)
+
+    def disable(self, org: str, rule_id: str) -> StoredRule:
+        current = self.get(org, rule_id)
+        if current is None:
+            raise RuleError(f"no rule {org}/{rule_id}")
+        return self.update(current.rule.model_copy(update={"enabled": False}))
+
+    def get(self, org: str, rule_id: str, version: int | None = None) -> StoredRule | None:
+        query = sa.select(t.rules).where(t.rules.c.org == org, t.rules.c.rule_id == rule_id)
+        if version is not None:
+            query = query.where(t.rules.c.version == version)
+        query = query.order_by(t.rules.c.version.desc()).limit(1)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else StoredRule(AlertRule.model_validate(row.spec), row.version)
+
+    def latest(self, org: str | None = None, *, enabled_only: bool = False) -> list[StoredRule]:
+        """The version in force of every rule (of one org), ordered by org and id."""
+        r = t.rules
+        newest = (
+            sa.select(r.c.org, r.c.rule_id, sa.func.max(r.c.version).label("version"))
+            .group_by(r.c.org, r.c.rule_id)
+            .subquery()
+        )
+        query = sa.select(r).join(
+            newest,
+            (newest.c.org == r.c.org)
+            & (newest.c.rule_id == r.c.rule_id)
+            & (newest.c.version == r.c.version),
+        )
+        if org is not None:
+            query = query.where(r.c.org == org)
+        if enabled_only:
+            query = query.where(r.c.enabled)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(r.c.org, r.c.rule_id)).all()
+        return [StoredRule(AlertRule.model_validate(row.spec), row.version) for row in rows]
+
+
+def describe(rules: Sequence[StoredRule]) -> list[dict[str, Any]]:
+    return [
+        {
+            "org": s.rule.org,
+            "id": s.rule.id,
+            "version": s.version,
+            "enabled": s.rule.enabled,
+            "kind": s.rule.condition.kind,
+            "channels": [c.name for c in s.rule.channels],
+        }
+        for s in rules
+    ]

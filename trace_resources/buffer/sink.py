@@ -1,0 +1,214 @@
+"""The sink: drains the alert buffer into Postgres data, never duplicating a row.
+
+One cycle: receive up to `batch` messages, drop repeated dedupe_keys within the batch, then in
+ONE transaction `INSERT … ON CONFLICT (dedupe_key) DO NOTHING` the alerts and their pending
+per-channel delivery rows, commit, and only then delete the messages from the queue. A sink
+killed anywhere in between loses nothing (the messages reappear after the visibility timeout)
+and duplicates nothing (the repeat hits the conflict). Bodies that do not parse go to the
+buffer's dead-letter queue (`<queue>-dlq`) so they never block the others.
+
+Run as a long-lived worker: `python -m trace_resources.buffer.sink`. On SIGTERM (or SIGINT) it
+stops receiving new long-polls, finishes the batch in hand, drains what is left in the queue
+with short polls, flushes, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from trace_resources.buffer import tables as t
+from trace_resources.buffer.queue import BufferMessage, Received, SqsBuffer
+from trace_resources.settings import Settings, get_settings
+from trace_resources.storage.crash import crash_point
+
+__all__ = ["Sink", "SinkStats", "dedupe_batch", "upsert_messages", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SinkStats:
+    received: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    poison: int = 0
+    batches: int = 0
+
+
+def dedupe_batch(messages: Sequence[BufferMessage]) -> list[BufferMessage]:
+    """First message of each dedupe_key, in order: a batch holding a key twice must not fail
+    (Postgres refuses `ON CONFLICT` touching one row twice in one statement)."""
+    seen: set[str] = set()
+    unique = []
+    for message in messages:
+        if message.dedupe_key not in seen:
+            seen.add(message.dedupe_key)
+            unique.append(message)
+    return unique
+
+
+def _delivery_rows(message: BufferMessage) -> list[dict[str, Any]]:
+    org = str(message.destination.get("org", ""))
+    return [
+        {"dedupe_key": message.dedupe_key, "channel": f"{org}/{name}", "state": "pending"}
+        for name in message.destination.get("channels", [])
+    ]
+
+
+def upsert_messages(engine: sa.Engine, messages: Sequence[BufferMessage]) -> int:
+    """Upsert alerts and their delivery rows in one transaction; returns rows inserted."""
+    unique = dedupe_batch(messages)
+    if not unique:
+        return 0
+    with engine.begin() as conn:
+        inserted = (
+            conn.execute(
+                pg_insert(t.alerts)
+                .values(
+                    [
+                        {
+                            "dedupe_key": m.dedupe_key,
+                            "org": str(m.destination.get("org", "")),
+                            "kind": str(m.payload.get("type", "alert")),
+                            "payload": m.payload,
+                            "destination": m.destination,
+                        }
+                        for m in unique
+                    ]
+                )
+                .on_conflict_do_nothing(index_elements=["dedupe_key"])
+                .returning(t.alerts.c.dedupe_key)
+            )
+            .scalars()
+            .all()
+        )
+        new = set(inserted)
+        rows = [r for m in unique if m.dedupe_key in new for r in _delivery_rows(m)]
+        if rows:
+            conn.execute(
+                pg_insert(t.deliveries)
+                .values(rows)
+                .on_conflict_do_nothing(index_elements=["dedupe_key", "channel"])
+            )
+    return len(new)
+
+
+class Sink:
+    def __init__(
+        self,
+        buffer: SqsBuffer,
+        engine: sa.Engine,
+        *,
+        batch: int = 100,
+        dead_letters: SqsBuffer | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.engine = engine
+        self.batch = batch
+        self.dead_letters = dead_letters
+        self.stats = SinkStats()
+        self.stopping = threading.Event()
+
+    def cycle(self, wait_s: int = 1) -> int:
+        """Receive, upsert, acknowledge one batch; returns messages handled."""
+        received = self.buffer.receive(self.batch, wait_s=wait_s)
+        if not received:
+            return 0
+        self._handle(received)
+        return len(received)
+
+    def _handle(self, received: list[Received]) -> None:
+        good = [r for r in received if r.message is not None]
+        poison = [r for r in received if r.message is None]
+        if poison:
+            self._dead_letter(poison)
+        messages = [r.message for r in good if r.message is not None]
+        inserted = upsert_messages(self.engine, messages)
+        crash_point("sink.after_upsert")
+        self.buffer.delete([r.receipt for r in good])
+        self.stats.received += len(received)
+        self.stats.inserted += inserted
+        self.stats.duplicates += len(messages) - inserted
+        self.stats.poison += len(poison)
+        self.stats.batches += 1
+
+    def _dead_letter(self, poison: list[Received]) -> None:
+        if self.dead_letters is None:
+            return  # left in the queue; SQS's redrive policy (if any) moves it
+        self.dead_letters.client.send_message(
+            QueueUrl=self.dead_letters.queue_url, MessageBody=poison[0].raw
+        )
+        for extra in poison[1:]:
+            self.dead_letters.client.send_message(
+                QueueUrl=self.dead_letters.queue_url, MessageBody=extra.raw
+            )
+        self.buffer.delete([p.receipt for p in poison])
+        log.warning("moved %d unparseable buffer message(s) to the dead letters", len(poison))
+
+    def run(self, idle_wait_s: int = 2) -> SinkStats:
+        """Until `stopping` is set; then drain what is left (short polls) and return."""
+        while not self.stopping.is_set():
+            self.cycle(wait_s=idle_wait_s)
+        log.info("sink stopping: draining the buffer")
+        while self.cycle(wait_s=0):
+            pass
+        log.info(
+            "sink stopped: %d received, %d inserted, %d duplicates, %d poison",
+            self.stats.received,
+            self.stats.inserted,
+            self.stats.duplicates,
+            self.stats.poison,
+        )
+        return self.stats
+
+
+def buffer_from_settings(settings: Settings, queue: str | None = None) -> SqsBuffer:
+    return SqsBuffer(
+        queue or settings.alerts_queue,
+        endpoint_url=settings.sqs_endpoint_url,
+        region=settings.s3_region,
+        visibility_timeout_s=settings.alerts_visibility_timeout_s,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trace_resources.buffer.sink", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--queue", help="queue name (default: TRACE_ALERTS_QUEUE)")
+    parser.add_argument("--idle-wait", type=int, default=2, help="long-poll seconds when idle")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sink %(levelname)s %(message)s")
+    settings = get_settings()
+    queue = args.queue or settings.alerts_queue
+    sink = Sink(
+        buffer_from_settings(settings, queue),
+        t.data_engine(settings.data_dsn),
+        batch=settings.alerts_sink_batch,
+        dead_letters=buffer_from_settings(settings, f"{queue}-dlq"),
+    )
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        sink.stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    started = time.monotonic()
+    stats = sink.run(idle_wait_s=args.idle_wait)
+    log.info("sink ran %.1fs, %d batches", time.monotonic() - started, stats.batches)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

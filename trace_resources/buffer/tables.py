@@ -1,0 +1,79 @@
+"""Tables of the alert pipeline in Postgres data (SQLAlchemy Core).
+
+trace_alert_rules       versioned rule declarations per organisation (latest version wins)
+trace_alerts            one row per dedupe_key: what the sink upserted from the buffer
+trace_alert_deliveries  per-alert, per-channel delivery state (pending/delivered/dead)
+trace_alert_channels    per-channel token bucket of the rate limit
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = ["metadata", "rules", "alerts", "deliveries", "channels", "data_engine"]
+
+metadata = sa.MetaData()
+_now = sa.func.now()
+
+rules = sa.Table(
+    "trace_alert_rules",
+    metadata,
+    sa.Column("org", sa.Text, primary_key=True),
+    sa.Column("rule_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("spec", JSONB, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+alerts = sa.Table(
+    "trace_alerts",
+    metadata,
+    sa.Column("dedupe_key", sa.Text, primary_key=True),
+    sa.Column("org", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # alert | retraction
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("destination", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Index("trace_alerts_by_org", "org", "created_at"),
+)
+
+deliveries = sa.Table(
+    "trace_alert_deliveries",
+    metadata,
+    sa.Column("dedupe_key", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),  # "<org>/<channel name>"
+    sa.Column("state", sa.Text, nullable=False),  # pending | delivered | dead
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("replays", sa.Integer, nullable=False, server_default="0"),
+    sa.Index(
+        "trace_alert_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=sa.text("state = 'pending'"),
+    ),
+)
+
+channels = sa.Table(
+    "trace_alert_channels",
+    metadata,
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+
+@functools.cache
+def data_engine(dsn: str) -> sa.Engine:
+    """One pooled engine per data database per process, with the alert tables created."""
+    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110006)"))
+        metadata.create_all(conn, checkfirst=True)
+    return engine
