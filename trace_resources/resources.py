@@ -31,8 +31,9 @@ class ChainResource(dg.ConfigurableResource):
         default=32, description="Cap on concurrent RPC requests of one cryo extraction."
     )
     extract_concurrency: int = Field(
-        default=2,
-        description="Ranges extracted at once within one run (each uses its own cryo calls).",
+        default=1,
+        description="Ranges extracted at once within one run (each uses its own cryo calls); "
+        "uploads always overlap the next extraction.",
     )
     timeout_s: float = Field(default=10.0, description="Timeout of one RPC request, seconds.")
     collect_timeout_s: float = Field(

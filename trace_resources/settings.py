@@ -42,8 +42,10 @@ class Settings(BaseSettings):
     rpc_max_concurrent_requests: int = Field(
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
     )
+    # 1 by default: cryo already runs up to rpc_max_concurrent_requests requests per range, and
+    # on a CPU-bound local devnet a second range at once measured slower (BENCHMARKS.md)
     extract_concurrency: int = Field(
-        2, gt=0, description="Block ranges extracted at once within one run."
+        1, gt=0, description="Block ranges extracted at once within one run."
     )
     rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of Trace's own RPC calls.")
     rpc_collect_timeout_s: float = Field(
