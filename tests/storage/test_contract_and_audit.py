@@ -4,7 +4,9 @@ metadata, or refused naming the columns; every schema version kept) and the appe
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 import pyarrow as pa
@@ -197,3 +199,36 @@ def test_ingest_audit_downstream_of_the_real_raw_assets(
         block = devnet.node.rpc("eth_getBlockByNumber", [hex(row["first_block"]), False])
         assert row["first_block_hash"] == block["hash"]
         assert row["run_id"] is not None
+
+
+def test_concurrent_first_commits_and_schema_changes_register_each_schema_once(
+    objects: ObjectStoreResource,
+    state: StateStoreResource,
+    versions: VersionStore,
+    invariants: Callable[[], InvariantReport],
+) -> None:
+    """Eight writers commit different partitions of a new dataset at once, then all add the
+    same column at once: commits share the registry row, a registration takes it alone (a
+    deadlock between two upgrades is retried), and each schema is registered exactly once."""
+    keys = [f"{i * 50:012d}-{i * 50 + 49:012d}" for i in range(8)]
+    base = pa.table({"id": pa.array([1, 2], pa.int64())})
+    wider = base.append_column("note", pa.array([None, "x"], pa.string()))
+
+    def commit_all(table: pa.Table) -> list[int]:
+        start = threading.Barrier(len(keys))
+
+        def commit(key: str) -> int:
+            with state.writer(objects) as writer:
+                staged = writer.stage_partition("racing", key, PartitionData(table))
+                start.wait()
+                return writer.commit_staged(staged).schema_version
+
+        with ThreadPoolExecutor(len(keys)) as pool:
+            return list(pool.map(commit, keys))
+
+    assert commit_all(base) == [1] * 8
+    assert commit_all(wider) == [2] * 8
+    assert [v for v, _, _ in versions.schema_history("racing")] == [1, 2]
+    current = versions.current_versions("racing")
+    assert sorted(current) == keys and {r.version for r in current.values()} == {2}
+    invariants()

@@ -1052,6 +1052,22 @@ class VersionStore:
         )
         return merged, False
 
+    @staticmethod
+    def _registered(
+        conn: sa.Connection, dataset: str, lock: Literal["none", "share", "update"]
+    ) -> tuple[int, sa.Row[Any] | None]:
+        """The dataset's current schema version and its registered schema."""
+        query = sa.select(t.datasets.c.current_schema_version).where(t.datasets.c.name == dataset)
+        if lock != "none":
+            query = query.with_for_update(read=lock == "share")
+        current_version = conn.execute(query).scalar_one()
+        registered = conn.execute(
+            sa.select(t.dataset_schemas)
+            .where(t.dataset_schemas.c.dataset == dataset)
+            .where(t.dataset_schemas.c.schema_version == current_version)
+        ).one_or_none()
+        return current_version, registered
+
     def _register_schema(
         self, conn: sa.Connection, dataset: str, schema: pa.Schema, mode: CommitMode
     ) -> tuple[int, dict[str, Any] | None]:
@@ -1063,16 +1079,19 @@ class VersionStore:
             .values(name=dataset, commit_mode=mode, current_schema_version=1)
             .on_conflict_do_nothing()
         )
-        current_version = conn.execute(
-            sa.select(t.datasets.c.current_schema_version)
-            .where(t.datasets.c.name == dataset)
-            .with_for_update()
-        ).scalar_one()
-        registered = conn.execute(
-            sa.select(t.dataset_schemas)
-            .where(t.dataset_schemas.c.dataset == dataset)
-            .where(t.dataset_schemas.c.schema_version == current_version)
-        ).one_or_none()
+        # Commits whose schema matches the registry (nearly all) share the registry row, so
+        # commits of different partitions run concurrently; one that registers a schema
+        # version takes the row exclusively. Which lock is decided by an unlocked look first,
+        # so no transaction upgrades a share lock (two upgrades would deadlock), except when a
+        # registration lands between the look and the lock (then Postgres may abort one and
+        # the writer retries the commit by its attempt id).
+        _, seen = self._registered(conn, dataset, "none")
+        matches = seen is not None and seen.schema_hash == fingerprint
+        current_version, registered = self._registered(
+            conn, dataset, "share" if matches else "update"
+        )
+        if matches and (registered is None or registered.schema_hash != fingerprint):
+            current_version, registered = self._registered(conn, dataset, "update")
         if registered is None:
             conn.execute(
                 t.dataset_schemas.insert().values(
