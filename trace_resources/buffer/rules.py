@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-import yaml  # type: ignore[import-untyped]
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from trace_resources.buffer import tables as t
