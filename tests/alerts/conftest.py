@@ -181,6 +181,14 @@ class Workers:
         for log in self.logs.values():
             log.close()
 
+    def wait_for_log(self, proc: subprocess.Popen[bytes], text: str, timeout: float = 60) -> None:
+        """Wait until the worker logged `text` (e.g. that its signal handlers are installed)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log(proc):
+            assert proc.poll() is None, f"worker exited early: {self.log(proc)[-2000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} in: {self.log(proc)[-2000:]}"
+            time.sleep(0.05)
+
     def log(self, proc: subprocess.Popen[bytes]) -> str:
         handle = self.logs[proc.pid]
         handle.seek(0)

@@ -83,6 +83,7 @@ def test_sigterm_drains_and_flushes(
 ) -> None:
     stored = store_rule(engine, make_rule([webhook("hook", "http://127.0.0.1:9/x")]))
     sink = workers.start(SINK, worker_env, "--idle-wait", "5")
+    workers.wait_for_log(sink, "sink ready")  # handlers installed; before that SIGTERM kills
     buffer.send(messages_for(stored, 400))
     Workers.signal(sink, signal.SIGTERM)  # at once: mid long-poll or mid batch
     assert sink.wait(timeout=60) == 0

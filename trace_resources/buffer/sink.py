@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    log.info("sink ready on queue %s", queue)  # from here on SIGTERM drains and flushes
     started = time.monotonic()
     stats = sink.run(idle_wait_s=args.idle_wait)
     log.info("sink ran %.1fs, %d batches", time.monotonic() - started, stats.batches)
