@@ -16,13 +16,9 @@ the derived rows produced (medians of the rounds).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -31,11 +27,9 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from infra.bench.ingest import CHAIN_ID, dagster_instance, devnet_state
-from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
+from infra.bench.ingest import bench_services
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS, PARTITIONED_TRANSFORMS
-from trace_assets.partitions import add_finalized_partitions
 from trace_assets.raw.chain import raw_chain
 from trace_assets.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -90,39 +84,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of each")
     args = parser.parse_args()
 
-    state_file = devnet_state(args.blocks)
-    work = Path(tempfile.mkdtemp(prefix="trace-bench-derived-"))
-    pg = PostgresServer(work / "pg", free_port())
-    s3 = MotoS3Server(free_port())
-    node = AnvilNode(
-        work / "anvil",
-        free_port(),
-        chain_id=CHAIN_ID,
-        persist=False,
-        extra_args=["--load-state", str(state_file)],
-    )
-    try:
-        pg.start()
-        pg.ensure_databases(("dagster", "trace_state"))
-        s3.start()
-        s3.create_buckets(["trace-datasets"])
-        node.start()
-        os.environ.update(s3.env())
-        settings = Settings(
-            environment="test",
-            rpc_url=node.url,
-            chain_id=CHAIN_ID,
-            range_size=args.range_size,
-            state_dsn=pg.dsn("trace_state"),
-            object_store="s3",
-            s3_endpoint_url=s3.endpoint_url,
-        )
+    with bench_services(args.blocks, args.range_size, "trace-bench-derived-") as bench:
+        settings, instance, keys = bench.settings, bench.instance, bench.keys
         resources = build_resources(settings)
         objects, state = resources["objects"], resources["state"]
         assert isinstance(objects, ObjectStoreResource) and isinstance(state, StateStoreResource)
-        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
-        instance = dagster_instance(work / "dagster_home", pg)
-        keys = add_finalized_partitions(instance, finalized, args.range_size)
         tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
         _say(f"extracting {len(keys)} raw ranges once (not timed) ...")
         assert dg.materialize(
@@ -164,12 +130,6 @@ def main() -> int:
             f"derived: trace_rows_per_s={trace_rate:.0f} direct_rows_per_s={direct_rate:.0f} "
             f"ratio={trace_rate / direct_rate:.2f}"
         )
-        instance.dispose()
-    finally:
-        node.stop()
-        s3.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

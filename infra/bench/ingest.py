@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cryo
@@ -83,6 +85,64 @@ def dagster_instance(home: Path, pg: PostgresServer) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(home))
 
 
+@dataclass
+class BenchServices:
+    """One benchmark's services: PostgreSQL, the S3 API and anvil with the cached devnet."""
+
+    work: Path
+    node: AnvilNode
+    settings: Settings
+    instance: dg.DagsterInstance
+    keys: list[str]  # every finalized range, added as partitions
+
+
+@contextlib.contextmanager
+def bench_services(
+    blocks: int, range_size: int, prefix: str, extract_concurrency: int = 1
+) -> Iterator[BenchServices]:
+    """Start the services on free loopback ports in a temporary folder; stop and remove them."""
+    state_file = devnet_state(blocks)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    pg = PostgresServer(work / "pg", free_port())
+    s3 = MotoS3Server(free_port())
+    node = AnvilNode(
+        work / "anvil",
+        free_port(),
+        chain_id=CHAIN_ID,
+        persist=False,
+        extra_args=["--load-state", str(state_file)],
+    )
+    try:
+        pg.start()
+        pg.ensure_databases(("dagster", "trace_state"))
+        s3.start()
+        s3.create_buckets(["trace-datasets"])
+        node.start()
+        os.environ.update(s3.env())
+        settings = Settings(
+            environment="test",
+            rpc_url=node.url,
+            chain_id=CHAIN_ID,
+            range_size=range_size,
+            state_dsn=pg.dsn("trace_state"),
+            object_store="s3",
+            s3_endpoint_url=s3.endpoint_url,
+            extract_concurrency=extract_concurrency,
+        )
+        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        instance = dagster_instance(work / "dagster_home", pg)
+        try:
+            keys = add_finalized_partitions(instance, finalized, range_size)
+            yield BenchServices(work, node, settings, instance, keys)
+        finally:
+            instance.dispose()
+    finally:
+        node.stop()
+        s3.stop()
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]) -> float:
     tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     resources = build_resources(settings)
@@ -125,37 +185,11 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    state_file = devnet_state(args.blocks)
-    work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
-    pg = PostgresServer(work / "pg", free_port())
-    s3 = MotoS3Server(free_port())
-    node = AnvilNode(
-        work / "anvil",
-        free_port(),
-        chain_id=CHAIN_ID,
-        persist=False,
-        extra_args=["--load-state", str(state_file)],
-    )
-    try:
-        pg.start()
-        pg.ensure_databases(("dagster", "trace_state"))
-        s3.start()
-        s3.create_buckets(["trace-datasets"])
-        node.start()
-        os.environ.update(s3.env())
-        settings = Settings(
-            environment="test",
-            rpc_url=node.url,
-            chain_id=CHAIN_ID,
-            range_size=args.range_size,
-            state_dsn=pg.dsn("trace_state"),
-            object_store="s3",
-            s3_endpoint_url=s3.endpoint_url,
-            extract_concurrency=args.extract_concurrency,
-        )
-        finalized = int(node.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
-        instance = dagster_instance(work / "dagster_home", pg)
-        keys = add_finalized_partitions(instance, finalized, args.range_size)
+    with bench_services(
+        args.blocks, args.range_size, "trace-bench-", args.extract_concurrency
+    ) as bench:
+        settings, instance, keys = bench.settings, bench.instance, bench.keys
+        node, work = bench.node, bench.work
         first, last = int(keys[0][:12]), int(keys[-1][13:])
         blocks = last - first + 1
         _say(
@@ -188,12 +222,6 @@ def main() -> int:
             f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
             f"ratio={trace_rate / cryo_rate:.2f}"
         )
-        instance.dispose()
-    finally:
-        node.stop()
-        s3.stop()
-        pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

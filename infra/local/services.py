@@ -21,6 +21,7 @@ for pytest fixtures (``with LocalServices(tmp) as services: ...``).
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import hashlib
@@ -239,7 +240,7 @@ def _http_answers(url: str, body: bytes | None = None, timeout: float = 2.0) -> 
 # --------------------------------------------------------------------------------------------
 
 
-class _BackgroundProcess:
+class _BackgroundProcess(abc.ABC):
     """A server we spawn ourselves in its own session, with a pid file and a log file.
 
     Subclasses provide the argv, the readiness probe and a marker for the pid file.
@@ -256,15 +257,16 @@ class _BackgroundProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- to override ------------------------------------------------------------------------
+    @abc.abstractmethod
     def _argv(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the server."""
 
-    def _check_installed(self) -> None:
+    def _check_installed(self) -> None:  # noqa: B027 - an optional hook, no-op by default
         """Raise ServiceError with an actionable message if the program is missing."""
 
+    @abc.abstractmethod
     def ready(self) -> bool:
         """True if the server answers its protocol (not just an open port)."""
-        raise NotImplementedError
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
@@ -430,7 +432,7 @@ class AnvilNode(_BackgroundProcess):
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def _check_installed(self) -> None:
+    def _check_installed(self) -> None:  # noqa: B027 - an optional hook, no-op by default
         if not os.access(self.binary, os.X_OK):
             raise ServiceError(f"anvil not found at {self.binary}: run `npm install`")
 
@@ -493,7 +495,7 @@ class MotoS3Server(_BackgroundProcess):
     def endpoint_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def _check_installed(self) -> None:
+    def _check_installed(self) -> None:  # noqa: B027 - an optional hook, no-op by default
         try:
             import moto.server  # noqa: F401
         except ImportError as error:
@@ -616,7 +618,7 @@ class PostgresServer:
             check=False,
         )
 
-    def _check_installed(self) -> None:
+    def _check_installed(self) -> None:  # noqa: B027 - an optional hook, no-op by default
         for tool in ("initdb", "pg_ctl", "postgres", "psql"):
             if not os.access(self.bin_dir / tool, os.X_OK):
                 raise ServiceError(
