@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trace_query_api.api.routes import datasets, exports, health, query, saved_queries
+from trace_query_api.api.routes import alerts, datasets, exports, health, query, saved_queries
 from trace_query_api.errors import ApiError
 from trace_query_api.metrics import MetricsMiddleware
 from trace_query_api.services import Services
@@ -39,6 +39,11 @@ Send a capability token (`trace token issue --org ORG --subject SUB`) as
 `transactions`, `logs`, and datasets published by the operators) and its organisation's own
 datasets (named `org_<org>__<name>`); a task token reads only the datasets and partitions it
 lists. Errors are `{"error": {"code": ..., "message": ...}}`.
+
+Org tokens also read their organisation's alert rules and alerts (`/v1/alerts`); creating,
+updating and disabling rules takes a token with the `alerts:manage` capability
+(`trace token issue --org ORG --subject SUB --capability alerts:manage`). Secrets in rules
+(webhook `secret`, SMTP `password`) are never returned: they read `**********`.
 """
 
 
@@ -67,6 +72,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(query.router)
     app.include_router(exports.router)
     app.include_router(saved_queries.router)
+    app.include_router(alerts.router)
     _add_error_handlers(app)
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from trace_query_api.engine import MAX_SQL_CHARS
-from trace_query_api.tokens import DATASET_PATTERN, PARTITION_PATTERN
+from trace_query_api.tokens import DATASET_PATTERN, ORG_PATTERN, PARTITION_PATTERN
+from trace_resources.buffer.rules import AlertRule
 
 __all__ = [
     "DatasetName",
@@ -34,6 +35,18 @@ __all__ = [
     "SavedQueriesPublic",
     "HealthPublic",
     "ReadyPublic",
+    "SECRET_MASK",
+    "RULE_ID_PATTERN",
+    "RuleId",
+    "AlertRuleCreate",
+    "AlertRuleUpdate",
+    "AlertRuleVersionPublic",
+    "AlertRulePublic",
+    "AlertRuleDetailPublic",
+    "AlertRulesPublic",
+    "DeliveryPublic",
+    "AlertPublic",
+    "AlertsPublic",
 ]
 
 MAX_LIMIT = 1_000_000
@@ -222,3 +235,89 @@ class HealthPublic(BaseModel):
 class ReadyPublic(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, str]
+
+
+# -- alert rules and alerts --------------------------------------------------------------------
+
+SECRET_MASK = "**********"  # how pydantic writes a SecretStr: what the service returns for one
+RULE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+RuleId = Annotated[str, StringConstraints(pattern=RULE_ID_PATTERN)]
+
+
+class AlertRuleCreate(AlertRule):
+    """A rule declaration, as in a rule file (`trace alerts rule create`); `org` may be left
+    out (it is the token's)."""
+
+    org: str | None = Field(  # type: ignore[assignment]
+        None, pattern=ORG_PATTERN.pattern, description="The token's organisation (default)."
+    )
+
+
+class AlertRuleUpdate(AlertRule):
+    """The whole declaration of the rule's next version; `org` and `id` may be left out (they
+    are the token's and the path's). Secrets are sent again: the service never returns them."""
+
+    org: str | None = Field(  # type: ignore[assignment]
+        None, pattern=ORG_PATTERN.pattern, description="The token's organisation (default)."
+    )
+    id: str | None = Field(  # type: ignore[assignment]
+        None, pattern=RULE_ID_PATTERN, description="The rule id of the path (default)."
+    )
+
+
+class AlertRuleVersionPublic(BaseModel):
+    version: int
+    enabled: bool
+    created_at: datetime
+
+
+class AlertRulePublic(BaseModel):
+    org: str
+    id: str
+    version: int = Field(description="The version shown (the one in force unless asked).")
+    enabled: bool
+    kind: str = Field(description="The condition's kind.")
+    created_at: datetime = Field(description="When this version was written.")
+    rule: AlertRule = Field(
+        description=f"The declaration; secrets (webhook `secret`, SMTP `password`) read "
+        f"{SECRET_MASK!r}."
+    )
+
+
+class AlertRuleDetailPublic(AlertRulePublic):
+    latest_version: int = Field(description="The version in force.")
+    versions: list[AlertRuleVersionPublic] = Field(description="Every version, oldest first.")
+
+
+class AlertRulesPublic(BaseModel):
+    data: list[AlertRulePublic]
+    count: int
+
+
+class DeliveryPublic(BaseModel):
+    channel: str = Field(description="The rule's channel name.")
+    state: Literal["pending", "delivered", "dead"]
+    attempts: int = Field(description="Attempts since the alert was upserted or last replayed.")
+    last_error: str | None
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is due.")
+    delivered_at: datetime | None
+    dead_at: datetime | None
+    replays: int = Field(description="Times `trace dlq replay` returned it to pending.")
+
+
+class AlertPublic(BaseModel):
+    dedupe_key: str
+    kind: Literal["alert", "retraction"]
+    rule_id: str | None
+    rule_version: int | None
+    partition_key: str | None = Field(description="The block range the alert was raised on.")
+    text: str | None
+    created_at: datetime = Field(description="When the sink stored it.")
+    payload: dict[str, Any] = Field(description="The alert as delivered to the channels.")
+    deliveries: list[DeliveryPublic]
+
+
+class AlertsPublic(BaseModel):
+    data: list[AlertPublic]
+    count: int
+    next_cursor: str | None = Field(description="Pass it as `cursor` for the next (older) page.")

@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import sqlalchemy as sa
 
+from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
 from trace_query_api.db import query_db
 from trace_query_api.encode import Cursor, sql_fingerprint
@@ -34,6 +35,7 @@ from trace_query_api.metrics import Metrics
 from trace_query_api.models import ExportRequest
 from trace_query_api.saved import SavedQueries
 from trace_query_api.tokens import Keyring, Principal, TokenVerifier
+from trace_resources.buffer import tables as alert_tables
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
@@ -123,6 +125,9 @@ class Services:
             threads=settings.query_threads,
         )
         self.exports = Exports(self.engine, self.files, self.results, settings, self.metrics)
+        self.alerts = AlertService(
+            lambda: alert_tables.data_engine(settings.data_dsn), self.catalog
+        )
 
     def close(self) -> None:
         self.exports.shutdown()

@@ -6,12 +6,18 @@
              "scope": {"kind": "org" | "task",
                        "task": "nightly-rollup",                  task tokens only
                        "datasets": ["blocks", ...] | null,        null: all the org may read
-                       "partitions": {"blocks": ["000000000000-000000000049"]} | null}}
+                       "partitions": {"blocks": ["000000000000-000000000049"]} | null,
+                       "capabilities": ["alerts:manage"]}}              org tokens only; optional
 
 An *org token* reads the public datasets and its organisation's own (optionally narrowed to
-`datasets`); a *task token* reads only its listed datasets and, where `partitions` names a
-dataset, only those partitions of it. Ownership itself is decided by `access.py`, never by the
-token: a token can narrow what its organisation may read, not widen it.
+`datasets`), and its organisation's alert rules and alerts; a *task token* reads only its listed
+datasets and, where `partitions` names a dataset, only those partitions of it. Ownership itself
+is decided by `access.py`, never by the token: a token can narrow what its organisation may
+read, not widen it.
+
+Capabilities grant an org token more than reading. There is one: `alerts:manage` creates,
+updates and disables the organisation's alert rules through the service (`trace token issue
+--capability alerts:manage`); a token without it reads rules and alerts but changes nothing.
 
 Keys live in a keyring (`TRACE_QUERY_TOKEN_KEYS`): each has a key id written into the token
 header, so a new key can sign while the old one still verifies the tokens it signed (rotation).
@@ -48,6 +54,8 @@ __all__ = [
     "DATASET_PATTERN",
     "PARTITION_PATTERN",
     "Algorithm",
+    "Capability",
+    "CAPABILITIES",
     "TokenKey",
     "Keyring",
     "Principal",
@@ -59,6 +67,8 @@ __all__ = [
 ]
 
 Algorithm = Literal["HS256", "EdDSA"]
+Capability = Literal["alerts:manage"]
+CAPABILITIES: tuple[Capability, ...] = ("alerts:manage",)
 ORG_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 PARTITION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -181,6 +191,7 @@ class Scope(BaseModel):
     task: str | None = Field(None, min_length=1, max_length=200)
     datasets: list[str] | None = Field(None, max_length=200)
     partitions: dict[str, list[str]] | None = None
+    capabilities: list[Capability] | None = Field(None, max_length=len(CAPABILITIES))
 
     @field_validator("datasets")
     @classmethod
@@ -227,10 +238,14 @@ class Principal:
     task: str | None = None
     datasets: frozenset[str] | None = None  # None: everything the org may read
     partitions: dict[str, frozenset[str]] | None = None
+    capabilities: frozenset[str] = frozenset()
 
     @property
     def is_task(self) -> bool:
         return self.kind == "task"
+
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     def scope_allows(self, dataset: str) -> bool:
         return self.datasets is None or dataset in self.datasets
@@ -255,6 +270,7 @@ class Principal:
             partitions=None
             if scope.partitions is None
             else {k: frozenset(v) for k, v in scope.partitions.items()},
+            capabilities=frozenset(scope.capabilities or ()),
         )
 
 
@@ -268,9 +284,11 @@ def issue_token(
     ttl_s: int | None = None,
     task: str | None = None,
     partitions: dict[str, list[str]] | None = None,
+    capabilities: list[str] | None = None,
     now: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Sign a token; returns it and its claims. Task tokens must list their datasets."""
+    """Sign a token; returns it and its claims. Task tokens must list their datasets and carry
+    no capabilities."""
     ttl = settings.query_token_default_ttl_s if ttl_s is None else ttl_s
     if not 0 < ttl <= settings.query_token_max_ttl_s:
         raise ConfigError(
@@ -283,12 +301,20 @@ def issue_token(
         raise ConfigError("--partition narrows a task token: give --task too")
     if partitions and datasets and not set(partitions) <= set(datasets):
         raise ConfigError("--partition DATASET:KEY names a dataset missing from --dataset")
+    for capability in capabilities or ():
+        if capability not in CAPABILITIES:
+            raise ConfigError(
+                f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}"
+            )
+    if capabilities and task is not None:
+        raise ConfigError("a task token only reads: capabilities go on org tokens (no --task)")
     issued = int(time.time()) if now is None else now
     scope = Scope(
         kind="task" if task is not None else "org",
         task=task,
         datasets=sorted(set(datasets)) if datasets else None,
         partitions=partitions or None,
+        capabilities=sorted(set(capabilities)) if capabilities else None,
     )
     claims: dict[str, Any] = {
         "iss": settings.query_token_issuer,
@@ -367,6 +393,8 @@ class TokenVerifier:
             raise AuthError("a task token must list the datasets it reads")
         if claims.scope.kind == "org" and claims.scope.partitions:
             raise AuthError("only task tokens carry partitions")
+        if claims.scope.kind == "task" and claims.scope.capabilities:
+            raise AuthError("only org tokens carry capabilities")
         return Principal.from_claims(claims)
 
 

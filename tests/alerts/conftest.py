@@ -3,10 +3,13 @@ and worker processes (sink, deliverer) in their own process groups, always stopp
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import itertools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -14,14 +17,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.message import EmailMessage
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from infra.local.services import MotoS3Server, PostgresServer
+from infra.local.services import MotoS3Server, PostgresServer, free_port
 from trace_resources.buffer import tables as t
 from trace_resources.buffer.queue import BufferMessage, SqsBuffer
 from trace_resources.buffer.rules import AlertRule, RuleStore, StoredRule, parse_rule
@@ -260,3 +272,166 @@ def wait_for(
 def count(engine: sa.Engine, sql: str) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.text(sql)).scalar_one())
+
+
+# -- a real SMTP server on loopback (aiosmtpd) ----------------------------------------------
+
+
+@dataclass
+class Mail:
+    sender: str
+    recipients: list[str]
+    message: EmailMessage
+
+
+@dataclass
+class MailServer:
+    """aiosmtpd on 127.0.0.1:port. Refuses every recipient (550) until `healthy`; records
+    every message it accepted; with a TLS context, offers STARTTLS with that certificate and
+    requires AUTH (user `trace`, password `MAIL_PASSWORD`), or with `implicit_tls` speaks TLS
+    from the first byte (no AUTH)."""
+
+    port: int
+    healthy: bool = True
+    mails: list[Mail] = field(default_factory=list)
+    logins: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    controller: Any = None
+
+    def received(self) -> list[Mail]:
+        with self.lock:
+            return list(self.mails)
+
+    def start(
+        self, tls_context: ssl.SSLContext | None = None, *, implicit_tls: bool = False
+    ) -> MailServer:
+        state = self
+
+        class Handler:
+            async def handle_RCPT(
+                self, server: Any, session: Any, envelope: Any, address: str, options: Any
+            ) -> str:
+                if not state.healthy:
+                    return "550 5.1.1 mailbox unavailable"
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                parsed = BytesParser(policy=email_policy.default).parsebytes(envelope.content)
+                assert isinstance(parsed, EmailMessage)
+                with state.lock:
+                    state.mails.append(Mail(envelope.mail_from, list(envelope.rcpt_tos), parsed))
+                return "250 Message accepted for delivery"
+
+        def authenticate(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            ok = (
+                isinstance(data, LoginPassword)
+                and data.login == b"trace"
+                and data.password == MAIL_PASSWORD.encode()
+            )
+            if ok:
+                with state.lock:
+                    state.logins.append(data.login.decode())
+            return AuthResult(success=ok, handled=False)
+
+        extra: dict[str, Any] = {}
+        if tls_context is not None and implicit_tls:
+            extra = {"ssl_context": tls_context}
+        elif tls_context is not None:
+            extra = {
+                "tls_context": tls_context,
+                "require_starttls": True,
+                "auth_required": True,
+                "authenticator": authenticate,
+            }
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, **extra)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+
+MAIL_PASSWORD = "smtp-password-for-tests"
+
+
+@pytest.fixture
+def mail_servers() -> Iterator[Callable[..., MailServer]]:
+    """Starts MailServers (on a given or free port); stops every one at teardown."""
+    started: list[MailServer] = []
+
+    def start(
+        port: int | None = None,
+        *,
+        healthy: bool = True,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+    ) -> MailServer:
+        server = MailServer(port or free_port(), healthy=healthy)
+        started.append(server)
+        return server.start(tls, implicit_tls=implicit_tls)
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@dataclass
+class SelfSignedTls:
+    """A certificate for 127.0.0.1, and the files that make clients trust it."""
+
+    server_context: ssl.SSLContext
+    ca_file: Path
+
+
+@pytest.fixture
+def self_signed_tls(tmp_path: Path) -> SelfSignedTls:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "smtp.crt", tmp_path / "smtp.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return SelfSignedTls(context, cert_file)
+
+
+def email_channel(name: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "email",
+        "name": name,
+        "to": ["ops@acme.example", "oncall@acme.example"],
+        "from_address": "trace@alerts.example",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "security": "none",
+        **extra,
+    }

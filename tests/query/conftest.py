@@ -142,6 +142,7 @@ def world(
         chain_id=CHAIN_ID,
         range_size=RANGE_SIZE,
         state_dsn=_new_database(postgres, f"{tag}_state_s3"),
+        data_dsn=_new_database(postgres, f"{tag}_data"),  # alert rules and alerts
         object_store="s3",
         s3_endpoint_url=s3_server.endpoint_url,
         bucket_datasets=f"{tag}-datasets",

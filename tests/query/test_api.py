@@ -500,6 +500,25 @@ def test_cli_issues_and_revokes_tokens(
     bad = cli(world, env, "token", "issue", "--org", "Not An Org", "--subject", "x")
     assert bad.returncode == 2 and "org" in bad.stderr
 
+    # --capability alerts:manage: the token may change the org's alert rules, a plain one not
+    manager = cli(
+        world,
+        env,
+        "token",
+        "issue",
+        "--org",
+        "acme",
+        "--subject",
+        "ops",
+        "--capability",
+        "alerts:manage",
+    )
+    assert manager.returncode == 0, manager.stderr
+    disable = "/v1/alerts/rules/no-such-rule/disable"
+    error(client.post(disable, headers=bearer(manager.stdout.strip())), 404, "unknown_rule")
+    plain = cli(world, env, "token", "issue", "--org", "acme", "--subject", "ops")
+    error(client.post(disable, headers=bearer(plain.stdout.strip())), 403, "missing_capability")
+
 
 def test_published_datasets_are_public(client: httpx.Client, tokens: Tokens, world: World) -> None:
     env = settings_env(world.settings)

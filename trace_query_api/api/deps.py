@@ -3,7 +3,8 @@
 `CurrentPrincipal` verifies the token (signature, algorithm, claims), then in one Postgres
 round trip refuses revoked tokens and applies the organisation's and the subject's rate
 limits. `CurrentUser` further refuses task tokens where only people act (creating and
-deleting saved queries).
+deleting saved queries, reading alert rules and alerts); `AlertManager` also requires the
+`alerts:manage` capability (creating, updating and disabling alert rules).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from trace_query_api.errors import ApiError, AuthError, ForbiddenError
 from trace_query_api.services import Services
 from trace_query_api.tokens import Principal
 
-__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser"]
+__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser", "AlertManager"]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -60,10 +61,24 @@ CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 def get_user(principal: CurrentPrincipal) -> Principal:
     if principal.is_task:
         raise ForbiddenError(
-            "task tokens read; creating or deleting saved queries takes a user's org token",
+            "task tokens read only their datasets; saved queries and alerts take a user's org "
+            "token",
             code="task_token_not_allowed",
         )
     return principal
 
 
 CurrentUser = Annotated[Principal, Depends(get_user)]
+
+
+def get_alert_manager(principal: CurrentUser) -> Principal:
+    if not principal.can("alerts:manage"):
+        raise ForbiddenError(
+            "this token reads alert rules but does not change them; changing them takes a token "
+            "with the alerts:manage capability (`trace token issue --capability alerts:manage`)",
+            code="missing_capability",
+        )
+    return principal
+
+
+AlertManager = Annotated[Principal, Depends(get_alert_manager)]

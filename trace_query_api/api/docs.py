@@ -10,7 +10,8 @@ from trace_query_api.models import ErrorPublic
 __all__ = ["errors", "AUTH_ERRORS"]
 
 _DESCRIPTIONS = {
-    400: "Bad request: invalid SQL, statement not allowed, bad pagination, row cap",
+    400: "Bad request: invalid SQL, statement not allowed, bad pagination, row cap, invalid "
+    "alert rule",
     401: "Missing, invalid, expired or revoked token",
     403: "Not allowed for this token",
     404: "Unknown (or not readable with this token)",
@@ -18,7 +19,8 @@ _DESCRIPTIONS = {
     410: "Pinned version garbage-collected",
     422: "Request does not match the schema, or the query hit a resource limit",
     429: "Rate limit or concurrency cap; see Retry-After",
-    503: "A committed file is unavailable or does not match its manifest",
+    503: "A committed file is unavailable or does not match its manifest, or the alerts "
+    "database is unavailable",
 }
 
 

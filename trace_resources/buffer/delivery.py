@@ -1,4 +1,4 @@
-"""Delivery of upserted alerts to their channels: webhook (HMAC-signed) and Slack.
+"""Delivery of upserted alerts to their channels: webhook (HMAC-signed), Slack and email (SMTP).
 
 State lives in `trace_alert_deliveries`, one row per (alert, channel):
 
@@ -19,6 +19,14 @@ the others.
 Webhook request: POST, body = JSON `{"dedupe_key", "alert"}`, headers
 `X-Trace-Timestamp: <unix seconds>`, `X-Trace-Signature: <hex HMAC-SHA256(secret,
 "<timestamp>.<body>")>`, `X-Trace-Dedupe-Key`. Slack: POST `{"text": …}`.
+
+Email: one message to all of the channel's recipients over SMTP (stdlib smtplib; STARTTLS or
+implicit TLS with certificate checks, optional AUTH), subject `[trace] <alert text>`, a plain
+text body with the alert text and its JSON, `Message-ID` derived from the dedupe key and an
+`X-Trace-Dedupe-Key` header (so a mail filter can drop the repeat of an at-least-once retry).
+A recipient the server refuses fails the attempt: a wrong address surfaces as a dead letter
+rather than as silence. The delivery timeout bounds each SMTP step and, roughly, the whole
+exchange (each step gets what is left of it).
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ import json
 import logging
 import random
 import signal
+import smtplib
+import ssl
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from types import FrameType
 from typing import Any
 
@@ -43,7 +54,13 @@ import httpx
 import sqlalchemy as sa
 
 from trace_resources.buffer import tables as t
-from trace_resources.buffer.rules import AlertRule, RuleStore, SlackChannel, WebhookChannel
+from trace_resources.buffer.rules import (
+    AlertRule,
+    AnyChannel,
+    EmailChannel,
+    RuleStore,
+    WebhookChannel,
+)
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
 
@@ -107,6 +124,31 @@ def verify_signature(
     return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
+def email_message(channel: EmailChannel, claim: Claim) -> EmailMessage:
+    """The message one alert sends on an email channel."""
+    text = str(claim.payload.get("text") or claim.dedupe_key)
+    subject = " ".join(f"[trace] {text}".split())
+    message = EmailMessage()
+    message["From"] = channel.from_address
+    message["To"] = ", ".join(channel.to)
+    message["Subject"] = subject if len(subject) <= 200 else subject[:197] + "..."
+    digest = hashlib.sha256(claim.dedupe_key.encode()).hexdigest()
+    message["Message-ID"] = f"<{digest}@trace.alerts>"
+    message["X-Trace-Dedupe-Key"] = claim.dedupe_key
+    alert = json.dumps(
+        {"dedupe_key": claim.dedupe_key, "alert": claim.payload}, sort_keys=True, indent=2
+    )
+    message.set_content(f"{text}\n\n{alert}\n")
+    return message
+
+
+def _refusals(refused: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(
+        f"{rcpt} ({code} {reply.decode(errors='replace')[:100]})"
+        for rcpt, (code, reply) in sorted(refused.items())
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     dedupe_key: str
@@ -161,7 +203,7 @@ class Deliverer:
         rate = getattr(channel, "rate_per_s", None) if channel is not None else None
         return float(rate or self.policy.default_rate_per_s)
 
-    def _channel(self, claim: Claim) -> WebhookChannel | SlackChannel | None:
+    def _channel(self, claim: Claim) -> AnyChannel | None:
         dest = claim.destination
         try:
             rule = self._rule(str(dest["org"]), str(dest["rule_id"]), int(dest["rule_version"]))
@@ -275,6 +317,8 @@ class Deliverer:
                 "X-Trace-Dedupe-Key": claim.dedupe_key,
             }
             self._post(channel.url, body, headers)
+        elif isinstance(channel, EmailChannel):
+            self._mail(channel, email_message(channel, claim))
         else:
             text = str(claim.payload.get("text") or json.dumps(claim.payload, sort_keys=True))
             body = json.dumps({"text": text}).encode()
@@ -289,6 +333,56 @@ class Deliverer:
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
         if response.status_code >= 300:
             raise DeliveryError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+    def _mail(self, channel: EmailChannel, message: EmailMessage) -> None:
+        deadline = time.monotonic() + self.policy.timeout_s
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeliveryError(f"SMTP exchange timed out after {self.policy.timeout_s}s")
+            return remaining
+
+        host, port = channel.smtp_host, channel.smtp_port
+        where = f"SMTP {host}:{port}"
+        try:
+            smtp: smtplib.SMTP
+            if channel.security == "ssl":
+                context = ssl.create_default_context()
+                smtp = smtplib.SMTP_SSL(host, port, timeout=left(), context=context)
+            else:
+                smtp = smtplib.SMTP(host, port, timeout=left())
+            with smtp:
+
+                def step() -> None:
+                    if smtp.sock is not None:
+                        smtp.sock.settimeout(left())
+
+                step()
+                smtp.ehlo()
+                if channel.security == "starttls":
+                    step()
+                    smtp.starttls(context=ssl.create_default_context())
+                    step()
+                    smtp.ehlo()
+                if channel.username is not None and channel.password is not None:
+                    step()
+                    smtp.login(channel.username, channel.password.get_secret_value())
+                step()
+                refused = smtp.send_message(message)
+                if refused:
+                    raise DeliveryError(f"{where} refused recipients: {_refusals(refused)}")
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise DeliveryError(f"{where} refused recipients: {_refusals(exc.recipients)}") from exc
+        except smtplib.SMTPResponseException as exc:
+            reply = (
+                exc.smtp_error.decode(errors="replace")
+                if isinstance(exc.smtp_error, bytes)
+                else str(exc.smtp_error)
+            )
+            raise DeliveryError(f"{where} answered {exc.smtp_code}: {reply[:200]}") from exc
+        except (TimeoutError, OSError, smtplib.SMTPException) as exc:
+            raise DeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
     def deliver(self, claim: Claim) -> bool:
         """Send one claimed row and record the outcome; True when delivered."""
@@ -390,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    log.info("deliverer ready (poll %.1fs)", args.poll)  # from here on SIGTERM finishes sends
     try:
         stats = deliverer.run(poll_s=args.poll)
     finally:

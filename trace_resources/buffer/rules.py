@@ -10,6 +10,9 @@ A rule file (YAML or JSON) holds one rule:
     channels:
       - {kind: webhook, name: ops-hook, url: "https://…", secret: "…"}
       - {kind: slack, name: ops-slack, url: "https://hooks.slack.com/…"}
+      - {kind: email, name: ops-mail, to: [ops@acme.example], from_address: trace@acme.example,
+         smtp_host: smtp.acme.example, smtp_port: 587, security: starttls,
+         username: trace, password: "…"}
 
 Every create, update or disable writes a new version row in `trace_alert_rules`; the highest
 version of a rule is the one in force. Alerts carry the rule version they were computed with,
@@ -21,13 +24,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trace_resources.buffer import tables as t
 from trace_resources.errors import TraceError
@@ -35,6 +46,10 @@ from trace_resources.errors import TraceError
 __all__ = [
     "ALERT_DATASETS",
     "AlertRule",
+    "AnyChannel",
+    "EmailChannel",
+    "SlackChannel",
+    "WebhookChannel",
     "RuleError",
     "RuleStore",
     "StoredRule",
@@ -78,9 +93,12 @@ class CustomSql(_Strict):
     kind: Literal["custom_sql"]
     sql: str = Field(
         min_length=1,
-        description="One DuckDB SELECT over tables named like the datasets (erc20_transfers, "
-        "native_transfers), holding the rows of the block range being evaluated; each row it "
-        "returns is one alert. A column `alert_key` (if returned) names the row's identity.",
+        description="One DuckDB SELECT over tables named like the datasets the organisation may "
+        "read (as the query service defines it: blocks, transactions, logs, datasets published "
+        "with `trace public add`, its own `org_<org>__*` datasets; and the alert datasets "
+        "erc20_transfers and native_transfers). A block-range dataset holds the rows of the "
+        "range being evaluated, an unpartitioned one its current version. Each row it returns "
+        "is one alert; a column `alert_key` (if returned) names the row's identity.",
     )
 
     @field_validator("sql")
@@ -91,8 +109,27 @@ class CustomSql(_Strict):
             raise ValueError("must be one statement (no ';' inside)")
         if not re.match(r"(?is)^(select|with)\b", body):
             raise ValueError("must be a SELECT (or WITH … SELECT) statement")
+        _referenced_tables(body)  # must parse
         return body
 
+    def tables(self) -> list[str]:
+        """The tables (dataset names) the statement reads, CTE names excluded."""
+        return _referenced_tables(self.sql)
+
+
+def _referenced_tables(sql: str) -> list[str]:
+    """Table names a statement reads, parsed by DuckDB in a sandbox (no file or network
+    access, so a table function such as read_csv can not touch anything while parsing)."""
+    import duckdb
+
+    conn = duckdb.connect(config={"enable_external_access": False, "threads": 1})
+    try:
+        return sorted(conn.get_table_names(sql))
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"does not parse as DuckDB SQL: {first}") from None
+    finally:
+        conn.close()
 
 Condition = Annotated[
     Erc20TransferAbove | WatchedAddresses | CustomSql, Field(discriminator="kind")
@@ -124,7 +161,48 @@ class SlackChannel(_Strict):
     rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
 
 
-Channel = Annotated[WebhookChannel | SlackChannel, Field(discriminator="kind")]
+# one bare address (no display name): no whitespace or control characters (so no header
+# injection), one '@', a domain of DNS labels
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = rf"^[^@\s\x00-\x1f<>,;\"]{{1,64}}@{_LABEL}(?:\.{_LABEL})*$"
+EmailAddress = Annotated[str, Field(pattern=_EMAIL, max_length=254)]
+
+
+class EmailChannel(_Strict):
+    kind: Literal["email"]
+    name: str = Field(pattern=_NAME)
+    to: list[EmailAddress] = Field(
+        min_length=1, max_length=50, description="Recipients (one message to all of them)."
+    )
+    from_address: EmailAddress = Field(description="Envelope and header sender.")
+    smtp_host: str = Field(
+        pattern=r"^[A-Za-z0-9.:_-]{1,253}$", description="SMTP server host name or IP address."
+    )
+    smtp_port: int = Field(587, gt=0, lt=65536, description="SMTP server port.")
+    security: Literal["starttls", "ssl", "none"] = Field(
+        "starttls",
+        description="`starttls` (upgrade after connecting, usually port 587), `ssl` (TLS from "
+        "the start, usually 465) or `none` (plain text: a relay on a trusted network only). "
+        "Certificates are verified against the system's trust store.",
+    )
+    username: str | None = Field(None, min_length=1, description="SMTP AUTH user.")
+    password: SecretStr | None = Field(None, description="SMTP AUTH password.")
+    rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EmailChannel:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both `username` and `password` for SMTP AUTH, or neither")
+        if self.password is not None and self.security == "none":
+            raise ValueError(
+                "a password would cross the network in clear text: set `security` to "
+                "`starttls` or `ssl`"
+            )
+        return self
+
+
+AnyChannel = WebhookChannel | SlackChannel | EmailChannel
+Channel = Annotated[AnyChannel, Field(discriminator="kind")]
 
 
 class AlertRule(_Strict):
@@ -144,7 +222,7 @@ class AlertRule(_Strict):
             raise ValueError(f"channel names must be unique, got {names}")
         return value
 
-    def channel(self, name: str) -> WebhookChannel | SlackChannel:
+    def channel(self, name: str) -> AnyChannel:
         for channel in self.channels:
             if channel.name == name:
                 return channel
@@ -156,6 +234,8 @@ class AlertRule(_Strict):
         for stored, channel in zip(data["channels"], self.channels, strict=True):
             if isinstance(channel, WebhookChannel):
                 stored["secret"] = channel.secret.get_secret_value()
+            elif isinstance(channel, EmailChannel) and channel.password is not None:
+                stored["password"] = channel.password.get_secret_value()
         return data
 
 
@@ -199,8 +279,13 @@ def load_rule_file(path: str) -> AlertRule:
 class RuleStore:
     """Versioned rules in Postgres data."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(
+        self, engine: sa.Engine, check: Callable[[AlertRule], None] | None = None
+    ) -> None:
         self.engine = engine
+        # raises RuleError for a rule that may not be stored (e.g. a custom SQL condition
+        # over a dataset its organisation may not read: trace_assets.alerts.scope)
+        self.check = check
 
     def _latest(self, conn: sa.Connection, org: str, rule_id: str) -> sa.Row[Any] | None:
         return conn.execute(
@@ -212,6 +297,8 @@ class RuleStore:
         ).one_or_none()
 
     def _write(self, rule: AlertRule, *, must_exist: bool) -> StoredRule:
+        if self.check is not None and rule.enabled:
+            self.check(rule)
         with self.engine.begin() as conn:
             # serialise writers of one rule so versions never collide
             conn.execute(
