@@ -221,6 +221,7 @@ def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
         ttl_s=args.ttl,
         task=args.task,
         partitions=_token_partitions(args.partition or [], args.dataset or []) or None,
+        capabilities=args.capability or None,
     )
     sys.stdout.write(token + "\n")
     sys.stderr.write(
@@ -305,6 +306,12 @@ def _add_query_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         action="append",
         metavar="[DATASET:]KEY",
         help="task tokens: read only this partition (of DATASET, or of every --dataset)",
+    )
+    issue.add_argument(
+        "--capability",
+        action="append",
+        choices=["alerts:manage"],
+        help="org tokens: also create, update and disable the org's alert rules",
     )
     issue.set_defaults(func=cmd_token_issue)
     revoke = token.add_parser("revoke", help="refuse a token id (jti) from now on")
@@ -401,9 +408,11 @@ def _alerts_engine(settings: Settings) -> Engine:
 
 
 def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_assets.alerts.scope import scope_check
     from trace_resources.buffer.rules import RuleStore, describe, load_rule_file
 
-    store = RuleStore(_alerts_engine(settings))
+    # a custom SQL condition may read only datasets its organisation may read
+    store = RuleStore(_alerts_engine(settings), check=scope_check(settings.state_dsn))
     if args.action == "list":
         rows = describe(store.latest(args.org))
         if args.json:
@@ -425,6 +434,37 @@ def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
         f"{args.action}d rule {stored.rule.org}/{stored.rule.id}: version {stored.version}"
         f"{'' if stored.rule.enabled else ' (disabled)'}\n"
     )
+    return 0
+
+
+def cmd_alert_backtest(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_assets.alerts.backtest import backtest, committed_ranges, parse_partition_span
+    from trace_assets.alerts.scope import AlertScope
+    from trace_resources.buffer.rules import load_rule_file
+    from trace_resources.storage.commit import DatasetReader
+
+    if args.partitions and args.to_block is not None:
+        sys.stderr.write("trace alerts backtest: give --partitions or --from/--to-block\n")
+        return 2
+    rule = load_rule_file(args.rule)
+    span = parse_partition_span(args.partitions) if args.partitions else None
+    gc = _garbage_collector(settings)  # the object store and version store of the settings
+    reader = DatasetReader(gc.store, gc.versions)
+    keys = committed_ranges(
+        reader, rule, from_block=args.from_block, to_block=args.to_block, span=span
+    )
+    report = backtest(
+        rule,
+        reader,
+        AlertScope(settings.state_dsn),
+        keys,
+        default_rate_per_s=settings.alert_channel_rate_per_s,
+        examples=args.examples,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write("\n".join(report.lines()) + "\n")
     return 0
 
 
@@ -472,6 +512,24 @@ def _add_alert_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     disable.add_argument("org")
     disable.add_argument("rule_id")
     disable.set_defaults(func=cmd_alert_rule)
+
+    test = alerts.add_parser(
+        "backtest",
+        help="how often a rule would have fired over committed history (sends nothing)",
+        description="Evaluate a rule file over the current committed version of each block "
+        "range in the window, dedupe as the sink does and replay the channels' rate limits "
+        "over the block timestamps. Publishes, stores and delivers nothing.",
+    )
+    test.add_argument("--rule", required=True, help="rule file (.yaml/.yml/.json)")
+    window = test.add_mutually_exclusive_group()
+    window.add_argument(
+        "--partitions", metavar="FIRST..LAST", help="block-range keys, both inclusive"
+    )
+    window.add_argument("--from-block", type=int, help="first block (ranges overlapping)")
+    test.add_argument("--to-block", type=int, help="last block (ranges overlapping)")
+    test.add_argument("--examples", type=int, default=5, help="example alerts to show")
+    test.add_argument("--json", action="store_true", help="print JSON")
+    test.set_defaults(func=cmd_alert_backtest)
 
     dlq = commands.add_parser("dlq", help="dead-lettered alert deliveries").add_subparsers(
         dest="action", required=True

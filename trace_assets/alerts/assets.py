@@ -2,47 +2,110 @@
 
 Downstream of `erc20_transfers` and `native_transfers` (eager automation: a committed version,
 recorded by its run or relayed from the outbox, triggers it). It reads the current versions
-of the range (pinned), publishes one buffer message per alert, and, when the range was
-re-committed, a retraction for each alert the new version no longer raises. Publishing twice
-(a retried step) is harmless: the sink keeps one row per dedupe_key.
+of the range (pinned) — the alert datasets, plus every dataset a custom SQL condition reads
+that its organisation may read (`scope.py`) — and publishes one buffer message per alert.
+Against the evaluation ledger it publishes a retraction for each standing alert the current
+version no longer raises, and a new generation of an alert that was retracted and is raised
+again (`evaluate.reconcile`). Publishing twice (a retried step) is harmless: the sink keeps
+one row per dedupe_key, and the ledger is written only after the messages were published.
 """
+
+import json
+from collections.abc import Iterable
 
 import dagster as dg
 
-from trace_assets.alerts.evaluate import RangeData, evaluate_range, retractions
+from trace_assets.alerts.evaluate import (
+    LedgerEntry,
+    Plan,
+    RangeData,
+    evaluate_rules,
+    reconcile,
+)
+from trace_assets.alerts.scope import AlertScope, load_range, referenced
 from trace_assets.partitions import block_ranges
-from trace_assets.registry import arrow_schema, declarations
-from trace_resources.buffer.resource import AlertsResource, previous_alerts
-from trace_resources.buffer.rules import ALERT_DATASETS
+from trace_resources.buffer.resource import (
+    AlertsResource,
+    evaluation_lock,
+    load_ledger,
+    save_ledger,
+)
+from trace_resources.buffer.rules import ALERT_DATASETS, CustomSql, StoredRule
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader
 
-__all__ = ["alert_evaluations", "read_range"]
+__all__ = ["alert_evaluations", "evaluate_partition", "read_range"]
 
 
-def read_range(reader: DatasetReader, partition_key: str) -> RangeData:
-    """The current committed version of each alert dataset for one range (absent: skipped)."""
-    tables = {}
-    for dataset in ALERT_DATASETS:
-        with reader.pinned(dataset, [partition_key]) as records:
-            record = records.get(partition_key)
-            if record is None:
-                continue
-            schema = arrow_schema(declarations()[dataset])
-            tables[dataset] = (record.version, reader.read_versions([record], schema))
-    return RangeData(partition_key, tables)
+def read_range(reader: DatasetReader, partition_key: str, extra: Iterable[str] = ()) -> RangeData:
+    """The current committed version of each alert dataset (and of `extra`) for one range."""
+    loaded = load_range(reader, partition_key, [*ALERT_DATASETS, *extra])
+    return RangeData(loaded.partition_key, loaded.tables, loaded.missing)
 
 
-@dg.asset(
+def evaluate_partition(
+    key: str,
+    rules: list[StoredRule],
+    reader: DatasetReader,
+    scope: AlertScope,
+    alerts: AlertsResource,
+) -> tuple[RangeData, Plan, dict[str, str]]:
+    """Evaluate, publish and record one range (the asset's work, without Dagster)."""
+    extra = {  # the datasets custom SQL conditions read, where their org may read them
+        name
+        for stored in rules
+        if stored.rule.enabled and isinstance(stored.rule.condition, CustomSql)
+        for name in referenced(stored.rule)
+        if name in scope.readable(stored.rule.org)
+    }
+    engine = alerts.engine()
+    in_force = {(r.rule.org, r.rule.id): r.version for r in rules}
+    with evaluation_lock(engine, key):
+        data = read_range(reader, key, extra)
+        evaluation = evaluate_rules(rules, data, scope.refusals)
+        previous = [LedgerEntry(*row) for row in load_ledger(engine, key, in_force)]
+        plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
+        alerts.buffer().send(plan.messages)
+        save_ledger(
+            engine,
+            key,
+            [
+                (
+                    e.org,
+                    e.rule_id,
+                    e.rule_version,
+                    e.base_key,
+                    e.key,
+                    e.generation,
+                    e.standing,
+                    e.payload,
+                    e.destination,
+                )
+                for e in plan.ledger
+            ],
+        )
+    return data, plan, evaluation.errors
+
+
+@dg.multi_asset(
     name="alert_evaluations",
-    description="Alerts of every enabled rule over each committed block range, published to "
-    "the alert buffer (SQS) with a dedupe_key; retractions when a range is re-committed.",
-    deps=list(ALERT_DATASETS),
+    specs=[
+        dg.AssetSpec(
+            "alert_evaluations",
+            description="Alerts of every enabled rule over each committed block range, "
+            "published to the alert buffer (SQS) with a dedupe_key; retractions when a range "
+            "is re-committed.",
+            deps=list(ALERT_DATASETS),
+            automation_condition=dg.AutomationCondition.eager(),
+            group_name="alerts",
+            kinds={"sqs", "postgres"},
+        )
+    ],
     partitions_def=block_ranges,
-    automation_condition=dg.AutomationCondition.eager(),
-    group_name="alerts",
-    kinds={"sqs", "postgres"},
+    # a backfill (or an automation request) of many ranges is one run, evaluated range by range
+    # (on @multi_asset the policy is stable; on @asset Dagster flags it beta)
+    backfill_policy=dg.BackfillPolicy.single_run(),
 )
 def alert_evaluations(
     context: dg.AssetExecutionContext,
@@ -50,21 +113,44 @@ def alert_evaluations(
     objects: ObjectStoreResource,
     alerts: AlertsResource,
 ) -> dg.MaterializeResult:
-    key = context.partition_key
+    keys = context.partition_keys
+    totals = {"alerts": 0, "new": 0, "retractions": 0, "sent": 0}
+    versions: dict[str, dict[str, int]] = {}
+    all_errors: dict[str, dict[str, str]] = {}
     with as_dagster_failure():
-        data = read_range(state.reader(objects), key)
         rules = alerts.rules().latest(enabled_only=True)
-        messages = evaluate_range(rules, data)
-        in_force = {(r.rule.org, r.rule.id): r.version for r in rules}
-        retracted = retractions(previous_alerts(alerts.engine(), key, in_force), messages, data)
-        sent = alerts.buffer().send([*messages, *retracted])
-    context.log.info(f"{key}: {len(messages)} alert(s), {len(retracted)} retraction(s)")
+        scope = AlertScope(state.dsn)
+        reader = state.reader(objects)
+        for key in keys:
+            data, plan, errors = evaluate_partition(key, rules, reader, scope, alerts)
+            for rule_key, error in sorted(errors.items()):
+                context.log.warning(f"{key}: rule {rule_key} not evaluated: {error}")
+                all_errors.setdefault(key, {})[rule_key] = error
+            context.log.info(
+                f"{key}: {len(plan.alerts)} alert(s) ({plan.new} new), "
+                f"{len(plan.retractions)} retraction(s), from versions {data.versions}"
+            )
+            totals["alerts"] += len(plan.alerts)
+            totals["new"] += plan.new
+            totals["retractions"] += len(plan.retractions)
+            totals["sent"] += len(plan.messages)
+            versions[key] = data.versions
     return dg.MaterializeResult(
         metadata={
-            "trace/alerts": len(messages),
-            "trace/retractions": len(retracted),
-            "trace/messages_sent": sent,
+            "trace/alerts": totals["alerts"],
+            "trace/new_alerts": totals["new"],
+            "trace/retractions": totals["retractions"],
+            "trace/messages_sent": totals["sent"],
             "trace/rules": len(rules),
-            "trace/dataset_versions": dg.MetadataValue.json(data.versions),
-        }
+            # one range: by rule, and its versions; a ranged run: per range
+            "trace/rule_errors": dg.MetadataValue.json(
+                all_errors.get(keys[0], {}) if len(keys) == 1 else all_errors
+            ),
+            "trace/dataset_versions": dg.MetadataValue.json(
+                versions[keys[0]] if len(keys) == 1 else versions
+            ),
+        },
+        data_version=dg.DataVersion(json.dumps(versions[keys[0]], sort_keys=True))
+        if len(keys) == 1
+        else None,
     )

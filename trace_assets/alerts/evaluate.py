@@ -1,18 +1,41 @@
 """Alert evaluation: rules x the committed rows of one block range -> buffer messages.
 
-Pure functions (no Dagster), shared by the `alert_evaluations` asset and the backtest. Each
-alert carries the dataset versions it was computed from and a deterministic dedupe_key over
-(org, rule id + version, dataset, partition, row identity): the same row of the same range
-under the same rule version always gives the same key, whichever version of the range (a
-re-commit that keeps the row) or however many times it is evaluated.
+Pure functions (no Dagster, no I/O), shared by the `alert_evaluations` asset and the backtest.
+
+Keys. Each alert carries a deterministic `dedupe_key` over (org, rule id + version, dataset,
+partition, row identity): re-evaluating the same version of a range, or a re-commit that keeps
+the row unchanged, gives the same key, so the sink stores the alert once. For the built-in
+kinds the identity is the row's natural key (transaction hash and log index) plus a digest of
+the row's content, so a re-commit that *changes* an alerting row (a fixed amount) retracts the
+old alert and raises a new one; a custom SQL condition that returns an `alert_key` column
+decides its rows' identity itself (else the whole row is the identity).
+
+Versions. Each alert names the dataset versions it was computed from (`dataset_versions`):
+the alert datasets' current versions of the range, plus those of any other dataset its
+custom SQL read (0: the dataset had no committed data for the range).
+
+Re-evaluation (`reconcile`). The evaluation ledger remembers, per range and rule version in
+force, every alert raised and whether it is still standing. When a re-committed range is
+evaluated again:
+
+- an alert the new version still raises is published again under its key (a no-op at the
+  sink: one row per key);
+- an alert it raises for the first time is sent;
+- a standing alert it no longer raises gets one retraction, key `retract:<its key>`;
+- an alert that was retracted and is raised again (a later version restores the row) is sent
+  as a new *generation*, key `<base key>:g<n>`, so the sink does not drop it as a repeat and
+  receivers see it come back; retracting it again is `retract:<base key>:g<n>`.
+
+Rules that could not be evaluated for the range (see `Evaluation.errors`) keep their ledger
+entries untouched: an error never retracts anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import duckdb
@@ -22,30 +45,55 @@ import pyarrow.compute as pc
 from trace_resources.buffer.queue import BufferMessage
 from trace_resources.buffer.rules import (
     ALERT_DATASETS,
+    AlertRule,
     CustomSql,
     Erc20TransferAbove,
     StoredRule,
     WatchedAddresses,
 )
 
-__all__ = ["RangeData", "dedupe_key", "evaluate_range", "retractions"]
+__all__ = [
+    "Evaluation",
+    "LedgerEntry",
+    "Plan",
+    "RangeData",
+    "dedupe_key",
+    "evaluate_range",
+    "evaluate_rules",
+    "generation_key",
+    "reconcile",
+    "retractions",
+]
 
 
 @dataclass(frozen=True)
 class RangeData:
-    """The committed rows of one block range: dataset -> (version, table)."""
+    """The committed rows of one block range: dataset -> (version, table).
+
+    `missing`: datasets asked for that have no committed data for the range."""
 
     partition_key: str
     tables: Mapping[str, tuple[int, pa.Table]]
+    missing: frozenset[str] = frozenset()
 
     @property
     def versions(self) -> dict[str, int]:
-        return {name: version for name, (version, _) in sorted(self.tables.items())}
+        """Versions of the alert datasets (what every rule's alerts were computed from)."""
+        return self.versions_of(ALERT_DATASETS)
+
+    def versions_of(self, names: Iterable[str]) -> dict[str, int]:
+        wanted = set(names)
+        return {n: v for n, (v, _) in sorted(self.tables.items()) if n in wanted}
 
 
 def dedupe_key(rule: StoredRule, dataset: str, partition_key: str, identity: str) -> str:
     parts = [rule.rule.org, rule.rule.id, f"v{rule.version}", dataset, partition_key, identity]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def generation_key(base_key: str, generation: int) -> str:
+    """The key of the n-th coming back of an alert (0: its first raising)."""
+    return base_key if generation == 0 else f"{base_key}:g{generation}"
 
 
 def _plain(value: Any) -> Any:
@@ -64,18 +112,28 @@ def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: _plain(v) for k, v in row.items()} for row in table.to_pylist()]
 
 
-def _identity(dataset: str, row: Mapping[str, Any]) -> str:
-    if dataset == "erc20_transfers":
-        return f"{row['transaction_hash']}:{row['log_index']}"
-    if dataset == "native_transfers":
-        return str(row["transaction_hash"])
-    if "alert_key" in row:
-        return str(row["alert_key"])
+def _canonical(row: Mapping[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, separators=(",", ":"))
 
 
+def _identity(dataset: str, row: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(_canonical(row).encode()).hexdigest()[:16]
+    if dataset == "erc20_transfers":
+        return f"{row['transaction_hash']}:{row['log_index']}#{digest}"
+    if dataset == "native_transfers":
+        return f"{row['transaction_hash']}#{digest}"
+    if "alert_key" in row:
+        return str(row["alert_key"])
+    return _canonical(row)
+
+
 def _message(
-    rule: StoredRule, data: RangeData, dataset: str, row: dict[str, Any], text: str
+    rule: StoredRule,
+    data: RangeData,
+    dataset: str,
+    row: dict[str, Any],
+    text: str,
+    read: Iterable[str] = (),
 ) -> BufferMessage:
     key = dedupe_key(rule, dataset, data.partition_key, _identity(dataset, row))
     payload = {
@@ -86,7 +144,9 @@ def _message(
         "rule_kind": rule.rule.condition.kind,
         "dataset": dataset,
         "partition_key": data.partition_key,
-        "dataset_versions": data.versions,
+        "dataset_versions": data.versions_of([*ALERT_DATASETS, *read]),
+        "base_key": key,
+        "generation": 0,
         "row": row,
         "text": text,
     }
@@ -145,15 +205,30 @@ def _watched(rule: StoredRule, cond: WatchedAddresses, data: RangeData) -> list[
     return out
 
 
+class _RuleFailed(Exception):
+    """This rule can not be evaluated over this range (the others still are)."""
+
+
 def _custom(rule: StoredRule, cond: CustomSql, data: RangeData) -> list[BufferMessage]:
+    read = cond.tables()
+    absent = sorted(set(read) & data.missing)
+    if absent:
+        raise _RuleFailed(f"no committed data of {', '.join(absent)} for this range")
+    # a locked sandbox: no file or network access, only the tables the statement reads
     conn = duckdb.connect(config={"enable_external_access": False, "threads": 1})
     try:
-        for dataset in ALERT_DATASETS:
+        for dataset in read:
             table = _table(data, dataset)
-            if table is not None:
-                conn.register(dataset, table)
+            if table is None and dataset in ALERT_DATASETS:
+                continue  # no transfers committed for the range: as before, no table
+            if table is None:
+                raise _RuleFailed(f"dataset {dataset!r} was not loaded for this range")
+            conn.register(dataset, table)
         conn.execute("SET lock_configuration = true")
-        result = conn.sql(cond.sql).to_arrow_table()
+        try:
+            result = conn.sql(cond.sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise _RuleFailed(f"the SQL failed: {str(exc).strip().splitlines()[0]}") from None
     finally:
         conn.close()
     out = []
@@ -162,24 +237,159 @@ def _custom(rule: StoredRule, cond: CustomSql, data: RangeData) -> list[BufferMe
             f"[{rule.rule.org}/{rule.rule.id}] custom condition: "
             + json.dumps(row, sort_keys=True)[:500]
         )
-        out.append(_message(rule, data, "custom_sql", row, text))
+        out.append(_message(rule, data, "custom_sql", row, text, read))
     return out
 
 
-def evaluate_range(rules: Iterable[StoredRule], data: RangeData) -> list[BufferMessage]:
-    """Every alert the enabled rules raise over one committed range."""
-    out: list[BufferMessage] = []
+@dataclass
+class Evaluation:
+    messages: list[BufferMessage] = field(default_factory=list)
+    # rule key (org/id@vN) -> why it was not evaluated over this range
+    errors: dict[str, str] = field(default_factory=dict)
+    # (org, rule id) of the rules not evaluated: their earlier alerts are left standing
+    skipped: set[tuple[str, str]] = field(default_factory=set)
+
+
+def evaluate_rules(
+    rules: Iterable[StoredRule],
+    data: RangeData,
+    refusals: Callable[[AlertRule], list[str]] | None = None,
+) -> Evaluation:
+    """Every alert the enabled rules raise over one committed range; a rule that can not be
+    evaluated (its SQL fails, or reads a dataset its organisation may no longer read — as
+    `refusals` says) is reported in `errors` and does not stop the others."""
+    out = Evaluation()
     for rule in rules:
         if not rule.rule.enabled:
             continue
         cond = rule.rule.condition
-        if isinstance(cond, Erc20TransferAbove):
-            out += _above(rule, cond, data)
-        elif isinstance(cond, WatchedAddresses):
-            out += _watched(rule, cond, data)
-        else:
-            out += _custom(rule, cond, data)
+        try:
+            if isinstance(cond, Erc20TransferAbove):
+                out.messages += _above(rule, cond, data)
+            elif isinstance(cond, WatchedAddresses):
+                out.messages += _watched(rule, cond, data)
+            else:
+                refused = refusals(rule.rule) if refusals is not None else []
+                if refused:
+                    raise _RuleFailed(
+                        f"reads {', '.join(refused)}, which organisation {rule.rule.org!r} "
+                        "may not read (no such dataset, or no longer shared with it)"
+                    )
+                out.messages += _custom(rule, cond, data)
+        except _RuleFailed as exc:
+            out.errors[rule.key] = f"{data.partition_key}: {exc}"
+            out.skipped.add((rule.rule.org, rule.rule.id))
     return out
+
+
+def evaluate_range(rules: Iterable[StoredRule], data: RangeData) -> list[BufferMessage]:
+    """Every alert the enabled rules raise over one committed range (errors raise)."""
+    evaluation = evaluate_rules(rules, data)
+    if evaluation.errors:
+        raise ValueError("; ".join(f"{k}: {v}" for k, v in sorted(evaluation.errors.items())))
+    return evaluation.messages
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows of one alert of one range under one rule version."""
+
+    org: str
+    rule_id: str
+    rule_version: int
+    base_key: str
+    key: str  # the key of its latest generation
+    generation: int
+    standing: bool  # raised by the last evaluation (False: retracted)
+    payload: dict[str, Any]
+    destination: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    alerts: list[BufferMessage]  # every alert the current version raises (some re-sent)
+    retractions: list[BufferMessage]
+    ledger: list[LedgerEntry]  # new state of each entry evaluated
+    new: int = 0  # alerts not standing before (first raising or a new generation)
+
+    @property
+    def messages(self) -> list[BufferMessage]:
+        return [*self.alerts, *self.retractions]
+
+
+def _retraction(entry: LedgerEntry, data: RangeData) -> BufferMessage:
+    payload = entry.payload
+    computed_from = dict(payload.get("dataset_versions") or {})
+    retraction = {
+        **{k: payload.get(k) for k in ("org", "rule_id", "rule_version", "dataset")},
+        "type": "retraction",
+        "retracts": entry.key,
+        "base_key": entry.base_key,
+        "generation": entry.generation,
+        "partition_key": data.partition_key,
+        "retracted_versions": computed_from,
+        "dataset_versions": data.versions_of([*ALERT_DATASETS, *computed_from]),
+        "text": f"[{payload.get('org')}/{payload.get('rule_id')}] RETRACTED: "
+        f"{payload.get('text')} (range {data.partition_key} was re-committed)",
+    }
+    return BufferMessage(f"retract:{entry.key}", retraction, entry.destination)
+
+
+def reconcile(
+    previous: Sequence[LedgerEntry],
+    current: Sequence[BufferMessage],
+    data: RangeData,
+    skipped: Iterable[tuple[str, str]] = (),
+) -> Plan:
+    """What to publish for a range given the ledger (`previous`, entries of the rule versions
+    in force) and what the current version raises (`current`, generation-0 keys)."""
+    left_alone = set(skipped)
+    before = {e.base_key: e for e in previous}
+    alerts: list[BufferMessage] = []
+    ledger: list[LedgerEntry] = []
+    new = 0
+    seen: set[str] = set()
+    for message in current:
+        base = message.dedupe_key
+        if base in seen:
+            continue
+        seen.add(base)
+        entry = before.get(base)
+        if entry is None:
+            generation = 0
+        elif entry.standing:
+            generation = entry.generation
+        else:
+            generation = entry.generation + 1
+        if entry is None or not entry.standing:
+            new += 1
+        key = generation_key(base, generation)
+        payload = {**message.payload, "base_key": base, "generation": generation}
+        sent = replace(message, dedupe_key=key, payload=payload)
+        alerts.append(sent)
+        dest = message.destination
+        ledger.append(
+            LedgerEntry(
+                str(dest["org"]),
+                str(dest["rule_id"]),
+                int(dest["rule_version"]),
+                base,
+                key,
+                generation,
+                True,
+                payload,
+                dest,
+            )
+        )
+    retracted: list[BufferMessage] = []
+    for entry in previous:
+        if entry.base_key in seen or not entry.standing:
+            continue
+        if (entry.org, entry.rule_id) in left_alone:
+            continue
+        retracted.append(_retraction(entry, data))
+        ledger.append(replace(entry, standing=False))
+    return Plan(alerts, retracted, ledger, new)
 
 
 def retractions(
@@ -187,21 +397,20 @@ def retractions(
     current: Sequence[BufferMessage],
     data: RangeData,
 ) -> list[BufferMessage]:
-    """For alerts sent from an earlier version of this range that the current version no
-    longer raises: a retraction message each (its own deterministic key)."""
-    now = {m.dedupe_key for m in current}
-    out = []
-    for key, payload, destination in previous:
-        if key in now:
-            continue
-        retraction = {
-            **{k: payload.get(k) for k in ("org", "rule_id", "rule_version", "dataset")},
-            "type": "retraction",
-            "retracts": key,
-            "partition_key": data.partition_key,
-            "dataset_versions": data.versions,
-            "text": f"[{payload.get('org')}/{payload.get('rule_id')}] RETRACTED: "
-            f"{payload.get('text')} (range {data.partition_key} was re-committed)",
-        }
-        out.append(BufferMessage(f"retract:{key}", retraction, destination))
-    return out
+    """For alerts sent from an earlier version of this range (as (key, payload, destination))
+    that the current version no longer raises: a retraction message each."""
+    entries = [
+        LedgerEntry(
+            str(payload.get("org")),
+            str(payload.get("rule_id")),
+            int(payload.get("rule_version") or 0),
+            str(payload.get("base_key") or key),
+            key,
+            int(payload.get("generation") or 0),
+            True,
+            payload,
+            destination,
+        )
+        for key, payload, destination in previous
+    ]
+    return reconcile(entries, current, data).retractions

@@ -1,18 +1,55 @@
-"""Dagster resource of the alert pipeline: rules, alerts (Postgres data) and the buffer."""
+"""Dagster resource of the alert pipeline: rules, alerts (Postgres data) and the buffer; and
+the evaluation ledger (what each evaluated range last raised, see
+`trace_assets.alerts.evaluate.reconcile`)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.buffer import tables as t
 from trace_resources.buffer.queue import SqsBuffer
 from trace_resources.buffer.rules import RuleStore
 
-__all__ = ["AlertsResource", "previous_alerts"]
+__all__ = [
+    "AlertsResource",
+    "LedgerRow",
+    "evaluation_lock",
+    "ledger",
+    "load_ledger",
+    "previous_alerts",
+    "save_ledger",
+]
+
+_ledger_metadata = sa.MetaData()
+
+# trace_alert_ledger: one row per (range, rule version, alert base key): the key of its latest
+# generation and whether the range's last evaluation still raised it (standing) or retracted it
+ledger = sa.Table(
+    "trace_alert_ledger",
+    _ledger_metadata,
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("org", sa.Text, primary_key=True),
+    sa.Column("rule_id", sa.Text, primary_key=True),
+    sa.Column("rule_version", sa.Integer, primary_key=True),
+    sa.Column("base_key", sa.Text, primary_key=True),
+    sa.Column("dedupe_key", sa.Text, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("standing", sa.Boolean, nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("destination", JSONB, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+)
+
+LedgerRow = tuple[str, str, int, str, str, int, bool, dict[str, Any], dict[str, Any]]
 
 
 class AlertsResource(dg.ConfigurableResource):
@@ -25,7 +62,7 @@ class AlertsResource(dg.ConfigurableResource):
     visibility_timeout_s: int = Field(default=30, description="Buffer visibility timeout.")
 
     def engine(self) -> sa.Engine:
-        return t.data_engine(self.data_dsn)
+        return _with_ledger(t.data_engine(self.data_dsn))
 
     def rules(self) -> RuleStore:
         return RuleStore(self.engine())
@@ -39,15 +76,125 @@ class AlertsResource(dg.ConfigurableResource):
         )
 
 
+@functools.cache
+def _with_ledger(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110007)"))
+        _ledger_metadata.create_all(conn, checkfirst=True)
+    return engine
+
+
+@contextlib.contextmanager
+def evaluation_lock(engine: sa.Engine, partition_key: str) -> Iterator[None]:
+    """Serialises evaluations of one range (read ledger, publish, write ledger), across
+    processes: two runs of one range must not both decide on the same old ledger."""
+    lock_key = {"k": f"trace-alert-range:{partition_key}"}
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"), lock_key)
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), lock_key)
+            conn.commit()
+
+
+def load_ledger(
+    engine: sa.Engine, partition_key: str, rule_versions: dict[tuple[str, str], int]
+) -> list[LedgerRow]:
+    """Ledger entries of this range for the rule versions in force. A rule version with no
+    entries yet (a range evaluated before the ledger existed) starts from the alerts the sink
+    stored for it."""
+    engine = _with_ledger(engine)
+    lg = ledger
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(lg).where(lg.c.partition_key == partition_key)).all()
+    out: list[LedgerRow] = [
+        (
+            r.org,
+            r.rule_id,
+            r.rule_version,
+            r.base_key,
+            r.dedupe_key,
+            r.generation,
+            r.standing,
+            r.payload,
+            r.destination,
+        )
+        for r in rows
+        if rule_versions.get((r.org, r.rule_id)) == r.rule_version
+    ]
+    known = {(r[0], r[1]) for r in out}
+    for key, payload, destination in previous_alerts(engine, partition_key, rule_versions):
+        org, rule_id = str(payload.get("org")), str(payload.get("rule_id"))
+        if (org, rule_id) in known:
+            continue
+        out.append(
+            (
+                org,
+                rule_id,
+                int(payload.get("rule_version") or 0),
+                str(payload.get("base_key") or key),
+                key,
+                int(payload.get("generation") or 0),
+                True,
+                payload,
+                destination,
+            )
+        )
+    return out
+
+
+def save_ledger(engine: sa.Engine, partition_key: str, rows: Sequence[LedgerRow]) -> None:
+    if not rows:
+        return
+    engine = _with_ledger(engine)
+    values = [
+        {
+            "partition_key": partition_key,
+            "org": org,
+            "rule_id": rule_id,
+            "rule_version": version,
+            "base_key": base,
+            "dedupe_key": key,
+            "generation": generation,
+            "standing": standing,
+            "payload": payload,
+            "destination": destination,
+        }
+        for org, rule_id, version, base, key, generation, standing, payload, destination in rows
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(values), 1000):
+            stmt = pg_insert(ledger).values(values[start : start + 1000])
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["partition_key", "org", "rule_id", "rule_version", "base_key"],
+                    set_={
+                        "dedupe_key": stmt.excluded.dedupe_key,
+                        "generation": stmt.excluded.generation,
+                        "standing": stmt.excluded.standing,
+                        "payload": stmt.excluded.payload,
+                        "destination": stmt.excluded.destination,
+                        "updated_at": sa.func.now(),
+                    },
+                )
+            )
+
+
 def previous_alerts(
     engine: sa.Engine, partition_key: str, rule_versions: dict[tuple[str, str], int]
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """Alerts already upserted for this range by the rule versions now in force."""
+    """Alerts already upserted for this range by the rule versions now in force (standing:
+    not retracted)."""
     a = t.alerts
+    retracted = sa.select(a.c.dedupe_key).where(a.c.kind == "retraction").subquery()
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(a.c.dedupe_key, a.c.payload, a.c.destination).where(
-                a.c.kind == "alert", a.c.payload["partition_key"].astext == partition_key
+                a.c.kind == "alert",
+                a.c.payload["partition_key"].astext == partition_key,
+                ("retract:" + a.c.dedupe_key).not_in(sa.select(retracted.c.dedupe_key)),
             )
         ).all()
     return [

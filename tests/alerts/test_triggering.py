@@ -1,0 +1,81 @@
+"""Committed versions trigger alert evaluation: the automation (the conditions the
+`trace_automation_sensor` evaluates) requests `alert_evaluations` of exactly the ranges whose
+alert datasets got a new committed version — recorded by the run that committed it, or only
+relayed from the outbox because Dagster never recorded it."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from tests.derived.conftest import ALL_ASSETS, Env, aws_env, derived_env, raw_env  # noqa: F401
+from trace_assets.checks import DATASET_CHECKS
+from trace_assets.definitions import build_definitions
+from trace_assets.registry import arrow_schema, declarations
+from trace_resources.storage.commit import PartitionData
+from trace_sensors.outbox import build_outbox_relay_sensor
+
+ALERTS = dg.AssetKey("alert_evaluations")
+
+
+def requested(result: dg.EvaluateAutomationConditionsResult) -> set[str]:
+    return {str(key) for key in result.get_requested_partitions(ALERTS)}
+
+
+# dagster 1.13.27's own evaluate_automation_conditions selects with a beta parameter
+@pytest.mark.filterwarnings("ignore:Parameter `include_sources` of function `AssetSelection.all`")
+def test_committed_versions_request_alert_evaluation_of_their_range(
+    derived_env: Env,  # noqa: F811
+) -> None:
+    env = derived_env
+    defs = build_definitions(env.settings)
+    instance = env.instance
+    first, second = env.keys[0], env.keys[1]
+    versions = env.state.versions()
+
+    # the automation's first evaluation is Dagster's baseline (eager's `since_last_handled`
+    # treats the initial evaluation as handled): ranges committed before alerting was
+    # deployed are not evaluated retroactively (`trace alerts backtest` covers history)
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert requested(tick) == set()
+
+    # a re-commit of one range's erc20_transfers, recorded by its run
+    before = versions.current_version_numbers("erc20_transfers", [first])[first]
+    result = dg.materialize(
+        [*ALL_ASSETS, *DATASET_CHECKS],
+        instance=instance,
+        resources=env.resources(),
+        partition_key=first,
+        selection=dg.AssetSelection.assets("erc20_transfers"),
+    )
+    assert result.success
+    assert versions.current_version_numbers("erc20_transfers", [first])[first] == before + 1
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == {first}
+
+    # a re-commit of another range's native_transfers that Dagster never recorded (its step
+    # died after the commit): invisible to the automation until the outbox relay reports it
+    schema = arrow_schema(declarations()["native_transfers"])
+    table = env.reader.read("native_transfers", [second], schema)
+    with env.state.writer(env.objects) as writer:
+        committed = writer.write("native_transfers", second, PartitionData(table))
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == set()
+    relay = build_outbox_relay_sensor()
+    context = dg.build_sensor_context(
+        instance=instance, resources={"state": env.state}, definitions=defs
+    )
+    relayed = relay(context)
+    assert isinstance(relayed, dg.SensorResult), relayed
+    assert relayed.skip_reason is not None and relayed.skip_reason.skip_message is not None
+    assert relayed.skip_reason.skip_message.startswith("relayed 1 committed version(s)")
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("native_transfers"), asset_partitions=[second]),
+        limit=1,
+    ).records
+    metadata = record.asset_materialization.metadata  # type: ignore[union-attr]
+    assert metadata["trace/version"].value == committed.version.version
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == {second}
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == set()
