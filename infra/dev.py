@@ -4,7 +4,8 @@ them, until interrupted.
 The chain-head sensor (on by default) adds block ranges as the devnet's finalized head moves
 and requests their runs; materialise and backfill from the UI at http://127.0.0.1:3000. The
 query service (uvicorn) answers on http://127.0.0.1:8700 (docs at /docs); get a token with
-`.venv/bin/trace token issue --org ORG --subject SUB`. Ctrl-C stops the query service and
+`.venv/bin/trace token issue --org ORG --subject SUB`. The alert sink and deliverer run beside
+them. Ctrl-C stops the alert workers (the sink drains the buffer), the query service and
 Dagster, then the services.
 """
 
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.local.alert_workers import AlertWorkers
 from infra.local.query_service import QueryServer
 from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
 
@@ -38,9 +40,12 @@ def main() -> int:
     env = {**os.environ, **services.env()}
     dagster = None
     query = QueryServer(env, args.query_port, log_file=args.root / "query-service.log")
+    workers = AlertWorkers(env, args.root)
     try:
         query.start()
         print(f"[dev] query service on {query.url} (docs: {query.url}/docs)", flush=True)
+        workers.start()
+        print(f"[dev] alert sink and deliverer running (logs in {workers.dir})", flush=True)
         if args.mine_every > 0:  # the chain moves, so the sensor has new ranges to add
             services.anvil.rpc("evm_setIntervalMining", [max(1, round(args.mine_every))])
         command = [
@@ -60,6 +65,7 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        workers.stop()  # the sink drains the buffer before the services stop
         query.stop()
         if dagster is not None and dagster.poll() is None:
             os.killpg(dagster.pid, signal.SIGINT)
@@ -69,7 +75,10 @@ def main() -> int:
                 os.killpg(dagster.pid, signal.SIGKILL)
                 dagster.wait()
         services.down()
-        print("[dev] stopped the query service, Dagster and the local services", flush=True)
+        print(
+            "[dev] stopped the alert workers, the query service, Dagster and the local services",
+            flush=True,
+        )
     return 0
 
 

@@ -57,6 +57,7 @@ LOOPBACK = "127.0.0.1"
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_PG_PORT = 54329
 DEFAULT_ANVIL_PORT = 18545
+DEFAULT_SQS_PORT = 54330  # moto's SQS API: the alert buffer
 GENESIS_TIMESTAMP = 1_735_689_600  # as infra.devnet.generate expects (2025-01-01T00:00:00Z)
 # Monad uses 10,000-block ranges; the devnet's few thousand blocks use smaller ones.
 DEVNET_RANGE_SIZE = 250
@@ -974,6 +975,7 @@ class LocalServices:
         *,
         pg_port: int | None = None,
         anvil_port: int | None = None,
+        sqs_port: int | None = None,
         chain_id: int = MONAD_TESTNET_CHAIN_ID,
         anvil_args: Sequence[str] = (),
         databases: Sequence[str] = TRACE_DATABASES,
@@ -995,6 +997,12 @@ class LocalServices:
             extra_args=anvil_args or ("--timestamp", str(GENESIS_TIMESTAMP)),
         )
         self.object_store = LocalObjectStore(self.root)
+        # the alert buffer: moto's SQS API (queues live in memory: stop the sink with SIGTERM
+        # first, and it drains the buffer into Postgres before the services stop)
+        self.sqs = MotoS3Server(
+            _port_setting(sqs_port, "TRACE_SQS_PORT", recorded.get("sqs_port"), DEFAULT_SQS_PORT),
+            root=self.root,
+        )
         self.databases = tuple(databases)
 
     def _recorded_settings(self) -> dict[str, Any]:
@@ -1008,7 +1016,7 @@ class LocalServices:
         """Start everything (idempotent). On failure, stop what this call started, then raise."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.object_store.ensure()
-        started: list[PostgresServer | AnvilNode] = []
+        started: list[PostgresServer | AnvilNode | MotoS3Server] = []
         try:
             if not self.postgres.is_running():
                 started.append(self.postgres)
@@ -1017,6 +1025,9 @@ class LocalServices:
             if not self.anvil.is_running():
                 started.append(self.anvil)
             self.anvil.start()
+            if not self.sqs.is_running():
+                started.append(self.sqs)
+            self.sqs.start()
         except BaseException:
             for service in reversed(started):
                 with contextlib.suppress(Exception):
@@ -1025,6 +1036,7 @@ class LocalServices:
         settings = {
             "pg_port": self.postgres.port,
             "anvil_port": self.anvil.port,
+            "sqs_port": self.sqs.port,
             "chain_id": self.anvil.chain_id,
         }
         self.settings_file.write_text(json.dumps(settings, indent=2) + "\n")
@@ -1035,7 +1047,7 @@ class LocalServices:
         Each stop is attempted even if another one fails; the first error is raised at the end.
         """
         errors: list[BaseException] = []
-        stoppers = [self.anvil.stop, MotoS3Server(0, root=self.root).stop, self.postgres.stop]
+        stoppers = [self.anvil.stop, self.sqs.stop, self.postgres.stop]
         for stop in stoppers:
             try:
                 stop()
@@ -1047,7 +1059,6 @@ class LocalServices:
         self.settings_file.unlink(missing_ok=True)
 
     def status(self) -> list[ServiceStatus]:
-        moto = MotoS3Server(0, root=self.root)
         statuses = [
             ServiceStatus(
                 "postgres",
@@ -1060,9 +1071,9 @@ class LocalServices:
                 "objectstore", self.object_store.exists(), None, str(self.object_store.path)
             ),
         ]
-        moto_pid = moto.pid
-        if moto_pid is not None:
-            statuses.append(ServiceStatus("moto-s3", True, moto_pid, "(recorded pid file)"))
+        statuses.append(
+            ServiceStatus("sqs", self.sqs.is_running(), self.sqs.pid, self.sqs.endpoint_url)
+        )
         return statuses
 
     def env(self) -> dict[str, str]:
@@ -1081,6 +1092,15 @@ class LocalServices:
             "TRACE_DAGSTER_PG_DB": "dagster",
             "TRACE_OBJECT_STORE": "local",
             "TRACE_LOCAL_STORE_ROOT": str(self.object_store.path),
+            "TRACE_SQS_ENDPOINT_URL": self.sqs.endpoint_url,
+            # moto accepts any credentials; boto3 needs some to sign the SQS requests
+            "AWS_ACCESS_KEY_ID": os.environ.get(
+                "AWS_ACCESS_KEY_ID", MOTO_CREDENTIALS["aws_access_key_id"]
+            ),
+            "AWS_SECRET_ACCESS_KEY": os.environ.get(
+                "AWS_SECRET_ACCESS_KEY", MOTO_CREDENTIALS["aws_secret_access_key"]
+            ),
+            "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", MOTO_REGION),
             "DAGSTER_HOME": str(DAGSTER_HOME),
         }
 

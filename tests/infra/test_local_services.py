@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import boto3
 import pyarrow as pa
 
 from infra.local.services import LocalServices, free_port
@@ -25,7 +26,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_services_keep_data_across_restart(tmp_path: Path) -> None:
-    services = LocalServices(tmp_path / "local", pg_port=free_port(), anvil_port=free_port())
+    services = LocalServices(
+        tmp_path / "local", pg_port=free_port(), anvil_port=free_port(), sqs_port=free_port()
+    )
     services.up()
     try:
         env = services.env()
@@ -39,11 +42,17 @@ def test_services_keep_data_across_restart(tmp_path: Path) -> None:
             PartitionData(pa.table({"block_number": pa.array(range(32), pa.uint64())})),
         )
         engine_for(env["TRACE_STATE_DSN"]).dispose()
-        pids = [services.postgres.pid, services.anvil.pid]
+        # the alert buffer's SQS API answers (its queues are transient: the sink drains them)
+        sqs = boto3.client(
+            "sqs", endpoint_url=env["TRACE_SQS_ENDPOINT_URL"], region_name="us-east-1"
+        )
+        assert sqs.create_queue(QueueName="trace-alerts")["QueueUrl"]
+        pids = [services.postgres.pid, services.anvil.pid, services.sqs.pid]
         assert all(pid and _alive(pid) for pid in pids)
     finally:
         services.down()
     assert not any(_alive(pid) for pid in pids if pid)
+    assert all(not item.running for item in services.status() if item.name != "objectstore")
 
     again = LocalServices(tmp_path / "local")  # ports come back from services.json
     again.up()
