@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -21,13 +22,21 @@ from dagster._core.storage.tags import (
 
 from trace_assets.derived.assets import SCHEMA_CHECK
 from trace_assets.partitions import block_ranges
-from trace_assets.quality import check_results, evaluate_rules
-from trace_assets.registry import DatasetDeclaration, declarations
+from trace_assets.quality import RuleOutcome, check_results, evaluate_rules
 from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.registry import DatasetDeclaration, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.commit import DatasetReader
+from trace_resources.storage.versions import RuleResult, VersionStore
 
-__all__ = ["DATASET_CHECKS", "run_partition_keys", "schema_check_result", "raw_rule_outcomes"]
+__all__ = [
+    "DATASET_CHECKS",
+    "run_partition_keys",
+    "schema_check_result",
+    "raw_rule_evaluation",
+    "raw_rule_outcomes",
+    "rule_results",
+]
 
 
 def run_partition_keys(context: dg.AssetCheckExecutionContext) -> list[str] | None:
@@ -92,27 +101,100 @@ def schema_check_result(decl: DatasetDeclaration, versions: VersionStore) -> dg.
 
 
 def raw_rule_outcomes(decl: DatasetDeclaration, reader: Any, keys: list[str] | None) -> list[Any]:
-    """The declared rules of a raw dataset over its committed ranges `keys` (None: all).
+    """The declared rules of a raw dataset over its committed ranges `keys` (None: all)."""
+    return raw_rule_evaluation(decl, reader, keys)[0]
+
+
+def raw_rule_evaluation(
+    decl: DatasetDeclaration, reader: DatasetReader, keys: list[str] | None
+) -> tuple[list[RuleOutcome], dict[str, int]]:
+    """The declared rules of a raw dataset over its committed ranges `keys` (None: all), and
+    the version of every range they were evaluated on (pinned while read).
 
     Continuity is checked over the ranges and their committed neighbours, as one table, so
-    links across range boundaries are checked too.
+    links across range boundaries are checked too; a broken link counts against the range of
+    the block whose parent hash disagrees.
     """
     committed = reader.resolve(decl.name)
     keys = sorted(committed) if keys is None else [k for k in keys if k in committed]
-    row_rules = {r.kind for r in decl.quality} - {"chain_continuity"}
-    outcomes = []
-    if keys and row_rules:
-        tables = {k: reader.read(decl.name, [k]) for k in keys}
-        outcomes += evaluate_rules(decl, tables, kinds=row_rules)
-    if keys and any(r.kind == "chain_continuity" for r in decl.quality):
-        around: set[str] = set(keys)
+    row_rules: set[str] = {str(r.kind) for r in decl.quality} - {"chain_continuity"}
+    continuity = any(r.kind == "chain_continuity" for r in decl.quality)
+    around: set[str] = set(keys)
+    if keys and continuity:
         for k in keys:
             r = parse_partition_key(k)
             around |= {n for n in (r.previous_key(), r.next_key()) if n and n in committed}
-        columns = ["block_number", "block_hash", "parent_hash"]
-        table = reader.read(decl.name, sorted(around)).select(columns)
-        outcomes += evaluate_rules(decl, {None: table}, kinds={"chain_continuity"})
-    return outcomes
+    outcomes: list[RuleOutcome] = []
+    if not keys:
+        return outcomes, {}
+    with reader.pinned(decl.name, sorted(around)) as records:
+        versions = {k: records[k].version for k in sorted(around) if k in records}
+        if row_rules:
+            tables: dict[str | None, pa.Table] = {
+                k: reader.read_versions([records[k]]) for k in keys if k in records
+            }
+            outcomes += evaluate_rules(decl, tables, kinds=row_rules)
+        if continuity:
+            columns = ["block_number", "block_hash", "parent_hash"]
+            table = reader.read_versions([records[k] for k in versions]).select(columns)
+            outcome = evaluate_rules(decl, {None: table}, kinds={"chain_continuity"})[0]
+            _attribute_links(outcome, table, list(versions))
+            outcomes.append(outcome)
+    return outcomes, versions
+
+
+def _attribute_links(outcome: RuleOutcome, table: Any, keys: list[str]) -> None:
+    """Count continuity links (and broken ones) per range: the range of the later block."""
+    ordered = table.sort_by("block_number")
+    numbers = ordered["block_number"].to_pylist()
+    hashes = ordered["block_hash"].to_pylist()
+    parents = ordered["parent_hash"].to_pylist()
+    ranges = [(k, parse_partition_key(k)) for k in keys]
+
+    def key_of(number: int) -> str | None:
+        return next((k for k, r in ranges if r.start <= number <= r.last), None)
+
+    links: dict[str, int] = {k: 0 for k in keys}
+    broken: dict[str, int] = {k: 0 for k in keys}
+    for i in range(1, len(numbers)):
+        if numbers[i] != numbers[i - 1] + 1:
+            continue
+        key = key_of(numbers[i])
+        if key is None:
+            continue
+        links[key] += 1
+        if parents[i] != hashes[i - 1]:
+            broken[key] += 1
+    outcome.by_partition = broken
+    outcome.rows_by_partition = links
+    outcome.examples_by_partition = {
+        k: [e for e in outcome.examples if key_of(int(e["block_number"])) == k]
+        for k in keys
+        if broken[k]
+    }
+
+
+def rule_results(
+    decl: DatasetDeclaration, outcomes: list[RuleOutcome], versions: dict[str, int]
+) -> list[RuleResult]:
+    """Per committed version, the outcome of every rule evaluated on it."""
+    return [
+        RuleResult(
+            dataset=decl.name,
+            partition_key=key,
+            version=version,
+            rule=o.rule,
+            passed=o.partition_passed(key),
+            blocking=o.blocking,
+            failing_rows=o.by_partition.get(key, 0),
+            rows=o.rows_by_partition.get(key, 0),
+            threshold=o.threshold,
+            examples=o.examples_by_partition.get(key, []),
+        )
+        for o in outcomes
+        for key, version in versions.items()
+        if key in o.rows_by_partition
+    ]
 
 
 def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
@@ -129,7 +211,12 @@ def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
     ) -> Iterator[dg.AssetCheckResult]:
         selected = {key.name for key in context.selected_asset_check_keys}
         reader = state.reader(objects)
-        outcomes = raw_rule_outcomes(decl, reader, run_partition_keys(context))
+        outcomes, versions = raw_rule_evaluation(decl, reader, run_partition_keys(context))
+        # kept with the versions: derived datasets refuse to read a version whose blocking
+        # rule failed, in any later run too (`DatasetReader.read(refuse_failed_checks=True)`)
+        state.versions().record_rule_results(
+            rule_results(decl, outcomes, versions), run_id=context.run.run_id
+        )
         evaluated = {o.rule for o in outcomes}
         for result in check_results(decl.name, outcomes):
             if result.check_name in selected:

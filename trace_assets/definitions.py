@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from trace_assets.alerts.assets import alert_evaluations
@@ -17,6 +19,13 @@ from trace_sensors.chain_head import build_chain_head_sensor
 from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
 
 __all__ = ["defs", "build_resources", "raw_backfill_job"]
+
+# A ranged run materialises many partitions per step; Dagster stores the per-partition
+# materialization (and planned) events of one output as one batch insert when this is set,
+# instead of one insert, NOTIFY and index transaction per partition. Dagster reads it in the
+# process that stores the events: the run worker, which loads these definitions. An operator's
+# own value wins.
+os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", "1000")
 
 
 def build_resources(settings: Settings) -> dict[str, object]:

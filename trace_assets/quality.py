@@ -18,9 +18,12 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pyarrow as pa
 
-from trace_assets.registry import (
+from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.errors import TraceError
+from trace_resources.registry import (
     ChainContinuityRule,
     DatasetDeclaration,
     NotNullRule,
@@ -29,8 +32,6 @@ from trace_assets.registry import (
     SqlRule,
     UniqueRule,
 )
-from trace_resources.chain.ranges import parse_partition_key
-from trace_resources.errors import TraceError
 
 __all__ = [
     "EXAMPLES",
@@ -60,6 +61,13 @@ class RuleOutcome:
     blocking: bool
     examples: list[dict[str, Any]] = field(default_factory=list)
     by_partition: dict[str, int] = field(default_factory=dict)
+    rows_by_partition: dict[str, int] = field(default_factory=dict)
+    examples_by_partition: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def partition_passed(self, key: str) -> bool:
+        """Whether the rule passed on one partition alone (its own error rate)."""
+        rows = self.rows_by_partition.get(key, 0)
+        return (self.by_partition.get(key, 0) / rows if rows else 0.0) <= self.threshold
 
     @property
     def error_rate(self) -> float:
@@ -90,6 +98,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> int:
+    """A single-number query, its result fetched completely."""
+    rows = con.execute(sql, params).fetchall()
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
 
 def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -137,22 +151,25 @@ def evaluate_rule(
         if isinstance(rule, UniqueRule):
             key = ", ".join(_q(c) for c in rule.columns)
             dupes = f"SELECT {key}, count(*) AS copies FROM data GROUP BY {key} HAVING count(*) > 1"
-            failing = con.execute(f"SELECT coalesce(sum(copies - 1), 0) FROM ({dupes})").fetchone()
-            examples = _rows(con, f"{dupes} ORDER BY copies DESC LIMIT {EXAMPLES}", [])
-            count = int(failing[0]) if failing else 0
+            count = _count(con, f"SELECT coalesce(sum(copies - 1), 0) FROM ({dupes})", [])
+            examples = (
+                _rows(con, f"{dupes} ORDER BY copies DESC LIMIT {EXAMPLES}", []) if count else []
+            )
         elif isinstance(rule, ChainContinuityRule):
             links = (
                 "SELECT b.block_number, b.parent_hash, p.block_hash AS previous_block_hash "
                 "FROM data b JOIN data p ON p.block_number + 1 = b.block_number"
             )
-            rows = int(con.execute(f"SELECT count(*) FROM ({links})").fetchone()[0])  # type: ignore[index]
+            rows = _count(con, f"SELECT count(*) FROM ({links})", [])
             broken = f"{links} WHERE b.parent_hash IS DISTINCT FROM p.block_hash"
-            count = int(con.execute(f"SELECT count(*) FROM ({broken})").fetchone()[0])  # type: ignore[index]
-            examples = _rows(con, f"{broken} ORDER BY 1 LIMIT {EXAMPLES}", [])
+            count = _count(con, f"SELECT count(*) FROM ({broken})", [])
+            examples = _rows(con, f"{broken} ORDER BY 1 LIMIT {EXAMPLES}", []) if count else []
         else:
             query, params = _failing_query(rule, first, last)
-            count = int(con.execute(f"SELECT count(*) FROM ({query})", params).fetchone()[0])  # type: ignore[index]
-            examples = _rows(con, f"SELECT * FROM ({query}) LIMIT {EXAMPLES}", params)
+            count = _count(con, f"SELECT count(*) FROM ({query})", params)
+            examples = (
+                _rows(con, f"SELECT * FROM ({query}) LIMIT {EXAMPLES}", params) if count else []
+            )
         con.unregister("data")
     finally:
         if own:
@@ -166,6 +183,8 @@ def evaluate_rule(
         blocking=rule.blocking,
         examples=examples,
         by_partition={partition_key: count} if partition_key else {},
+        rows_by_partition={partition_key: rows} if partition_key else {},
+        examples_by_partition={partition_key: examples} if partition_key else {},
     )
 
 
@@ -179,19 +198,105 @@ def merge_outcomes(outcomes: Iterable[RuleOutcome]) -> RuleOutcome:
         merged.failing += o.failing
         merged.examples += o.examples[: max(0, EXAMPLES - len(merged.examples))]
         merged.by_partition.update(o.by_partition)
+        merged.rows_by_partition.update(o.rows_by_partition)
+        merged.examples_by_partition.update(o.examples_by_partition)
     return merged
+
+
+PARTITION_COLUMN = "__trace_partition"
 
 
 def evaluate_rules(
     decl: DatasetDeclaration, tables: Mapping[str | None, pa.Table], kinds: set[str] | None = None
 ) -> list[RuleOutcome]:
-    """Every rule of the declaration over every partition's table, merged per rule."""
+    """Every rule of the declaration over every partition's table, merged per rule.
+
+    With several partitions, the row rules (not_null, range, regex, unique) run once over all
+    of them, grouped by partition, instead of once per partition; custom SQL rules run per
+    partition (they may use the partition's bounds and return rows without it).
+    """
     rules = [r for r in decl.quality if kinds is None or r.kind in kinds]
+    grouped_kinds = (NotNullRule, RangeRule, RegexRule, UniqueRule)
+    together = len(tables) > 1 and None not in tables
     with duckdb.connect() as con:
-        return [
-            merge_outcomes(evaluate_rule(rule, table, key, con) for key, table in tables.items())
-            for rule in rules
-        ]
+        combined = _with_partition_column(tables) if together else None
+        outcomes = []
+        for rule in rules:
+            if combined is not None and isinstance(rule, grouped_kinds):
+                outcomes.append(_evaluate_grouped(rule, combined, tables, con))
+            else:
+                outcomes.append(
+                    merge_outcomes(
+                        evaluate_rule(rule, table, key, con) for key, table in tables.items()
+                    )
+                )
+        return outcomes
+
+
+def _with_partition_column(tables: Mapping[str | None, pa.Table]) -> pa.Table:
+    names = pa.array([str(k) for k in tables], pa.string())
+    parts = []
+    for index, table in enumerate(tables.values()):
+        codes = pa.array(np.full(table.num_rows, index, dtype=np.int32))
+        label = pa.DictionaryArray.from_arrays(codes, names)
+        parts.append(table.append_column(PARTITION_COLUMN, label))
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def _evaluate_grouped(
+    rule: Any,
+    combined: pa.Table,
+    tables: Mapping[str | None, pa.Table],
+    con: duckdb.DuckDBPyConnection,
+) -> RuleOutcome:
+    """One rule over every partition at once, with the failing rows counted per partition."""
+    p = _q(PARTITION_COLUMN)
+    params: list[Any] = []
+    if isinstance(rule, UniqueRule):
+        key = ", ".join(_q(c) for c in rule.columns)
+        failing_rows = (
+            f"SELECT {p}, {key}, count(*) AS copies FROM data GROUP BY {p}, {key} "
+            "HAVING count(*) > 1"
+        )
+        count_sql = f"SELECT {p}, sum(copies - 1) FROM ({failing_rows}) GROUP BY {p}"
+        order = "copies DESC"
+    else:
+        failing_rows, params = _failing_query(rule, None, None)
+        count_sql = f"SELECT {p}, count(*) FROM ({failing_rows}) GROUP BY {p}"
+        order = p
+    con.register("data", combined)
+    try:
+        counts = con.execute(count_sql, params).fetchall()
+        # up to EXAMPLES failing rows of each partition, with the partition they come from
+        shown = (
+            _rows(
+                con,
+                f"SELECT * FROM ({failing_rows}) "
+                f"QUALIFY row_number() OVER (PARTITION BY {p} ORDER BY {order}) <= {EXAMPLES} "
+                f"ORDER BY {p}, {order}",
+                params,
+            )
+            if counts
+            else []
+        )
+    finally:
+        con.unregister("data")
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for row in shown:
+        by_key.setdefault(str(row.pop(PARTITION_COLUMN)), []).append(row)
+    failing = {str(k): int(v) for k, v in counts}
+    return RuleOutcome(
+        rule=rule.name,
+        kind=rule.kind,
+        rows=combined.num_rows,
+        failing=sum(failing.values()),
+        threshold=rule.threshold,
+        blocking=rule.blocking,
+        examples=[row for rows in by_key.values() for row in rows][:EXAMPLES],
+        by_partition={str(k): failing.get(str(k), 0) for k in tables},
+        rows_by_partition={str(k): t.num_rows for k, t in tables.items()},
+        examples_by_partition=by_key,
+    )
 
 
 def check_results(asset: str, outcomes: Iterable[RuleOutcome]) -> list[dg.AssetCheckResult]:

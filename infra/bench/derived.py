@@ -16,6 +16,7 @@ the derived rows produced (medians of the rounds).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from infra.bench.ingest import bench_services
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS, PARTITIONED_TRANSFORMS
 from trace_assets.raw.chain import raw_chain
-from trace_assets.registry import arrow_schema, declarations
+from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
 
@@ -126,6 +127,8 @@ def main() -> int:
         direct_rate = rows_out / statistics.median(runs["direct"])
         spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
         _say(f"{rows_out} derived rows per round; min-max per run: {spread}")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        _say(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
         print(
             f"derived: trace_rows_per_s={trace_rate:.0f} direct_rows_per_s={direct_rate:.0f} "
             f"ratio={trace_rate / direct_rate:.2f}"

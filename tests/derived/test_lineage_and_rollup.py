@@ -16,7 +16,7 @@ from tests.derived.conftest import ALL_ASSETS, ROLLUP, Env
 from trace_assets import cli
 from trace_assets.derived import transforms
 from trace_assets.derived.assets import rollup_update
-from trace_assets.registry import declarations
+from trace_resources.registry import declarations
 from trace_resources.storage.commit import PartitionData
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +38,7 @@ def test_impacted_lists_only_readers_of_the_columns() -> None:
     assert [line.split("\t")[0] for line in done.stdout.splitlines()] == [
         "erc20_transfers",
         "token_daily_volume",
+        "token_holders",
     ]
     done = trace_cli("lineage", "impacted", "--dataset", "transactions", "--columns", "nonce")
     assert done.stdout.splitlines() == ["contracts\tdeployer_nonce,contract_address"]
@@ -95,6 +96,8 @@ def test_launch_rematerialises_only_the_impacted_assets(
     assert after["contracts"] == before["contracts"]
     rollup = after["token_daily_volume"]["__all__"]
     assert rollup.version == before["token_daily_volume"]["__all__"].version + 1
+    holders = after["token_holders"]["__all__"]  # reads from_address and to_address too
+    assert holders.version == before["token_holders"]["__all__"].version + 1
     days = env.reader.read("token_daily_volume").to_pylist()
     assert all(f"{key}@v2" in r["source_ranges"] for r in days)
 

@@ -9,10 +9,10 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.derived.conftest import ALL_ASSETS, Env, ranged_tags
-from trace_assets.checks import raw_rule_outcomes
+from trace_assets.checks import DATASET_CHECKS, raw_rule_outcomes
 from trace_assets.derived import transforms
 from trace_assets.quality import evaluate_rule, evaluate_rules
-from trace_assets.registry import RangeRule, declarations
+from trace_resources.registry import RangeRule, declarations
 from trace_resources.storage.commit import PartitionData
 
 
@@ -168,3 +168,73 @@ def test_circuit_breaker_keeps_bad_data_from_readers(raw_env: Env) -> None:
     )
     assert good.success
     assert sorted(raw_env.reader.resolve("erc20_transfers")) == raw_env.keys[:2]
+
+
+def test_a_failed_upstream_check_blocks_downstream_in_later_runs(raw_env: Env) -> None:
+    """Run 1 commits bad logs and its blocking check fails; run 2, a separate run, must not
+    build erc20_transfers from that version and says why; a fixed version unblocks it."""
+    assert len(raw_env.keys) >= 6  # two ranges no other test of the module touches
+    keys = raw_env.keys[-2:]
+    bad_key = keys[1]
+    logs = raw_env.reader.read("logs", [bad_key])
+    # two non-Transfer logs twice: caught by logs' blocking `one_row_per_log`, invisible to
+    # erc20_transfers' own rules (they are not transfers)
+    is_transfer = pc.equal(logs["topic0"], pa.scalar(transforms.TRANSFER_TOPIC, pa.binary()))
+    others = logs.filter(pc.invert(pc.fill_null(is_transfer, False))).slice(0, 2)
+    assert others.num_rows == 2
+    bad = pa.concat_tables([logs, others]).sort_by(
+        [("block_number", "ascending"), ("log_index", "ascending")]
+    )
+    with raw_env.state.writer(raw_env.objects) as writer:
+        writer.write("logs", bad_key, PartitionData(bad))
+    bad_version = raw_env.reader.resolve("logs", [bad_key])[bad_key].version
+    try:
+        first = dg.materialize(  # run 1: the checks of the raw datasets over the two ranges
+            [*ALL_ASSETS, *DATASET_CHECKS],
+            instance=raw_env.instance,
+            resources=raw_env.resources(),
+            tags=ranged_tags(keys),
+            selection=dg.AssetSelection.checks_for_assets("logs"),
+            raise_on_error=False,
+        )
+        check = next(
+            e.asset_check_evaluation_data
+            for e in first.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION"
+            and e.asset_check_evaluation_data.check_name == "one_row_per_log"
+            and e.asset_check_evaluation_data.asset_key == dg.AssetKey("logs")
+        )
+        assert not check.passed and check.metadata["failing_by_partition"].value == {bad_key: 2}
+
+        second = dg.materialize(  # run 2: a separate run of the downstream asset
+            ALL_ASSETS,
+            instance=raw_env.instance,
+            resources=raw_env.resources(),
+            tags=ranged_tags(keys),
+            selection=["erc20_transfers"],
+            raise_on_error=False,
+        )
+        assert not second.success
+        failure = next(e for e in second.all_events if e.event_type_value == "STEP_FAILURE")
+        user_failure = failure.step_failure_data.user_failure_data
+        assert user_failure is not None and user_failure.description is not None
+        message = user_failure.description
+        assert message.startswith("UpstreamQualityError: logs partition(s) " + bad_key)
+        assert f"rule 'one_row_per_log' failed on logs {bad_key} v{bad_version}: 2 of " in message
+        assert "'copies': 2" in message  # examples
+        assert keys[0] not in message.split("failed blocking")[0]  # the good range is not named
+        # readers never see derived data built from the bad version
+        assert raw_env.reader.resolve("erc20_transfers", keys) == {}
+    finally:
+        with raw_env.state.writer(raw_env.objects) as writer:
+            writer.write("logs", bad_key, PartitionData(logs))
+    fixed = dg.materialize(  # a new version of the range (its checks pass) unblocks it
+        [*ALL_ASSETS, *DATASET_CHECKS],
+        instance=raw_env.instance,
+        resources=raw_env.resources(),
+        tags=ranged_tags(keys),
+        selection=dg.AssetSelection.checks_for_assets("logs")
+        | dg.AssetSelection.assets("erc20_transfers"),
+    )
+    assert fixed.success
+    assert sorted(raw_env.reader.resolve("erc20_transfers", keys)) == keys

@@ -12,7 +12,8 @@ import dagster as dg
 import pytest
 
 from trace_assets.definitions import build_definitions
-from trace_assets.registry import (
+from trace_resources.chain.schemas import RAW_DESCRIPTIONS, RAW_SCHEMAS
+from trace_resources.registry import (
     DATASETS_DIR,
     DeclarationError,
     catalogue,
@@ -20,7 +21,6 @@ from trace_assets.registry import (
     declarations,
     load_declarations,
 )
-from trace_resources.chain.schemas import RAW_DESCRIPTIONS, RAW_SCHEMAS
 from trace_resources.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

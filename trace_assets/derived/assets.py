@@ -15,13 +15,14 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 from dagster_shared.utils.warnings import BetaWarning
 
 from trace_assets.derived import transforms
 from trace_assets.partitions import block_ranges
 from trace_assets.quality import QualityGateError, check_results, evaluate_rules, gate
-from trace_assets.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.failures import as_dagster_failure
+from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader, PartitionData
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
@@ -34,7 +35,9 @@ __all__ = [
     "column_lineage",
     "column_schema",
     "dataset_metadata",
+    "holders_update",
     "rollup_update",
+    "ROLLUP_UPDATES",
     "SCHEMA_CHECK",
 ]
 
@@ -170,7 +173,8 @@ def _decorate(
         keys = list(context.partition_keys)
         derived = transform(**upstream).cast(schema)
         parts = transforms.split_by_range(derived, keys)
-        yield from _gated(decl, dict(parts))
+        tables: dict[str | None, pa.Table] = {k: t for k, t in parts.items()}
+        yield from _gated(decl, tables)
         yield dg.Output(
             {k: PartitionData(t) for k, t in parts.items()},
             metadata={"trace/input_rows": sum(t.num_rows for t in upstream.values())},
@@ -239,11 +243,76 @@ def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table |
     )
 
 
+def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table | None:
+    """The new token_holders table, or None when no erc20_transfers range changed.
+
+    Recomputes only the tokens with transfers in ranges committed (or re-committed) since the
+    current token_holders version was made, or in the superseded versions of those ranges,
+    from every range holding transfers of those tokens; the other tokens' rows are kept. A
+    re-committed range is read in its new version only, so its old contribution is replaced.
+    """
+    schema = arrow_schema(decl)
+    upstream = decl.upstream[0]
+    current = reader.versions.current_versions(upstream)
+    tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
+    if decl.name in reader.versions.known_datasets() and reader.versions.current_versions(
+        decl.name
+    ):
+        previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
+    else:
+        previous = schema.empty_table()
+    sources_by_token: dict[bytes, set[str]] = {}
+    for token, sources in zip(
+        previous["token"].to_pylist(), previous["source_ranges"].to_pylist(), strict=True
+    ):
+        sources_by_token.setdefault(token, set()).update(sources)
+    included = set().union(*sources_by_token.values()) if sources_by_token else set()
+    changed = sorted(k for k, tag in tags.items() if tag not in included)
+    if not changed:
+        return None
+    current_tags = set(tags.values())
+    stale = {
+        token
+        for token, sources in sources_by_token.items()
+        if any(s.split("@")[0] in changed and s not in current_tags for s in sources)
+    }
+    upstream_schema = arrow_schema(declarations()[upstream])
+    with reader.pinned(upstream, changed) as records:
+        fresh = reader.read_versions(records.values(), upstream_schema)
+    affected = stale | set(pc.unique(fresh["token"]).to_pylist())
+    if not affected:
+        return None
+    needed = sorted(
+        {s.split("@")[0] for token in affected for s in sources_by_token.get(token, ())}
+        | set(changed)
+    )
+    needed = [k for k in needed if k in current]
+    affected_tokens = pa.array(sorted(affected), pa.binary())
+    with reader.pinned(upstream, needed) as records:
+        transfers = reader.read_versions(records.values(), upstream_schema)
+        used = {k: f"{k}@v{r.version}" for k, r in records.items()}
+    mine = transfers.filter(pc.is_in(transfers["token"], value_set=affected_tokens))
+    recomputed = transforms.token_holders(mine, used).cast(schema)
+    kept = previous.filter(pc.invert(pc.is_in(previous["token"], value_set=affected_tokens)))
+    return pa.concat_tables([kept, recomputed]).sort_by(
+        [("chain_id", "ascending"), ("token", "ascending")]
+    )
+
+
+# how each unpartitioned (rollup) dataset folds in the ranges committed since its last run
+ROLLUP_UPDATES: dict[str, Callable[[DatasetReader, DatasetDeclaration], pa.Table | None]] = {
+    "token_daily_volume": rollup_update,
+    "token_holders": holders_update,
+}
+
+
 def _day(days_since_epoch: int) -> Any:
     return pa.scalar(int(days_since_epoch), pa.int32()).cast(pa.date32()).as_py()
 
 
 def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
+    update = ROLLUP_UPDATES[decl.name]
+
     @dg.asset(
         name=decl.name,
         description=decl.description,
@@ -263,15 +332,36 @@ def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
     def _rollup(
         context: dg.AssetExecutionContext, state: StateStoreResource, objects: ObjectStoreResource
     ) -> Iterator[Any]:
+        reader = state.reader(objects)
         with as_dagster_failure():
-            table = rollup_update(state.reader(objects), decl)
+            table = update(reader, decl)
         if table is None:
             context.log.info(f"no {decl.upstream[0]} range changed since the last {decl.name}")
+            # nothing committed: the checks report on the version that stands
+            yield from _unchanged_checks(decl, reader)
             return
         yield from _gated(decl, {None: table})
         yield dg.Output(table, metadata={"dagster/row_count": table.num_rows})
 
     return _rollup
+
+
+def _unchanged_checks(
+    decl: DatasetDeclaration, reader: DatasetReader
+) -> Iterator[dg.AssetCheckResult]:
+    """The rules over the current version of an unpartitioned dataset (when a run commits
+    nothing new), or passing results saying there is nothing committed to check."""
+    if reader.resolve(decl.name):
+        table = reader.read(decl.name, [UNPARTITIONED], schema=arrow_schema(decl))
+        yield from check_results(decl.name, evaluate_rules(decl, {None: table}))
+        return
+    for rule in decl.quality:
+        yield dg.AssetCheckResult(
+            asset_key=decl.name,
+            check_name=rule.name,
+            passed=True,
+            description="nothing committed yet: no rows to check",
+        )
 
 
 def _build_all() -> list[dg.AssetsDefinition]:

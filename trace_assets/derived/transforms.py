@@ -25,6 +25,7 @@ __all__ = [
     "native_transfers",
     "split_by_range",
     "daily_volume",
+    "token_holders",
     "uint256_strings",
 ]
 
@@ -203,5 +204,92 @@ def daily_volume(transfers: pa.Table, range_tags: dict[str, str]) -> pa.Table:
             "distinct_senders": pa.array(grouped["distinct_senders"].to_numpy(), pa.uint64()),
             "distinct_receivers": pa.array(grouped["distinct_receivers"].to_numpy(), pa.uint64()),
             "source_ranges": pa.array(grouped["source_ranges"].to_list(), pa.list_(pa.string())),
+        }
+    )
+
+
+ZERO_ADDRESS = bytes(20)
+
+
+def _limb_sums(values: list[bytes]) -> np.ndarray:
+    """32-byte big-endian words as eight 32-bit limbs in uint64 (for exact grouped sums)."""
+    if not values:
+        return np.zeros((0, 8), dtype=np.uint64)
+    return np.frombuffer(b"".join(values), dtype=">u4").reshape(-1, 8).astype(np.uint64)
+
+
+def _recombine(limbs: Sequence[int]) -> int:
+    return sum(int(v) << (32 * (7 - i)) for i, v in enumerate(limbs))
+
+
+def token_holders(transfers: pa.Table, range_tags: dict[str, str]) -> pa.Table:
+    """Per token: holders (addresses other than the zero address whose balance, received
+    minus sent over every transfer given, is above zero), transfers, last block and the
+    `key@vN` tags of the ranges holding its transfers.
+
+    Balances are exact: amounts are summed per (token, address) as 32-bit limbs in 64-bit
+    integers, separately for what was received and what was sent, and recombined in Python.
+    """
+    keys = sorted(range_tags)
+    starts = np.array([parse_partition_key(k).start for k in keys], dtype=np.uint64)
+    numbers = transfers["block_number"].to_numpy()
+    which = np.searchsorted(starts, numbers, side="right") - 1 if len(keys) else np.array([])
+    limbs = _limb_sums(transfers["value_binary"].to_pylist())
+    tokens = transfers["token"].to_pylist()
+    base = {
+        "chain_id": transfers["chain_id"].to_numpy(),
+        "token": tokens,
+        **{f"l{i}": limbs[:, i] for i in range(8)},
+    }
+    binary = {"token": pl.Binary, "address": pl.Binary}
+    received = pl.DataFrame(
+        {**base, "address": transfers["to_address"].to_pylist()}, schema_overrides=binary
+    )
+    sent = pl.DataFrame(
+        {**base, "address": transfers["from_address"].to_pylist()}, schema_overrides=binary
+    )
+    sums = [pl.col(f"l{i}").sum() for i in range(8)]
+    inflow = received.group_by("chain_id", "token", "address").agg(*sums)
+    outflow = sent.group_by("chain_id", "token", "address").agg(*sums)
+    balances: dict[tuple[int, bytes], dict[bytes, int]] = {}
+    for frame, sign in ((inflow, 1), (outflow, -1)):
+        for row in frame.iter_rows():
+            chain_id, token, address, *parts = row
+            per_token = balances.setdefault((chain_id, token), {})
+            per_token[address] = per_token.get(address, 0) + sign * _recombine(parts)
+    meta = (
+        pl.DataFrame(
+            {
+                "chain_id": transfers["chain_id"].to_numpy(),
+                "token": tokens,
+                "block_number": numbers,
+                "range_tag": [range_tags[keys[i]] for i in which],
+            },
+            schema_overrides={"token": pl.Binary},
+        )
+        .group_by("chain_id", "token")
+        .agg(
+            pl.len().alias("transfer_count"),
+            pl.col("block_number").max().alias("last_block"),
+            pl.col("range_tag").unique().sort().alias("source_ranges"),
+        )
+        .sort("token")
+    )
+    holders = [
+        sum(
+            1
+            for address, balance in balances.get((chain_id, token), {}).items()
+            if balance > 0 and address != ZERO_ADDRESS
+        )
+        for chain_id, token in zip(meta["chain_id"].to_list(), meta["token"].to_list(), strict=True)
+    ]
+    return pa.table(
+        {
+            "chain_id": pa.array(meta["chain_id"].to_numpy(), pa.uint64()),
+            "token": pa.array(meta["token"].to_list(), pa.binary()),
+            "holders": pa.array(holders, pa.uint64()),
+            "transfer_count": pa.array(meta["transfer_count"].to_numpy(), pa.uint64()),
+            "last_block": pa.array(meta["last_block"].to_numpy(), pa.uint64()),
+            "source_ranges": pa.array(meta["source_ranges"].to_list(), pa.list_(pa.string())),
         }
     )

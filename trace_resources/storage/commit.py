@@ -17,7 +17,8 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -25,27 +26,37 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 
-from trace_resources.errors import StagedObjectError, StagingError
+from trace_resources.errors import DatasetError, StagedObjectError, StagingError
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.lease import LeaseKeeper
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import data_file_key
 from trace_resources.storage.versions import (
     Attempt,
+    BatchItem,
+    BatchNotCommitted,
     CommitMode,
     CommitResult,
     FileEntry,
     Manifest,
+    RuleResult,
     VersionRecord,
     VersionStore,
     schema_fingerprint,
 )
 
-__all__ = ["PartitionData", "StagedPartition", "DatasetWriter", "DatasetReader"]
+__all__ = [
+    "PartitionData",
+    "StagedPartition",
+    "DatasetWriter",
+    "DatasetReader",
+    "UpstreamQualityError",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_FILE = 2_000_000
+UPLOAD_CONCURRENCY = 8
 
 
 @dataclass
@@ -103,11 +114,13 @@ class DatasetWriter:
         *,
         max_rows_per_file: int = MAX_ROWS_PER_FILE,
         heartbeat_s: float | None = None,
+        upload_concurrency: int = UPLOAD_CONCURRENCY,
     ) -> None:
         self.store = store
         self.versions = versions
         self.commit_retries = commit_retries
         self.max_rows_per_file = max_rows_per_file
+        self.upload_concurrency = max(1, upload_concurrency)
         self.leases = LeaseKeeper(versions, heartbeat_s)
         weakref.finalize(self, self.leases.close)
 
@@ -210,6 +223,167 @@ class DatasetWriter:
         self.leases.release(staged.attempt)
         return result
 
+    def write_many(
+        self,
+        dataset: str,
+        partitions: Mapping[str, PartitionData],
+        *,
+        mode: CommitMode = "replace",
+        run_id: str | None = None,
+        step_key: str | None = None,
+        retry_number: int = 0,
+        commit_key: str | None = None,
+    ) -> dict[str, CommitResult]:
+        """Stage and commit many partitions of one dataset: one new version each.
+
+        The same protocol as `write` for every partition, with the per-partition round trips
+        batched: the attempts begin in one transaction, their files are uploaded and verified
+        concurrently, and they commit in one transaction (`commit_staged_many`).
+        """
+        staged = self.stage_many(
+            dataset,
+            partitions,
+            run_id=run_id,
+            step_key=step_key,
+            retry_number=retry_number,
+            mode=mode,
+        )
+        return self.commit_staged_many(staged, mode=mode, commit_key=commit_key)
+
+    def stage_many(
+        self,
+        dataset: str,
+        partitions: Mapping[str, PartitionData],
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        retry_number: int = 0,
+        mode: CommitMode = "replace",
+    ) -> list[StagedPartition]:
+        """`stage_partition` for many partitions: one transaction begins every attempt (taking
+        the fences), then the uploads and their verification run on a thread pool."""
+        keys = sorted(partitions)
+        attempts = self.versions.begin_attempts(
+            dataset, keys, run_id=run_id, step_key=step_key, retry_number=retry_number, mode=mode
+        )
+        for attempt in attempts:
+            self.leases.track(attempt)
+
+        def upload(attempt: Attempt) -> list[FileEntry]:
+            files = self.stage(attempt, partitions[attempt.partition_key].table)
+            self.verify_staged(files)
+            return files
+
+        try:
+            with ThreadPoolExecutor(
+                max_workers=min(self.upload_concurrency, len(attempts) or 1),
+                thread_name_prefix="trace-stage",
+            ) as pool:
+                uploaded = list(pool.map(upload, attempts))
+        except BaseException as exc:
+            for attempt in attempts:
+                self._give_up(attempt, exc)
+            raise
+        crash_point("stage.after_upload")
+        staged = []
+        for attempt, files in zip(attempts, uploaded, strict=True):
+            data = partitions[attempt.partition_key]
+            staged.append(
+                StagedPartition(
+                    attempt,
+                    files,
+                    data.table.schema,
+                    data.source,
+                    data.segment_key,
+                    data.segment_keys,
+                )
+            )
+        return staged
+
+    def commit_staged_many(
+        self,
+        staged: Sequence[StagedPartition],
+        *,
+        mode: CommitMode = "replace",
+        commit_key: str | None = None,
+    ) -> dict[str, CommitResult]:
+        """Commit staged partitions in one Postgres transaction, keyed by partition.
+
+        Each partition keeps every guarantee of `commit_staged` (fence, lease, commit key,
+        schema registry, continuity, its own version and outbox event). If any of them would
+        be refused, the batch changes nothing and the partitions are committed one by one in
+        key order instead, so each outcome (committed, fenced, expired) is recorded exactly as
+        without batching, and the first refusal is raised.
+        """
+        ordered = sorted(staged, key=lambda s: s.attempt.partition_key)
+        if len(ordered) == 1:
+            only = ordered[0]
+            return {
+                only.attempt.partition_key: self.commit_staged(
+                    only, mode=mode, commit_key=commit_key
+                )
+            }
+        items = [
+            BatchItem(
+                s.attempt,
+                Manifest(files=s.files, schema_hash=schema_fingerprint(s.schema), source=s.source),
+                s.schema,
+                _segment_keys(s.segment_key, s.segment_keys),
+            )
+            for s in ordered
+        ]
+        try:
+            results = self._commit_batch(items, mode=mode, commit_key=commit_key)
+        except BatchNotCommitted as exc:
+            log.info(
+                "batch commit of %d partitions refused (%s); committing one by one", len(items), exc
+            )
+            return self._commit_one_by_one(ordered, mode=mode, commit_key=commit_key)
+        except BaseException as exc:
+            for s in ordered:
+                self._give_up(s.attempt, exc)
+            raise
+        for s in ordered:
+            self.leases.release(s.attempt)
+        return {s.attempt.partition_key: r for s, r in zip(ordered, results, strict=True)}
+
+    def _commit_one_by_one(
+        self, ordered: Sequence[StagedPartition], *, mode: CommitMode, commit_key: str | None
+    ) -> dict[str, CommitResult]:
+        results: dict[str, CommitResult] = {}
+        for index, s in enumerate(ordered):
+            try:
+                results[s.attempt.partition_key] = self.commit_staged(
+                    s, mode=mode, commit_key=commit_key
+                )
+            except BaseException as exc:
+                for rest in ordered[index + 1 :]:
+                    self._give_up(rest.attempt, exc)
+                raise
+        return results
+
+    def _commit_batch(
+        self, items: Sequence[BatchItem], *, mode: CommitMode, commit_key: str | None
+    ) -> list[CommitResult]:
+        """`commit_many`, retried by the same attempt ids when its outcome is unknown (as
+        `commit` is): attempts that landed return their versions on the retry."""
+        for retry in range(self.commit_retries):
+            try:
+                results = self.versions.commit_many(items, mode=mode, commit_key=commit_key)
+            except sa.exc.OperationalError as exc:
+                if retry == self.commit_retries - 1:
+                    raise
+                log.warning(
+                    "batch commit of %d attempts had an unknown outcome (%s); retrying",
+                    len(items),
+                    exc,
+                )
+                time.sleep(0.2 * 2**retry)
+                continue
+            crash_point("commit.after_pg_commit")
+            return results
+        raise AssertionError("unreachable")
+
     def stage(self, attempt: Attempt, table: pa.Table) -> list[FileEntry]:
         """Upload the table as Parquet under the attempt's own prefix (invisible to readers)."""
         files = []
@@ -289,6 +463,22 @@ class DatasetWriter:
             log.exception("could not mark attempt %s failed after %s", attempt.attempt_id, exc)
 
 
+class UpstreamQualityError(DatasetError):
+    """A committed version failed a blocking quality rule: nothing downstream reads it."""
+
+    def __init__(self, dataset: str, failures: Sequence[RuleResult]) -> None:
+        self.dataset = dataset
+        self.failures = list(failures)
+        keys = sorted({f.partition_key for f in failures})
+        super().__init__(
+            f"{dataset} partition(s) {', '.join(keys)} failed blocking quality rule(s), so "
+            "nothing downstream may read them (circuit breaker): "
+            + " | ".join(f.summary() for f in failures)
+            + f". Fix the data and re-materialise {dataset} for these partitions (a new "
+            "version whose checks pass unblocks them), or relax the rule in its declaration"
+        )
+
+
 class DatasetReader:
     """Reads only what committed manifests reference, never by listing prefixes.
 
@@ -338,8 +528,18 @@ class DatasetReader:
             self.versions.unpin(reader_id)
 
     def read(
-        self, dataset: str, partition_keys: list[str] | None = None, schema: pa.Schema | None = None
+        self,
+        dataset: str,
+        partition_keys: list[str] | None = None,
+        schema: pa.Schema | None = None,
+        *,
+        refuse_failed_checks: bool = False,
     ) -> pa.Table:
+        """The current versions of the partitions (all if None) as one table.
+
+        With `refuse_failed_checks`, raise `UpstreamQualityError` instead if a blocking
+        quality rule failed on any of those versions (what derived datasets read with).
+        """
         with self.pinned(dataset, partition_keys) as records:
             if partition_keys is not None:
                 missing = sorted(set(partition_keys) - set(records))
@@ -349,7 +549,17 @@ class DatasetReader:
                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}: "
                         "materialise them first"
                     )
+            if refuse_failed_checks:
+                self.refuse_failed(dataset, records)
             return self.read_versions(records.values(), schema)
+
+    def refuse_failed(self, dataset: str, records: Mapping[str, VersionRecord]) -> None:
+        """Raise `UpstreamQualityError` if a blocking rule failed on any of these versions."""
+        failures = self.versions.failed_blocking_rules(
+            dataset, {k: r.version for k, r in records.items()}
+        )
+        if failures:
+            raise UpstreamQualityError(dataset, failures)
 
     def read_version(
         self, dataset: str, partition_key: str, version: int, schema: pa.Schema | None = None

@@ -25,7 +25,7 @@ from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import CommitResult
+from trace_resources.storage.versions import CommitMode, CommitResult
 
 __all__ = ["DatasetIOManager", "COMMIT_MODE_METADATA", "commit_key_for"]
 
@@ -142,34 +142,53 @@ class DatasetIOManager(dg.ConfigurableIOManager):
     def _commit_all(
         context: dg.OutputContext, writer: DatasetWriter, dataset: str, mode: str, obj: object
     ) -> dict[str, CommitResult]:
-        results = {}
+        """One partition: `write` / `commit_staged`. Several (a ranged run): the batched path,
+        which begins, uploads (concurrently) and commits them in one transaction each, with
+        the same guarantees per partition."""
+        commit_mode: CommitMode = "append" if mode == "append" else "replace"
         commit_key = commit_key_for(context)
-        for key, data in sorted(_as_partitions(context, obj).items()):
+        partitions = _as_partitions(context, obj)
+        staged: list[StagedPartition] = []
+        tables: dict[str, PartitionData] = {}
+        for key, data in sorted(partitions.items()):
             if isinstance(data, StagedPartition):  # the asset streamed it up already
                 if (data.attempt.dataset, data.attempt.partition_key) != (dataset, key):
                     raise dg.DagsterInvariantViolationError(
                         f"staged {data.attempt.dataset}/{data.attempt.partition_key} was "
                         f"returned as {dataset}/{key}"
                     )
-                results[key] = writer.commit_staged(
-                    data,
-                    mode=mode,  # type: ignore[arg-type]
-                    commit_key=commit_key,
-                )
+                staged.append(data)
             else:
-                results[key] = writer.write(
-                    dataset,
-                    key,
-                    data,
-                    mode=mode,  # type: ignore[arg-type]
-                    run_id=context.run_id,
-                    step_key=context.step_key,
-                    retry_number=_retry_number(context),
-                    commit_key=commit_key,
-                )
-        return results
+                tables[key] = data
+        if len(partitions) == 1 and tables:  # one partition: the plain protocol
+            [(key, data)] = tables.items()
+            result = writer.write(
+                dataset,
+                key,
+                data,
+                mode=commit_mode,
+                run_id=context.run_id,
+                step_key=context.step_key,
+                retry_number=_retry_number(context),
+                commit_key=commit_key,
+            )
+            return {key: result}
+        if tables:
+            staged += writer.stage_many(
+                dataset,
+                tables,
+                mode=commit_mode,
+                run_id=context.run_id,
+                step_key=context.step_key,
+                retry_number=_retry_number(context),
+            )
+        return writer.commit_staged_many(staged, mode=commit_mode, commit_key=commit_key)
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         dataset = context.asset_key.path[-1]
         with as_dagster_failure():
-            return self.state.reader(self.objects).read(dataset, _expected_keys(context))
+            # a version whose blocking quality rules failed is never read downstream, in this
+            # run or any later one (the circuit breaker across runs)
+            return self.state.reader(self.objects).read(
+                dataset, _expected_keys(context), refuse_failed_checks=True
+            )

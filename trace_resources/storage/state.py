@@ -21,6 +21,7 @@ __all__ = [
     "commit_keys",
     "pins",
     "gc_queue",
+    "quality_results",
     "engine_for",
     "dispose_engine",
 ]
@@ -132,6 +133,26 @@ commit_keys = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("attempt_id", UUID(as_uuid=False), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+# Quality rule outcomes of committed versions (the raw datasets' checks run after the commit):
+# one row per (dataset, partition, version, rule). Readers that feed derived datasets refuse a
+# version with a failed blocking rule, in any later run, until a new version replaces it.
+quality_results = sa.Table(
+    "trace_quality_results",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("rule", sa.Text, primary_key=True),
+    sa.Column("passed", sa.Boolean, nullable=False),
+    sa.Column("blocking", sa.Boolean, nullable=False),
+    sa.Column("failing_rows", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("examples", JSONB, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=True),
+    sa.Column("evaluated_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
 )
 
 # Versions a reader is reading: GC never removes a version with an unexpired pin.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -33,6 +33,8 @@ from trace_resources.storage import state as t
 
 __all__ = [
     "Attempt",
+    "BatchItem",
+    "BatchNotCommitted",
     "AttemptRow",
     "CommitMode",
     "CommitResult",
@@ -41,6 +43,7 @@ __all__ = [
     "Manifest",
     "OutboxEvent",
     "RemovedVersion",
+    "RuleResult",
     "StorageSnapshot",
     "VersionRecord",
     "VersionStore",
@@ -140,6 +143,21 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class BatchItem:
+    """One staged attempt of a batch commit (`VersionStore.commit_many`)."""
+
+    attempt: Attempt
+    manifest: Manifest
+    schema: pa.Schema
+    segment_keys: Sequence[str] | None = None
+
+
+class BatchNotCommitted(CommitError):
+    """A batch commit was rolled back as a whole because one of its attempts would have been
+    refused or failed; nothing of the batch changed. Commit the attempts one by one."""
+
+
+@dataclass(frozen=True)
 class CommitResult:
     version: VersionRecord
     already_committed: bool
@@ -160,6 +178,31 @@ class CommittedVersion:
     bytes: int
     source: dict[str, Any] | None
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """A quality rule's outcome on one committed version of a partition."""
+
+    dataset: str
+    partition_key: str
+    version: int
+    rule: str
+    passed: bool
+    blocking: bool
+    failing_rows: int
+    rows: int
+    threshold: float
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.failing_rows / self.rows if self.rows else 0.0
+        shown = "; ".join(str(e) for e in self.examples[:3])
+        return (
+            f"rule {self.rule!r} failed on {self.dataset} {self.partition_key} v{self.version}: "
+            f"{self.failing_rows} of {self.rows} rows (error rate {rate:.4%} > threshold "
+            f"{self.threshold:.4%})" + (f"; e.g. {shown}" if shown else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -287,6 +330,58 @@ class VersionStore:
             attempt_id, dataset, partition_key, fence, run_id, step_key, retry_number, mode
         )
 
+    def begin_attempts(
+        self,
+        dataset: str,
+        partition_keys: Sequence[str],
+        *,
+        run_id: str | None = None,
+        step_key: str | None = None,
+        retry_number: int = 0,
+        mode: CommitMode = "replace",
+    ) -> list[Attempt]:
+        """`begin_attempt` for many partitions of one dataset in one transaction (in key order,
+        so concurrent writers take the fence rows in the same order)."""
+        keys = sorted(set(partition_keys))
+        if not keys:
+            return []
+        bump = t.fences.c.fence + (1 if mode == "replace" else 0)
+        with self.engine.begin() as conn:
+            statement = pg_insert(t.fences).values(
+                [{"dataset": dataset, "partition_key": k, "fence": 1} for k in keys]
+            )
+            returned = conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["dataset", "partition_key"], set_={"fence": bump}
+                ).returning(t.fences.c.partition_key, t.fences.c.fence)
+            )
+            fences: dict[str, int] = {str(r.partition_key): int(r.fence) for r in returned}
+            attempts = [
+                Attempt(
+                    str(uuid.uuid4()), dataset, k, fences[k], run_id, step_key, retry_number, mode
+                )
+                for k in keys
+            ]
+            conn.execute(
+                t.attempts.insert().values(
+                    [
+                        {
+                            "attempt_id": a.attempt_id,
+                            "dataset": dataset,
+                            "partition_key": a.partition_key,
+                            "fence": a.fence,
+                            "run_id": run_id,
+                            "step_key": step_key,
+                            "retry_number": retry_number,
+                            "state": "staging",
+                            "lease_expires_at": sa.func.now() + _seconds(self.lease_s),
+                        }
+                        for a in attempts
+                    ]
+                )
+            )
+        return attempts
+
     def extend_lease(self, attempt: Attempt) -> bool:
         return attempt.attempt_id in self.extend_leases([attempt])
 
@@ -376,75 +471,131 @@ class VersionStore:
         Refused, with the reason recorded on the attempt: a stale replace attempt (a newer
         one holds the fence), an attempt whose lease expired, an attempt no longer staging.
         """
+        keys = list(segment_keys) if segment_keys is not None else None
+        if keys is None and segment_key is not None:
+            keys = [segment_key]
+        with self.engine.begin() as conn:
+            outcome = self._commit_one(conn, attempt, manifest, schema, mode, keys, commit_key, {})
+        if isinstance(outcome, CommitError):
+            raise outcome  # its refusal was recorded on the attempt by the transaction
+        return outcome
+
+    def commit_many(
+        self,
+        items: Sequence[BatchItem],
+        *,
+        mode: CommitMode = "replace",
+        commit_key: str | None = None,
+    ) -> list[CommitResult]:
+        """Commit many staged attempts in ONE transaction, each exactly as `commit` would.
+
+        Every attempt goes through the same steps as a single commit (its attempt row and fence
+        row locked, commit key, fence, schema registry, continuity, version, pointer, its own
+        outbox event), in (dataset, partition) order so that concurrent batches lock rows in
+        the same order. All or nothing: if any attempt would be refused or fails, the whole
+        transaction rolls back and `BatchNotCommitted` is raised, with nothing changed, so the
+        caller can commit the attempts one by one to record each outcome.
+        """
+        ordered = sorted(items, key=lambda i: (i.attempt.dataset, i.attempt.partition_key))
+        registered: dict[str, tuple[str, int]] = {}
+        results: dict[str, CommitResult] = {}
+        try:
+            with self.engine.begin() as conn:
+                for item in ordered:
+                    outcome = self._commit_one(
+                        conn,
+                        item.attempt,
+                        item.manifest,
+                        item.schema,
+                        mode,
+                        list(item.segment_keys) if item.segment_keys is not None else None,
+                        commit_key,
+                        registered,
+                    )
+                    if isinstance(outcome, CommitError):
+                        raise BatchNotCommitted(str(outcome)) from outcome
+                    results[item.attempt.attempt_id] = outcome
+        except (CommitError, ChainContinuityError) as exc:
+            if isinstance(exc, BatchNotCommitted):
+                raise
+            raise BatchNotCommitted(str(exc)) from exc
+        return [results[i.attempt.attempt_id] for i in items]
+
+    def _commit_one(
+        self,
+        conn: sa.Connection,
+        attempt: Attempt,
+        manifest: Manifest,
+        schema: pa.Schema,
+        mode: CommitMode,
+        keys: list[str] | None,
+        commit_key: str | None,
+        registered: dict[str, tuple[str, int]],
+    ) -> CommitResult | CommitError:
+        """One attempt's commit inside `conn`'s transaction: its result, or the refusal to raise
+        once the transaction (which recorded the refusal on the attempt) has committed."""
         if mode != attempt.mode:
             raise CommitError(
                 f"attempt {attempt.attempt_id} was begun for {attempt.mode!r} but is committed "
                 f"as {mode!r}; stage it with mode={mode!r}"
             )
-        keys = list(segment_keys) if segment_keys is not None else None
-        if keys is None and segment_key is not None:
-            keys = [segment_key]
-        refusal: CommitError
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(
-                    t.attempts.c.state,
-                    t.attempts.c.committed_version,
-                    t.attempts.c.lease_expires_at,
-                    (t.attempts.c.lease_expires_at < sa.func.now()).label("expired"),
-                )
-                .where(t.attempts.c.attempt_id == attempt.attempt_id)
-                .with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
-            if row.state == "committed":
-                who = f"attempt {attempt.attempt_id}"
-                record = self._landed(conn, attempt, row.committed_version, who)
-                return CommitResult(record, True, record.schema_version, None)
-            if row.state != "staging":
-                raise AttemptFencedError(
-                    f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
-                    f"is {row.state!r} and can no longer commit; its files are never "
-                    "referenced. Retry the run to write a new attempt"
-                )
-            if row.expired:
-                # recorded (the transaction commits) before the refusal is raised
-                self._set_state(conn, attempt, "abandoned")
-                refusal = LeaseExpiredError(
-                    f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
-                    f"let its lease expire at {row.lease_expires_at:%Y-%m-%d %H:%M:%S%z} (its "
-                    "writer stalled longer than the lease and stopped heartbeating), so a "
-                    "staging cleanup may have removed its files: the commit was refused and its "
-                    "files are never referenced. Retry the run; raise "
-                    "StateStoreResource.lease_s if writers legitimately stall this long"
-                )
-            else:
-                # the fence row lock serialises every commit of this (dataset, partition)
-                fence = conn.execute(
-                    sa.select(t.fences.c.fence)
-                    .where(t.fences.c.dataset == attempt.dataset)
-                    .where(t.fences.c.partition_key == attempt.partition_key)
-                    .with_for_update()
-                ).scalar_one()
-                landed = self._committed_by_key(conn, attempt, commit_key)
-                if landed is not None:
-                    who = f"the writer with commit key {commit_key!r}"
-                    record = self._landed(conn, attempt, landed, who)
-                    self._set_state(conn, attempt, "committed", landed)
-                    return CommitResult(record, True, record.schema_version, None)
-                if mode == "append" or fence == attempt.fence:
-                    result = self._commit_fenced(conn, attempt, manifest, schema, mode, keys)
-                    if commit_key is not None and not result.already_committed:
-                        self._record_commit_key(conn, attempt, commit_key, result.version.version)
-                    return result
-                self._set_state(conn, attempt, "fenced")
-                refusal = AttemptFencedError(
-                    f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
-                    f"holds fence {attempt.fence} but a newer attempt holds fence {fence}; "
-                    "this stale write was refused and its files are never referenced"
-                )
-        raise refusal
+        row = conn.execute(
+            sa.select(
+                t.attempts.c.state,
+                t.attempts.c.committed_version,
+                t.attempts.c.lease_expires_at,
+                (t.attempts.c.lease_expires_at < sa.func.now()).label("expired"),
+            )
+            .where(t.attempts.c.attempt_id == attempt.attempt_id)
+            .with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
+        if row.state == "committed":
+            who = f"attempt {attempt.attempt_id}"
+            record = self._landed(conn, attempt, row.committed_version, who)
+            return CommitResult(record, True, record.schema_version, None)
+        if row.state != "staging":
+            raise AttemptFencedError(
+                f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
+                f"is {row.state!r} and can no longer commit; its files are never "
+                "referenced. Retry the run to write a new attempt"
+            )
+        if row.expired:
+            # recorded (the transaction commits) before the refusal is raised
+            self._set_state(conn, attempt, "abandoned")
+            return LeaseExpiredError(
+                f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
+                f"let its lease expire at {row.lease_expires_at:%Y-%m-%d %H:%M:%S%z} (its "
+                "writer stalled longer than the lease and stopped heartbeating), so a "
+                "staging cleanup may have removed its files: the commit was refused and its "
+                "files are never referenced. Retry the run; raise "
+                "StateStoreResource.lease_s if writers legitimately stall this long"
+            )
+        # the fence row lock serialises every commit of this (dataset, partition)
+        fence = conn.execute(
+            sa.select(t.fences.c.fence)
+            .where(t.fences.c.dataset == attempt.dataset)
+            .where(t.fences.c.partition_key == attempt.partition_key)
+            .with_for_update()
+        ).scalar_one()
+        landed = self._committed_by_key(conn, attempt, commit_key)
+        if landed is not None:
+            who = f"the writer with commit key {commit_key!r}"
+            record = self._landed(conn, attempt, landed, who)
+            self._set_state(conn, attempt, "committed", landed)
+            return CommitResult(record, True, record.schema_version, None)
+        if mode == "append" or fence == attempt.fence:
+            result = self._commit_fenced(conn, attempt, manifest, schema, mode, keys, registered)
+            if commit_key is not None and not result.already_committed:
+                self._record_commit_key(conn, attempt, commit_key, result.version.version)
+            return result
+        self._set_state(conn, attempt, "fenced")
+        return AttemptFencedError(
+            f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
+            f"holds fence {attempt.fence} but a newer attempt holds fence {fence}; "
+            "this stale write was refused and its files are never referenced"
+        )
 
     def _commit_fenced(
         self,
@@ -454,9 +605,21 @@ class VersionStore:
         schema: pa.Schema,
         mode: CommitMode,
         segment_keys: list[str] | None,
+        registered: dict[str, tuple[str, int]],
     ) -> CommitResult:
-        """The commit proper, once the attempt may commit (its row and the fence row locked)."""
-        schema_version, drift = self._register_schema(conn, attempt.dataset, schema, mode)
+        """The commit proper, once the attempt may commit (its row and the fence row locked).
+
+        `registered` remembers, per dataset, the schema this transaction last checked against
+        the registry (fingerprint, version): a batch of partitions with the same schema checks
+        it once (holding the registry row lock until it commits); any other schema goes
+        through the registry as it would alone."""
+        fingerprint = schema_fingerprint(schema)
+        known = registered.get(attempt.dataset)
+        if known is not None and known[0] == fingerprint:  # the registry's current schema
+            schema_version, drift = int(known[1]), None
+        else:
+            schema_version, drift = self._register_schema(conn, attempt.dataset, schema, mode)
+            registered[attempt.dataset] = (fingerprint, schema_version)
         current = self._current(conn, attempt.dataset, attempt.partition_key)
         if mode == "append":
             manifest, duplicate = self._appended(current, manifest, segment_keys, attempt)
@@ -697,6 +860,74 @@ class VersionStore:
                 )
                 for r in conn.execute(query)
             ]
+
+    # -- quality rule outcomes of committed versions ------------------------------------------
+
+    def record_rule_results(self, results: Sequence[RuleResult], run_id: str | None = None) -> None:
+        """Record (or overwrite, when re-evaluated) rule outcomes of committed versions."""
+        if not results:
+            return
+        q = t.quality_results
+        statement = pg_insert(q).values(
+            [
+                {
+                    "dataset": r.dataset,
+                    "partition_key": r.partition_key,
+                    "version": r.version,
+                    "rule": r.rule,
+                    "passed": r.passed,
+                    "blocking": r.blocking,
+                    "failing_rows": r.failing_rows,
+                    "rows": r.rows,
+                    "threshold": r.threshold,
+                    "examples": r.examples,
+                    "run_id": run_id,
+                }
+                for r in results
+            ]
+        )
+        updated = {
+            c: statement.excluded[c]
+            for c in ("passed", "blocking", "failing_rows", "rows", "threshold", "examples")
+        }
+        with self.engine.begin() as conn:
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["dataset", "partition_key", "version", "rule"],
+                    set_={**updated, "run_id": run_id, "evaluated_at": sa.func.now()},
+                )
+            )
+
+    def failed_blocking_rules(self, dataset: str, versions: Mapping[str, int]) -> list[RuleResult]:
+        """The blocking rules that failed on these versions ({partition_key: version})."""
+        if not versions:
+            return []
+        q = t.quality_results
+        pairs = [(k, v) for k, v in versions.items()]
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(q)
+                .where(q.c.dataset == dataset)
+                .where(sa.tuple_(q.c.partition_key, q.c.version).in_(pairs))
+                .where(q.c.blocking.is_(True))
+                .where(q.c.passed.is_(False))
+                .order_by(q.c.partition_key, q.c.rule)
+            ).all()
+        return [
+            RuleResult(
+                r.dataset,
+                r.partition_key,
+                r.version,
+                r.rule,
+                r.passed,
+                r.blocking,
+                r.failing_rows,
+                r.rows,
+                r.threshold,
+                list(r.examples),
+            )
+            for r in rows
+        ]
 
     # -- reader pins -----------------------------------------------------------------------
 
