@@ -337,7 +337,7 @@ def _add_query_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_assets.registry import catalogue_markdown
+    from trace_resources.registry import catalogue_markdown
 
     text = catalogue_markdown()
     if args.output == "-":
@@ -350,7 +350,7 @@ def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_assets.registry import impacted_datasets
+    from trace_resources.registry import impacted_datasets
 
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     impacted = impacted_datasets(args.dataset, columns)

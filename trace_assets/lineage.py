@@ -18,7 +18,7 @@ from dagster._core.storage.tags import (
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
-from trace_assets.registry import declarations
+from trace_resources.registry import declarations
 
 __all__ = ["launch_impacted"]
 

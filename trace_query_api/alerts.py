@@ -51,7 +51,6 @@ from trace_resources.buffer.rules import (
     RuleStore,
     StoredRule,
 )
-from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.storage import state
 
 __all__ = ["AlertService", "RuleVersion", "AlertsPage", "public_rule"]
@@ -185,7 +184,7 @@ class AlertService:
             if name not in ALERT_DATASETS
             and not (
                 self.catalog.readable(principal, name, public)
-                and (name in RAW_DATASETS or name in committed or name in public)
+                and (name in committed or name in public)
             )
         ]
         if refused:

@@ -2,8 +2,9 @@
 
 Who may read a dataset (the one rule, applied to every path and id):
 
-- **public**: the raw chain datasets (`blocks`, `transactions`, `logs`) and every dataset an
-  operator published with `trace public add NAME` (table `trace_query_public_datasets`);
+- **public**: every dataset the registry declares `public` (the raw chain datasets and the
+  derived ones, `trace_resources.registry`, with their declared descriptions) and every dataset
+  an operator published with `trace public add NAME` (table `trace_query_public_datasets`);
 - **owned by an organisation**: a dataset named `org_<org>__<name>` (for example
   `org_acme__wallet_labels`) belongs to organisation `<org>` and to nobody else; org ids are
   lowercase letters and digits in words joined by single underscores, so the name says its
@@ -43,7 +44,9 @@ from trace_query_api.errors import (
 )
 from trace_query_api.files import FileCache
 from trace_query_api.tokens import DATASET_PATTERN, Principal
-from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS
+from trace_resources.chain.schemas import RAW_SCHEMAS
+from trace_resources.registry import arrow_schema as declared_schema
+from trace_resources.registry import declarations, public_declared
 from trace_resources.storage import state as t
 from trace_resources.storage.versions import FileEntry, VersionStore
 
@@ -130,7 +133,7 @@ class Catalog:
             .tuples()
             .all()
         )
-        return {**published, **{name: RAW_DESCRIPTIONS[name] for name in RAW_DATASETS}}
+        return {**published, **public_declared()}
 
     def readable(
         self, principal: Principal, dataset: str, public: Mapping[str, str | None] | None
@@ -139,7 +142,7 @@ class Catalog:
         it up only when the name is neither raw nor owned.)"""
         if not DATASET_PATTERN.match(dataset) or not principal.scope_allows(dataset):
             return False
-        if dataset in RAW_DATASETS or owner_of(dataset) == principal.org:
+        if dataset in public_declared() or owner_of(dataset) == principal.org:
             return True
         if public is None:
             with self.engine.connect() as conn:
@@ -206,9 +209,13 @@ class Catalog:
         return [{**column, "doc": docs.get(column["name"])} for column in registered]
 
     def arrow_schema(self, name: str) -> pa.Schema | None:
-        """The dataset's Arrow schema: raw schemas, else the newest committed file's footer."""
+        """The dataset's Arrow schema: raw schemas, the registry's declaration (with its column
+        docs), else the newest committed file's footer."""
         if name in RAW_SCHEMAS:
             return RAW_SCHEMAS[name]
+        declared = declarations().get(name)
+        if declared is not None:
+            return declared_schema(declared)
         with self.engine.connect() as conn:
             manifest = conn.execute(
                 sa.select(t.versions.c.manifest["files"])

@@ -9,6 +9,10 @@ column. Assets, asset checks, the catalogue (`trace docs`) and the query service
 Errors name the file, line and field: the YAML is composed into nodes (which keep their
 positions) before it is turned into Python values, and pydantic's error locations are mapped
 back onto those nodes.
+
+It lives in `trace_resources` (it needs no Dagster) so that the query service, which may not
+import `trace_assets`, serves the same declarations: a dataset declared `public: true` (the
+default) is readable by every organisation, with its declared description and column docs.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ __all__ = [
     "load_declarations",
     "impacted_datasets",
     "catalogue_markdown",
+    "public_declared",
 ]
 
 FORMAT_VERSION = 1
-DATASETS_DIR = Path(__file__).resolve().parent / "datasets"
+# the declarations ship beside the assets built from them
+DATASETS_DIR = Path(__file__).resolve().parents[1] / "trace_assets" / "datasets"
 
 # The column types a declaration may use, by the name pyarrow prints for them.
 ARROW_TYPES: dict[str, pa.DataType] = {
@@ -193,6 +199,11 @@ class DatasetDeclaration(_Strict):
         description="for each column, the upstream columns (`dataset.column`) it is computed from",
     )
     quality: list[Rule] = Field(default_factory=list)
+    public: bool = Field(
+        default=True,
+        description="served by the query service to every organisation (false: internal to "
+        "the platform)",
+    )
     # where it came from, for error messages (not part of the YAML)
     source_file: str = Field(default="", exclude=True)
 
@@ -364,6 +375,11 @@ def load_declarations(directory: Path | str = DATASETS_DIR) -> dict[str, Dataset
 def declarations() -> dict[str, DatasetDeclaration]:
     """The declarations shipped with Trace (loaded once)."""
     return load_declarations()
+
+
+def public_declared() -> dict[str, str]:
+    """The declared datasets every organisation may read, with their descriptions."""
+    return {name: d.description for name, d in declarations().items() if d.public}
 
 
 def arrow_schema(decl: DatasetDeclaration) -> pa.Schema:

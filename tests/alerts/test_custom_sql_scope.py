@@ -18,11 +18,11 @@ from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.alerts.scope import scope_check
 from trace_assets.cli import main as trace_cli
-from trace_assets.registry import arrow_schema, declarations
 from trace_resources.buffer.queue import SqsBuffer
 from trace_resources.buffer.resource import AlertsResource
 from trace_resources.buffer.rules import RuleError, RuleStore, parse_rule
 from trace_resources.buffer.sink import Sink
+from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.paths import UNPARTITIONED
 
@@ -35,7 +35,8 @@ TO_WATCHED = (
     "SELECT t.transaction_hash, t.log_index FROM erc20_transfers t "
     "JOIN org_acme__watch w ON t.to_address = w.address"
 )
-DEPLOYMENTS = "SELECT contract_address FROM contracts"
+DEPLOYMENTS = "SELECT contract_address FROM contracts"  # derived, declared public
+INTERNAL = "SELECT * FROM platform_internal"  # committed, neither declared nor published
 
 
 def sql_rule(rule_id: str, sql: str, org: str = "acme") -> Any:
@@ -67,12 +68,14 @@ def test_conditions_are_checked_against_what_the_org_may_read(
     with env.state.writer(env.objects) as writer:  # beta's own dataset
         table = pa.table({"address": pa.array([b"\x11" * 20], pa.binary())})
         writer.write("org_beta__labels", UNPARTITIONED, PartitionData(table))
+        writer.write("platform_internal", UNPARTITIONED, PartitionData(table))
     store = RuleStore(engine, check=scope_check(env.settings.state_dsn))
 
     assert store.create(sql_rule("blocks", BLOCKS_WITH_TRANSFERS)).version == 1
+    assert store.create(sql_rule("deployments", DEPLOYMENTS)).version == 1
     assert store.create(sql_rule("own", "SELECT * FROM org_beta__labels", org="beta"))
     for sql, table_name in (
-        (DEPLOYMENTS, "contracts"),  # a derived dataset nobody published
+        (INTERNAL, "platform_internal"),  # the platform's, unpublished
         ("SELECT * FROM no_such_dataset", "no_such_dataset"),
         ("SELECT * FROM org_beta__labels", "org_beta__labels"),  # another org's own
     ):
@@ -86,16 +89,16 @@ def test_conditions_are_checked_against_what_the_org_may_read(
     assert store.get("acme", "nope") is None  # nothing stored
 
     # the CLI refuses it the same way; published, the dataset is readable
-    rule_file = tmp_path / "deployments.yaml"
-    rule_file.write_text(yaml.safe_dump(sql_rule("deployments", DEPLOYMENTS).stored_json()))
+    rule_file = tmp_path / "internal.yaml"
+    rule_file.write_text(yaml.safe_dump(sql_rule("internal", INTERNAL).stored_json()))
     capsys.readouterr()
     assert trace_cli(["alerts", "rule", "create", str(rule_file)]) == 2
-    assert "reads 'contracts', which is not a dataset" in capsys.readouterr().err
-    publish(env, "contracts")
+    assert "reads 'platform_internal', which is not a dataset" in capsys.readouterr().err
+    publish(env, "platform_internal")
     try:
         assert trace_cli(["alerts", "rule", "create", str(rule_file)]) == 0
     finally:
-        publish(env, "contracts", "remove")
+        publish(env, "platform_internal", "remove")
 
     # SQL that does not parse is refused when the rule file is read
     with pytest.raises(RuleError, match="condition.custom_sql.sql: Value error, does not parse"):
@@ -120,13 +123,14 @@ def test_evaluation_reads_the_datasets_the_condition_names(
     with env.state.writer(env.objects) as writer:  # acme's own, unpartitioned dataset
         table = pa.table({"address": pa.array([watched], pa.binary())})
         watch = writer.write("org_acme__watch", UNPARTITIONED, PartitionData(table))
+        writer.write("platform_internal", UNPARTITIONED, PartitionData(table))
 
     store = RuleStore(engine, check=scope_check(env.settings.state_dsn))
     store.create(sql_rule("blocks", BLOCKS_WITH_TRANSFERS))
     store.create(sql_rule("watch", TO_WATCHED))
-    publish(env, "contracts")
-    store.create(sql_rule("deployments", DEPLOYMENTS))
-    publish(env, "contracts", "remove")  # no longer readable: the rule is skipped, not run
+    publish(env, "platform_internal")
+    store.create(sql_rule("internal", INTERNAL))
+    publish(env, "platform_internal", "remove")  # no longer readable: skipped, not run
 
     resources = {
         **env.resources(),
@@ -140,9 +144,9 @@ def test_evaluation_reads_the_datasets_the_condition_names(
     assert result.success
     [mat] = result.asset_materializations_for_node("alert_evaluations")
     errors: dict[str, str] = mat.metadata["trace/rule_errors"].value  # type: ignore[assignment]
-    assert list(errors) == ["acme/deployments@v1"]
-    refused = errors["acme/deployments@v1"]
-    assert "reads contracts, which organisation 'acme' may not read" in refused
+    assert list(errors) == ["acme/internal@v1"]
+    refused = errors["acme/internal@v1"]
+    assert "reads platform_internal, which organisation 'acme' may not read" in refused
 
     sink = Sink(SqsBuffer(queue_name, endpoint_url=s3_server.endpoint_url), engine, batch=100)
     while sink.cycle(wait_s=1):

@@ -11,7 +11,7 @@ import pytest
 from tests.derived.conftest import ALL_ASSETS, Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.definitions import build_definitions
-from trace_assets.registry import arrow_schema, declarations
+from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
 from trace_sensors.outbox import build_outbox_relay_sensor
 

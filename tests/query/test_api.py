@@ -25,6 +25,7 @@ from infra.local.query_service import QueryServer, settings_env
 from tests.query.conftest import Tokens, World, bearer
 from trace_query_api.encode import ARROW_MEDIA_TYPE
 from trace_resources.chain.schemas import RAW_SCHEMAS
+from trace_resources.registry import declarations, public_declared
 from trace_resources.storage.commit import DatasetReader, PartitionData
 from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.paths import UNPARTITIONED
@@ -113,7 +114,10 @@ def test_discovery_lists_what_the_token_may_read(
 ) -> None:
     acme = ok(client.get("/v1/datasets", headers=bearer(tokens.org("acme"))))
     names = [d["name"] for d in acme["data"]]
-    assert names == ["blocks", "logs", "org_acme__labels", "org_acme__pinned", "transactions"]
+    # every dataset the registry declares public (raw and derived), and the org's own
+    declared = sorted(public_declared())
+    assert {"blocks", "erc20_transfers", "token_holders"} <= set(declared)
+    assert names == sorted([*declared, "org_acme__labels", "org_acme__pinned"])
     blocks = next(d for d in acme["data"] if d["name"] == "blocks")
     assert blocks["visibility"] == "public" and blocks["owner"] is None
     assert blocks["partitions"] == len(world.keys)
@@ -122,12 +126,16 @@ def test_discovery_lists_what_the_token_may_read(
     assert (labels["visibility"], labels["owner"]) == ("org", "acme")
 
     globex = ok(client.get("/v1/datasets", headers=bearer(tokens.org("globex"))))
-    assert [d["name"] for d in globex["data"]] == [
-        "blocks",
-        "logs",
-        "org_globex__secret",
-        "transactions",
+    assert [d["name"] for d in globex["data"]] == sorted([*declared, "org_globex__secret"])
+
+    # a derived dataset: the declaration's description and column docs, before any commit
+    decl = declarations()["erc20_transfers"]
+    derived = ok(client.get("/v1/datasets/erc20_transfers", headers=bearer(tokens.org())))
+    assert derived["description"] == decl.description and derived["visibility"] == "public"
+    assert [(c["name"], c["doc"]) for c in derived["columns"]] == [
+        (c.name, c.doc) for c in decl.columns
     ]
+    assert derived["partitions"] == []
 
     detail = ok(client.get("/v1/datasets/transactions", headers=bearer(tokens.org())))
     schema = RAW_SCHEMAS["transactions"]

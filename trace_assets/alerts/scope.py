@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import sqlalchemy as sa
 
-from trace_assets.registry import arrow_schema, declarations
 from trace_resources.buffer.rules import ALERT_DATASETS, AlertRule, CustomSql, RuleError
-from trace_resources.chain.schemas import RAW_DATASETS
+from trace_resources.registry import arrow_schema, declarations, public_declared
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.paths import UNPARTITIONED
@@ -77,7 +76,7 @@ class AlertScope:
                 name
                 for name in candidates
                 if name in ALERT_DATASETS
-                or name in RAW_DATASETS
+                or name in public_declared()
                 or name in self._public
                 or owner_of(name) == org
             }
