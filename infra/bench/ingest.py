@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cryo
 import dagster as dg
+import yaml
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -75,13 +76,19 @@ def devnet_state(blocks: int) -> Path:
 
 
 def dagster_instance(home: Path, pg: PostgresServer) -> dg.DagsterInstance:
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(
-        "storage:\n  postgres:\n    postgres_db:\n"
-        f"      username: {pg.user}\n      password: {pg.password}\n      hostname: 127.0.0.1\n"
-        f"      db_name: dagster\n      port: {pg.port}\n      scheme: postgresql+psycopg2\n"
-        "telemetry:\n  enabled: false\n"
+    """A Dagster instance with the deployment's storage (dagster_home/dagster.yaml) on `pg`."""
+    deployed = yaml.safe_load((REPO_ROOT / "dagster_home" / "dagster.yaml").read_text())
+    storage = deployed["storage"]
+    storage["custom"]["config"]["postgres_db"].update(
+        username=pg.user,
+        password=pg.password,
+        hostname="127.0.0.1",
+        db_name="dagster",
+        port=pg.port,
     )
+    home.mkdir(parents=True, exist_ok=True)
+    config = {"storage": storage, "telemetry": {"enabled": False}}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     return dg.DagsterInstance.from_config(str(home))
 
 

@@ -5,6 +5,7 @@ when every block is present, each block's transactions match its transaction cou
 logs match its logs bloom. Each range is committed as its own version of each dataset.
 """
 
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,7 +15,7 @@ import dagster as dg
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
-from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS
+from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
@@ -42,23 +43,34 @@ def _column_schema(dataset: str) -> dg.TableSchema:
 def _stage_range(
     writer: DatasetWriter, data: RangeData, context: dg.AssetExecutionContext
 ) -> dict[str, StagedPartition]:
-    """Stage the three datasets of one verified range, each under its own new attempt."""
-    staged: dict[str, StagedPartition] = {}
+    """Stage the three datasets of one verified range, each under its own new attempt.
+
+    The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
+    fails, the others' attempts are marked failed too: the range commits whole or not at all.
+    """
     step_key = context.op_execution_context.get_step_execution_context().step.key
-    try:
-        for name in RAW_DATASETS:
-            staged[name] = writer.stage_partition(
-                name,
-                data.block_range.key,
-                PartitionData(data.tables[name], source=data.source),
-                run_id=context.run.run_id,
-                step_key=step_key,
-                retry_number=context.retry_number,
-            )
-    except BaseException:
-        for partition in staged.values():  # the range commits whole or not at all
+    run_id, retry_number = context.run.run_id, context.retry_number
+
+    def stage(name: RawDataset) -> StagedPartition:
+        return writer.stage_partition(
+            name,
+            data.block_range.key,
+            PartitionData(data.tables[name], source=data.source),
+            run_id=run_id,
+            step_key=step_key,
+            retry_number=retry_number,
+        )
+
+    with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
+        futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
+    errors = [exc for future in futures.values() if (exc := future.exception()) is not None]
+    staged: dict[str, StagedPartition] = {
+        name: future.result() for name, future in futures.items() if future.exception() is None
+    }
+    if errors:
+        for partition in staged.values():
             writer.versions.mark_failed(partition.attempt)
-        raise
+        raise errors[0]
     return staged
 
 
@@ -134,46 +146,49 @@ def _extract_and_stage(
     concurrency: int,
     staged: dict[str, dict[str, StagedPartition]],
 ) -> None:
-    """Extract up to `concurrency` ranges at once while verified ones upload, in range order.
+    """Extract ranges while verified ones upload, in range order.
 
-    The windows are bounded so that at most `concurrency` ranges are being extracted and one
-    is uploading at any time: memory does not grow with the number of ranges in the run.
+    At most `concurrency` ranges are being collected from the node at any time, one more is
+    verified meanwhile (its extraction thread waits for a collection slot only to collect,
+    so the node is not idle while a range is verified), and one verified range uploads:
+    memory does not grow with the number of ranges in the run.
     """
+    collect_slots = threading.BoundedSemaphore(concurrency)
     extracting: deque[Future[RangeData]] = deque()
     uploading: deque[Future[dict[str, StagedPartition]]] = deque()
     with (
-        ThreadPoolExecutor(concurrency, thread_name_prefix="extract") as extractor,
+        ThreadPoolExecutor(concurrency + 1, thread_name_prefix="extract") as extractor,
         ThreadPoolExecutor(1, thread_name_prefix="stage") as uploader,
     ):
         try:
             for block_range in ranges:
-                extracting.append(extractor.submit(client.extract_verified, block_range))
-                while len(extracting) >= concurrency:
+                extracting.append(
+                    extractor.submit(client.extract_verified, block_range, collect_slots)
+                )
+                while len(extracting) > concurrency:
                     data = extracting.popleft().result()
                     uploading.append(uploader.submit(_stage_range, writer, data, context))
                     while len(uploading) > 1:
-                        _collect(uploading.popleft(), staged, writer)
+                        _collect(uploading.popleft(), staged)
             while extracting:
                 data = extracting.popleft().result()
                 uploading.append(uploader.submit(_stage_range, writer, data, context))
             while uploading:
-                _collect(uploading.popleft(), staged, writer)
+                _collect(uploading.popleft(), staged)
         except BaseException:
             for future in extracting:
                 future.cancel()
             # uploads already under way finish; record them so the caller releases them too
-            for future in uploading:
-                if future.exception() is None:
-                    _collect(future, staged, writer)
+            for upload in uploading:
+                if upload.exception() is None:
+                    _collect(upload, staged)
             raise
 
 
 def _collect(
-    future: Future[dict[str, StagedPartition]],
-    staged: dict[str, dict[str, StagedPartition]],
-    writer: DatasetWriter,
+    future: Future[dict[str, StagedPartition]], staged: dict[str, dict[str, StagedPartition]]
 ) -> None:
+    # the writer's heartbeat (LeaseKeeper) keeps every staged attempt's lease alive until
+    # it commits, however long the run: nothing to extend here
     for name, partition in future.result().items():
         staged[name][partition.attempt.partition_key] = partition
-    # heartbeat: the leases of everything staged so far outlive a long run
-    writer.versions.extend_leases([p.attempt for parts in staged.values() for p in parts.values()])

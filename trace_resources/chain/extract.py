@@ -10,7 +10,9 @@ backoff inside a budget, and (3) verifies every range before anything is committ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -167,8 +169,15 @@ class ChainClient:
         self.preflight([block_range], RAW_DATASETS)
         return self.extract_verified(block_range)
 
-    def extract_verified(self, block_range: BlockRange) -> RangeData:
-        """Extract and verify, retrying failed or incomplete extractions inside the budget."""
+    def extract_verified(
+        self, block_range: BlockRange, collect_slots: threading.Semaphore | None = None
+    ) -> RangeData:
+        """Extract and verify, retrying failed or incomplete extractions inside the budget.
+
+        `collect_slots` bounds how many ranges are being collected from the node at once:
+        a caller extracting ranges on more threads than slots verifies one range while the
+        next one is collected, instead of leaving the node idle during verification.
+        """
         started = time.monotonic()
         retrying = self.retry.retrying(
             lambda exc: isinstance(exc, _CryoFailed | RangeIncompleteError)
@@ -176,7 +185,7 @@ class ChainClient:
         try:
             for attempt in retrying:
                 with attempt:
-                    data = self._extract_once(block_range)
+                    data = self._extract_once(block_range, collect_slots)
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
@@ -212,8 +221,11 @@ class ChainClient:
         )
         report.raise_if_incomplete()
 
-    def _extract_once(self, block_range: BlockRange) -> RangeData:
-        frames, counts = asyncio.run(self._collect_all(block_range))
+    def _extract_once(
+        self, block_range: BlockRange, collect_slots: threading.Semaphore | None
+    ) -> RangeData:
+        with collect_slots or contextlib.nullcontext():
+            frames, counts = asyncio.run(self._collect_all(block_range))
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
                 frames["blocks"], "blocks", {"transaction_count": pa.array(counts, pa.uint32())}

@@ -24,6 +24,10 @@ from trace_resources.errors import RangeIncompleteError
 
 __all__ = ["VerificationReport", "verify_range"]
 
+BLOOM_BITS = 2048
+BLOOM_BYTES = BLOOM_BITS // 8
+_BLOOM_COLUMNS = ("address", "topic0", "topic1", "topic2", "topic3")
+
 
 @dataclass
 class VerificationReport:
@@ -62,16 +66,26 @@ def _summarise(blocks: list[int], limit: int = 10) -> str:
     return f"blocks {shown}{more}"
 
 
-def _bloom_bits(item: bytes, cache: dict[bytes, int]) -> int:
+def _bloom_bits(item: bytes) -> tuple[int, int, int]:
     """The 3 bits an address or topic sets in a 2048-bit logs bloom (yellow paper, 4.3.1)."""
-    bits = cache.get(item)
-    if bits is None:
-        digest = keccak.new(digest_bits=256, data=item).digest()
-        bits = 0
-        for i in (0, 2, 4):
-            bits |= 1 << (((digest[i] << 8) | digest[i + 1]) & 2047)
-        cache[item] = bits
-    return bits
+    digest = keccak.new(digest_bits=256, data=item).digest()
+    return tuple(((digest[i] << 8) | digest[i + 1]) & 2047 for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def _header_bits(blooms: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each header bloom as 2048 booleans (bit i of the big-endian number at column i), and
+    which headers have bits beyond 2048 (a malformed bloom no log can account for)."""
+    rows = np.zeros((len(blooms), BLOOM_BYTES), dtype=np.uint8)
+    oversized = np.zeros(len(blooms), dtype=bool)
+    for row, bloom in enumerate(blooms):
+        bloom = bloom or b""
+        if len(bloom) != BLOOM_BYTES:  # not 256 bytes: read it as the number it encodes
+            value = int.from_bytes(bloom, "big")
+            oversized[row] = value >> BLOOM_BITS != 0
+            bloom = (value & ((1 << BLOOM_BITS) - 1)).to_bytes(BLOOM_BYTES, "big")
+        rows[row] = np.frombuffer(bloom, dtype=np.uint8)
+    # byte 255 holds bits 0..7: reverse the bytes, then unpack least significant bit first
+    return np.unpackbits(rows[:, ::-1], axis=1, bitorder="little").astype(bool), oversized
 
 
 def _bloom_mismatches(blocks: pa.Table, logs: pa.Table) -> tuple[list[int], list[int]]:
@@ -79,32 +93,27 @@ def _bloom_mismatches(blocks: pa.Table, logs: pa.Table) -> tuple[list[int], list
 
     Missing logs leave header bits unset by the extracted logs (unless every bit of a missing
     log is also set by another log of the block, which a bloom cannot tell apart); logs of
-    another block or fork set bits the header lacks. Hashes are cached per distinct address
-    and topic, which repeat heavily, so this costs little.
+    another block or fork set bits the header lacks. Addresses and topics repeat heavily, so
+    each distinct one is hashed once and the blooms are ORed together with numpy.
     """
-    cache: dict[bytes, int] = {}
-    computed: dict[int, int] = {}
-    columns = [
-        logs[c].to_pylist()
-        for c in ("block_number", "address", "topic0", "topic1", "topic2", "topic3")
-    ]
-    for number, *items in zip(*columns, strict=True):
-        bits = computed.get(number, 0)
-        for item in items:
-            if item is not None:
-                bits |= _bloom_bits(item, cache)
-        computed[number] = bits
-    missing, extra = [], []
-    for number, bloom in zip(
-        blocks["block_number"].to_pylist(), blocks["logs_bloom"].to_pylist(), strict=True
-    ):
-        header = int.from_bytes(bloom or b"", "big")
-        found = computed.get(number, 0)
-        if header & ~found:
-            missing.append(number)
-        if found & ~header:
-            extra.append(number)
-    return missing, extra
+    block_numbers = blocks["block_number"].to_numpy().astype(np.uint64)
+    log_numbers = logs["block_number"].to_numpy().astype(np.uint64)
+    numbers, where = np.unique(np.concatenate([block_numbers, log_numbers]), return_inverse=True)
+    block_at, log_at = where[: len(block_numbers)], where[len(block_numbers) :]
+    items = pa.concat_arrays([logs[c].combine_chunks() for c in _BLOOM_COLUMNS])
+    encoded = pc.dictionary_encode(items)
+    found = np.zeros(len(numbers) * BLOOM_BITS, dtype=bool)
+    if len(encoded.dictionary):
+        bits = np.array([_bloom_bits(item) for item in encoded.dictionary.to_pylist()])
+        present = pc.is_valid(encoded.indices).to_numpy(zero_copy_only=False)
+        indices = pc.fill_null(encoded.indices, 0).to_numpy(zero_copy_only=False)[present]
+        owner = np.tile(log_at, len(_BLOOM_COLUMNS))[present]
+        found[(owner[:, None] * BLOOM_BITS + bits[indices]).ravel()] = True
+    found_here = found.reshape(len(numbers), BLOOM_BITS)[block_at]
+    header, oversized = _header_bits(blocks["logs_bloom"].to_pylist())
+    missing = np.flatnonzero((header & ~found_here).any(axis=1) | oversized)
+    extra = np.flatnonzero((found_here & ~header).any(axis=1))
+    return block_numbers[missing].tolist(), block_numbers[extra].tolist()
 
 
 def _per_block_counts(numbers: pa.Array, block_range: BlockRange) -> np.ndarray:
@@ -155,13 +164,28 @@ def _check_children(
     starts = np.r_[0, np.flatnonzero(np.diff(numbers)) + 1]
     position = np.arange(len(numbers)) - np.repeat(starts, np.diff(np.r_[starts, len(numbers)]))
     report.add(f"{name} not contiguous by {index_column}", np.unique(numbers[position != index]))
-    block_hashes = table["block_hash"].to_pylist()
+    # one check per distinct (block number, block hash) pair, not per row
+    pairs = table.group_by(["block_number", "block_hash"], use_threads=False).aggregate([])
     wrong_fork = {
-        int(n)
-        for n, h in zip(table["block_number"].to_pylist(), block_hashes, strict=True)
+        n
+        for n, h in zip(
+            pairs["block_number"].to_pylist(), pairs["block_hash"].to_pylist(), strict=True
+        )
         if n in hashes and hashes[n] != h
     }
     report.add(f"{name} from another fork (block hash differs)", sorted(wrong_fork))
+
+
+def _orphan_logs(transactions: pa.Table, logs: pa.Table) -> list[int]:
+    """Blocks with a log whose (block number, transaction index) has no transaction."""
+    keys = ["block_number", "transaction_index"]
+    orphans = logs.select(keys).join(
+        transactions.select(keys).group_by(keys, use_threads=False).aggregate([]),
+        keys=keys,
+        join_type="left anti",
+        use_threads=False,
+    )
+    return pc.unique(orphans["block_number"]).to_pylist()
 
 
 def verify_range(
@@ -183,21 +207,7 @@ def verify_range(
     # contiguity and fork checks for logs; their expected count per block is what was found
     _check_children("logs", logs, "log_index", log_counts, hashes, report)
     if transactions.num_rows and logs.num_rows:
-        tx_keys = set(
-            zip(
-                transactions["block_number"].to_pylist(),
-                transactions["transaction_index"].to_pylist(),
-                strict=True,
-            )
-        )
-        orphan = {
-            n
-            for n, i in zip(
-                logs["block_number"].to_pylist(), logs["transaction_index"].to_pylist(), strict=True
-            )
-            if (n, i) not in tx_keys
-        }
-        report.add("logs whose transaction is missing", sorted(orphan))
+        report.add("logs whose transaction is missing", sorted(_orphan_logs(transactions, logs)))
     return report
 
 

@@ -1,0 +1,134 @@
+"""Dagster's PostgreSQL instance storage, keeping its connections open between statements.
+
+dagster-postgres 0.29 opens a new PostgreSQL connection for every statement outside the
+webserver (SQLAlchemy `NullPool`): a run stores each of its events over a fresh connection,
+~120 connections for a three-range ingest run, which costs more than the statements
+themselves. `PooledPostgresStorage` is the same storage (same tables, same config) with a
+small connection pool per storage: one connection kept open, more opened while threads need
+them and closed when returned, connections checked before use (`pool_pre_ping`) so that a
+restarted PostgreSQL costs a reconnect rather than a failed statement, and recycled hourly.
+The webserver still installs its own pool over this one (`optimize_for_webserver`).
+
+Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes:
+
+    storage:
+      custom:
+        module: trace_resources.dagster_storage
+        class: PooledPostgresStorage
+        config:
+          postgres_db: {...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from dagster._serdes import ConfigurableClassData
+from dagster_postgres.event_log import PostgresEventLogStorage
+from dagster_postgres.run_storage import PostgresRunStorage
+from dagster_postgres.schedule_storage import PostgresScheduleStorage
+from dagster_postgres.storage import DagsterPostgresStorage
+from dagster_postgres.utils import (
+    create_pg_engine,
+    get_token_provider_from_config,
+    pg_url_from_config,
+)
+
+__all__ = ["PooledPostgresStorage", "POOL_OPTIONS"]
+
+# One connection kept per storage; threads beyond it get overflow connections, closed on return.
+POOL_OPTIONS: dict[str, Any] = {
+    "pool_size": 1,
+    "max_overflow": 10,
+    "pool_recycle": 3600,
+    "pool_pre_ping": True,
+}
+
+
+class _PooledEngine:
+    """Mixin for a dagster-postgres storage: swap its NullPool engine for a pooled one."""
+
+    postgres_url: str
+    _engine: sa.Engine
+    _token_provider: Any
+
+    def _use_pool(self) -> None:
+        null_pool_engine = self._engine
+        self._engine = create_pg_engine(
+            self.postgres_url,
+            self._token_provider,
+            isolation_level="AUTOCOMMIT",
+            **POOL_OPTIONS,
+        )
+        null_pool_engine.dispose()
+
+    def optimize_for_webserver(
+        self, statement_timeout: int, pool_recycle: int, max_overflow: int
+    ) -> None:
+        self._engine.dispose()  # the webserver replaces the engine with its own pool
+        super().optimize_for_webserver(  # type: ignore[misc]
+            statement_timeout=statement_timeout,
+            pool_recycle=pool_recycle,
+            max_overflow=max_overflow,
+        )
+
+    def dispose(self) -> None:
+        super().dispose()  # type: ignore[misc]
+        self._engine.dispose()  # close the pooled connections with the instance
+
+
+class PooledPostgresRunStorage(_PooledEngine, PostgresRunStorage):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._use_pool()
+
+
+class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._use_pool()
+
+
+class PooledPostgresScheduleStorage(_PooledEngine, PostgresScheduleStorage):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._use_pool()
+
+
+class PooledPostgresStorage(DagsterPostgresStorage):
+    """`DagsterPostgresStorage` whose run, event-log and schedule storages pool connections."""
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: Any = None,
+    ) -> None:
+        # DagsterPostgresStorage.__init__ with the pooled storages in place of its own
+        self.postgres_url = postgres_url
+        self.should_autocreate_tables = should_autocreate_tables
+        self._inst_data = inst_data
+        self._run_storage = PooledPostgresRunStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
+        self._event_log_storage = PooledPostgresEventLogStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
+        self._schedule_storage = PooledPostgresScheduleStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
+        super(DagsterPostgresStorage, self).__init__()
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> PooledPostgresStorage:
+        return cls(
+            inst_data=inst_data,
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            token_provider=get_token_provider_from_config(config_value),
+        )
