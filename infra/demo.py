@@ -11,11 +11,17 @@ new version of every range, which the summary shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from infra.devnet.generate import generate
 from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
@@ -46,8 +52,8 @@ def ensure_traffic(services: LocalServices, blocks: int) -> None:
     _say(summary.one_line())
 
 
-def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
-    """Add the finalized ranges as partitions and backfill them in one run via the CLI."""
+def sync_partitions(env: dict[str, str]) -> list[str]:
+    """Add the finalized ranges as partitions (the chain-head sensor's job, here by the CLI)."""
     from trace_assets.partitions import block_ranges
 
     subprocess.run(
@@ -56,8 +62,11 @@ def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
     import dagster as dg
 
     with dg.DagsterInstance.get() as instance:
-        keys = sorted(instance.get_dynamic_partitions(block_ranges.name or ""))
-    _say(f"materialising blocks, transactions, logs for {len(keys)} ranges {keys[0]} .. {keys[-1]}")
+        return sorted(instance.get_dynamic_partitions(block_ranges.name or ""))
+
+
+def materialise(env: dict[str, str], selection: str, keys: list[str]) -> float:
+    """Backfill `selection` over every range in one run, with the dagster CLI; wall seconds."""
     command = [
         _dagster_bin(),
         "asset",
@@ -65,7 +74,7 @@ def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
         "-m",
         "trace_assets.definitions",
         "--select",
-        "blocks,transactions,logs",
+        selection,
         "--partition-range",
         f"{keys[0]}...{keys[-1]}",
     ]
@@ -75,8 +84,16 @@ def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
-        raise SystemExit(f"the backfill run failed (exit {done.returncode}); its log is above")
-    return keys, seconds
+        raise SystemExit(
+            f"the run of {selection} failed (exit {done.returncode}); its log is above"
+        )
+    return seconds
+
+
+def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
+    keys = sync_partitions(env)
+    _say(f"materialising blocks, transactions, logs for {len(keys)} ranges {keys[0]} .. {keys[-1]}")
+    return keys, materialise(env, "blocks,transactions,logs", keys)
 
 
 def print_summary(env: dict[str, str], keys: list[str], seconds: float) -> None:
@@ -86,9 +103,9 @@ def print_summary(env: dict[str, str], keys: list[str], seconds: float) -> None:
     blocks = int(keys[-1][13:]) - int(keys[0][:12]) + 1
     rows = summarise_datasets(engine_for(env["TRACE_STATE_DSN"]))
     print()
-    print(f"{'dataset':<14}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}")
+    print(f"{'dataset':<20}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}")
     for r in rows:
-        print(f"{r.dataset:<14}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}")
+        print(f"{r.dataset:<20}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}")
     print()
     print(
         f"backfill of {len(keys)} ranges ({blocks} blocks) through Dagster: "
@@ -118,41 +135,135 @@ DEMO_QUERIES = {
 }
 
 
-def query_through_the_service(root: Path) -> None:
-    """Serve the committed datasets over HTTP and run the sample queries as organisation 'demo'."""
-    import httpx
+def _print_rows(title: str, body: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{title} ({body['elapsed_ms']:.1f} ms in the sandbox, snapshot {body['snapshot'][:12]}):"
+    )
+    print("  " + " | ".join(c["name"] for c in body["columns"]))
+    for row in body["rows"]:
+        print("  " + " | ".join(str(v) for v in row))
 
+
+def sample_queries(client: httpx.Client) -> None:
+    """The sample queries, as organisation 'demo', through the query service."""
+    listed = client.get("/v1/datasets").raise_for_status().json()
+    _say(
+        "datasets this token may read: "
+        + ", ".join(f"{d['name']} ({d['rows']:,} rows)" for d in listed["data"])
+    )
+    for title, sql in DEMO_QUERIES.items():
+        _print_rows(title, client.post("/v1/query", json={"sql": sql}).raise_for_status().json())
+    print()
+
+
+def _large_transfer_rule(client: httpx.Client, hook_url: str, secret: str) -> dict[str, Any]:
+    """A rule that fires on the ~25 largest transfers of the most traded token."""
+    body = (
+        client.post(
+            "/v1/query",
+            json={
+                "sql": "WITH busiest AS (SELECT token FROM erc20_transfers GROUP BY token "
+                "ORDER BY count(*) DESC, token LIMIT 1) SELECT '0x' || lower(hex(t.token)), "
+                "t.value_string FROM erc20_transfers t JOIN busiest USING (token) "
+                "ORDER BY length(t.value_string) DESC, t.value_string DESC LIMIT 1 OFFSET 25"
+            },
+        )
+        .raise_for_status()
+        .json()
+    )
+    token, threshold = body["rows"][0]
+    return {
+        "id": "large-transfers",
+        "description": "The largest transfers of the most traded token (the demo's rule)",
+        "condition": {"kind": "erc20_transfer_above", "token": token, "threshold": threshold},
+        "channels": [{"kind": "webhook", "name": "demo-hook", "url": hook_url, "secret": secret}],
+    }
+
+
+def alerts_end_to_end(
+    env: dict[str, str], root: Path, keys: list[str], client: httpx.Client
+) -> None:
+    """Committed transfers -> a rule made through the query service -> evaluation in Dagster ->
+    SQS buffer -> sink -> Postgres -> signed webhook; then the alerts listed by the service."""
+    from infra.local.alert_workers import AlertWorkers
+    from infra.local.webhook_receiver import WebhookReceiver
+
+    secret = secrets.token_hex(24)
+    with WebhookReceiver(secret) as hook, AlertWorkers(env, root):
+        _say(f"alert sink and deliverer running; webhook receiver on {hook.url}")
+        rule = _large_transfer_rule(client, f"{hook.url}/demo", secret)
+        created = client.post("/v1/alerts/rules", json=rule)
+        if created.status_code == 409:  # a re-run: the rule's next version
+            created = client.put(f"/v1/alerts/rules/{rule['id']}", json=rule)
+        stored = created.raise_for_status().json()
+        _say(
+            f"rule demo/{stored['id']} v{stored['version']} via the query service: "
+            f"{rule['condition']['kind']} {rule['condition']['threshold']} of "
+            f"{rule['condition']['token']}"
+        )
+        seconds = materialise(env, "alert_evaluations", keys)
+        _say(f"alert evaluation over {len(keys)} ranges: {seconds:.1f} s")
+        version = stored["version"]
+        deadline = time.monotonic() + 120
+        while True:
+            page = client.get(
+                "/v1/alerts", params={"rule_id": rule["id"], "kind": "alert", "limit": 500}
+            )
+            alerts = [
+                a for a in page.raise_for_status().json()["data"] if a["rule_version"] == version
+            ]
+            delivered = [
+                a for a in alerts if all(d["state"] == "delivered" for d in a["deliveries"])
+            ]
+            if alerts and len(delivered) == len(alerts):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"{len(delivered)} of {len(alerts)} alerts delivered after 120 s: see "
+                    f"{root / 'alerts'} for the sink and deliverer logs"
+                )
+            time.sleep(0.5)
+    received = {d.dedupe_key for d in hook.snapshot() if d.alert.get("rule_version") == version}
+    _say(
+        f"{len(alerts)} alerts upserted once each and delivered: the webhook receiver got "
+        f"{len(received)} distinct alerts, every signature valid ({hook.rejected} rejected); "
+        "sink and deliverer stopped (drained)"
+    )
+    print()
+    print("alerts listed by the query service (GET /v1/alerts), newest 5:")
+    for a in alerts[:5]:
+        states = ", ".join(f"{d['channel']}: {d['state']}" for d in a["deliveries"])
+        row = a["payload"]["row"]
+        print(
+            f"  block {row['block_number']}: {row['value_string']} from "
+            f"{row['from_address'][:10]}… to {row['to_address'][:10]}… [{states}]"
+        )
+    print()
+
+
+@contextlib.contextmanager
+def query_client(root: Path) -> Iterator[httpx.Client]:
+    """The query service (uvicorn on a free loopback port) and a client with a token of
+    organisation 'demo' that may also manage the org's alert rules."""
     from infra.local.query_service import QueryServer
     from trace_query_api.tokens import Keyring, issue_token
     from trace_resources.settings import get_query_settings
 
     settings = get_query_settings()
     token, _ = issue_token(
-        Keyring.from_settings(settings), settings, org="demo", subject="demo-user", ttl_s=600
+        Keyring.from_settings(settings),
+        settings,
+        org="demo",
+        subject="demo-user",
+        ttl_s=900,
+        capabilities=["alerts:manage"],
     )
-    headers = {"Authorization": f"Bearer {token}"}
     with QueryServer({}, log_file=root / "query-service.log") as server:
         _say(f"query service on {server.url} (docs: {server.url}/docs)")
+        headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
-            listed = client.get("/v1/datasets").raise_for_status().json()
-            _say(
-                "datasets this token may read: "
-                + ", ".join(f"{d['name']} ({d['rows']:,} rows)" for d in listed["data"])
-            )
-            for title, sql in DEMO_QUERIES.items():
-                response = client.post("/v1/query", json={"sql": sql})
-                body = response.raise_for_status().json()
-                print()
-                print(
-                    f"{title} ({body['elapsed_ms']:.1f} ms in the sandbox, snapshot "
-                    f"{body['snapshot'][:12]}):"
-                )
-                names = [c["name"] for c in body["columns"]]
-                print("  " + " | ".join(names))
-                for row in body["rows"]:
-                    print("  " + " | ".join(str(v) for v in row))
-    print()
-    _say("stopped the query service")
+            yield client
 
 
 def main() -> int:
@@ -169,8 +280,14 @@ def main() -> int:
         os.environ.update(services.env())
         ensure_traffic(services, args.blocks)
         keys, seconds = materialise_all(env)
+        _say("materialising the derived datasets (decoded transfers, deployments) in one run")
+        derived_s = materialise(env, "erc20_transfers,native_transfers,contracts", keys)
         print_summary(env, keys, seconds)
-        query_through_the_service(args.root)
+        print(f"derived datasets for the same ranges: {derived_s:.1f} s wall (one run)")
+        with query_client(args.root) as client:
+            sample_queries(client)
+            alerts_end_to_end(env, args.root, keys, client)
+        _say("stopped the query service")
     finally:
         if not args.keep_running:
             services.down()
