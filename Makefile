@@ -19,7 +19,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived bench-commit
+BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -81,6 +81,9 @@ bench-derived: install ## derived datasets: Dagster materialisation vs the same 
 
 bench-query: install ## query service (uvicorn) vs DuckDB directly on the same files
 	$(PYTHON) -m infra.bench.query
+
+bench-alerts: install ## alert latency finalized block -> webhook (Dagster daemon), sink throughput
+	$(PYTHON) -m infra.bench.alerts
 
 lint: install ## ruff check, ruff format --check, mypy
 	$(PYTHON) -m ruff check .

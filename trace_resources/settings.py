@@ -55,6 +55,19 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Total time spent retrying transient RPC faults for one range."
     )
     rpc_max_attempts: int = Field(8, gt=0, description="Attempts per RPC operation.")
+    chain_head_interval_s: int = Field(
+        1,
+        gt=0,
+        description="Minimum seconds between chain-head sensor ticks: how soon a completed "
+        "range is requested (the Dagster daemon evaluates sensors every 5 s at most, so 5 "
+        "or less means every daemon loop).",
+    )
+    chain_head_downstream: bool = Field(
+        True,
+        description="Whether the chain-head sensor's run of new ranges also materialises "
+        "their derived datasets and alert evaluations (one run), rather than only the raw "
+        "datasets (the automation sensor then runs the rest).",
+    )
 
     # postgres
     state_dsn: str = Field(

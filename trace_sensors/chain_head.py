@@ -3,12 +3,22 @@
 Nothing past `finalized` is ever requested. The cursor is the last block already covered, so a
 restarted daemon resumes where it stopped; ranges are requested in runs of up to
 MAX_PARTITIONS_PER_RUN so a catch-up of hundreds of ranges is not hundreds of runs.
+
+Latency (finalized block -> alert, `make bench-alerts`): one run per tick materialises the raw
+datasets of the new ranges AND everything partitioned by block range downstream of them (the
+derived datasets, the alert evaluations), in process: one run launch instead of three (raw,
+then the automation sensor's derived run, then its alerts run), and no process per step. The
+tick interval is `TRACE_CHAIN_HEAD_INTERVAL_S` (the daemon evaluates sensors every 5 s at
+most); `TRACE_CHAIN_HEAD_DOWNSTREAM=false` requests the raw datasets alone, as before.
 """
 
 import dagster as dg
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PRIORITY_TAG,
+    SENSOR_NAME_TAG,
 )
 
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
@@ -16,12 +26,15 @@ from trace_assets.raw.chain import RAW_ASSET_KEYS
 from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource
+from trace_resources.settings import get_settings
 
 __all__ = [
     "chain_head_sensor",
     "build_chain_head_sensor",
     "plan_new_ranges",
     "MAX_RANGES_PER_TICK",
+    "IN_PROCESS",
+    "range_asset_keys",
 ]
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
@@ -33,7 +46,37 @@ def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list
     return complete_ranges(covered, finalized, range_size)[:MAX_RANGES_PER_TICK]
 
 
-def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
+SENSOR_NAME = "chain_head_sensor"
+# the queued run coordinator starts higher priorities first: fresh ranges (and their alerts)
+# before backfills and the automation sensor's rollups
+RUN_PRIORITY = "10"
+_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+
+# the run config of the sensor's runs: every step in the run's own process (Dagster's default
+# executor would start a process per step, each importing the code location anew)
+IN_PROCESS: dict[str, object] = {"execution": {"config": {"in_process": {}}}}
+
+
+def range_asset_keys(asset_graph: object | None, downstream: bool = True) -> list[dg.AssetKey]:
+    """What a run of new ranges materialises: the raw datasets and, with `downstream`, every
+    asset partitioned by block range that depends on them (derived datasets, alert
+    evaluations) in the code location's asset graph."""
+    keys = list(RAW_ASSET_KEYS)
+    if not downstream or asset_graph is None:
+        return keys
+    graph: BaseAssetGraph = asset_graph  # type: ignore[assignment]
+    below = dg.AssetSelection.assets(*RAW_ASSET_KEYS).downstream().resolve(graph)
+    for key in sorted(below - set(keys), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        if node.is_materializable and node.partitions_def == block_ranges:
+            keys.append(key)
+    return keys
+
+
+def run_requests_for(
+    ranges: list[BlockRange], asset_keys: list[dg.AssetKey] | None = None
+) -> list[dg.RunRequest]:
+    selection = asset_keys or list(RAW_ASSET_KEYS)
     requests = []
     for offset in range(0, len(ranges), MAX_PARTITIONS_PER_RUN):
         chunk = ranges[offset : offset + MAX_PARTITIONS_PER_RUN]
@@ -41,17 +84,23 @@ def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
         if len(chunk) == 1:
             requests.append(
                 dg.RunRequest(
-                    run_key=f"range:{first}", partition_key=first, asset_selection=RAW_ASSET_KEYS
+                    run_key=f"range:{first}",
+                    partition_key=first,
+                    asset_selection=selection,
+                    run_config=IN_PROCESS,
+                    tags={PRIORITY_TAG: RUN_PRIORITY},
                 )
             )
         else:
             requests.append(
                 dg.RunRequest(
                     run_key=f"ranges:{first}..{last}",
-                    asset_selection=RAW_ASSET_KEYS,
+                    asset_selection=selection,
+                    run_config=IN_PROCESS,
                     tags={
                         ASSET_PARTITION_RANGE_START_TAG: first,
                         ASSET_PARTITION_RANGE_END_TAG: last,
+                        PRIORITY_TAG: RUN_PRIORITY,
                     },
                 )
             )
@@ -61,6 +110,13 @@ def run_requests_for(ranges: list[BlockRange]) -> list[dg.RunRequest]:
 def _evaluate(
     context: dg.SensorEvaluationContext, chain: ChainResource
 ) -> dg.SensorResult | dg.SkipReason:
+    waiting = context.instance.get_run_ids(
+        dg.RunsFilter(tags={SENSOR_NAME_TAG: SENSOR_NAME}, statuses=_WAITING), limit=1
+    )
+    if waiting:
+        # ranges finalized meanwhile go into the next run, requested once this one left the
+        # queue: runs never pile up faster than they launch (the cursor has not moved)
+        return dg.SkipReason(f"run {waiting[0]} of earlier ranges is still queued")
     with as_dagster_failure():
         client = chain.client()
         try:
@@ -75,20 +131,29 @@ def _evaluate(
         )
     existing = set(context.instance.get_dynamic_partitions(block_ranges.name or ""))
     new_keys = [r.key for r in ranges if r.key not in existing]
+    repository = context.repository_def
+    asset_keys = range_asset_keys(
+        repository.asset_graph if repository is not None else None,
+        get_settings().chain_head_downstream,
+    )
     return dg.SensorResult(
-        run_requests=run_requests_for(ranges),
+        run_requests=run_requests_for(ranges, asset_keys),
         dynamic_partitions_requests=[block_ranges.build_add_request(new_keys)] if new_keys else [],
         cursor=str(ranges[-1].last),
     )
 
 
-def build_chain_head_sensor(running: bool = True) -> dg.SensorDefinition:
-    """The sensor, on by default; `TRACE_SENSORS_RUNNING=false` starts it stopped."""
+def build_chain_head_sensor(
+    running: bool = True, interval_s: int | None = None
+) -> dg.SensorDefinition:
+    """The sensor, on by default; `TRACE_SENSORS_RUNNING=false` starts it stopped. It ticks
+    every `interval_s` (default `TRACE_CHAIN_HEAD_INTERVAL_S`)."""
     return dg.sensor(
-        name="chain_head_sensor",
-        description="Adds block-range partitions up to the finalized head and requests their runs.",
-        asset_selection=RAW_ASSET_KEYS,
-        minimum_interval_seconds=30,
+        name=SENSOR_NAME,
+        description="Adds block-range partitions up to the finalized head and requests their "
+        "runs: raw datasets, then the derived datasets and alert evaluations of the same ranges.",
+        asset_selection=dg.AssetSelection.assets(*RAW_ASSET_KEYS).downstream(),
+        minimum_interval_seconds=interval_s or get_settings().chain_head_interval_s,
         default_status=(
             dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
         ),

@@ -66,29 +66,42 @@ def _delivery_rows(message: BufferMessage) -> list[dict[str, Any]]:
     ]
 
 
+_INSERT_ALERTS = (
+    pg_insert(t.alerts)
+    .on_conflict_do_nothing(index_elements=["dedupe_key"])
+    .returning(t.alerts.c.dedupe_key)
+)
+# RETURNING makes psycopg2 run it as multi-row INSERTs too (without: one INSERT per row)
+_INSERT_DELIVERIES = (
+    pg_insert(t.deliveries)
+    .on_conflict_do_nothing(index_elements=["dedupe_key", "channel"])
+    .returning(t.deliveries.c.dedupe_key)
+)
+
+
 def upsert_messages(engine: sa.Engine, messages: Sequence[BufferMessage]) -> int:
-    """Upsert alerts and their delivery rows in one transaction; returns rows inserted."""
+    """Upsert alerts and their delivery rows in one transaction; returns rows inserted.
+
+    One cached statement executed over the batch (SQLAlchemy's insertmanyvalues: multi-row
+    INSERTs of up to 1,000 rows), not a statement compiled anew for every batch.
+    """
     unique = dedupe_batch(messages)
     if not unique:
         return 0
     with engine.begin() as conn:
         inserted = (
             conn.execute(
-                pg_insert(t.alerts)
-                .values(
-                    [
-                        {
-                            "dedupe_key": m.dedupe_key,
-                            "org": str(m.destination.get("org", "")),
-                            "kind": str(m.payload.get("type", "alert")),
-                            "payload": m.payload,
-                            "destination": m.destination,
-                        }
-                        for m in unique
-                    ]
-                )
-                .on_conflict_do_nothing(index_elements=["dedupe_key"])
-                .returning(t.alerts.c.dedupe_key)
+                _INSERT_ALERTS,
+                [
+                    {
+                        "dedupe_key": m.dedupe_key,
+                        "org": str(m.destination.get("org", "")),
+                        "kind": str(m.payload.get("type", "alert")),
+                        "payload": m.payload,
+                        "destination": m.destination,
+                    }
+                    for m in unique
+                ],
             )
             .scalars()
             .all()
@@ -96,11 +109,7 @@ def upsert_messages(engine: sa.Engine, messages: Sequence[BufferMessage]) -> int
         new = set(inserted)
         rows = [r for m in unique if m.dedupe_key in new for r in _delivery_rows(m)]
         if rows:
-            conn.execute(
-                pg_insert(t.deliveries)
-                .values(rows)
-                .on_conflict_do_nothing(index_elements=["dedupe_key", "channel"])
-            )
+            conn.execute(_INSERT_DELIVERIES, rows).all()
     return len(new)
 
 
@@ -121,23 +130,24 @@ class Sink:
         self.stopping = threading.Event()
 
     def cycle(self, wait_s: int = 1) -> int:
-        """Receive, upsert, acknowledge one batch; returns messages handled."""
+        """Receive, upsert, acknowledge one batch; returns buffer messages handled (an
+        unparseable SQS message counts as one)."""
         received = self.buffer.receive(self.batch, wait_s=wait_s)
         if not received:
             return 0
         self._handle(received)
-        return len(received)
+        return sum(max(1, len(r.messages)) for r in received)
 
     def _handle(self, received: list[Received]) -> None:
-        good = [r for r in received if r.message is not None]
-        poison = [r for r in received if r.message is None]
+        good = [r for r in received if not r.poison]
+        poison = [r for r in received if r.poison]
         if poison:
             self._dead_letter(poison)
-        messages = [r.message for r in good if r.message is not None]
+        messages = [m for r in good for m in r.messages]
         inserted = upsert_messages(self.engine, messages)
         crash_point("sink.after_upsert")
         self.buffer.delete([r.receipt for r in good])
-        self.stats.received += len(received)
+        self.stats.received += len(messages) + len(poison)
         self.stats.inserted += inserted
         self.stats.duplicates += len(messages) - inserted
         self.stats.poison += len(poison)
@@ -146,12 +156,9 @@ class Sink:
     def _dead_letter(self, poison: list[Received]) -> None:
         if self.dead_letters is None:
             return  # left in the queue; SQS's redrive policy (if any) moves it
-        self.dead_letters.client.send_message(
-            QueueUrl=self.dead_letters.queue_url, MessageBody=poison[0].raw
-        )
-        for extra in poison[1:]:
+        for bad in poison:
             self.dead_letters.client.send_message(
-                QueueUrl=self.dead_letters.queue_url, MessageBody=extra.raw
+                QueueUrl=self.dead_letters.queue_url, MessageBody=bad.raw
             )
         self.buffer.delete([p.receipt for p in poison])
         log.warning("moved %d unparseable buffer message(s) to the dead letters", len(poison))
