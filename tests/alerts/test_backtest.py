@@ -134,7 +134,10 @@ def test_backtest_reports_without_sending(
     # bad input says what was wrong
     code, _, err = run(["--rule", str(rule_file), "--partitions", "1..2"], capsys)
     assert code == 2 and "'1' is not a block-range key" in err
-    forbidden = {**rule, "condition": {"kind": "custom_sql", "sql": "SELECT * FROM platform_internal"}}
+    forbidden = {
+        **rule,
+        "condition": {"kind": "custom_sql", "sql": "SELECT * FROM platform_internal"},
+    }
     rule_file.write_text(yaml.safe_dump(forbidden))
     code, _, err = run(["--rule", str(rule_file)], capsys)
     assert code == 2 and "reads 'platform_internal', which is not a dataset" in err
