@@ -174,6 +174,10 @@ def build_machine(store: ObjectStore, versions: VersionStore) -> type[RuleBasedS
                 with pytest.raises(AttemptFencedError, match="newer attempt holds fence"):
                     attempt()
                 handle.status = "refused"
+                # and it stays refused: retrying a refused (dead) attempt never commits it
+                STATS["refused (dead attempt)"] += 1
+                with pytest.raises(CommitError):
+                    attempt()
             else:
                 result = attempt()
                 handle.status, handle.version = "committed", result.version.version
