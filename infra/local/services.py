@@ -57,7 +57,8 @@ LOOPBACK = "127.0.0.1"
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_PG_PORT = 54329
 DEFAULT_ANVIL_PORT = 18545
-DEFAULT_SQS_PORT = 54330  # moto's SQS API: the alert buffer
+# below the ephemeral port range (32768-60999), so no outgoing connection can hold it
+DEFAULT_SQS_PORT = 18546  # moto's SQS API: the alert buffer
 GENESIS_TIMESTAMP = 1_735_689_600  # as infra.devnet.generate expects (2025-01-01T00:00:00Z)
 # Monad uses 10,000-block ranges; the devnet's few thousand blocks use smaller ones.
 DEVNET_RANGE_SIZE = 250
