@@ -54,7 +54,13 @@ def test_services_keep_data_across_restart(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids if pid)
     assert all(not item.running for item in services.status() if item.name != "objectstore")
 
-    again = LocalServices(tmp_path / "local")  # ports come back from services.json
+    # the same root and ports again (never the defaults: a developer's `make dev` may hold them)
+    again = LocalServices(
+        tmp_path / "local",
+        pg_port=services.postgres.port,
+        anvil_port=services.anvil.port,
+        sqs_port=services.sqs.port,
+    )
     again.up()
     try:
         assert again.anvil.rpc("eth_getBlockByNumber", ["0x20", False])["hash"] == head
