@@ -8,7 +8,6 @@ services (the SQS API keeps its queues in memory).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from infra.local.services import REPO_ROOT, ServiceError, _log_tail
+from infra.local.services import (
+    REPO_ROOT,
+    ServiceError,
+    _log_tail,
+    _signal_group,
+    stop_process_group,
+)
 
 __all__ = ["AlertWorkers"]
 
@@ -77,21 +82,16 @@ class AlertWorkers:
             time.sleep(0.1)
         raise ServiceError(f"alert {name} did not start within {self.start_timeout:.0f}s")
 
-    def stop(self, timeout: float = 60.0) -> dict[str, int | None]:
-        """SIGTERM each (the sink drains, the deliverer finishes its sends), SIGKILL after
-        `timeout`; returns the exit codes."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM both at once (the sink drains while the deliverer finishes its sends), then
+        wait for each, SIGKILL after `timeout`."""
         for proc in self.procs.values():
             if proc.poll() is None:
-                _signal(proc, signal.SIGTERM)
-        codes: dict[str, int | None] = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _signal(proc, signal.SIGKILL)
-                codes[name] = proc.wait(timeout=10)
+                _signal_group(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            stop_process_group(proc.pid, timeout)
+            proc.wait(timeout=10)
         self.procs.clear()
-        return codes
 
     def __enter__(self) -> Self:
         self.start()
@@ -104,10 +104,3 @@ class AlertWorkers:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -16,7 +16,6 @@ from collections.abc import Iterable
 import dagster as dg
 
 from trace_assets.alerts.evaluate import (
-    LedgerEntry,
     Plan,
     RangeData,
     evaluate_rules,
@@ -64,27 +63,10 @@ def evaluate_partition(
     with evaluation_lock(engine, key):
         data = read_range(reader, key, extra)
         evaluation = evaluate_rules(rules, data, scope.refusals)
-        previous = [LedgerEntry(*row) for row in load_ledger(engine, key, in_force)]
+        previous = load_ledger(engine, key, in_force)
         plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
         alerts.buffer().send(plan.messages)
-        save_ledger(
-            engine,
-            key,
-            [
-                (
-                    e.org,
-                    e.rule_id,
-                    e.rule_version,
-                    e.base_key,
-                    e.key,
-                    e.generation,
-                    e.standing,
-                    e.payload,
-                    e.destination,
-                )
-                for e in plan.ledger
-            ],
-        )
+        save_ledger(engine, key, plan.ledger)
     return data, plan, evaluation.errors
 
 

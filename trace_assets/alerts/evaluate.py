@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trace_resources.buffer.queue import BufferMessage
+from trace_resources.buffer.resource import LedgerEntry
 from trace_resources.buffer.rules import (
     ALERT_DATASETS,
     AlertRule,
@@ -62,7 +63,6 @@ __all__ = [
     "evaluate_rules",
     "generation_key",
     "reconcile",
-    "retractions",
 ]
 
 
@@ -290,21 +290,6 @@ def evaluate_range(rules: Iterable[StoredRule], data: RangeData) -> list[BufferM
     return evaluation.messages
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """What the ledger knows of one alert of one range under one rule version."""
-
-    org: str
-    rule_id: str
-    rule_version: int
-    base_key: str
-    key: str  # the key of its latest generation
-    generation: int
-    standing: bool  # raised by the last evaluation (False: retracted)
-    payload: dict[str, Any]
-    destination: dict[str, Any]
-
-
 @dataclass
 class Plan:
     alerts: list[BufferMessage]  # every alert the current version raises (some re-sent)
@@ -390,27 +375,3 @@ def reconcile(
         retracted.append(_retraction(entry, data))
         ledger.append(replace(entry, standing=False))
     return Plan(alerts, retracted, ledger, new)
-
-
-def retractions(
-    previous: Sequence[tuple[str, dict[str, Any], dict[str, Any]]],
-    current: Sequence[BufferMessage],
-    data: RangeData,
-) -> list[BufferMessage]:
-    """For alerts sent from an earlier version of this range (as (key, payload, destination))
-    that the current version no longer raises: a retraction message each."""
-    entries = [
-        LedgerEntry(
-            str(payload.get("org")),
-            str(payload.get("rule_id")),
-            int(payload.get("rule_version") or 0),
-            str(payload.get("base_key") or key),
-            key,
-            int(payload.get("generation") or 0),
-            True,
-            payload,
-            destination,
-        )
-        for key, payload, destination in previous
-    ]
-    return reconcile(entries, current, data).retractions

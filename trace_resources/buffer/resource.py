@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -21,7 +22,7 @@ from trace_resources.buffer.rules import RuleStore
 
 __all__ = [
     "AlertsResource",
-    "LedgerRow",
+    "LedgerEntry",
     "evaluation_lock",
     "ledger",
     "load_ledger",
@@ -49,7 +50,20 @@ ledger = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
 )
 
-LedgerRow = tuple[str, str, int, str, str, int, bool, dict[str, Any], dict[str, Any]]
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger knows of one alert of one range under one rule version."""
+
+    org: str
+    rule_id: str
+    rule_version: int
+    base_key: str
+    key: str  # the key of its latest generation
+    generation: int
+    standing: bool  # raised by the last evaluation (False: retracted)
+    payload: dict[str, Any]
+    destination: dict[str, Any]
 
 
 class AlertsResource(dg.ConfigurableResource):
@@ -101,7 +115,7 @@ def evaluation_lock(engine: sa.Engine, partition_key: str) -> Iterator[None]:
 
 def load_ledger(
     engine: sa.Engine, partition_key: str, rule_versions: dict[tuple[str, str], int]
-) -> list[LedgerRow]:
+) -> list[LedgerEntry]:
     """Ledger entries of this range for the rule versions in force. A rule version with no
     entries yet (a range evaluated before the ledger existed) starts from the alerts the sink
     stored for it."""
@@ -109,8 +123,8 @@ def load_ledger(
     lg = ledger
     with engine.connect() as conn:
         rows = conn.execute(sa.select(lg).where(lg.c.partition_key == partition_key)).all()
-    out: list[LedgerRow] = [
-        (
+    out = [
+        LedgerEntry(
             r.org,
             r.rule_id,
             r.rule_version,
@@ -124,13 +138,13 @@ def load_ledger(
         for r in rows
         if rule_versions.get((r.org, r.rule_id)) == r.rule_version
     ]
-    known = {(r[0], r[1]) for r in out}
+    known = {(e.org, e.rule_id) for e in out}
     for key, payload, destination in previous_alerts(engine, partition_key, rule_versions):
         org, rule_id = str(payload.get("org")), str(payload.get("rule_id"))
         if (org, rule_id) in known:
             continue
         out.append(
-            (
+            LedgerEntry(
                 org,
                 rule_id,
                 int(payload.get("rule_version") or 0),
@@ -145,24 +159,24 @@ def load_ledger(
     return out
 
 
-def save_ledger(engine: sa.Engine, partition_key: str, rows: Sequence[LedgerRow]) -> None:
-    if not rows:
+def save_ledger(engine: sa.Engine, partition_key: str, entries: Sequence[LedgerEntry]) -> None:
+    if not entries:
         return
     engine = _with_ledger(engine)
     values = [
         {
             "partition_key": partition_key,
-            "org": org,
-            "rule_id": rule_id,
-            "rule_version": version,
-            "base_key": base,
-            "dedupe_key": key,
-            "generation": generation,
-            "standing": standing,
-            "payload": payload,
-            "destination": destination,
+            "org": e.org,
+            "rule_id": e.rule_id,
+            "rule_version": e.rule_version,
+            "base_key": e.base_key,
+            "dedupe_key": e.key,
+            "generation": e.generation,
+            "standing": e.standing,
+            "payload": e.payload,
+            "destination": e.destination,
         }
-        for org, rule_id, version, base, key, generation, standing, payload, destination in rows
+        for e in entries
     ]
     with engine.begin() as conn:
         for start in range(0, len(values), 1000):

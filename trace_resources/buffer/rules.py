@@ -131,6 +131,7 @@ def _referenced_tables(sql: str) -> list[str]:
     finally:
         conn.close()
 
+
 Condition = Annotated[
     Erc20TransferAbove | WatchedAddresses | CustomSql, Field(discriminator="kind")
 ]
@@ -279,9 +280,7 @@ def load_rule_file(path: str) -> AlertRule:
 class RuleStore:
     """Versioned rules in Postgres data."""
 
-    def __init__(
-        self, engine: sa.Engine, check: Callable[[AlertRule], None] | None = None
-    ) -> None:
+    def __init__(self, engine: sa.Engine, check: Callable[[AlertRule], None] | None = None) -> None:
         self.engine = engine
         # raises RuleError for a rule that may not be stored (e.g. a custom SQL condition
         # over a dataset its organisation may not read: trace_assets.alerts.scope)
