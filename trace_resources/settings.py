@@ -62,6 +62,18 @@ class Settings(BaseSettings):
         "range is requested (the Dagster daemon evaluates sensors every 5 s at most, so 5 "
         "or less means every daemon loop).",
     )
+    chain_head_watch_s: float = Field(
+        4.5,
+        ge=0,
+        lt=60,
+        description="How long one chain-head sensor evaluation watches the finalized head for "
+        "a newly completed range before it skips (0: look once). The daemon starts sensor "
+        "evaluations every 5 s at most; watching most of that window lets a range be requested "
+        "within TRACE_CHAIN_HEAD_POLL_S of completing instead of up to 5 s later.",
+    )
+    chain_head_poll_s: float = Field(
+        0.2, gt=0, description="Seconds between finalized-head reads while watching."
+    )
     chain_head_downstream: bool = Field(
         True,
         description="Whether the chain-head sensor's run of new ranges also materialises "

@@ -8,9 +8,13 @@ Latency (finalized block -> alert, `make bench-alerts`): one run per tick materi
 datasets of the new ranges AND everything partitioned by block range downstream of them (the
 derived datasets, the alert evaluations), in process: one run launch instead of three (raw,
 then the automation sensor's derived run, then its alerts run), and no process per step. The
-tick interval is `TRACE_CHAIN_HEAD_INTERVAL_S` (the daemon evaluates sensors every 5 s at
-most); `TRACE_CHAIN_HEAD_DOWNSTREAM=false` requests the raw datasets alone, as before.
+daemon evaluates sensors every 5 s at most (`TRACE_CHAIN_HEAD_INTERVAL_S` can space ticks
+further); an evaluation that finds no new range watches the head for up to
+`TRACE_CHAIN_HEAD_WATCH_S` and requests a range as soon as it completes.
+`TRACE_CHAIN_HEAD_DOWNSTREAM=false` requests the raw datasets alone.
 """
+
+import time
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
@@ -23,6 +27,7 @@ from dagster._core.storage.tags import (
 
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS
+from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource
@@ -110,6 +115,35 @@ def run_requests_for(
 def _evaluate(
     context: dg.SensorEvaluationContext, chain: ChainResource
 ) -> dg.SensorResult | dg.SkipReason:
+    """Request the ranges completed past the cursor, watching the head for a while if none.
+
+    The daemon starts a sensor evaluation every 5 s at most; a range completed just after one
+    looked would wait for the next. So an evaluation that finds nothing keeps reading the
+    finalized head every `chain_head_poll_s` for up to `chain_head_watch_s` and returns as soon
+    as a range completes (or the queued run it waits on leaves the queue).
+    """
+    settings = get_settings()
+    deadline = time.monotonic() + settings.chain_head_watch_s
+    with as_dagster_failure():
+        client = chain.client()
+        try:
+            while True:
+                outcome = _look(context, chain, client, settings.chain_head_downstream)
+                if isinstance(outcome, dg.SensorResult):
+                    return outcome
+                if time.monotonic() + settings.chain_head_poll_s > deadline:
+                    return outcome
+                time.sleep(settings.chain_head_poll_s)
+        finally:
+            client.close()
+
+
+def _look(
+    context: dg.SensorEvaluationContext,
+    chain: ChainResource,
+    client: ChainClient,
+    downstream: bool,
+) -> dg.SensorResult | dg.SkipReason:
     waiting = context.instance.get_run_ids(
         dg.RunsFilter(tags={SENSOR_NAME_TAG: SENSOR_NAME}, statuses=_WAITING), limit=1
     )
@@ -117,12 +151,7 @@ def _evaluate(
         # ranges finalized meanwhile go into the next run, requested once this one left the
         # queue: runs never pile up faster than they launch (the cursor has not moved)
         return dg.SkipReason(f"run {waiting[0]} of earlier ranges is still queued")
-    with as_dagster_failure():
-        client = chain.client()
-        try:
-            head = client.head()
-        finally:
-            client.close()
+    head = client.head()
     ranges = plan_new_ranges(context.cursor, head.finalized, chain.range_size)
     if not ranges:
         return dg.SkipReason(
@@ -133,8 +162,7 @@ def _evaluate(
     new_keys = [r.key for r in ranges if r.key not in existing]
     repository = context.repository_def
     asset_keys = range_asset_keys(
-        repository.asset_graph if repository is not None else None,
-        get_settings().chain_head_downstream,
+        repository.asset_graph if repository is not None else None, downstream
     )
     return dg.SensorResult(
         run_requests=run_requests_for(ranges, asset_keys),

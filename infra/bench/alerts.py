@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -131,9 +132,10 @@ def dagster_daemon(env: dict[str, str], home: Path, dequeue_s: int | None) -> It
     home.mkdir(parents=True, exist_ok=True)
     config = (REPO_ROOT / "dagster_home" / "dagster.yaml").read_text()
     if dequeue_s is not None:
-        config = config.replace(
-            "    max_concurrent_runs:",
-            f"    dequeue_interval_seconds: {dequeue_s}\n    max_concurrent_runs:",
+        config = re.sub(
+            r"(?m)^    dequeue_interval_seconds: .*$",
+            f"    dequeue_interval_seconds: {dequeue_s}",
+            config,
         )
     (home / "dagster.yaml").write_text(config)
     log = home / "daemon.log"
@@ -273,7 +275,7 @@ def main() -> int:
         "--dequeue-interval",
         type=int,
         default=None,
-        help="queued run coordinator dequeue interval, s (default: dagster.yaml's, Dagster's 5)",
+        help="queued run coordinator dequeue interval, s (default: dagster.yaml's)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after, seconds")
     args = parser.parse_args()

@@ -7,10 +7,12 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
+import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -196,4 +198,30 @@ def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
         assert len(new) == 1 and new[0] > expected[-1]
         assert moved.run_requests[0].partition_key == new[0]
     finally:
+        assert rpc(devnet, "evm_revert", snapshot)
+
+
+def test_sensor_watches_the_head_and_requests_a_range_completed_during_its_evaluation(
+    devnet: Devnet, test_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range finalized while an evaluation watches is requested by that evaluation, not
+    left for the daemon's next sensor loop (up to 5 s later)."""
+    monkeypatch.setenv("TRACE_CHAIN_HEAD_WATCH_S", "4")
+    instance = dg.DagsterInstance.ephemeral()
+    chain = build_resources(test_settings)["chain"]
+    cursor = str(int(finalized_keys(devnet)[-1][13:]))
+    snapshot = rpc(devnet, "evm_snapshot")
+    miner = threading.Timer(1.0, lambda: rpc(devnet, "anvil_mine", hex(RANGE_SIZE)))
+    try:
+        miner.start()  # the head moves one range on a second after the evaluation starts
+        result = chain_head_sensor(
+            dg.build_sensor_context(instance=instance, cursor=cursor, resources={"chain": chain})
+        )
+        miner.join()
+        assert isinstance(result, dg.SensorResult), result
+        new = [k for req in result.dynamic_partitions_requests for k in req.partition_keys]
+        assert len(new) == 1 and int(new[0][:12]) == int(cursor) + 1
+        assert result.cursor == str(int(cursor) + RANGE_SIZE)
+    finally:
+        miner.cancel()
         assert rpc(devnet, "evm_revert", snapshot)

@@ -1,5 +1,6 @@
 """A backfill launched the way the Dagster UI launches it (GraphQL `launchPartitionBackfill`
-against a real `dagster dev` webserver and daemon) runs all its ranges in one run."""
+against a real `dagster dev` webserver and daemon) runs all its ranges in one run, started by
+the repository's warm run launcher; the UI's Terminate cancels a run it started."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import httpx
 
 from infra.local.services import PostgresServer, free_port
 from tests.conftest import RANGE_SIZE, Devnet
+from tests.utils.fault_proxy import Fault, FaultProxy
 from trace_resources.chain.ranges import complete_ranges
+from trace_resources.run_launcher import WORKER_TAG
 from trace_resources.settings import Settings
 from trace_resources.storage.catalog import summarise_datasets
 from trace_resources.storage.state import engine_for
@@ -24,6 +27,9 @@ LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfi
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
 STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
   ... on PartitionBackfill { status numPartitions runs(limit: 20) { runId status } } } }"""
+RUN = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status tags { key value } } } }"""
+TERMINATE = """mutation($id: String!) { terminateRun(runId: $id) { __typename
+  ... on TerminateRunFailure { message } ... on PythonError { message } } }"""
 ADD_PARTITION = """mutation($key: String!) { addDynamicPartition(partitionsDefName: "block_ranges",
   partitionKey: $key, repositorySelector: {repositoryName: "__repository__",
   repositoryLocationName: "trace"}) { __typename } }"""
@@ -37,8 +43,41 @@ def _graphql(url: str, query: str, variables: dict[str, object]) -> dict[str, ob
     return response.json()["data"]
 
 
+def _backfill(url: str, keys: list[str]) -> str:
+    launched = _graphql(
+        url,
+        LAUNCH,
+        {
+            "p": {
+                "partitionNames": keys,
+                "assetSelection": [{"path": [name]} for name in ("blocks", "transactions", "logs")],
+                "fromFailure": False,
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    return str(launched["backfillId"])
+
+
+def _run(url: str, run_id: str) -> tuple[str, dict[str, str]]:
+    run = _graphql(url, RUN, {"id": run_id})["runOrError"]
+    return run["status"], {t["key"]: t["value"] for t in run["tags"]}
+
+
 def test_ui_backfill_runs_ranges_in_one_run(
     devnet: Devnet, postgres: PostgresServer, test_settings: Settings, tmp_path: Path
+) -> None:
+    # the node behind a proxy, so the second part can make it hang
+    with FaultProxy(devnet.url) as proxy:
+        _ui_backfill_and_terminate(devnet, proxy, postgres, test_settings, tmp_path)
+
+
+def _ui_backfill_and_terminate(
+    devnet: Devnet,
+    proxy: FaultProxy,
+    postgres: PostgresServer,
+    test_settings: Settings,
+    tmp_path: Path,
 ) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -54,7 +93,8 @@ def test_ui_backfill_runs_ranges_in_one_run(
         "TRACE_DAGSTER_PG_USER": postgres.user,
         "TRACE_DAGSTER_PG_PASSWORD": postgres.password,
         "TRACE_DAGSTER_PG_DB": db,
-        "TRACE_RPC_URL": test_settings.rpc_url,
+        "TRACE_RPC_URL": proxy.url,
+        "TRACE_RPC_RETRY_BUDGET_S": "15",
         "TRACE_RANGE_SIZE": str(RANGE_SIZE),
         "TRACE_STATE_DSN": test_settings.state_dsn,
         "TRACE_OBJECT_STORE": "s3",
@@ -91,29 +131,15 @@ def test_ui_backfill_runs_ranges_in_one_run(
                 pass
             assert time.monotonic() < deadline, (tmp_path / "dagster.log").read_text()[-3000:]
             time.sleep(1)
-        keys = [r.key for r in complete_ranges(-1, devnet.finalized, RANGE_SIZE)][:3]
-        for key in keys:  # what the UI's "add partition" does
+        ranges = [r.key for r in complete_ranges(-1, devnet.finalized, RANGE_SIZE)]
+        keys = ranges[:3]
+        for key in ranges[:4]:  # what the UI's "add partition" does
             added = _graphql(url, ADD_PARTITION, {"key": key})["addDynamicPartition"]
             assert added["__typename"] == "AddDynamicPartitionSuccess", added
-        launched = _graphql(
-            url,
-            LAUNCH,
-            {
-                "p": {
-                    "partitionNames": keys,
-                    "assetSelection": [
-                        {"path": [name]} for name in ("blocks", "transactions", "logs")
-                    ],
-                    "fromFailure": False,
-                }
-            },
-        )["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        backfill_id = _backfill(url, keys)
         deadline = time.monotonic() + 180
         while True:
-            backfill = _graphql(url, STATUS, {"id": launched["backfillId"]})[
-                "partitionBackfillOrError"
-            ]
+            backfill = _graphql(url, STATUS, {"id": backfill_id})["partitionBackfillOrError"]
             if (
                 backfill["status"] not in ("REQUESTED",)
                 and backfill["runs"]
@@ -126,6 +152,33 @@ def test_ui_backfill_runs_ranges_in_one_run(
         assert [r["status"] for r in backfill["runs"]] == ["SUCCESS"]  # three ranges, one run
         summary = {s.dataset: s for s in summarise_datasets(engine_for(test_settings.state_dsn))}
         assert summary["logs"].partitions == 3 and summary["blocks"].rows == 3 * RANGE_SIZE
+        # started by the warm launcher of dagster_home/dagster.yaml: a fork of its worker
+        _, tags = _run(url, backfill["runs"][0]["runId"])
+        assert WORKER_TAG in tags, tags
+
+        # the node stops answering eth_getLogs: the next range's run hangs in its retries
+        # until the operator terminates it from the UI
+        proxy.set_faults([Fault("timeout", methods={"eth_getLogs"}, delay=2.0)])
+        hanging_id = _backfill(url, ranges[3:4])
+        deadline = time.monotonic() + 120
+        run_id = None
+        while run_id is None or _run(url, run_id)[0] != "STARTED":
+            runs = _graphql(url, STATUS, {"id": hanging_id})["partitionBackfillOrError"]["runs"]
+            run_id = runs[0]["runId"] if runs else None
+            assert time.monotonic() < deadline, runs
+            time.sleep(0.5)
+        while not proxy.injected["timeout"]:  # its extraction is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        terminated = _graphql(url, TERMINATE, {"id": run_id})["terminateRun"]
+        assert terminated["__typename"] == "TerminateRunSuccess", terminated
+        while (status := _run(url, run_id)[0]) not in ("CANCELED", "FAILURE", "SUCCESS"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status == "CANCELED"
+        proxy.set_faults([])
+        logs = {s.dataset: s for s in summarise_datasets(engine_for(test_settings.state_dsn))}
+        assert logs["logs"].partitions == 3  # nothing of the cancelled range was committed
     finally:
         os.killpg(dagster.pid, signal.SIGINT)
         try:
