@@ -3,10 +3,15 @@
 Set in `dagster_home/dagster.yaml`. A run launched here is the same run Dagster's default launcher
 would start (`dagster api execute_run` on the run's own code origin, in its own process, its
 events in the instance's event log, terminable from the UI), but its process is forked from
-`trace_resources.run_worker`, a pool server that has imported dagster and the heavy libraries
-once. Launch to first step drops from 4-11 s (a fresh interpreter importing ~4 s of modules) to
-the import of the project's own code (~0.5 s), which is what the chain-head path's alert
-latency (issue 6) waits on for every new range.
+`trace_resources.run_worker`, a pool server that has imported dagster, the heavy libraries and
+the code location once. Launch to first step drops from 4-11 s (a fresh interpreter importing
+~4 s of modules) to a fork (~0.2-0.4 s), which is what the chain-head path's alert latency
+(issue 6) waits on for every new range.
+
+Edited code takes effect on the next run, as with the default launcher: before each launch the
+launcher compares the project's source files (size and modification time of every file in the
+packages of the preloaded project modules) with what the pool imported, and replaces a stale
+pool (its runs under way finish on the code they started with).
 
 One pool server per Python executable named by the runs' code origins, started on the first
 launch and stopped (stdin closed) when the launcher is disposed of. Runs it has started keep
@@ -43,7 +48,8 @@ from dagster._serdes.config_class import ConfigurableClassData
 
 WORKER_TAG = "trace/run_worker"
 
-# imported once by the pool server; the project's own packages are deliberately not here
+# imported once by the pool server (the project's modules last: a change to their files
+# replaces the pool, see `source_signature`)
 DEFAULT_PRELOAD = (
     "dagster",
     "dagster._cli.api",
@@ -67,13 +73,31 @@ DEFAULT_PRELOAD = (
     "yaml",
     "httpx",
     "cryo",
+    "trace_assets.definitions",
 )
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of every source file of the project's packages, when `modules`
+    holds one of them (what they import of the project is then in the pool too)."""
+    packages = sorted(p.parent for p in PROJECT_ROOT.glob("trace_*/__init__.py"))
+    if not any((PROJECT_ROOT / m.split(".")[0]) in packages for m in modules):
+        return ()
+    entries = []
+    for package in packages:
+        for path in sorted(package.rglob("*")):
+            if path.suffix in (".py", ".yaml", ".yml", ".sql", ".sol", ".json"):
+                st = path.stat()
+                entries.append((str(path), st.st_size, st.st_mtime_ns))
+    return tuple(entries)
 
 
 class RunWorkerPool:
     """One `trace_resources.run_worker` server process and its socket."""
 
     def __init__(self, executable: str, preload: Sequence[str], start_timeout_s: float):
+        self.signature = source_signature(preload)
         self._dir = tempfile.mkdtemp(prefix="trace-run-worker-")
         self.socket_path = os.path.join(self._dir, "worker.sock")
         env = dict(os.environ)
@@ -95,6 +119,7 @@ class RunWorkerPool:
         deadline = time.monotonic() + start_timeout_s
         while not self._connectable():
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(
                     f"the run worker pool for {executable} exited with code "
                     f"{self.process.returncode} before it was ready; its error is in the "
@@ -177,8 +202,9 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
             "preload_modules": Field(
                 Noneable(Array(str)),
                 is_required=False,
-                description="Modules the worker imports once (default: dagster and the heavy "
-                "libraries Trace uses; never the project's own code, which each run imports).",
+                description="Modules the worker imports once (default: dagster, the heavy "
+                "libraries Trace uses and the code location; a change to the files of a "
+                "preloaded project package replaces the worker).",
             ),
             "start_timeout_seconds": Field(float, is_required=False, default_value=60.0),
         }
@@ -192,6 +218,9 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _pool(self, executable: str) -> RunWorkerPool:
         with self._lock:
             pool = self._pools.get(executable)
+            if pool is not None and pool.signature != source_signature(self._preload):
+                pool.stop()  # the code changed: runs from now on import the new code
+                pool = None
             if pool is None or not pool.alive():
                 pool = RunWorkerPool(executable, self._preload, self._start_timeout_s)
                 self._pools[executable] = pool

@@ -6,9 +6,8 @@ location before the first step: 4 s on a quiet 2-core machine, 7-11 s under load
 imports the heavy third-party modules once and forks one child per run. The child runs exactly
 `dagster api execute_run` (Dagster's own run-worker entry point, the one the Docker and K8s
 launchers run), so the run, its events, its cancellation and its failure handling are Dagster's;
-only the interpreter start and the library imports are shared. The project's own code is not
-preloaded: each run imports it fresh from the code location, so an edited asset takes effect
-on the next run, as with the default launcher.
+only the interpreter start and the imports are shared. The launcher replaces the server when
+the preloaded project code changes on disk, so an edited asset takes effect on the next run.
 
 Protocol (Unix socket, one connection per run): the launcher sends the serialized
 `ExecuteRunArgs` and a newline; the server forks and answers the child's pid and a newline.
