@@ -31,6 +31,7 @@ from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource
+from trace_resources.run_coordinator import FAST_LANE_TAG
 from trace_resources.settings import get_settings
 
 __all__ = [
@@ -53,7 +54,8 @@ def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list
 
 SENSOR_NAME = "chain_head_sensor"
 # the queued run coordinator starts higher priorities first: fresh ranges (and their alerts)
-# before backfills and the automation sensor's rollups
+# before backfills and the automation sensor's rollups; with a run slot free they skip the
+# queue (FAST_LANE_TAG, trace_resources/run_coordinator.py)
 RUN_PRIORITY = "10"
 _WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 
@@ -93,7 +95,7 @@ def run_requests_for(
                     partition_key=first,
                     asset_selection=selection,
                     run_config=IN_PROCESS,
-                    tags={PRIORITY_TAG: RUN_PRIORITY},
+                    tags={PRIORITY_TAG: RUN_PRIORITY, FAST_LANE_TAG: "true"},
                 )
             )
         else:
@@ -106,6 +108,7 @@ def run_requests_for(
                         ASSET_PARTITION_RANGE_START_TAG: first,
                         ASSET_PARTITION_RANGE_END_TAG: last,
                         PRIORITY_TAG: RUN_PRIORITY,
+                        FAST_LANE_TAG: "true",
                     },
                 )
             )

@@ -9,6 +9,7 @@ from dagster._core.utils import make_new_run_id
 
 from tests.conftest import Devnet
 from trace_assets.definitions import build_definitions, build_resources
+from trace_resources.run_coordinator import FAST_LANE_TAG
 from trace_resources.settings import Settings
 from trace_sensors.chain_head import IN_PROCESS, SENSOR_NAME, chain_head_sensor
 
@@ -37,6 +38,7 @@ def test_one_run_materialises_raw_derived_and_alerts_of_the_new_ranges(
         assert "token_daily_volume" not in keys  # not partitioned by range: automation's
         assert request.run_config == IN_PROCESS
         assert request.tags[PRIORITY_TAG] == "10"
+        assert request.tags[FAST_LANE_TAG] == "true"  # launched at once when a slot is free
 
 
 def test_no_new_run_while_one_is_still_queued(devnet: Devnet, test_settings: Settings) -> None:
