@@ -1,7 +1,8 @@
 """Committed versions trigger alert evaluation: the automation (the conditions the
 `trace_automation_sensor` evaluates) requests `alert_evaluations` of exactly the ranges whose
-alert datasets got a new committed version — recorded by the run that committed it, or only
-relayed from the outbox because Dagster never recorded it."""
+alert datasets (or another dataset a custom SQL condition may read for the range) got a new
+committed version — recorded by the run that committed it, or only relayed from the outbox
+because Dagster never recorded it."""
 
 from __future__ import annotations
 
@@ -79,3 +80,17 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     assert requested(tick) == {second}
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == set()
+
+    # a re-commit of a third range's contracts: not an alert dataset, but a custom SQL
+    # condition may read it for the range, so the range is evaluated again
+    third = env.keys[2]
+    result = dg.materialize(
+        [*ALL_ASSETS, *DATASET_CHECKS],
+        instance=instance,
+        resources=env.resources(),
+        partition_key=third,
+        selection=dg.AssetSelection.assets("contracts"),
+    )
+    assert result.success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == {third}

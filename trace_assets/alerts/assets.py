@@ -31,10 +31,27 @@ from trace_resources.buffer.resource import (
 )
 from trace_resources.buffer.rules import ALERT_DATASETS, CustomSql, StoredRule
 from trace_resources.failures import as_dagster_failure
+from trace_resources.registry import declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader
 
-__all__ = ["alert_evaluations", "evaluate_partition", "read_range"]
+__all__ = ["EVALUATION_DEPS", "alert_evaluations", "evaluate_partition", "read_range"]
+
+# What an evaluation of a range reads: the alert datasets, and every other public derived
+# dataset partitioned by block range, which a custom SQL condition may read for the range. As
+# dependencies they are committed before the evaluation in a run that holds both (the
+# chain-head run), and a new version of any of them re-evaluates the range (eager automation).
+EVALUATION_DEPS: list[str] = [
+    *ALERT_DATASETS,
+    *sorted(
+        name
+        for name, decl in declarations().items()
+        if decl.kind == "derived"
+        and decl.partitioning == "block_range"
+        and decl.public
+        and name not in ALERT_DATASETS
+    ),
+]
 
 
 def read_range(reader: DatasetReader, partition_key: str, extra: Iterable[str] = ()) -> RangeData:
@@ -78,7 +95,7 @@ def evaluate_partition(
             description="Alerts of every enabled rule over each committed block range, "
             "published to the alert buffer (SQS) with a dedupe_key; retractions when a range "
             "is re-committed.",
-            deps=list(ALERT_DATASETS),
+            deps=EVALUATION_DEPS,
             automation_condition=dg.AutomationCondition.eager(),
             group_name="alerts",
             kinds={"sqs", "postgres"},
