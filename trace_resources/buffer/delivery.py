@@ -233,10 +233,14 @@ class Deliverer:
             ]
             allowed, deferred = self._charge_rate(conn, claims)
             lease = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, self.policy.lease_s)
-            for claim in allowed:
+            if allowed:  # one statement for the whole claim, not one per row
                 conn.execute(
                     d.update()
-                    .where(d.c.dedupe_key == claim.dedupe_key, d.c.channel == claim.channel)
+                    .where(
+                        sa.tuple_(d.c.dedupe_key, d.c.channel).in_(
+                            [(c.dedupe_key, c.channel) for c in allowed]
+                        )
+                    )
                     .values(attempts=d.c.attempts + 1, next_attempt_at=lease)
                 )
             for claim, wait_s in deferred:
