@@ -19,6 +19,18 @@ from trace_sensors.outbox import build_outbox_relay_sensor
 ALERTS = dg.AssetKey("alert_evaluations")
 
 
+def recommit(env: Env, dataset: str, key: str) -> None:
+    """Materialise one range of one derived dataset again, as an operator would."""
+    result = dg.materialize(
+        [*ALL_ASSETS, *DATASET_CHECKS],
+        instance=env.instance,
+        resources=env.resources(),
+        partition_key=key,
+        selection=dg.AssetSelection.assets(dataset),
+    )
+    assert result.success
+
+
 def requested(result: dg.EvaluateAutomationConditionsResult) -> set[str]:
     return {str(key) for key in result.get_requested_partitions(ALERTS)}
 
@@ -42,14 +54,7 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
 
     # a re-commit of one range's erc20_transfers, recorded by its run
     before = versions.current_version_numbers("erc20_transfers", [first])[first]
-    result = dg.materialize(
-        [*ALL_ASSETS, *DATASET_CHECKS],
-        instance=instance,
-        resources=env.resources(),
-        partition_key=first,
-        selection=dg.AssetSelection.assets("erc20_transfers"),
-    )
-    assert result.success
+    recommit(env, "erc20_transfers", first)
     assert versions.current_version_numbers("erc20_transfers", [first])[first] == before + 1
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == {first}
@@ -84,13 +89,6 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     # a re-commit of a third range's contracts: not an alert dataset, but a custom SQL
     # condition may read it for the range, so the range is evaluated again
     third = env.keys[2]
-    result = dg.materialize(
-        [*ALL_ASSETS, *DATASET_CHECKS],
-        instance=instance,
-        resources=env.resources(),
-        partition_key=third,
-        selection=dg.AssetSelection.assets("contracts"),
-    )
-    assert result.success
+    recommit(env, "contracts", third)
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == {third}
