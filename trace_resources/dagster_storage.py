@@ -86,10 +86,11 @@ class PooledPostgresRunStorage(_PooledEngine, PostgresRunStorage):
 
 
 class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
+    _tables_present: frozenset[str] = frozenset()  # until the first table is seen
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._use_pool()
-        self._tables_present: set[str] = set()
 
     def has_table(self, table_name: str) -> bool:
         # dagster asks before writing every batch of asset events (a catalog query each time:
@@ -99,7 +100,7 @@ class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
             return True
         present = super().has_table(table_name)
         if present:
-            self._tables_present.add(table_name)
+            self._tables_present = self._tables_present | {table_name}
         return present
 
 
