@@ -96,13 +96,20 @@ def source_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]
 class RunWorkerPool:
     """One `trace_resources.run_worker` server process and its socket."""
 
-    def __init__(self, executable: str, preload: Sequence[str], start_timeout_s: float):
-        self.signature = source_signature(preload)
+    def __init__(
+        self,
+        executable: str,
+        preload: Sequence[str],
+        start_timeout_s: float,
+        signature: tuple[tuple[str, int, int], ...],
+    ):
+        self.signature = signature  # the project's files as this worker imports them
         self._dir = tempfile.mkdtemp(prefix="trace-run-worker-")
         self.socket_path = os.path.join(self._dir, "worker.sock")
         env = dict(os.environ)
-        project = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (project, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p
+        )
         self.process = subprocess.Popen(
             [
                 executable,
@@ -217,12 +224,13 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def _pool(self, executable: str) -> RunWorkerPool:
         with self._lock:
+            signature = source_signature(self._preload)
             pool = self._pools.get(executable)
-            if pool is not None and pool.signature != source_signature(self._preload):
+            if pool is not None and pool.signature != signature:
                 pool.stop()  # the code changed: runs from now on import the new code
                 pool = None
             if pool is None or not pool.alive():
-                pool = RunWorkerPool(executable, self._preload, self._start_timeout_s)
+                pool = RunWorkerPool(executable, self._preload, self._start_timeout_s, signature)
                 self._pools[executable] = pool
             return pool
 
