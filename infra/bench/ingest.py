@@ -4,7 +4,8 @@ Trace: one run materialising blocks, transactions and logs for every range of th
 single-run backfill would (in-process executor, Postgres-backed Dagster instance), from RPC to
 committed Parquet on the S3 API (moto server on loopback) and the Postgres registry.
 cryo: `cryo.collect` of the same blocks for the same three datasets, written as Parquet to
-local disk. The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated
+local disk. One untimed round of each goes first (`--warmup`): anvil answers its first reads
+of a freshly loaded state slower, which would count against whichever contender ran first. The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated
 once and cached as an anvil state file.
 
 Last line: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`.
@@ -190,6 +191,13 @@ def main() -> int:
     parser.add_argument(
         "--extract-concurrency", type=int, default=1, help="ranges extracted at once"
     )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds of both first (anvil serves its first reads of a loaded state "
+        "slower, which would count against whichever contender goes first)",
+    )
     args = parser.parse_args()
 
     with bench_services(
@@ -209,6 +217,9 @@ def main() -> int:
             ("trace", lambda: time_trace(settings, instance, keys)),
             ("cryo", lambda: time_cryo(node.url, first, last, work)),
         ]
+        for round_number in range(args.warmup):
+            for name, run in contenders:
+                _say(f"warm-up {round_number + 1}: {name:<5} {run():6.2f} s (not counted)")
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, run in order:
