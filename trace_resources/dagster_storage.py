@@ -21,10 +21,14 @@ Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from dagster import DagsterEventType
+from dagster._core.event_api import EventLogEntry
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.run_storage import PostgresRunStorage
@@ -102,6 +106,45 @@ class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
         if present:
             self._tables_present = self._tables_present | {table_name}
         return present
+
+    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        # A run's planned events (one per asset partition and per check, written when the run
+        # is created: 50 for a 12-range derived run) reach dagster-postgres as one batch, which
+        # it stores one event at a time (insert, NOTIFY, index transaction each). Stored here
+        # as its materialisation batches are: one insert, one index transaction.
+        types = {event.get_dagster_event().event_type for event in events}
+        if len(events) < 2 or not types <= _PLANNED:
+            super().store_event_batch(events)
+            return
+        with self._connect() as conn:
+            result = conn.execute(
+                self.prepare_insert_event_batch(events).returning(SqlEventLogStorageTable.c.id)
+            )
+            ids = [int(row[0]) for row in result.fetchall()]
+        asset_events = [
+            (event, event_id)
+            for event, event_id in zip(events, ids, strict=True)
+            if event.dagster_event_type in ASSET_EVENTS and event.get_dagster_event().asset_key
+        ]
+        if asset_events:
+            with self.index_transaction() as conn:
+                self._store_asset_event_tags(
+                    conn, [e for e, _ in asset_events], [i for _, i in asset_events]
+                )
+                # the asset row keeps the last event per asset, as dagster-postgres's
+                # materialisation batches do
+                last = {e.get_dagster_event().asset_key: (e, i) for e, i in asset_events}
+                for event, event_id in last.values():
+                    self._store_asset_event(conn, event, event_id)
+        for event, event_id in zip(events, ids, strict=True):
+            if event.dagster_event_type in ASSET_CHECK_EVENTS:
+                self.store_asset_check_event(event, event_id)
+
+
+_PLANNED = {
+    DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+    DagsterEventType.ASSET_CHECK_EVALUATION_PLANNED,
+}
 
 
 class PooledPostgresScheduleStorage(_PooledEngine, PostgresScheduleStorage):
