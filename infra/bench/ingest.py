@@ -5,8 +5,9 @@ single-run backfill would (in-process executor, Postgres-backed Dagster instance
 committed Parquet on the S3 API (moto server on loopback) and the Postgres registry.
 cryo: `cryo.collect` of the same blocks for the same three datasets, written as Parquet to
 local disk. One untimed round of each goes first (`--warmup`): anvil answers its first reads
-of a freshly loaded state slower, which would count against whichever contender ran first. The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated
-once and cached as an anvil state file.
+of a freshly loaded state slower, which would count against whichever contender ran first.
+The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated once and
+cached as an anvil state file.
 
 Last line: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`.
 """
