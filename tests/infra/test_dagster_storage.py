@@ -17,7 +17,6 @@ from dagster._core.storage.tags import (
 
 from infra.local.services import PostgresServer
 from trace_resources.dagster_storage import PooledPostgresEventLogStorage
-from trace_resources.storage.state import dispose_engine
 
 
 def test_has_table_remembers_present_tables_only(state_dsn: str) -> None:
@@ -168,4 +167,3 @@ def test_planned_events_batch_leaves_what_dagster_postgres_leaves(
         if name == "pooled":
             assert 4 in batches  # 3 partitions + 1 check planned in one batch, per run
     assert stored["pooled"] == stored["plain"]
-    dispose_engine(plain_dsn)
