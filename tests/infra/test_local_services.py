@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 import pyarrow as pa
 
-from infra.local.services import LocalServices, free_port
+from infra.local.services import AnvilNode, LocalServices, free_port
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
 from trace_resources.storage.object_store import local_store
 from trace_resources.storage.state import engine_for
@@ -73,3 +73,20 @@ def test_services_keep_data_across_restart(tmp_path: Path) -> None:
         engine_for(env["TRACE_STATE_DSN"]).dispose()
     finally:
         again.down()
+
+
+def test_anvil_leaves_no_state_cache_behind(tmp_path: Path) -> None:
+    """Past a few hundred blocks anvil writes old states to disk (~1 GB per 1,000 generated
+    blocks); by default under ~/.foundry/anvil/tmp, where they outlived every devnet."""
+    home_cache = Path.home() / ".foundry" / "anvil" / "tmp"
+    before = set(home_cache.iterdir()) if home_cache.exists() else set()
+    node = AnvilNode(tmp_path, free_port(), persist=False)
+    node.start()
+    try:
+        node.rpc("anvil_mine", [hex(1000)], timeout=60)
+        assert [p.name[:12] for p in node.cache_dir.iterdir()] == ["anvil-state-"]
+    finally:
+        node.stop()
+    assert not node.cache_dir.exists()
+    after = set(home_cache.iterdir()) if home_cache.exists() else set()
+    assert after == before
