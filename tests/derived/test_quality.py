@@ -4,6 +4,7 @@ right; the circuit breaker keeps bad data from readers (nothing committed for th
 from __future__ import annotations
 
 import dagster as dg
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -12,7 +13,7 @@ from tests.derived.conftest import ALL_ASSETS, Env, ranged_tags
 from trace_assets.checks import DATASET_CHECKS, raw_rule_outcomes
 from trace_assets.derived import transforms
 from trace_assets.quality import evaluate_rule, evaluate_rules
-from trace_resources.registry import RangeRule, declarations
+from trace_resources.registry import RangeRule, SqlRule, declarations
 from trace_resources.storage.commit import PartitionData
 
 
@@ -98,6 +99,53 @@ def test_custom_sql_counts_rows_outside_their_partition(
     assert outcome.failing == table.num_rows > 0
     short = set_rows(table, "from_address", [7], b"\x01" * 19)
     assert evaluate_rule(rule("erc20_transfers", "addresses_are_20_bytes"), short, key).failing == 1
+
+
+def test_rules_over_many_partitions_count_each_partition_as_alone(raw_env: Env) -> None:
+    """A ranged run evaluates every range at once; each range's counts, rows and examples are
+    those of that range evaluated alone, for every kind of rule, custom SQL included."""
+    keys = raw_env.keys[:3]
+    parts = {
+        k: transforms.erc20_transfers(
+            raw_env.reader.read("logs", [k]), raw_env.reader.read("blocks", [k])
+        )
+        for k in keys
+    }
+    parts[keys[0]] = set_rows(parts[keys[0]], "from_address", [1, 2], b"\x01" * 19)
+    parts[keys[2]] = set_rows(parts[keys[2]], "value_string", [0], "-5")
+    # a row of the second range that belongs to the first: only the second partition fails
+    parts[keys[1]] = pa.concat_tables([parts[keys[1]], parts[keys[0]].slice(0, 1)])
+    decl = declarations()["erc20_transfers"]
+    decl = decl.model_copy(
+        update={
+            "quality": [
+                *decl.quality,
+                SqlRule(  # a query with its own CTE, using the bounds
+                    name="late_rows",
+                    kind="sql",
+                    query="WITH late AS (SELECT * FROM data WHERE block_number > "
+                    "{first_block} + 40) SELECT * FROM late",
+                ),
+            ]
+        }
+    )
+    together = {o.rule: o for o in evaluate_rules(decl, parts)}
+    for r in decl.quality:
+        alone = [evaluate_rule(r, parts[k], k) for k in keys]
+        got = together[r.name]
+        assert got.by_partition == {k: a.failing for k, a in zip(keys, alone, strict=True)}
+        assert got.rows_by_partition == {k: a.rows for k, a in zip(keys, alone, strict=True)}
+        assert got.failing == sum(a.failing for a in alone)
+        for k, a in zip(keys, alone, strict=True):
+            assert len(got.examples_by_partition.get(k, [])) == len(a.examples), (r.name, k)
+    assert together["addresses_are_20_bytes"].by_partition == {keys[0]: 2, keys[1]: 0, keys[2]: 0}
+    assert together["rows_in_partition"].by_partition == {keys[0]: 0, keys[1]: 1, keys[2]: 0}
+    assert together["value_is_decimal"].by_partition == {keys[0]: 0, keys[1]: 0, keys[2]: 1}
+    assert 0 < together["late_rows"].failing < sum(t.num_rows for t in parts.values())
+
+    broken = SqlRule(name="broken", kind="sql", query="SELECT * FROM data WHERE no_such_column")
+    with pytest.raises(duckdb.BinderException, match="no_such_column"):
+        evaluate_rules(decl.model_copy(update={"quality": [broken]}), parts)
 
 
 def test_chain_continuity_finds_a_broken_link_across_ranges(raw_env: Env) -> None:
