@@ -212,9 +212,8 @@ def evaluate_rules(
     """Every rule of the declaration over every partition's table, merged per rule.
 
     With several partitions, the row rules (not_null, range, regex, unique) run once over all
-    of them, grouped by partition, instead of once per partition. A custom SQL rule runs on
-    each partition alone (it may use the partition's bounds and return rows without it), all
-    partitions' counts in one statement; examples are fetched only where rows fail.
+    of them, grouped by partition, instead of once per partition; custom SQL rules run per
+    partition (they may use the partition's bounds and return rows without it).
     """
     rules = [r for r in decl.quality if kinds is None or r.kind in kinds]
     grouped_kinds = (NotNullRule, RangeRule, RegexRule, UniqueRule)
@@ -225,8 +224,6 @@ def evaluate_rules(
         for rule in rules:
             if combined is not None and isinstance(rule, grouped_kinds):
                 outcomes.append(_evaluate_grouped(rule, combined, tables, con))
-            elif together and isinstance(rule, SqlRule):
-                outcomes.append(_evaluate_sql_together(rule, tables, con))
             else:
                 outcomes.append(
                     merge_outcomes(
@@ -234,56 +231,6 @@ def evaluate_rules(
                     )
                 )
         return outcomes
-
-
-def _evaluate_sql_together(
-    rule: SqlRule, tables: Mapping[str | None, pa.Table], con: duckdb.DuckDBPyConnection
-) -> RuleOutcome:
-    """A custom SQL rule over each partition alone, every partition's count in one statement.
-
-    Each partition's table is `data` (a CTE over that partition only) with its own bounds, as
-    in `evaluate_rule`. Partitions with failing rows are evaluated again alone for their
-    examples; if the statement fails (the rule's SQL is wrong), so does that evaluation, with
-    DuckDB's error about the rule's own query.
-    """
-    branches = []
-    views = []
-    for index, (key, table) in enumerate(tables.items()):
-        view = f"__trace_partition_{index}"
-        con.register(view, table)
-        views.append(view)
-        bounds = parse_partition_key(str(key))
-        query = rule.query.format(first_block=bounds.start, last_block=bounds.last)
-        branches.append(
-            f"SELECT {index} AS i, (WITH data AS (SELECT * FROM {view}) "
-            f"SELECT count(*) FROM ({query})) AS n"
-        )
-    try:
-        counts = dict(con.execute(" UNION ALL ".join(branches)).fetchall())
-    except duckdb.Error:
-        counts = None
-    finally:
-        for view in views:
-            con.unregister(view)
-    outcomes = []
-    for index, (key, table) in enumerate(tables.items()):
-        if counts is None or counts[index]:
-            outcomes.append(evaluate_rule(rule, table, key, con))
-        else:
-            outcomes.append(
-                RuleOutcome(
-                    rule=rule.name,
-                    kind=rule.kind,
-                    rows=table.num_rows,
-                    failing=0,
-                    threshold=rule.threshold,
-                    blocking=rule.blocking,
-                    by_partition={str(key): 0},
-                    rows_by_partition={str(key): table.num_rows},
-                    examples_by_partition={str(key): []},
-                )
-            )
-    return merge_outcomes(outcomes)
 
 
 def _with_partition_column(tables: Mapping[str | None, pa.Table]) -> pa.Table:
