@@ -28,12 +28,8 @@ from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
-from infra.bench.ingest import bench_services
+from infra.bench.ingest import bench_services, range_tags
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS, PARTITIONED_TRANSFORMS
 from trace_assets.raw.chain import raw_chain
@@ -50,7 +46,6 @@ PARTITIONED = [a for a in DERIVED_ASSETS if a.partitions_def is not None]
 
 
 def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]) -> float:
-    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     resources = build_resources(settings)
     started = time.perf_counter()
     result = dg.materialize(
@@ -58,7 +53,7 @@ def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]
         selection=PARTITIONED,
         instance=instance,
         resources=resources,
-        tags=tags,
+        tags=range_tags(keys),
     )
     seconds = time.perf_counter() - started
     assert result.success
@@ -95,11 +90,10 @@ def _empty_asset(name: str) -> dg.AssetsDefinition:
 
 
 def time_dagster_floor(instance: dg.DagsterInstance, keys: list[str]) -> float:
-    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     assets = [_empty_asset(name) for name in PARTITIONED_TRANSFORMS]
     started = time.perf_counter()
     result = dg.materialize(
-        assets, instance=instance, resources={"nothing": _NothingIOManager()}, tags=tags
+        assets, instance=instance, resources={"nothing": _NothingIOManager()}, tags=range_tags(keys)
     )
     seconds = time.perf_counter() - started
     assert result.success
@@ -136,10 +130,9 @@ def main() -> int:
         resources = build_resources(settings)
         objects, state = resources["objects"], resources["state"]
         assert isinstance(objects, ObjectStoreResource) and isinstance(state, StateStoreResource)
-        tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
         _say(f"extracting {len(keys)} raw ranges once (not timed) ...")
         assert dg.materialize(
-            [raw_chain], instance=instance, resources=resources, tags=tags
+            [raw_chain], instance=instance, resources=resources, tags=range_tags(keys)
         ).success
         upstream_rows = sum(
             state.reader(objects).read(d, keys).num_rows for d in ("logs", "transactions")
@@ -175,11 +168,11 @@ def main() -> int:
             state.reader(objects).read(name, keys).num_rows for name in PARTITIONED_TRANSFORMS
         )
         assert committed == rows_out, (committed, rows_out)
+        direct_s = statistics.median(runs["direct"])
         trace_rate = rows_out / statistics.median(runs["trace"])
-        direct_rate = rows_out / statistics.median(runs["direct"])
+        direct_rate = rows_out / direct_s
         spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
         _say(f"{rows_out} derived rows per round; min-max per run: {spread}")
-        direct_s = statistics.median(runs["direct"])
         _say(
             "the direct work plus Dagster's floor alone would give "
             f"ratio={direct_s / (direct_s + floor):.2f}"

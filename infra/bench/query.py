@@ -30,12 +30,8 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import httpx
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
-from infra.bench.ingest import CHAIN_ID, dagster_instance, devnet_state
+from infra.bench.ingest import CHAIN_ID, dagster_instance, devnet_state, range_tags
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import AnvilNode, PostgresServer, free_port
 from trace_assets.definitions import build_resources
@@ -79,9 +75,11 @@ def _pct(values: list[float], q: float) -> float:
 
 def materialise(settings: QuerySettings, instance: dg.DagsterInstance, finalized: int) -> int:
     keys = add_finalized_partitions(instance, finalized, settings.range_size)
-    tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
     result = dg.materialize(
-        [raw_chain], instance=instance, resources=build_resources(settings), tags=tags
+        [raw_chain],
+        instance=instance,
+        resources=build_resources(settings),
+        tags=range_tags(keys),
     )
     assert result.success
     return len(keys)
