@@ -402,14 +402,14 @@ def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def _alerts_engine(settings: Settings) -> Engine:
-    from trace_resources.buffer.tables import data_engine
+    from trace_resources.alert_pipeline.tables import data_engine
 
     return data_engine(settings.data_dsn)
 
 
 def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
     from trace_assets.alerts.scope import scope_check
-    from trace_resources.buffer.rules import RuleStore, describe, load_rule_file
+    from trace_resources.alert_pipeline.rules import RuleStore, describe, load_rule_file
 
     # a custom SQL condition may read only datasets its organisation may read
     store = RuleStore(_alerts_engine(settings), check=scope_check(settings.state_dsn))
@@ -440,7 +440,7 @@ def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_alert_backtest(settings: Settings, args: argparse.Namespace) -> int:
     from trace_assets.alerts.backtest import backtest, committed_ranges, parse_partition_span
     from trace_assets.alerts.scope import AlertScope
-    from trace_resources.buffer.rules import load_rule_file
+    from trace_resources.alert_pipeline.rules import load_rule_file
     from trace_resources.storage.commit import DatasetReader
 
     if args.partitions and args.to_block is not None:
@@ -469,7 +469,7 @@ def cmd_alert_backtest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.buffer import dlq
+    from trace_resources.alert_pipeline import dlq
 
     engine = _alerts_engine(settings)
     if args.action == "list":

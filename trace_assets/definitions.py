@@ -11,7 +11,7 @@ from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.raw.chain import raw_chain
-from trace_resources.buffer.resource import AlertsResource
+from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager

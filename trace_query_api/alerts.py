@@ -1,6 +1,6 @@
 """Alert rules and alerts of the caller's organisation, in Postgres data.
 
-Rules are the versioned declarations of `trace_resources.buffer.rules` (the same store the
+Rules are the versioned declarations of `trace_resources.alert_pipeline.rules` (the same store the
 `trace alerts rule` commands write): every create, update or disable writes a new version, and
 the highest version is in force. Alerts are the rows the sink upserted into `trace_alerts`,
 each with its per-channel delivery state from `trace_alert_deliveries`.
@@ -42,8 +42,8 @@ from trace_query_api.errors import (
 )
 from trace_query_api.models import SECRET_MASK, AlertRuleCreate, AlertRuleUpdate
 from trace_query_api.tokens import Principal
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.rules import (
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.rules import (
     ALERT_DATASETS,
     AlertRule,
     CustomSql,

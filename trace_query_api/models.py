@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from trace_query_api.engine import MAX_SQL_CHARS
 from trace_query_api.tokens import DATASET_PATTERN, ORG_PATTERN, PARTITION_PATTERN
-from trace_resources.buffer.rules import AlertRule
+from trace_resources.alert_pipeline.rules import AlertRule
 
 __all__ = [
     "DatasetName",

@@ -30,8 +30,8 @@ from trace_assets.raw.chain import RAW_ASSET_KEYS
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
+from trace_resources.instance.run_coordinator import FAST_LANE_TAG
 from trace_resources.resources import ChainResource
-from trace_resources.run_coordinator import FAST_LANE_TAG
 from trace_resources.settings import get_settings
 
 __all__ = [
@@ -55,7 +55,7 @@ def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list
 SENSOR_NAME = "chain_head_sensor"
 # the queued run coordinator starts higher priorities first: fresh ranges (and their alerts)
 # before backfills and the automation sensor's rollups; with a run slot free they skip the
-# queue (FAST_LANE_TAG, trace_resources/run_coordinator.py)
+# queue (FAST_LANE_TAG, trace_resources/instance/run_coordinator.py)
 RUN_PRIORITY = "10"
 _WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 

@@ -47,9 +47,9 @@ from dagster._core.storage.tags import (
 from infra.local.alert_workers import AlertWorkers
 from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
 from infra.local.webhook_receiver import WebhookReceiver
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.queue import BufferMessage, SqsBuffer
-from trace_resources.buffer.rules import RuleStore, parse_rule
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
+from trace_resources.alert_pipeline.rules import RuleStore, parse_rule
 
 CHAIN_ID = 10143
 FINALITY_LAG = 64  # anvil: finalized = latest - 64
@@ -89,7 +89,7 @@ def sink_throughput(env: dict[str, str], pg: PostgresServer, n: int, work: Path)
     log = work / "sink-throughput.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trace_resources.buffer.sink", "--queue", "bench-sink"],
+            [sys.executable, "-m", "trace_resources.alert_pipeline.sink", "--queue", "bench-sink"],
             env={**env, "TRACE_DATA_DSN": dsn},
             cwd=REPO_ROOT,
             stdout=out,

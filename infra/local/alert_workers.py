@@ -28,8 +28,8 @@ from infra.local.services import (
 __all__ = ["AlertWorkers"]
 
 _WORKERS = {
-    "sink": ("trace_resources.buffer.sink", "sink ready on queue"),
-    "deliverer": ("trace_resources.buffer.delivery", "deliverer ready"),
+    "sink": ("trace_resources.alert_pipeline.sink", "sink ready on queue"),
+    "deliverer": ("trace_resources.alert_pipeline.delivery", "deliverer ready"),
 }
 
 

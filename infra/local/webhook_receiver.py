@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 
-from trace_resources.buffer.delivery import verify_signature
+from trace_resources.alert_pipeline.delivery import verify_signature
 
 __all__ = ["Delivery", "WebhookReceiver"]
 

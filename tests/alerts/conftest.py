@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from infra.local.services import MotoS3Server, PostgresServer, free_port
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.queue import BufferMessage, SqsBuffer
-from trace_resources.buffer.rules import AlertRule, RuleStore, StoredRule, parse_rule
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
+from trace_resources.alert_pipeline.rules import AlertRule, RuleStore, StoredRule, parse_rule
 
 _counter = itertools.count()
 ROOT = Path(__file__).resolve().parents[2]

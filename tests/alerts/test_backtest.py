@@ -15,10 +15,10 @@ from tests.alerts.conftest import Receiver, count, webhook
 from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.alerts.backtest import simulate_bucket
 from trace_assets.cli import main as trace_cli
-from trace_resources.buffer.delivery import Deliverer, DeliveryPolicy
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.resource import AlertsResource, ledger
-from trace_resources.buffer.sink import Sink
+from trace_resources.alert_pipeline.delivery import Deliverer, DeliveryPolicy
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.resource import AlertsResource, ledger
+from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
 
 SCHEMA = arrow_schema(declarations()["erc20_transfers"])

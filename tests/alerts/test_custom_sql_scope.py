@@ -18,10 +18,10 @@ from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.alerts.scope import scope_check
 from trace_assets.cli import main as trace_cli
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.resource import AlertsResource
-from trace_resources.buffer.rules import RuleError, RuleStore, parse_rule
-from trace_resources.buffer.sink import Sink
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.alert_pipeline.rules import RuleError, RuleStore, parse_rule
+from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.paths import UNPARTITIONED

@@ -20,8 +20,8 @@ from tests.alerts.conftest import (
     webhook,
 )
 from trace_assets.cli import main as trace_cli
-from trace_resources.buffer.delivery import Deliverer, DeliveryPolicy, verify_signature
-from trace_resources.buffer.sink import upsert_messages
+from trace_resources.alert_pipeline.delivery import Deliverer, DeliveryPolicy, verify_signature
+from trace_resources.alert_pipeline.sink import upsert_messages
 
 FAST = DeliveryPolicy(max_attempts=3, backoff_base_s=0.2, timeout_s=2.0, concurrency=4)
 

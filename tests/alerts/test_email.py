@@ -23,10 +23,10 @@ from tests.alerts.conftest import (
     store_rule,
 )
 from trace_assets.cli import main as trace_cli
-from trace_resources.buffer.delivery import Deliverer, DeliveryPolicy
-from trace_resources.buffer.dlq import replay
-from trace_resources.buffer.rules import RuleError, parse_rule
-from trace_resources.buffer.sink import upsert_messages
+from trace_resources.alert_pipeline.delivery import Deliverer, DeliveryPolicy
+from trace_resources.alert_pipeline.dlq import replay
+from trace_resources.alert_pipeline.rules import RuleError, parse_rule
+from trace_resources.alert_pipeline.sink import upsert_messages
 
 FAST = DeliveryPolicy(max_attempts=3, backoff_base_s=0.2, timeout_s=5.0, concurrency=4)
 RECIPIENTS = ["ops@acme.example", "oncall@acme.example"]

@@ -22,11 +22,11 @@ from tests.alerts.conftest import Receiver, webhook
 from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.alerts.evaluate import generation_key
-from trace_resources.buffer.delivery import Deliverer, DeliveryPolicy
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.resource import AlertsResource
-from trace_resources.buffer.rules import RuleStore, parse_rule
-from trace_resources.buffer.sink import Sink
+from trace_resources.alert_pipeline.delivery import Deliverer, DeliveryPolicy
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.alert_pipeline.rules import RuleStore, parse_rule
+from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
 

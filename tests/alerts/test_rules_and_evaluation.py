@@ -13,10 +13,10 @@ from tests.alerts.conftest import SECRET, count
 from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.alerts.assets import alert_evaluations, read_range
 from trace_assets.cli import main as trace_cli
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.resource import AlertsResource
-from trace_resources.buffer.rules import RuleError, RuleStore, parse_rule
-from trace_resources.buffer.sink import Sink
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.alert_pipeline.rules import RuleError, RuleStore, parse_rule
+from trace_resources.alert_pipeline.sink import Sink
 
 
 def test_rule_errors_name_the_fields() -> None:

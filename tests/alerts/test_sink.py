@@ -16,10 +16,10 @@ from tests.alerts.conftest import (
     wait_for,
     webhook,
 )
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.sink import Sink, upsert_messages
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.sink import Sink, upsert_messages
 
-SINK = "trace_resources.buffer.sink"
+SINK = "trace_resources.alert_pipeline.sink"
 
 
 def test_same_key_twice_in_one_batch_is_one_row(engine: sa.Engine, buffer: SqsBuffer) -> None:

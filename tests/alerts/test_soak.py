@@ -28,14 +28,14 @@ from tests.alerts.conftest import (
     wait_for,
     webhook,
 )
-from trace_resources.buffer.queue import BufferMessage, SqsBuffer
+from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
 
 ALERTS = int(os.environ.get("SOAK_ALERTS", "10000"))
 KILLS = 3
 CHUNK = 250  # alerts per publish (one range's evaluation)
 PUBLISH_PAUSE_S = 0.25  # between publishes: ~1,000 alerts/s offered
-SINK = "trace_resources.buffer.sink"
-DELIVERER = "trace_resources.buffer.delivery"
+SINK = "trace_resources.alert_pipeline.sink"
+DELIVERER = "trace_resources.alert_pipeline.delivery"
 
 
 def test_soak_with_sigkilled_sink_and_deliverer(

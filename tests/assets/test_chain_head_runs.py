@@ -9,7 +9,7 @@ from dagster._core.utils import make_new_run_id
 
 from tests.conftest import Devnet
 from trace_assets.definitions import build_definitions, build_resources
-from trace_resources.run_coordinator import FAST_LANE_TAG
+from trace_resources.instance.run_coordinator import FAST_LANE_TAG
 from trace_resources.settings import Settings
 from trace_sensors.chain_head import IN_PROCESS, SENSOR_NAME, chain_head_sensor
 

@@ -17,7 +17,7 @@ from infra.local.services import PostgresServer, free_port
 from tests.conftest import RANGE_SIZE, Devnet
 from tests.utils.fault_proxy import Fault, FaultProxy
 from trace_resources.chain.ranges import complete_ranges
-from trace_resources.run_launcher import WORKER_TAG
+from trace_resources.instance.run_launcher import WORKER_TAG
 from trace_resources.settings import Settings
 from trace_resources.storage.catalog import summarise_datasets
 from trace_resources.storage.state import engine_for

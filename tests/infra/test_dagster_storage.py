@@ -16,7 +16,7 @@ from dagster._core.storage.tags import (
 )
 
 from infra.local.services import PostgresServer
-from trace_resources.dagster_storage import PooledPostgresEventLogStorage
+from trace_resources.instance.storage import PooledPostgresEventLogStorage
 
 
 def test_has_table_remembers_present_tables_only(state_dsn: str) -> None:
@@ -125,7 +125,7 @@ def test_planned_events_batch_leaves_what_dagster_postgres_leaves(
     plain_dsn = str(sa.make_url(state_dsn).set(database=other).render_as_string(False))
     urls = {"pooled": state_dsn, "plain": plain_dsn}
     classes = {
-        "pooled": "trace_resources.dagster_storage.PooledPostgresStorage",
+        "pooled": "trace_resources.instance.storage.PooledPostgresStorage",
         "plain": "dagster_postgres.DagsterPostgresStorage",
     }
     stored: dict[str, dict[str, list[tuple[Any, ...]]]] = {}

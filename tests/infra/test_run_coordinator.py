@@ -17,14 +17,14 @@ from dagster._core.run_coordinator.base import SubmitRunContext
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.utils import make_new_run_id
 
-from trace_resources.run_coordinator import FAST_LANE_TAG, TraceRunCoordinator
+from trace_resources.instance.run_coordinator import FAST_LANE_TAG, TraceRunCoordinator
 
 
 @pytest.fixture
 def instance(tmp_path: Path) -> dg.DagsterInstance:
     (tmp_path / "dagster.yaml").write_text(
         "run_coordinator:\n"
-        "  module: trace_resources.run_coordinator\n"
+        "  module: trace_resources.instance.run_coordinator\n"
         "  class: TraceRunCoordinator\n"
         "  config:\n"
         "    max_concurrent_runs: 1\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_resources.run_launcher import PROJECT_ROOT, WarmRunLauncher
+from trace_resources.instance.run_launcher import PROJECT_ROOT, WarmRunLauncher
 
 LIGHT = ["json", "trace_resources.settings"]  # a project module: its packages are watched
 

@@ -23,13 +23,13 @@ from trace_assets.alerts.evaluate import (
 )
 from trace_assets.alerts.scope import AlertScope, load_range, referenced
 from trace_assets.partitions import block_ranges
-from trace_resources.buffer.resource import (
+from trace_resources.alert_pipeline.resource import (
     AlertsResource,
     evaluation_lock,
     load_ledger,
     save_ledger,
 )
-from trace_resources.buffer.rules import ALERT_DATASETS, CustomSql, StoredRule
+from trace_resources.alert_pipeline.rules import ALERT_DATASETS, CustomSql, StoredRule
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource

@@ -23,8 +23,8 @@ from typing import Any
 
 from trace_assets.alerts.evaluate import RangeData, evaluate_rules
 from trace_assets.alerts.scope import AlertScope, load_range, referenced
-from trace_resources.buffer.queue import BufferMessage
-from trace_resources.buffer.rules import ALERT_DATASETS, AlertRule, StoredRule
+from trace_resources.alert_pipeline.queue import BufferMessage
+from trace_resources.alert_pipeline.rules import ALERT_DATASETS, AlertRule, StoredRule
 from trace_resources.errors import TraceError
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.paths import UNPARTITIONED

@@ -42,9 +42,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trace_resources.buffer.queue import BufferMessage
-from trace_resources.buffer.resource import LedgerEntry
-from trace_resources.buffer.rules import (
+from trace_resources.alert_pipeline.queue import BufferMessage
+from trace_resources.alert_pipeline.resource import LedgerEntry
+from trace_resources.alert_pipeline.rules import (
     ALERT_DATASETS,
     AlertRule,
     CustomSql,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import sqlalchemy as sa
 
-from trace_resources.buffer.rules import ALERT_DATASETS, AlertRule, CustomSql, RuleError
+from trace_resources.alert_pipeline.rules import ALERT_DATASETS, AlertRule, CustomSql, RuleError
 from trace_resources.registry import arrow_schema, declarations, public_declared
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader

@@ -53,8 +53,8 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.rules import (
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.rules import (
     AlertRule,
     AnyChannel,
     EmailChannel,
@@ -474,7 +474,7 @@ class Deliverer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trace_resources.buffer.delivery",
+        prog="python -m trace_resources.alert_pipeline.delivery",
         description="Deliver pending alerts until SIGTERM (finishes the sends in flight).",
     )
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between idle polls")

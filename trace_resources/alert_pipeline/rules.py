@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from trace_resources.buffer import tables as t
+from trace_resources.alert_pipeline import tables as t
 from trace_resources.errors import TraceError
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The warm run-worker pool behind `WarmRunLauncher` (trace_resources/run_launcher.py).
+"""The warm run-worker pool behind `WarmRunLauncher` (trace_resources/instance/run_launcher.py).
 
 Dagster's default launcher starts every run as a fresh Python process (`spawn` in the code
 server), which re-imports dagster, polars, pyarrow, duckdb, boto3, SQLAlchemy and the code

@@ -1,4 +1,4 @@
-"""Dataset buffers and alert delivery.
+"""The alert pipeline: rules, the SQS buffer, the sink, delivery and dead letters.
 
 alert evaluation -> `queue.SqsBuffer` (SQS API; dedupe_key, payload, destination)
 -> `sink.Sink` (upsert into Postgres data, ack after commit) -> `delivery.Deliverer`

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from trace_resources.buffer import tables as t
+from trace_resources.alert_pipeline import tables as t
 
 __all__ = ["DeadLetter", "list_dead", "replay"]
 

@@ -16,9 +16,9 @@ from pydantic import Field
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.queue import SqsBuffer
-from trace_resources.buffer.rules import RuleStore
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.rules import RuleStore
 
 __all__ = [
     "AlertsResource",

@@ -13,7 +13,7 @@ Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes
 
     storage:
       custom:
-        module: trace_resources.dagster_storage
+        module: trace_resources.instance.storage
         class: PooledPostgresStorage
         config:
           postgres_db: {...}

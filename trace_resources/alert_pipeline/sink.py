@@ -7,9 +7,9 @@ killed anywhere in between loses nothing (the messages reappear after the visibi
 and duplicates nothing (the repeat hits the conflict). Bodies that do not parse go to the
 buffer's dead-letter queue (`<queue>-dlq`) so they never block the others.
 
-Run as a long-lived worker: `python -m trace_resources.buffer.sink`. On SIGTERM (or SIGINT) it
-stops receiving new long-polls, finishes the batch in hand, drains what is left in the queue
-with short polls, flushes, and exits 0.
+Run as a long-lived worker: `python -m trace_resources.alert_pipeline.sink`. On SIGTERM (or
+SIGINT) it stops receiving new long-polls, finishes the batch in hand, drains what is left in
+the queue with short polls, flushes, and exits 0.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from trace_resources.buffer import tables as t
-from trace_resources.buffer.queue import BufferMessage, Received, SqsBuffer
+from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.queue import BufferMessage, Received, SqsBuffer
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
 
@@ -191,7 +191,7 @@ def buffer_from_settings(settings: Settings, queue: str | None = None) -> SqsBuf
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trace_resources.buffer.sink", description=__doc__.split("\n\n")[0]
+        prog="python -m trace_resources.alert_pipeline.sink", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--queue", help="queue name (default: TRACE_ALERTS_QUEUE)")
     parser.add_argument("--idle-wait", type=int, default=2, help="long-poll seconds when idle")

@@ -3,10 +3,10 @@
 Set in `dagster_home/dagster.yaml`. A run launched here is the same run Dagster's default launcher
 would start (`dagster api execute_run` on the run's own code origin, in its own process, its
 events in the instance's event log, terminable from the UI), but its process is forked from
-`trace_resources.run_worker`, a pool server that has imported dagster, the heavy libraries and
-the code location once. Launch to first step drops from 4-11 s (a fresh interpreter importing
-~4 s of modules) to a fork (~0.2-0.4 s), which is what the chain-head path's alert latency
-(issue 6) waits on for every new range.
+`trace_resources.instance.run_worker`, a pool server that has imported dagster, the heavy
+libraries and the code location once. Launch to first step drops from 4-11 s (a fresh
+interpreter importing ~4 s of modules) to a fork (~0.2-0.4 s), which is what the chain-head
+path's alert latency (issue 6) waits on for every new range.
 
 Edited code takes effect on the next run, as with the default launcher: before each launch the
 launcher compares the project's source files (size and modification time of every file in the
@@ -75,7 +75,7 @@ DEFAULT_PRELOAD = (
     "cryo",
     "trace_assets.definitions",
 )
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def source_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
@@ -94,7 +94,7 @@ def source_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]
 
 
 class RunWorkerPool:
-    """One `trace_resources.run_worker` server process and its socket."""
+    """One `trace_resources.instance.run_worker` server process and its socket."""
 
     def __init__(
         self,
@@ -114,7 +114,7 @@ class RunWorkerPool:
             [
                 executable,
                 "-m",
-                "trace_resources.run_worker",
+                "trace_resources.instance.run_worker",
                 "--socket",
                 self.socket_path,
                 "--preload",
