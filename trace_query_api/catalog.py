@@ -33,7 +33,6 @@ from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_query_api import db
 from trace_query_api.errors import (
@@ -47,6 +46,7 @@ from trace_query_api.tokens import DATASET_PATTERN, Principal
 from trace_resources.chain.schemas import RAW_SCHEMAS
 from trace_resources.registry import arrow_schema as declared_schema
 from trace_resources.registry import declarations, public_declared
+from trace_resources.storage import snapshots
 from trace_resources.storage import state as t
 from trace_resources.storage.versions import FileEntry, VersionStore
 
@@ -409,12 +409,7 @@ class Catalog:
             if snapshot in self._stored_snapshots:
                 self._stored_snapshots.move_to_end(snapshot)
                 return snapshot
-        with self.engine.begin() as conn:
-            conn.execute(
-                pg_insert(db.snapshots)
-                .values(id=snapshot, org=principal.org, versions=resolution.versions)
-                .on_conflict_do_nothing()
-            )
+        snapshots.record_snapshot(self.engine, snapshot, principal.org, resolution.versions)
         with self._lock:
             self._stored_snapshots[snapshot] = None
             while len(self._stored_snapshots) > 10_000:
@@ -426,21 +421,16 @@ class Catalog:
         return self.snapshot_record(principal, snapshot_id)[0]
 
     def snapshot_record(self, principal: Principal, snapshot_id: str) -> tuple[Pins, datetime]:
-        row = None
+        found = None
         if _SNAPSHOT_ID.match(snapshot_id):
-            with self.engine.connect() as conn:
-                row = conn.execute(
-                    sa.select(db.snapshots.c.versions, db.snapshots.c.created_at)
-                    .where(db.snapshots.c.id == snapshot_id)
-                    .where(db.snapshots.c.org == principal.org)
-                ).first()
-        if row is None:
+            found = snapshots.org_snapshot(self.engine, principal.org, snapshot_id)
+        if found is None:
             raise NotFoundError(
                 f"no snapshot {snapshot_id[:40]!r} for this organisation; a snapshot id comes "
                 "from the `snapshot` field of a query result",
                 code="unknown_snapshot",
             )
-        return row.versions, row.created_at
+        return found.versions, found.created_at
 
 
 def _add(

@@ -5,7 +5,8 @@ it was asked for, recorded as a snapshot), stores a `queued` row and hands the j
 thread pool with sandboxes of its own (exports never take the interactive query slots). The
 job streams the result in Arrow batches into Parquet or CSV at
 `exports/<org>/<export id>.<format>` in the results bucket, then marks the row `succeeded` with
-rows and bytes, or `failed` with the error.
+rows and bytes, or `failed` with the error (the table and its SQL:
+`trace_resources.storage.exports`).
 
 Downloads: on S3 a presigned GET URL (boto3); on the local object store a link to this
 service, `/v1/exports/{id}/download?expires=..&signature=..`, signed with HMAC-SHA256 under
@@ -35,7 +36,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from trace_query_api import db
 from trace_query_api.encode import text_table
 from trace_query_api.engine import Sandbox, SandboxSession
 from trace_query_api.errors import ApiError, ForbiddenError, NotFoundError, ResourceLimitError
@@ -46,6 +46,8 @@ from trace_query_api.tokens import Principal
 if TYPE_CHECKING:
     from trace_query_api.services import Plan
 from trace_resources.settings import QuerySettings
+from trace_resources.storage import exports as store
+from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore
 
 __all__ = ["Exports"]
@@ -90,37 +92,28 @@ class Exports:
 
     def submit(
         self, plan: Plan, snapshot_id: str, fmt: str, on_done: Callable[[Plan], None]
-    ) -> dict[str, Any]:
+    ) -> ExportJob:
         """Record the job and queue it; `on_done(plan)` runs when it ends (releases pins)."""
         export_id = str(uuid.uuid4())
-        with self.engine.begin() as conn:
-            row = (
-                conn.execute(
-                    db.exports.insert()
-                    .values(
-                        id=export_id,
-                        org=plan.principal.org,
-                        subject=plan.principal.subject,
-                        sql=plan.parsed.sql,
-                        format=fmt,
-                        status="queued",
-                        snapshot_id=snapshot_id,
-                    )
-                    .returning(*db.exports.c)
-                )
-                .mappings()
-                .one()
-            )
+        job = store.queue_export(
+            self.engine,
+            export_id,
+            plan.principal.org,
+            plan.principal.subject,
+            plan.parsed.sql,
+            fmt,
+            snapshot_id,
+        )
         with self._lock:
             self._mine.add(export_id)
         self.pool.submit(self._run, export_id, plan, fmt, on_done)
-        return dict(row)
+        return job
 
     def _run(self, export_id: str, plan: Plan, fmt: str, on_done: Callable[[Plan], None]) -> None:
         key = f"exports/{plan.principal.org}/{export_id}.{_EXTENSIONS[fmt]}"
         resolution = plan.resolution
         try:
-            self._update(export_id, status="running", started_at=sa.func.now())
+            store.start_export(self.engine, export_id)
             with self.sandbox.session(wait_s=self.settings.query_export_timeout_s) as session:
                 with self._lock:
                     self._running.add(session)
@@ -152,14 +145,7 @@ class Exports:
             with self._lock:
                 self._mine.discard(export_id)
             on_done(plan)
-        self._update(
-            export_id,
-            status="succeeded",
-            object_key=key,
-            rows=rows,
-            bytes=size,
-            finished_at=sa.func.now(),
-        )
+        store.finish_export(self.engine, export_id, key, rows, size)
         self.metrics.exports.labels("succeeded").inc()
 
     def _write(self, key: str, fmt: str, batches: Any) -> tuple[int, int]:
@@ -194,12 +180,8 @@ class Exports:
         return rows, size
 
     def _fail(self, export_id: str, error: dict[str, Any]) -> None:
-        self._update(export_id, status="failed", error=error, finished_at=sa.func.now())
+        store.fail_export(self.engine, export_id, error)
         self.metrics.exports.labels("failed").inc()
-
-    def _update(self, export_id: str, **values: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(db.exports.update().where(db.exports.c.id == export_id).values(**values))
 
     def shutdown(self) -> None:
         """Stop: running jobs are interrupted and queued ones dropped, all marked failed."""
@@ -217,56 +199,37 @@ class Exports:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def get(self, principal: Principal, export_id: str) -> dict[str, Any]:
-        row = None
+    def get(self, principal: Principal, export_id: str) -> ExportJob:
+        job = None
         if _is_uuid(export_id):
-            with self.engine.connect() as conn:
-                row = (
-                    conn.execute(
-                        sa.select(db.exports)
-                        .where(db.exports.c.id == export_id)
-                        .where(db.exports.c.org == principal.org)
-                        .where(db.exports.c.subject == principal.subject)
-                    )
-                    .mappings()
-                    .first()
-                )
-        if row is None:
+            job = store.owned_export(self.engine, principal.org, principal.subject, export_id)
+        if job is None:
             raise NotFoundError(
                 f"no export {export_id[:40]!r} for this token", code="unknown_export"
             )
-        return self._settle(dict(row))
+        return self._settle(job)
 
-    def latest(self, principal: Principal, limit: int = 100) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(db.exports)
-                    .where(db.exports.c.org == principal.org)
-                    .where(db.exports.c.subject == principal.subject)
-                    .order_by(db.exports.c.created_at.desc())
-                    .limit(limit)
-                )
-                .mappings()
-                .all()
-            )
-        return [self._settle(dict(r)) for r in rows]
+    def latest(self, principal: Principal, limit: int = 100) -> list[ExportJob]:
+        jobs = store.latest_exports(self.engine, principal.org, principal.subject, limit)
+        return [self._settle(job) for job in jobs]
 
-    def _settle(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _settle(self, row: ExportJob) -> ExportJob:
         """A job whose process died never finishes: report it failed once its time is up."""
         now = dt.datetime.now(dt.UTC)
         timeout = dt.timedelta(seconds=self.settings.query_export_timeout_s + 60)
-        stale = (row["status"] == "running" and row["started_at"] + timeout < now) or (
-            row["status"] == "queued" and row["created_at"] + 4 * timeout < now
-        )
+        started = row["started_at"]
+        stale = (
+            row["status"] == "running" and started is not None and started + timeout < now
+        ) or (row["status"] == "queued" and row["created_at"] + 4 * timeout < now)
         if stale:
             row["status"], row["error"] = "failed", _INTERRUPTED
         return row
 
-    def public(self, row: dict[str, Any], base_url: str) -> dict[str, Any]:
+    def public(self, row: ExportJob, base_url: str) -> dict[str, Any]:
         url, expires = (None, None)
-        if row["status"] == "succeeded" and row["object_key"]:
-            url, expires = self.download_url(row, base_url)
+        object_key = row["object_key"]
+        if row["status"] == "succeeded" and object_key:
+            url, expires = self.download_url(row["id"], row["format"], object_key, base_url)
         return {
             "id": str(row["id"]),
             "status": row["status"],
@@ -285,16 +248,18 @@ class Exports:
 
     # -- download links ------------------------------------------------------------------------
 
-    def download_url(self, row: dict[str, Any], base_url: str) -> tuple[str, dt.datetime]:
+    def download_url(
+        self, export_id: str, fmt: str, object_key: str, base_url: str
+    ) -> tuple[str, dt.datetime]:
         ttl = self.settings.query_export_url_ttl_s
         expires = int(time.time()) + ttl
-        filename = f"{row['id']}.{_EXTENSIONS[row['format']]}"
+        filename = f"{export_id}.{_EXTENSIONS[fmt]}"
         if isinstance(self.results.fs, pafs.S3FileSystem):
-            url = self._presign(row["object_key"], filename, ttl)
+            url = self._presign(object_key, filename, ttl)
         else:
-            signature = self.signature(str(row["id"]), expires)
+            signature = self.signature(export_id, expires)
             url = (
-                f"{base_url.rstrip('/')}/v1/exports/{row['id']}/download"
+                f"{base_url.rstrip('/')}/v1/exports/{export_id}/download"
                 f"?expires={expires}&signature={signature}"
             )
         return url, dt.datetime.fromtimestamp(expires, dt.UTC)
@@ -331,16 +296,12 @@ class Exports:
                 "the download link is invalid or has expired; GET the export for a new one",
                 code="invalid_signature",
             )
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(db.exports.c.object_key, db.exports.c.format)
-                .where(db.exports.c.id == export_id)
-                .where(db.exports.c.status == "succeeded")
-            ).first()
-        if row is None or not row.object_key:
+        found = store.finished_export_object(self.engine, export_id)
+        if found is None:
             raise NotFoundError("no finished export behind this link", code="unknown_export")
-        filename = f"{export_id}.{_EXTENSIONS[row.format]}"
-        return self.results.path(row.object_key), _MEDIA_TYPES[row.format], filename
+        object_key, fmt = found
+        filename = f"{export_id}.{_EXTENSIONS[fmt]}"
+        return self.results.path(object_key), _MEDIA_TYPES[fmt], filename
 
 
 def _is_uuid(text: str) -> bool:

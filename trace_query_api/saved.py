@@ -2,7 +2,8 @@
 
 Anyone in the organisation lists and runs them (each run is checked against the runner's own
 token); user tokens create them; only the subject that created one deletes it. Another
-organisation's saved query reads as not found.
+organisation's saved query reads as not found. The table and its SQL:
+`trace_resources.storage.saved_queries`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from trace_query_api import db
 from trace_query_api.errors import ConflictError, ForbiddenError, NotFoundError
 from trace_query_api.tokens import Principal
+from trace_resources.storage import saved_queries as store
+from trace_resources.storage.saved_queries import SavedQuery
 
 __all__ = ["SavedQueries"]
 
@@ -25,61 +27,28 @@ class SavedQueries:
 
     def create(
         self, principal: Principal, name: str, sql: str, description: str | None
-    ) -> dict[str, Any]:
-        values = {
-            "id": str(uuid.uuid4()),
-            "org": principal.org,
-            "name": name,
-            "sql": sql,
-            "description": description,
-            "created_by": principal.subject,
-        }
+    ) -> SavedQuery:
         try:
-            with self.engine.begin() as conn:
-                row = (
-                    conn.execute(
-                        db.saved_queries.insert().values(**values).returning(*db.saved_queries.c)
-                    )
-                    .mappings()
-                    .one()
-                )
-        except sa.exc.IntegrityError:
+            return store.create_saved_query(
+                self.engine, principal.org, name, sql, description, principal.subject
+            )
+        except store.SavedQueryNameTakenError:
             raise ConflictError(
                 f"your organisation already has a saved query named {name!r}; pick another name "
                 "or delete that one first",
                 code="saved_query_exists",
             ) from None
-        return dict(row)
 
-    def of_org(self, principal: Principal) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(db.saved_queries)
-                    .where(db.saved_queries.c.org == principal.org)
-                    .order_by(db.saved_queries.c.name)
-                )
-                .mappings()
-                .all()
-            )
-        return [dict(r) for r in rows]
+    def of_org(self, principal: Principal) -> list[SavedQuery]:
+        return store.org_saved_queries(self.engine, principal.org)
 
-    def get(self, principal: Principal, query_id: uuid.UUID) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            row = (
-                conn.execute(
-                    sa.select(db.saved_queries)
-                    .where(db.saved_queries.c.id == str(query_id))
-                    .where(db.saved_queries.c.org == principal.org)
-                )
-                .mappings()
-                .first()
-            )
+    def get(self, principal: Principal, query_id: uuid.UUID) -> SavedQuery:
+        row = store.org_saved_query(self.engine, principal.org, query_id)
         if row is None:
             raise NotFoundError(
                 f"no saved query {str(query_id)!r} in your organisation", code="unknown_saved_query"
             )
-        return dict(row)
+        return row
 
     def delete(self, principal: Principal, query_id: uuid.UUID) -> None:
         row = self.get(principal, query_id)
@@ -89,15 +58,10 @@ class SavedQueries:
                 "creator deletes it",
                 code="not_owner",
             )
-        with self.engine.begin() as conn:
-            conn.execute(
-                db.saved_queries.delete()
-                .where(db.saved_queries.c.id == str(query_id))
-                .where(db.saved_queries.c.org == principal.org)
-            )
+        store.delete_saved_query(self.engine, principal.org, query_id)
 
 
-def public(row: dict[str, Any]) -> dict[str, Any]:
+def public(row: SavedQuery) -> dict[str, Any]:
     return {
         "id": str(row["id"]),
         "name": row["name"],

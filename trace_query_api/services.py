@@ -38,6 +38,7 @@ from trace_query_api.tokens import Keyring, Principal, TokenVerifier
 from trace_resources.alert_pipeline import tables as alert_tables
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
+from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.versions import VersionStore
 
@@ -290,7 +291,7 @@ class Services:
             finally:
                 self.metrics.sandboxes_busy.dec()
 
-    def submit_export(self, principal: Principal, body: ExportRequest) -> dict[str, Any]:
+    def submit_export(self, principal: Principal, body: ExportRequest) -> ExportJob:
         """Resolve and pin the versions now; the export job reads them and unpins."""
         plan = self.plan(principal, body.sql, pin=body.pin, snapshot=body.snapshot)
         ttl_s = 4 * self.settings.query_export_timeout_s + 300  # queueing included

@@ -1,0 +1,170 @@
+"""Export jobs: a query's whole result written to the results bucket in the background, and
+where it lies (table `trace_query_exports`).
+
+A job moves queued -> running -> succeeded | failed. Jobs are read back by their owner (the
+organisation and the subject that asked) only; the signed download link reads a finished job
+by id alone, since the link itself is the capability.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, TypedDict, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from trace_resources.storage.state import metadata
+
+__all__ = [
+    "exports",
+    "ExportJob",
+    "ExportStatus",
+    "queue_export",
+    "start_export",
+    "finish_export",
+    "fail_export",
+    "owned_export",
+    "latest_exports",
+    "finished_export_object",
+]
+
+_now = sa.func.now()
+
+exports = sa.Table(
+    "trace_query_exports",
+    metadata,
+    sa.Column("id", UUID(as_uuid=False), primary_key=True),
+    sa.Column("org", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("sql", sa.Text, nullable=False),
+    sa.Column("format", sa.Text, nullable=False),
+    # queued -> running -> succeeded | failed
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("snapshot_id", sa.Text, nullable=False),
+    sa.Column("object_key", sa.Text, nullable=True),
+    sa.Column("rows", sa.BigInteger, nullable=True),
+    sa.Column("bytes", sa.BigInteger, nullable=True),
+    sa.Column("error", JSONB, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("trace_query_exports_by_owner", "org", "subject", "created_at"),
+)
+
+ExportStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class ExportJob(TypedDict):
+    id: str
+    org: str
+    subject: str
+    sql: str
+    format: str
+    status: ExportStatus
+    snapshot_id: str
+    object_key: str | None
+    rows: int | None
+    bytes: int | None
+    error: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def queue_export(
+    engine: sa.Engine, export_id: str, org: str, subject: str, sql: str, fmt: str, snapshot_id: str
+) -> ExportJob:
+    """Record a new job as `queued`."""
+    with engine.begin() as conn:
+        row = (
+            conn.execute(
+                exports.insert()
+                .values(
+                    id=export_id,
+                    org=org,
+                    subject=subject,
+                    sql=sql,
+                    format=fmt,
+                    status="queued",
+                    snapshot_id=snapshot_id,
+                )
+                .returning(*exports.c)
+            )
+            .mappings()
+            .one()
+        )
+    return cast(ExportJob, dict(row))
+
+
+def start_export(engine: sa.Engine, export_id: str) -> None:
+    _update(engine, export_id, status="running", started_at=sa.func.now())
+
+
+def finish_export(engine: sa.Engine, export_id: str, object_key: str, rows: int, size: int) -> None:
+    """Mark the job `succeeded` with where its result lies and how large it is."""
+    _update(
+        engine,
+        export_id,
+        status="succeeded",
+        object_key=object_key,
+        rows=rows,
+        bytes=size,
+        finished_at=sa.func.now(),
+    )
+
+
+def fail_export(engine: sa.Engine, export_id: str, error: dict[str, Any]) -> None:
+    """Mark the job `failed` with the error its owner reads (`{"code": .., "message": ..}`)."""
+    _update(engine, export_id, status="failed", error=error, finished_at=sa.func.now())
+
+
+def _update(engine: sa.Engine, export_id: str, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
+
+
+def owned_export(engine: sa.Engine, org: str, subject: str, export_id: str) -> ExportJob | None:
+    """The job if this organisation's subject asked for it, else None (`export_id`: a UUID)."""
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                sa.select(exports)
+                .where(exports.c.id == export_id)
+                .where(exports.c.org == org)
+                .where(exports.c.subject == subject)
+            )
+            .mappings()
+            .first()
+        )
+    return None if row is None else cast(ExportJob, dict(row))
+
+
+def latest_exports(engine: sa.Engine, org: str, subject: str, limit: int) -> list[ExportJob]:
+    """The subject's newest jobs first."""
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(
+                sa.select(exports)
+                .where(exports.c.org == org)
+                .where(exports.c.subject == subject)
+                .order_by(exports.c.created_at.desc())
+                .limit(limit)
+            )
+            .mappings()
+            .all()
+        )
+    return [cast(ExportJob, dict(r)) for r in rows]
+
+
+def finished_export_object(engine: sa.Engine, export_id: str) -> tuple[str, str] | None:
+    """(object key, format) of a succeeded job with a result, else None."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(exports.c.object_key, exports.c.format)
+            .where(exports.c.id == export_id)
+            .where(exports.c.status == "succeeded")
+        ).first()
+    if row is None or not row.object_key:
+        return None
+    return row.object_key, row.format
