@@ -97,12 +97,12 @@ class Exports:
         export_id = str(uuid.uuid4())
         job = store.queue_export(
             self.engine,
-            export_id,
-            plan.principal.org,
-            plan.principal.subject,
-            plan.parsed.sql,
-            fmt,
-            snapshot_id,
+            export_id=export_id,
+            org=plan.principal.org,
+            subject=plan.principal.subject,
+            sql=plan.parsed.sql,
+            fmt=fmt,
+            snapshot_id=snapshot_id,
         )
         with self._lock:
             self._mine.add(export_id)

@@ -30,7 +30,12 @@ class SavedQueries:
     ) -> SavedQuery:
         try:
             return store.create_saved_query(
-                self.engine, principal.org, name, sql, description, principal.subject
+                self.engine,
+                org=principal.org,
+                name=name,
+                sql=sql,
+                description=description,
+                created_by=principal.subject,
             )
         except store.SavedQueryNameTakenError:
             raise ConflictError(

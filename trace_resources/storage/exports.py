@@ -73,7 +73,14 @@ class ExportJob(TypedDict):
 
 
 def queue_export(
-    engine: sa.Engine, export_id: str, org: str, subject: str, sql: str, fmt: str, snapshot_id: str
+    engine: sa.Engine,
+    *,
+    export_id: str,
+    org: str,
+    subject: str,
+    sql: str,
+    fmt: str,
+    snapshot_id: str,
 ) -> ExportJob:
     """Record a new job as `queued`."""
     with engine.begin() as conn:

@@ -56,7 +56,7 @@ class SavedQueryNameTakenError(Exception):
 
 
 def create_saved_query(
-    engine: sa.Engine, org: str, name: str, sql: str, description: str | None, created_by: str
+    engine: sa.Engine, *, org: str, name: str, sql: str, description: str | None, created_by: str
 ) -> SavedQuery:
     """Store a new saved query under a fresh id; names are unique within an organisation."""
     values = {
