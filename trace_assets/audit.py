@@ -25,7 +25,8 @@ from trace_resources.resources import StateStoreResource
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import CommittedVersion, VersionStore
+from trace_resources.storage.records import CommittedVersion
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["AUDIT_DATASET", "AUDIT_SCHEMA", "audit_batch", "ingest_audit", "segment_key"]
 
@@ -62,9 +63,9 @@ def segment_key(version: CommittedVersion) -> str:
 
 def audit_batch(versions: VersionStore, limit: int = MAX_VERSIONS_PER_RUN) -> PartitionData | None:
     """The rows of committed raw versions not yet in the audit, or None if there are none."""
-    audited = versions.appended_keys(AUDIT_DATASET, UNPARTITIONED)
+    audited = versions.read.appended_keys(AUDIT_DATASET, UNPARTITIONED)
     pending = [
-        v for v in versions.committed_versions(RAW_DATASETS) if segment_key(v) not in audited
+        v for v in versions.read.committed_versions(RAW_DATASETS) if segment_key(v) not in audited
     ][:limit]
     if not pending:
         return None

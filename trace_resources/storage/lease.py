@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from trace_resources.storage.versions import Attempt, VersionStore
+from trace_resources.storage.records import Attempt
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["LeaseKeeper"]
 
@@ -60,7 +61,7 @@ class LeaseKeeper:
         attempts = self.tracked()
         if not attempts:
             return
-        live = self.versions.extend_leases(attempts)
+        live = self.versions.attempts.extend_leases(attempts)
         self.beats += 1
         with self._lock:
             for attempt in attempts:
