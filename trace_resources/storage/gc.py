@@ -16,7 +16,7 @@ writers and readers work:
   attempts and every file a version references are never touched.
 
 Iceberg's `expire_snapshots` + `remove_orphan_files` and Delta's `VACUUM` (with its retention
-period) are the models; the logic is here, the SQL in `versions.py`.
+period) are the models; the logic is here, the SQL in `retention.py`.
 """
 
 from __future__ import annotations
