@@ -126,7 +126,7 @@ class VersionRecord:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One staged attempt of a batch commit (`Commits.commit_many`)."""
+    """One staged attempt of a batch commit (`FencedCommits.commit_many`)."""
 
     attempt: Attempt
     manifest: Manifest

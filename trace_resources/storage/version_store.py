@@ -3,7 +3,7 @@
 `VersionStore(engine)` only builds the concerns and hands them out; each owns its SQL:
 
 - `attempts`: attempts, fences and leases (`attempts.py`);
-- `commits`: the fenced commit of one attempt or a batch (`commits.py`);
+- `commits`: the fenced commit of one attempt or a batch (`fenced_commit.py`);
 - `read`: the read model, what is committed as every reader sees it (`read_model.py`);
 - `pins`: reader pins that keep versions from GC (`pins.py`);
 - `retention`: what GC may remove and the queue of files to delete (`retention.py`);
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from trace_resources.storage.attempts import Attempts
-from trace_resources.storage.commits import Commits
+from trace_resources.storage.fenced_commit import FencedCommits
 from trace_resources.storage.outbox import Outbox
 from trace_resources.storage.pins import Pins
 from trace_resources.storage.quality_results import QualityResults
@@ -35,7 +35,7 @@ class VersionStore:
         self.engine = engine
         self.lease_s = lease_s
         self.attempts = Attempts(engine, lease_s)
-        self.commits = Commits(engine)
+        self.commits = FencedCommits(engine)
         self.read = ReadModel(engine)
         self.pins = Pins(engine)
         self.retention = Retention(engine)

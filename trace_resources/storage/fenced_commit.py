@@ -39,10 +39,10 @@ from trace_resources.storage.records import (
 )
 from trace_resources.storage.schemas import register_schema, schema_fingerprint
 
-__all__ = ["Commits"]
+__all__ = ["FencedCommits"]
 
 
-class Commits:
+class FencedCommits:
     """Commit staged attempts: fenced, idempotent by attempt id and by commit key."""
 
     def __init__(self, engine: sa.Engine) -> None:
