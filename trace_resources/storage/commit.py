@@ -121,7 +121,7 @@ class DatasetWriter:
         self.commit_retries = commit_retries
         self.max_rows_per_file = max_rows_per_file
         self.upload_concurrency = max(1, upload_concurrency)
-        self.leases = LeaseKeeper(versions, heartbeat_s)
+        self.leases = LeaseKeeper(versions.attempts, heartbeat_s)
         weakref.finalize(self, self.leases.close)
 
     def close(self) -> None:
