@@ -97,11 +97,11 @@ def materialise_all(env: dict[str, str]) -> tuple[list[str], float]:
 
 
 def print_summary(env: dict[str, str], keys: list[str], seconds: float) -> None:
-    from trace_resources.storage.catalog import summarise_datasets
+    from trace_resources.storage.read_model import ReadModel
     from trace_resources.storage.state import engine_for
 
     blocks = int(keys[-1][13:]) - int(keys[0][:12]) + 1
-    rows = summarise_datasets(engine_for(env["TRACE_STATE_DSN"]))
+    rows = ReadModel(engine_for(env["TRACE_STATE_DSN"])).dataset_summaries()
     print()
     print(f"{'dataset':<20}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}")
     for r in rows:

@@ -25,7 +25,8 @@ from trace_resources.resources import StateStoreResource
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import CommittedVersion, VersionStore
+from trace_resources.storage.read_model import ReadModel
+from trace_resources.storage.records import CommittedVersion
 
 __all__ = ["AUDIT_DATASET", "AUDIT_SCHEMA", "audit_batch", "ingest_audit", "segment_key"]
 
@@ -60,12 +61,12 @@ def segment_key(version: CommittedVersion) -> str:
     return f"{version.dataset}:{version.partition_key}:v{version.version}"
 
 
-def audit_batch(versions: VersionStore, limit: int = MAX_VERSIONS_PER_RUN) -> PartitionData | None:
+def audit_batch(read: ReadModel, limit: int = MAX_VERSIONS_PER_RUN) -> PartitionData | None:
     """The rows of committed raw versions not yet in the audit, or None if there are none."""
-    audited = versions.appended_keys(AUDIT_DATASET, UNPARTITIONED)
-    pending = [
-        v for v in versions.committed_versions(RAW_DATASETS) if segment_key(v) not in audited
-    ][:limit]
+    audited = read.appended_keys(AUDIT_DATASET, UNPARTITIONED)
+    pending = [v for v in read.committed_versions(RAW_DATASETS) if segment_key(v) not in audited][
+        :limit
+    ]
     if not pending:
         return None
     rows = []
@@ -129,7 +130,7 @@ def ingest_audit(
 ) -> Iterator[dg.Output[PartitionData]]:
     """Append the committed raw versions the audit does not hold yet (none: no materialization)."""
     with as_dagster_failure():
-        batch = audit_batch(state.versions())
+        batch = audit_batch(state.versions().read)
     if batch is None:
         context.log.info("every committed raw version is already in ingest_audit")
         return

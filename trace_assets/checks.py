@@ -27,7 +27,8 @@ from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.registry import DatasetDeclaration, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader
-from trace_resources.storage.versions import RuleResult, VersionStore
+from trace_resources.storage.read_model import ReadModel
+from trace_resources.storage.records import RuleResult
 
 __all__ = [
     "DATASET_CHECKS",
@@ -51,12 +52,12 @@ def run_partition_keys(context: dg.AssetCheckExecutionContext) -> list[str] | No
     return None
 
 
-def schema_check_result(decl: DatasetDeclaration, versions: VersionStore) -> dg.AssetCheckResult:
+def schema_check_result(decl: DatasetDeclaration, read: ReadModel) -> dg.AssetCheckResult:
     declared = [{"name": c.name, "type": c.type, "nullable": c.nullable} for c in decl.columns]
-    registered = versions.registered_schema(decl.name)
+    registered = read.registered_schema(decl.name)
     history = [
         {"schema_version": v, "schema_hash": h, "drift": drift}
-        for v, h, drift in versions.schema_history(decl.name)
+        for v, h, drift in read.schema_history(decl.name)
     ]
     metadata: dict[str, Any] = {
         "schema_versions": dg.MetadataValue.json(history),
@@ -214,7 +215,7 @@ def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
         outcomes, versions = raw_rule_evaluation(decl, reader, run_partition_keys(context))
         # kept with the versions: derived datasets refuse to read a version whose blocking
         # rule failed, in any later run too (`DatasetReader.read(refuse_failed_checks=True)`)
-        state.versions().record_rule_results(
+        state.versions().quality.record(
             rule_results(decl, outcomes, versions), run_id=context.run.run_id
         )
         evaluated = {o.rule for o in outcomes}
@@ -230,7 +231,7 @@ def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
                     description="no committed rows to check",
                 )
         if SCHEMA_CHECK in selected:
-            yield schema_check_result(decl, state.versions())
+            yield schema_check_result(decl, state.versions().read)
 
     return _checks
 
@@ -243,7 +244,7 @@ def _build_schema_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
         "equals the declaration; shows every registered schema version and drift",
     )
     def _check(state: StateStoreResource) -> dg.AssetCheckResult:
-        return schema_check_result(decl, state.versions())
+        return schema_check_result(decl, state.versions().read)
 
     return _check
 

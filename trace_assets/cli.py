@@ -67,10 +67,10 @@ def cmd_partitions_sync(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.storage.catalog import summarise_datasets
+    from trace_resources.storage.read_model import ReadModel
     from trace_resources.storage.state import engine_for
 
-    rows = summarise_datasets(engine_for(settings.state_dsn))
+    rows = ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
     if args.json:
         sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
         return 0
@@ -85,10 +85,12 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.storage.catalog import version_history
+    from trace_resources.storage.read_model import ReadModel
     from trace_resources.storage.state import engine_for
 
-    for v in version_history(engine_for(settings.state_dsn), args.dataset, args.partition):
+    for v in ReadModel(engine_for(settings.state_dsn)).version_history(
+        args.dataset, args.partition
+    ):
         mark = "*" if v["current"] else " "
         sys.stdout.write(
             f"{mark} {v['partition_key']} v{v['version']:<4} {v['commit_mode']:<8} "
@@ -115,7 +117,7 @@ def _garbage_collector(settings: Settings) -> GarbageCollector:
     from trace_resources.storage.gc import GarbageCollector
     from trace_resources.storage.object_store import local_store, s3_store
     from trace_resources.storage.state import engine_for
-    from trace_resources.storage.versions import VersionStore
+    from trace_resources.storage.version_store import VersionStore
 
     if settings.object_store == "local":
         store = local_store(settings.local_store_root, settings.bucket_datasets)

@@ -51,7 +51,6 @@ from trace_resources.alert_pipeline.rules import (
     RuleStore,
     StoredRule,
 )
-from trace_resources.storage import state
 
 __all__ = ["AlertService", "RuleVersion", "AlertsPage", "public_rule"]
 
@@ -173,11 +172,7 @@ class AlertService:
         tables = cond.tables()
         with self.catalog.engine.connect() as conn:
             public = self.catalog.public_datasets(conn)
-            committed = set(
-                conn.execute(
-                    sa.select(state.datasets.c.name).where(state.datasets.c.name.in_(tables))
-                ).scalars()
-            )
+            committed = set(self.catalog.read.committed_dataset_names(tables, conn))
         refused = [
             name
             for name in tables

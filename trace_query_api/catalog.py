@@ -47,8 +47,9 @@ from trace_resources.chain.schemas import RAW_SCHEMAS
 from trace_resources.registry import arrow_schema as declared_schema
 from trace_resources.registry import declarations, public_declared
 from trace_resources.storage import snapshots
-from trace_resources.storage import state as t
-from trace_resources.storage.versions import FileEntry, VersionStore
+from trace_resources.storage.read_model import CommittedFiles, ReadModel
+from trace_resources.storage.records import FileEntry
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
     "OWNED_PATTERN",
@@ -121,6 +122,7 @@ class Catalog:
     def __init__(self, engine: sa.Engine, files: FileCache) -> None:
         self.engine = engine
         self.files = files
+        self.read = ReadModel(engine)
         self._stored_snapshots: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -168,7 +170,7 @@ class Catalog:
     def list_datasets(self, principal: Principal) -> list[DatasetInfo]:
         with self.engine.connect() as conn:
             public = self.public_datasets(conn)
-            committed = conn.execute(sa.select(t.datasets.c.name)).scalars().all()
+            committed = self.read.committed_dataset_names(conn=conn)
             names = sorted(
                 {n for n in [*committed, *public] if self.readable(principal, n, public)}
             )
@@ -181,8 +183,8 @@ class Catalog:
             if not self.readable(principal, name, public):
                 raise UnknownDatasetError(name)
             partitions = self._partitions(conn, principal, [name]).get(name, [])
-            known = conn.execute(sa.select(sa.literal(1)).where(t.datasets.c.name == name)).first()
-        if known is None and name not in public:
+            known = self.read.is_committed(name, conn)
+        if not known and name not in public:
             raise UnknownDatasetError(name)
         return self._info(name, public, partitions)
 
@@ -190,18 +192,14 @@ class Catalog:
         """Columns with type, nullability and documentation (from the schema registry, and
         the docs from the raw schemas or the newest committed file's footer)."""
         schema = self.arrow_schema(name)
-        with self.engine.connect() as conn:
-            registered = conn.execute(
-                sa.select(t.dataset_schemas.c.schema_json)
-                .where(t.dataset_schemas.c.dataset == name)
-                .order_by(t.dataset_schemas.c.schema_version.desc())
-                .limit(1)
-            ).scalar_one_or_none()
+        latest = self.read.registered_schema(name)
         docs = {
             f.name: (f.metadata or {}).get(b"doc", b"").decode() or None
             for f in (schema or pa.schema([]))
         }
-        if registered is None:
+        if latest is not None:
+            registered = latest[1]
+        else:
             registered = [
                 {"name": f.name, "type": str(f.type), "nullable": f.nullable}
                 for f in (schema or pa.schema([]))
@@ -216,47 +214,21 @@ class Catalog:
         declared = declarations().get(name)
         if declared is not None:
             return declared_schema(declared)
-        with self.engine.connect() as conn:
-            manifest = conn.execute(
-                sa.select(t.versions.c.manifest["files"])
-                .where(t.versions.c.dataset == name)
-                .order_by(t.versions.c.created_at.desc())
-                .limit(1)
-            ).scalar_one_or_none()
-        if not manifest:
+        files = self.read.newest_files(name)
+        if not files:
             return None
-        return self.files.schema(FileEntry(**manifest[0]))
+        return self.files.schema(files[0])
 
     def _partitions(
         self, conn: sa.Connection, principal: Principal, names: list[str]
     ) -> dict[str, list[PartitionInfo]]:
-        if not names:
-            return {}
-        rows = conn.execute(
-            sa.select(
-                t.versions.c.dataset,
-                t.versions.c.partition_key,
-                t.versions.c.version,
-                t.versions.c.row_count,
-                t.versions.c.byte_count,
-                t.versions.c.created_at,
-            )
-            .join(
-                t.pointers,
-                (t.pointers.c.dataset == t.versions.c.dataset)
-                & (t.pointers.c.partition_key == t.versions.c.partition_key)
-                & (t.pointers.c.current_version == t.versions.c.version),
-            )
-            .where(t.versions.c.dataset.in_(names))
-            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
-        )
         found: dict[str, list[PartitionInfo]] = {}
-        for r in rows:
+        for r in self.read.partition_summaries(names, conn):
             allowed = principal.partitions_for(r.dataset)
             if allowed is not None and r.partition_key not in allowed:
                 continue
             found.setdefault(r.dataset, []).append(
-                PartitionInfo(r.partition_key, r.version, r.row_count, r.byte_count, r.created_at)
+                PartitionInfo(r.partition_key, r.version, r.rows, r.bytes, r.committed_at)
             )
         return found
 
@@ -317,7 +289,7 @@ class Catalog:
         try:
             if requested is None:
                 allowed = principal.partitions_for(name)
-                records = versions.pin_current(
+                records = versions.pins.pin_current(
                     reader_id, name, None if allowed is None else sorted(allowed), ttl_s
                 )
                 ordered = sorted(records.items())
@@ -326,7 +298,7 @@ class Catalog:
                 resolution.schemas[name] = self._query_schema(name, resolution.files[name])
             else:
                 for key, version in sorted(requested.items()):
-                    versions.pin_version(reader_id, name, key, version, ttl_s)
+                    versions.pins.pin_version(reader_id, name, key, version, ttl_s)
         except FileNotFoundError:
             raise GoneError(
                 f"a version of {name} this request reads was garbage-collected; query the "
@@ -336,52 +308,15 @@ class Catalog:
     def _add_current(
         self, conn: sa.Connection, principal: Principal, names: list[str], out: Resolution
     ) -> None:
-        conditions = []
+        selection: dict[str, list[str] | None] = {}
         for name in names:
             allowed = principal.partitions_for(name)
-            condition = t.versions.c.dataset == name
-            if allowed is not None:
-                condition &= t.versions.c.partition_key.in_(sorted(allowed))
-            conditions.append(condition)
-        rows = conn.execute(
-            sa.select(
-                t.versions.c.dataset,
-                t.versions.c.partition_key,
-                t.versions.c.version,
-                t.versions.c.manifest["files"].label("files"),
-            )
-            .join(
-                t.pointers,
-                (t.pointers.c.dataset == t.versions.c.dataset)
-                & (t.pointers.c.partition_key == t.versions.c.partition_key)
-                & (t.pointers.c.current_version == t.versions.c.version),
-            )
-            .where(sa.or_(*conditions))
-            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
-        )
-        for r in rows:
-            _add(out, r.dataset, r.partition_key, r.version, r.files)
+            selection[name] = None if allowed is None else sorted(allowed)
+        _add(out, self.read.current_files(selection, conn))
 
     def _add_pinned(self, conn: sa.Connection, pinned: Pins, out: Resolution) -> None:
         wanted = [(n, k, v) for n, by_key in pinned.items() for k, v in by_key.items()]
-        if not wanted:
-            return
-        rows = conn.execute(
-            sa.select(
-                t.versions.c.dataset,
-                t.versions.c.partition_key,
-                t.versions.c.version,
-                t.versions.c.manifest["files"].label("files"),
-            )
-            .where(
-                sa.tuple_(
-                    t.versions.c.dataset, t.versions.c.partition_key, t.versions.c.version
-                ).in_(wanted)
-            )
-            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
-        )
-        for r in rows:
-            _add(out, r.dataset, r.partition_key, r.version, r.files)
+        _add(out, self.read.pinned_files(wanted, conn))
         for name, key, version in wanted:
             if out.versions.get(name, {}).get(key) != version:
                 raise NotFoundError(
@@ -433,11 +368,10 @@ class Catalog:
         return found.versions, found.created_at
 
 
-def _add(
-    out: Resolution, dataset: str, key: str, version: int, files: list[dict[str, Any]]
-) -> None:
-    out.versions.setdefault(dataset, {})[key] = version
-    out.files.setdefault(dataset, []).extend(FileEntry(**f) for f in files)
+def _add(out: Resolution, committed: list[CommittedFiles]) -> None:
+    for dataset, key, version, files in committed:
+        out.versions.setdefault(dataset, {})[key] = version
+        out.files.setdefault(dataset, []).extend(files)
 
 
 def pins_covering(pins: Pins, names: Iterable[str], snapshot_id: str) -> Pins:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from trace_query_api.errors import GoneError, UnavailableError
 from trace_resources.storage.object_store import ObjectStore
-from trace_resources.storage.versions import FileEntry
+from trace_resources.storage.records import FileEntry
 
 __all__ = ["FileCache"]
 

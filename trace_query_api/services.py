@@ -40,7 +40,7 @@ from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["Services", "Plan", "PageResult", "bucket"]
 
@@ -196,7 +196,7 @@ class Services:
 
     def unpin(self, plan: Plan) -> None:
         if plan.pinned:
-            self.versions.unpin(plan.reader_id)
+            self.versions.pins.unpin(plan.reader_id)
             plan.pinned = False
 
     def load(self, plan: Plan, ttl_s: float) -> dict[str, pa.Table | pads.Dataset]:

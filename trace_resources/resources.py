@@ -13,7 +13,7 @@ from trace_resources.chain.rpc import RetryPolicy
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["ChainResource", "ObjectStoreResource", "StateStoreResource"]
 

@@ -34,7 +34,8 @@ import dagster as dg
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import StateStoreResource
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import COMMITTED_EVENT, OutboxEvent, VersionStore
+from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
     "RelayOutcome",
@@ -141,7 +142,7 @@ def relay_outbox(
 ) -> RelayOutcome:
     """One relay pass over the unrelayed outbox events (what one sensor tick does)."""
     outcome = RelayOutcome()
-    events = [e for e in versions.unrelayed_events(limit) if e.event_type == COMMITTED_EVENT]
+    events = [e for e in versions.outbox.unrelayed(limit) if e.event_type == COMMITTED_EVENT]
     known = set(known_assets) if known_assets is not None else None
     by_dataset: dict[str, list[OutboxEvent]] = defaultdict(list)
     for event in events:
@@ -156,7 +157,7 @@ def relay_outbox(
             done += [e.id for e in batch]
             continue
         partitions = sorted({e.partition_key for e in batch})
-        current = versions.current_version_numbers(dataset, partitions)
+        current = versions.read.current_version_numbers(dataset, partitions)
         since = min(e.created_at.timestamp() for e in batch) - _CLOCK_MARGIN_S
         recorded = _recorded_versions(instance, key, partitions, since)
         for event in batch:
@@ -175,7 +176,7 @@ def relay_outbox(
                 recorded.add((event.partition_key, event.version))
                 outcome.relayed.append(event)
             done.append(event.id)
-    versions.mark_relayed(done)
+    versions.outbox.mark_relayed(done)
     outcome.cursor = max(done) if done else None
     return outcome
 

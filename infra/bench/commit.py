@@ -42,7 +42,7 @@ from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedP
 from trace_resources.storage.object_store import s3_store
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 
 def _say(message: str) -> None:

@@ -41,7 +41,7 @@ from trace_assets.partitions import add_finalized_partitions
 from trace_assets.raw.chain import raw_chain
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.settings import Settings
-from trace_resources.storage.catalog import summarise_datasets
+from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.state import engine_for
 
 CACHE = REPO_ROOT / ".local" / "bench"
@@ -239,7 +239,9 @@ def main() -> int:
                     f"{blocks / seconds:7.0f} blocks/s"
                 )
 
-        summary = {r.dataset: r.rows for r in summarise_datasets(engine_for(settings.state_dsn))}
+        summary = {
+            r.dataset: r.rows for r in ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
+        }
         _say(f"committed rows per dataset (current versions): {summary}")
         trace_rate = blocks / statistics.median(runs["trace"])
         cryo_rate = blocks / statistics.median(runs["cryo"])

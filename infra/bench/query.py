@@ -43,7 +43,7 @@ from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import local_store
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 SMALL = "SELECT block_number, transaction_count, gas_used FROM blocks WHERE block_number = 1234"
 QUERIES = {

@@ -161,7 +161,7 @@ def test_evaluation_reads_the_datasets_the_condition_names(
     assert len(by_rule["watch"]) == to_watched
     versions = env.state.versions()
     current = {
-        name: versions.current_version_numbers(name, [key])[key]
+        name: versions.read.current_version_numbers(name, [key])[key]
         for name in ("blocks", "erc20_transfers", "native_transfers")
     }
     for payload in by_rule["blocks"]:  # the versions of every dataset the condition read

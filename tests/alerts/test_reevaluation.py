@@ -128,7 +128,7 @@ def test_recommitted_range_sends_new_alerts_and_retracts_vanished_ones(
 
     def committed() -> dict[str, int]:
         return {
-            name: versions.current_version_numbers(name, [key])[key]
+            name: versions.read.current_version_numbers(name, [key])[key]
             for name in ("erc20_transfers", "native_transfers")
         }
 

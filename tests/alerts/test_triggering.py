@@ -53,9 +53,9 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     assert requested(tick) == set()
 
     # a re-commit of one range's erc20_transfers, recorded by its run
-    before = versions.current_version_numbers("erc20_transfers", [first])[first]
+    before = versions.read.current_version_numbers("erc20_transfers", [first])[first]
     recommit(env, "erc20_transfers", first)
-    assert versions.current_version_numbers("erc20_transfers", [first])[first] == before + 1
+    assert versions.read.current_version_numbers("erc20_transfers", [first])[first] == before + 1
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == {first}
 

@@ -20,7 +20,7 @@ from trace_assets.raw.chain import raw_chain
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
-from trace_resources.storage.catalog import summarise_datasets
+from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.state import engine_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_downstream_asset_reads_committed_data(
         selection=[logs_per_block],
     )
     assert result.success
-    assert state.versions().current_versions("logs")[key].version == 1  # upstream not re-run
+    assert state.versions().read.current_versions("logs")[key].version == 1  # upstream not re-run
     derived = state.reader(objects).read("logs_per_block", [key])
     logs = state.reader(objects).read("logs", [key])
     assert derived.num_rows > 0
@@ -115,7 +115,9 @@ def test_cli_backfill_of_a_partition_range(
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("RUN_SUCCESS") == 1  # one run for the whole range
-    summary = {s.dataset: s for s in summarise_datasets(engine_for(test_settings.state_dsn))}
+    summary = {
+        s.dataset: s for s in ReadModel(engine_for(test_settings.state_dsn)).dataset_summaries()
+    }
     assert set(summary) == {"blocks", "transactions", "logs"}
     assert (
         summary["blocks"].partitions == len(keys)

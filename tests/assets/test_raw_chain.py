@@ -150,7 +150,7 @@ def test_rerun_creates_new_version(
             partition_key=key,
         )
         assert result.success
-        versions = state.versions().current_versions("logs")
+        versions = state.versions().read.current_versions("logs")
         assert versions[key].version == expected
         mats = result.asset_materializations_for_node("raw_chain")
         assert {m.metadata["trace/version"].value for m in mats} == {expected}

@@ -127,7 +127,7 @@ def assert_nothing_committed(state_dsn: str, state: StateStoreResource) -> None:
     assert all(s != "committed" for _, _, s in rows["attempts"]), rows["attempts"]
     versions = state.versions()
     for name in RAW_DATASETS:
-        assert versions.current_versions(name) == {}
+        assert versions.read.current_versions(name) == {}
 
 
 # -- transient faults: retried, the run succeeds, the data is complete -------------------------
@@ -267,7 +267,7 @@ def test_transient_faults_are_retried_and_the_data_is_complete(
     # one version of each range of each dataset, equal to the fault-free extraction
     reader = state.reader(objects)
     for name in RAW_DATASETS:
-        current = state.versions().current_versions(name)
+        current = state.versions().read.current_versions(name)
         assert {k: v.version for k, v in current.items()} == {k: 1 for k in KEYS}
         committed = reader.read(name).sort_by(SORT_KEYS[name])
         assert committed.num_rows == clean[name].num_rows, name

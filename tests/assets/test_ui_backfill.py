@@ -19,7 +19,7 @@ from tests.utils.fault_proxy import Fault, FaultProxy
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.instance.run_launcher import WORKER_TAG
 from trace_resources.settings import Settings
-from trace_resources.storage.catalog import summarise_datasets
+from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.state import engine_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +150,9 @@ def _ui_backfill_and_terminate(
             time.sleep(2)
         assert backfill["status"] == "COMPLETED_SUCCESS"
         assert [r["status"] for r in backfill["runs"]] == ["SUCCESS"]  # three ranges, one run
-        summary = {s.dataset: s for s in summarise_datasets(engine_for(test_settings.state_dsn))}
+        summary = {
+            s.dataset: s for s in ReadModel(engine_for(test_settings.state_dsn)).dataset_summaries()
+        }
         assert summary["logs"].partitions == 3 and summary["blocks"].rows == 3 * RANGE_SIZE
         # started by the warm launcher of dagster_home/dagster.yaml: a fork of its worker
         _, tags = _run(url, backfill["runs"][0]["runId"])
@@ -177,7 +179,9 @@ def _ui_backfill_and_terminate(
             time.sleep(0.5)
         assert status == "CANCELED"
         proxy.set_faults([])
-        logs = {s.dataset: s for s in summarise_datasets(engine_for(test_settings.state_dsn))}
+        logs = {
+            s.dataset: s for s in ReadModel(engine_for(test_settings.state_dsn)).dataset_summaries()
+        }
         assert logs["logs"].partitions == 3  # nothing of the cancelled range was committed
     finally:
         os.killpg(dagster.pid, signal.SIGINT)

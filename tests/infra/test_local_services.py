@@ -13,7 +13,7 @@ from infra.local.services import AnvilNode, LocalServices, free_port
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
 from trace_resources.storage.object_store import local_store
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 
 def _alive(pid: int) -> bool:

@@ -39,7 +39,7 @@ from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 RANGES = 4
 SECRET = "globex-secret-value-7f3a"
@@ -178,7 +178,7 @@ def world(
         store.read_parquet(
             [
                 f.key
-                for r in built.versions().current_versions("transactions").values()
+                for r in built.versions().read.current_versions("transactions").values()
                 for f in r.manifest.files
             ]
         )["from_address"]

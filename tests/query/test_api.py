@@ -45,7 +45,7 @@ def pq_bytes(table: pa.Table) -> bytes:
 
 
 def current_versions(world: World, dataset: str) -> dict[str, int]:
-    return {k: r.version for k, r in world.versions().current_versions(dataset).items()}
+    return {k: r.version for k, r in world.versions().read.current_versions(dataset).items()}
 
 
 def query(client: httpx.Client, token: str, sql: str, **body: Any) -> httpx.Response:
@@ -279,7 +279,7 @@ def test_pinned_versions_and_snapshots_reproduce_an_answer(
 ) -> None:
     sql = "SELECT sum(n) AS total, count(*) AS rows FROM org_acme__pinned"
     first = ok(query(client, tokens.org(), sql))
-    version = world.versions().current_versions("org_acme__pinned")[UNPARTITIONED].version
+    version = world.versions().read.current_versions("org_acme__pinned")[UNPARTITIONED].version
     assert first["rows"] == [[6, 3]]
     assert first["versions"] == {"org_acme__pinned": {UNPARTITIONED: version}}
     paging = ok(query(client, tokens.org(), "SELECT n FROM org_acme__pinned ORDER BY n", limit=1))
@@ -590,7 +590,7 @@ def test_files_from_s3_are_checked_and_cached_under_their_checksum(
     cached = {p.stem for p in Path(world.settings.query_cache_dir).glob("*/*.parquet")}
     wanted = {
         f.sha256
-        for r in world.versions().current_versions("transactions").values()
+        for r in world.versions().read.current_versions("transactions").values()
         for f in r.manifest.files
     }
     assert wanted <= cached
@@ -598,7 +598,7 @@ def test_files_from_s3_are_checked_and_cached_under_their_checksum(
     # a committed object that no longer matches its manifest is refused, not served
     writer = world.writer()
     writer.write("org_acme__tampered", UNPARTITIONED, PartitionData(pa.table({"n": [1, 2]})))
-    record = world.versions().current_versions("org_acme__tampered")[UNPARTITIONED]
+    record = world.versions().read.current_versions("org_acme__tampered")[UNPARTITIONED]
     s3_client.put_object(
         Bucket=world.settings.bucket_datasets,
         Key=record.manifest.files[0].key,

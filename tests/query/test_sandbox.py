@@ -18,7 +18,7 @@ LEAK_MARKERS = (SECRET, "root:x:0:0", "AWS_SECRET_ACCESS_KEY", "TRACE_QUERY_TOKE
 
 
 def globex_file(world: World) -> str:
-    record = world.versions().current_versions("org_globex__secret")["__all__"]
+    record = world.versions().read.current_versions("org_globex__secret")["__all__"]
     return world.store.path(record.manifest.files[0].key)
 
 

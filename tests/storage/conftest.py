@@ -19,7 +19,7 @@ from infra.local.services import MotoS3Server
 from tests.utils.invariants import InvariantReport, check_invariants
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.object_store import ObjectStore
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 REPO = Path(__file__).resolve().parents[2]
 EVENT_TIMEOUT_S = 60

@@ -21,7 +21,7 @@ from trace_resources.errors import (
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as tables
 from trace_resources.storage.commit import PartitionData
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEYS = [f"{i * 50:012d}-{i * 50 + 49:012d}" for i in range(4)]
 
@@ -71,7 +71,7 @@ def test_a_batch_commits_one_version_and_one_event_per_partition(
         assert all(r.already_committed and r.version.version == 1 for r in again.values())
         # another writer: a new version of each partition, each with its event
         writer.write_many("blocks", data, commit_key="run-2:step")
-    assert {k: r.version for k, r in versions.current_versions("blocks").items()} == {
+    assert {k: r.version for k, r in versions.read.current_versions("blocks").items()} == {
         k: 2 for k in KEYS
     }
     assert outbox(versions, "blocks") == sorted([(k, v) for k in KEYS for v in (1, 2)])
@@ -93,7 +93,7 @@ def test_a_refused_partition_commits_nothing_in_the_batch_then_each_alone(
         with pytest.raises(AttemptFencedError, match="holds fence 1 but a newer attempt"):
             writer.commit_staged_many(staged)
         states = {
-            s.attempt.partition_key: versions.attempt_state(s.attempt.attempt_id) for s in staged
+            s.attempt.partition_key: versions.attempts.state(s.attempt.attempt_id) for s in staged
         }
     # as one by one: the partitions before the refused one committed, it was fenced, the
     # rest given up (never referenced)
@@ -103,7 +103,7 @@ def test_a_refused_partition_commits_nothing_in_the_batch_then_each_alone(
         KEYS[2]: "fenced",
         KEYS[3]: "failed",
     }
-    current = versions.current_versions("blocks")
+    current = versions.read.current_versions("blocks")
     assert sorted(current) == KEYS[:3]
     assert current[KEYS[2]].manifest.rows == 9  # the newer writer's version stands
     assert outbox(versions, "blocks") == [(KEYS[0], 1), (KEYS[1], 1), (KEYS[2], 1)]
@@ -121,7 +121,7 @@ def test_continuity_is_checked_within_the_batch(
     data[KEYS[2]] = PartitionData(table(KEYS[2]), source=source(KEYS[2], parent="0x" + "ee" * 32))
     with state.writer(objects) as writer, pytest.raises(ChainContinuityError, match="forked"):
         writer.write_many("blocks", data)
-    assert sorted(versions.current_versions("blocks")) == KEYS[:2]
+    assert sorted(versions.read.current_versions("blocks")) == KEYS[:2]
     invariants()
 
 
@@ -143,7 +143,7 @@ def test_every_schema_in_the_batch_goes_through_the_registry(
         }
         with pytest.raises(SchemaIncompatibleError, match="removed columns \\['note'\\]"):
             writer.write_many("blocks", data)
-    assert [v for v, _, _ in versions.schema_history("blocks")] == [1, 2]
-    current = versions.current_versions("blocks")
+    assert [v for v, _, _ in versions.read.schema_history("blocks")] == [1, 2]
+    current = versions.read.current_versions("blocks")
     assert {k: r.version for k, r in current.items()} == {KEYS[0]: 2, KEYS[1]: 1}
     invariants()

@@ -47,7 +47,7 @@ def test_rerun_makes_new_version_and_moves_pointer(
     assert current.version == 2 and current.attempt_id == second.version.attempt_id
     assert state.reader(objects).read("blocks", [KEY]).num_rows == 7
     # the superseded version's files are still there (only an explicit GC removes them)
-    old = state.versions().version("blocks", KEY, 1)
+    old = state.versions().read.version("blocks", KEY, 1)
     assert all(objects.datasets().size(f.key) == f.size for f in old.manifest.files)
 
 
@@ -78,7 +78,7 @@ def test_stale_attempt_is_fenced_and_never_visible(
         writer.commit_staged(old)
     current = state.reader(objects).resolve("blocks")[KEY]
     assert current.attempt_id == new.attempt.attempt_id
-    assert state.versions().attempt_state(old.attempt.attempt_id) == "fenced"
+    assert state.versions().attempts.state(old.attempt.attempt_id) == "fenced"
 
 
 def test_commit_is_idempotent_by_attempt(
@@ -89,7 +89,7 @@ def test_commit_is_idempotent_by_attempt(
     first = writer.commit_staged(staged)
     again = writer.commit_staged(staged)  # e.g. the first commit's outcome was unknown
     assert again.already_committed and again.version.version == first.version.version == 1
-    assert len(state.versions().current_versions("blocks")) == 1
+    assert len(state.versions().read.current_versions("blocks")) == 1
 
 
 def test_append_adds_segment_once(objects: ObjectStoreResource, state: StateStoreResource) -> None:

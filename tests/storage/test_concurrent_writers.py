@@ -15,7 +15,7 @@ from trace_resources.storage import state as t
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEY = "000000000000-000000000049"
 WRITERS = 8
@@ -76,7 +76,7 @@ def test_eight_concurrent_replace_writers_give_a_linear_history(
     fences = [e["fence"] for e in committed]
     assert fences == sorted(fences) and len(set(fences)) == len(fences)
     assert history(versions, "blocks", KEY) == [(e["version"], e["attempt_id"]) for e in committed]
-    current = versions.current_versions("blocks")[KEY]
+    current = versions.read.current_versions("blocks")[KEY]
     assert current.version == len(committed)
     last = committed[-1]["ids"]
     assert visible_ids(state.reader(objects), "blocks", KEY) == list(range(last[0], last[1]))
@@ -121,7 +121,7 @@ def test_eight_concurrent_appenders_add_each_range_exactly_once(
     assert len(new) == len(ranges)
     assert len(events) - len(new) == WRITERS * 6 - len(ranges)  # retries were no-ops
     assert [e["version"] for e in new] == list(range(1, len(ranges) + 1))
-    current = versions.current_versions("audit_log")[UNPARTITIONED]
+    current = versions.read.current_versions("audit_log")[UNPARTITIONED]
     assert current.version == len(ranges)
     keys = [k for s in current.manifest.segments for k in s["keys"]]
     assert sorted(keys) == sorted(f"range-{r}" for r in ranges)

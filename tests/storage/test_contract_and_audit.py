@@ -26,7 +26,7 @@ from trace_resources.storage.commit import DatasetReader, PartitionData
 from trace_resources.storage.io_manager import DatasetIOManager
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 A = "000000000000-000000000049"
 B = "000000000050-000000000099"
@@ -89,12 +89,12 @@ def test_schema_drift_is_recorded_shown_as_metadata_or_refused_naming_columns(
     assert "new non-nullable ['must']" in failure(refused)
 
     # every schema version is kept, with the drift that made it; refusals made none
-    history = versions.schema_history("evolving")
+    history = versions.read.schema_history("evolving")
     assert [v for v, _, _ in history] == [1, 2]
     assert history[0][2] is None and history[1][2]["added"] == ["extra"]
     # and readers still see the last committed data
     assert DatasetReader(objects.datasets(), versions).read("evolving").num_rows == 2
-    assert versions.current_versions("evolving")[UNPARTITIONED].version == 2
+    assert versions.read.current_versions("evolving")[UNPARTITIONED].version == 2
 
 
 def raw_version(
@@ -146,7 +146,7 @@ def test_ingest_audit_appends_each_committed_raw_version_once(
     # nothing new: no materialization, no new version (the output is not required)
     again = dg.materialize([ingest_audit], resources=resources)
     assert again.success and again.asset_materializations_for_node("ingest_audit") == []
-    assert versions.current_versions(AUDIT_DATASET)[UNPARTITIONED].version == 1
+    assert versions.read.current_versions(AUDIT_DATASET)[UNPARTITIONED].version == 1
 
     raw_version(state, objects, "logs", A, 3)
     assert dg.materialize([ingest_audit], resources=resources).success
@@ -155,9 +155,9 @@ def test_ingest_audit_appends_each_committed_raw_version_once(
 
     # two audit runs racing: the same batch twice is a no-op; an overlapping one is refused
     raw_version(state, objects, "logs", B, 3)
-    stale = audit_batch(versions)  # computed by a run that is slow to commit
+    stale = audit_batch(versions.read)  # computed by a run that is slow to commit
     raw_version(state, objects, "blocks", A, 50)
-    fresh = audit_batch(versions)
+    fresh = audit_batch(versions.read)
     assert stale is not None and fresh is not None
     with state.writer(objects) as writer:
         writer.write(AUDIT_DATASET, UNPARTITIONED, stale, mode="append")
@@ -171,7 +171,7 @@ def test_ingest_audit_appends_each_committed_raw_version_once(
     assert len(keys) == len(set(keys)) == 7
     assert keys == sorted(
         (v.dataset, v.partition_key, v.version)
-        for v in versions.committed_versions(["blocks", "transactions", "logs"])
+        for v in versions.read.committed_versions(["blocks", "transactions", "logs"])
     )
     invariants()
 
@@ -228,7 +228,7 @@ def test_concurrent_first_commits_and_schema_changes_register_each_schema_once(
 
     assert commit_all(base) == [1] * 8
     assert commit_all(wider) == [2] * 8
-    assert [v for v, _, _ in versions.schema_history("racing")] == [1, 2]
-    current = versions.current_versions("racing")
+    assert [v for v, _, _ in versions.read.schema_history("racing")] == [1, 2]
+    current = versions.read.current_versions("racing")
     assert sorted(current) == keys and {r.version for r in current.values()} == {2}
     invariants()

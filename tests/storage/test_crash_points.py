@@ -27,7 +27,7 @@ from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore, local_store
 from trace_resources.storage.paths import attempt_prefix
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEY = "000000000000-000000000049"
 SIGKILLED = -9
@@ -78,9 +78,9 @@ def test_writer_killed_at_crash_point_then_retried_converges_on_one_version(
     check_invariants(versions, store)
     if point == "commit.after_pg_commit":
         assert state == "committed"
-        assert versions.current_versions("blocks")[KEY].version == 1
+        assert versions.read.current_versions("blocks")[KEY].version == 1
     else:
-        assert state == "staging" and versions.current_versions("blocks") == {}
+        assert state == "staging" and versions.read.current_versions("blocks") == {}
         expected_files = {"upload.mid_object": 0, "stage.during_upload": 1}.get(point, 3)
         if point == "upload.mid_object" and backend == "local":
             expected_files = 1  # half an object on disk: never referenced
@@ -198,7 +198,7 @@ def test_staging_cleanup_killed_after_abandoning_finishes_on_its_next_run(
         crashed = run_cli(["staging-cleanup", "--apply"], cli_env, "cleanup.after_abandon")
         assert crashed.returncode == SIGKILLED
         exercised.add("cleanup.after_abandon")
-        assert versions.attempt_state(staged.attempt.attempt_id) == "abandoned"
+        assert versions.attempts.state(staged.attempt.attempt_id) == "abandoned"
         assert all(store.size(f.key) == f.size for f in staged.files)  # not deleted yet
         # its writer wakes up: the commit is refused, so the files can safely go
         with pytest.raises(Exception, match="'abandoned' and can no longer commit"):

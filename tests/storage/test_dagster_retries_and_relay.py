@@ -33,7 +33,7 @@ from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 from trace_sensors.outbox import build_outbox_relay_sensor, relay_outbox
 
 ALL = UNPARTITIONED

@@ -27,7 +27,7 @@ from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 A = "000000000000-000000000049"
 B = "000000000050-000000000099"

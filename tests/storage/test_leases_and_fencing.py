@@ -23,7 +23,7 @@ from trace_resources.storage.commit import DatasetReader, DatasetWriter, Partiti
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import attempt_prefix
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEY = "000000000000-000000000049"
 
@@ -65,7 +65,7 @@ def test_zombie_writer_paused_while_a_newer_attempt_commits_is_fenced(
     assert refusal["event"] == "refused" and refusal["error"] == "AttemptFencedError"
     assert f"holds fence {staged['fence']} but a newer attempt holds fence" in refusal["message"]
     assert "never referenced" in refusal["message"]
-    assert versions.attempt_state(staged["attempt_id"]) == "fenced"
+    assert versions.attempts.state(staged["attempt_id"]) == "fenced"
 
     reader = state.reader(objects)
     assert reader.resolve("blocks")[KEY].attempt_id == result.version.attempt_id
@@ -99,7 +99,7 @@ def test_zombie_whose_lease_expired_is_abandoned_before_its_files_are_deleted(
     time.sleep(1.5)
     report = cleanup(store, versions)
     assert [a.attempt_id for a in report.abandoned] == [staged["attempt_id"]]
-    assert versions.attempt_state(staged["attempt_id"]) == "abandoned"
+    assert versions.attempts.state(staged["attempt_id"]) == "abandoned"
     assert store.list_keys(prefix) == []
 
     os.kill(zombie.pid, signal.SIGCONT)
@@ -107,7 +107,7 @@ def test_zombie_whose_lease_expired_is_abandoned_before_its_files_are_deleted(
     assert code == 0
     assert events[-1]["event"] == "refused"
     assert "'abandoned' and can no longer commit" in events[-1]["message"]
-    assert versions.current_versions("blocks") == {}
+    assert versions.read.current_versions("blocks") == {}
     invariants()
 
 
@@ -132,7 +132,7 @@ def test_heartbeat_keeps_a_long_step_alive_and_a_silent_writer_loses_its_lease(
         time.sleep(1.3)
         with pytest.raises(LeaseExpiredError, match="let its lease expire"):
             writer.commit_staged(silent)
-    assert versions.attempt_state(silent.attempt.attempt_id) == "abandoned"
+    assert versions.attempts.state(silent.attempt.attempt_id) == "abandoned"
     report = cleanup(store, versions)
     assert {i.key for i in report.removed} == {f.key for f in silent.files}
     invariants()
@@ -171,7 +171,7 @@ def test_a_commit_racing_a_staging_cleanup_never_both_win(
             start.wait()
             report = cleanup(store, versions)
             thread.join()
-            state = versions.attempt_state(staged.attempt.attempt_id)
+            state = versions.attempts.state(staged.attempt.attempt_id)
             abandoned = staged.attempt.attempt_id in {a.attempt_id for a in report.abandoned}
             if isinstance(result["commit"], CommitError):
                 assert state == "abandoned"

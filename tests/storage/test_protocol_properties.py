@@ -42,8 +42,9 @@ from trace_resources.storage.commit import (
 from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED
+from trace_resources.storage.records import VersionRecord
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionRecord, VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 PARTITIONS = ["000000000000-000000000049", "000000000050-000000000099"]
 # long histories on one partition (for fences, GC and pins), a little traffic on the other
@@ -303,7 +304,7 @@ def build_machine(store: ObjectStore, versions: VersionStore) -> type[RuleBasedS
                 if handle.status == "staged":  # a live attempt's files are never touched
                     assert all(store.size(f.key) == f.size for f in handle.staged.files)
             for key, content in self.current.items():
-                current = versions.current_versions(key[0], [key[1]])[key[1]]
+                current = versions.read.current_versions(key[0], [key[1]])[key[1]]
                 assert current.version == max(self.kept[key])
                 assert current.manifest.rows == len(content)
 

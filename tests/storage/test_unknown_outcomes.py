@@ -20,7 +20,7 @@ from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore, s3_store
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEY = "000000000000-000000000049"
 
@@ -65,7 +65,7 @@ def test_a_commit_that_landed_while_its_connection_died_is_not_committed_twice(
     assert result.already_committed and result.version.version == 1  # found what landed
     assert result.version.attempt_id == staged.attempt.attempt_id
     assert counts(versions) == (1, 1)  # one version, one outbox event
-    assert versions.attempt_state(staged.attempt.attempt_id) == "committed"
+    assert versions.attempts.state(staged.attempt.attempt_id) == "committed"
     invariants()
 
 
@@ -139,7 +139,7 @@ def test_an_unknown_outcome_outlasting_the_retries_is_settled_by_the_next_attemp
         with pytest.raises(sa.exc.OperationalError):
             writer.commit_staged(staged, commit_key=commit_key)
     assert proxy.landed == 1 and proxy.refused >= 2
-    assert versions.attempt_state(staged.attempt.attempt_id) == "committed"  # not "failed"
+    assert versions.attempts.state(staged.attempt.attempt_id) == "committed"  # not "failed"
     time.sleep(max(0.0, 3.2 - 0.6))
     with DatasetWriter(store, versions) as retry:
         again = retry.write(
@@ -197,7 +197,7 @@ def test_s3_errors_outlasting_the_retries_fail_the_attempt_and_a_retry_commits(
         injected = s3_proxy.injected
         with versions.engine.connect() as conn:
             states = conn.execute(sa.select(t.attempts.c.state)).scalars().all()
-        assert states == ["failed"] and versions.current_versions("blocks") == {}
+        assert states == ["failed"] and versions.read.current_versions("blocks") == {}
         invariants()
 
         s3_proxy.fail_puts(0)

@@ -19,7 +19,7 @@ from trace_resources.errors import CommitError
 from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
-from trace_resources.storage.versions import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 
 def _say(event: str, **fields: Any) -> None:

@@ -24,7 +24,8 @@ from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import parse_data_key
-from trace_resources.storage.versions import Manifest, VersionStore
+from trace_resources.storage.records import Manifest
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["InvariantReport", "check_invariants", "table_of", "visible_ids"]
 

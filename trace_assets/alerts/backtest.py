@@ -128,7 +128,7 @@ def committed_ranges(
         raise BacktestError(f"--from-block {from_block} is after --to-block {to_block}")
     keys: set[str] = set()
     for dataset in {*ALERT_DATASETS, *referenced(rule)}:
-        keys |= set(reader.versions.current_version_numbers(dataset))
+        keys |= set(reader.versions.read.current_version_numbers(dataset))
     selected = []
     for key in sorted(keys - {UNPARTITIONED}):
         bounds = _bounds(key)

@@ -192,9 +192,11 @@ def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table |
     schema = arrow_schema(decl)
     versions = reader.versions
     upstream = decl.upstream[0]
-    current = versions.current_versions(upstream)
+    current = versions.read.current_versions(upstream)
     tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
-    if decl.name in versions.known_datasets() and versions.current_versions(decl.name):
+    if decl.name in versions.retention.known_datasets() and versions.read.current_versions(
+        decl.name
+    ):
         previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
     else:
         previous = schema.empty_table()
@@ -253,10 +255,11 @@ def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table 
     """
     schema = arrow_schema(decl)
     upstream = decl.upstream[0]
-    current = reader.versions.current_versions(upstream)
+    current = reader.versions.read.current_versions(upstream)
     tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
-    if decl.name in reader.versions.known_datasets() and reader.versions.current_versions(
-        decl.name
+    if (
+        decl.name in reader.versions.retention.known_datasets()
+        and reader.versions.read.current_versions(decl.name)
     ):
         previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
     else:

@@ -69,7 +69,7 @@ def _stage_range(
     }
     if errors:
         for partition in staged.values():
-            writer.versions.mark_failed(partition.attempt)
+            writer.versions.attempts.mark_failed(partition.attempt)
         raise errors[0]
     return staged
 
@@ -122,7 +122,7 @@ def raw_chain(
             # nothing of this run is committed: release what it staged for GC at once
             for parts in staged.values():
                 for partition in parts.values():
-                    writer.versions.mark_failed(partition.attempt)
+                    writer.versions.attempts.mark_failed(partition.attempt)
             raise
         finally:
             client.close()

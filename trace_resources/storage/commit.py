@@ -31,7 +31,7 @@ from trace_resources.storage.crash import crash_point
 from trace_resources.storage.lease import LeaseKeeper
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import data_file_key
-from trace_resources.storage.versions import (
+from trace_resources.storage.records import (
     Attempt,
     BatchItem,
     BatchNotCommitted,
@@ -41,9 +41,9 @@ from trace_resources.storage.versions import (
     Manifest,
     RuleResult,
     VersionRecord,
-    VersionStore,
-    schema_fingerprint,
 )
+from trace_resources.storage.schemas import schema_fingerprint
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
     "PartitionData",
@@ -121,7 +121,7 @@ class DatasetWriter:
         self.commit_retries = commit_retries
         self.max_rows_per_file = max_rows_per_file
         self.upload_concurrency = max(1, upload_concurrency)
-        self.leases = LeaseKeeper(versions, heartbeat_s)
+        self.leases = LeaseKeeper(versions.attempts, heartbeat_s)
         weakref.finalize(self, self.leases.close)
 
     def close(self) -> None:
@@ -175,7 +175,7 @@ class DatasetWriter:
     ) -> StagedPartition:
         """Begin an attempt (a replace takes the fence) and upload its files; nothing is
         visible yet. The attempt's lease is kept alive until it commits or fails."""
-        attempt = self.versions.begin_attempt(
+        attempt = self.versions.attempts.begin(
             dataset,
             partition_key,
             run_id=run_id,
@@ -263,7 +263,7 @@ class DatasetWriter:
         """`stage_partition` for many partitions: one transaction begins every attempt (taking
         the fences), then the uploads and their verification run on a thread pool."""
         keys = sorted(partitions)
-        attempts = self.versions.begin_attempts(
+        attempts = self.versions.attempts.begin_many(
             dataset, keys, run_id=run_id, step_key=step_key, retry_number=retry_number, mode=mode
         )
         for attempt in attempts:
@@ -369,7 +369,7 @@ class DatasetWriter:
         `commit` is): attempts that landed return their versions on the retry."""
         for retry in range(self.commit_retries):
             try:
-                results = self.versions.commit_many(items, mode=mode, commit_key=commit_key)
+                results = self.versions.commits.commit_many(items, mode=mode, commit_key=commit_key)
             except sa.exc.OperationalError as exc:
                 if retry == self.commit_retries - 1:
                     raise
@@ -433,7 +433,7 @@ class DatasetWriter:
         """
         for retry in range(self.commit_retries):
             try:
-                result = self.versions.commit(
+                result = self.versions.commits.commit(
                     attempt,
                     manifest,
                     schema,
@@ -458,7 +458,7 @@ class DatasetWriter:
     def _give_up(self, attempt: Attempt, exc: BaseException) -> None:
         self.leases.release(attempt)
         try:
-            self.versions.mark_failed(attempt)
+            self.versions.attempts.mark_failed(attempt)
         except Exception:  # the original error matters more; GC treats expired leases alike
             log.exception("could not mark attempt %s failed after %s", attempt.attempt_id, exc)
 
@@ -501,7 +501,7 @@ class DatasetReader:
         self, dataset: str, partition_keys: list[str] | None = None
     ) -> dict[str, VersionRecord]:
         """Current versions, unpinned: for inspection, not for reading files."""
-        return self.versions.current_versions(dataset, partition_keys)
+        return self.versions.read.current_versions(dataset, partition_keys)
 
     @contextlib.contextmanager
     def pinned(
@@ -510,9 +510,9 @@ class DatasetReader:
         """Resolve and pin the current versions for the duration of the block."""
         reader_id = self.new_reader_id()
         try:
-            yield self.versions.pin_current(reader_id, dataset, partition_keys, self.pin_ttl_s)
+            yield self.versions.pins.pin_current(reader_id, dataset, partition_keys, self.pin_ttl_s)
         finally:
-            self.versions.unpin(reader_id)
+            self.versions.pins.unpin(reader_id)
 
     @contextlib.contextmanager
     def pinned_version(
@@ -521,11 +521,11 @@ class DatasetReader:
         """Pin one version (e.g. a superseded one) for the duration of the block."""
         reader_id = self.new_reader_id()
         try:
-            yield self.versions.pin_version(
+            yield self.versions.pins.pin_version(
                 reader_id, dataset, partition_key, version, self.pin_ttl_s
             )
         finally:
-            self.versions.unpin(reader_id)
+            self.versions.pins.unpin(reader_id)
 
     def read(
         self,
@@ -555,7 +555,7 @@ class DatasetReader:
 
     def refuse_failed(self, dataset: str, records: Mapping[str, VersionRecord]) -> None:
         """Raise `UpstreamQualityError` if a blocking rule failed on any of these versions."""
-        failures = self.versions.failed_blocking_rules(
+        failures = self.versions.quality.failed_blocking(
             dataset, {k: r.version for k, r in records.items()}
         )
         if failures:

@@ -16,7 +16,7 @@ writers and readers work:
   attempts and every file a version references are never touched.
 
 Iceberg's `expire_snapshots` + `remove_orphan_files` and Delta's `VACUUM` (with its retention
-period) are the models; the logic is here, the SQL in `versions.py`.
+period) are the models; the logic is here, the SQL in `retention.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from datetime import UTC, datetime, timedelta
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.object_store import ObjectInfo, ObjectStore
 from trace_resources.storage.paths import dataset_prefix, parse_data_key
-from trace_resources.storage.versions import AttemptRow, RemovedVersion, VersionStore
+from trace_resources.storage.records import AttemptRow, RemovedVersion
+from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
     "CleanupItem",
@@ -136,32 +137,32 @@ class GarbageCollector:
     def collect(
         self, policy: GcPolicy, *, apply: bool = False, datasets: Sequence[str] | None = None
     ) -> GcReport:
-        names = list(datasets) if datasets is not None else self.versions.known_datasets()
+        names = list(datasets) if datasets is not None else self.versions.retention.known_datasets()
         removed: list[RemovedVersion] = []
         for name in names:
-            removed += self.versions.remove_versions(
+            removed += self.versions.retention.remove_versions(
                 name,
                 keep_last=policy.keep_last,
                 older_than_s=policy.older_than.total_seconds(),
                 apply=apply,
             )
         if not apply:
-            pending = [key for key, _ in self.versions.queued_files(names)]
+            pending = [key for key, _ in self.versions.retention.queued_files(names)]
             files = [f.key for v in removed for f in v.files]
             return GcReport(False, removed, files, pending)
         crash_point("gc.after_versions_deleted")
         deleted = self._drain_queue(names)
-        return GcReport(True, removed, deleted, pins_dropped=self.versions.drop_expired_pins())
+        return GcReport(True, removed, deleted, pins_dropped=self.versions.pins.drop_expired())
 
     def _drain_queue(self, datasets: Sequence[str]) -> list[str]:
         """Delete queued files (this run's and any an interrupted run left), then unqueue."""
         deleted: list[str] = []
-        while batch := self.versions.queued_files(datasets, limit=1_000):
+        while batch := self.versions.retention.queued_files(datasets, limit=1_000):
             keys = [key for key, _ in batch]
             for key in keys:
                 self.store.delete([key])
                 crash_point("gc.during_file_delete")
-            self.versions.dequeue_files(keys)
+            self.versions.retention.dequeue_files(keys)
             deleted += keys
         return deleted
 
@@ -174,9 +175,9 @@ class GarbageCollector:
         apply: bool = False,
         datasets: Sequence[str] | None = None,
     ) -> CleanupReport:
-        names = list(datasets) if datasets is not None else self.versions.known_datasets()
+        names = list(datasets) if datasets is not None else self.versions.retention.known_datasets()
         report = CleanupReport(applied=apply)
-        report.abandoned = self.versions.expire_leases(apply=apply, datasets=names)
+        report.abandoned = self.versions.attempts.expire_leases(apply=apply, datasets=names)
         if apply:
             crash_point("cleanup.after_abandon")
         expiring = {a.attempt_id for a in report.abandoned}
@@ -200,7 +201,7 @@ class GarbageCollector:
     ) -> list[CleanupItem]:
         parsed = {o.key: parse_data_key(o.key) for o in objects}
         ids = {p[2] for p in parsed.values() if p is not None and _is_uuid(p[2])}
-        snapshot = self.versions.storage_snapshot(dataset, ids)
+        snapshot = self.versions.retention.storage_snapshot(dataset, ids)
         cutoff = datetime.now(UTC) - grace
         doomed: list[CleanupItem] = []
         for obj in objects:

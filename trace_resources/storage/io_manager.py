@@ -25,7 +25,7 @@ from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.versions import CommitMode, CommitResult
+from trace_resources.storage.records import CommitMode, CommitResult
 
 __all__ = ["DatasetIOManager", "COMMIT_MODE_METADATA", "commit_key_for"]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from trace_resources.storage.versions import Attempt, VersionStore
+from trace_resources.storage.attempts import Attempts
+from trace_resources.storage.records import Attempt
 
 __all__ = ["LeaseKeeper"]
 
@@ -28,9 +29,9 @@ class LeaseKeeper:
     Postgres says it is no longer staging (it committed, or was fenced or abandoned).
     """
 
-    def __init__(self, versions: VersionStore, interval_s: float | None = None) -> None:
-        self.versions = versions
-        self.interval_s = interval_s if interval_s is not None else max(versions.lease_s / 3, 0.05)
+    def __init__(self, attempts: Attempts, interval_s: float | None = None) -> None:
+        self.attempts = attempts
+        self.interval_s = interval_s if interval_s is not None else max(attempts.lease_s / 3, 0.05)
         self.lost: set[str] = set()  # attempts whose lease could not be extended any more
         self.beats = 0
         self._attempts: dict[str, Attempt] = {}
@@ -60,7 +61,7 @@ class LeaseKeeper:
         attempts = self.tracked()
         if not attempts:
             return
-        live = self.versions.extend_leases(attempts)
+        live = self.attempts.extend_leases(attempts)
         self.beats += 1
         with self._lock:
             for attempt in attempts:

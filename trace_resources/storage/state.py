@@ -1,5 +1,9 @@
-"""The version store in Postgres state: registry, schemas, fences, attempts, versions,
-current-version pointers and the outbox (SQLAlchemy Core; the SQL of the protocol lives here).
+"""The schema of Postgres state: the table definitions (SQLAlchemy Core) of the dataset
+registry and schemas, fences, attempts, versions, current-version pointers, commit keys, the
+outbox, quality results, reader pins and the GC queue; and the pooled engine per database.
+
+Only the modules of the version store (`version_store.py` and the concerns it builds) query
+these tables; everything else reads through the read model (`read_model.py`).
 """
 
 from __future__ import annotations

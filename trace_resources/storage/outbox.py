@@ -1,0 +1,50 @@
+"""The outbox: one event per committed version, written by the commit's own transaction and
+relayed afterwards (to Dagster, by the outbox sensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from trace_resources.storage import state as t
+from trace_resources.storage.records import OutboxEvent
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Events not yet relayed, and marking them relayed."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    def unrelayed(self, limit: int = 500) -> list[OutboxEvent]:
+        """Committed-version events not yet relayed, oldest first.
+
+        Selected by `relayed_at IS NULL`, not by id > cursor: identity values are handed out
+        when a transaction inserts, not when it commits, so an event with a smaller id can
+        become visible after a larger one has been relayed.
+        """
+        o = t.outbox
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(o).where(o.c.relayed_at.is_(None)).order_by(o.c.id).limit(limit)
+            ).all()
+        return [
+            OutboxEvent(
+                r.id, r.event_type, r.dataset, r.partition_key, r.version, r.payload, r.created_at
+            )
+            for r in rows
+        ]
+
+    def mark_relayed(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.outbox.update()
+                .where(t.outbox.c.id.in_(list(ids)))
+                .values(relayed_at=sa.func.now())
+            )

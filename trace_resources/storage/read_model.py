@@ -1,0 +1,337 @@
+"""The read model: what is committed, as every reader sees it.
+
+Current versions (the versions ⨝ pointers join is written once, here), the committed files of
+a dataset, partition or pinned version, version history, per-dataset and per-partition
+summaries, committed dataset names, registered columns and the newest committed manifest.
+The writer, the query service, the alert evaluation, the checks, the CLI and the demo read
+through it; none of them speaks SQL to the version store's tables.
+
+Methods that discovery and resolution call together take an optional open connection, so a
+request reads everything it needs in one checkout (as many round trips as before the split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from trace_resources.storage import state as t
+from trace_resources.storage.records import (
+    CommittedVersion,
+    DatasetSummary,
+    FileEntry,
+    PartitionSummary,
+    VersionRecord,
+    version_record,
+)
+
+__all__ = ["CommittedFiles", "ReadModel", "current_query"]
+
+# (dataset, partition key, version, files) of one committed version
+CommittedFiles = tuple[str, str, int, list[FileEntry]]
+
+_IS_CURRENT = (
+    (t.pointers.c.dataset == t.versions.c.dataset)
+    & (t.pointers.c.partition_key == t.versions.c.partition_key)
+    & (t.pointers.c.current_version == t.versions.c.version)
+)
+
+
+def _select_current(*columns: Any) -> sa.Select[Any]:
+    """SELECT columns of the current version of each committed partition."""
+    return sa.select(*columns).join(t.pointers, _IS_CURRENT)
+
+
+def current_query(dataset: str, partition_keys: Sequence[str] | None) -> sa.Select[Any]:
+    """Full version rows of a dataset's current versions (all partitions if keys is None)."""
+    query = _select_current(t.versions).where(t.versions.c.dataset == dataset)
+    if partition_keys is not None:
+        query = query.where(t.versions.c.partition_key.in_(list(partition_keys)))
+    return query
+
+
+def _files(rows: Any) -> list[CommittedFiles]:
+    return [
+        (r.dataset, r.partition_key, r.version, [FileEntry(**f) for f in r.files]) for r in rows
+    ]
+
+
+class ReadModel:
+    """Read-only queries over committed versions, pointers and the schema registry."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def _reading(self, conn: sa.Connection | None) -> Iterator[sa.Connection]:
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.connect() as own:
+            yield own
+
+    # -- current versions ------------------------------------------------------------------
+
+    def current_versions(
+        self, dataset: str, partition_keys: Sequence[str] | None = None
+    ) -> dict[str, VersionRecord]:
+        """Current version of each committed partition (all partitions if keys is None)."""
+        with self.engine.connect() as conn:
+            query = current_query(dataset, partition_keys)
+            return {r.partition_key: version_record(r) for r in conn.execute(query)}
+
+    def current_version_numbers(
+        self, dataset: str, partition_keys: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        query = sa.select(t.pointers.c.partition_key, t.pointers.c.current_version).where(
+            t.pointers.c.dataset == dataset
+        )
+        if partition_keys is not None:
+            query = query.where(t.pointers.c.partition_key.in_(list(partition_keys)))
+        with self.engine.connect() as conn:
+            return {r.partition_key: r.current_version for r in conn.execute(query)}
+
+    def version(self, dataset: str, partition_key: str, version: int) -> VersionRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t.versions)
+                .where(t.versions.c.dataset == dataset)
+                .where(t.versions.c.partition_key == partition_key)
+                .where(t.versions.c.version == version)
+            ).one()
+        return version_record(row)
+
+    def appended_keys(self, dataset: str, partition_key: str) -> set[str]:
+        """Segment keys in the current version of an append-mode partition."""
+        current = self.current_versions(dataset, [partition_key]).get(partition_key)
+        return set() if current is None else current.manifest.segment_keys()
+
+    # -- committed files -------------------------------------------------------------------
+
+    def current_files(
+        self,
+        selection: Mapping[str, Sequence[str] | None],
+        conn: sa.Connection | None = None,
+    ) -> list[CommittedFiles]:
+        """Files of the current versions of {dataset: partition keys, or None for all}."""
+        if not selection:
+            return []
+        conditions = []
+        for dataset, keys in selection.items():
+            condition = t.versions.c.dataset == dataset
+            if keys is not None:
+                condition &= t.versions.c.partition_key.in_(list(keys))
+            conditions.append(condition)
+        query = (
+            _select_current(
+                t.versions.c.dataset,
+                t.versions.c.partition_key,
+                t.versions.c.version,
+                t.versions.c.manifest["files"].label("files"),
+            )
+            .where(sa.or_(*conditions))
+            .order_by(t.versions.c.dataset, t.versions.c.partition_key)
+        )
+        with self._reading(conn) as reading:
+            return _files(reading.execute(query))
+
+    def pinned_files(
+        self, wanted: Sequence[tuple[str, str, int]], conn: sa.Connection | None = None
+    ) -> list[CommittedFiles]:
+        """Files of exact (dataset, partition key, version)s; a removed version is absent."""
+        if not wanted:
+            return []
+        v = t.versions.c
+        query = (
+            sa.select(v.dataset, v.partition_key, v.version, v.manifest["files"].label("files"))
+            .where(sa.tuple_(v.dataset, v.partition_key, v.version).in_(list(wanted)))
+            .order_by(v.dataset, v.partition_key)
+        )
+        with self._reading(conn) as reading:
+            return _files(reading.execute(query))
+
+    def newest_files(self, dataset: str) -> list[FileEntry]:
+        """The files of the dataset's most recently committed manifest (any partition)."""
+        with self.engine.connect() as conn:
+            files = conn.execute(
+                sa.select(t.versions.c.manifest["files"])
+                .where(t.versions.c.dataset == dataset)
+                .order_by(t.versions.c.created_at.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        return [FileEntry(**f) for f in files or []]
+
+    # -- datasets and summaries ------------------------------------------------------------
+
+    def committed_dataset_names(
+        self, among: Sequence[str] | None = None, conn: sa.Connection | None = None
+    ) -> list[str]:
+        """Datasets in the registry (a commit registered their schema), or those of `among`."""
+        query = sa.select(t.datasets.c.name)
+        if among is not None:
+            query = query.where(t.datasets.c.name.in_(list(among)))
+        with self._reading(conn) as reading:
+            return list(reading.execute(query).scalars().all())
+
+    def is_committed(self, dataset: str, conn: sa.Connection | None = None) -> bool:
+        query = sa.select(sa.literal(1)).where(t.datasets.c.name == dataset)
+        with self._reading(conn) as reading:
+            return reading.execute(query).first() is not None
+
+    def partition_summaries(
+        self, datasets: Sequence[str], conn: sa.Connection | None = None
+    ) -> list[PartitionSummary]:
+        """The current partitions of these datasets with rows, bytes and commit time."""
+        if not datasets:
+            return []
+        v = t.versions.c
+        query = (
+            _select_current(
+                v.dataset, v.partition_key, v.version, v.row_count, v.byte_count, v.created_at
+            )
+            .where(v.dataset.in_(list(datasets)))
+            .order_by(v.dataset, v.partition_key)
+        )
+        with self._reading(conn) as reading:
+            return [
+                PartitionSummary(
+                    r.dataset, r.partition_key, r.version, r.row_count, r.byte_count, r.created_at
+                )
+                for r in reading.execute(query)
+            ]
+
+    def dataset_summaries(self) -> list[DatasetSummary]:
+        """Per dataset: current partitions, their rows and bytes, and all committed versions."""
+        v = t.versions.c
+        current = (
+            _select_current(
+                v.dataset,
+                sa.func.count().label("partitions"),
+                sa.func.coalesce(sa.func.sum(v.row_count), 0).label("rows"),
+                sa.func.coalesce(sa.func.sum(v.byte_count), 0).label("bytes"),
+            )
+            .group_by(v.dataset)
+            .subquery()
+        )
+        totals = (
+            sa.select(
+                v.dataset,
+                sa.func.count().label("versions"),
+                sa.func.max(v.created_at).label("latest"),
+            )
+            .group_by(v.dataset)
+            .subquery()
+        )
+        query = (
+            sa.select(current, totals.c.versions, totals.c.latest)
+            .join(totals, totals.c.dataset == current.c.dataset)
+            .order_by(current.c.dataset)
+        )
+        with self.engine.connect() as conn:
+            return [
+                DatasetSummary(
+                    r.dataset,
+                    r.partitions,
+                    int(r.rows),
+                    int(r.bytes),
+                    r.versions,
+                    r.latest.isoformat() if r.latest else None,
+                )
+                for r in conn.execute(query)
+            ]
+
+    # -- history ---------------------------------------------------------------------------
+
+    def version_history(
+        self, dataset: str, partition_key: str | None = None
+    ) -> list[dict[str, object]]:
+        """Every committed version of a dataset (optionally one partition), newest first."""
+        v = t.versions.c
+        query = (
+            sa.select(
+                v.partition_key,
+                v.version,
+                v.commit_mode,
+                v.row_count,
+                v.byte_count,
+                v.created_at,
+                v.attempt_id,
+                (t.pointers.c.current_version == v.version).label("current"),
+            )
+            .join(
+                t.pointers,
+                (t.pointers.c.dataset == v.dataset)
+                & (t.pointers.c.partition_key == v.partition_key),
+            )
+            .where(v.dataset == dataset)
+            .order_by(v.partition_key, v.version.desc())
+        )
+        if partition_key is not None:
+            query = query.where(v.partition_key == partition_key)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def committed_versions(self, datasets: Sequence[str]) -> list[CommittedVersion]:
+        """Every committed version of these datasets, superseded ones included, oldest first."""
+        v, a = t.versions, t.attempts
+        query = (
+            sa.select(
+                v.c.dataset,
+                v.c.partition_key,
+                v.c.version,
+                v.c.attempt_id,
+                a.c.run_id,
+                v.c.row_count,
+                v.c.byte_count,
+                v.c.manifest["source"].label("source"),
+                v.c.created_at,
+            )
+            .join(a, a.c.attempt_id == v.c.attempt_id, isouter=True)
+            .where(v.c.dataset.in_(list(datasets)))
+            .order_by(v.c.created_at, v.c.dataset, v.c.partition_key, v.c.version)
+        )
+        with self.engine.connect() as conn:
+            return [
+                CommittedVersion(
+                    r.dataset,
+                    r.partition_key,
+                    r.version,
+                    str(r.attempt_id),
+                    r.run_id,
+                    r.row_count,
+                    r.byte_count,
+                    r.source,
+                    r.created_at,
+                )
+                for r in conn.execute(query)
+            ]
+
+    # -- registered schemas ----------------------------------------------------------------
+
+    def registered_schema(self, dataset: str) -> tuple[int, list[dict[str, Any]]] | None:
+        """The newest registered schema version and its columns (name, type, nullable)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t.dataset_schemas.c.schema_version, t.dataset_schemas.c.schema_json)
+                .where(t.dataset_schemas.c.dataset == dataset)
+                .order_by(t.dataset_schemas.c.schema_version.desc())
+                .limit(1)
+            ).one_or_none()
+        return None if row is None else (row.schema_version, row.schema_json)
+
+    def schema_history(self, dataset: str) -> list[tuple[int, str, dict[str, Any] | None]]:
+        """Every registered schema version of a dataset: (version, hash, drift from previous)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    t.dataset_schemas.c.schema_version,
+                    t.dataset_schemas.c.schema_hash,
+                    t.dataset_schemas.c.drift,
+                )
+                .where(t.dataset_schemas.c.dataset == dataset)
+                .order_by(t.dataset_schemas.c.schema_version)
+            ).all()
+        return [(r.schema_version, r.schema_hash, r.drift) for r in rows]

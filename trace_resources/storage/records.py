@@ -1,0 +1,264 @@
+"""The version store's records: what an attempt, a manifest, a version, a rule outcome, an
+outbox event and a GC removal are, as plain values; and the two small SQL helpers every
+concern of the version store shares (a row as a `VersionRecord`, seconds as an interval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from trace_resources.errors import CommitError
+
+__all__ = [
+    "COMMITTED_EVENT",
+    "Attempt",
+    "AttemptRow",
+    "BatchItem",
+    "BatchNotCommitted",
+    "CommitMode",
+    "CommitResult",
+    "CommittedVersion",
+    "DatasetSummary",
+    "FileEntry",
+    "Manifest",
+    "OutboxEvent",
+    "PartitionSummary",
+    "RemovedVersion",
+    "RuleResult",
+    "StorageSnapshot",
+    "VersionRecord",
+    "interval",
+    "version_record",
+]
+
+CommitMode = Literal["replace", "append"]
+COMMITTED_EVENT = "dataset_version_committed"
+
+
+def interval(seconds: float) -> sa.ColumnElement[Any]:
+    """An SQL interval of `seconds` (leases, pin lifetimes, GC ages)."""
+    return sa.func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One writer's try at one (dataset, partition), with the fence it holds."""
+
+    attempt_id: str
+    dataset: str
+    partition_key: str
+    fence: int
+    run_id: str | None = None
+    step_key: str | None = None
+    retry_number: int = 0
+    # replace attempts take the fence; appends are blind (see `Attempts.begin`)
+    mode: CommitMode = "replace"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    key: str
+    size: int
+    sha256: str
+    rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "size": self.size, "sha256": self.sha256, "rows": self.rows}
+
+
+@dataclass
+class Manifest:
+    """What a version is made of. Readers resolve files only from here."""
+
+    files: list[FileEntry]
+    schema_hash: str
+    source: dict[str, Any] | None = None
+    segments: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": [f.as_dict() for f in self.files],
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "schema_hash": self.schema_hash,
+            "source": self.source,
+            "segments": self.segments,
+        }
+
+    def segment_keys(self) -> set[str]:
+        """Every key appended so far (a segment may carry several)."""
+        return {k for s in self.segments for k in s.get("keys") or [s["segment_key"]]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            files=[FileEntry(**f) for f in data["files"]],
+            schema_hash=data["schema_hash"],
+            source=data.get("source"),
+            segments=list(data.get("segments") or []),
+        )
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    dataset: str
+    partition_key: str
+    version: int
+    attempt_id: str
+    commit_mode: str
+    schema_version: int
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One staged attempt of a batch commit (`FencedCommits.commit_many`)."""
+
+    attempt: Attempt
+    manifest: Manifest
+    schema: pa.Schema
+    segment_keys: Sequence[str] | None = None
+
+
+class BatchNotCommitted(CommitError):
+    """A batch commit was rolled back as a whole because one of its attempts would have been
+    refused or failed; nothing of the batch changed. Commit the attempts one by one."""
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    version: VersionRecord
+    already_committed: bool
+    schema_version: int
+    drift: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CommittedVersion:
+    """A committed version without its file list (history, audit)."""
+
+    dataset: str
+    partition_key: str
+    version: int
+    attempt_id: str
+    run_id: str | None
+    rows: int
+    bytes: int
+    source: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """A quality rule's outcome on one committed version of a partition."""
+
+    dataset: str
+    partition_key: str
+    version: int
+    rule: str
+    passed: bool
+    blocking: bool
+    failing_rows: int
+    rows: int
+    threshold: float
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.failing_rows / self.rows if self.rows else 0.0
+        shown = "; ".join(str(e) for e in self.examples[:3])
+        return (
+            f"rule {self.rule!r} failed on {self.dataset} {self.partition_key} v{self.version}: "
+            f"{self.failing_rows} of {self.rows} rows (error rate {rate:.4%} > threshold "
+            f"{self.threshold:.4%})" + (f"; e.g. {shown}" if shown else "")
+        )
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    id: int
+    event_type: str
+    dataset: str
+    partition_key: str
+    version: int
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RemovedVersion:
+    """A superseded version GC removes (or would remove), and the files only it referenced."""
+
+    dataset: str
+    partition_key: str
+    version: int
+    created_at: datetime
+    files: list[FileEntry]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    attempt_id: str
+    dataset: str
+    partition_key: str
+    state: str
+    lease_live: bool
+
+
+@dataclass(frozen=True)
+class StorageSnapshot:
+    """One consistent view of a dataset's attempts and of every file its versions reference."""
+
+    attempts: dict[str, AttemptRow]
+    referenced: set[str]
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    dataset: str
+    partitions: int
+    rows: int
+    bytes: int
+    versions: int  # committed versions over all partitions, superseded ones included
+    latest_commit: str | None
+
+
+@dataclass(frozen=True)
+class PartitionSummary:
+    """A partition's current version, without its file list (discovery)."""
+
+    dataset: str
+    partition_key: str
+    version: int
+    rows: int
+    bytes: int
+    committed_at: datetime
+
+
+def version_record(row: sa.Row[Any]) -> VersionRecord:
+    return VersionRecord(
+        dataset=row.dataset,
+        partition_key=row.partition_key,
+        version=row.version,
+        attempt_id=str(row.attempt_id),
+        commit_mode=row.commit_mode,
+        schema_version=row.schema_version,
+        manifest=Manifest.from_dict(row.manifest),
+    )
