@@ -1,19 +1,9 @@
-"""Which datasets a token may read, what they hold, and which committed files a query sees.
+"""What the datasets a token may read hold, and which committed files a query sees.
 
-Who may read a dataset (the one rule, applied to every path and id):
-
-- **public**: every dataset the registry declares `public` (the raw chain datasets and the
-  derived ones, `trace_resources.registry`, with their declared descriptions) and every dataset
-  an operator published with `trace public add NAME` (table `trace_query_public_datasets`);
-- **owned by an organisation**: a dataset named `org_<org>__<name>` (for example
-  `org_acme__wallet_labels`) belongs to organisation `<org>` and to nobody else; org ids are
-  lowercase letters and digits in words joined by single underscores, so the name says its
-  owner unambiguously and no registration can hand it to another organisation;
-- everything else is internal to the platform and not served.
-
-A token narrows this further (see `tokens.py`): to its listed datasets, and for task tokens to
-the listed partitions. A dataset a token may not read is reported exactly like one that does
-not exist.
+Who may read a dataset is decided once, for every path and id, by
+`trace_resources.storage.access.readable_datasets` (public datasets, the organisation's own
+`org_<org>__<name>` ones, narrowed by the token to its datasets and a task token's partitions).
+A dataset a token may not read is reported exactly like one that does not exist.
 
 Files come only from committed manifests: the current version of each partition, or the
 versions a request pins (directly or through a snapshot id returned by an earlier query).
@@ -43,16 +33,15 @@ from trace_query_api.errors import (
     UnknownDatasetError,
 )
 from trace_query_api.files import FileCache
-from trace_query_api.tokens import DATASET_PATTERN, Principal
 from trace_resources.chain.schemas import RAW_SCHEMAS
 from trace_resources.registry import arrow_schema as declared_schema
-from trace_resources.registry import declarations, public_declared
+from trace_resources.registry import declarations
+from trace_resources.storage import access
 from trace_resources.storage import state as t
 from trace_resources.storage.versions import FileEntry, VersionStore
+from trace_resources.tokens import Principal
 
 __all__ = [
-    "OWNED_PATTERN",
-    "owner_of",
     "Catalog",
     "Resolution",
     "Pins",
@@ -60,15 +49,8 @@ __all__ = [
     "PartitionInfo",
 ]
 
-OWNED_PATTERN = re.compile(r"^org_(?P<org>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)__[a-z0-9][a-z0-9_]*$")
 Pins = dict[str, dict[str, int]]  # dataset -> partition key -> version
 _SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def owner_of(dataset: str) -> str | None:
-    """The organisation owning a dataset by its name, or None."""
-    match = OWNED_PATTERN.match(dataset)
-    return match.group("org") if match else None
 
 
 @dataclass(frozen=True)
@@ -124,67 +106,35 @@ class Catalog:
         self._stored_snapshots: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    # -- the access rule -------------------------------------------------------------------
-
-    def public_datasets(self, conn: sa.Connection) -> dict[str, str | None]:
-        """Public datasets and their descriptions."""
-        published = dict(
-            conn.execute(sa.select(db.public_datasets.c.dataset, db.public_datasets.c.description))
-            .tuples()
-            .all()
-        )
-        return {**published, **public_declared()}
+    # -- access and discovery ----------------------------------------------------------------
 
     def readable(
-        self, principal: Principal, dataset: str, public: Mapping[str, str | None] | None
-    ) -> bool:
-        """May this token read `dataset`? (`public`: as from public_datasets, or None to look
-        it up only when the name is neither raw nor owned.)"""
-        if not DATASET_PATTERN.match(dataset) or not principal.scope_allows(dataset):
-            return False
-        if dataset in public_declared() or owner_of(dataset) == principal.org:
-            return True
-        if public is None:
-            with self.engine.connect() as conn:
-                return self._is_published(conn, dataset)
-        return dataset in public
-
-    @staticmethod
-    def _is_published(conn: sa.Connection, dataset: str) -> bool:
-        return (
-            conn.execute(
-                sa.select(sa.literal(1)).where(db.public_datasets.c.dataset == dataset)
-            ).first()
-            is not None
-        )
+        self, principal: Principal, among: Iterable[str] | None = None
+    ) -> dict[str, access.ReadableDataset]:
+        """The datasets this token may read (of `among`, if given)."""
+        with self.engine.connect() as conn:
+            return access.readable_datasets(conn, principal.org, principal, among=among)
 
     def require_readable(self, principal: Principal, names: Iterable[str]) -> None:
-        for name in sorted(names):
-            if not self.readable(principal, name, None):
+        names = sorted(set(names))
+        readable = self.readable(principal, names)
+        for name in names:
+            if name not in readable:
                 raise UnknownDatasetError(name)
-
-    # -- discovery -------------------------------------------------------------------------
 
     def list_datasets(self, principal: Principal) -> list[DatasetInfo]:
         with self.engine.connect() as conn:
-            public = self.public_datasets(conn)
-            committed = conn.execute(sa.select(t.datasets.c.name)).scalars().all()
-            names = sorted(
-                {n for n in [*committed, *public] if self.readable(principal, n, public)}
-            )
-            partitions = self._partitions(conn, principal, names)
-        return [self._info(name, public, partitions.get(name, [])) for name in names]
+            readable = access.readable_datasets(conn, principal.org, principal)
+            partitions = self._partitions(conn, readable)
+        return [_info(r, partitions.get(name, [])) for name, r in readable.items()]
 
     def dataset(self, principal: Principal, name: str) -> DatasetInfo:
         with self.engine.connect() as conn:
-            public = self.public_datasets(conn)
-            if not self.readable(principal, name, public):
+            readable = access.readable_datasets(conn, principal.org, principal, among=[name])
+            if name not in readable:
                 raise UnknownDatasetError(name)
-            partitions = self._partitions(conn, principal, [name]).get(name, [])
-            known = conn.execute(sa.select(sa.literal(1)).where(t.datasets.c.name == name)).first()
-        if known is None and name not in public:
-            raise UnknownDatasetError(name)
-        return self._info(name, public, partitions)
+            partitions = self._partitions(conn, readable).get(name, [])
+        return _info(readable[name], partitions)
 
     def columns(self, name: str) -> list[dict[str, Any]]:
         """Columns with type, nullability and documentation (from the schema registry, and
@@ -227,9 +177,11 @@ class Catalog:
             return None
         return self.files.schema(FileEntry(**manifest[0]))
 
+    @staticmethod
     def _partitions(
-        self, conn: sa.Connection, principal: Principal, names: list[str]
+        conn: sa.Connection, readable: Mapping[str, access.ReadableDataset]
     ) -> dict[str, list[PartitionInfo]]:
+        names = sorted(readable)
         if not names:
             return {}
         rows = conn.execute(
@@ -252,22 +204,13 @@ class Catalog:
         )
         found: dict[str, list[PartitionInfo]] = {}
         for r in rows:
-            allowed = principal.partitions_for(r.dataset)
+            allowed = readable[r.dataset].partitions
             if allowed is not None and r.partition_key not in allowed:
                 continue
             found.setdefault(r.dataset, []).append(
                 PartitionInfo(r.partition_key, r.version, r.row_count, r.byte_count, r.created_at)
             )
         return found
-
-    @staticmethod
-    def _info(
-        name: str, public: Mapping[str, str | None], partitions: list[PartitionInfo]
-    ) -> DatasetInfo:
-        owner = owner_of(name)
-        if name in public:
-            return DatasetInfo(name, public[name], "public", owner, partitions)
-        return DatasetInfo(name, None, "org", owner, partitions)
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -441,6 +384,11 @@ class Catalog:
                 code="unknown_snapshot",
             )
         return row.versions, row.created_at
+
+
+def _info(readable: access.ReadableDataset, partitions: list[PartitionInfo]) -> DatasetInfo:
+    visibility = "public" if readable.public else "org"
+    return DatasetInfo(readable.name, readable.description, visibility, readable.owner, partitions)
 
 
 def _add(

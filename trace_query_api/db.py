@@ -1,8 +1,7 @@
 """The query service's own tables in Postgres state (created by the service, next to the
-version store's tables, which it only reads).
+version store's tables, which it only reads; the published datasets and revoked tokens are
+`trace_resources.storage.access`'s).
 
-    trace_query_revoked_tokens   token ids refused from now on (`trace token revoke`)
-    trace_query_public_datasets  datasets published to every organisation (`trace public add`)
     trace_query_snapshots        the dataset versions a query read, to re-run it on the same data
     trace_query_saved_queries    queries shared within an organisation
     trace_query_exports          asynchronous export jobs and where their result lies
@@ -21,8 +20,6 @@ from trace_resources.storage.state import engine_for
 
 __all__ = [
     "metadata",
-    "revoked_tokens",
-    "public_datasets",
     "snapshots",
     "saved_queries",
     "exports",
@@ -32,22 +29,6 @@ __all__ = [
 
 metadata = sa.MetaData()
 _now = sa.func.now()
-
-revoked_tokens = sa.Table(
-    "trace_query_revoked_tokens",
-    metadata,
-    sa.Column("jti", sa.Text, primary_key=True),
-    sa.Column("reason", sa.Text, nullable=True),
-    sa.Column("revoked_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-)
-
-public_datasets = sa.Table(
-    "trace_query_public_datasets",
-    metadata,
-    sa.Column("dataset", sa.Text, primary_key=True),
-    sa.Column("description", sa.Text, nullable=True),
-    sa.Column("published_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-)
 
 snapshots = sa.Table(
     "trace_query_snapshots",

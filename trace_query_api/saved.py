@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from trace_query_api import db
 from trace_query_api.errors import ConflictError, ForbiddenError, NotFoundError
-from trace_query_api.tokens import Principal
+from trace_resources.tokens import Principal
 
 __all__ = ["SavedQueries"]
 
