@@ -117,7 +117,7 @@ def published(conn: sa.Connection, among: Iterable[str] | None = None) -> dict[s
     query = sa.select(table.c.dataset, table.c.description).order_by(table.c.dataset)
     if among is not None:
         query = query.where(table.c.dataset.in_(sorted(set(among))))
-    return dict(conn.execute(query).tuples().all())
+    return {name: description for name, description in conn.execute(query)}
 
 
 def public_datasets(conn: sa.Connection) -> dict[str, str | None]:
@@ -201,9 +201,7 @@ def _published_and_committed(
         committed_query = committed_query.where(committed.c.name.in_(sorted(wanted)))
     published_rows: dict[str, str | None] = {}
     committed_names: set[str] = set()
-    for name, description, is_published in conn.execute(
-        sa.union_all(pub_query, committed_query)
-    ).tuples():
+    for name, description, is_published in conn.execute(sa.union_all(pub_query, committed_query)):
         if is_published:
             published_rows[name] = description
         else:
