@@ -112,8 +112,7 @@ class Catalog:
         self, principal: Principal, among: Iterable[str] | None = None
     ) -> dict[str, access.ReadableDataset]:
         """The datasets this token may read (of `among`, if given)."""
-        with self.engine.connect() as conn:
-            return access.readable_datasets(conn, principal.org, principal, among=among)
+        return access.readable_datasets(self.engine, principal.org, principal, among=among)
 
     def require_readable(self, principal: Principal, names: Iterable[str]) -> None:
         names = sorted(set(names))

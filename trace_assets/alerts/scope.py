@@ -51,8 +51,7 @@ class AlertScope:
 
     def readable(self, org: str) -> set[str]:
         if org not in self._by_org:
-            with engine_for(self.state_dsn).connect() as conn:
-                self._by_org[org] = set(readable_datasets(conn, org))
+            self._by_org[org] = set(readable_datasets(engine_for(self.state_dsn), org))
         return self._by_org[org]
 
     def refusals(self, rule: AlertRule) -> list[str]:

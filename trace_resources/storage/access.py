@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -144,7 +144,7 @@ class ReadableDataset:
 
 
 def readable_datasets(
-    conn: sa.Connection,
+    db: sa.Engine | sa.Connection,
     org: str,
     principal: Principal | None = None,
     *,
@@ -152,26 +152,24 @@ def readable_datasets(
 ) -> dict[str, ReadableDataset]:
     """The datasets organisation `org` may read, narrowed to what `principal` (a token of
     `org`) may read, by name. `among` limits the answer to those names (a query's tables),
-    which spares the lookup of every committed dataset; names outside the rule cost no SQL."""
+    which spares the lookup of every committed dataset; names the rule decides alone (declared
+    public, or not dataset names) cost no SQL, and given an engine no connection either."""
     if principal is not None and principal.org != org:
         raise ValueError(f"a token of {principal.org!r} does not read for {org!r}")
     wanted = None if among is None else {n for n in among if _may_name(principal, n)}
     declared = public_declared()
-    public, committed = _published_and_committed(conn, wanted, declared)
+    public, committed = _published_and_committed(db, wanted, declared)
     public = {**public, **declared}
-    names = (wanted or set()) if wanted is not None else set(public) | committed
+    names = wanted if wanted is not None else set(public) | committed
     readable: dict[str, ReadableDataset] = {}
     for name in sorted(names):
         if not _may_name(principal, name):
             continue
+        partitions = principal.partitions_for(name) if principal is not None else None
         if name in public:
-            readable[name] = ReadableDataset(name, True, public[name])
+            readable[name] = ReadableDataset(name, True, public[name], partitions)
         elif name in committed and owner_of(name) == org:
-            readable[name] = ReadableDataset(name, False, None)
-        else:
-            continue
-        if principal is not None:
-            readable[name] = replace(readable[name], partitions=principal.partitions_for(name))
+            readable[name] = ReadableDataset(name, False, None, partitions)
     return readable
 
 
@@ -183,7 +181,7 @@ def _may_name(principal: Principal | None, name: str) -> bool:
 
 
 def _published_and_committed(
-    conn: sa.Connection, wanted: set[str] | None, declared: dict[str, str]
+    db: sa.Engine | sa.Connection, wanted: set[str] | None, declared: dict[str, str]
 ) -> tuple[dict[str, str | None], set[str]]:
     """Published datasets and committed dataset names (of `wanted`), in one round trip; none
     when every wanted name is declared public."""
@@ -201,7 +199,13 @@ def _published_and_committed(
         committed_query = committed_query.where(committed.c.name.in_(sorted(wanted)))
     published_rows: dict[str, str | None] = {}
     committed_names: set[str] = set()
-    for name, description, is_published in conn.execute(sa.union_all(pub_query, committed_query)):
+    query = sa.union_all(pub_query, committed_query)
+    if isinstance(db, sa.Engine):
+        with db.connect() as conn:
+            rows = conn.execute(query).all()
+    else:
+        rows = db.execute(query).all()
+    for name, description, is_published in rows:
         if is_published:
             published_rows[name] = description
         else:
