@@ -32,7 +32,8 @@ declaration sets it to false), so the extra clause granted nothing the rule does
 gone, and a token narrowed to some datasets may now alert only on those. The built-in rule
 kinds are the platform's own and are not checked against this rule (only custom SQL is); an
 organisation's own dataset that was never committed does not exist, for the query service as
-for alerts.
+for alerts. Table names in SQL are identifiers, which SQL compares case-insensitively: the
+query service and custom SQL conditions both read `FROM BLOCKS` as the dataset `blocks`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ __all__ = [
     "ReadableDataset",
     "is_revoked",
     "owner_of",
-    "public_datasets",
     "publish",
     "published",
     "readable_datasets",
@@ -118,12 +118,6 @@ def published(conn: sa.Connection, among: Iterable[str] | None = None) -> dict[s
     if among is not None:
         query = query.where(table.c.dataset.in_(sorted(set(among))))
     return {name: description for name, description in conn.execute(query)}
-
-
-def public_datasets(conn: sa.Connection) -> dict[str, str | None]:
-    """Every public dataset (declared and published) with its description (the declared one
-    wins)."""
-    return {**published(conn), **public_declared()}
 
 
 # -- the rule ------------------------------------------------------------------------------
