@@ -85,10 +85,11 @@ bench-query: install ## query service (uvicorn) vs DuckDB directly on the same f
 bench-alerts: install ## alert latency finalized block -> webhook (Dagster daemon), sink throughput
 	$(PYTHON) -m infra.bench.alerts
 
-lint: install ## ruff check, ruff format --check, mypy
+lint: install ## ruff check, ruff format --check, mypy, import layering (lint-imports)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy trace_resources trace_query_api
+	$(dir $(PYTHON))lint-imports
 
 clean-local: services-down ## stop the services and delete .local/
 	rm -rf $(LOCAL_ROOT)

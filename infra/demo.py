@@ -247,8 +247,8 @@ def query_client(root: Path) -> Iterator[httpx.Client]:
     """The query service (uvicorn on a free loopback port) and a client with a token of
     organisation 'demo' that may also manage the org's alert rules."""
     from infra.local.query_service import QueryServer
-    from trace_query_api.tokens import Keyring, issue_token
     from trace_resources.settings import get_query_settings
+    from trace_resources.tokens import Keyring, issue_token
 
     settings = get_query_settings()
     token, _ = issue_token(

@@ -210,8 +210,8 @@ def _token_partitions(values: list[str], datasets: list[str]) -> dict[str, list[
 
 
 def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_query_api.tokens import Keyring, issue_token
     from trace_resources.settings import get_query_settings
+    from trace_resources.tokens import Keyring, issue_token
 
     query_settings = get_query_settings()
     token, claims = issue_token(
@@ -235,16 +235,16 @@ def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_query_api.db import query_db
-    from trace_query_api.tokens import revoke_token
+    from trace_resources.storage.access import revoke_token
+    from trace_resources.storage.state import engine_for
 
-    fresh = revoke_token(query_db(settings.state_dsn), args.jti, args.reason)
+    fresh = revoke_token(engine_for(settings.state_dsn), args.jti, args.reason)
     sys.stdout.write(f"token {args.jti} {'revoked' if fresh else 'was already revoked'}\n")
     return 0
 
 
 def cmd_token_keygen(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_query_api.tokens import generate_key
+    from trace_resources.tokens import generate_key
 
     entry, public = generate_key(args.kid, args.alg)
     sys.stdout.write(entry + "\n")
@@ -258,30 +258,18 @@ def cmd_token_keygen(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_public(settings: Settings, args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from trace_resources.storage import access
+    from trace_resources.storage.state import engine_for
 
-    from trace_query_api import db
-
-    engine = db.query_db(settings.state_dsn)
-    table = db.public_datasets
-    with engine.begin() as conn:
+    with engine_for(settings.state_dsn).begin() as conn:
         if args.action == "add":
-            conn.execute(
-                pg_insert(table)
-                .values(dataset=args.dataset, description=args.description)
-                .on_conflict_do_update(
-                    index_elements=["dataset"], set_={"description": args.description}
-                )
-            )
+            access.publish(conn, args.dataset, args.description)
             sys.stdout.write(f"{args.dataset} is readable by every organisation\n")
         elif args.action == "remove":
-            conn.execute(table.delete().where(table.c.dataset == args.dataset))
+            access.unpublish(conn, args.dataset)
             sys.stdout.write(f"{args.dataset} is no longer public\n")
         else:
-            for name, description in conn.execute(
-                sa.select(table.c.dataset, table.c.description).order_by(table.c.dataset)
-            ):
+            for name, description in access.published(conn).items():
                 sys.stdout.write(f"{name}\t{description or ''}\n")
     return 0
 

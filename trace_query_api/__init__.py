@@ -1,11 +1,13 @@
 """Trace's query service: organisation-scoped reads over committed datasets.
 
 Follow a request in this order: `app.py` (the FastAPI app) → `api/deps.py` (token, revocation,
-rate limits) → `api/routes/` → `services.py` (the query path) → `catalog.py` (who may read
-what; the committed files of a query) → `files.py` (Arrow data from manifests) → `engine.py`
-(the locked DuckDB sandbox) → `encode.py` (JSON, CSV, Arrow IPC). Tokens: `tokens.py`;
-exports: `exports.py`; saved queries: `saved.py`; the service's tables: `db.py` and, with
-their SQL, `trace_resources/storage/` (snapshots, saved queries, exports, rate limits).
+rate limits) → `api/routes/` → `services.py` (the query path) → `catalog.py` (what a token may
+read, the committed files of a query) → `files.py` (Arrow data from manifests) → `engine.py`
+(the locked DuckDB sandbox) → `encode.py` (JSON, CSV, Arrow IPC). Token verification:
+`tokens.py` (issuing is `trace_resources.tokens`); who may read what is
+`trace_resources.storage.access`; exports: `exports.py`; saved queries: `saved.py`. The
+service's tables and all their SQL are in `trace_resources/storage/` (snapshots, saved
+queries, exports, rate limits, access).
 
 Imports only `trace_resources` among Trace's packages.
 """

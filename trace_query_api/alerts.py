@@ -9,12 +9,10 @@ Everything is scoped to the token's organisation: another organisation's rule re
 found, and its alerts are never listed. Secrets stay in the store: responses carry the
 declaration through its pydantic model, which writes a secret as `**********`.
 
-A custom SQL condition may read only what the token may read in the query service (the raw
-chain datasets, published ones, the organisation's own; narrowed to the token's `datasets`)
-plus the alert datasets (`erc20_transfers`, `native_transfers`), the same rule the CLI applies
-(`trace_assets.alerts.scope`), except that a dataset declared in the registry but never
-committed is not yet readable here. As everywhere in the service, a dataset the organisation
-may not read is reported exactly like one that does not exist.
+A custom SQL condition may read only what the token may read in the query service: the one rule
+of `trace_resources.storage.access.readable_datasets`, which the alert evaluation and the CLI
+apply too. As everywhere in the service, a dataset the organisation may not read is reported
+exactly like one that does not exist.
 """
 
 from __future__ import annotations
@@ -41,16 +39,15 @@ from trace_query_api.errors import (
     UnavailableError,
 )
 from trace_query_api.models import SECRET_MASK, AlertRuleCreate, AlertRuleUpdate
-from trace_query_api.tokens import Principal
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.rules import (
-    ALERT_DATASETS,
     AlertRule,
     CustomSql,
     RuleError,
     RuleStore,
     StoredRule,
 )
+from trace_resources.tokens import Principal
 
 __all__ = ["AlertService", "RuleVersion", "AlertsPage", "public_rule"]
 
@@ -170,24 +167,13 @@ class AlertService:
         if not isinstance(cond, CustomSql) or not rule.enabled:
             return
         tables = cond.tables()
-        with self.catalog.engine.connect() as conn:
-            public = self.catalog.public_datasets(conn)
-            committed = set(self.catalog.read.committed_dataset_names(tables, conn))
-        refused = [
-            name
-            for name in tables
-            if name not in ALERT_DATASETS
-            and not (
-                self.catalog.readable(principal, name, public)
-                and (name in committed or name in public)
-            )
-        ]
+        readable = self.catalog.readable(principal, tables)
+        refused = [name for name in tables if name not in readable]
         if refused:
             names = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in refused)
             raise BadRequestError(
                 f"condition.custom_sql.sql: reads {names}: no dataset of that name is available "
-                "to this token; GET /v1/datasets lists the datasets it may read (and alert "
-                f"conditions may also read {', '.join(ALERT_DATASETS)})",
+                "to this token; GET /v1/datasets lists the datasets it may read",
                 code="invalid_rule",
                 details=[
                     {

@@ -1,19 +1,9 @@
-"""Which datasets a token may read, what they hold, and which committed files a query sees.
+"""What the datasets a token may read hold, and which committed files a query sees.
 
-Who may read a dataset (the one rule, applied to every path and id):
-
-- **public**: every dataset the registry declares `public` (the raw chain datasets and the
-  derived ones, `trace_resources.registry`, with their declared descriptions) and every dataset
-  an operator published with `trace public add NAME` (table `trace_query_public_datasets`);
-- **owned by an organisation**: a dataset named `org_<org>__<name>` (for example
-  `org_acme__wallet_labels`) belongs to organisation `<org>` and to nobody else; org ids are
-  lowercase letters and digits in words joined by single underscores, so the name says its
-  owner unambiguously and no registration can hand it to another organisation;
-- everything else is internal to the platform and not served.
-
-A token narrows this further (see `tokens.py`): to its listed datasets, and for task tokens to
-the listed partitions. A dataset a token may not read is reported exactly like one that does
-not exist.
+Who may read a dataset is decided once, for every path and id, by
+`trace_resources.storage.access.readable_datasets` (public datasets, the organisation's own
+`org_<org>__<name>` ones, narrowed by the token to its datasets and a task token's partitions).
+A dataset a token may not read is reported exactly like one that does not exist.
 
 Files come only from committed manifests: the current version of each partition, or the
 versions a request pins (directly or through a snapshot id returned by an earlier query).
@@ -34,7 +24,6 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 
-from trace_query_api import db
 from trace_query_api.errors import (
     BadRequestError,
     GoneError,
@@ -42,18 +31,16 @@ from trace_query_api.errors import (
     UnknownDatasetError,
 )
 from trace_query_api.files import FileCache
-from trace_query_api.tokens import DATASET_PATTERN, Principal
 from trace_resources.chain.schemas import RAW_SCHEMAS
 from trace_resources.registry import arrow_schema as declared_schema
-from trace_resources.registry import declarations, public_declared
-from trace_resources.storage import snapshots
+from trace_resources.registry import declarations
+from trace_resources.storage import access, snapshots
 from trace_resources.storage.read_model import CommittedFiles, ReadModel
 from trace_resources.storage.records import FileEntry
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.tokens import Principal
 
 __all__ = [
-    "OWNED_PATTERN",
-    "owner_of",
     "Catalog",
     "Resolution",
     "Pins",
@@ -61,15 +48,8 @@ __all__ = [
     "PartitionInfo",
 ]
 
-OWNED_PATTERN = re.compile(r"^org_(?P<org>[a-z][a-z0-9]*(?:_[a-z0-9]+)*)__[a-z0-9][a-z0-9_]*$")
 Pins = dict[str, dict[str, int]]  # dataset -> partition key -> version
 _SNAPSHOT_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def owner_of(dataset: str) -> str | None:
-    """The organisation owning a dataset by its name, or None."""
-    match = OWNED_PATTERN.match(dataset)
-    return match.group("org") if match else None
 
 
 @dataclass(frozen=True)
@@ -126,67 +106,34 @@ class Catalog:
         self._stored_snapshots: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    # -- the access rule -------------------------------------------------------------------
-
-    def public_datasets(self, conn: sa.Connection) -> dict[str, str | None]:
-        """Public datasets and their descriptions."""
-        published = dict(
-            conn.execute(sa.select(db.public_datasets.c.dataset, db.public_datasets.c.description))
-            .tuples()
-            .all()
-        )
-        return {**published, **public_declared()}
+    # -- access and discovery ----------------------------------------------------------------
 
     def readable(
-        self, principal: Principal, dataset: str, public: Mapping[str, str | None] | None
-    ) -> bool:
-        """May this token read `dataset`? (`public`: as from public_datasets, or None to look
-        it up only when the name is neither raw nor owned.)"""
-        if not DATASET_PATTERN.match(dataset) or not principal.scope_allows(dataset):
-            return False
-        if dataset in public_declared() or owner_of(dataset) == principal.org:
-            return True
-        if public is None:
-            with self.engine.connect() as conn:
-                return self._is_published(conn, dataset)
-        return dataset in public
-
-    @staticmethod
-    def _is_published(conn: sa.Connection, dataset: str) -> bool:
-        return (
-            conn.execute(
-                sa.select(sa.literal(1)).where(db.public_datasets.c.dataset == dataset)
-            ).first()
-            is not None
-        )
+        self, principal: Principal, among: Iterable[str] | None = None
+    ) -> dict[str, access.ReadableDataset]:
+        """The datasets this token may read (of `among`, if given)."""
+        return access.readable_datasets(self.engine, principal.org, principal, among=among)
 
     def require_readable(self, principal: Principal, names: Iterable[str]) -> None:
-        for name in sorted(names):
-            if not self.readable(principal, name, None):
+        names = sorted(set(names))
+        readable = self.readable(principal, names)
+        for name in names:
+            if name not in readable:
                 raise UnknownDatasetError(name)
-
-    # -- discovery -------------------------------------------------------------------------
 
     def list_datasets(self, principal: Principal) -> list[DatasetInfo]:
         with self.engine.connect() as conn:
-            public = self.public_datasets(conn)
-            committed = self.read.committed_dataset_names(conn=conn)
-            names = sorted(
-                {n for n in [*committed, *public] if self.readable(principal, n, public)}
-            )
-            partitions = self._partitions(conn, principal, names)
-        return [self._info(name, public, partitions.get(name, [])) for name in names]
+            readable = access.readable_datasets(conn, principal.org, principal)
+            partitions = self._partitions(conn, readable)
+        return [_info(r, partitions.get(name, [])) for name, r in readable.items()]
 
     def dataset(self, principal: Principal, name: str) -> DatasetInfo:
         with self.engine.connect() as conn:
-            public = self.public_datasets(conn)
-            if not self.readable(principal, name, public):
+            readable = access.readable_datasets(conn, principal.org, principal, among=[name])
+            if name not in readable:
                 raise UnknownDatasetError(name)
-            partitions = self._partitions(conn, principal, [name]).get(name, [])
-            known = self.read.is_committed(name, conn)
-        if not known and name not in public:
-            raise UnknownDatasetError(name)
-        return self._info(name, public, partitions)
+            partitions = self._partitions(conn, readable).get(name, [])
+        return _info(readable[name], partitions)
 
     def columns(self, name: str) -> list[dict[str, Any]]:
         """Columns with type, nullability and documentation (from the schema registry, and
@@ -220,26 +167,17 @@ class Catalog:
         return self.files.schema(files[0])
 
     def _partitions(
-        self, conn: sa.Connection, principal: Principal, names: list[str]
+        self, conn: sa.Connection, readable: Mapping[str, access.ReadableDataset]
     ) -> dict[str, list[PartitionInfo]]:
         found: dict[str, list[PartitionInfo]] = {}
-        for r in self.read.partition_summaries(names, conn):
-            allowed = principal.partitions_for(r.dataset)
+        for r in self.read.partition_summaries(sorted(readable), conn):
+            allowed = readable[r.dataset].partitions
             if allowed is not None and r.partition_key not in allowed:
                 continue
             found.setdefault(r.dataset, []).append(
                 PartitionInfo(r.partition_key, r.version, r.rows, r.bytes, r.committed_at)
             )
         return found
-
-    @staticmethod
-    def _info(
-        name: str, public: Mapping[str, str | None], partitions: list[PartitionInfo]
-    ) -> DatasetInfo:
-        owner = owner_of(name)
-        if name in public:
-            return DatasetInfo(name, public[name], "public", owner, partitions)
-        return DatasetInfo(name, None, "org", owner, partitions)
 
     # -- resolution --------------------------------------------------------------------------
 
@@ -366,6 +304,11 @@ class Catalog:
                 code="unknown_snapshot",
             )
         return found.versions, found.created_at
+
+
+def _info(readable: access.ReadableDataset, partitions: list[PartitionInfo]) -> DatasetInfo:
+    visibility = "public" if readable.public else "org"
+    return DatasetInfo(readable.name, readable.description, visibility, readable.owner, partitions)
 
 
 def _add(out: Resolution, committed: list[CommittedFiles]) -> None:

@@ -1,12 +1,8 @@
-"""The query service's tables in Postgres state (created by the service, next to the
-version store's tables, which it only reads).
+"""The query service's engine on Postgres state.
 
-    trace_query_revoked_tokens   token ids refused from now on (`trace token revoke`)
-    trace_query_public_datasets  datasets published to every organisation (`trace public add`)
-
-The service's other tables are defined, with all their SQL, in `trace_resources.storage`:
-snapshots (`snapshots.py`), saved queries (`saved_queries.py`), export jobs (`exports.py`) and
-rate-limit buckets (`rate_limits.py`); `query_db` creates them too.
+The service's tables are defined, with all their SQL, in `trace_resources.storage`: published
+datasets and revoked tokens (`access.py`), snapshots (`snapshots.py`), saved queries
+(`saved_queries.py`), export jobs (`exports.py`) and rate-limit buckets (`rate_limits.py`).
 """
 
 from __future__ import annotations
@@ -15,50 +11,20 @@ import functools
 
 import sqlalchemy as sa
 
-from trace_resources.storage import exports, rate_limits, saved_queries, snapshots, state
-from trace_resources.storage.state import engine_for
+from trace_resources.storage import access, exports, rate_limits, saved_queries, snapshots, state
 
-__all__ = [
-    "metadata",
-    "revoked_tokens",
-    "public_datasets",
-    "query_db",
-]
+__all__ = ["query_db"]
 
-metadata = sa.MetaData()
-_now = sa.func.now()
-
-revoked_tokens = sa.Table(
-    "trace_query_revoked_tokens",
-    metadata,
-    sa.Column("jti", sa.Text, primary_key=True),
-    sa.Column("reason", sa.Text, nullable=True),
-    sa.Column("revoked_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-)
-
-public_datasets = sa.Table(
-    "trace_query_public_datasets",
-    metadata,
-    sa.Column("dataset", sa.Text, primary_key=True),
-    sa.Column("description", sa.Text, nullable=True),
-    sa.Column("published_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
-)
-
-_STORAGE_TABLES = [
-    snapshots.snapshots,
-    saved_queries.saved_queries,
-    exports.exports,
-    rate_limits.rate_buckets,
-]
+# the modules that define the service's tables on `state.metadata`
+_TABLE_MODULES = (access, exports, rate_limits, saved_queries, snapshots)
 
 
 @functools.cache
 def query_db(dsn: str) -> sa.Engine:
     """The pooled engine of Postgres state, with the version store's and our tables created."""
-    engine = engine_for(dsn)
+    engine = state.engine_for(dsn)
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110004)"))
-        metadata.create_all(conn, checkfirst=True)
         # `engine_for` may have created the state tables before these modules were imported
-        state.metadata.create_all(conn, tables=_STORAGE_TABLES, checkfirst=True)
+        state.metadata.create_all(conn, checkfirst=True)
     return engine

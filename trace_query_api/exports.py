@@ -41,7 +41,7 @@ from trace_query_api.engine import Sandbox, SandboxSession
 from trace_query_api.errors import ApiError, ForbiddenError, NotFoundError, ResourceLimitError
 from trace_query_api.files import FileCache
 from trace_query_api.metrics import Metrics
-from trace_query_api.tokens import Principal
+from trace_resources.tokens import Principal
 
 if TYPE_CHECKING:
     from trace_query_api.services import Plan

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from trace_query_api.errors import AuthError, RateLimitedError
-from trace_query_api.tokens import Principal
 from trace_resources.storage.rate_limits import Bucket, admit, retry_after_s
+from trace_resources.tokens import Principal
 
 __all__ = ["RateLimits"]
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from trace_query_api.engine import MAX_SQL_CHARS
-from trace_query_api.tokens import DATASET_PATTERN, ORG_PATTERN, PARTITION_PATTERN
 from trace_resources.alert_pipeline.rules import AlertRule
+from trace_resources.tokens import DATASET_PATTERN, ORG_PATTERN, PARTITION_PATTERN
 
 __all__ = [
     "DatasetName",

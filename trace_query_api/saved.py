@@ -14,9 +14,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from trace_query_api.errors import ConflictError, ForbiddenError, NotFoundError
-from trace_query_api.tokens import Principal
 from trace_resources.storage import saved_queries as store
 from trace_resources.storage.saved_queries import SavedQuery
+from trace_resources.tokens import Principal
 
 __all__ = ["SavedQueries"]
 

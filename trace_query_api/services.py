@@ -34,13 +34,14 @@ from trace_query_api.limits import RateLimits
 from trace_query_api.metrics import Metrics
 from trace_query_api.models import ExportRequest
 from trace_query_api.saved import SavedQueries
-from trace_query_api.tokens import Keyring, Principal, TokenVerifier
+from trace_query_api.tokens import TokenVerifier
 from trace_resources.alert_pipeline import tables as alert_tables
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.tokens import Keyring, Principal
 
 __all__ = ["Services", "Plan", "PageResult", "bucket"]
 

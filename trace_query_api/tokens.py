@@ -1,339 +1,25 @@
-"""Capability tokens: JWTs that carry an organisation, a subject and what it may read.
+"""The query service's side of capability tokens: verifying a bearer token into a `Principal`.
 
-    header  {"alg": "HS256" | "EdDSA", "kid": KEY_ID, "typ": "JWT"}
-    claims  {"iss", "aud", "sub", "iat", "exp", "jti",          all required
-             "org": "acme",
-             "scope": {"kind": "org" | "task",
-                       "task": "nightly-rollup",                  task tokens only
-                       "datasets": ["blocks", ...] | null,        null: all the org may read
-                       "partitions": {"blocks": ["000000000000-000000000049"]} | null,
-                       "capabilities": ["alerts:manage"]}}              org tokens only; optional
-
-An *org token* reads the public datasets and its organisation's own (optionally narrowed to
-`datasets`), and its organisation's alert rules and alerts; a *task token* reads only its listed
-datasets and, where `partitions` names a dataset, only those partitions of it. Ownership itself
-is decided by `access.py`, never by the token: a token can narrow what its organisation may
-read, not widen it.
-
-Capabilities grant an org token more than reading. There is one: `alerts:manage` creates,
-updates and disables the organisation's alert rules through the service (`trace token issue
---capability alerts:manage`); a token without it reads rules and alerts but changes nothing.
-
-Keys live in a keyring (`TRACE_QUERY_TOKEN_KEYS`): each has a key id written into the token
-header, so a new key can sign while the old one still verifies the tokens it signed (rotation).
-The verifier accepts exactly the algorithm of the key the `kid` names, never the algorithm a
-token asks for.
+The tokens themselves (claims, keyring, issuing) are `trace_resources.tokens`, shared with the
+`trace` CLI; whether a token was revoked is answered at admission (`limits.py`).
 """
 
 from __future__ import annotations
 
-import base64
-import re
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import jwt
-import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from pydantic import ValidationError
 
-from trace_query_api import db
 from trace_query_api.errors import AuthError
-from trace_resources.errors import ConfigError
 from trace_resources.settings import QuerySettings
+from trace_resources.tokens import (
+    REQUIRED_CLAIMS,
+    Claims,
+    Keyring,
+    Principal,
+    validation_message,
+)
 
-__all__ = [
-    "ORG_PATTERN",
-    "DATASET_PATTERN",
-    "PARTITION_PATTERN",
-    "Algorithm",
-    "Capability",
-    "CAPABILITIES",
-    "TokenKey",
-    "Keyring",
-    "Principal",
-    "TokenVerifier",
-    "issue_token",
-    "generate_key",
-    "revoke_token",
-    "is_revoked",
-]
-
-Algorithm = Literal["HS256", "EdDSA"]
-Capability = Literal["alerts:manage"]
-CAPABILITIES: tuple[Capability, ...] = ("alerts:manage",)
-ORG_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
-DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
-PARTITION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
-_KID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MIN_HMAC_BYTES = 32
-REQUIRED_CLAIMS = ["iss", "aud", "sub", "iat", "exp", "jti"]
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-@dataclass(frozen=True)
-class TokenKey:
-    """One key of the keyring. `signing_key` is None for verify-only (public) keys."""
-
-    kid: str
-    algorithm: Algorithm
-    signing_key: str | Ed25519PrivateKey | None
-    verifying_key: str | Ed25519PublicKey
-
-
-class Keyring:
-    """The keys that verify tokens, and the one that signs new ones."""
-
-    def __init__(self, keys: list[TokenKey], signing_kid: str | None = None) -> None:
-        if not keys:
-            raise ConfigError("TRACE_QUERY_TOKEN_KEYS holds no key: add `KID:HS256:<secret>`")
-        self.keys = {k.kid: k for k in keys}
-        if len(self.keys) != len(keys):
-            raise ConfigError("TRACE_QUERY_TOKEN_KEYS names a key id twice; key ids are unique")
-        self.signing_kid = signing_kid
-        if signing_kid is not None:
-            key = self.keys.get(signing_kid)
-            if key is None or key.signing_key is None:
-                raise ConfigError(
-                    f"TRACE_QUERY_TOKEN_SIGNING_KID={signing_kid!r} names no key of "
-                    "TRACE_QUERY_TOKEN_KEYS that can sign (public keys only verify)"
-                )
-
-    @classmethod
-    def parse(cls, spec: str, signing_kid: str | None = None) -> Keyring:
-        """Parse `KID:ALG:MATERIAL[,KID:ALG:MATERIAL...]` (see QuerySettings)."""
-        keys = [_parse_key(item.strip()) for item in spec.split(",") if item.strip()]
-        return cls(keys, signing_kid)
-
-    @classmethod
-    def from_settings(cls, settings: QuerySettings) -> Keyring:
-        return cls.parse(
-            settings.query_token_keys.get_secret_value(), settings.query_token_signing_kid
-        )
-
-    def signer(self) -> TokenKey:
-        if self.signing_kid is not None:
-            return self.keys[self.signing_kid]
-        for key in self.keys.values():
-            if key.signing_key is not None:
-                return key
-        raise ConfigError(
-            "no key of TRACE_QUERY_TOKEN_KEYS can sign (only EdDSA-public keys): tokens are "
-            "issued where the private key is configured"
-        )
-
-    def get(self, kid: str) -> TokenKey | None:
-        return self.keys.get(kid)
-
-
-def _parse_key(item: str) -> TokenKey:
-    parts = item.split(":", 2)
-    if len(parts) != 3 or not _KID_PATTERN.match(parts[0]):
-        raise ConfigError(
-            "each entry of TRACE_QUERY_TOKEN_KEYS is `KID:ALG:MATERIAL` with a key id of "
-            f"letters, digits, '.', '_' or '-', e.g. `k1:HS256:<secret>`; got {item[:12]!r}..."
-        )
-    kid, algorithm, material = parts
-    if algorithm == "HS256":
-        if len(material.encode()) < MIN_HMAC_BYTES:
-            raise ConfigError(
-                f"the HS256 secret of key {kid!r} is shorter than {MIN_HMAC_BYTES} bytes; "
-                "generate one with `trace token keygen --kid KID`"
-            )
-        return TokenKey(kid, "HS256", material, material)
-    try:
-        raw = _b64decode(material)
-        if algorithm == "EdDSA":
-            private = Ed25519PrivateKey.from_private_bytes(raw)
-            return TokenKey(kid, "EdDSA", private, private.public_key())
-        if algorithm == "EdDSA-public":
-            return TokenKey(kid, "EdDSA", None, Ed25519PublicKey.from_public_bytes(raw))
-    except ValueError as exc:
-        raise ConfigError(
-            f"key {kid!r} of TRACE_QUERY_TOKEN_KEYS is not a base64url 32-byte Ed25519 key: {exc}"
-        ) from None
-    raise ConfigError(
-        f"key {kid!r} of TRACE_QUERY_TOKEN_KEYS has algorithm {algorithm!r}; use HS256, "
-        "EdDSA (private key) or EdDSA-public (verify only)"
-    )
-
-
-def generate_key(kid: str, algorithm: Algorithm) -> tuple[str, str | None]:
-    """A new keyring entry and, for EdDSA, the verify-only entry to give to other services."""
-    if algorithm == "HS256":
-        return f"{kid}:HS256:{_b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes)}", None
-    private = Ed25519PrivateKey.generate()
-    seed = private.private_bytes_raw()
-    public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return f"{kid}:EdDSA:{_b64encode(seed)}", f"{kid}:EdDSA-public:{_b64encode(public)}"
-
-
-class Scope(BaseModel):
-    """The `scope` claim."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["org", "task"]
-    task: str | None = Field(None, min_length=1, max_length=200)
-    datasets: list[str] | None = Field(None, max_length=200)
-    partitions: dict[str, list[str]] | None = None
-    capabilities: list[Capability] | None = Field(None, max_length=len(CAPABILITIES))
-
-    @field_validator("datasets")
-    @classmethod
-    def _dataset_names(cls, value: list[str] | None) -> list[str] | None:
-        for name in value or []:
-            if not DATASET_PATTERN.match(name):
-                raise ValueError(f"not a dataset name: {name!r}")
-        return value
-
-    @field_validator("partitions")
-    @classmethod
-    def _partition_keys(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        for name, keys in (value or {}).items():
-            if not DATASET_PATTERN.match(name):
-                raise ValueError(f"not a dataset name: {name!r}")
-            for key in keys:
-                if not PARTITION_PATTERN.match(key):
-                    raise ValueError(f"not a partition key: {key!r}")
-        return value
-
-
-class Claims(BaseModel):
-    """What the service reads from a verified token (registered claims checked by PyJWT)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    sub: str = Field(min_length=1, max_length=200)
-    org: str = Field(min_length=1, max_length=40, pattern=ORG_PATTERN.pattern)
-    jti: str = Field(min_length=1, max_length=100)
-    iat: int
-    exp: int
-    scope: Scope
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is asking, and what the token narrows them to."""
-
-    org: str
-    subject: str
-    kind: Literal["org", "task"]
-    jti: str
-    expires_at: int
-    task: str | None = None
-    datasets: frozenset[str] | None = None  # None: everything the org may read
-    partitions: dict[str, frozenset[str]] | None = None
-    capabilities: frozenset[str] = frozenset()
-
-    @property
-    def is_task(self) -> bool:
-        return self.kind == "task"
-
-    def can(self, capability: Capability) -> bool:
-        return capability in self.capabilities
-
-    def scope_allows(self, dataset: str) -> bool:
-        return self.datasets is None or dataset in self.datasets
-
-    def partitions_for(self, dataset: str) -> frozenset[str] | None:
-        """The partitions of `dataset` this token may read (None: all)."""
-        if self.partitions is None:
-            return None
-        return self.partitions.get(dataset)
-
-    @classmethod
-    def from_claims(cls, claims: Claims) -> Principal:
-        scope = claims.scope
-        return cls(
-            org=claims.org,
-            subject=claims.sub,
-            kind=scope.kind,
-            jti=claims.jti,
-            expires_at=claims.exp,
-            task=scope.task,
-            datasets=None if scope.datasets is None else frozenset(scope.datasets),
-            partitions=None
-            if scope.partitions is None
-            else {k: frozenset(v) for k, v in scope.partitions.items()},
-            capabilities=frozenset(scope.capabilities or ()),
-        )
-
-
-def issue_token(
-    keyring: Keyring,
-    settings: QuerySettings,
-    *,
-    org: str,
-    subject: str,
-    datasets: list[str] | None = None,
-    ttl_s: int | None = None,
-    task: str | None = None,
-    partitions: dict[str, list[str]] | None = None,
-    capabilities: list[str] | None = None,
-    now: int | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """Sign a token; returns it and its claims. Task tokens must list their datasets and carry
-    no capabilities."""
-    ttl = settings.query_token_default_ttl_s if ttl_s is None else ttl_s
-    if not 0 < ttl <= settings.query_token_max_ttl_s:
-        raise ConfigError(
-            f"--ttl must be between 1 and {settings.query_token_max_ttl_s} seconds "
-            "(TRACE_QUERY_TOKEN_MAX_TTL_S)"
-        )
-    if task is not None and not datasets:
-        raise ConfigError("a task token reads only its listed datasets: give --dataset")
-    if partitions and task is None:
-        raise ConfigError("--partition narrows a task token: give --task too")
-    if partitions and datasets and not set(partitions) <= set(datasets):
-        raise ConfigError("--partition DATASET:KEY names a dataset missing from --dataset")
-    for capability in capabilities or ():
-        if capability not in CAPABILITIES:
-            raise ConfigError(
-                f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}"
-            )
-    if capabilities and task is not None:
-        raise ConfigError("a task token only reads: capabilities go on org tokens (no --task)")
-    issued = int(time.time()) if now is None else now
-    scope = Scope(
-        kind="task" if task is not None else "org",
-        task=task,
-        datasets=sorted(set(datasets)) if datasets else None,
-        partitions=partitions or None,
-        capabilities=sorted(set(capabilities)) if capabilities else None,
-    )
-    claims: dict[str, Any] = {
-        "iss": settings.query_token_issuer,
-        "aud": settings.query_token_audience,
-        "sub": subject,
-        "org": org,
-        "iat": issued,
-        "exp": issued + ttl,
-        "jti": str(uuid.uuid4()),
-        "scope": scope.model_dump(exclude_none=True),
-    }
-    try:
-        Claims.model_validate(claims)
-    except ValidationError as exc:
-        raise ConfigError(f"cannot issue this token: {_first_error(exc)}") from None
-    key = keyring.signer()
-    assert key.signing_key is not None  # signer() returns only keys that sign
-    token = jwt.encode(claims, key.signing_key, algorithm=key.algorithm, headers={"kid": key.kid})
-    return token, claims
+__all__ = ["TokenVerifier"]
 
 
 class TokenVerifier:
@@ -384,7 +70,9 @@ class TokenVerifier:
         try:
             claims = Claims.model_validate(payload)
         except ValidationError as exc:
-            raise AuthError(f"the token's claims are malformed: {_first_error(exc)}") from None
+            raise AuthError(
+                f"the token's claims are malformed: {validation_message(exc)}"
+            ) from None
         if claims.exp - claims.iat > self.max_ttl:
             raise AuthError(
                 f"the token lives longer than the {self.max_ttl} s this service accepts"
@@ -396,28 +84,3 @@ class TokenVerifier:
         if claims.scope.kind == "task" and claims.scope.capabilities:
             raise AuthError("only org tokens carry capabilities")
         return Principal.from_claims(claims)
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg']}" if where else str(error["msg"])
-
-
-def revoke_token(engine: sa.Engine, jti: str, reason: str | None = None) -> bool:
-    """Refuse a token id from now on; False if it was already revoked."""
-    with engine.begin() as conn:
-        inserted = conn.execute(
-            pg_insert(db.revoked_tokens)
-            .values(jti=jti, reason=reason)
-            .on_conflict_do_nothing()
-            .returning(db.revoked_tokens.c.jti)
-        ).first()
-    return inserted is not None
-
-
-def is_revoked(conn: sa.Connection, jti: str) -> bool:
-    return (
-        conn.execute(sa.select(sa.literal(1)).where(db.revoked_tokens.c.jti == jti)).first()
-        is not None
-    )

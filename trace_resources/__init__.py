@@ -1,0 +1,6 @@
+"""Trace's resources and state: settings, the chain (RPC, cryo extraction, verification), the
+storage (object store, Postgres state, the commit protocol, the read model, the access rule),
+capability tokens, the dataset registry, the alert pipeline and the Dagster instance plug-ins.
+
+The bottom layer: imports no other trace_* package (checked by import-linter, `make lint`).
+"""

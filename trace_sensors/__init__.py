@@ -1,0 +1,6 @@
+"""Dagster sensors: the chain head (adds block-range partitions and requests their runs,
+`chain_head.py`) and the outbox relay and automation (`outbox.py`).
+
+May import `trace_resources` only: what a sensor needs from the assets (partitions, asset
+keys) is passed to its builder by `trace_assets.definitions`.
+"""

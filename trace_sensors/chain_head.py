@@ -2,7 +2,9 @@
 
 Nothing past `finalized` is ever requested. The cursor is the last block already covered, so a
 restarted daemon resumes where it stopped; ranges are requested in runs of up to
-MAX_PARTITIONS_PER_RUN so a catch-up of hundreds of ranges is not hundreds of runs.
+`RangeRuns.max_partitions_per_run` so a catch-up of hundreds of ranges is not hundreds of runs.
+What the sensor needs from the assets (the block-range partitions, the raw asset keys, the run
+size) is handed to `build_chain_head_sensor` by `trace_assets.definitions` as a `RangeRuns`.
 
 Latency (finalized block -> alert, `make bench-alerts`): one run per tick materialises the raw
 datasets of the new ranges AND everything partitioned by block range downstream of them (the
@@ -15,6 +17,8 @@ further); an evaluation that finds no new range watches the head for up to
 """
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
@@ -25,8 +29,6 @@ from dagster._core.storage.tags import (
     SENSOR_NAME_TAG,
 )
 
-from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
-from trace_assets.raw.chain import RAW_ASSET_KEYS
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange, complete_ranges
 from trace_resources.failures import as_dagster_failure
@@ -35,7 +37,7 @@ from trace_resources.resources import ChainResource
 from trace_resources.settings import get_settings
 
 __all__ = [
-    "chain_head_sensor",
+    "RangeRuns",
     "build_chain_head_sensor",
     "plan_new_ranges",
     "MAX_RANGES_PER_TICK",
@@ -45,6 +47,16 @@ __all__ = [
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
 MAX_RANGES_PER_TICK = 1_000
+
+
+@dataclass(frozen=True)
+class RangeRuns:
+    """What the sensor's runs are made of, from the assets: the dynamic partitions of block
+    ranges, the raw assets that extract a range, and how many ranges one run takes."""
+
+    partitions: dg.DynamicPartitionsDefinition
+    raw_asset_keys: Sequence[dg.AssetKey]
+    max_partitions_per_run: int
 
 
 def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list[BlockRange]:
@@ -64,29 +76,32 @@ _WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 IN_PROCESS: dict[str, object] = {"execution": {"config": {"in_process": {}}}}
 
 
-def range_asset_keys(asset_graph: object | None, downstream: bool = True) -> list[dg.AssetKey]:
+def range_asset_keys(
+    runs: RangeRuns, asset_graph: object | None, downstream: bool = True
+) -> list[dg.AssetKey]:
     """What a run of new ranges materialises: the raw datasets and, with `downstream`, every
     asset partitioned by block range that depends on them (derived datasets, alert
     evaluations) in the code location's asset graph."""
-    keys = list(RAW_ASSET_KEYS)
+    keys = list(runs.raw_asset_keys)
     if not downstream or asset_graph is None:
         return keys
     graph: BaseAssetGraph = asset_graph  # type: ignore[assignment]
-    below = dg.AssetSelection.assets(*RAW_ASSET_KEYS).downstream().resolve(graph)
+    below = dg.AssetSelection.assets(*runs.raw_asset_keys).downstream().resolve(graph)
     for key in sorted(below - set(keys), key=lambda k: k.to_user_string()):
         node = graph.get(key)
-        if node.is_materializable and node.partitions_def == block_ranges:
+        if node.is_materializable and node.partitions_def == runs.partitions:
             keys.append(key)
     return keys
 
 
 def run_requests_for(
-    ranges: list[BlockRange], asset_keys: list[dg.AssetKey] | None = None
+    runs: RangeRuns, ranges: list[BlockRange], asset_keys: list[dg.AssetKey] | None = None
 ) -> list[dg.RunRequest]:
-    selection = asset_keys or list(RAW_ASSET_KEYS)
+    selection = asset_keys or list(runs.raw_asset_keys)
+    size = runs.max_partitions_per_run
     requests = []
-    for offset in range(0, len(ranges), MAX_PARTITIONS_PER_RUN):
-        chunk = ranges[offset : offset + MAX_PARTITIONS_PER_RUN]
+    for offset in range(0, len(ranges), size):
+        chunk = ranges[offset : offset + size]
         first, last = chunk[0].key, chunk[-1].key
         if len(chunk) == 1:
             requests.append(
@@ -116,7 +131,7 @@ def run_requests_for(
 
 
 def _evaluate(
-    context: dg.SensorEvaluationContext, chain: ChainResource
+    runs: RangeRuns, context: dg.SensorEvaluationContext, chain: ChainResource
 ) -> dg.SensorResult | dg.SkipReason:
     """Request the ranges completed past the cursor, watching the head for a while if none.
 
@@ -131,7 +146,7 @@ def _evaluate(
         client = chain.client()
         try:
             while True:
-                outcome = _look(context, chain, client, settings.chain_head_downstream)
+                outcome = _look(runs, context, chain, client, settings.chain_head_downstream)
                 if isinstance(outcome, dg.SensorResult):
                     return outcome
                 if time.monotonic() + settings.chain_head_poll_s > deadline:
@@ -142,6 +157,7 @@ def _evaluate(
 
 
 def _look(
+    runs: RangeRuns,
     context: dg.SensorEvaluationContext,
     chain: ChainResource,
     client: ChainClient,
@@ -161,34 +177,38 @@ def _look(
             f"no complete range past block {context.cursor or -1}; "
             f"finalized head is {head.finalized}"
         )
-    existing = set(context.instance.get_dynamic_partitions(block_ranges.name or ""))
+    existing = set(context.instance.get_dynamic_partitions(runs.partitions.name or ""))
     new_keys = [r.key for r in ranges if r.key not in existing]
     repository = context.repository_def
     asset_keys = range_asset_keys(
-        repository.asset_graph if repository is not None else None, downstream
+        runs, repository.asset_graph if repository is not None else None, downstream
     )
+    adds = [runs.partitions.build_add_request(new_keys)] if new_keys else []
     return dg.SensorResult(
-        run_requests=run_requests_for(ranges, asset_keys),
-        dynamic_partitions_requests=[block_ranges.build_add_request(new_keys)] if new_keys else [],
+        run_requests=run_requests_for(runs, ranges, asset_keys),
+        dynamic_partitions_requests=adds,
         cursor=str(ranges[-1].last),
     )
 
 
 def build_chain_head_sensor(
-    running: bool = True, interval_s: int | None = None
+    runs: RangeRuns, running: bool = True, interval_s: int | None = None
 ) -> dg.SensorDefinition:
     """The sensor, on by default; `TRACE_SENSORS_RUNNING=false` starts it stopped. It ticks
     every `interval_s` (default `TRACE_CHAIN_HEAD_INTERVAL_S`)."""
+
+    def chain_head_sensor(
+        context: dg.SensorEvaluationContext, chain: ChainResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        return _evaluate(runs, context, chain)
+
     return dg.sensor(
         name=SENSOR_NAME,
         description="Adds block-range partitions up to the finalized head and requests their "
         "runs: raw datasets, then the derived datasets and alert evaluations of the same ranges.",
-        asset_selection=dg.AssetSelection.assets(*RAW_ASSET_KEYS).downstream(),
+        asset_selection=dg.AssetSelection.assets(*runs.raw_asset_keys).downstream(),
         minimum_interval_seconds=interval_s or get_settings().chain_head_interval_s,
         default_status=(
             dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
         ),
-    )(_evaluate)
-
-
-chain_head_sensor = build_chain_head_sensor()
+    )(chain_head_sensor)

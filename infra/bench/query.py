@@ -37,13 +37,13 @@ from infra.local.services import AnvilNode, PostgresServer, free_port
 from trace_assets.definitions import build_resources
 from trace_assets.partitions import add_finalized_partitions
 from trace_assets.raw.chain import raw_chain
-from trace_query_api.tokens import Keyring, generate_key, issue_token
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import local_store
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.tokens import Keyring, generate_key, issue_token
 
 SMALL = "SELECT block_number, transaction_count, gas_used FROM blocks WHERE block_number = 1234"
 QUERIES = {

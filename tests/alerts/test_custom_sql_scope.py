@@ -1,6 +1,7 @@
 """Custom SQL conditions see, for the evaluated range, every dataset their organisation may
-read (the query service's rule: raw datasets, published ones, its own `org_<org>__*`; plus
-the alert datasets) — and are refused, naming the table, when they read anything else."""
+read (the one rule of `trace_resources.storage.access`: declared public datasets, published
+ones, its own `org_<org>__*`) — and are refused, naming the table, when they read anything
+else."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ import yaml
 from tests.alerts.conftest import SECRET
 from tests.derived.conftest import Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.alerts.assets import alert_evaluations
-from trace_assets.alerts.scope import scope_check
+from trace_assets.alerts.scope import AlertScope, scope_check
 from trace_assets.cli import main as trace_cli
 from trace_resources.alert_pipeline.queue import SqsBuffer
 from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.alert_pipeline.rules import RuleError, RuleStore, parse_rule
 from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
+from trace_resources.storage.access import readable_datasets
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.paths import UNPARTITIONED
+from trace_resources.storage.state import engine_for
+from trace_resources.tokens import Principal
 
 HOOK = {"kind": "webhook", "name": "h", "url": "http://127.0.0.1:9/", "secret": SECRET}
 BLOCKS_WITH_TRANSFERS = (
@@ -172,3 +176,42 @@ def test_evaluation_reads_the_datasets_the_condition_names(
             "native_transfers": current["native_transfers"],
             "org_acme__watch": watch.version.version,
         }
+
+
+def test_a_condition_reads_nothing_its_organisations_token_may_not(
+    cli_env: Env, engine: sa.Engine
+) -> None:
+    """The store check and the evaluation (`AlertScope.refusals`) admit exactly the datasets a
+    plain token of the organisation reads in the query service (`readable_datasets`)."""
+    env = cli_env
+    table = pa.table({"address": pa.array([b"\x11" * 20], pa.binary())})
+    with env.state.writer(env.objects) as writer:
+        for name in ("org_acme__watch", "org_beta__labels", "platform_internal"):
+            writer.write(name, UNPARTITIONED, PartitionData(table))
+    token = Principal(org="acme", subject="alice", kind="org", jti="j", expires_at=0)
+    with engine_for(env.settings.state_dsn).connect() as conn:
+        token_reads = readable_datasets(conn, "acme", token)
+    candidates = [
+        *declarations(),
+        "org_acme__watch",
+        "org_acme__never_committed",
+        "org_beta__labels",
+        "ORG_BETA__LABELS",
+        "org_acme___watch",
+        "platform_internal",
+        "no_such_dataset",
+    ]
+    store = RuleStore(engine, check=scope_check(env.settings.state_dsn))
+    scope = AlertScope(env.settings.state_dsn)
+    admitted = set()
+    for i, name in enumerate(candidates):
+        rule = sql_rule(f"token-{i}", f'SELECT * FROM "{name}"')
+        try:
+            store.create(rule)
+            admitted.add(name.lower())
+        except RuleError:
+            assert store.get("acme", f"token-{i}") is None
+        refused = scope.refusals(rule)
+        assert refused == ([] if name.lower() in token_reads else [name.lower()])
+    assert admitted == {n.lower() for n in candidates} & set(token_reads)
+    assert admitted == {*declarations(), "org_acme__watch"}

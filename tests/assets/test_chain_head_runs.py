@@ -8,10 +8,10 @@ from dagster._core.storage.tags import PRIORITY_TAG, SENSOR_NAME_TAG
 from dagster._core.utils import make_new_run_id
 
 from tests.conftest import Devnet
-from trace_assets.definitions import build_definitions, build_resources
+from trace_assets.definitions import build_definitions, build_resources, chain_head_sensor
 from trace_resources.instance.run_coordinator import FAST_LANE_TAG
 from trace_resources.settings import Settings
-from trace_sensors.chain_head import IN_PROCESS, SENSOR_NAME, chain_head_sensor
+from trace_sensors.chain_head import IN_PROCESS, SENSOR_NAME
 
 
 def _context(

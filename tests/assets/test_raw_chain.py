@@ -19,14 +19,13 @@ from dagster._core.storage.tags import (
 )
 
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
-from trace_assets.definitions import build_definitions, build_resources
+from trace_assets.definitions import build_definitions, build_resources, chain_head_sensor
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.chain.schemas import RAW_SCHEMAS
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
-from trace_sensors.chain_head import chain_head_sensor
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -32,7 +32,6 @@ from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import MotoS3Server, PostgresServer
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
 from tests.utils.dagster_runs import materialize_keys
-from trace_query_api.tokens import Keyring, generate_key, issue_token
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetWriter, PartitionData
@@ -40,6 +39,7 @@ from trace_resources.storage.object_store import ObjectStore, local_store, s3_st
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.tokens import Keyring, generate_key, issue_token
 
 RANGES = 4
 SECRET = "globex-secret-value-7f3a"

@@ -21,13 +21,13 @@ import sqlalchemy as sa
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import free_port
 from tests.query.conftest import Tokens, World, bearer
-from trace_query_api.tokens import issue_token
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.delivery import Deliverer, DeliveryPolicy
 from trace_resources.alert_pipeline.queue import BufferMessage
 from trace_resources.alert_pipeline.rules import RuleStore
 from trace_resources.alert_pipeline.sink import upsert_messages
 from trace_resources.errors import ConfigError
+from trace_resources.tokens import issue_token
 
 HOOK_SECRET = "webhook-secret-never-returned-0123"
 SMTP_PASSWORD = "smtp-password-never-returned"

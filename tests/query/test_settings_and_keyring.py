@@ -6,9 +6,9 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from trace_query_api.tokens import Keyring, generate_key, issue_token
 from trace_resources.errors import ConfigError
 from trace_resources.settings import QuerySettings
+from trace_resources.tokens import Keyring, generate_key, issue_token
 
 
 def test_prod_refuses_the_development_placeholders() -> None:

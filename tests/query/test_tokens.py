@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.query.conftest import Tokens, World, bearer
-from trace_query_api.tokens import revoke_token
+from trace_resources.storage.access import revoke_token
 from trace_resources.storage.state import engine_for
 
 SQL = "SELECT count(*) FROM blocks"

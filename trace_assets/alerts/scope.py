@@ -1,17 +1,12 @@
 """Which datasets an organisation's alert conditions may read, and loading them for a range.
 
-The access rule is the query service's (`trace_query_api.catalog`), applied to the datasets a
-condition can be evaluated over:
+The access rule is Trace's one rule (`trace_resources.storage.access.readable_datasets`, the
+query service's too), for the organisation without a token: the public datasets (declared in
+the registry, `trace_assets/datasets/*.yaml`, or published with `trace public add`) and the
+organisation's own committed datasets, named `org_<org>__<name>`. The alert datasets
+`erc20_transfers` and `native_transfers` are declared public, so every organisation reads them.
 
-- the raw chain datasets (`blocks`, `transactions`, `logs`) and every dataset published with
-  `trace public add` (table `trace_query_public_datasets` in Postgres state);
-- the organisation's own datasets, named `org_<org>__<name>`;
-- and, for alerts only, the alert datasets `erc20_transfers` and `native_transfers`: every
-  built-in rule kind already alerts on their rows, so a custom SQL condition over them shows
-  an organisation nothing more.
-
-Candidates are the datasets declared in the registry (`trace_assets/datasets/*.yaml`) and the
-committed ones (an organisation's own datasets are committed, not declared). A block-range
+A block-range
 dataset is read for the range being evaluated; an unpartitioned one in its current version.
 
 A custom SQL condition is checked when a rule is stored (`RuleStore(check=…)`, the CLI, the
@@ -28,13 +23,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import sqlalchemy as sa
 
 from trace_resources.alert_pipeline.rules import ALERT_DATASETS, AlertRule, CustomSql, RuleError
-from trace_resources.registry import arrow_schema, declarations, public_declared
-from trace_resources.storage import state as t
+from trace_resources.registry import arrow_schema, declarations
+from trace_resources.storage.access import readable_datasets
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.paths import UNPARTITIONED
+from trace_resources.storage.state import engine_for
 
 __all__ = ["AlertScope", "RangeTables", "load_range", "referenced", "scope_check"]
 
@@ -52,34 +47,11 @@ class AlertScope:
     """The datasets each organisation may read, looked up once per organisation."""
 
     state_dsn: str
-    _public: set[str] | None = None
-    _committed: set[str] | None = None
     _by_org: dict[str, set[str]] = field(default_factory=dict)
-
-    def _load(self) -> None:
-        from trace_query_api import db
-
-        engine = db.query_db(self.state_dsn)
-        with engine.connect() as conn:
-            self._public = set(conn.execute(sa.select(db.public_datasets.c.dataset)).scalars())
-            self._committed = set(conn.execute(sa.select(t.datasets.c.name)).scalars())
 
     def readable(self, org: str) -> set[str]:
         if org not in self._by_org:
-            from trace_query_api.catalog import owner_of
-
-            if self._public is None or self._committed is None:
-                self._load()
-            assert self._public is not None and self._committed is not None
-            candidates = set(declarations()) | self._committed
-            self._by_org[org] = {
-                name
-                for name in candidates
-                if name in ALERT_DATASETS
-                or name in public_declared()
-                or name in self._public
-                or owner_of(name) == org
-            }
+            self._by_org[org] = set(readable_datasets(engine_for(self.state_dsn), org))
         return self._by_org[org]
 
     def refusals(self, rule: AlertRule) -> list[str]:

@@ -1,1 +1,5 @@
-"""The HTTP API: dependencies (`deps.py`) and routes (`routes/`)."""
+"""The HTTP API: dependencies (`deps.py`: token, organisation, admission) and routes
+(`routes/`), thin over `trace_query_api.services`.
+
+May import `trace_query_api` and `trace_resources` modules; no other trace_* package.
+"""

@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from trace_query_api.errors import ApiError, AuthError, ForbiddenError
 from trace_query_api.services import Services
-from trace_query_api.tokens import Principal
+from trace_resources.tokens import Principal
 
 __all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser", "AlertManager"]
 

@@ -118,13 +118,15 @@ class CustomSql(_Strict):
 
 
 def _referenced_tables(sql: str) -> list[str]:
-    """Table names a statement reads, parsed by DuckDB in a sandbox (no file or network
-    access, so a table function such as read_csv can not touch anything while parsing)."""
+    """Dataset names a statement reads, parsed by DuckDB in a sandbox (no file or network
+    access, so a table function such as read_csv can not touch anything while parsing).
+    Identifiers are case-insensitive in SQL, so `BLOCKS` names `blocks`, as in the query
+    service."""
     import duckdb
 
     conn = duckdb.connect(config={"enable_external_access": False, "threads": 1})
     try:
-        return sorted(conn.get_table_names(sql))
+        return sorted({name.lower() for name in conn.get_table_names(sql)})
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"does not parse as DuckDB SQL: {first}") from None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from trace_resources.storage.access import REVOKED_JTI_EXISTS
 from trace_resources.storage.state import metadata
 
 __all__ = ["rate_buckets", "Bucket", "Admission", "admit", "retry_after_s"]
@@ -32,7 +33,7 @@ rate_buckets = sa.Table(
 )
 
 _ADMIT = sa.text(
-    """
+    f"""
 WITH clock AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now),
 org AS (
     INSERT INTO trace_query_rate_buckets AS b (key, tat)
@@ -53,7 +54,7 @@ usr AS (
     RETURNING 1
 )
 SELECT
-    EXISTS (SELECT 1 FROM trace_query_revoked_tokens WHERE jti = :jti) AS revoked,
+    {REVOKED_JTI_EXISTS} AS revoked,
     EXISTS (SELECT 1 FROM org) AS org_ok,
     EXISTS (SELECT 1 FROM usr) AS user_ok,
     (SELECT now FROM clock) AS now

@@ -193,6 +193,9 @@ def engine_for(dsn: str) -> sa.Engine:
     with _engines_lock:
         engine = _engines.get(dsn)
         if engine is None:
+            # the access tables are defined on this metadata by their owner module
+            from trace_resources.storage import access  # noqa: F401
+
             engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
             with engine.begin() as conn:
                 # serialise first-time DDL between processes that start together
