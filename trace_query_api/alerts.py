@@ -39,25 +39,20 @@ from trace_query_api.errors import (
     UnavailableError,
 )
 from trace_query_api.models import SECRET_MASK, AlertRuleCreate, AlertRuleUpdate
-from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.history import AlertPosition, StoredAlert, list_alerts
 from trace_resources.alert_pipeline.rules import (
     AlertRule,
     CustomSql,
     RuleError,
+    RuleHistoryEntry,
     RuleStore,
-    StoredRule,
+    RuleVersion,
 )
 from trace_resources.tokens import Principal
 
 __all__ = ["AlertService", "RuleVersion", "AlertsPage", "public_rule"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class RuleVersion:
-    stored: StoredRule
-    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -71,7 +66,7 @@ def _encode_cursor(created_at: datetime, dedupe_key: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
 
 
-def _decode_cursor(text: str) -> tuple[datetime, str]:
+def _decode_cursor(text: str) -> AlertPosition:
     try:
         data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
         at = datetime.fromisoformat(data["t"])
@@ -184,61 +179,32 @@ class AlertService:
                 ],
             )
 
-    def _versions(self, org: str, rule_id: str) -> list[dict[str, Any]]:
-        r = t.rules
-        query = (
-            sa.select(r.c.version, r.c.enabled, r.c.created_at, r.c.spec)
-            .where(r.c.org == org, r.c.rule_id == rule_id)
-            .order_by(r.c.version)
-        )
-        with self.engine.connect() as conn:
-            return [dict(row) for row in conn.execute(query).mappings()]
+    def _rules(self) -> RuleStore:
+        return RuleStore(self.engine)
 
     def _get(self, org: str, rule_id: str, version: int | None = None) -> RuleVersion:
-        rows = self._versions(org, rule_id)
-        chosen = [r for r in rows if version is None or r["version"] == version]
-        if not chosen:
-            at = "" if version is None or not rows else f" at version {version}"
+        found = self._rules().get_version(org, rule_id, version)
+        if found is None:
+            other_versions = version is not None and bool(self._rules().history(org, rule_id))
+            at = f" at version {version}" if other_versions else ""
             raise NotFoundError(
                 f"your organisation has no alert rule {rule_id!r}{at}; GET /v1/alerts/rules "
                 "lists them",
                 code="unknown_rule",
             )
-        row = chosen[-1]
-        return RuleVersion(
-            StoredRule(AlertRule.model_validate(row["spec"]), row["version"]), row["created_at"]
-        )
+        return found
 
     def get_rule(
         self, principal: Principal, rule_id: str, version: int | None = None
-    ) -> tuple[RuleVersion, list[dict[str, Any]]]:
-        def work() -> tuple[RuleVersion, list[dict[str, Any]]]:
+    ) -> tuple[RuleVersion, list[RuleHistoryEntry]]:
+        def work() -> tuple[RuleVersion, list[RuleHistoryEntry]]:
             found = self._get(principal.org, rule_id, version)
-            return found, self._versions(principal.org, rule_id)
+            return found, self._rules().history(principal.org, rule_id)
 
         return self._run(work)
 
     def list_rules(self, principal: Principal, enabled: bool | None = None) -> list[RuleVersion]:
-        r = t.rules
-
-        def work() -> list[RuleVersion]:
-            query = (
-                sa.select(r)
-                .where(r.c.org == principal.org)
-                .distinct(r.c.rule_id)
-                .order_by(r.c.rule_id, r.c.version.desc())
-            )
-            with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
-            return [
-                RuleVersion(
-                    StoredRule(AlertRule.model_validate(row.spec), row.version), row.created_at
-                )
-                for row in rows
-                if enabled is None or row.enabled == enabled
-            ]
-
-        return self._run(work)
+        return self._run(lambda: self._rules().in_force(principal.org, enabled=enabled))
 
     def create_rule(self, principal: Principal, body: AlertRuleCreate) -> RuleVersion:
         rule = self._declaration(principal, body, None)
@@ -246,7 +212,7 @@ class AlertService:
         def work() -> RuleVersion:
             self._check_scope(principal, rule)
             try:
-                stored = RuleStore(self.engine).create(rule)
+                stored = self._rules().create(rule)
             except RuleError:
                 raise ConflictError(
                     f"your organisation already has an alert rule {rule.id!r}: PUT "
@@ -263,7 +229,7 @@ class AlertService:
         def work() -> RuleVersion:
             self._get(principal.org, rule_id)  # 404 before anything is written
             self._check_scope(principal, rule)
-            stored = RuleStore(self.engine).update(rule)
+            stored = self._rules().update(rule)
             return self._get(principal.org, rule_id, stored.version)
 
         return self._run(work)
@@ -276,7 +242,7 @@ class AlertService:
             if not current.stored.rule.enabled:
                 return current
             rule = current.stored.rule.model_copy(update={"enabled": False})
-            stored = RuleStore(self.engine).update(rule)
+            stored = self._rules().update(rule)
             return self._get(principal.org, rule_id, stored.version)
 
         return self._run(work)
@@ -293,67 +259,49 @@ class AlertService:
         limit: int,
         cursor: str | None,
     ) -> AlertsPage:
-        a, d = t.alerts, t.deliveries
-        query = sa.select(a).where(a.c.org == principal.org)
-        if rule_id is not None:
-            query = query.where(a.c.destination["rule_id"].astext == rule_id)
-        if kind is not None:
-            query = query.where(a.c.kind == kind)
-        if partition_key is not None:
-            query = query.where(a.c.payload["partition_key"].astext == partition_key)
-        if cursor is not None:
-            at, key = _decode_cursor(cursor)
-            query = query.where(sa.tuple_(a.c.created_at, a.c.dedupe_key) < sa.tuple_(at, key))
-        query = query.order_by(a.c.created_at.desc(), a.c.dedupe_key.desc()).limit(limit + 1)
+        after = None if cursor is None else _decode_cursor(cursor)
 
         def work() -> AlertsPage:
-            with self.engine.connect() as conn:
-                rows = [dict(r) for r in conn.execute(query).mappings()]
-                more = len(rows) > limit
-                rows = rows[:limit]
-                keys = [r["dedupe_key"] for r in rows]
-                deliveries: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-                if keys:
-                    for row in conn.execute(
-                        sa.select(d).where(d.c.dedupe_key.in_(keys)).order_by(d.c.channel)
-                    ).mappings():
-                        deliveries[row["dedupe_key"]].append(dict(row))
-            out = [_public_alert(row, deliveries[row["dedupe_key"]]) for row in rows]
-            last = rows[-1] if rows else None
-            next_cursor = (
-                _encode_cursor(last["created_at"], last["dedupe_key"])
-                if more and last is not None
-                else None
+            page = list_alerts(
+                self.engine,
+                principal.org,
+                rule_id=rule_id,
+                kind=kind,
+                partition_key=partition_key,
+                after=after,
+                limit=limit,
             )
-            return AlertsPage(out, next_cursor)
+            last = page.alerts[-1] if page.alerts else None
+            next_cursor = _encode_cursor(*last.position) if page.more and last else None
+            return AlertsPage([_public_alert(a) for a in page.alerts], next_cursor)
 
         return self._run(work)
 
 
-def _public_alert(row: dict[str, Any], deliveries: list[dict[str, Any]]) -> dict[str, Any]:
-    payload, destination = row["payload"], row["destination"]
+def _public_alert(alert: StoredAlert) -> dict[str, Any]:
+    payload, destination = alert.payload, alert.destination
     version = destination.get("rule_version")
     return {
-        "dedupe_key": row["dedupe_key"],
-        "kind": row["kind"],
+        "dedupe_key": alert.dedupe_key,
+        "kind": alert.kind,
         "rule_id": destination.get("rule_id"),
         "rule_version": version if isinstance(version, int) else None,
         "partition_key": payload.get("partition_key"),
         "text": payload.get("text"),
-        "created_at": row["created_at"],
+        "created_at": alert.created_at,
         "payload": payload,
         "deliveries": [
             {
-                "channel": str(d["channel"]).split("/", 1)[-1],
-                "state": d["state"],
-                "attempts": d["attempts"],
-                "last_error": d["last_error"],
-                "next_attempt_at": d["next_attempt_at"] if d["state"] == "pending" else None,
-                "delivered_at": d["delivered_at"],
-                "dead_at": d["dead_at"],
-                "replays": d["replays"],
+                "channel": d.channel.split("/", 1)[-1],
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "next_attempt_at": d.next_attempt_at if d.state == "pending" else None,
+                "delivered_at": d.delivered_at,
+                "dead_at": d.dead_at,
+                "replays": d.replays,
             }
-            for d in deliveries
+            for d in alert.deliveries
         ],
     }
 

@@ -26,6 +26,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
@@ -51,7 +52,9 @@ __all__ = [
     "SlackChannel",
     "WebhookChannel",
     "RuleError",
+    "RuleHistoryEntry",
     "RuleStore",
+    "RuleVersion",
     "StoredRule",
     "parse_rule",
     "load_rule_file",
@@ -252,6 +255,27 @@ class StoredRule:
         return f"{self.rule.org}/{self.rule.id}@v{self.version}"
 
 
+@dataclass(frozen=True)
+class RuleVersion:
+    """One stored version of a rule and when it was written."""
+
+    stored: StoredRule
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RuleHistoryEntry:
+    """One version of a rule, without its declaration (a rule's history lists many)."""
+
+    version: int
+    enabled: bool
+    created_at: datetime
+
+
+def _rule_version(row: sa.Row[Any]) -> RuleVersion:
+    return RuleVersion(StoredRule(AlertRule.model_validate(row.spec), row.version), row.created_at)
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
@@ -341,16 +365,37 @@ class RuleStore:
         return self.update(current.rule.model_copy(update={"enabled": False}))
 
     def get(self, org: str, rule_id: str, version: int | None = None) -> StoredRule | None:
+        found = self.get_version(org, rule_id, version)
+        return None if found is None else found.stored
+
+    def get_version(self, org: str, rule_id: str, version: int | None = None) -> RuleVersion | None:
+        """The given version of a rule (default: the one in force), or None."""
         query = sa.select(t.rules).where(t.rules.c.org == org, t.rules.c.rule_id == rule_id)
         if version is not None:
             query = query.where(t.rules.c.version == version)
         query = query.order_by(t.rules.c.version.desc()).limit(1)
         with self.engine.connect() as conn:
             row = conn.execute(query).one_or_none()
-        return None if row is None else StoredRule(AlertRule.model_validate(row.spec), row.version)
+        return None if row is None else _rule_version(row)
+
+    def history(self, org: str, rule_id: str) -> list[RuleHistoryEntry]:
+        """Every version of a rule, oldest first (empty for a rule the org does not have)."""
+        r = t.rules
+        query = (
+            sa.select(r.c.version, r.c.enabled, r.c.created_at)
+            .where(r.c.org == org, r.c.rule_id == rule_id)
+            .order_by(r.c.version)
+        )
+        with self.engine.connect() as conn:
+            return [RuleHistoryEntry(*row) for row in conn.execute(query)]
 
     def latest(self, org: str | None = None, *, enabled_only: bool = False) -> list[StoredRule]:
         """The version in force of every rule (of one org), ordered by org and id."""
+        return [v.stored for v in self.in_force(org, enabled=True if enabled_only else None)]
+
+    def in_force(self, org: str | None = None, *, enabled: bool | None = None) -> list[RuleVersion]:
+        """The version in force of every rule (of one org; only enabled or only disabled
+        ones), ordered by org and id."""
         r = t.rules
         newest = (
             sa.select(r.c.org, r.c.rule_id, sa.func.max(r.c.version).label("version"))
@@ -365,11 +410,11 @@ class RuleStore:
         )
         if org is not None:
             query = query.where(r.c.org == org)
-        if enabled_only:
-            query = query.where(r.c.enabled)
+        if enabled is not None:
+            query = query.where(r.c.enabled == enabled)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(r.c.org, r.c.rule_id)).all()
-        return [StoredRule(AlertRule.model_validate(row.spec), row.version) for row in rows]
+        return [_rule_version(row) for row in rows]
 
 
 def describe(rules: Sequence[StoredRule]) -> list[dict[str, Any]]:

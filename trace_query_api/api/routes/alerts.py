@@ -83,11 +83,9 @@ def get_rule(
     found, versions = services.alerts.get_rule(principal, rule_id, version)
     return AlertRuleDetailPublic(
         **public_rule(found),
-        latest_version=versions[-1]["version"],
+        latest_version=versions[-1].version,
         versions=[
-            AlertRuleVersionPublic(
-                version=v["version"], enabled=v["enabled"], created_at=v["created_at"]
-            )
+            AlertRuleVersionPublic(version=v.version, enabled=v.enabled, created_at=v.created_at)
             for v in versions
         ],
     )
