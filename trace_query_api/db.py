@@ -1,4 +1,4 @@
-"""The query service's own tables in Postgres state (created by the service, next to the
+"""The query service's own tables in Postgres state (made by the state migrations, next to the
 version store's tables, which it only reads).
 
     trace_query_revoked_tokens   token ids refused from now on (`trace token revoke`)
@@ -11,8 +11,6 @@ version store's tables, which it only reads).
 """
 
 from __future__ import annotations
-
-import functools
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -103,11 +101,6 @@ rate_buckets = sa.Table(
 )
 
 
-@functools.cache
 def query_db(dsn: str) -> sa.Engine:
-    """The pooled engine of Postgres state, with the version store's and our tables created."""
-    engine = engine_for(dsn)
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110004)"))
-        metadata.create_all(conn, checkfirst=True)
-    return engine
+    """The pooled engine of Postgres state (the version store's and our tables)."""
+    return engine_for(dsn)

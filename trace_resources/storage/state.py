@@ -9,6 +9,8 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from trace_resources.storage.migrations import require_current
+
 __all__ = [
     "metadata",
     "datasets",
@@ -185,15 +187,17 @@ _engines_lock = threading.Lock()
 
 
 def engine_for(dsn: str) -> sa.Engine:
-    """One pooled engine per database per process, with the state tables created."""
+    """One pooled engine per database per process, checked once to be at the head revision
+    (`SchemaNotCurrentError` otherwise: the tables are made by `trace db upgrade`)."""
     with _engines_lock:
         engine = _engines.get(dsn)
         if engine is None:
             engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-            with engine.begin() as conn:
-                # serialise first-time DDL between processes that start together
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110001)"))
-                metadata.create_all(conn, checkfirst=True)
+            try:
+                require_current(engine, "state")
+            except BaseException:
+                engine.dispose()
+                raise
             _engines[dsn] = engine
     return engine
 
