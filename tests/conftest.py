@@ -16,7 +16,13 @@ import boto3
 import pytest
 
 from infra.devnet.generate import GENESIS_TIMESTAMP, GenerationSummary, generate
-from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
+from infra.local.services import (
+    TRACE_SCHEMAS,
+    AnvilNode,
+    MotoS3Server,
+    PostgresServer,
+    free_port,
+)
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
 from trace_resources.storage import migrations
@@ -47,6 +53,7 @@ def postgres(services_root: Path) -> Iterator[PostgresServer]:
     server = PostgresServer(services_root / "pg", free_port())
     server.start()
     server.ensure_databases(("dagster", "trace_state", "trace_data"))
+    server.migrate(TRACE_SCHEMAS)
     try:
         yield server
     finally:
