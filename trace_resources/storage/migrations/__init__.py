@@ -59,13 +59,13 @@ def _context(conn: sa.Connection, **opts: object) -> MigrationContext:
     return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, **opts})
 
 
-def upgrade(dsn: str, database: Database = "state") -> str:
-    """Bring the database at `dsn` to the head revision, in one transaction; safe to repeat and
-    to run from several processes at once. Returns the head revision."""
+def upgrade(dsn: str, database: Database = "state", revision: str = "head") -> str:
+    """Bring the database at `dsn` to `revision` (default: the head), in one transaction; safe
+    to repeat and to run from several processes at once. Returns the revision."""
     scripts = _scripts(database)
 
-    def steps(revision: object, _context: MigrationContext) -> Iterable[RevisionStep]:
-        return scripts._upgrade_revs("head", revision)  # type: ignore[arg-type]
+    def steps(current: object, _context: MigrationContext) -> Iterable[RevisionStep]:
+        return scripts._upgrade_revs(revision, current)  # type: ignore[arg-type]
 
     engine = sa.create_engine(dsn, poolclass=sa.NullPool)
     try:
@@ -78,7 +78,7 @@ def upgrade(dsn: str, database: Database = "state") -> str:
                 context.run_migrations()
     finally:
         engine.dispose()
-    return head(database)
+    return head(database) if revision == "head" else revision
 
 
 def current(dsn: str) -> str | None:
