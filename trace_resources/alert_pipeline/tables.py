@@ -14,7 +14,7 @@ import functools
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from trace_resources.storage.migrations import require_current
+from trace_resources.storage.migrations import open_engine
 
 __all__ = ["metadata", "rules", "alerts", "deliveries", "channels", "data_engine"]
 
@@ -76,10 +76,4 @@ channels = sa.Table(
 def data_engine(dsn: str) -> sa.Engine:
     """One pooled engine per data database per process, checked once to be at the head
     revision (`SchemaNotCurrentError` otherwise: the tables are made by `trace db upgrade`)."""
-    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-    try:
-        require_current(engine, "data")
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+    return open_engine(dsn, "data")

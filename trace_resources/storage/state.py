@@ -9,7 +9,7 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
-from trace_resources.storage.migrations import require_current
+from trace_resources.storage.migrations import open_engine
 
 __all__ = [
     "metadata",
@@ -192,12 +192,7 @@ def engine_for(dsn: str) -> sa.Engine:
     with _engines_lock:
         engine = _engines.get(dsn)
         if engine is None:
-            engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-            try:
-                require_current(engine, "state")
-            except BaseException:
-                engine.dispose()
-                raise
+            engine = open_engine(dsn, "state")
             _engines[dsn] = engine
     return engine
 

@@ -4,9 +4,9 @@
     data/   revisions of Postgres data: alert rules, alerts, deliveries, channels, the ledger
 
 `upgrade(dsn, database)` brings a database to the head revision (what `trace db upgrade` and
-`make services-up` run); `current(dsn, database)` says which revision a database is at;
-`require_current(engine, database)` is the one-query check every engine makes when it is
-created, so that code never runs on a schema it does not know.
+`make services-up` run); `current(dsn)` says which revision a database is at;
+`require_current(engine, database)` is the one-query check that `open_engine`, and so every
+engine of Trace, makes when it is created: code never runs on a schema it does not know.
 
 A new revision is a file in state/ or data/ with `revision`, `down_revision` (the previous
 head) and an `upgrade()` written in explicit `op.*` DDL: revisions are frozen history and never
@@ -28,7 +28,15 @@ from alembic.script import ScriptDirectory
 
 from trace_resources.errors import SchemaNotCurrentError
 
-__all__ = ["Database", "VERSION_TABLE", "upgrade", "current", "head", "require_current"]
+__all__ = [
+    "Database",
+    "VERSION_TABLE",
+    "upgrade",
+    "current",
+    "head",
+    "require_current",
+    "open_engine",
+]
 
 Database = Literal["state", "data"]
 
@@ -108,3 +116,14 @@ def require_current(engine: sa.Engine, database: Database) -> None:
             f"Run `trace db upgrade --database {database}` (locally `make services-up` "
             "upgrades both databases)."
         )
+
+
+def open_engine(dsn: str, database: Database) -> sa.Engine:
+    """A pooled engine on a database that is at the head revision (else `SchemaNotCurrentError`)."""
+    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
+    try:
+        require_current(engine, database)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
