@@ -200,6 +200,7 @@ def _add_storage_commands(commands: argparse._SubParsersAction[argparse.Argument
 
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     from sqlalchemy import make_url
+    from sqlalchemy.exc import OperationalError
 
     from trace_resources.storage import migrations
 
@@ -213,10 +214,15 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     behind = 0
     for database in databases:
         where = make_url(dsns[database]).render_as_string(hide_password=True)
-        if args.action == "upgrade":
-            revision: str | None = migrations.upgrade(dsns[database], database)
-        else:
-            revision = migrations.current(dsns[database])
+        try:
+            if args.action == "upgrade":
+                revision: str | None = migrations.upgrade(dsns[database], database)
+            else:
+                revision = migrations.current(dsns[database])
+        except OperationalError as exc:
+            sys.stderr.write(f"trace db: Postgres {database} at {where}: {exc.orig}".rstrip())
+            sys.stderr.write(f"\n(is it running? is --{database}-dsn right?)\n")
+            return 2
         head = migrations.head(database)
         status = "head" if revision == head else f"head is {head}: run `trace db upgrade`"
         behind += revision != head
