@@ -5,9 +5,10 @@ never see each other's versions or objects.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,16 @@ import boto3
 import pytest
 
 from infra.devnet.generate import GENESIS_TIMESTAMP, GenerationSummary, generate
-from infra.local.services import AnvilNode, MotoS3Server, PostgresServer, free_port
+from infra.local.services import (
+    TRACE_SCHEMAS,
+    AnvilNode,
+    MotoS3Server,
+    PostgresServer,
+    free_port,
+)
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
+from trace_resources.storage import migrations
 from trace_resources.storage.state import dispose_engine
 
 CHAIN_ID = 10143
@@ -45,6 +53,7 @@ def postgres(services_root: Path) -> Iterator[PostgresServer]:
     server = PostgresServer(services_root / "pg", free_port())
     server.start()
     server.ensure_databases(("dagster", "trace_state", "trace_data"))
+    server.migrate(TRACE_SCHEMAS)
     try:
         yield server
     finally:
@@ -90,12 +99,35 @@ def devnet(services_root: Path) -> Iterator[Devnet]:
         node.stop()
 
 
+NewDatabase = Callable[[str, migrations.Database], str]
+
+
+@pytest.fixture(scope="session")
+def new_database(postgres: PostgresServer) -> NewDatabase:
+    """`new_database(name, "state" | "data")`: a fresh database at the head revision, its DSN.
+
+    Each kind is migrated once per session into a template that every test database copies
+    (`CREATE DATABASE ... TEMPLATE`), which is faster than migrating each one."""
+
+    @functools.cache
+    def template(database: migrations.Database) -> str:
+        name = f"template_{database}_{os.getpid()}"
+        postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
+        migrations.upgrade(postgres.dsn(name), database)
+        return name
+
+    def create(name: str, database: migrations.Database) -> str:
+        postgres.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template(database)}" OWNER trace')
+        return postgres.dsn(name)
+
+    return create
+
+
 @pytest.fixture
-def state_dsn(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh, empty Trace state database for one test."""
+def state_dsn(postgres: PostgresServer, new_database: NewDatabase) -> Iterator[str]:
+    """A fresh Trace state database for one test, at the head revision and without rows."""
     name = f"state_{os.getpid()}_{next(_counter)}"
-    postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
-    yield postgres.dsn(name)
+    yield new_database(name, "state")
     # close this test's pooled connections, or a long session runs out of connection slots
     dispose_engine(postgres.dsn(name))
 

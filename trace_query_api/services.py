@@ -19,7 +19,6 @@ import sqlalchemy as sa
 
 from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
-from trace_query_api.db import query_db
 from trace_query_api.encode import Cursor, sql_fingerprint
 from trace_query_api.engine import ParsedQuery, QueryPage, Sandbox
 from trace_query_api.errors import (
@@ -40,6 +39,7 @@ from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
+from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.tokens import Keyring, Principal
 
@@ -109,7 +109,7 @@ class Services:
             settings.query_rate_user_per_s,
             settings.query_rate_user_burst,
         )
-        self.engine = query_db(settings.state_dsn)
+        self.engine = engine_for(settings.state_dsn)
         self.versions = VersionStore(self.engine)
         self.datasets = bucket(settings, settings.bucket_datasets)
         self.results = bucket(settings, settings.bucket_results)

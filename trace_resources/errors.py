@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "TraceError",
     "ConfigError",
+    "SchemaNotCurrentError",
     "ChainError",
     "RpcUnreachableError",
     "WrongChainIdError",
@@ -39,6 +40,10 @@ class TraceError(Exception):
 
 class ConfigError(TraceError):
     """A setting or declaration is invalid."""
+
+
+class SchemaNotCurrentError(ConfigError):
+    """A Postgres database is not at the schema revision this code needs (`trace db upgrade`)."""
 
 
 class ChainError(TraceError):

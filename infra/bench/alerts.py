@@ -45,7 +45,14 @@ from dagster._core.storage.tags import (
 )
 
 from infra.local.alert_workers import AlertWorkers
-from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
+from infra.local.services import (
+    REPO_ROOT,
+    TRACE_SCHEMAS,
+    AnvilNode,
+    MotoS3Server,
+    PostgresServer,
+    free_port,
+)
 from infra.local.webhook_receiver import WebhookReceiver
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
@@ -75,6 +82,7 @@ def percentile(values: list[float], q: float) -> float:
 def sink_throughput(env: dict[str, str], pg: PostgresServer, n: int, work: Path) -> float:
     """Alerts per second the sink process moves from the buffer into Postgres."""
     pg.ensure_databases(("bench_sink",))
+    pg.migrate({"bench_sink": "data"})
     dsn = pg.dsn("bench_sink")
     engine = t.data_engine(dsn)
     buffer = SqsBuffer("bench-sink", endpoint_url=env["TRACE_SQS_ENDPOINT_URL"])
@@ -287,6 +295,7 @@ def main() -> int:
     try:
         pg.start()
         pg.ensure_databases(("dagster", "trace_state", "trace_data"))
+        pg.migrate(TRACE_SCHEMAS)
         s3.start()
         s3.create_buckets()
         node.start()

@@ -188,6 +188,7 @@ def measure_ingest_share(
     node.start()
     try:
         pg.ensure_databases(("dagster", "trace_state_ingest"))
+        pg.migrate({"trace_state_ingest": "state"})
         settings = Settings(
             environment="test",
             rpc_url=node.url,
@@ -236,6 +237,7 @@ def main() -> int:
     try:
         pg.start()
         pg.ensure_databases(("trace_state",))
+        pg.migrate({"trace_state": "state"})
         s3.start()
         s3.create_buckets(["trace-datasets"])
         os.environ.update(s3.env())

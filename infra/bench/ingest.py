@@ -126,6 +126,7 @@ def bench_services(
     try:
         pg.start()
         pg.ensure_databases(("dagster", "trace_state"))
+        pg.migrate({"trace_state": "state"})
         s3.start()
         s3.create_buckets(["trace-datasets"])
         node.start()

@@ -167,6 +167,7 @@ def main() -> int:
     try:
         pg.start()
         pg.ensure_databases(("dagster", "trace_state"))
+        pg.migrate({"trace_state": "state"})
         node.start()
         key, _ = generate_key("bench", "HS256")
         settings = QuerySettings(

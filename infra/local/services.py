@@ -48,6 +48,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from trace_resources.storage import migrations
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -66,6 +68,8 @@ DEVNET_RANGE_SIZE = 250
 MONAD_TESTNET_CHAIN_ID = 10143
 
 TRACE_DATABASES: tuple[str, ...] = ("dagster", "trace_state", "trace_data")
+# which of them hold Postgres state and Postgres data (every `up` migrates them to head)
+TRACE_SCHEMAS: dict[str, migrations.Database] = {"trace_state": "state", "trace_data": "data"}
 TRACE_BUCKETS: tuple[str, ...] = ("trace-datasets", "trace-results", "trace-scratch")
 DB_USER = "trace"
 DB_PASSWORD = "trace"
@@ -904,6 +908,13 @@ SELECT format('CREATE DATABASE %I OWNER %I', name, :'owner')
             raise ServiceError(f"creating role/databases failed: {result.stderr.strip()}")
         log.info("postgres databases ready: %s (owner %s)", ", ".join(names), owner)
 
+    def migrate(self, schemas: Mapping[str, migrations.Database]) -> None:
+        """Bring databases (name -> "state" | "data") to the head revision, as `trace db
+        upgrade` does; safe to repeat."""
+        for name, database in schemas.items():
+            revision = migrations.upgrade(self.dsn(name), database)
+            log.info("postgres %s: %s schema at %s", name, database, revision)
+
     def dsn(self, dbname: str, driver: str = "postgresql+psycopg2") -> str:
         """A SQLAlchemy-style URL for the application role, e.g. for TRACE_STATE_DSN."""
         return f"{driver}://{self.user}:{self.password}@{LOOPBACK}:{self.port}/{dbname}"
@@ -1037,6 +1048,9 @@ class LocalServices:
                 started.append(self.postgres)
             self.postgres.start()
             self.postgres.ensure_databases(self.databases)
+            self.postgres.migrate(
+                {name: kind for name, kind in TRACE_SCHEMAS.items() if name in self.databases}
+            )
             if not self.anvil.is_running():
                 started.append(self.anvil)
             self.anvil.start()

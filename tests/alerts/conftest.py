@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from infra.local.services import MotoS3Server, PostgresServer, free_port
+from infra.local.services import MotoS3Server, free_port
+from tests.conftest import NewDatabase
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
 from trace_resources.alert_pipeline.rules import AlertRule, RuleStore, StoredRule, parse_rule
@@ -118,10 +119,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def data_dsn(postgres: PostgresServer) -> str:
-    name = f"data_{os.getpid()}_{next(_counter)}"
-    postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
-    return postgres.dsn(name)
+def data_dsn(new_database: NewDatabase) -> str:
+    return new_database(f"data_{os.getpid()}_{next(_counter)}", "data")
 
 
 @pytest.fixture

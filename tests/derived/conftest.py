@@ -16,8 +16,8 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from infra.local.services import MotoS3Server, PostgresServer
-from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
+from infra.local.services import MotoS3Server
+from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS
@@ -54,9 +54,9 @@ def ranged_tags(keys: list[str]) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
 
 
-def make_env(postgres: PostgresServer, s3_server: MotoS3Server, devnet: Devnet) -> Env:
+def make_env(new_database: NewDatabase, s3_server: MotoS3Server, devnet: Devnet) -> Env:
     name = f"derived_{os.getpid()}_{next(_counter)}"
-    postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
+    state_dsn = new_database(name, "state")
     bucket = f"trace-derived-{os.getpid()}-{next(_counter)}"
     s3_server.s3_client().create_bucket(Bucket=bucket)
     settings = Settings(
@@ -64,7 +64,7 @@ def make_env(postgres: PostgresServer, s3_server: MotoS3Server, devnet: Devnet) 
         rpc_url=devnet.url,
         chain_id=CHAIN_ID,
         range_size=RANGE_SIZE,
-        state_dsn=postgres.dsn(name),
+        state_dsn=state_dsn,
         object_store="s3",
         s3_endpoint_url=s3_server.endpoint_url,
         bucket_datasets=bucket,
@@ -95,10 +95,10 @@ def aws_env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def raw_env(
-    aws_env: None, postgres: PostgresServer, s3_server: MotoS3Server, devnet: Devnet
+    aws_env: None, new_database: NewDatabase, s3_server: MotoS3Server, devnet: Devnet
 ) -> Iterator[Env]:
     """Every finalized range of the raw datasets committed (and their checks run), nothing else."""
-    env = make_env(postgres, s3_server, devnet)
+    env = make_env(new_database, s3_server, devnet)
     result = dg.materialize(
         [raw_chain, *DATASET_CHECKS],
         instance=env.instance,

@@ -30,11 +30,12 @@ import pytest
 
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import MotoS3Server, PostgresServer
-from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
+from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
 from tests.utils.dagster_runs import materialize_keys
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetWriter, PartitionData
+from trace_resources.storage.migrations import Database
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
@@ -111,10 +112,11 @@ def aws_env(s3_server: MotoS3Server) -> Iterator[dict[str, str]]:
         yield env
 
 
-def _new_database(postgres: PostgresServer, name: str) -> str:
+def _new_database(
+    postgres: PostgresServer, new_database: NewDatabase, name: str, database: Database
+) -> str:
     postgres.psql(f'DROP DATABASE IF EXISTS "{name}"')
-    postgres.psql(f'CREATE DATABASE "{name}" OWNER trace')
-    return postgres.dsn(name)
+    return new_database(name, database)
 
 
 def labels_table(addresses: list[bytes]) -> pa.Table:
@@ -129,6 +131,7 @@ def labels_table(addresses: list[bytes]) -> pa.Table:
 @pytest.fixture(scope="package")
 def world(
     postgres: PostgresServer,
+    new_database: NewDatabase,
     s3_server: MotoS3Server,
     devnet: Devnet,
     aws_env: dict[str, str],
@@ -141,8 +144,10 @@ def world(
         rpc_url=devnet.url,
         chain_id=CHAIN_ID,
         range_size=RANGE_SIZE,
-        state_dsn=_new_database(postgres, f"{tag}_state_s3"),
-        data_dsn=_new_database(postgres, f"{tag}_data"),  # alert rules and alerts
+        state_dsn=_new_database(postgres, new_database, f"{tag}_state_s3", "state"),
+        data_dsn=_new_database(
+            postgres, new_database, f"{tag}_data", "data"
+        ),  # alert rules and alerts
         object_store="s3",
         s3_endpoint_url=s3_server.endpoint_url,
         bucket_datasets=f"{tag}-datasets",
@@ -232,12 +237,17 @@ def client(server: QueryServer) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="package")
 def local_world(
-    postgres: PostgresServer, world: World, tmp_path_factory: pytest.TempPathFactory
+    postgres: PostgresServer,
+    new_database: NewDatabase,
+    world: World,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> World:
     root = tmp_path_factory.mktemp("objectstore")
     settings = world.settings.model_copy(
         update={
-            "state_dsn": _new_database(postgres, f"q{os.getpid()}_state_local"),
+            "state_dsn": _new_database(
+                postgres, new_database, f"q{os.getpid()}_state_local", "state"
+            ),
             "object_store": "local",
             "local_store_root": root,
             "bucket_datasets": "trace-datasets",

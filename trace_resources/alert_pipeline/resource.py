@@ -5,7 +5,6 @@ the evaluation ledger (what each evaluated range last raised, see
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,13 +29,11 @@ __all__ = [
     "save_ledger",
 ]
 
-_ledger_metadata = sa.MetaData()
-
 # trace_alert_ledger: one row per (range, rule version, alert base key): the key of its latest
 # generation and whether the range's last evaluation still raised it (standing) or retracted it
 ledger = sa.Table(
     "trace_alert_ledger",
-    _ledger_metadata,
+    t.metadata,
     sa.Column("partition_key", sa.Text, primary_key=True),
     sa.Column("org", sa.Text, primary_key=True),
     sa.Column("rule_id", sa.Text, primary_key=True),
@@ -76,7 +73,7 @@ class AlertsResource(dg.ConfigurableResource):
     visibility_timeout_s: int = Field(default=30, description="Buffer visibility timeout.")
 
     def engine(self) -> sa.Engine:
-        return _with_ledger(t.data_engine(self.data_dsn))
+        return t.data_engine(self.data_dsn)
 
     def rules(self) -> RuleStore:
         return RuleStore(self.engine())
@@ -88,14 +85,6 @@ class AlertsResource(dg.ConfigurableResource):
             region=self.region,
             visibility_timeout_s=self.visibility_timeout_s,
         )
-
-
-@functools.cache
-def _with_ledger(engine: sa.Engine) -> sa.Engine:
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110007)"))
-        _ledger_metadata.create_all(conn, checkfirst=True)
-    return engine
 
 
 @contextlib.contextmanager
@@ -119,7 +108,6 @@ def load_ledger(
     """Ledger entries of this range for the rule versions in force. A rule version with no
     entries yet (a range evaluated before the ledger existed) starts from the alerts the sink
     stored for it."""
-    engine = _with_ledger(engine)
     lg = ledger
     with engine.connect() as conn:
         rows = conn.execute(sa.select(lg).where(lg.c.partition_key == partition_key)).all()
@@ -162,7 +150,6 @@ def load_ledger(
 def save_ledger(engine: sa.Engine, partition_key: str, entries: Sequence[LedgerEntry]) -> None:
     if not entries:
         return
-    engine = _with_ledger(engine)
     values = [
         {
             "partition_key": partition_key,

@@ -4,6 +4,7 @@ trace_alert_rules       versioned rule declarations per organisation (latest ver
 trace_alerts            one row per dedupe_key: what the sink upserted from the buffer
 trace_alert_deliveries  per-alert, per-channel delivery state (pending/delivered/dead)
 trace_alert_channels    per-channel token bucket of the rate limit
+trace_alert_ledger      what each evaluated range last raised (defined in `resource`)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import functools
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
+
+from trace_resources.storage.migrations import open_engine
 
 __all__ = ["metadata", "rules", "alerts", "deliveries", "channels", "data_engine"]
 
@@ -71,9 +74,6 @@ channels = sa.Table(
 
 @functools.cache
 def data_engine(dsn: str) -> sa.Engine:
-    """One pooled engine per data database per process, with the alert tables created."""
-    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110006)"))
-        metadata.create_all(conn, checkfirst=True)
-    return engine
+    """One pooled engine per data database per process, checked once to be at the head
+    revision (`SchemaNotCurrentError` otherwise: the tables are made by `trace db upgrade`)."""
+    return open_engine(dsn, "data")

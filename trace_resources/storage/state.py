@@ -13,6 +13,8 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from trace_resources.storage.migrations import open_engine
+
 __all__ = [
     "metadata",
     "datasets",
@@ -189,18 +191,12 @@ _engines_lock = threading.Lock()
 
 
 def engine_for(dsn: str) -> sa.Engine:
-    """One pooled engine per database per process, with the state tables created."""
+    """One pooled engine per database per process, checked once to be at the head revision
+    (`SchemaNotCurrentError` otherwise: the tables are made by `trace db upgrade`)."""
     with _engines_lock:
         engine = _engines.get(dsn)
         if engine is None:
-            # the access tables are defined on this metadata by their owner module
-            from trace_resources.storage import access  # noqa: F401
-
-            engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
-            with engine.begin() as conn:
-                # serialise first-time DDL between processes that start together
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7260110001)"))
-                metadata.create_all(conn, checkfirst=True)
+            engine = open_engine(dsn, "state")
             _engines[dsn] = engine
     return engine
 

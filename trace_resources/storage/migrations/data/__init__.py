@@ -1,0 +1,1 @@
+"""Revisions of Postgres data (the alert pipeline's tables)."""

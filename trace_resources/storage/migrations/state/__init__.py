@@ -1,0 +1,1 @@
+"""Revisions of Postgres state (the version store and the query service's tables)."""
