@@ -81,7 +81,7 @@ def _stage_range(staging: Staging, data: RangeData) -> dict[str, StagedPartition
 def raw_chain(
     context: dg.AssetExecutionContext,
     chain: ChainResource,
-    dataset_io_manager: DatasetIOManager,
+    dataset_io_manager: dg.ResourceParam[DatasetIOManager],
 ) -> Iterator[dg.Output]:
     """Extract, verify and stage the raw datasets of every block range in the run.
 

@@ -9,7 +9,10 @@ Assets that stream large ranges stage each partition as they go, so a run's memo
 grow with its number of partitions. They do it through one call, `DatasetIOManager.staging`:
 
     @dg.asset(io_manager_key="dataset_io_manager", ...)
-    def big(context: dg.AssetExecutionContext, dataset_io_manager: DatasetIOManager):
+    def big(
+        context: dg.AssetExecutionContext,
+        dataset_io_manager: dg.ResourceParam[DatasetIOManager],
+    ):
         with dataset_io_manager.staging(context) as staging:
             staged = {}
             for key, table in extract(context.partition_keys):
