@@ -218,10 +218,14 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         writer = self._dataset_writer()
         with as_dagster_failure():
             output = self._split_output(context, dataset, commit_mode, obj)
-            if output.tables:
-                output.staged += writer.stage(
-                    dataset, output.tables, mode=commit_mode, step=_output_step(context)
-                )
+            try:
+                if output.tables:
+                    output.staged += writer.stage(
+                        dataset, output.tables, mode=commit_mode, step=_output_step(context)
+                    )
+            except BaseException:
+                writer.abort(output.staged)
+                raise
             results = writer.commit(output.staged, commit_key=commit_key_for(context))
         context.add_output_metadata(_metadata(results, writer.store.uri(f"{dataset}/")))
 
@@ -253,12 +257,14 @@ class DatasetIOManager(dg.ConfigurableIOManager):
                     f"staged {attempt.dataset}/{attempt.partition_key} ({attempt.mode}) was "
                     f"returned as {dataset}/{key} ({mode})"
                 )
-            if self._handed_over.pop(attempt.attempt_id, None) is None:
+            if attempt.attempt_id not in self._handed_over:
                 raise dg.DagsterInvariantViolationError(
                     f"{dataset}/{key} was staged outside `DatasetIOManager.staging`: stage "
                     "streamed partitions inside `with dataset_io_manager.staging(context)`"
                 )
             output.staged.append(data)
+        for taken in output.staged:
+            del self._handed_over[taken.attempt.attempt_id]
         return output
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
