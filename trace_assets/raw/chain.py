@@ -154,8 +154,10 @@ def _extract_and_stage(
         except BaseException:
             # the upload under way finishes before the pools close; the staging block then
             # fails every attempt it began
-            for future in (*extracting, *uploading):
+            for future in extracting:
                 future.cancel()
+            for upload in uploading:
+                upload.cancel()
             raise
 
 
