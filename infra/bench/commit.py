@@ -2,7 +2,7 @@
 its share of Trace's ingest.
 
 1. Latency: attempts are staged on the S3 API (moto server on loopback) first, then committed
-   one by one; only the commit is timed (`DatasetWriter.commit_staged`: the fenced transaction
+   one by one; only the commit is timed (`DatasetWriter.commit`: the fenced transaction
    with schema check, version, pointer, commit key and outbox event). Replace commits rotate
    over partitions of one dataset; append commits add one segment each to one partition (its
    manifest grows with every append, as in production). Staging time is reported apart.
@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,16 +74,16 @@ def measure_latency(
     times: dict[str, list[float]] = {"replace": [], "append": [], "stage": []}
     for i in range(commits):
         started = time.perf_counter()
-        staged = writer.stage_partition("bench_replace", _key(i % partitions), _data(rows, i))
+        staged = writer.stage("bench_replace", {_key(i % partitions): _data(rows, i)})
         times["stage"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        writer.commit_staged(staged)
+        writer.commit(staged)
         times["replace"].append(time.perf_counter() - started)
     for i in range(commits):
         data = _data(rows, i, segment_key=f"segment-{i}")
-        staged = writer.stage_partition("bench_append", UNPARTITIONED, data, mode="append")
+        staged = writer.stage("bench_append", {UNPARTITIONED: data}, mode="append")
         started = time.perf_counter()
-        writer.commit_staged(staged, mode="append")
+        writer.commit(staged)
         times["append"].append(time.perf_counter() - started)
     return times
 
@@ -95,12 +95,10 @@ def _data(rows: int, seed: int, segment_key: str | None = None) -> PartitionData
 def measure_throughput(writer: DatasetWriter, writers: int, per_writer: int, rows: int) -> float:
     """Commits/s of `writers` threads committing pre-staged attempts on distinct partitions."""
     staged: list[list[StagedPartition]] = [
-        [
-            writer.stage_partition(
-                "bench_concurrent", _key(w * per_writer + i), _data(rows, w * per_writer + i)
-            )
-            for i in range(per_writer)
-        ]
+        writer.stage(
+            "bench_concurrent",
+            {_key(w * per_writer + i): _data(rows, w * per_writer + i) for i in range(per_writer)},
+        )
         for w in range(writers)
     ]
     start = threading.Barrier(writers + 1)
@@ -110,7 +108,7 @@ def measure_throughput(writer: DatasetWriter, writers: int, per_writer: int, row
         start.wait()
         try:
             for attempt in attempts:
-                writer.commit_staged(attempt)
+                writer.commit([attempt])
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -129,49 +127,33 @@ def measure_throughput(writer: DatasetWriter, writers: int, per_writer: int, row
 
 @dataclass
 class CommitTimes:
-    durations: list[float] = field(default_factory=list)  # one per outermost commit call
+    durations: list[float] = field(default_factory=list)  # one per commit call
     partitions: int = 0  # partitions those calls committed
 
 
 @contextmanager
 def timed_commits() -> Iterator[CommitTimes]:
-    """Time every commit the IO manager makes in this process: `DatasetWriter.commit_staged`
-    (one partition) and `commit_staged_many` (a ranged output's partitions in one transaction;
-    it calls `commit_staged` itself for one partition or after a refused batch, which is not
-    counted twice). The real methods run; they are only wrapped with a timer."""
+    """Time every commit the IO manager makes in this process: `DatasetWriter.commit` (an
+    output's partitions, one transaction). The real method runs; it is only wrapped with a
+    timer."""
     times = CommitTimes()
     lock = threading.Lock()
-    depth = threading.local()
-    originals: dict[str, Callable[..., Any]] = {
-        "commit_staged": DatasetWriter.commit_staged,
-        "commit_staged_many": DatasetWriter.commit_staged_many,
-    }
+    original = DatasetWriter.commit
 
-    def timer(name: str) -> Callable[..., Any]:
-        original = originals[name]
+    def timed(self: DatasetWriter, staged: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(self, staged, *args, **kwargs)
+        finally:
+            with lock:
+                times.durations.append(time.perf_counter() - started)
+                times.partitions += len(staged)
 
-        def timed(self: DatasetWriter, staged: Any, *args: Any, **kwargs: Any) -> Any:
-            outermost = not getattr(depth, "inside", False)
-            depth.inside = True
-            started = time.perf_counter()
-            try:
-                return original(self, staged, *args, **kwargs)
-            finally:
-                if outermost:
-                    depth.inside = False
-                    with lock:
-                        times.durations.append(time.perf_counter() - started)
-                        times.partitions += len(staged) if name == "commit_staged_many" else 1
-
-        return timed
-
-    for name in originals:
-        setattr(DatasetWriter, name, timer(name))
+    DatasetWriter.commit = timed  # type: ignore[method-assign]
     try:
         yield times
     finally:
-        for name, original in originals.items():
-            setattr(DatasetWriter, name, original)
+        DatasetWriter.commit = original  # type: ignore[method-assign]
 
 
 def measure_ingest_share(

@@ -21,7 +21,7 @@ from trace_resources.errors import (
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as tables
 from trace_resources.storage.commit import PartitionData
-from trace_resources.storage.version_store import VersionStore
+from trace_resources.storage.records import VersionStore
 
 KEYS = [f"{i * 50:012d}-{i * 50 + 49:012d}" for i in range(4)]
 
@@ -62,15 +62,15 @@ def test_a_batch_commits_one_version_and_one_event_per_partition(
 ) -> None:
     data = {k: PartitionData(table(k), source=source(k)) for k in KEYS}
     with state.writer(objects) as writer:
-        results = writer.write_many("blocks", data, commit_key="run-1:step")
+        results = writer.commit(writer.stage("blocks", data), commit_key="run-1:step")
         assert sorted(results) == KEYS
         assert {r.version.version for r in results.values()} == {1}
         assert outbox(versions, "blocks") == [(k, 1) for k in KEYS]
         # the same logical writer again (a retried step): nothing new, the same versions
-        again = writer.write_many("blocks", data, commit_key="run-1:step")
+        again = writer.commit(writer.stage("blocks", data), commit_key="run-1:step")
         assert all(r.already_committed and r.version.version == 1 for r in again.values())
         # another writer: a new version of each partition, each with its event
-        writer.write_many("blocks", data, commit_key="run-2:step")
+        writer.commit(writer.stage("blocks", data), commit_key="run-2:step")
     assert {k: r.version for k, r in versions.read.current_versions("blocks").items()} == {
         k: 2 for k in KEYS
     }
@@ -87,11 +87,11 @@ def test_a_refused_partition_commits_nothing_in_the_batch_then_each_alone(
     invariants: Callable[[], InvariantReport],
 ) -> None:
     with state.writer(objects) as writer:
-        staged = writer.stage_many("blocks", {k: PartitionData(table(k)) for k in KEYS})
+        staged = writer.stage("blocks", {k: PartitionData(table(k)) for k in KEYS})
         # a newer writer takes the fence of the third partition: that stale attempt is refused
         writer.write("blocks", KEYS[2], PartitionData(table(KEYS[2], 9)))
         with pytest.raises(AttemptFencedError, match="holds fence 1 but a newer attempt"):
-            writer.commit_staged_many(staged)
+            writer.commit(staged)
         states = {
             s.attempt.partition_key: versions.attempts.state(s.attempt.attempt_id) for s in staged
         }
@@ -120,7 +120,7 @@ def test_continuity_is_checked_within_the_batch(
     # the third range's first block does not link to the second range's last block: a fork
     data[KEYS[2]] = PartitionData(table(KEYS[2]), source=source(KEYS[2], parent="0x" + "ee" * 32))
     with state.writer(objects) as writer, pytest.raises(ChainContinuityError, match="forked"):
-        writer.write_many("blocks", data)
+        writer.commit(writer.stage("blocks", data))
     assert sorted(versions.read.current_versions("blocks")) == KEYS[:2]
     invariants()
 
@@ -142,7 +142,7 @@ def test_every_schema_in_the_batch_goes_through_the_registry(
             KEYS[2]: PartitionData(table(KEYS[2])),  # v1 again: drops `note`, refused alone
         }
         with pytest.raises(SchemaIncompatibleError, match="removed columns \\['note'\\]"):
-            writer.write_many("blocks", data)
+            writer.commit(writer.stage("blocks", data))
     assert [v for v, _, _ in versions.read.schema_history("blocks")] == [1, 2]
     current = versions.read.current_versions("blocks")
     assert {k: r.version for k, r in current.items()} == {KEYS[0]: 2, KEYS[1]: 1}

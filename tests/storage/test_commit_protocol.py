@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import AttemptFencedError, SchemaIncompatibleError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import PartitionData
@@ -22,7 +23,7 @@ def test_staged_files_are_invisible_until_commit(
 ) -> None:
     writer = state.writer(objects)
     reader = state.reader(objects)
-    staged = writer.stage_partition("blocks", KEY, PartitionData(table(10)))
+    staged = stage_one(writer, "blocks", KEY, PartitionData(table(10)))
     listed = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert listed == [
         f"{attempt_prefix('blocks', KEY, staged.attempt.attempt_id)}part-00000.parquet"
@@ -31,7 +32,7 @@ def test_staged_files_are_invisible_until_commit(
     with pytest.raises(FileNotFoundError, match="no committed version"):
         reader.read("blocks", [KEY])
 
-    result = writer.commit_staged(staged)
+    result = commit_one(writer, staged)
     assert result.version.version == 1
     assert reader.read("blocks", [KEY]).num_rows == 10
 
@@ -71,11 +72,11 @@ def test_stale_attempt_is_fenced_and_never_visible(
     objects: ObjectStoreResource, state: StateStoreResource
 ) -> None:
     writer = state.writer(objects)
-    old = writer.stage_partition("blocks", KEY, PartitionData(table(5)))
-    new = writer.stage_partition("blocks", KEY, PartitionData(table(8)))
-    writer.commit_staged(new)
+    old = stage_one(writer, "blocks", KEY, PartitionData(table(5)))
+    new = stage_one(writer, "blocks", KEY, PartitionData(table(8)))
+    commit_one(writer, new)
     with pytest.raises(AttemptFencedError, match="newer attempt holds fence"):
-        writer.commit_staged(old)
+        commit_one(writer, old)
     current = state.reader(objects).resolve("blocks")[KEY]
     assert current.attempt_id == new.attempt.attempt_id
     assert state.versions().attempts.state(old.attempt.attempt_id) == "fenced"
@@ -85,9 +86,9 @@ def test_commit_is_idempotent_by_attempt(
     objects: ObjectStoreResource, state: StateStoreResource
 ) -> None:
     writer = state.writer(objects)
-    staged = writer.stage_partition("blocks", KEY, PartitionData(table(5)))
-    first = writer.commit_staged(staged)
-    again = writer.commit_staged(staged)  # e.g. the first commit's outcome was unknown
+    staged = stage_one(writer, "blocks", KEY, PartitionData(table(5)))
+    first = commit_one(writer, staged)
+    again = commit_one(writer, staged)  # e.g. the first commit's outcome was unknown
     assert again.already_committed and again.version.version == first.version.version == 1
     assert len(state.versions().read.current_versions("blocks")) == 1
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import RANGE_SIZE, Devnet
 from tests.utils.invariants import InvariantReport
+from tests.utils.writes import commit_one, stage_one
 from trace_assets.audit import AUDIT_DATASET, audit_batch, ingest_audit
 from trace_assets.definitions import build_resources
 from trace_assets.partitions import block_ranges
@@ -219,9 +220,9 @@ def test_concurrent_first_commits_and_schema_changes_register_each_schema_once(
 
         def commit(key: str) -> int:
             with state.writer(objects) as writer:
-                staged = writer.stage_partition("racing", key, PartitionData(table))
+                staged = stage_one(writer, "racing", key, PartitionData(table))
                 start.wait()
-                return writer.commit_staged(staged).schema_version
+                return commit_one(writer, staged).schema_version
 
         with ThreadPoolExecutor(len(keys)) as pool:
             return list(pool.map(commit, keys))

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from infra.local.services import MotoS3Server
 from tests.storage.conftest import REPO, SpawnWriter
 from tests.utils.invariants import InvariantReport, check_invariants, table_of
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader, PartitionData
@@ -192,7 +193,7 @@ def test_staging_cleanup_killed_after_abandoning_finishes_on_its_next_run(
 
     versions = VersionStore(engine_for(state_dsn), lease_s=0.5)
     with DatasetWriter(store, versions) as writer:
-        staged = writer.stage_partition("blocks", KEY, PartitionData(table_of([1, 2])))
+        staged = stage_one(writer, "blocks", KEY, PartitionData(table_of([1, 2])))
         writer.leases.release(staged.attempt)  # its writer "died": no more heartbeats
         time.sleep(0.7)
         crashed = run_cli(["staging-cleanup", "--apply"], cli_env, "cleanup.after_abandon")
@@ -202,7 +203,7 @@ def test_staging_cleanup_killed_after_abandoning_finishes_on_its_next_run(
         assert all(store.size(f.key) == f.size for f in staged.files)  # not deleted yet
         # its writer wakes up: the commit is refused, so the files can safely go
         with pytest.raises(Exception, match="'abandoned' and can no longer commit"):
-            writer.commit_staged(staged)
+            commit_one(writer, staged)
     finished = run_cli(["staging-cleanup", "--apply"], cli_env)
     assert finished.returncode == 0, finished.stderr
     assert "attempt abandoned: never committed" in finished.stdout

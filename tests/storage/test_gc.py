@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from infra.local.services import MotoS3Server
 from tests.storage.conftest import REPO, SpawnWriter
 from tests.utils.invariants import InvariantReport, table_of, visible_ids
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import VersionRemovedError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as t
@@ -150,14 +151,14 @@ def test_gc_and_cleanup_leave_an_in_flight_attempt_alone(
 ) -> None:
     for n in range(3):
         writer.write("blocks", A, PartitionData(table_of([n])))
-    in_flight = writer.stage_partition("blocks", A, PartitionData(table_of([7, 8, 9])))
+    in_flight = stage_one(writer, "blocks", A, PartitionData(table_of([7, 8, 9])))
     gc = GarbageCollector(store, versions)
     removed = gc.collect(ALL_NOW, apply=True)
     cleaned = gc.cleanup_staging(grace=timedelta(0), apply=True)
     assert [(v.partition_key, v.version) for v in removed.versions] == [(A, 1), (A, 2)]
     assert cleaned.kept_live == 1 and cleaned.removed == []
     assert all(store.size(f.key) == f.size for f in in_flight.files)
-    assert writer.commit_staged(in_flight).version.version == 4
+    assert commit_one(writer, in_flight).version.version == 4
     invariants()
     assert visible_ids(DatasetReader(store, versions), "blocks", A) == [7, 8, 9]
 
@@ -280,8 +281,8 @@ def test_a_late_retry_of_a_writer_whose_version_gc_removed_commits_nothing(
     writer: DatasetWriter, store: ObjectStore, versions: VersionStore
 ) -> None:
     key = "dagster:run-1:step"
-    first = writer.stage_partition("blocks", A, PartitionData(table_of([1])))
-    assert writer.commit_staged(first, commit_key=key).version.version == 1
+    first = stage_one(writer, "blocks", A, PartitionData(table_of([1])))
+    assert commit_one(writer, first, commit_key=key).version.version == 1
     writer.write("blocks", A, PartitionData(table_of([2])))  # a newer run's version
     GarbageCollector(store, versions).collect(ALL_NOW, apply=True)
     assert kept_versions(versions) == [(A, 2)]
@@ -290,7 +291,7 @@ def test_a_late_retry_of_a_writer_whose_version_gc_removed_commits_nothing(
         writer.write("blocks", A, PartitionData(table_of([1])), commit_key=key)
     # the same attempt retries its commit (unknown outcome long ago): likewise
     with pytest.raises(VersionRemovedError, match="now v2"):
-        writer.commit_staged(first, commit_key=key)
+        commit_one(writer, first, commit_key=key)
     assert kept_versions(versions) == [(A, 2)]
     assert visible_ids(DatasetReader(store, versions), "blocks", A) == [2]
 
@@ -298,14 +299,18 @@ def test_a_late_retry_of_a_writer_whose_version_gc_removed_commits_nothing(
 def test_a_late_retry_of_an_append_whose_version_gc_removed_returns_the_current_version(
     writer: DatasetWriter, store: ObjectStore, versions: VersionStore
 ) -> None:
-    first = writer.stage_partition(
-        "audit_log", UNPARTITIONED, PartitionData(table_of([1]), segment_key="a"), mode="append"
+    first = stage_one(
+        writer,
+        "audit_log",
+        UNPARTITIONED,
+        PartitionData(table_of([1]), segment_key="a"),
+        mode="append",
     )
-    assert writer.commit_staged(first, mode="append").version.version == 1
+    assert commit_one(writer, first).version.version == 1
     later = PartitionData(table_of([2]), segment_key="b")
     writer.write("audit_log", UNPARTITIONED, later, mode="append")
     GarbageCollector(store, versions).collect(ALL_NOW, apply=True)
-    again = writer.commit_staged(first, mode="append")  # v1 is gone; v2 carries segment "a"
+    again = commit_one(writer, first)  # v1 is gone; v2 carries segment "a"
     assert again.already_committed and again.version.version == 2
     assert again.version.manifest.segment_keys() == {"a", "b"}
     assert visible_ids(DatasetReader(store, versions), "audit_log", UNPARTITIONED) == [1, 2]

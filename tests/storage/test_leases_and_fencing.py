@@ -17,13 +17,14 @@ import pytest
 
 from tests.storage.conftest import SpawnWriter
 from tests.utils.invariants import InvariantReport, table_of, visible_ids
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import CommitError, LeaseExpiredError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import attempt_prefix
-from trace_resources.storage.version_store import VersionStore
+from trace_resources.storage.records import VersionStore
 
 KEY = "000000000000-000000000049"
 
@@ -118,20 +119,20 @@ def test_heartbeat_keeps_a_long_step_alive_and_a_silent_writer_loses_its_lease(
 
     versions = VersionStore(engine_for(state_dsn), lease_s=1.0)
     with DatasetWriter(store, versions, heartbeat_s=0.2) as writer:
-        staged = writer.stage_partition("blocks", KEY, PartitionData(table_of([1, 2, 3])))
+        staged = stage_one(writer, "blocks", KEY, PartitionData(table_of([1, 2, 3])))
         # a long step: the lease (1 s) runs out three times over while cleanups run
         for _ in range(3):
             time.sleep(1.0)
             report = cleanup(store, versions)
             assert report.abandoned == [] and report.removed == []
         assert writer.leases.beats >= 10
-        assert writer.commit_staged(staged).version.version == 1
+        assert commit_one(writer, staged).version.version == 1
 
-        silent = writer.stage_partition("blocks", KEY, PartitionData(table_of([4])))
+        silent = stage_one(writer, "blocks", KEY, PartitionData(table_of([4])))
         writer.leases.release(silent.attempt)  # as if its heartbeat had died with its thread
         time.sleep(1.3)
         with pytest.raises(LeaseExpiredError, match="let its lease expire"):
-            writer.commit_staged(silent)
+            commit_one(writer, silent)
     assert versions.attempts.state(silent.attempt.attempt_id) == "abandoned"
     report = cleanup(store, versions)
     assert {i.key for i in report.removed} == {f.key for f in silent.files}
@@ -153,7 +154,7 @@ def test_a_commit_racing_a_staging_cleanup_never_both_win(
     with DatasetWriter(store, versions) as writer:
         for round_number in range(12):
             ids = list(range(round_number * 10, round_number * 10 + 5))
-            staged = writer.stage_partition("blocks", KEY, PartitionData(table_of(ids)))
+            staged = stage_one(writer, "blocks", KEY, PartitionData(table_of(ids)))
             writer.leases.release(staged.attempt)  # no heartbeat: the lease runs out
             time.sleep(0.4 + rng.uniform(-0.05, 0.05))
             start = threading.Barrier(2)
@@ -162,7 +163,7 @@ def test_a_commit_racing_a_staging_cleanup_never_both_win(
             def commit(staged=staged, start=start, result=result) -> None:  # type: ignore[no-untyped-def]
                 start.wait()
                 try:
-                    result["commit"] = writer.commit_staged(staged)
+                    result["commit"] = commit_one(writer, staged)
                 except CommitError as exc:
                     result["commit"] = exc
 

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 )
 
 from tests.utils.invariants import check_invariants, table_of
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import AttemptFencedError, CommitError, VersionRemovedError
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import (
@@ -110,7 +111,8 @@ def build_machine(store: ObjectStore, versions: VersionStore) -> type[RuleBasedS
             partition = partition if mode == "replace" else UNPARTITIONED
             ids = [next(self.ids) for _ in range(rows)]
             key = f"seg-{segment}" if mode == "append" else None
-            staged = self.writer.stage_partition(
+            staged = stage_one(
+                self.writer,
                 dataset,
                 partition,
                 PartitionData(table_of(ids), segment_key=key),
@@ -151,7 +153,7 @@ def build_machine(store: ObjectStore, versions: VersionStore) -> type[RuleBasedS
             mode = handle.mode
 
             def attempt() -> Any:
-                return self.writer.commit_staged(handle.staged, mode=mode)  # type: ignore[arg-type]
+                return commit_one(self.writer, handle.staged)
 
             if handle.status == "committed" and handle.version in self.kept.get(key, {}):
                 STATS["recommit (idempotent)"] += 1

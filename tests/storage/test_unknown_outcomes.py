@@ -15,6 +15,7 @@ from infra.local.services import MotoS3Server, PostgresServer
 from tests.utils.invariants import InvariantReport, check_invariants, table_of
 from tests.utils.pg_fault_proxy import PgFaultProxy
 from tests.utils.s3_fault_proxy import S3FaultProxy
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import StagingError
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
@@ -56,10 +57,10 @@ def test_a_commit_that_landed_while_its_connection_died_is_not_committed_twice(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with DatasetWriter(store, proxied) as writer:
-        staged = writer.stage_partition("blocks", KEY, PartitionData(table_of(list(range(7)))))
+        staged = stage_one(writer, "blocks", KEY, PartitionData(table_of(list(range(7)))))
         proxy.arm("drop_after_commit")
         with caplog.at_level(logging.WARNING):
-            result = writer.commit_staged(staged)
+            result = commit_one(writer, staged)
     assert (proxy.fired, proxy.landed) == (1, 1)
     assert "had an unknown outcome" in caplog.text  # the writer saw its connection die
     assert result.already_committed and result.version.version == 1  # found what landed
@@ -77,9 +78,9 @@ def test_a_commit_cut_before_it_landed_is_retried_and_lands_once(
     invariants: Callable[[], InvariantReport],
 ) -> None:
     with DatasetWriter(store, proxied) as writer:
-        staged = writer.stage_partition("blocks", KEY, PartitionData(table_of(list(range(7)))))
+        staged = stage_one(writer, "blocks", KEY, PartitionData(table_of(list(range(7)))))
         proxy.arm("drop_before_commit")
-        result = writer.commit_staged(staged)
+        result = commit_one(writer, staged)
     assert (proxy.fired, proxy.landed) == (1, 0)
     assert not result.already_committed and result.version.version == 1  # the retry landed it
     assert counts(versions) == (1, 1)
@@ -110,9 +111,9 @@ def test_a_backend_terminated_during_commit_is_retried_by_attempt_id(
 
     try:
         with DatasetWriter(store, VersionStore(engine)) as writer:
-            staged = writer.stage_partition("blocks", KEY, PartitionData(table_of([1, 2, 3])))
+            staged = stage_one(writer, "blocks", KEY, PartitionData(table_of([1, 2, 3])))
             armed["shots"] = 1
-            result = writer.commit_staged(staged)
+            result = commit_one(writer, staged)
     finally:
         engine.dispose()
         killer.dispose()
@@ -134,10 +135,10 @@ def test_an_unknown_outcome_outlasting_the_retries_is_settled_by_the_next_attemp
     a new attempt) commits nothing new."""
     commit_key = "dagster:run-7:raw_chain"
     with DatasetWriter(store, proxied, commit_retries=3) as writer:
-        staged = writer.stage_partition("blocks", KEY, PartitionData(table_of(list(range(5)))))
+        staged = stage_one(writer, "blocks", KEY, PartitionData(table_of(list(range(5)))))
         proxy.arm("drop_after_commit", blackout_s=3.0)
         with pytest.raises(sa.exc.OperationalError):
-            writer.commit_staged(staged, commit_key=commit_key)
+            commit_one(writer, staged, commit_key=commit_key)
     assert proxy.landed == 1 and proxy.refused >= 2
     assert versions.attempts.state(staged.attempt.attempt_id) == "committed"  # not "failed"
     time.sleep(max(0.0, 3.2 - 0.6))

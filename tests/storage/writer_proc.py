@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from tests.utils.invariants import table_of
+from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import CommitError
 from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
@@ -63,13 +64,13 @@ def main(spec: dict[str, Any]) -> int:
             segment_keys=write.get("segment_keys"),
         )
         try:
-            staged = writer.stage_partition(
-                spec["dataset"], write.get("partition", spec["partition"]), data, mode=mode
+            staged = stage_one(
+                writer, spec["dataset"], write.get("partition", spec["partition"]), data, mode=mode
             )
             _say("staged", attempt_id=staged.attempt.attempt_id, fence=staged.attempt.fence)
             if write.get("wait_after_stage"):
                 _wait_for_go()
-            result = writer.commit_staged(staged, mode=mode, commit_key=write.get("commit_key"))
+            result = commit_one(writer, staged, commit_key=write.get("commit_key"))
         except CommitError as exc:
             refused += 1
             _say("refused", error=type(exc).__name__, message=str(exc), ids=write["ids"])

@@ -17,9 +17,9 @@ from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
-from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
-from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
-from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
+from trace_resources.resources import ChainResource
+from trace_resources.storage.commit import PartitionData, StagedPartition
+from trace_resources.storage.io_manager import COMMIT_MODE_METADATA, DatasetIOManager, Staging
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS"]
 
@@ -40,38 +40,22 @@ def _column_schema(dataset: str) -> dg.TableSchema:
     )
 
 
-def _stage_range(
-    writer: DatasetWriter, data: RangeData, context: dg.AssetExecutionContext
-) -> dict[str, StagedPartition]:
+def _stage_range(staging: Staging, data: RangeData) -> dict[str, StagedPartition]:
     """Stage the three datasets of one verified range, each under its own new attempt.
 
     The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
-    fails, the others' attempts are marked failed too: the range commits whole or not at all.
+    fails, the error ends the staging block, which fails the others' attempts too: the range
+    commits whole or not at all.
     """
-    step_key = context.op_execution_context.get_step_execution_context().step.key
-    run_id, retry_number = context.run.run_id, context.retry_number
 
     def stage(name: RawDataset) -> StagedPartition:
-        return writer.stage_partition(
-            name,
-            data.block_range.key,
-            PartitionData(data.tables[name], source=data.source),
-            run_id=run_id,
-            step_key=step_key,
-            retry_number=retry_number,
-        )
+        partition = PartitionData(data.tables[name], source=data.source)
+        [staged] = staging.stage(name, {data.block_range.key: partition})
+        return staged
 
     with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
         futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
-    errors = [exc for future in futures.values() if (exc := future.exception()) is not None]
-    staged: dict[str, StagedPartition] = {
-        name: future.result() for name, future in futures.items() if future.exception() is None
-    }
-    if errors:
-        for partition in staged.values():
-            writer.versions.attempts.mark_failed(partition.attempt)
-        raise errors[0]
-    return staged
+    return {name: future.result() for name, future in futures.items()}
 
 
 @dg.multi_asset(
@@ -97,18 +81,17 @@ def _stage_range(
 def raw_chain(
     context: dg.AssetExecutionContext,
     chain: ChainResource,
-    objects: ObjectStoreResource,
-    state: StateStoreResource,
+    dataset_io_manager: dg.ResourceParam[DatasetIOManager],
 ) -> Iterator[dg.Output]:
     """Extract, verify and stage the raw datasets of every block range in the run.
 
     Each verified range is uploaded under its own attempts' prefixes while the next range is
     extracted, so memory stays flat however many ranges a backfill run covers; the IO manager
-    commits every staged partition when the outputs are handed over.
+    commits every staged partition when the outputs are handed over (and fails them all if
+    the run fails before).
     """
-    writer = state.writer(objects)
     staged: dict[str, dict[str, StagedPartition]] = {name: {} for name in RAW_DATASETS}
-    with as_dagster_failure():
+    with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
         ranges = [parse_partition_key(key) for key in context.partition_keys]
         client = chain.client()
         try:
@@ -117,13 +100,7 @@ def raw_chain(
                 f"extracting {len(ranges)} range(s) {ranges[0].key}..{ranges[-1].key}; "
                 f"finalized head {head.finalized}"
             )
-            _extract_and_stage(context, client, writer, ranges, chain.extract_concurrency, staged)
-        except BaseException:
-            # nothing of this run is committed: release what it staged for GC at once
-            for parts in staged.values():
-                for partition in parts.values():
-                    writer.versions.attempts.mark_failed(partition.attempt)
-            raise
+            _extract_and_stage(client, staging, ranges, chain.extract_concurrency, staged)
         finally:
             client.close()
     for name in RAW_DATASETS:
@@ -139,9 +116,8 @@ def raw_chain(
 
 
 def _extract_and_stage(
-    context: dg.AssetExecutionContext,
     client: ChainClient,
-    writer: DatasetWriter,
+    staging: Staging,
     ranges: list[BlockRange],
     concurrency: int,
     staged: dict[str, dict[str, StagedPartition]],
@@ -167,28 +143,28 @@ def _extract_and_stage(
                 )
                 while len(extracting) > concurrency:
                     data = extracting.popleft().result()
-                    uploading.append(uploader.submit(_stage_range, writer, data, context))
+                    uploading.append(uploader.submit(_stage_range, staging, data))
                     while len(uploading) > 1:
                         _collect(uploading.popleft(), staged)
             while extracting:
                 data = extracting.popleft().result()
-                uploading.append(uploader.submit(_stage_range, writer, data, context))
+                uploading.append(uploader.submit(_stage_range, staging, data))
             while uploading:
                 _collect(uploading.popleft(), staged)
         except BaseException:
+            # the upload under way finishes before the pools close; the staging block then
+            # fails every attempt it began
             for future in extracting:
                 future.cancel()
-            # uploads already under way finish; record them so the caller releases them too
             for upload in uploading:
-                if upload.exception() is None:
-                    _collect(upload, staged)
+                upload.cancel()
             raise
 
 
 def _collect(
     future: Future[dict[str, StagedPartition]], staged: dict[str, dict[str, StagedPartition]]
 ) -> None:
-    # the writer's heartbeat (LeaseKeeper) keeps every staged attempt's lease alive until
-    # it commits, however long the run: nothing to extend here
+    # the IO manager's writer keeps every staged attempt's lease alive until it commits,
+    # however long the run: nothing to extend here
     for name, partition in future.result().items():
         staged[name][partition.attempt.partition_key] = partition

@@ -1,7 +1,8 @@
 """The commit protocol: stage under the attempt's own prefix, verify, fenced commit.
 
-    begin_attempt (take the fence) -> stage files -> verify staged objects -> commit
-    (one Postgres transaction: fence check, version + manifest, pointer, outbox event)
+    DatasetWriter.stage: begin attempts (take the fences) -> upload files -> verify them
+    DatasetWriter.commit: one Postgres transaction (fence check, version + manifest,
+        pointer, outbox event) for every staged partition -- or DatasetWriter.abort
 
 A failure anywhere before the commit leaves only files under the attempt's prefix, which no
 manifest references and which GC removes. Readers resolve files only through committed
@@ -17,11 +18,11 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -48,6 +49,7 @@ from trace_resources.storage.version_store import VersionStore
 __all__ = [
     "PartitionData",
     "StagedPartition",
+    "StepIdentity",
     "DatasetWriter",
     "DatasetReader",
     "UpstreamQualityError",
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_FILE = 2_000_000
 UPLOAD_CONCURRENCY = 8
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -73,13 +77,19 @@ class PartitionData:
     segment_keys: Sequence[str] | None = None
 
     def keys(self) -> list[str] | None:
-        return _segment_keys(self.segment_key, self.segment_keys)
+        if self.segment_keys is not None:
+            return list(self.segment_keys)
+        return None if self.segment_key is None else [self.segment_key]
 
 
-def _segment_keys(one: str | None, many: Sequence[str] | None) -> list[str] | None:
-    if many is not None:
-        return list(many)
-    return None if one is None else [one]
+@dataclass(frozen=True)
+class StepIdentity:
+    """Who makes an attempt, recorded with it: a Dagster step's run id, key and retry number
+    (all unset outside Dagster)."""
+
+    run_id: str | None = None
+    step_key: str | None = None
+    retry_number: int = 0
 
 
 @dataclass
@@ -90,20 +100,28 @@ class StagedPartition:
     files: list[FileEntry]
     schema: pa.Schema
     source: dict[str, Any] | None = None
-    segment_key: str | None = None
-    segment_keys: Sequence[str] | None = None
+    segment_keys: list[str] | None = None
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
+    def batch_item(self) -> BatchItem:
+        manifest = Manifest(
+            files=self.files, schema_hash=schema_fingerprint(self.schema), source=self.source
+        )
+        return BatchItem(self.attempt, manifest, self.schema, self.segment_keys)
+
 
 class DatasetWriter:
-    """Writes partitions of datasets through the commit protocol.
+    """Writes partitions of datasets through the commit protocol: `stage`, then `commit` (or
+    `abort`); `write` does both for one partition.
 
-    While an attempt is between `begin` and its commit (or failure), a heartbeat thread keeps
-    its lease alive (`LeaseKeeper`), however long the writer takes. Close the writer (or use
-    it as a context manager) when done; it is also closed when garbage collected.
+    Dagster assets never call it: `DatasetIOManager` is the one caller that begins, commits
+    and fails their attempts. While an attempt is between `stage` and its commit (or failure),
+    a heartbeat thread keeps its lease alive (`LeaseKeeper`), however long the writer takes.
+    Close the writer (or use it as a context manager) when done; it is also closed when
+    garbage collected.
     """
 
     def __init__(
@@ -145,246 +163,162 @@ class DatasetWriter:
         data: PartitionData,
         *,
         mode: CommitMode = "replace",
-        run_id: str | None = None,
-        step_key: str | None = None,
-        retry_number: int = 0,
         commit_key: str | None = None,
     ) -> CommitResult:
-        """Stage and commit one partition: one new version (or appended segment)."""
-        staged = self.stage_partition(
-            dataset,
-            partition_key,
-            data,
-            run_id=run_id,
-            step_key=step_key,
-            retry_number=retry_number,
-            mode=mode,
-        )
-        return self.commit_staged(staged, mode=mode, commit_key=commit_key)
+        """Stage and commit one partition: one new version (or appended segment). For code
+        outside Dagster (tests, benchmarks, the demo)."""
+        staged = self.stage(dataset, {partition_key: data}, mode=mode)
+        return self.commit(staged, commit_key=commit_key)[partition_key]
 
-    def stage_partition(
-        self,
-        dataset: str,
-        partition_key: str,
-        data: PartitionData,
-        *,
-        run_id: str | None = None,
-        step_key: str | None = None,
-        retry_number: int = 0,
-        mode: CommitMode = "replace",
-    ) -> StagedPartition:
-        """Begin an attempt (a replace takes the fence) and upload its files; nothing is
-        visible yet. The attempt's lease is kept alive until it commits or fails."""
-        attempt = self.versions.attempts.begin(
-            dataset,
-            partition_key,
-            run_id=run_id,
-            step_key=step_key,
-            retry_number=retry_number,
-            mode=mode,
-        )
-        self.leases.track(attempt)
-        try:
-            files = self.stage(attempt, data.table)
-            self.verify_staged(files)
-        except BaseException as exc:
-            self._give_up(attempt, exc)
-            raise
-        crash_point("stage.after_upload")
-        return StagedPartition(
-            attempt, files, data.table.schema, data.source, data.segment_key, data.segment_keys
-        )
-
-    def commit_staged(
-        self,
-        staged: StagedPartition,
-        *,
-        mode: CommitMode = "replace",
-        commit_key: str | None = None,
-    ) -> CommitResult:
-        """Commit staged (and verified) objects: fenced, idempotent by attempt id."""
-        try:
-            manifest = Manifest(
-                files=staged.files,
-                schema_hash=schema_fingerprint(staged.schema),
-                source=staged.source,
-            )
-            result = self.commit(
-                staged.attempt,
-                manifest,
-                staged.schema,
-                mode=mode,
-                segment_keys=_segment_keys(staged.segment_key, staged.segment_keys),
-                commit_key=commit_key,
-            )
-        except BaseException as exc:
-            self._give_up(staged.attempt, exc)
-            raise
-        self.leases.release(staged.attempt)
-        return result
-
-    def write_many(
+    def stage(
         self,
         dataset: str,
         partitions: Mapping[str, PartitionData],
         *,
         mode: CommitMode = "replace",
-        run_id: str | None = None,
-        step_key: str | None = None,
-        retry_number: int = 0,
-        commit_key: str | None = None,
-    ) -> dict[str, CommitResult]:
-        """Stage and commit many partitions of one dataset: one new version each.
-
-        The same protocol as `write` for every partition, with the per-partition round trips
-        batched: the attempts begin in one transaction, their files are uploaded and verified
-        concurrently, and they commit in one transaction (`commit_staged_many`).
-        """
-        staged = self.stage_many(
-            dataset,
-            partitions,
-            run_id=run_id,
-            step_key=step_key,
-            retry_number=retry_number,
-            mode=mode,
-        )
-        return self.commit_staged_many(staged, mode=mode, commit_key=commit_key)
-
-    def stage_many(
-        self,
-        dataset: str,
-        partitions: Mapping[str, PartitionData],
-        *,
-        run_id: str | None = None,
-        step_key: str | None = None,
-        retry_number: int = 0,
-        mode: CommitMode = "replace",
+        step: StepIdentity | None = None,
     ) -> list[StagedPartition]:
-        """`stage_partition` for many partitions: one transaction begins every attempt (taking
-        the fences), then the uploads and their verification run on a thread pool."""
-        keys = sorted(partitions)
+        """Begin one attempt per partition (one transaction; a replace takes the fences), then
+        upload and verify each one's files under its own prefix, concurrently. Nothing is
+        visible yet; the attempts' leases are kept alive until they commit or are aborted. If
+        any upload fails, every attempt begun here is failed. In partition key order."""
+        step = step or StepIdentity()
         attempts = self.versions.attempts.begin_many(
-            dataset, keys, run_id=run_id, step_key=step_key, retry_number=retry_number, mode=mode
+            dataset,
+            list(partitions),
+            run_id=step.run_id,
+            step_key=step.step_key,
+            retry_number=step.retry_number,
+            mode=mode,
         )
         for attempt in attempts:
             self.leases.track(attempt)
-
-        def upload(attempt: Attempt) -> list[FileEntry]:
-            files = self.stage(attempt, partitions[attempt.partition_key].table)
-            self.verify_staged(files)
-            return files
-
         try:
-            with ThreadPoolExecutor(
-                max_workers=min(self.upload_concurrency, len(attempts) or 1),
-                thread_name_prefix="trace-stage",
-            ) as pool:
-                uploaded = list(pool.map(upload, attempts))
+            uploaded = self._upload_all(attempts, partitions)
         except BaseException as exc:
-            for attempt in attempts:
-                self._give_up(attempt, exc)
+            self._give_up(attempts, exc)
             raise
         crash_point("stage.after_upload")
         staged = []
         for attempt, files in zip(attempts, uploaded, strict=True):
             data = partitions[attempt.partition_key]
             staged.append(
-                StagedPartition(
-                    attempt,
-                    files,
-                    data.table.schema,
-                    data.source,
-                    data.segment_key,
-                    data.segment_keys,
-                )
+                StagedPartition(attempt, files, data.table.schema, data.source, data.keys())
             )
         return staged
 
-    def commit_staged_many(
-        self,
-        staged: Sequence[StagedPartition],
-        *,
-        mode: CommitMode = "replace",
-        commit_key: str | None = None,
+    def commit(
+        self, staged: Sequence[StagedPartition], *, commit_key: str | None = None
     ) -> dict[str, CommitResult]:
-        """Commit staged partitions in one Postgres transaction, keyed by partition.
+        """Commit staged partitions in one Postgres transaction, keyed by partition: fenced,
+        and idempotent by attempt id (a retry of a commit that landed returns its version).
 
-        Each partition keeps every guarantee of `commit_staged` (fence, lease, commit key,
+        Each partition keeps every guarantee of a commit of its own (fence, lease, commit key,
         schema registry, continuity, its own version and outbox event). If any of them would
         be refused, the batch changes nothing and the partitions are committed one by one in
         key order instead, so each outcome (committed, fenced, expired) is recorded exactly as
-        without batching, and the first refusal is raised.
+        without batching, and the first refusal is raised. Whatever is not committed when it
+        raises is failed.
         """
         ordered = sorted(staged, key=lambda s: s.attempt.partition_key)
         if len(ordered) == 1:
-            only = ordered[0]
-            return {
-                only.attempt.partition_key: self.commit_staged(
-                    only, mode=mode, commit_key=commit_key
-                )
-            }
-        items = [
-            BatchItem(
-                s.attempt,
-                Manifest(files=s.files, schema_hash=schema_fingerprint(s.schema), source=s.source),
-                s.schema,
-                _segment_keys(s.segment_key, s.segment_keys),
-            )
-            for s in ordered
-        ]
+            return {ordered[0].attempt.partition_key: self._commit_one(ordered[0], commit_key)}
+        attempts = [s.attempt for s in ordered]
         try:
-            results = self._commit_batch(items, mode=mode, commit_key=commit_key)
+            mode = _one_mode(attempts)
+            items = [s.batch_item() for s in ordered]
+            results = self._retrying(
+                f"batch commit of {len(items)} attempts",
+                lambda: self.versions.commits.commit_many(items, mode=mode, commit_key=commit_key),
+            )
         except BatchNotCommitted as exc:
             log.info(
-                "batch commit of %d partitions refused (%s); committing one by one", len(items), exc
+                "batch commit of %d partitions refused (%s); committing one by one",
+                len(ordered),
+                exc,
             )
-            return self._commit_one_by_one(ordered, mode=mode, commit_key=commit_key)
+            return self._commit_one_by_one(ordered, commit_key)
         except BaseException as exc:
-            for s in ordered:
-                self._give_up(s.attempt, exc)
+            self._give_up(attempts, exc)
             raise
-        for s in ordered:
-            self.leases.release(s.attempt)
+        for attempt in attempts:
+            self.leases.release(attempt)
         return {s.attempt.partition_key: r for s, r in zip(ordered, results, strict=True)}
 
+    def abort(self, staged: Iterable[StagedPartition]) -> None:
+        """Fail staged partitions that will not be committed: their files are left for GC at
+        once instead of when their leases run out. A partition that committed stays so."""
+        self._give_up([s.attempt for s in staged], None)
+
+    def _commit_one(self, staged: StagedPartition, commit_key: str | None) -> CommitResult:
+        item = staged.batch_item()
+        try:
+            result = self._retrying(
+                f"commit of attempt {staged.attempt.attempt_id}",
+                lambda: self.versions.commits.commit(
+                    item.attempt,
+                    item.manifest,
+                    item.schema,
+                    mode=item.attempt.mode,
+                    segment_keys=item.segment_keys,
+                    commit_key=commit_key,
+                ),
+            )
+        except BaseException as exc:
+            self._give_up([staged.attempt], exc)
+            raise
+        self.leases.release(staged.attempt)
+        return result
+
     def _commit_one_by_one(
-        self, ordered: Sequence[StagedPartition], *, mode: CommitMode, commit_key: str | None
+        self, ordered: Sequence[StagedPartition], commit_key: str | None
     ) -> dict[str, CommitResult]:
         results: dict[str, CommitResult] = {}
         for index, s in enumerate(ordered):
             try:
-                results[s.attempt.partition_key] = self.commit_staged(
-                    s, mode=mode, commit_key=commit_key
-                )
+                results[s.attempt.partition_key] = self._commit_one(s, commit_key)
             except BaseException as exc:
-                for rest in ordered[index + 1 :]:
-                    self._give_up(rest.attempt, exc)
+                self._give_up([rest.attempt for rest in ordered[index + 1 :]], exc)
                 raise
         return results
 
-    def _commit_batch(
-        self, items: Sequence[BatchItem], *, mode: CommitMode, commit_key: str | None
-    ) -> list[CommitResult]:
-        """`commit_many`, retried by the same attempt ids when its outcome is unknown (as
-        `commit` is): attempts that landed return their versions on the retry."""
+    def _retrying(self, what: str, commit: Callable[[], _T]) -> _T:
+        """Run a commit, retried by the same attempt ids when its outcome is unknown.
+
+        A lost connection during COMMIT leaves the outcome unknown: the transaction may have
+        landed or not. Retrying with the same attempt ids is safe either way: attempts that
+        landed are 'committed' and the retry returns their versions; if not, the retry commits.
+        """
         for retry in range(self.commit_retries):
             try:
-                results = self.versions.commits.commit_many(items, mode=mode, commit_key=commit_key)
-            except sa.exc.OperationalError as exc:
+                result = commit()
+            except sa.exc.OperationalError as exc:  # connection lost: did the commit land?
                 if retry == self.commit_retries - 1:
                     raise
-                log.warning(
-                    "batch commit of %d attempts had an unknown outcome (%s); retrying",
-                    len(items),
-                    exc,
-                )
+                log.warning("%s had an unknown outcome (%s); retrying", what, exc)
                 time.sleep(0.2 * 2**retry)
                 continue
             crash_point("commit.after_pg_commit")
-            return results
+            return result
         raise AssertionError("unreachable")
 
-    def stage(self, attempt: Attempt, table: pa.Table) -> list[FileEntry]:
+    def _upload_all(
+        self, attempts: Sequence[Attempt], partitions: Mapping[str, PartitionData]
+    ) -> list[list[FileEntry]]:
+        def upload(attempt: Attempt) -> list[FileEntry]:
+            files = self._upload(attempt, partitions[attempt.partition_key].table)
+            self._verify(files)
+            return files
+
+        if len(attempts) == 1:
+            return [upload(attempts[0])]
+        with ThreadPoolExecutor(
+            max_workers=min(self.upload_concurrency, len(attempts) or 1),
+            thread_name_prefix="trace-stage",
+        ) as pool:
+            return list(pool.map(upload, attempts))
+
+    def _upload(self, attempt: Attempt, table: pa.Table) -> list[FileEntry]:
         """Upload the table as Parquet under the attempt's own prefix (invisible to readers)."""
         files = []
         step = self.max_rows_per_file
@@ -404,7 +338,7 @@ class DatasetWriter:
             files.append(FileEntry(stored.key, stored.size, stored.sha256, stored.rows))
         return files
 
-    def verify_staged(self, files: Iterable[FileEntry]) -> None:
+    def _verify(self, files: Iterable[FileEntry]) -> None:
         """Every staged object exists with the size the writer recorded."""
         for entry in files:
             size = self.store.size(entry.key)
@@ -415,52 +349,23 @@ class DatasetWriter:
                     "bytes; the upload did not complete, so nothing was committed. Retry the run"
                 )
 
-    def commit(
-        self,
-        attempt: Attempt,
-        manifest: Manifest,
-        schema: pa.Schema,
-        *,
-        mode: CommitMode,
-        segment_keys: Sequence[str] | None = None,
-        commit_key: str | None = None,
-    ) -> CommitResult:
-        """The fenced commit, retried by the same attempt id when its outcome is unknown.
-
-        A lost connection during COMMIT leaves the outcome unknown: the transaction may have
-        landed or not. Retrying with the same attempt id is safe either way: if it landed the
-        attempt is 'committed' and the retry returns that version; if not, the retry commits.
-        """
-        for retry in range(self.commit_retries):
+    def _give_up(self, attempts: Iterable[Attempt], exc: BaseException | None) -> None:
+        for attempt in attempts:
+            self.leases.release(attempt)
             try:
-                result = self.versions.commits.commit(
-                    attempt,
-                    manifest,
-                    schema,
-                    mode=mode,
-                    segment_keys=segment_keys,
-                    commit_key=commit_key,
-                )
-            except sa.exc.OperationalError as exc:  # connection lost: did the commit land?
-                if retry == self.commit_retries - 1:
-                    raise
-                log.warning(
-                    "commit of attempt %s had an unknown outcome (%s); retrying",
-                    attempt.attempt_id,
-                    exc,
-                )
-                time.sleep(0.2 * 2**retry)
-                continue
-            crash_point("commit.after_pg_commit")
-            return result
-        raise AssertionError("unreachable")
+                self.versions.attempts.mark_failed(attempt)
+            except Exception:  # the original error matters more; GC treats expired leases alike
+                log.exception("could not mark attempt %s failed after %r", attempt.attempt_id, exc)
 
-    def _give_up(self, attempt: Attempt, exc: BaseException) -> None:
-        self.leases.release(attempt)
-        try:
-            self.versions.attempts.mark_failed(attempt)
-        except Exception:  # the original error matters more; GC treats expired leases alike
-            log.exception("could not mark attempt %s failed after %s", attempt.attempt_id, exc)
+
+def _one_mode(attempts: Sequence[Attempt]) -> CommitMode:
+    modes = {a.mode for a in attempts}
+    if len(modes) != 1:
+        raise ValueError(
+            f"one commit takes attempts of one mode, got {sorted(modes)}: commit replace and "
+            "append partitions in separate calls"
+        )
+    return next(iter(modes))
 
 
 class UpstreamQualityError(DatasetError):

@@ -1,11 +1,30 @@
 """The IO manager: config fields plus delegation to the commit protocol.
 
-An asset returns a `pyarrow.Table` (one partition or an unpartitioned dataset), a
-`PartitionData`, or a mapping `{partition_key: PartitionData}` when one run materialises many
-partitions (a ranged backfill). Assets that handle many large partitions stream each one to
-the object store as they go and return `StagedPartition`s instead, so a run's memory does not
-grow with its number of partitions; the IO manager then only verifies and commits. Each
-partition is committed as its own version.
+It is the only code that begins, commits or fails attempts for Dagster assets. An asset returns
+a `pyarrow.Table` (one partition or an unpartitioned dataset), a `PartitionData`, or a mapping
+`{partition_key: PartitionData}` when one run materialises many partitions (a ranged backfill);
+`handle_output` stages them (concurrently) and commits them in one transaction.
+
+Assets that stream large ranges stage each partition as they go, so a run's memory does not
+grow with its number of partitions. They do it through one call, `DatasetIOManager.staging`:
+
+    @dg.asset(io_manager_key="dataset_io_manager", ...)
+    def big(
+        context: dg.AssetExecutionContext,
+        dataset_io_manager: dg.ResourceParam[DatasetIOManager],
+    ):
+        with dataset_io_manager.staging(context) as staging:
+            staged = {}
+            for key, table in extract(context.partition_keys):
+                [staged[key]] = staging.stage("big", {key: PartitionData(table)})
+        return staged  # {partition_key: StagedPartition}: handle_output commits them
+
+`staging.stage` may be called from several threads at once; it begins the attempts with the
+step's identity (run id, step key, retry number) and uploads their files. If the block raises,
+every attempt it began is failed at once (their files are left for GC); otherwise the staged
+partitions are handed over, and `handle_output` commits those of each output in one batched
+transaction. Staged partitions that no output committed (the step failed between outputs)
+are failed when the IO manager is torn down.
 
 Every commit carries a commit key naming the logical writer (`commit_key_for`): a step, its
 retries within the run, and re-executions of the run from the failure, so a step whose
@@ -14,20 +33,29 @@ output committed and which then failed commits that output once, however it is r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
 from dagster._core.execution.stats import StepEventStatus
+from pydantic import PrivateAttr
 
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
+from trace_resources.storage.commit import (
+    DatasetWriter,
+    PartitionData,
+    StagedPartition,
+    StepIdentity,
+)
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.records import CommitMode, CommitResult
 
-__all__ = ["DatasetIOManager", "COMMIT_MODE_METADATA", "commit_key_for"]
+__all__ = ["DatasetIOManager", "Staging", "COMMIT_MODE_METADATA", "commit_key_for"]
 
 COMMIT_MODE_METADATA = "trace/commit_mode"
 
@@ -57,11 +85,42 @@ def commit_key_for(context: dg.OutputContext) -> str | None:
     return f"dagster:{anchor}:{context.step_key}"
 
 
-def _retry_number(context: dg.OutputContext) -> int:
+def _output_step(context: dg.OutputContext) -> StepIdentity:
     try:
-        return context.step_context.previous_attempt_count
+        retry_number = context.step_context.previous_attempt_count
     except Exception:  # outside a run (direct invocation) there is no step context
-        return 0
+        retry_number = 0
+    return StepIdentity(context.run_id, context.step_key, retry_number)
+
+
+def _asset_step(context: dg.AssetExecutionContext) -> StepIdentity:
+    step = context.op_execution_context.get_step_execution_context().step
+    return StepIdentity(context.run.run_id, step.key, context.retry_number)
+
+
+class Staging:
+    """Partitions an asset streams to the object store while its step runs, under the step's
+    identity; `DatasetIOManager.staging` makes one. Safe to use from several threads."""
+
+    def __init__(self, writer: DatasetWriter, step: StepIdentity) -> None:
+        self._writer = writer
+        self._step = step
+        self._lock = threading.Lock()
+        self.staged: list[StagedPartition] = []
+
+    def stage(
+        self,
+        dataset: str,
+        partitions: Mapping[str, PartitionData],
+        *,
+        mode: CommitMode = "replace",
+    ) -> list[StagedPartition]:
+        """Begin an attempt per partition and upload its files (`DatasetWriter.stage`);
+        return them from the asset, by partition key, for `handle_output` to commit."""
+        staged = self._writer.stage(dataset, partitions, mode=mode, step=self._step)
+        with self._lock:
+            self.staged += staged
+        return staged
 
 
 def _expected_keys(context: dg.OutputContext | dg.InputContext) -> list[str]:
@@ -99,6 +158,12 @@ def _as_partitions(
     )
 
 
+@dataclass
+class _Output:
+    staged: list[StagedPartition] = field(default_factory=list)
+    tables: dict[str, PartitionData] = field(default_factory=dict)
+
+
 def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
     versions = {k: r.version.version for k, r in results.items()}
     rows = sum(r.version.manifest.rows for r in results.values())
@@ -130,59 +195,77 @@ class DatasetIOManager(dg.ConfigurableIOManager):
 
     objects: ObjectStoreResource
     state: StateStoreResource
+    _writer: DatasetWriter | None = PrivateAttr(default=None)
+    # staged by an asset's `staging` block and not yet committed, by attempt id
+    _handed_over: dict[str, StagedPartition] = PrivateAttr(default_factory=dict)
+
+    @contextlib.contextmanager
+    def staging(self, context: dg.AssetExecutionContext) -> Iterator[Staging]:
+        """Stage partitions while the asset runs: the one call for assets that stream (see
+        the module docstring). If the block raises, every attempt it began is failed."""
+        staging = Staging(self._dataset_writer(), _asset_step(context))
+        try:
+            yield staging
+        except BaseException:
+            self._dataset_writer().abort(staging.staged)
+            raise
+        self._handed_over.update((s.attempt.attempt_id, s) for s in staging.staged)
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         dataset = context.asset_key.path[-1]
         mode = (context.definition_metadata or {}).get(COMMIT_MODE_METADATA, "replace")
-        with self.state.writer(self.objects) as writer, as_dagster_failure():
-            results = self._commit_all(context, writer, dataset, mode, obj)
+        commit_mode: CommitMode = "append" if mode == "append" else "replace"
+        writer = self._dataset_writer()
+        with as_dagster_failure():
+            output = self._split_output(context, dataset, commit_mode, obj)
+            try:
+                if output.tables:
+                    output.staged += writer.stage(
+                        dataset, output.tables, mode=commit_mode, step=_output_step(context)
+                    )
+            except BaseException:
+                writer.abort(output.staged)
+                raise
+            results = writer.commit(output.staged, commit_key=commit_key_for(context))
         context.add_output_metadata(_metadata(results, writer.store.uri(f"{dataset}/")))
 
-    @staticmethod
-    def _commit_all(
-        context: dg.OutputContext, writer: DatasetWriter, dataset: str, mode: str, obj: object
-    ) -> dict[str, CommitResult]:
-        """One partition: `write` / `commit_staged`. Several (a ranged run): the batched path,
-        which begins, uploads (concurrently) and commits them in one transaction each, with
-        the same guarantees per partition."""
-        commit_mode: CommitMode = "append" if mode == "append" else "replace"
-        commit_key = commit_key_for(context)
-        partitions = _as_partitions(context, obj)
-        staged: list[StagedPartition] = []
-        tables: dict[str, PartitionData] = {}
-        for key, data in sorted(partitions.items()):
-            if isinstance(data, StagedPartition):  # the asset streamed it up already
-                if (data.attempt.dataset, data.attempt.partition_key) != (dataset, key):
-                    raise dg.DagsterInvariantViolationError(
-                        f"staged {data.attempt.dataset}/{data.attempt.partition_key} was "
-                        f"returned as {dataset}/{key}"
-                    )
-                staged.append(data)
-            else:
-                tables[key] = data
-        if len(partitions) == 1 and tables:  # one partition: the plain protocol
-            [(key, data)] = tables.items()
-            result = writer.write(
-                dataset,
-                key,
-                data,
-                mode=commit_mode,
-                run_id=context.run_id,
-                step_key=context.step_key,
-                retry_number=_retry_number(context),
-                commit_key=commit_key,
-            )
-            return {key: result}
-        if tables:
-            staged += writer.stage_many(
-                dataset,
-                tables,
-                mode=commit_mode,
-                run_id=context.run_id,
-                step_key=context.step_key,
-                retry_number=_retry_number(context),
-            )
-        return writer.commit_staged_many(staged, mode=commit_mode, commit_key=commit_key)
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._writer is not None:
+            # handed over by a step that failed before its output was handled: never committed
+            self._writer.abort(self._handed_over.values())
+            self._handed_over.clear()
+            self._writer.close()
+
+    def _dataset_writer(self) -> DatasetWriter:
+        if self._writer is None:
+            self._writer = self.state.writer(self.objects)
+        return self._writer
+
+    def _split_output(
+        self, context: dg.OutputContext, dataset: str, mode: CommitMode, obj: object
+    ) -> _Output:
+        """The output's partitions: those the asset staged (checked to be this output's and
+        handed over by `staging`) and the tables left to stage."""
+        output = _Output()
+        for key, data in sorted(_as_partitions(context, obj).items()):
+            if not isinstance(data, StagedPartition):
+                output.tables[key] = data
+                continue
+            attempt = data.attempt
+            if (attempt.dataset, attempt.partition_key, attempt.mode) != (dataset, key, mode):
+                raise dg.DagsterInvariantViolationError(
+                    f"staged {attempt.dataset}/{attempt.partition_key} ({attempt.mode}) was "
+                    f"returned as {dataset}/{key} ({mode})"
+                )
+            if attempt.attempt_id not in self._handed_over:
+                raise dg.DagsterInvariantViolationError(
+                    f"{dataset}/{key} was staged outside `DatasetIOManager.staging`: stage "
+                    "streamed partitions inside `with dataset_io_manager.staging(context)`"
+                )
+            output.staged.append(data)
+        for taken in output.staged:
+            del self._handed_over[taken.attempt.attempt_id]
+        return output
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         dataset = context.asset_key.path[-1]
