@@ -21,7 +21,7 @@ from trace_resources.errors import (
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as tables
 from trace_resources.storage.commit import PartitionData
-from trace_resources.storage.records import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEYS = [f"{i * 50:012d}-{i * 50 + 49:012d}" for i in range(4)]
 

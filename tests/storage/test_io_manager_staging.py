@@ -13,7 +13,7 @@ from trace_resources.storage import state as t
 from trace_resources.storage.commit import PartitionData, StagedPartition
 from trace_resources.storage.io_manager import DatasetIOManager
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.records import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 FIRST, SECOND = "streamed_first", "streamed_second"
 

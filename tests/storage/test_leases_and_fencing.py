@@ -24,7 +24,7 @@ from trace_resources.storage.commit import DatasetReader, DatasetWriter, Partiti
 from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import attempt_prefix
-from trace_resources.storage.records import VersionStore
+from trace_resources.storage.version_store import VersionStore
 
 KEY = "000000000000-000000000049"
 
