@@ -52,7 +52,7 @@ PARTITIONS = ["000000000000-000000000049", "000000000050-000000000099"]
 PARTITION = st.sampled_from([PARTITIONS[0]] * 3 + [PARTITIONS[1]])
 MODE = st.sampled_from(["replace", "append"])
 MAX_EXAMPLES = 30
-STEPS = 30
+STEPS = 40
 STATS: Counter[str] = Counter()
 
 
