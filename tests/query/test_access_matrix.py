@@ -21,6 +21,7 @@ import yaml
 
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import PostgresServer
+from tests.conftest import NewDatabase
 from tests.query.conftest import Tokens, World, _new_database, _serve, bearer
 from trace_assets.alerts.scope import AlertScope
 from trace_assets.cli import main as trace_cli
@@ -82,14 +83,21 @@ def tokens_of(tokens: Tokens, org: str) -> list[Token]:
 
 @pytest.fixture(scope="module")
 def matrix_world(
-    world: World, postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+    world: World,
+    postgres: PostgresServer,
+    new_database: NewDatabase,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> World:
     """A state database of its own (what this test commits and publishes stays here)."""
     root = tmp_path_factory.mktemp("matrix-objects")
     settings = world.settings.model_copy(
         update={
-            "state_dsn": _new_database(postgres, f"q{os.getpid()}_state_matrix"),
-            "data_dsn": _new_database(postgres, f"q{os.getpid()}_data_matrix"),
+            "state_dsn": _new_database(
+                postgres, new_database, f"q{os.getpid()}_state_matrix", "state"
+            ),
+            "data_dsn": _new_database(
+                postgres, new_database, f"q{os.getpid()}_data_matrix", "data"
+            ),
             "object_store": "local",
             "local_store_root": root,
             "bucket_datasets": "trace-datasets",
