@@ -43,7 +43,7 @@ def test_the_packages_keep_the_layering() -> None:
         ("trace_sensors.outbox", "trace_assets.partitions"),
         ("trace_assets.alerts.scope", "trace_query_api.catalog"),
         ("trace_resources.storage.access", "trace_resources.alert_pipeline.rules"),
-        ("trace_assets.cli", "trace_sensors.chain_head"),  # only definitions.py may
+        ("trace_assets.cli.chain", "trace_sensors.chain_head"),  # only definitions.py may
         ("trace_query_api.catalog", "trace_assets.partitions"),
     ],
 )

@@ -1,0 +1,74 @@
+"""`trace docs` and `trace lineage impacted`: the dataset catalogue written from the
+declarations, and the downstream datasets a column change reaches (and their re-runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trace_resources.settings import Settings
+
+
+def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.registry import catalogue_markdown
+
+    text = catalogue_markdown()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as out:
+            out.write(text)
+        sys.stdout.write(f"wrote the dataset catalogue to {args.output}\n")
+    return 0
+
+
+def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.registry import impacted_datasets
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    impacted = impacted_datasets(args.dataset, columns)
+    if not impacted:
+        sys.stdout.write(f"no downstream dataset reads {args.dataset}.{{{','.join(columns)}}}\n")
+        return 0
+    for dataset, hit in impacted.items():
+        sys.stdout.write(f"{dataset}\t{','.join(hit)}\n")
+    if not args.launch:
+        return 0
+    import dagster as dg
+
+    from trace_assets.definitions import build_resources
+    from trace_assets.lineage import launch_impacted
+
+    with dg.DagsterInstance.get() as instance:
+        results = launch_impacted(
+            list(impacted), args.partition, build_resources(settings), instance
+        )
+    for result in results:
+        sys.stdout.write(f"run {result.run_id}: {'success' if result.success else 'FAILED'}\n")
+    return 0 if all(r.success for r in results) else 1
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    docs = commands.add_parser(
+        "docs", help="write the dataset catalogue (Markdown) from the declarations"
+    )
+    docs.add_argument("--output", default="-", help="file to write (default: stdout)")
+    docs.set_defaults(func=cmd_docs)
+    lineage = commands.add_parser("lineage", help="column lineage").add_subparsers(
+        dest="action", required=True
+    )
+    impacted = lineage.add_parser(
+        "impacted",
+        help="downstream datasets that read the given columns (and --launch them)",
+        description="Follow the declared column lineage from DATASET's COLUMNS, transitively, "
+        "and list only the datasets with a column computed from them. With --launch, "
+        "materialise exactly those (for --partition ranges, default every range) on the "
+        "instance of $DAGSTER_HOME.",
+    )
+    impacted.add_argument("--dataset", required=True, help="the upstream dataset that changed")
+    impacted.add_argument("--columns", required=True, help="changed columns, comma-separated")
+    impacted.add_argument("--launch", action="store_true", help="materialise them")
+    impacted.add_argument(
+        "--partition", action="append", metavar="KEY", help="block range to redo (repeatable)"
+    )
+    impacted.set_defaults(func=cmd_lineage_impacted)

@@ -1,0 +1,155 @@
+"""`trace datasets`, `trace versions`, `trace gc` and `trace staging-cleanup`: the committed
+datasets and their versions, and the removal of superseded versions and of staged files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from trace_resources.settings import Settings
+
+if TYPE_CHECKING:
+    from trace_resources.storage.gc import GarbageCollector
+
+
+def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.read_model import ReadModel
+    from trace_resources.storage.state import engine_for
+
+    rows = ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
+    if args.json:
+        sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+        return 0
+    sys.stdout.write(
+        f"{'dataset':<14}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}\n"
+    )
+    for r in rows:
+        sys.stdout.write(
+            f"{r.dataset:<14}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}\n"
+        )
+    return 0
+
+
+def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.read_model import ReadModel
+    from trace_resources.storage.state import engine_for
+
+    for v in ReadModel(engine_for(settings.state_dsn)).version_history(
+        args.dataset, args.partition
+    ):
+        mark = "*" if v["current"] else " "
+        sys.stdout.write(
+            f"{mark} {v['partition_key']} v{v['version']:<4} {v['commit_mode']:<8} "
+            f"{v['row_count']:>10,} rows {v['byte_count']:>12,} bytes  "
+            f"{v['created_at']:%Y-%m-%d %H:%M:%S}\n"
+        )
+    return 0
+
+
+def _duration(text: str) -> timedelta:
+    """`90s`, `30m`, `12h`, `7d` (or plain seconds) as a timedelta."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        return timedelta(seconds=float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use e.g. 90s, 30m, 12h or 7d"
+        ) from None
+
+
+def garbage_collector(settings: Settings) -> GarbageCollector:
+    from trace_resources.storage.gc import GarbageCollector
+    from trace_resources.storage.object_store import local_store, s3_store
+    from trace_resources.storage.state import engine_for
+    from trace_resources.storage.version_store import VersionStore
+
+    if settings.object_store == "local":
+        store = local_store(settings.local_store_root, settings.bucket_datasets)
+    else:  # credentials from the AWS chain (AWS_ACCESS_KEY_ID, ... or an instance role)
+        store = s3_store(
+            settings.bucket_datasets,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    return GarbageCollector(store, VersionStore(engine_for(settings.state_dsn)))
+
+
+def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.gc import GcPolicy
+
+    policy = GcPolicy(keep_last=args.keep_last, older_than=args.older_than)
+    report = garbage_collector(settings).collect(
+        policy, apply=args.apply, datasets=args.dataset or None
+    )
+    for line in report.lines():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def cmd_staging_cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    report = garbage_collector(settings).cleanup_staging(
+        grace=args.grace, apply=args.apply, datasets=args.dataset or None
+    )
+    for line in report.lines():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    datasets = commands.add_parser("datasets", help="committed datasets: partitions, rows, bytes")
+    datasets.add_argument("--json", action="store_true", help="print JSON")
+    datasets.set_defaults(func=cmd_datasets)
+    versions = commands.add_parser("versions", help="version history of a dataset ('*': current)")
+    versions.add_argument("dataset")
+    versions.add_argument("--partition", help="one partition key")
+    versions.set_defaults(func=cmd_versions)
+    gc = commands.add_parser(
+        "gc",
+        help="remove superseded dataset versions (dry run unless --apply)",
+        description="Remove superseded versions beyond the newest --keep-last of each partition "
+        "and superseded more than --older-than ago, and the files only they reference. Never "
+        "touches a current version, a version a reader has pinned, or a live attempt; safe "
+        "while writers work. Without --apply, prints what it would remove.",
+    )
+    gc.add_argument("--apply", action="store_true", help="remove (default: dry run)")
+    gc.add_argument(
+        "--keep-last",
+        type=int,
+        default=2,
+        metavar="N",
+        help="versions kept per partition, the current one included (default 2)",
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_duration,
+        default=timedelta(days=1),
+        metavar="AGE",
+        help="remove only versions superseded more than AGE ago, e.g. 12h, 7d (default 1d)",
+    )
+    gc.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    gc.set_defaults(func=cmd_gc)
+
+    cleanup = commands.add_parser(
+        "staging-cleanup",
+        help="remove files of failed, fenced and expired attempts and orphans (dry run unless "
+        "--apply)",
+        description="Mark attempts whose lease expired abandoned, then remove the files of "
+        "attempts that can never commit, files no kept version references, and orphan files "
+        "no attempt knows that are older than --grace. Never touches a live attempt's files or "
+        "a committed file; safe while writers work.",
+    )
+    cleanup.add_argument("--apply", action="store_true", help="remove (default: dry run)")
+    cleanup.add_argument(
+        "--grace",
+        type=_duration,
+        default=timedelta(hours=1),
+        metavar="AGE",
+        help="leave orphan files younger than AGE (default 1h)",
+    )
+    cleanup.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
+    cleanup.set_defaults(func=cmd_staging_cleanup)
