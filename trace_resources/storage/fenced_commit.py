@@ -25,7 +25,7 @@ from trace_resources.errors import (
     VersionRemovedError,
 )
 from trace_resources.storage import state as t
-from trace_resources.storage.read_model import current_query
+from trace_resources.storage.read_model import current_query, load_version
 from trace_resources.storage.records import (
     COMMITTED_EVENT,
     Attempt,
@@ -358,7 +358,7 @@ class FencedCommits:
             .where(t.pointers.c.partition_key == partition_key)
             .with_for_update()
         ).scalar_one_or_none()
-        return None if number is None else _version(conn, dataset, partition_key, number)
+        return None if number is None else load_version(conn, dataset, partition_key, number)
 
     @staticmethod
     def _set_state(
@@ -369,16 +369,6 @@ class FencedCommits:
             .where(t.attempts.c.attempt_id == attempt.attempt_id)
             .values(state=state, committed_version=version, updated_at=sa.func.now())
         )
-
-
-def _version(conn: sa.Connection, dataset: str, partition_key: str, version: int) -> VersionRecord:
-    row = conn.execute(
-        sa.select(t.versions)
-        .where(t.versions.c.dataset == dataset)
-        .where(t.versions.c.partition_key == partition_key)
-        .where(t.versions.c.version == version)
-    ).one()
-    return version_record(row)
 
 
 def _appended(

@@ -28,7 +28,7 @@ from trace_resources.storage.records import (
     version_record,
 )
 
-__all__ = ["CommittedFiles", "ReadModel", "current_query"]
+__all__ = ["CommittedFiles", "ReadModel", "current_query", "load_version"]
 
 # (dataset, partition key, version, files) of one committed version
 CommittedFiles = tuple[str, str, int, list[FileEntry]]
@@ -51,6 +51,19 @@ def current_query(dataset: str, partition_keys: Sequence[str] | None) -> sa.Sele
     if partition_keys is not None:
         query = query.where(t.versions.c.partition_key.in_(list(partition_keys)))
     return query
+
+
+def load_version(
+    conn: sa.Connection, dataset: str, partition_key: str, version: int
+) -> VersionRecord:
+    """One committed version, in the caller's transaction (the fenced commit reads it there)."""
+    row = conn.execute(
+        sa.select(t.versions)
+        .where(t.versions.c.dataset == dataset)
+        .where(t.versions.c.partition_key == partition_key)
+        .where(t.versions.c.version == version)
+    ).one()
+    return version_record(row)
 
 
 def _files(rows: Any) -> list[CommittedFiles]:
@@ -96,13 +109,7 @@ class ReadModel:
 
     def version(self, dataset: str, partition_key: str, version: int) -> VersionRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(t.versions)
-                .where(t.versions.c.dataset == dataset)
-                .where(t.versions.c.partition_key == partition_key)
-                .where(t.versions.c.version == version)
-            ).one()
-        return version_record(row)
+            return load_version(conn, dataset, partition_key, version)
 
     def appended_keys(self, dataset: str, partition_key: str) -> set[str]:
         """Segment keys in the current version of an append-mode partition."""
