@@ -96,8 +96,8 @@ class Resolution:
 
 
 class Catalog:
-    """Access rule, discovery and version resolution over Postgres state (read-only) and the
-    query service's own tables."""
+    """Discovery and version resolution for a token: the access rule (`storage.access`), the
+    read model and the query snapshots (`storage.snapshots`)."""
 
     def __init__(self, engine: sa.Engine, files: FileCache) -> None:
         self.engine = engine
@@ -109,14 +109,20 @@ class Catalog:
     # -- access and discovery ----------------------------------------------------------------
 
     def readable(
-        self, principal: Principal, among: Iterable[str] | None = None
+        self,
+        principal: Principal,
+        among: Iterable[str] | None = None,
+        conn: sa.Connection | None = None,
     ) -> dict[str, access.ReadableDataset]:
-        """The datasets this token may read (of `among`, if given)."""
-        return access.readable_datasets(self.engine, principal.org, principal, among=among)
+        """The datasets this token may read (of `among`, if given), on the request's
+        connection when it has one."""
+        return access.readable_datasets(conn or self.engine, principal.org, principal, among=among)
 
-    def require_readable(self, principal: Principal, names: Iterable[str]) -> None:
+    def require_readable(
+        self, principal: Principal, names: Iterable[str], conn: sa.Connection | None = None
+    ) -> None:
         names = sorted(set(names))
-        readable = self.readable(principal, names)
+        readable = self.readable(principal, names, conn)
         for name in names:
             if name not in readable:
                 raise UnknownDatasetError(name)
@@ -185,19 +191,19 @@ class Catalog:
         """Committed files of `names` as this token may see them: pinned versions where the
         request pins a dataset (exactly those partitions), current versions elsewhere."""
         names = sorted(set(names))
-        self.require_readable(principal, names)
         resolution = Resolution()
         pinned = {n: pins[n] for n in names if n in pins}
         current = [n for n in names if n not in pins]
-        for name, by_partition in pinned.items():
-            allowed = principal.partitions_for(name)
-            outside = sorted(set(by_partition) - allowed) if allowed is not None else []
-            if outside:
-                raise NotFoundError(
-                    f"{name} has no committed partition {outside[0]!r} available to this token",
-                    code="unknown_version",
-                )
         with self.engine.connect() as conn:
+            self.require_readable(principal, names, conn)
+            for name, by_partition in pinned.items():
+                allowed = principal.partitions_for(name)
+                outside = sorted(set(by_partition) - allowed) if allowed is not None else []
+                if outside:
+                    raise NotFoundError(
+                        f"{name} has no committed partition {outside[0]!r} available to this token",
+                        code="unknown_version",
+                    )
             if current:
                 self._add_current(conn, principal, current, resolution)
             if pinned:

@@ -264,6 +264,21 @@ def test_database_behind_is_refused_and_one_a_newer_release_migrated_is_accepted
     engine_for(empty_database)  # a revision this code does not know: a newer release's
     dispose_engine(empty_database)
 
+    current = _trace("db", "current", "--database", "state", "--state-dsn", empty_database)
+    assert current.returncode == 0, current.stderr
+    assert "state_9999 (newer than this code's" in current.stdout
+
+    # another database's revision, or one older than the code, is not a newer release's
+    for revision in ("data_0001", "state_0000", "not_a_revision"):
+        with sa.create_engine(empty_database, poolclass=sa.NullPool).begin() as conn:
+            conn.execute(
+                sa.text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = :r"), {"r": revision}
+            )
+        with pytest.raises(SchemaNotCurrentError, match=f"is at revision {revision}"):
+            engine_for(empty_database)
+        behind = _trace("db", "current", "--database", "state", "--state-dsn", empty_database)
+        assert behind.returncode == 1 and "run `trace db upgrade`" in behind.stdout
+
     with sa.create_engine(empty_database, poolclass=sa.NullPool).begin() as conn:
         conn.execute(sa.text(f"DELETE FROM {migrations.VERSION_TABLE}"))
     with pytest.raises(SchemaNotCurrentError, match="has no Trace schema version"):

@@ -35,8 +35,13 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             sys.stderr.write(f"\n(is it running? is --{database}-dsn right?)\n")
             return 2
         head = migrations.head(database)
-        status = "head" if revision == head else f"head is {head}: run `trace db upgrade`"
-        behind += revision != head
+        if revision == head:
+            status = "head"
+        elif migrations.is_newer(database, revision):
+            status = f"newer than this code's {head}: a newer release migrated it; ok"
+        else:
+            status = f"head is {head}: run `trace db upgrade`"
+            behind += 1
         sys.stdout.write(f"{database} {where}: {revision or 'not migrated'} ({status})\n")
     return 1 if behind else 0
 
@@ -50,11 +55,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="bring the databases to the schema this code needs (safe to repeat)",
         description="Run the Alembic migrations of Postgres state and data up to the head "
         "revision, each database in one transaction. Keeps every row; safe to repeat and to "
-        "run while another upgrade runs. Trace's processes refuse a database that is not at "
-        "the head revision.",
+        "run while another upgrade runs. Trace's processes refuse a database behind the head "
+        "revision (one a newer release migrated further is accepted).",
     )
     current = db.add_parser(
-        "current", help="the schema revision of each database (exit 1 if not at head)"
+        "current", help="the schema revision of each database (exit 1 if one is behind)"
     )
     for sub in (upgrade, current):
         sub.add_argument(

@@ -53,7 +53,6 @@ __all__ = [
     "OWNED_PATTERN",
     "REVOKED_JTI_EXISTS",
     "ReadableDataset",
-    "is_revoked",
     "owner_of",
     "publish",
     "published",
@@ -220,9 +219,3 @@ def revoke_token(engine: sa.Engine, jti: str, reason: str | None = None) -> bool
             .returning(revoked_table.c.jti)
         ).first()
     return inserted is not None
-
-
-def is_revoked(conn: sa.Connection, jti: str) -> bool:
-    return (
-        conn.execute(sa.select(sa.literal(1)).where(revoked_table.c.jti == jti)).first() is not None
-    )

@@ -25,7 +25,7 @@ from trace_resources.errors import (
     VersionRemovedError,
 )
 from trace_resources.storage import state as t
-from trace_resources.storage.read_model import current_query, load_version
+from trace_resources.storage.read_model import current_query, find_version
 from trace_resources.storage.records import (
     COMMITTED_EVENT,
     Attempt,
@@ -35,7 +35,6 @@ from trace_resources.storage.records import (
     CommitResult,
     Manifest,
     VersionRecord,
-    version_record,
 )
 from trace_resources.storage.schemas import register_schema, schema_fingerprint
 
@@ -304,14 +303,9 @@ class FencedCommits:
     ) -> VersionRecord:
         """The version an earlier commit landed as. If GC has removed it since: for an append,
         the current version (which carries its segments forward); for a replace, a refusal."""
-        row = conn.execute(
-            sa.select(t.versions)
-            .where(t.versions.c.dataset == attempt.dataset)
-            .where(t.versions.c.partition_key == attempt.partition_key)
-            .where(t.versions.c.version == version)
-        ).one_or_none()
-        if row is not None:
-            return version_record(row)
+        landed = find_version(conn, attempt.dataset, attempt.partition_key, version)
+        if landed is not None:
+            return landed
         if attempt.mode == "append":
             # later appends carried the segments forward: the current version holds them
             current_record = self._current(conn, attempt.dataset, attempt.partition_key)
@@ -358,7 +352,7 @@ class FencedCommits:
             .where(t.pointers.c.partition_key == partition_key)
             .with_for_update()
         ).scalar_one_or_none()
-        return None if number is None else load_version(conn, dataset, partition_key, number)
+        return None if number is None else find_version(conn, dataset, partition_key, number)
 
     @staticmethod
     def _set_state(

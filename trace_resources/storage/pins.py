@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.storage import state as t
-from trace_resources.storage.read_model import current_query
+from trace_resources.storage.read_model import current_query, find_version
 from trace_resources.storage.records import VersionRecord, interval, version_record
 
 __all__ = ["Pins", "gc_lock"]
@@ -53,18 +53,12 @@ class Pins:
         """Pin one (possibly superseded) version; FileNotFoundError if it is gone."""
         with self.engine.begin() as conn:
             gc_lock(conn, dataset, shared=True)
-            row = conn.execute(
-                sa.select(t.versions)
-                .where(t.versions.c.dataset == dataset)
-                .where(t.versions.c.partition_key == partition_key)
-                .where(t.versions.c.version == version)
-            ).one_or_none()
-            if row is None:
+            record = find_version(conn, dataset, partition_key, version)
+            if record is None:
                 raise FileNotFoundError(
                     f"{dataset} partition {partition_key} has no version {version}: it was never "
                     "committed or GC removed it; `trace versions` lists what is kept"
                 )
-            record = version_record(row)
             self._insert_pins(conn, reader_id, dataset, [record], ttl_s)
         return record
 

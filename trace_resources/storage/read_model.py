@@ -28,7 +28,7 @@ from trace_resources.storage.records import (
     version_record,
 )
 
-__all__ = ["CommittedFiles", "ReadModel", "current_query", "load_version"]
+__all__ = ["CommittedFiles", "ReadModel", "current_query", "find_version"]
 
 # (dataset, partition key, version, files) of one committed version
 CommittedFiles = tuple[str, str, int, list[FileEntry]]
@@ -53,17 +53,18 @@ def current_query(dataset: str, partition_keys: Sequence[str] | None) -> sa.Sele
     return query
 
 
-def load_version(
+def find_version(
     conn: sa.Connection, dataset: str, partition_key: str, version: int
-) -> VersionRecord:
-    """One committed version, in the caller's transaction (the fenced commit reads it there)."""
+) -> VersionRecord | None:
+    """One committed version in the caller's transaction (the fenced commit and pins read it
+    there), or None if it was never committed or GC removed it."""
     row = conn.execute(
         sa.select(t.versions)
         .where(t.versions.c.dataset == dataset)
         .where(t.versions.c.partition_key == partition_key)
         .where(t.versions.c.version == version)
-    ).one()
-    return version_record(row)
+    ).one_or_none()
+    return None if row is None else version_record(row)
 
 
 def _files(rows: Any) -> list[CommittedFiles]:
@@ -109,7 +110,10 @@ class ReadModel:
 
     def version(self, dataset: str, partition_key: str, version: int) -> VersionRecord:
         with self.engine.connect() as conn:
-            return load_version(conn, dataset, partition_key, version)
+            record = find_version(conn, dataset, partition_key, version)
+        if record is None:
+            raise LookupError(f"{dataset} partition {partition_key} has no version {version}")
+        return record
 
     def appended_keys(self, dataset: str, partition_key: str) -> set[str]:
         """Segment keys in the current version of an append-mode partition."""
@@ -172,21 +176,6 @@ class ReadModel:
         return [FileEntry(**f) for f in files or []]
 
     # -- datasets and summaries ------------------------------------------------------------
-
-    def committed_dataset_names(
-        self, among: Sequence[str] | None = None, conn: sa.Connection | None = None
-    ) -> list[str]:
-        """Datasets in the registry (a commit registered their schema), or those of `among`."""
-        query = sa.select(t.datasets.c.name)
-        if among is not None:
-            query = query.where(t.datasets.c.name.in_(list(among)))
-        with self._reading(conn) as reading:
-            return list(reading.execute(query).scalars().all())
-
-    def is_committed(self, dataset: str, conn: sa.Connection | None = None) -> bool:
-        query = sa.select(sa.literal(1)).where(t.datasets.c.name == dataset)
-        with self._reading(conn) as reading:
-            return reading.execute(query).first() is not None
 
     def partition_summaries(
         self, datasets: Sequence[str], conn: sa.Connection | None = None

@@ -2,8 +2,11 @@
 registry and schemas, fences, attempts, versions, current-version pointers, commit keys, the
 outbox, quality results, reader pins and the GC queue; and the pooled engine per database.
 
-Only the modules of the version store (`version_store.py` and the concerns it builds) query
-these tables; everything else reads through the read model (`read_model.py`).
+Only modules of this package query them: the version store's concerns (`version_store.py`)
+and the access rule (`access.py`, which reads the registry's dataset names); everything else
+reads through the read model (`read_model.py`). The query service's tables are defined on the
+same `metadata` by the modules that own them (`access.py`, `snapshots.py`, `saved_queries.py`,
+`exports.py`, `rate_limits.py`); the schema is made by the migrations (`migrations/`).
 """
 
 from __future__ import annotations

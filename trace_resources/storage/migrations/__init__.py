@@ -17,6 +17,7 @@ and the Table objects agree.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
@@ -25,7 +26,6 @@ import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 
 from trace_resources.errors import SchemaNotCurrentError
 
@@ -36,6 +36,7 @@ __all__ = [
     "current",
     "head",
     "require_current",
+    "is_newer",
     "open_engine",
 ]
 
@@ -44,6 +45,8 @@ Database = Literal["state", "data"]
 # not Alembic's default name: Dagster keeps its own `alembic_version` when its storage shares
 # a database with Trace's
 VERSION_TABLE = "trace_alembic_version"
+
+_UNDEFINED_TABLE = "42P01"
 
 # serialises upgrades of one database between processes that start together
 _UPGRADE_LOCKS: dict[str, int] = {"state": 7260110001, "data": 7260110006}
@@ -107,31 +110,30 @@ def require_current(engine: sa.Engine, database: Database) -> None:
     with engine.connect() as conn:
         try:
             found = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
-        except sa.exc.ProgrammingError:  # no version table: never migrated
-            found = None
-    if found == needed or _newer_than_this_code(database, found):
+        except sa.exc.ProgrammingError as exc:
+            if getattr(exc.orig, "pgcode", None) != _UNDEFINED_TABLE:
+                raise
+            found = None  # no version table: never migrated
+    if found == needed or is_newer(database, found):
         return
-    if found != needed:
-        where = engine.url.render_as_string(hide_password=True)
-        state = "has no Trace schema version" if found is None else f"is at revision {found}"
-        raise SchemaNotCurrentError(
-            f"Postgres {database} at {where} {state}; this code needs revision {needed}. "
-            f"Run `trace db upgrade --database {database}` (locally `make services-up` "
-            "upgrades both databases)."
-        )
+    where = engine.url.render_as_string(hide_password=True)
+    state = "has no Trace schema version" if found is None else f"is at revision {found}"
+    raise SchemaNotCurrentError(
+        f"Postgres {database} at {where} {state}; this code needs revision {needed}. "
+        f"Run `trace db upgrade --database {database}` (locally `make services-up` "
+        "upgrades both databases)."
+    )
 
 
-def _newer_than_this_code(database: Database, found: str | None) -> bool:
-    """A revision this code does not know was written by a newer release. Revisions only add
-    (expand now, contract in a later release), so the code of the release before keeps running
-    during a rolling deploy; a database behind the code is refused."""
-    if found is None:
-        return False
-    try:
-        _scripts(database).get_revision(found)
-    except CommandError:
-        return True
-    return False
+def is_newer(database: Database, revision: str | None) -> bool:
+    """Was `revision` written by a newer release of this database's migrations? Revisions are
+    numbered `<database>_NNNN` and only add (expand now, contract in a later release), so the
+    code of the release before keeps running during a rolling deploy. A database behind the
+    code, another database's revision or anything else is not newer."""
+    match = re.fullmatch(rf"{database}_(\d{{4}})", revision or "")
+    number = re.fullmatch(rf"{database}_(\d{{4}})", head(database))
+    assert number is not None, f"head revision {head(database)} is not named {database}_NNNN"
+    return match is not None and int(match.group(1)) > int(number.group(1))
 
 
 def open_engine(dsn: str, database: Database) -> sa.Engine:
