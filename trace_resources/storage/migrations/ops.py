@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-__all__ = ["create_table_if_missing"]
+__all__ = ["create_table_if_missing", "created_at"]
 
 
 def create_table_if_missing(name: str, *elements: Any, **kw: Any) -> bool:
@@ -20,3 +20,8 @@ def create_table_if_missing(name: str, *elements: Any, **kw: Any) -> bool:
         return False
     op.create_table(name, *elements, **kw)
     return True
+
+
+def created_at(name: str = "created_at") -> sa.Column[object]:
+    """A `timestamptz NOT NULL DEFAULT now()` column, as every baseline table's `created_at`."""
+    return sa.Column(name, sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)

@@ -10,15 +10,12 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from trace_resources.storage.migrations.ops import create_table_if_missing
+from trace_resources.storage.migrations.ops import created_at as _created_at
 
 revision = "state_0001"
 down_revision = None
 branch_labels = None
 depends_on = None
-
-
-def _created_at(name: str = "created_at") -> sa.Column[object]:
-    return sa.Column(name, sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
 
 
 def upgrade() -> None:
