@@ -128,5 +128,10 @@ class SegmentConflictError(CommitError):
     permanent = False
 
 
+class PartitionSealedError(CommitError):
+    """An append to a partition whose current version is a sealed (replace) version: the range
+    is complete and its sealed version stands; nothing was appended."""
+
+
 class VersionRemovedError(CommitError):
     """A retried commit had landed, but its version was superseded and removed by GC since."""

@@ -81,6 +81,32 @@ class Settings(BaseSettings):
         "datasets (the automation sensor then runs the rest).",
     )
 
+    # the head follower (`python -m trace_assets.head`)
+    head_max_batch_blocks: int = Field(
+        100,
+        gt=0,
+        description="Most finalized blocks the head follower appends in one segment when it is "
+        "behind (caught up, it appends each block as it is finalized).",
+    )
+    head_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds between finalized-head reads when caught up (None: a third of the "
+        "block time observed on the chain, between 0.05 and 1).",
+    )
+    head_metrics_port: int | None = Field(
+        None, gt=0, lt=65536, description="Port of the follower's Prometheus /metrics (None: off)."
+    )
+    head_compact_min_segments: int = Field(
+        64,
+        gt=1,
+        description="The follower compacts an open range's live segments into one file once "
+        "this many have accumulated.",
+    )
+    head_compact_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between the follower's compaction checks."
+    )
+
     # postgres
     state_dsn: str = Field(
         "postgresql+psycopg2://trace:trace@127.0.0.1:54329/trace_state",

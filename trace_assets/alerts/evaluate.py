@@ -18,8 +18,9 @@ Re-evaluation (`reconcile`). The evaluation ledger remembers, per range and rule
 force, every alert raised and whether it is still standing. When a re-committed range is
 evaluated again:
 
-- an alert the new version still raises is published again under its key (a no-op at the
-  sink: one row per key);
+- an alert the new version still raises under the key it stands with is not published
+  again (it was published before the ledger recorded it; the sink would keep one row per key
+  anyway);
 - an alert it raises for the first time is sent;
 - a standing alert it no longer raises gets one retraction, key `retract:<its key>`;
 - an alert that was retracted and is raised again (a later version restores the row) is sent
@@ -292,14 +293,20 @@ def evaluate_range(rules: Iterable[StoredRule], data: RangeData) -> list[BufferM
 
 @dataclass
 class Plan:
-    alerts: list[BufferMessage]  # every alert the current version raises (some re-sent)
+    alerts: list[BufferMessage]  # every alert the current version raises
     retractions: list[BufferMessage]
     ledger: list[LedgerEntry]  # new state of each entry evaluated
     new: int = 0  # alerts not standing before (first raising or a new generation)
+    # keys of alerts already standing under the same key: published before (the ledger is
+    # written only after publishing), so not sent again
+    standing: frozenset[str] = frozenset()
 
     @property
     def messages(self) -> list[BufferMessage]:
-        return [*self.alerts, *self.retractions]
+        """What to publish: new alerts and new generations, and retractions. An alert standing
+        under the same key is not re-sent (the head follower's alerts are not sent again by
+        the sealed range's evaluation)."""
+        return [*(a for a in self.alerts if a.dedupe_key not in self.standing), *self.retractions]
 
 
 def _retraction(entry: LedgerEntry, data: RangeData) -> BufferMessage:
@@ -333,6 +340,7 @@ def reconcile(
     alerts: list[BufferMessage] = []
     ledger: list[LedgerEntry] = []
     new = 0
+    standing: set[str] = set()
     seen: set[str] = set()
     for message in current:
         base = message.dedupe_key
@@ -349,6 +357,8 @@ def reconcile(
         if entry is None or not entry.standing:
             new += 1
         key = generation_key(base, generation)
+        if entry is not None and entry.standing and entry.key == key:
+            standing.add(key)
         payload = {**message.payload, "base_key": base, "generation": generation}
         sent = replace(message, dedupe_key=key, payload=payload)
         alerts.append(sent)
@@ -374,4 +384,4 @@ def reconcile(
             continue
         retracted.append(_retraction(entry, data))
         ledger.append(replace(entry, standing=False))
-    return Plan(alerts, retracted, ledger, new)
+    return Plan(alerts, retracted, ledger, new, frozenset(standing))

@@ -102,15 +102,31 @@ def evaluation_lock(engine: sa.Engine, partition_key: str) -> Iterator[None]:
             conn.commit()
 
 
+def _in_blocks(payload: sa.ColumnElement[Any], blocks: tuple[int, int]) -> sa.ColumnElement[bool]:
+    """The alert's row is in blocks first..last (an alert without a block number is not)."""
+    number = payload["row"]["block_number"].astext
+    return sa.and_(
+        number.op("~")(r"^\d+$"), sa.cast(number, sa.BigInteger).between(blocks[0], blocks[1])
+    )
+
+
 def load_ledger(
-    engine: sa.Engine, partition_key: str, rule_versions: dict[tuple[str, str], int]
+    engine: sa.Engine,
+    partition_key: str,
+    rule_versions: dict[tuple[str, str], int],
+    *,
+    blocks: tuple[int, int] | None = None,
 ) -> list[LedgerEntry]:
-    """Ledger entries of this range for the rule versions in force. A rule version with no
-    entries yet (a range evaluated before the ledger existed) starts from the alerts the sink
-    stored for it."""
+    """Ledger entries of this range for the rule versions in force (with `blocks`, only the
+    alerts of rows in blocks first..last: the head follower evaluates a few blocks at a time).
+    A rule version with no entries yet (a range evaluated before the ledger existed) starts
+    from the alerts the sink stored for it."""
     lg = ledger
+    query = sa.select(lg).where(lg.c.partition_key == partition_key)
+    if blocks is not None:
+        query = query.where(_in_blocks(lg.c.payload, blocks))
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(lg).where(lg.c.partition_key == partition_key)).all()
+        rows = conn.execute(query).all()
     out = [
         LedgerEntry(
             r.org,
@@ -127,7 +143,9 @@ def load_ledger(
         if rule_versions.get((r.org, r.rule_id)) == r.rule_version
     ]
     known = {(e.org, e.rule_id) for e in out}
-    for key, payload, destination in previous_alerts(engine, partition_key, rule_versions):
+    for key, payload, destination in previous_alerts(
+        engine, partition_key, rule_versions, blocks=blocks
+    ):
         org, rule_id = str(payload.get("org")), str(payload.get("rule_id"))
         if (org, rule_id) in known:
             continue
@@ -184,20 +202,25 @@ def save_ledger(engine: sa.Engine, partition_key: str, entries: Sequence[LedgerE
 
 
 def previous_alerts(
-    engine: sa.Engine, partition_key: str, rule_versions: dict[tuple[str, str], int]
+    engine: sa.Engine,
+    partition_key: str,
+    rule_versions: dict[tuple[str, str], int],
+    *,
+    blocks: tuple[int, int] | None = None,
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """Alerts already upserted for this range by the rule versions now in force (standing:
-    not retracted)."""
+    not retracted); with `blocks`, only those of rows in blocks first..last."""
     a = t.alerts
     retracted = sa.select(a.c.dedupe_key).where(a.c.kind == "retraction").subquery()
+    query = sa.select(a.c.dedupe_key, a.c.payload, a.c.destination).where(
+        a.c.kind == "alert",
+        a.c.payload["partition_key"].astext == partition_key,
+        ("retract:" + a.c.dedupe_key).not_in(sa.select(retracted.c.dedupe_key)),
+    )
+    if blocks is not None:
+        query = query.where(_in_blocks(a.c.payload, blocks))
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(a.c.dedupe_key, a.c.payload, a.c.destination).where(
-                a.c.kind == "alert",
-                a.c.payload["partition_key"].astext == partition_key,
-                ("retract:" + a.c.dedupe_key).not_in(sa.select(retracted.c.dedupe_key)),
-            )
-        ).all()
+        rows = conn.execute(query).all()
     return [
         (r.dedupe_key, r.payload, r.destination)
         for r in rows

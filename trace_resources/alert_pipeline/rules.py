@@ -219,6 +219,12 @@ class AlertRule(_Strict):
     condition: Condition
     channels: list[Channel] = Field(min_length=1)
     enabled: bool = True
+    confirmation: Literal["finalized", "safe"] = Field(
+        "finalized",
+        description="When the rule alerts: `finalized` (default) once a block is finalized, or "
+        "`safe` as soon as it reaches the chain's `safe` head (earlier; an alert whose block "
+        "is orphaned before it is finalized is retracted).",
+    )
 
     @field_validator("channels")
     @classmethod

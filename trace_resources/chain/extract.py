@@ -56,6 +56,7 @@ class ChainHead:
     chain_id: int
     latest: int
     finalized: int
+    safe: int | None = None  # None: the node has no `safe` tag
 
 
 @dataclass
@@ -142,6 +143,39 @@ class ChainClient:
             )
         )
         return ChainHead(chain_id=self.chain_id, latest=latest, finalized=finalized)
+
+    def heads(self) -> ChainHead:
+        """Latest, safe and finalized block numbers in one batch, without the chain id check
+        (the head follower reads them several times a second; it checks the id at start)."""
+        latest, safe, finalized = self.rpc.batch(
+            "eth_getBlockByNumber", [["latest", False], ["safe", False], ["finalized", False]]
+        )
+        return ChainHead(
+            chain_id=self.chain_id,
+            latest=int(latest["number"], 16),
+            finalized=int(finalized["number"], 16),
+            safe=int(safe["number"], 16) if safe else None,
+        )
+
+    def block_ref(self, number: int) -> tuple[BlockRef, int] | None:
+        """(number, hash, parent hash) and timestamp of one block, or None if the node lacks it."""
+        block = self.rpc.call("eth_getBlockByNumber", [hex(number), False])
+        if not block:
+            return None
+        ref = BlockRef(int(block["number"], 16), block["hash"], block["parentHash"])
+        return ref, int(block["timestamp"], 16)
+
+    def block_time_s(self, at: int, sample: int = 1000) -> float | None:
+        """The chain's average block time over the `sample` blocks up to `at`, from their
+        timestamps (one-second granularity on Monad, so averaged over many blocks); None if
+        the chain is too short to tell."""
+        start = max(0, at - sample)
+        if at - start < 2:
+            return None
+        first, last = self.block_ref(start), self.block_ref(at)
+        if first is None or last is None or last[1] <= first[1]:
+            return None
+        return (last[1] - first[1]) / (at - start)
 
     def preflight(self, ranges: Sequence[BlockRange], datasets: Sequence[str]) -> ChainHead:
         """Check everything cryo would otherwise fail on with a message-less panic."""

@@ -245,6 +245,26 @@ class DatasetWriter:
             self.leases.release(attempt)
         return {s.attempt.partition_key: r for s, r in zip(ordered, results, strict=True)}
 
+    def commit_together(self, staged: Sequence[StagedPartition]) -> list[CommitResult]:
+        """Commit staged partitions of several datasets in ONE transaction, all or nothing
+        (e.g. a block's segment of every head dataset). A refusal of any of them raises
+        `BatchNotCommitted` (its cause: the refusal) and fails every attempt; an unknown
+        outcome is retried by the same attempt ids. Results in the order given."""
+        attempts = [s.attempt for s in staged]
+        try:
+            mode = _one_mode(attempts)
+            items = [s.batch_item() for s in staged]
+            results = self._retrying(
+                f"commit of {len(items)} attempts together",
+                lambda: self.versions.commits.commit_many(items, mode=mode),
+            )
+        except BaseException as exc:
+            self._give_up(attempts, exc)
+            raise
+        for attempt in attempts:
+            self.leases.release(attempt)
+        return results
+
     def abort(self, staged: Iterable[StagedPartition]) -> None:
         """Fail staged partitions that will not be committed: their files are left for GC at
         once instead of when their leases run out. A partition that committed stays so."""

@@ -1,0 +1,106 @@
+"""`python -m trace_assets.head`: the head follower as a long-running worker.
+
+Configured by the same `TRACE_*` settings as the rest of Trace (`TRACE_HEAD_*` for its own).
+One follower per chain appends: it holds a leader lock in Postgres state, and a second
+process waits as a standby. SIGTERM or SIGINT stops it after the cycle in hand (a cycle is
+all or nothing, so a SIGKILL loses nothing either: the next start resumes after the newest
+committed block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from trace_assets.alerts.scope import AlertScope
+from trace_assets.head.follower import HEAD_DATASETS, HeadFollower, leadership
+from trace_assets.head.metrics import HeadMetrics
+from trace_resources.alert_pipeline import tables as alert_tables
+from trace_resources.alert_pipeline.rules import RuleStore
+from trace_resources.alert_pipeline.sink import buffer_from_settings
+from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
+from trace_resources.settings import Settings, get_settings
+
+log = logging.getLogger("trace_assets.head")
+
+
+def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> HeadFollower:
+    """A follower wired to the services the settings name (chain, object store, Postgres
+    state and data, the alert buffer)."""
+    chain = ChainResource(
+        rpc_url=settings.rpc_url,
+        chain_id=settings.chain_id,
+        range_size=settings.range_size,
+        requests_per_second=settings.rpc_requests_per_second,
+        max_concurrent_requests=settings.rpc_max_concurrent_requests,
+        timeout_s=settings.rpc_timeout_s,
+        collect_timeout_s=settings.rpc_collect_timeout_s,
+        retry_budget_s=settings.rpc_retry_budget_s,
+        max_attempts=settings.rpc_max_attempts,
+    )
+    if settings.object_store == "local":
+        objects = ObjectStoreResource(kind="local", local_root=str(settings.local_store_root))
+    else:
+        objects = ObjectStoreResource(
+            kind="s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            bucket_datasets=settings.bucket_datasets,
+        )
+    state = StateStoreResource(dsn=settings.state_dsn)
+    data_engine = alert_tables.data_engine(settings.data_dsn)
+    return HeadFollower(
+        chain.client(),
+        state.versions(),
+        state.writer(objects),
+        settings.range_size,
+        rules=RuleStore(data_engine),
+        buffer=buffer_from_settings(settings),
+        data_engine=data_engine,
+        scope=AlertScope(settings.state_dsn),
+        max_batch_blocks=settings.head_max_batch_blocks,
+        metrics=metrics,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trace_assets.head", description=__doc__.split("\n\n")[0]
+    )
+    parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s follower %(levelname)s %(message)s")
+    settings = get_settings()
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    metrics = HeadMetrics(settings.head_metrics_port)
+    follower = build_follower(settings, metrics)
+    try:
+        with leadership(follower.versions.engine, settings.chain_id, stop) as leading:
+            if not leading:
+                return 0
+            log.info(
+                "follower ready: chain %s, ranges of %d blocks, datasets %s%s",
+                settings.chain_id,
+                settings.range_size,
+                ", ".join(HEAD_DATASETS),
+                f", metrics on :{settings.head_metrics_port}" if settings.head_metrics_port else "",
+            )
+            follower.run(stop, settings.head_poll_s)
+    finally:
+        follower.close()
+        metrics.close()
+    log.info("follower stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
