@@ -58,13 +58,15 @@ class RelayOutcome:
     superseded: int = 0  # a newer version is current: not announced
     not_assets: int = 0  # the dataset is no asset of this code location
     deferred: int = 0  # its run is still in progress: next tick
+    appended: int = 0  # the head follower's appends to open ranges: not relayed
     cursor: int | None = None
 
     def summary(self) -> str:
         return (
             f"relayed {len(self.relayed)} committed version(s) Dagster had not recorded; "
             f"{self.recorded} already recorded, {self.superseded} superseded, "
-            f"{self.not_assets} not assets, {self.deferred} deferred (run in progress)"
+            f"{self.not_assets} not assets, {self.deferred} deferred (run in progress), "
+            f"{self.appended} head appends (not relayed)"
         )
 
 
@@ -132,6 +134,11 @@ def _materialization(event: OutboxEvent) -> dg.AssetMaterialization:
     )
 
 
+def _head_append(event: OutboxEvent) -> bool:
+    """An append to a block-range partition (the head follower's), not a version to relay."""
+    return event.payload.get("mode") == "append" and event.partition_key != UNPARTITIONED
+
+
 def relay_outbox(
     instance: dg.DagsterInstance,
     versions: VersionStore,
@@ -150,7 +157,16 @@ def relay_outbox(
     done: list[int] = []
     now = time.time()
     run_in_progress = _RunStates(instance)
-    for dataset, batch in by_dataset.items():
+    for dataset, events_of_dataset in by_dataset.items():
+        # the head follower's appends to open ranges: Dagster sees them as observations
+        # (trace_sensors/freshness.py), never as materializations that would start downstream
+        # runs of a range that is not complete
+        appends = [e.id for e in events_of_dataset if _head_append(e)]
+        outcome.appended += len(appends)
+        done += appends
+        batch = [e for e in events_of_dataset if not _head_append(e)]
+        if not batch:
+            continue
         key = dg.AssetKey(dataset)
         if known is not None and key not in known:
             outcome.not_assets += len(batch)

@@ -12,13 +12,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 
+from trace_assets.head.agreement import HeadAgreement, compare_with_head
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ChainResource
-from trace_resources.storage.commit import PartitionData, StagedPartition
+from trace_resources.storage.commit import DatasetReader, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA, DatasetIOManager, Staging
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS"]
@@ -40,13 +41,23 @@ def _column_schema(dataset: str) -> dg.TableSchema:
     )
 
 
-def _stage_range(staging: Staging, data: RangeData) -> dict[str, StagedPartition]:
+def _stage_range(
+    staging: Staging,
+    data: RangeData,
+    reader: DatasetReader | None = None,
+    agreements: list[HeadAgreement] | None = None,
+) -> dict[str, StagedPartition]:
     """Stage the three datasets of one verified range, each under its own new attempt.
 
     The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
     fails, the error ends the staging block, which fails the others' attempts too: the range
-    commits whole or not at all.
+    commits whole or not at all. If the head follower appended to the range, what it appended
+    is compared with the sealed data first (`agreements`).
     """
+    if reader is not None and agreements is not None:
+        agreement = compare_with_head(reader, data)
+        if agreement is not None:
+            agreements.append(agreement)
 
     def stage(name: RawDataset) -> StagedPartition:
         partition = PartitionData(data.tables[name], source=data.source)
@@ -91,7 +102,9 @@ def raw_chain(
     the run fails before).
     """
     staged: dict[str, dict[str, StagedPartition]] = {name: {} for name in RAW_DATASETS}
+    agreements: list[HeadAgreement] = []
     with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
+        reader = dataset_io_manager.state.reader(dataset_io_manager.objects)
         ranges = [parse_partition_key(key) for key in context.partition_keys]
         client = chain.client()
         try:
@@ -100,9 +113,14 @@ def raw_chain(
                 f"extracting {len(ranges)} range(s) {ranges[0].key}..{ranges[-1].key}; "
                 f"finalized head {head.finalized}"
             )
-            _extract_and_stage(client, staging, ranges, chain.extract_concurrency, staged)
+            _extract_and_stage(
+                client, staging, ranges, chain.extract_concurrency, staged, reader, agreements
+            )
         finally:
             client.close()
+    disagreements = [a for a in agreements if not a.ok]
+    for agreement in disagreements:
+        context.log.error(agreement.summary())
     for name in RAW_DATASETS:
         yield dg.Output(
             staged[name],
@@ -111,6 +129,13 @@ def raw_chain(
                 "trace/ranges": len(ranges),
                 "trace/first_block": ranges[0].start,
                 "trace/last_block": ranges[-1].last,
+                "trace/head_appended_blocks": sum(a.appended_blocks for a in agreements),
+                # a sealed range that differs from what the head follower appended: an error in
+                # the run's log, and here (the sealed version replaces the appended one)
+                "trace/head_agrees": not disagreements,
+                "trace/head_disagreements": dg.MetadataValue.json(
+                    {a.partition_key: a.as_metadata() for a in disagreements}
+                ),
             },
         )
 
@@ -121,6 +146,8 @@ def _extract_and_stage(
     ranges: list[BlockRange],
     concurrency: int,
     staged: dict[str, dict[str, StagedPartition]],
+    reader: DatasetReader | None = None,
+    agreements: list[HeadAgreement] | None = None,
 ) -> None:
     """Extract ranges while verified ones upload, in range order.
 
@@ -143,12 +170,14 @@ def _extract_and_stage(
                 )
                 while len(extracting) > concurrency:
                     data = extracting.popleft().result()
-                    uploading.append(uploader.submit(_stage_range, staging, data))
+                    uploading.append(
+                        uploader.submit(_stage_range, staging, data, reader, agreements)
+                    )
                     while len(uploading) > 1:
                         _collect(uploading.popleft(), staged)
             while extracting:
                 data = extracting.popleft().result()
-                uploading.append(uploader.submit(_stage_range, staging, data))
+                uploading.append(uploader.submit(_stage_range, staging, data, reader, agreements))
             while uploading:
                 _collect(uploading.popleft(), staged)
         except BaseException:
