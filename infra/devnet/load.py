@@ -141,7 +141,7 @@ class LoadStats:
 
     seconds: float
     tps_target: float
-    sent: int
+    sent: int  # transactions sent (a failed batch counts too: some of it may have landed)
     send_rate: float
     send_errors: int
     blocks: int
@@ -553,8 +553,7 @@ class DevnetLoad:
         with self._lock:
             if self._alert_rpc is None:
                 raise LoadError("the load is not running")
-            req = _tx_request(tx, self.alerter, self._alerter_nonce, ALERT_FEE_WEI, False, 0)
-            req["chainId"] = hex(self.chain_id)
+            req = self._request(tx, self.alerter, self._alerter_nonce, ALERT_FEE_WEI)
             req["maxPriorityFeePerGas"] = hex(ALERT_PRIORITY_WEI)
             sent_at = time.time()
             try:
