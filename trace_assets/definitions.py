@@ -10,6 +10,8 @@ from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS
+from trace_assets.head.checks import head_freshness_checks
+from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
 from trace_resources.alert_pipeline.resource import AlertsResource
@@ -17,6 +19,7 @@ from trace_resources.resources import ChainResource, ObjectStoreResource, StateS
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager
 from trace_sensors.chain_head import RangeRuns, build_chain_head_sensor
+from trace_sensors.freshness import build_head_freshness_sensor
 from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
 
 __all__ = ["defs", "build_resources", "raw_backfill_job", "RANGE_RUNS", "chain_head_sensor"]
@@ -90,12 +93,13 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or get_settings()
     return dg.Definitions(
         assets=[raw_chain, ingest_audit, *DERIVED_ASSETS, alert_evaluations],
-        asset_checks=DATASET_CHECKS,
+        asset_checks=[*DATASET_CHECKS, head_freshness_checks],
         jobs=[raw_backfill_job],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
             build_outbox_relay_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
+            build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),
         ],
         resources=build_resources(settings),
     )

@@ -103,6 +103,17 @@ class Settings(BaseSettings):
         description="The follower compacts an open range's live segments into one file once "
         "this many have accumulated.",
     )
+    head_max_lag_blocks: int = Field(
+        100,
+        ge=0,
+        description="The `head_freshness` check fails when a head dataset is more blocks than "
+        "this behind the finalized head.",
+    )
+    head_max_lag_s: float = Field(
+        60.0,
+        ge=0,
+        description="… or more seconds of chain time than this behind it.",
+    )
     head_compact_interval_s: float = Field(
         5.0, gt=0, description="Seconds between the follower's compaction checks."
     )

@@ -9,6 +9,7 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from trace_resources.errors import TraceError
 from trace_resources.settings import Settings
 
 if TYPE_CHECKING:
@@ -16,20 +17,64 @@ if TYPE_CHECKING:
 
 
 def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.freshness import DatasetLag, dataset_lags
+    from trace_resources.registry import declarations
+    from trace_resources.resources import ChainResource
     from trace_resources.storage.read_model import ReadModel
     from trace_resources.storage.state import engine_for
 
-    rows = ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
+    read = ReadModel(engine_for(settings.state_dsn))
+    rows = read.dataset_summaries()
+    block_range = [
+        r.dataset
+        for r in rows
+        if (d := declarations().get(r.dataset)) is not None and d.partitioning == "block_range"
+    ]
+    lags: dict[str, DatasetLag] = {}
+    unreachable = None
+    if block_range:
+        client = ChainResource(
+            rpc_url=settings.rpc_url,
+            chain_id=settings.chain_id,
+            range_size=settings.range_size,
+            timeout_s=min(settings.rpc_timeout_s, 5.0),
+            retry_budget_s=5.0,
+            max_attempts=2,
+        ).client()
+        try:
+            lags = {lag.dataset: lag for lag in dataset_lags(read, client, block_range)}
+        except TraceError as exc:  # the table is still useful without the chain
+            unreachable = str(exc)
+        finally:
+            client.close()
     if args.json:
-        sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+        out = [
+            {**r.__dict__, "freshness": lags[r.dataset].as_dict() if r.dataset in lags else None}
+            for r in rows
+        ]
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return 0
     sys.stdout.write(
-        f"{'dataset':<14}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}\n"
+        f"{'dataset':<18}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}"
+        f"{'head block':>12}{'lag blocks':>11}{'lag s':>7}\n"
     )
     for r in rows:
+        lag = lags.get(r.dataset)
+        head = lag.head_block if lag and lag.head_block is not None else "-"
+        behind = lag.lag_blocks if lag and lag.lag_blocks is not None else "-"
+        seconds = f"{lag.lag_seconds:.0f}" if lag and lag.lag_seconds is not None else "-"
         sys.stdout.write(
-            f"{r.dataset:<14}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}\n"
+            f"{r.dataset:<18}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}"
+            f"{head:>12}{behind:>11}{seconds:>7}\n"
         )
+    if lags:
+        finalized = next(iter(lags.values())).finalized
+        sys.stdout.write(
+            f"lag: blocks and seconds of chain time behind the finalized head {finalized} "
+            "(the head follower keeps the block-range datasets within seconds of it)\n"
+        )
+    if unreachable:
+        sys.stderr.write(f"lag unknown: the chain did not answer ({unreachable})\n")
     return 0
 
 

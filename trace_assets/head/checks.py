@@ -1,0 +1,56 @@
+"""The `head_freshness` check of each head dataset: is it within TRACE_HEAD_MAX_LAG_BLOCKS
+blocks and TRACE_HEAD_MAX_LAG_S seconds of the chain's finalized head? The freshness sensor
+(`trace_sensors/freshness.py`) reports it as the follower appends; it also runs on demand
+from the UI or the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from trace_assets.head.follower import HEAD_DATASETS
+from trace_resources.failures import as_dagster_failure
+from trace_resources.freshness import HEAD_FRESHNESS_CHECK, dataset_lags
+from trace_resources.resources import ChainResource, StateStoreResource
+from trace_resources.settings import get_settings
+
+__all__ = ["HEAD_FRESHNESS_CHECK", "head_freshness_checks"]
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            HEAD_FRESHNESS_CHECK,
+            asset=name,
+            description="Within TRACE_HEAD_MAX_LAG_BLOCKS blocks and TRACE_HEAD_MAX_LAG_S "
+            "seconds of the chain's finalized head (the head follower keeps it there).",
+        )
+        for name in HEAD_DATASETS
+    ],
+    name="head_freshness_checks",
+)
+def head_freshness_checks(
+    chain: ChainResource, state: StateStoreResource
+) -> Iterator[dg.AssetCheckResult]:
+    settings = get_settings()
+    with as_dagster_failure():
+        client = chain.client()
+        try:
+            lags = dataset_lags(state.versions().read, client, HEAD_DATASETS)
+        finally:
+            client.close()
+    for lag in lags:
+        passed = lag.within(settings.head_max_lag_blocks, settings.head_max_lag_s)
+        yield dg.AssetCheckResult(
+            asset_key=lag.dataset,
+            check_name=HEAD_FRESHNESS_CHECK,
+            passed=passed,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(
+                f"{lag.lag_blocks} block(s), {lag.lag_seconds} s behind finalized {lag.finalized}"
+                if lag.head_block is not None
+                else f"nothing committed; finalized head {lag.finalized}"
+            ),
+            metadata={k: v for k, v in lag.as_dict().items() if v is not None},
+        )
