@@ -190,8 +190,8 @@ def alerts_end_to_end(
     from infra.local.webhook_receiver import WebhookReceiver
 
     secret = secrets.token_hex(24)
-    with WebhookReceiver(secret) as hook, AlertWorkers(env, root):
-        _say(f"alert sink and deliverer running; webhook receiver on {hook.url}")
+    with WebhookReceiver(secret) as hook, AlertWorkers(env, root, with_follower=True):
+        _say(f"alert sink, deliverer and head follower running; webhook receiver on {hook.url}")
         rule = _large_transfer_rule(client, f"{hook.url}/demo", secret)
         created = client.post("/v1/alerts/rules", json=rule)
         if created.status_code == 409:  # a re-run: the rule's next version
@@ -224,6 +224,7 @@ def alerts_end_to_end(
                     f"{root / 'alerts'} for the sink and deliverer logs"
                 )
             time.sleep(0.5)
+        head_tier(env, client, hook, secret)
     received = {d.dedupe_key for d in hook.snapshot() if d.alert.get("rule_version") == version}
     _say(
         f"{len(alerts)} alerts upserted once each and delivered: the webhook receiver got "
@@ -240,6 +241,92 @@ def alerts_end_to_end(
             f"{row['from_address'][:10]}… to {row['to_address'][:10]}… [{states}]"
         )
     print()
+
+
+HEAD_WATCHED = "0x" + "d3" * 20
+
+
+def head_tier(env: dict[str, str], client: httpx.Client, hook: Any, secret: str) -> None:
+    """The head tier: the devnet mines a block every 0.3 s; a native transfer to a watched
+    address is alerted at the webhook and queryable within seconds of its block becoming
+    finalized, while its block range is still open (not sealed)."""
+    from infra.local.services import Miner
+
+    rule = {
+        "id": "head-watch",
+        "description": "Native transfers to a watched address, alerted from the head tier",
+        "condition": {
+            "kind": "watched_addresses",
+            "addresses": [HEAD_WATCHED],
+            "datasets": ["native_transfers"],
+        },
+        "channels": [
+            {"kind": "webhook", "name": "head-hook", "url": f"{hook.url}/head", "secret": secret}
+        ],
+    }
+    created = client.post("/v1/alerts/rules", json=rule)
+    if created.status_code == 409:
+        created = client.put(f"/v1/alerts/rules/{rule['id']}", json=rule)
+    created.raise_for_status()
+    rpc = httpx.Client(base_url=env["TRACE_RPC_URL"], timeout=30)
+
+    def call(method: str, *params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
+        return rpc.post("", json=body).raise_for_status().json()["result"]
+
+    miner = Miner(env["TRACE_RPC_URL"], 0.3)
+    miner.start()
+    try:
+        sender = call("eth_accounts")[0]
+        tx = call("eth_sendTransaction", {"from": sender, "to": HEAD_WATCHED, "value": hex(10**18)})
+        receipt = None
+        while receipt is None:
+            time.sleep(0.1)
+            receipt = call("eth_getTransactionReceipt", tx)
+        block = int(receipt["blockNumber"], 16)
+        _say(
+            f"head tier: a transfer to {HEAD_WATCHED[:10]}… landed in block {block}; waiting "
+            "for it to be finalized (64 blocks of 0.3 s on anvil)"
+        )
+        deadline = time.monotonic() + 120
+        finalized_at = alerted_at = visible_at = None
+        sql = (
+            "SELECT block_number FROM native_transfers "
+            f"WHERE transaction_hash = from_hex('{tx[2:]}')"
+        )
+        while finalized_at is None or alerted_at is None or visible_at is None:
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"head tier: block {block} not alerted and queryable within 120 s "
+                    f"(finalized: {finalized_at is not None}, alerted: {alerted_at is not None}, "
+                    f"queryable: {visible_at is not None}); see the follower's log"
+                )
+            now = time.monotonic()
+            if finalized_at is None:
+                finalized = int(call("eth_getBlockByNumber", "finalized", False)["number"], 16)
+                if finalized >= block:
+                    finalized_at = now
+            if alerted_at is None and any(
+                (d.alert.get("row") or {}).get("transaction_hash") == tx for d in hook.snapshot()
+            ):
+                alerted_at = now
+            if visible_at is None and client.post("/v1/query", json={"sql": sql}).json().get(
+                "rows"
+            ):
+                visible_at = now
+            time.sleep(0.05)
+    finally:
+        miner.stop()
+        rpc.close()
+    size = int(env.get("TRACE_RANGE_SIZE", "10000"))
+    start = block // size * size
+    _say(
+        f"head tier: block {block} finalized; its alert reached the webhook "
+        f"{max(0.0, alerted_at - finalized_at):.1f} s and its row was queryable "
+        f"{max(0.0, visible_at - finalized_at):.1f} s after (read every 50 ms), while its range "
+        f"{start:012d}-{start + size - 1:012d} is still open: the sealing run commits it whole "
+        "once the finalized head passes its end"
+    )
 
 
 @contextlib.contextmanager

@@ -4,9 +4,11 @@ them, until interrupted.
 The chain-head sensor (on by default) adds block ranges as the devnet's finalized head moves
 and requests their runs; materialise and backfill from the UI at http://127.0.0.1:3000. The
 query service (uvicorn) answers on http://127.0.0.1:8700 (docs at /docs); get a token with
-`.venv/bin/trace token issue --org ORG --subject SUB`. The alert sink and deliverer run beside
-them. Ctrl-C stops the alert workers (the sink drains the buffer), the query service and
-Dagster, then the services.
+`.venv/bin/trace token issue --org ORG --subject SUB`. The alert sink and deliverer and the head
+follower run beside them: the devnet mines a block every `--block-time` seconds (0.3 by default,
+like Monad) and the follower appends each finalized block to the open range within seconds.
+Ctrl-C stops the workers (the sink drains the buffer), the query service and Dagster, then the
+services.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from infra.local.alert_workers import AlertWorkers
 from infra.local.query_service import QueryServer
-from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
+from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices, Miner
 
 
 def main() -> int:
@@ -29,9 +31,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=3000, help="Dagster UI port")
     parser.add_argument("--query-port", type=int, default=8700, help="query service port")
     parser.add_argument(
-        "--mine-every",
-        type=int,
-        default=1,
+        "--block-time",
+        type=float,
+        default=0.3,
         help="devnet block time in seconds while dev runs (0: no new blocks)",
     )
     args = parser.parse_args()
@@ -40,14 +42,18 @@ def main() -> int:
     env = {**os.environ, **services.env()}
     dagster = None
     query = QueryServer(env, args.query_port, log_file=args.root / "query-service.log")
-    workers = AlertWorkers(env, args.root)
+    workers = AlertWorkers(env, args.root, with_follower=True)
+    miner = Miner(services.anvil.url, args.block_time) if args.block_time > 0 else None
     try:
         query.start()
         print(f"[dev] query service on {query.url} (docs: {query.url}/docs)", flush=True)
         workers.start()
-        print(f"[dev] alert sink and deliverer running (logs in {workers.dir})", flush=True)
-        if args.mine_every > 0:  # the chain moves, so the sensor has new ranges to add
-            services.anvil.rpc("evm_setIntervalMining", [max(1, round(args.mine_every))])
+        if miner is not None:  # the chain moves: the follower appends, the sensor seals
+            miner.start()
+        print(
+            f"[dev] alert sink, deliverer and head follower running (logs in {workers.dir})",
+            flush=True,
+        )
         command = [
             str(Path(sys.executable).with_name("dagster")),
             "dev",
@@ -65,6 +71,8 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if miner is not None:
+            miner.stop()
         workers.stop()  # the sink drains the buffer before the services stop
         query.stop()
         if dagster is not None and dagster.poll() is None:

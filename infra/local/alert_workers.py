@@ -1,4 +1,5 @@
-"""Run the alert sink and the alert deliverer as child processes: for `make dev` and `make demo`.
+"""Run the alert sink and the alert deliverer (and, with `with_follower`, the head follower) as
+child processes: for `make dev` and `make demo`.
 
 Each runs in its own session (a Ctrl-C in the terminal reaches us, not them), logs to
 `<root>/alerts/{sink,deliverer}.log`, and stops on SIGTERM: the sink drains the buffer into
@@ -31,13 +32,23 @@ _WORKERS = {
     "sink": ("trace_resources.alert_pipeline.sink", "sink ready on queue"),
     "deliverer": ("trace_resources.alert_pipeline.delivery", "deliverer ready"),
 }
+# the head follower (`with_follower=True`): appends and alerts each finalized block
+_FOLLOWER = {"follower": ("trace_assets.head", "follower ready")}
 
 
 class AlertWorkers:
     """`with AlertWorkers(env, root) as workers:` the sink and the deliverer, stopped on exit."""
 
-    def __init__(self, env: Mapping[str, str], root: Path, *, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        root: Path,
+        *,
+        start_timeout: float = 60.0,
+        with_follower: bool = False,
+    ) -> None:
         self.env = dict(env)
+        self.workers = {**_WORKERS, **(_FOLLOWER if with_follower else {})}
         self.dir = Path(root) / "alerts"
         self.start_timeout = start_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -48,7 +59,7 @@ class AlertWorkers:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            for name, (module, _) in _WORKERS.items():
+            for name, (module, _) in self.workers.items():
                 with self.log_file(name).open("ab") as log:
                     self.procs[name] = subprocess.Popen(
                         [sys.executable, "-m", module],
@@ -59,7 +70,7 @@ class AlertWorkers:
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                     )
-            for name, (_, ready) in _WORKERS.items():
+            for name, (_, ready) in self.workers.items():
                 self._wait_ready(name, ready)
         except BaseException:
             self.stop()
@@ -83,7 +94,7 @@ class AlertWorkers:
         raise ServiceError(f"alert {name} did not start within {self.start_timeout:.0f}s")
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM both at once (the sink drains while the deliverer finishes its sends), then
+        """SIGTERM all at once (the sink drains while the deliverer finishes its sends), then
         wait for each, SIGKILL after `timeout`."""
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -24,8 +24,20 @@ from trace_resources.alert_pipeline.rules import RuleStore
 from trace_resources.alert_pipeline.sink import buffer_from_settings
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
+from trace_resources.storage.compaction import Compactor
 
 log = logging.getLogger("trace_assets.head")
+
+
+def objects_from(settings: Settings) -> ObjectStoreResource:
+    if settings.object_store == "local":
+        return ObjectStoreResource(kind="local", local_root=str(settings.local_store_root))
+    return ObjectStoreResource(
+        kind="s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        bucket_datasets=settings.bucket_datasets,
+    )
 
 
 def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> HeadFollower:
@@ -42,15 +54,7 @@ def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> He
         retry_budget_s=settings.rpc_retry_budget_s,
         max_attempts=settings.rpc_max_attempts,
     )
-    if settings.object_store == "local":
-        objects = ObjectStoreResource(kind="local", local_root=str(settings.local_store_root))
-    else:
-        objects = ObjectStoreResource(
-            kind="s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
-            bucket_datasets=settings.bucket_datasets,
-        )
+    objects = objects_from(settings)
     state = StateStoreResource(dsn=settings.state_dsn)
     data_engine = alert_tables.data_engine(settings.data_dsn)
     return HeadFollower(
@@ -83,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     metrics = HeadMetrics(settings.head_metrics_port)
     follower = build_follower(settings, metrics)
+    objects = objects_from(settings)
     try:
         with leadership(follower.versions.engine, settings.chain_id, stop) as leading:
             if not leading:
@@ -94,7 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ", ".join(HEAD_DATASETS),
                 f", metrics on :{settings.head_metrics_port}" if settings.head_metrics_port else "",
             )
-            follower.run(stop, settings.head_poll_s)
+            with Compactor(objects.datasets(), follower.versions) as compactor:
+                follower.run(
+                    stop,
+                    settings.head_poll_s,
+                    compactor=compactor,
+                    compact_every_s=settings.head_compact_interval_s,
+                    compact_min_segments=settings.head_compact_min_segments,
+                )
     finally:
         follower.close()
         metrics.close()

@@ -53,6 +53,7 @@ from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.errors import ChainContinuityError, PartitionSealedError
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
+from trace_resources.storage.compaction import Compactor
 from trace_resources.storage.records import BatchNotCommitted, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 
@@ -184,12 +185,59 @@ class HeadFollower:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, poll_s: float | None = None) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        poll_s: float | None = None,
+        *,
+        compactor: Compactor | None = None,
+        compact_every_s: float = 5.0,
+        compact_min_segments: int = 64,
+    ) -> None:
         """Cycle until `stop` is set: immediately again while behind, else after `poll_s`
         (default: a third of the chain's observed block time, between 50 ms and 1 s). An
-        error is logged and retried with backoff after reloading what is committed."""
+        error is logged and retried with backoff after reloading what is committed. With a
+        `compactor`, a background thread compacts the open range's segments of every head
+        dataset every `compact_every_s` once `compact_min_segments` have accumulated, so a
+        query of the open range reads a few files however many blocks it holds."""
         backoff = 0.5
         self.client.check_chain_id()
+        compacting = None
+        if compactor is not None:
+            compacting = threading.Thread(
+                target=self._compact_loop,
+                args=(compactor, stop, compact_every_s, compact_min_segments),
+                name="head-compaction",
+                daemon=True,
+            )
+            compacting.start()
+        try:
+            self._cycle_until(stop, poll_s, backoff)
+        finally:
+            if compacting is not None:
+                compacting.join()
+
+    def _compact_loop(
+        self, compactor: Compactor, stop: threading.Event, every_s: float, min_segments: int
+    ) -> None:
+        while not stop.wait(every_s):
+            last = self._last
+            if last is None:
+                continue
+            key = range_containing(last.number, self.range_size).key
+            for name in HEAD_DATASETS:
+                if stop.is_set():
+                    return
+                try:
+                    report = compactor.compact_open(name, key, min_segments=min_segments)
+                except Exception as exc:  # the next round retries; appends go on meanwhile
+                    self.metrics.error(f"compaction:{type(exc).__name__}")
+                    log.warning("compaction of %s %s failed: %s", name, key, exc)
+                    continue
+                if report.compacted:
+                    log.info("%s", report.line())
+
+    def _cycle_until(self, stop: threading.Event, poll_s: float | None, backoff: float) -> None:
         while not stop.is_set():
             try:
                 outcome = self.cycle()
