@@ -4,7 +4,8 @@ A range is complete for a sealed dataset (raw, or derived by block range) when i
 version in Postgres state is a sealed one (commit mode 'replace'); a head follower's 'append'
 version is open, not sealed. It is complete for an evaluation asset (`alert_evaluations`,
 whose outcome lives in the alert pipeline, not in the version store) when Dagster recorded a
-successful materialization of the range and no later attempt of it failed.
+successful materialization of the range and no later attempt of it failed (the evaluation
+step is the asset's name).
 
 Why a range is missing comes from the Dagster instance: the latest planned materialization
 of the (asset, range) that has no materialization after it names the run that tried; that run
@@ -20,6 +21,7 @@ from enum import StrEnum
 
 import dagster as dg
 import sqlalchemy as sa
+from dagster._core.execution.stats import StepEventStatus
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -132,6 +134,11 @@ def _run_statuses(instance: dg.DagsterInstance, run_ids: Iterable[str]) -> dict[
     return statuses
 
 
+def _step_failed(instance: dg.DagsterInstance, run_id: str, step_key: str) -> bool:
+    stats = instance.get_run_step_stats(run_id, step_keys=[step_key])
+    return any(s.status == StepEventStatus.FAILURE for s in stats)
+
+
 def find_gaps(
     instance: dg.DagsterInstance,
     state_engine: sa.Engine,
@@ -173,7 +180,9 @@ def find_gaps(
             if run_id is None and key in materialized:
                 continue  # evaluated, and nothing tried since without success
             if status in _FAILED:
-                kind = GapKind.EVALUATION_FAILED
+                # the step itself failed, or the run failed before it (e.g. upstream)
+                evaluated = _step_failed(instance, run_id, asset)  # type: ignore[arg-type]
+                kind = GapKind.EVALUATION_FAILED if evaluated else GapKind.RUN_FAILED
             elif run_id is None or key not in materialized:
                 kind = GapKind.NEVER_EVALUATED
             else:
