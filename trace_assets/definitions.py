@@ -10,6 +10,7 @@ from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS
+from trace_assets.gaps import GAP_SCOPE
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
@@ -20,9 +21,17 @@ from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager
 from trace_sensors.chain_head import RangeRuns, build_chain_head_sensor
 from trace_sensors.freshness import build_head_freshness_sensor
+from trace_sensors.gap_repair import build_gap_repair_sensor
 from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
 
-__all__ = ["defs", "build_resources", "raw_backfill_job", "RANGE_RUNS", "chain_head_sensor"]
+__all__ = [
+    "defs",
+    "build_resources",
+    "raw_backfill_job",
+    "RANGE_RUNS",
+    "chain_head_sensor",
+    "gap_repair_sensor",
+]
 
 # A ranged run materialises many partitions per step; Dagster stores the per-partition
 # materialization (and planned) events of one output as one batch insert when this is set,
@@ -81,6 +90,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
 # what the chain-head sensor needs from the assets (trace_sensors imports no trace_assets)
 RANGE_RUNS = RangeRuns(block_ranges, RAW_ASSET_KEYS, MAX_PARTITIONS_PER_RUN)
 chain_head_sensor = build_chain_head_sensor(RANGE_RUNS)
+# re-requests ranges a failed or killed run left missing (GAP_SCOPE: what a range must have)
+gap_repair_sensor = build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE)
 
 raw_backfill_job = dg.define_asset_job(
     "raw_chain_job",
@@ -97,6 +108,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=[raw_backfill_job],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
+            build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),
             build_outbox_relay_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),

@@ -80,6 +80,25 @@ class Settings(BaseSettings):
         "their derived datasets and alert evaluations (one run), rather than only the raw "
         "datasets (the automation sensor then runs the rest).",
     )
+    gap_repair_interval_s: int = Field(
+        60,
+        gt=0,
+        description="Minimum seconds between gap-repair sensor ticks (each scans every "
+        "finalized range's committed versions and alert evaluations).",
+    )
+    gap_repair_backoff_s: float = Field(
+        60.0,
+        ge=0,
+        description="Wait after a range's first repair run before the next one if the range "
+        "is still missing; doubles per repair run, up to TRACE_GAP_REPAIR_BACKOFF_MAX_S. The "
+        "first repair of a failed range is requested at once.",
+    )
+    gap_repair_backoff_max_s: float = Field(
+        3600.0, ge=0, description="Longest wait between two repair runs of one range."
+    )
+    gap_repair_max_runs: int = Field(
+        10, gt=0, description="Repair runs one gap-repair tick requests at most."
+    )
 
     # the head follower (`python -m trace_assets.head`)
     head_max_batch_blocks: int = Field(

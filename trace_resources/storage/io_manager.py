@@ -55,34 +55,52 @@ from trace_resources.storage.commit import (
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.records import CommitMode, CommitResult
 
-__all__ = ["DatasetIOManager", "Staging", "COMMIT_MODE_METADATA", "commit_key_for"]
+__all__ = [
+    "DatasetIOManager",
+    "Staging",
+    "COMMIT_MODE_METADATA",
+    "REPAIRS_RUN_TAG",
+    "commit_key_for",
+]
 
 COMMIT_MODE_METADATA = "trace/commit_mode"
+# on a gap-repair run: the failed run of the range it repairs, so a step that committed some
+# outputs before that run died commits them once (the commit key anchors on the failed run)
+REPAIRS_RUN_TAG = "trace/repairs_run"
 
 
 def commit_key_for(context: dg.OutputContext) -> str | None:
     """The logical writer of this output: `dagster:<anchor run id>:<step key>`.
 
     Step retries keep the run id; a re-execution gets a new run id with the old run as its
-    parent. The anchor is the earliest run in the parent chain whose attempts at this step all
-    failed since: a retry after a failure finds the version its earlier try committed and
-    commits nothing new, while re-executing a step that had succeeded (a deliberate refresh)
-    anchors on the new run and makes a new version.
+    parent (a gap-repair run names the failed run in `REPAIRS_RUN_TAG`). The anchor is the
+    earliest run in the parent chain whose attempts at this step all failed since: a retry
+    after a failure finds the version its earlier try committed and commits nothing new, while
+    re-executing a step that had succeeded (a deliberate refresh) anchors on the new run and
+    makes a new version.
     """
     try:
         step = context.step_context
     except Exception:  # outside a run (direct invocation): every write is its own writer
         return None
     run, instance, anchor = step.dagster_run, step.instance, step.dagster_run.run_id
-    parent = run.parent_run_id
-    while parent is not None:
+    seen = {anchor}
+    parent = _parent_of(run)
+    while parent is not None and parent not in seen:
         stats = instance.get_run_step_stats(parent, step_keys=[context.step_key])
         if any(s.status == StepEventStatus.SUCCESS for s in stats):
             break
         anchor = parent
+        seen.add(parent)
         parent_run = instance.get_run_by_id(parent)
-        parent = parent_run.parent_run_id if parent_run is not None else None
+        parent = _parent_of(parent_run) if parent_run is not None else None
     return f"dagster:{anchor}:{context.step_key}"
+
+
+def _parent_of(run: dg.DagsterRun) -> str | None:
+    """The run this one re-executes: Dagster's parent run, or the failed run a gap-repair run
+    (a new run, not a re-execution: sensors cannot request those) names in its tags."""
+    return run.parent_run_id or run.tags.get(REPAIRS_RUN_TAG) or None
 
 
 def _output_step(context: dg.OutputContext) -> StepIdentity:

@@ -108,6 +108,22 @@ class ReadModel:
         with self.engine.connect() as conn:
             return {r.partition_key: r.current_version for r in conn.execute(query)}
 
+    def current_commit_modes(
+        self, datasets: Sequence[str], partition_keys: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], str]:
+        """{(dataset, partition key): commit mode of its current version} ('replace': sealed,
+        'append': a head follower's open version), without manifests: the gap report."""
+        if not datasets:
+            return {}
+        v = t.versions.c
+        query = _select_current(v.dataset, v.partition_key, v.commit_mode).where(
+            v.dataset.in_(list(datasets))
+        )
+        if partition_keys is not None:
+            query = query.where(v.partition_key.in_(list(partition_keys)))
+        with self.engine.connect() as conn:
+            return {(r.dataset, r.partition_key): r.commit_mode for r in conn.execute(query)}
+
     def version(self, dataset: str, partition_key: str, version: int) -> VersionRecord:
         with self.engine.connect() as conn:
             record = find_version(conn, dataset, partition_key, version)
