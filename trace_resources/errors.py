@@ -28,6 +28,7 @@ __all__ = [
     "StagingError",
     "LeaseExpiredError",
     "SegmentConflictError",
+    "PartitionSealedError",
     "VersionRemovedError",
 ]
 
@@ -126,6 +127,13 @@ class SegmentConflictError(CommitError):
     """An append carries some segment keys the dataset already holds, and some it does not."""
 
     permanent = False
+
+
+class PartitionSealedError(CommitError):
+    """An append to a partition whose current version is a replace (sealed) version: the
+    range was sealed, nothing was appended. Retrying cannot change that."""
+
+    permanent = True
 
 
 class VersionRemovedError(CommitError):
