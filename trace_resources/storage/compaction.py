@@ -23,6 +23,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.dataset as pads
+
 from trace_resources.storage.commit import DatasetReader, DatasetWriter, PartitionData
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.records import CompactionPlan
@@ -116,7 +119,7 @@ class Compactor:
             base, segments = manifest.files[:count], manifest.files[count:]
             merges_base = count + 1 > self.max_base_files
             inputs = [*base, *segments] if merges_base else segments
-            table = self.store.read_parquet([f.key for f in inputs])
+            table = self._read([f.key for f in inputs])
         expected = sum(f.rows for f in inputs)
         if table.num_rows != expected:
             raise ValueError(
@@ -145,6 +148,7 @@ class Compactor:
             log.info("%s", outcome)
             return skipped(outcome, len(manifest.files))
         self.writer.leases.release(staged.attempt)
+        log.info("compacted %s/%s: %d segment(s)", dataset, partition_key, live)
         return CompactionReport(
             dataset,
             partition_key,
@@ -156,3 +160,13 @@ class Compactor:
             files_after=len(outcome.version.manifest.files),
             rows=outcome.version.manifest.rows,
         )
+
+    def _read(self, keys: list[str]) -> pa.Table:
+        """The files as one table, in order, under the union of their schemas (segments
+        written before and after a registry drift, e.g. an added nullable column)."""
+        dataset = pads.dataset(
+            [self.store.path(k) for k in keys], format="parquet", filesystem=self.store.fs
+        )
+        schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        return self.store.read_parquet(keys, schema=schema)

@@ -243,13 +243,20 @@ class ReadModel:
             return {}
         v = t.versions.c
         last = v.manifest["source"]["last"]["number"].astext.cast(sa.BigInteger)
-        query = (
-            _select_current(v.dataset, last.label("last_block"), v.created_at)
+        ranked = (
+            _select_current(
+                v.dataset,
+                last.label("last_block"),
+                v.created_at,
+                sa.func.row_number()
+                .over(partition_by=v.dataset, order_by=last.desc())
+                .label("rank"),
+            )
             .where(v.dataset.in_(list(datasets)))
             .where(last.is_not(None))
-            .order_by(v.dataset, last.desc())
-            .distinct(v.dataset)
+            .subquery()
         )
+        query = sa.select(ranked).where(ranked.c.rank == 1)
         with self.engine.connect() as conn:
             return {r.dataset: (int(r.last_block), r.created_at) for r in conn.execute(query)}
 
