@@ -415,3 +415,16 @@ def test_compaction_merges_segments_of_any_schema_the_registry_accepted(
     report = Compactor(store, versions, writer=writer).compact_open("blocks", OPEN, min_segments=1)
     assert report.compacted, report.line()
     assert ids(reader) == [0, 1]
+
+
+def test_trace_compact_compacts_the_open_partitions(
+    cli: Callable[..., str], writer: DatasetWriter, reader: DatasetReader, versions: VersionStore
+) -> None:
+    for n in range(4):
+        append(writer, n)
+    assert versions.read.open_partitions("blocks") == [OPEN]
+    out = cli("compact", "blocks", "--min-segments", "5")
+    assert "fewer than 5" in out
+    out = cli("compact", "blocks")
+    assert f"compacted blocks {OPEN}: 4 segment(s), 4 -> 1 file(s)" in out
+    assert ids(reader) == [0, 1, 2, 3]

@@ -260,6 +260,18 @@ class ReadModel:
         with self.engine.connect() as conn:
             return {r.dataset: (int(r.last_block), r.created_at) for r in conn.execute(query)}
 
+    def open_partitions(self, dataset: str) -> list[str]:
+        """Partitions of the dataset whose current version is open (appends land)."""
+        v = t.versions.c
+        query = (
+            _select_current(v.partition_key)
+            .where(v.dataset == dataset)
+            .where(v.manifest["through_seq"].is_not(None))
+            .order_by(v.partition_key)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
     def is_open(self, dataset: str, partition_key: str) -> bool:
         """Whether the partition's current version is open (appends land; not sealed)."""
         with self.engine.connect() as conn:
