@@ -56,7 +56,9 @@ def block_data(first: int, last: int | None = None) -> PartitionData:
     )
 
 
-def append(writer: DatasetWriter, first: int, last: int | None = None, dataset: str = "blocks"):  # type: ignore[no-untyped-def]
+def append(
+    writer: DatasetWriter, first: int, last: int | None = None, dataset: str = "blocks"
+) -> CommitResult:
     staged = writer.stage(dataset, {OPEN: block_data(first, last)}, mode="append")
     return writer.commit(staged)[OPEN]
 
