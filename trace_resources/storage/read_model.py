@@ -115,6 +115,15 @@ def segments_in(
         found[(r.d, r.p, int(r.lo), int(r.hi))].append(
             (int(r.seq), [FileEntry(**f) for f in r.files])
         )
+    for (dataset, key, lo, hi), segments in found.items():
+        # seqs are contiguous (taken under the partition's fence row lock): a gap is a segment
+        # removed since the version was read, never a version with fewer rows
+        if len(segments) != hi - lo:
+            raise FileNotFoundError(
+                f"{dataset} partition {key}: the version read lists segments {lo + 1}..{hi} "
+                f"but only {len(segments)} of them exist: GC removed that version (sealed "
+                "and superseded) meanwhile. Resolve the current version again"
+            )
     return found
 
 
