@@ -156,7 +156,8 @@ def measure_segments(
     store: Any, versions: VersionStore, writer: DatasetWriter, total: int
 ) -> list[SegmentPoint]:
     """Append `total` one-block segments to an open partition, timing each commit; read it at
-    the points of SEGMENT_POINTS (up to `total`), without and with compaction."""
+    the points of SEGMENT_POINTS (up to `total`), without and with compaction. A point's
+    append percentiles are over the SEGMENT_WINDOW appends before it (at 1: the first ones)."""
     from trace_resources.storage.commit import DatasetReader
     from trace_resources.storage.compaction import Compactor
 
@@ -166,15 +167,13 @@ def measure_segments(
     compactor = Compactor(store, versions, writer=writer)
     times: dict[str, list[float]] = {plain: [], compacted: []}
     points = [p for p in SEGMENT_POINTS if p <= total] or [total]
-    found: list[SegmentPoint] = []
+    reads: dict[int, tuple[float, int, float, int, float]] = {}
     for n in range(1, total + 1):
         for dataset in (plain, compacted):
+            block = {"number": n, "hash": f"0x{n:064x}", "parent_hash": f"0x{n - 1:064x}"}
             data = PartitionData(
                 pa.table({"block_number": pa.array([n], pa.uint64())}),
-                source={
-                    "first": {"number": n, "hash": f"0x{n:064x}", "parent_hash": f"0x{n - 1:064x}"},
-                    "last": {"number": n, "hash": f"0x{n:064x}", "parent_hash": f"0x{n - 1:064x}"},
-                },
+                source={"first": block, "last": block},
                 segment_keys=[f"block:{n}"],
             )
             staged = writer.stage(dataset, {key: data}, mode="append")
@@ -185,45 +184,59 @@ def measure_segments(
             compactor.compact_open(compacted, key, min_segments=COMPACT_EVERY)
         if n % 1000 == 0:
             _say(f"segments: {n} appended to each partition")
-        if n not in points:
-            continue
-        window = slice(max(0, n - SEGMENT_WINDOW), n)
-        started = time.perf_counter()
-        table = reader.read(plain, [key])
-        read_s = time.perf_counter() - started
-        assert table.num_rows == n
-        files = len(versions.read.current_versions(plain)[key].manifest.files)
-        started = time.perf_counter()
-        compactor.compact_open(compacted, key, min_segments=1)
-        compact_s = time.perf_counter() - started
-        started = time.perf_counter()
-        table = reader.read(compacted, [key])
-        compacted_read_s = time.perf_counter() - started
-        assert table.num_rows == n
-        compacted_files = len(versions.read.current_versions(compacted)[key].manifest.files)
-        ms = [t * 1000 for t in times[plain][window]]
-        compacted_ms = [t * 1000 for t in times[compacted][window]]
-        found.append(
-            SegmentPoint(
-                n,
-                _percentile(ms, 0.5),
-                _percentile(ms, 0.99),
-                _percentile(compacted_ms, 0.5),
-                read_s * 1000,
-                files,
-                compacted_read_s * 1000,
-                compacted_files,
-                compact_s * 1000,
-            )
+        if n in points:
+            reads[n] = _read_both(versions, reader, compactor, plain, compacted, key, n)
+    found = []
+    for n in points:
+        end = max(n, min(SEGMENT_WINDOW, total))
+        ms = [t * 1000 for t in times[plain][end - min(SEGMENT_WINDOW, end) : end]]
+        compacted_ms = [t * 1000 for t in times[compacted][end - min(SEGMENT_WINDOW, end) : end]]
+        read_ms, files, compacted_read_ms, compacted_files, compact_ms = reads[n]
+        point = SegmentPoint(
+            n,
+            _percentile(ms, 0.5),
+            _percentile(ms, 0.99),
+            _percentile(compacted_ms, 0.5),
+            read_ms,
+            files,
+            compacted_read_ms,
+            compacted_files,
+            compact_ms,
         )
-        p = found[-1]
+        found.append(point)
         _say(
-            f"segments {n:>6}: append p50 {p.append_p50_ms:6.2f} ms p99 {p.append_p99_ms:6.2f} "
-            f"ms (compacted partition: p50 {p.compacted_append_p50_ms:6.2f} ms); read "
-            f"{p.read_ms:8.1f} ms over {files} files, compacted {p.compacted_read_ms:7.1f} ms "
-            f"over {compacted_files} file(s) (compaction on demand {p.compact_ms:7.1f} ms)"
+            f"segments {n:>6}: append p50 {point.append_p50_ms:6.2f} ms p99 "
+            f"{point.append_p99_ms:6.2f} ms (appends {end - min(SEGMENT_WINDOW, end) + 1}-{end}; "
+            f"compacted partition p50 {point.compacted_append_p50_ms:6.2f} ms); read "
+            f"{read_ms:8.1f} ms over {files} files, compacted {compacted_read_ms:7.1f} ms over "
+            f"{compacted_files} file(s) (compaction on demand {compact_ms:7.1f} ms)"
         )
     return found
+
+
+def _read_both(
+    versions: VersionStore,
+    reader: Any,
+    compactor: Any,
+    plain: str,
+    compacted: str,
+    key: str,
+    rows: int,
+) -> tuple[float, int, float, int, float]:
+    """Read the open partition (resolve + every row) of both datasets, compacting the second
+    on demand first: (read ms, files, compacted read ms, files, compaction ms)."""
+    started = time.perf_counter()
+    assert reader.read(plain, [key]).num_rows == rows
+    read_ms = (time.perf_counter() - started) * 1000
+    files = len(versions.read.current_versions(plain)[key].manifest.files)
+    started = time.perf_counter()
+    compactor.compact_open(compacted, key, min_segments=1)
+    compact_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    assert reader.read(compacted, [key]).num_rows == rows
+    compacted_read_ms = (time.perf_counter() - started) * 1000
+    compacted_files = len(versions.read.current_versions(compacted)[key].manifest.files)
+    return read_ms, files, compacted_read_ms, compacted_files, compact_ms
 
 
 @dataclass
