@@ -171,6 +171,17 @@ def _files(conn: sa.Connection, rows: Any) -> list[CommittedFiles]:
     return out
 
 
+def _is_open(conn: sa.Connection, dataset: str, partition_key: str) -> bool:
+    """Whether the partition's current version is open: it has a live window, or it is an
+    append version of the manifest format from before segments were rows."""
+    row = conn.execute(
+        _select_current(t.versions.c.commit_mode, t.versions.c.manifest)
+        .where(t.versions.c.dataset == dataset)
+        .where(t.versions.c.partition_key == partition_key)
+    ).one_or_none()
+    return row is not None and (window(row.manifest) is not None or row.commit_mode == "append")
+
+
 def _file_columns() -> list[Any]:
     m = t.versions.c.manifest
     return [
@@ -226,12 +237,7 @@ class ReadModel:
         """Segment keys in the current version of an append-mode partition (none if the
         partition is not open: never appended to, or sealed by a replace)."""
         with self.engine.connect() as conn:
-            manifest = conn.execute(
-                _select_current(t.versions.c.manifest)
-                .where(t.versions.c.dataset == dataset)
-                .where(t.versions.c.partition_key == partition_key)
-            ).scalar_one_or_none()
-            if window(manifest) is None:
+            if not _is_open(conn, dataset, partition_key):
                 return set()
             k = t.segment_keys.c
             return set(
@@ -275,7 +281,7 @@ class ReadModel:
         query = (
             _select_current(v.partition_key)
             .where(v.dataset == dataset)
-            .where(v.manifest["through_seq"].is_not(None))
+            .where(v.manifest["through_seq"].is_not(None) | (v.commit_mode == "append"))
             .order_by(v.partition_key)
         )
         with self.engine.connect() as conn:
@@ -284,12 +290,7 @@ class ReadModel:
     def is_open(self, dataset: str, partition_key: str) -> bool:
         """Whether the partition's current version is open (appends land; not sealed)."""
         with self.engine.connect() as conn:
-            manifest = conn.execute(
-                _select_current(t.versions.c.manifest)
-                .where(t.versions.c.dataset == dataset)
-                .where(t.versions.c.partition_key == partition_key)
-            ).scalar_one_or_none()
-        return window(manifest) is not None
+            return _is_open(conn, dataset, partition_key)
 
     def open_segments(self, dataset: str, partition_key: str) -> list[SegmentInfo]:
         """Every append the partition holds (compacted ones too), in seq order: what a
