@@ -28,6 +28,7 @@ __all__ = [
     "StagingError",
     "LeaseExpiredError",
     "SegmentConflictError",
+    "PartitionSealedError",
     "VersionRemovedError",
 ]
 
@@ -129,8 +130,10 @@ class SegmentConflictError(CommitError):
 
 
 class PartitionSealedError(CommitError):
-    """An append to a partition whose current version is a sealed (replace) version: the range
-    is complete and its sealed version stands; nothing was appended."""
+    """An append to a partition whose current version is a replace (sealed) version: the
+    range was sealed, nothing was appended. Retrying cannot change that."""
+
+    permanent = True
 
 
 class VersionRemovedError(CommitError):

@@ -13,8 +13,17 @@ its share of Trace's ingest.
    with the time spent inside commits measured around the IO manager's commit calls:
    `ingest_share` = commit time / run time (median over rounds).
 
+4. Open partitions ("segments as rows"): `--segments` appends (one block each, one segment
+   key "block:<n>") to the open partition of each of two datasets, in turn: one never
+   compacted, one compacted every 256 appends (`Compactor.compact_open`, as the head
+   follower would).
+   At 1, 1,000 and 10,000 segments it reports the append commit p50/p99 over the 50 appends
+   before that point, and the read of the open partition (resolve its files and read every
+   row, pinned, as `DatasetReader.read`) without and with compaction (the compacted partition
+   is compacted on demand just before its read; that compaction's time is reported too).
+
 Last line: `commit: replace_p50_ms=<> replace_p99_ms=<> append_p50_ms=<> commits_per_s=<>
-ingest_share=<fraction>`.
+ingest_share=<fraction>`, after a `segments: ...` line.
 """
 
 from __future__ import annotations
@@ -125,6 +134,111 @@ def measure_throughput(writer: DatasetWriter, writers: int, per_writer: int, row
     return writers * per_writer / wall
 
 
+SEGMENT_POINTS = (1, 1_000, 10_000)
+SEGMENT_WINDOW = 50  # appends each point's percentiles are taken over
+COMPACT_EVERY = 256
+
+
+@dataclass
+class SegmentPoint:
+    segments: int
+    append_p50_ms: float
+    append_p99_ms: float
+    compacted_append_p50_ms: float
+    read_ms: float
+    read_files: int
+    compacted_read_ms: float
+    compacted_files: int
+    compact_ms: float
+
+
+def measure_segments(
+    store: Any, versions: VersionStore, writer: DatasetWriter, total: int
+) -> list[SegmentPoint]:
+    """Append `total` one-block segments to an open partition, timing each commit; read it at
+    the points of SEGMENT_POINTS (up to `total`), without and with compaction. A point's
+    append percentiles are over the SEGMENT_WINDOW appends before it (at 1: the first ones)."""
+    from trace_resources.storage.commit import DatasetReader
+    from trace_resources.storage.compaction import Compactor
+
+    key = _key(0)
+    plain, compacted = "bench_segments", "bench_segments_compacted"  # datasets
+    reader = DatasetReader(store, versions)
+    compactor = Compactor(store, versions, writer=writer)
+    times: dict[str, list[float]] = {plain: [], compacted: []}
+    points = [p for p in SEGMENT_POINTS if p <= total] or [total]
+    reads: dict[int, tuple[float, int, float, int, float]] = {}
+    for n in range(1, total + 1):
+        for dataset in (plain, compacted):
+            block = {"number": n, "hash": f"0x{n:064x}", "parent_hash": f"0x{n - 1:064x}"}
+            data = PartitionData(
+                pa.table({"block_number": pa.array([n], pa.uint64())}),
+                source={"first": block, "last": block},
+                segment_keys=[f"block:{n}"],
+            )
+            staged = writer.stage(dataset, {key: data}, mode="append")
+            started = time.perf_counter()
+            writer.commit(staged)
+            times[dataset].append(time.perf_counter() - started)
+        if n % COMPACT_EVERY == 0:
+            compactor.compact_open(compacted, key, min_segments=COMPACT_EVERY)
+        if n % 1000 == 0:
+            _say(f"segments: {n} appended to each partition")
+        if n in points:
+            reads[n] = _read_both(versions, reader, compactor, plain, compacted, key, n)
+    found = []
+    for n in points:
+        end = max(n, min(SEGMENT_WINDOW, total))
+        ms = [t * 1000 for t in times[plain][end - min(SEGMENT_WINDOW, end) : end]]
+        compacted_ms = [t * 1000 for t in times[compacted][end - min(SEGMENT_WINDOW, end) : end]]
+        read_ms, files, compacted_read_ms, compacted_files, compact_ms = reads[n]
+        point = SegmentPoint(
+            n,
+            _percentile(ms, 0.5),
+            _percentile(ms, 0.99),
+            _percentile(compacted_ms, 0.5),
+            read_ms,
+            files,
+            compacted_read_ms,
+            compacted_files,
+            compact_ms,
+        )
+        found.append(point)
+        _say(
+            f"segments {n:>6}: append p50 {point.append_p50_ms:6.2f} ms p99 "
+            f"{point.append_p99_ms:6.2f} ms (appends {end - min(SEGMENT_WINDOW, end) + 1}-{end}; "
+            f"compacted partition p50 {point.compacted_append_p50_ms:6.2f} ms); read "
+            f"{read_ms:8.1f} ms over {files} files, compacted {compacted_read_ms:7.1f} ms over "
+            f"{compacted_files} file(s) (compaction on demand {compact_ms:7.1f} ms)"
+        )
+    return found
+
+
+def _read_both(
+    versions: VersionStore,
+    reader: Any,
+    compactor: Any,
+    plain: str,
+    compacted: str,
+    key: str,
+    rows: int,
+) -> tuple[float, int, float, int, float]:
+    """Read the open partition (resolve + every row) of both datasets, compacting the second
+    on demand first: (read ms, files, compacted read ms, files, compaction ms)."""
+    started = time.perf_counter()
+    assert reader.read(plain, [key]).num_rows == rows
+    read_ms = (time.perf_counter() - started) * 1000
+    files = len(versions.read.current_versions(plain)[key].manifest.files)
+    started = time.perf_counter()
+    compactor.compact_open(compacted, key, min_segments=1)
+    compact_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    assert reader.read(compacted, [key]).num_rows == rows
+    compacted_read_ms = (time.perf_counter() - started) * 1000
+    compacted_files = len(versions.read.current_versions(compacted)[key].manifest.files)
+    return read_ms, files, compacted_read_ms, compacted_files, compact_ms
+
+
 @dataclass
 class CommitTimes:
     durations: list[float] = field(default_factory=list)  # one per commit call
@@ -211,6 +325,12 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=3000, help="ingest devnet blocks")
     parser.add_argument("--range-size", type=int, default=250, help="ingest blocks per range")
     parser.add_argument("--ingest-rounds", type=int, default=3, help="ingest runs timed")
+    parser.add_argument(
+        "--segments", type=int, default=10_000, help="appends to each open partition (0: skip)"
+    )
+    parser.add_argument(
+        "--only-segments", action="store_true", help="run only the open-partition benchmark"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="trace-bench-commit-"))
@@ -226,6 +346,21 @@ def main() -> int:
         versions = VersionStore(engine_for(pg.dsn("trace_state")))
         store = s3_store("trace-datasets", endpoint_url=s3.endpoint_url)
         with DatasetWriter(store, versions) as writer:
+            if args.segments:
+                _say(f"open partitions: {args.segments} one-block appends to each of two")
+                points = measure_segments(store, versions, writer, args.segments)
+                print(
+                    "segments: "
+                    + " ".join(
+                        f"at_{p.segments}: append_p50_ms={p.append_p50_ms:.2f} "
+                        f"append_p99_ms={p.append_p99_ms:.2f} read_ms={p.read_ms:.0f} "
+                        f"compacted_read_ms={p.compacted_read_ms:.0f};"
+                        for p in points
+                    ),
+                    flush=True,
+                )
+            if args.only_segments:
+                return 0
             _say(f"{args.commits} replace and {args.commits} append commits, one at a time")
             times = measure_latency(writer, args.commits, args.partitions, args.rows)
             replace_ms = [t * 1000 for t in times["replace"]]

@@ -140,3 +140,30 @@ def versions(state: StateStoreResource) -> VersionStore:
 @pytest.fixture
 def invariants(versions: VersionStore, store: ObjectStore) -> Callable[[], InvariantReport]:
     return lambda: check_invariants(versions, store)
+
+
+@pytest.fixture
+def cli(state_dsn: str, s3_server: MotoS3Server, s3_bucket: str) -> Callable[..., str]:
+    env = {
+        **os.environ,
+        "TRACE_STATE_DSN": state_dsn,
+        "TRACE_OBJECT_STORE": "s3",
+        "TRACE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "TRACE_BUCKET_DATASETS": s3_bucket,
+    }
+
+    """Run the `trace` CLI against the test's state database and bucket; its stdout."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("trace")), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    return run

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -22,12 +23,20 @@ from tests.conftest import NewDatabase
 from trace_resources.alert_pipeline import tables as alert_tables
 from trace_resources.errors import SchemaNotCurrentError
 from trace_resources.storage import migrations
+from trace_resources.storage import state as t
+from trace_resources.storage.records import FileEntry, Manifest
 from trace_resources.storage.state import dispose_engine, engine_for
+from trace_resources.storage.version_store import VersionStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRACE_CLI = Path(sys.executable).with_name("trace")
 _counter = itertools.count()
 BASELINES: dict[migrations.Database, str] = {"state": "state_0001", "data": "data_0001"}
+# tables that revisions after the baselines add (a create_all database never had them)
+ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
+    "state": {"trace_segments", "trace_segment_keys"},
+    "data": set(),
+}
 
 
 def state_metadata() -> sa.MetaData:
@@ -124,13 +133,15 @@ def test_upgrade_of_the_create_all_schema_keeps_every_row(
     postgres.psql("SET ROLE trace;\n" + ddl, dbname)  # owned by the application, as in use
     _insert_a_row_everywhere(empty_database)
     before = _rows(empty_database)
-    assert set(before) == set(METADATA[database]().tables)
+    assert set(before) == set(METADATA[database]().tables) - ADDED_AFTER_BASELINE[database]
     assert all(len(rows) == 1 for rows in before.values())
     assert migrations.current(empty_database) is None
 
     assert migrations.upgrade(empty_database, database) == migrations.head(database)
 
-    assert _rows(empty_database) == before
+    after = _rows(empty_database)
+    assert {name: rows for name, rows in after.items() if name in before} == before
+    assert set(after) - set(before) == ADDED_AFTER_BASELINE[database]
     assert migrations.current(empty_database) == migrations.head(database)
     assert _schema_differences(empty_database, database) == []
 
@@ -283,3 +294,59 @@ def test_database_behind_is_refused_and_one_a_newer_release_migrated_is_accepted
         conn.execute(sa.text(f"DELETE FROM {migrations.VERSION_TABLE}"))
     with pytest.raises(SchemaNotCurrentError, match="has no Trace schema version"):
         engine_for(empty_database)
+
+
+def test_state_0002_keeps_appends_of_the_old_manifest_format_idempotent(
+    empty_database: str,
+) -> None:
+    """An append version written before segments were rows (its segments in the manifest):
+    after the upgrade its keys still make a retried append a no-op, and appends go on."""
+    migrations.upgrade(empty_database, "state", "state_0001")
+    old = FileEntry("audit_log/__all__/a/part-00000.parquet", 10, "0" * 64, 2)
+    engine = sa.create_engine(empty_database, poolclass=sa.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                t.versions.insert().values(
+                    dataset="audit_log",
+                    partition_key="__all__",
+                    version=1,
+                    attempt_id="6f1c2d3e-0000-4000-8000-000000000001",
+                    commit_mode="append",
+                    schema_version=1,
+                    manifest={
+                        "files": [old.as_dict()],
+                        "schema_hash": "h",
+                        "source": None,
+                        "segments": [
+                            {"segment_key": "a", "keys": ["a", "b"]},
+                            {"segment_key": "c"},  # the oldest format: one key, no list
+                        ],
+                    },
+                    row_count=2,
+                    byte_count=10,
+                )
+            )
+            conn.execute(
+                t.pointers.insert().values(
+                    dataset="audit_log", partition_key="__all__", current_version=1
+                )
+            )
+    finally:
+        engine.dispose()
+    migrations.upgrade(empty_database, "state")
+
+    versions = VersionStore(engine_for(empty_database))
+    assert versions.read.appended_keys("audit_log", "__all__") == {"a", "b", "c"}
+    schema = pa.schema([("id", pa.int64())])
+    new = FileEntry("audit_log/__all__/b/part-00000.parquet", 12, "1" * 64, 3)
+    for keys, already in ((["b", "c"], True), (["d"], False)):
+        [attempt] = versions.attempts.begin_many("audit_log", ["__all__"], mode="append")
+        result = versions.commits.commit(
+            attempt, Manifest([new], "h"), schema, mode="append", segment_keys=keys
+        )
+        assert result.already_committed is already
+    current = versions.read.current_versions("audit_log")["__all__"]
+    assert current.version == 2 and current.manifest.files == [old, new]
+    assert current.manifest.rows == 5
+    assert versions.read.appended_keys("audit_log", "__all__") == {"a", "b", "c", "d"}

@@ -24,6 +24,7 @@ from trace_resources.storage import state as t
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import parse_data_key
+from trace_resources.storage.read_model import expand
 from trace_resources.storage.records import Manifest
 from trace_resources.storage.version_store import VersionStore
 
@@ -65,6 +66,10 @@ def check_invariants(
     with versions.engine.connect() as conn:
         pointers = conn.execute(pointer_query).all()
         rows = conn.execute(version_query).all()
+        # open versions' files: their base files and their live segments' (read model)
+        manifests = {
+            (r.dataset, r.partition_key, r.version): r.manifest for r in expand(conn, rows)
+        }
         states = {
             str(r.attempt_id): r.state
             for r in conn.execute(sa.select(t.attempts.c.attempt_id, t.attempts.c.state))
@@ -93,7 +98,7 @@ def check_invariants(
                 checked[key] = facts
     for r in rows:
         report.versions += 1
-        manifest = Manifest.from_dict(r.manifest)
+        manifest: Manifest = manifests[(r.dataset, r.partition_key, r.version)]
         where = f"{r.dataset}/{r.partition_key} v{r.version}"
         keys = [f.key for f in manifest.files]
         assert len(keys) == len(set(keys)), f"{where} lists a file twice"

@@ -1,5 +1,6 @@
-"""`trace datasets`, `trace versions`, `trace gc` and `trace staging-cleanup`: the committed
-datasets and their versions, and the removal of superseded versions and of staged files."""
+"""`trace datasets`, `trace versions`, `trace gc`, `trace staging-cleanup` and `trace compact`:
+the committed datasets and their versions, the removal of superseded versions and of staged
+files, and the compaction of open (append-mode) partitions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from trace_resources.settings import Settings
 
 if TYPE_CHECKING:
     from trace_resources.storage.gc import GarbageCollector
+    from trace_resources.storage.object_store import ObjectStore
+    from trace_resources.storage.version_store import VersionStore
 
 
 def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
@@ -107,8 +110,7 @@ def _duration(text: str) -> timedelta:
         ) from None
 
 
-def garbage_collector(settings: Settings) -> GarbageCollector:
-    from trace_resources.storage.gc import GarbageCollector
+def _stores(settings: Settings) -> tuple[ObjectStore, VersionStore]:
     from trace_resources.storage.object_store import local_store, s3_store
     from trace_resources.storage.state import engine_for
     from trace_resources.storage.version_store import VersionStore
@@ -121,7 +123,27 @@ def garbage_collector(settings: Settings) -> GarbageCollector:
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
         )
-    return GarbageCollector(store, VersionStore(engine_for(settings.state_dsn)))
+    return store, VersionStore(engine_for(settings.state_dsn))
+
+
+def garbage_collector(settings: Settings) -> GarbageCollector:
+    from trace_resources.storage.gc import GarbageCollector
+
+    return GarbageCollector(*_stores(settings))
+
+
+def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.compaction import Compactor
+
+    store, versions = _stores(settings)
+    keys = args.partition or versions.read.open_partitions(args.dataset)
+    if not keys:
+        sys.stdout.write(f"compact: {args.dataset} has no open partition\n")
+    with Compactor(store, versions) as compactor:
+        for key in keys:
+            report = compactor.compact_open(args.dataset, key, min_segments=args.min_segments)
+            sys.stdout.write(report.line() + "\n")
+    return 0
 
 
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,3 +220,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     cleanup.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
     cleanup.set_defaults(func=cmd_staging_cleanup)
+
+    compact = commands.add_parser(
+        "compact",
+        help="merge the live append segments of open partitions into one file each",
+        description="For each open (append-mode) partition of DATASET (or the given ones) "
+        "with at least --min-segments live segments, merge them into one Parquet file and "
+        "commit it as a new version; the rows are unchanged. Safe while appends land; a "
+        "partition sealed meanwhile is left alone.",
+    )
+    compact.add_argument("dataset")
+    compact.add_argument("--partition", action="append", help="only this partition (repeatable)")
+    compact.add_argument(
+        "--min-segments",
+        type=int,
+        default=1,
+        metavar="N",
+        help="compact only partitions with at least N live segments (default 1)",
+    )
+    compact.set_defaults(func=cmd_compact)

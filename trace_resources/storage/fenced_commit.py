@@ -21,11 +21,12 @@ from trace_resources.errors import (
     ChainContinuityError,
     CommitError,
     LeaseExpiredError,
+    PartitionSealedError,
     SegmentConflictError,
     VersionRemovedError,
 )
 from trace_resources.storage import state as t
-from trace_resources.storage.read_model import current_query, find_version
+from trace_resources.storage.read_model import current_query, expand, find_version
 from trace_resources.storage.records import (
     COMMITTED_EVENT,
     Attempt,
@@ -33,8 +34,11 @@ from trace_resources.storage.records import (
     BatchNotCommitted,
     CommitMode,
     CommitResult,
+    CompactionPlan,
+    FileEntry,
     Manifest,
     VersionRecord,
+    window,
 )
 from trace_resources.storage.schemas import register_schema, schema_fingerprint
 
@@ -117,6 +121,90 @@ class FencedCommits:
             raise BatchNotCommitted(str(exc)) from exc
         return [results[i.attempt.attempt_id] for i in items]
 
+    def commit_compaction(
+        self, attempt: Attempt, files: Sequence[FileEntry], plan: CompactionPlan
+    ) -> CommitResult | str:
+        """Commit a compaction of an open partition (its staged merged file), fenced like any
+        commit: under the fence row lock, and only if the current version is still open with
+        the window and base files the compaction read (`plan`). Appends that landed after the
+        read stay live: the new version's window is (plan.through_seq, current through_seq].
+        The result, or why it was refused (the attempt is then failed; nothing changed)."""
+        dataset, partition_key = attempt.dataset, attempt.partition_key
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(
+                    t.attempts.c.state,
+                    t.attempts.c.committed_version,
+                    (t.attempts.c.lease_expires_at < sa.func.now()).label("expired"),
+                )
+                .where(t.attempts.c.attempt_id == attempt.attempt_id)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
+            if row.state == "committed":  # a retry after an unknown outcome
+                landed = find_version(conn, dataset, partition_key, row.committed_version)
+                if landed is None:
+                    return f"compaction v{row.committed_version} landed and was removed by GC since"
+                return CommitResult(landed, True, landed.schema_version, None)
+            if row.state != "staging" or row.expired:
+                if row.state == "staging":
+                    self._set_state(conn, attempt, "abandoned")
+                return f"compaction attempt {attempt.attempt_id} is no longer live ({row.state})"
+            conn.execute(
+                sa.select(t.fences.c.fence)
+                .where(t.fences.c.dataset == dataset)
+                .where(t.fences.c.partition_key == partition_key)
+                .with_for_update()
+            ).scalar_one()
+            current = self._current_row(conn, dataset, partition_key)
+            live = None if current is None else window(current.manifest)
+            reason = None
+            if current is None or live is None:
+                reason = "the partition was sealed (a replace version is current) meanwhile"
+            elif live[0] != plan.live_from_seq or [
+                f["key"] for f in current.manifest["files"]
+            ] != list(plan.base_keys):
+                reason = "another compaction of the partition committed meanwhile"
+            elif live[1] < plan.through_seq:
+                reason = f"the current window {live} ends before seq {plan.through_seq}"
+            if reason is not None or current is None or live is None:
+                self._set_state(conn, attempt, "failed")
+                return f"compaction of {dataset}/{partition_key} refused, nothing changed: {reason}"
+            base = [] if plan.merges_base else list(current.manifest["files"])
+            base += [f.as_dict() for f in files]
+            rows = int(current.row_count)
+            nbytes = int(current.byte_count) - plan.replaced_bytes + sum(f.size for f in files)
+            stored = {
+                key: value for key, value in current.manifest.items() if key != "segments"
+            } | {
+                "files": base,
+                "rows": rows,
+                "bytes": nbytes,
+                "live_from_seq": plan.through_seq,
+                "through_seq": live[1],
+            }
+            number = self._record_version(
+                conn,
+                attempt,
+                "append",
+                current.schema_version,
+                stored,
+                rows,
+                nbytes,
+                {
+                    "mode": "compact",
+                    "rows": rows,
+                    "bytes": nbytes,
+                    "compacted_from_seq": plan.live_from_seq,
+                    "compacted_through_seq": plan.through_seq,
+                    "live_through_seq": live[1],
+                },
+            )
+            record = find_version(conn, dataset, partition_key, number)
+            assert record is not None
+        return CommitResult(record, False, record.schema_version, None)
+
     def _commit_one(
         self,
         conn: sa.Connection,
@@ -183,6 +271,8 @@ class FencedCommits:
             return CommitResult(record, True, record.schema_version, None)
         if mode == "append" or fence == attempt.fence:
             result = self._commit_fenced(conn, attempt, manifest, schema, mode, keys, registered)
+            if isinstance(result, CommitError):
+                return result
             if commit_key is not None and not result.already_committed:
                 self._record_commit_key(conn, attempt, commit_key, result.version.version)
             return result
@@ -202,13 +292,25 @@ class FencedCommits:
         mode: CommitMode,
         segment_keys: list[str] | None,
         registered: dict[str, tuple[str, int]],
-    ) -> CommitResult:
+    ) -> CommitResult | CommitError:
         """The commit proper, once the attempt may commit (its row and the fence row locked).
 
         `registered` remembers, per dataset, the schema this transaction last checked against
         the registry (fingerprint, version): a batch of partitions with the same schema checks
         it once (holding the registry row lock until it commits); any other schema goes
         through the registry as it would alone."""
+        current = None
+        if mode == "append":
+            current = self._current_row(conn, attempt.dataset, attempt.partition_key)
+            if current is not None and _sealed(current):
+                self._set_state(conn, attempt, "failed")
+                return PartitionSealedError(
+                    f"append to {attempt.dataset}/{attempt.partition_key} by attempt "
+                    f"{attempt.attempt_id} refused: the range is sealed (its current version "
+                    f"v{current.version} was committed in replace mode), so nothing was "
+                    "appended. Appends go to the open range after it; to change a sealed "
+                    "range, commit it again in replace mode"
+                )
         fingerprint = schema_fingerprint(schema)
         known = registered.get(attempt.dataset)
         if known is not None and known[0] == fingerprint:  # the registry's current schema
@@ -216,14 +318,177 @@ class FencedCommits:
         else:
             schema_version, drift = register_schema(conn, attempt.dataset, schema, mode)
             registered[attempt.dataset] = (fingerprint, schema_version)
-        current = self._current(conn, attempt.dataset, attempt.partition_key)
         if mode == "append":
-            manifest, duplicate = _appended(current, manifest, segment_keys, attempt)
-            if duplicate and current is not None:
-                self._set_state(conn, attempt, "committed", current.version)
-                return CommitResult(current, True, current.schema_version, None)
+            return self._append(
+                conn, attempt, manifest, schema_version, drift, segment_keys, current
+            )
         if manifest.source is not None:
             _check_continuity(conn, attempt.dataset, attempt.partition_key, manifest.source)
+        number = self._record_version(
+            conn,
+            attempt,
+            "replace",
+            schema_version,
+            manifest.as_dict(),
+            manifest.rows,
+            manifest.bytes,
+            {"mode": mode, "rows": manifest.rows, "bytes": manifest.bytes},
+        )
+        record = VersionRecord(
+            attempt.dataset,
+            attempt.partition_key,
+            number,
+            attempt.attempt_id,
+            mode,
+            schema_version,
+            manifest,
+        )
+        return CommitResult(record, False, schema_version, drift)
+
+    def _append(
+        self,
+        conn: sa.Connection,
+        attempt: Attempt,
+        manifest: Manifest,
+        schema_version: int,
+        drift: dict[str, Any] | None,
+        segment_keys: list[str] | None,
+        current: sa.Row[Any] | None,
+    ) -> CommitResult:
+        """One segment row, its keys and a new version whose manifest holds the base files and
+        the live window: a constant number of statements on index lookups, however many
+        segments the partition holds (no segment is read, no manifest grows).
+
+        The segment's keys are all new (appended), all present (a retried append: a no-op)
+        or mixed: refused, because a file can not be half referenced; the writer recomputes
+        the batch without the keys that landed.
+        """
+        dataset, partition_key = attempt.dataset, attempt.partition_key
+        keys = list(dict.fromkeys(segment_keys or [attempt.attempt_id]))
+        s = t.segments.c
+        seq = (
+            conn.execute(
+                sa.select(sa.func.max(s.seq))
+                .where(s.dataset == dataset)
+                .where(s.partition_key == partition_key)
+            ).scalar()
+            or 0
+        ) + 1
+        inserted = conn.execute(
+            pg_insert(t.segment_keys)
+            .values(
+                [
+                    {"dataset": dataset, "partition_key": partition_key, "key": k, "seq": seq}
+                    for k in keys
+                ]
+            )
+            .on_conflict_do_nothing()
+        ).rowcount
+        if inserted == 0:  # a retry: every key landed already
+            if current is None:
+                raise CommitError(
+                    f"append to {dataset}/{partition_key}: its segment keys are recorded but the "
+                    "partition has no version (state edited by hand?); nothing was committed"
+                )
+            self._set_state(conn, attempt, "committed", current.version)
+            [record] = expand(conn, [current])
+            return CommitResult(record, True, record.schema_version, None)
+        if inserted != len(keys):
+            landed = conn.execute(
+                sa.select(t.segment_keys.c.key)
+                .where(t.segment_keys.c.dataset == dataset)
+                .where(t.segment_keys.c.partition_key == partition_key)
+                .where(t.segment_keys.c.key.in_(keys))
+                .where(t.segment_keys.c.seq != seq)
+                .limit(3)
+            ).scalars()
+            raise SegmentConflictError(
+                f"append to {dataset}/{partition_key} by attempt {attempt.attempt_id} carries "
+                f"{len(keys) - inserted} segment key(s) already appended (e.g. {list(landed)}) "
+                f"next to {inserted} new one(s); nothing was committed. Recompute the batch "
+                "without the keys already in the dataset (a concurrent writer appended them) "
+                "and retry"
+            )
+        base: list[dict[str, Any]] = []
+        live_from, rows, nbytes, previous_source = 0, 0, 0, None
+        if current is not None:
+            base = list(current.manifest["files"])
+            live_from = (window(current.manifest) or (0, 0))[0]
+            rows, nbytes = int(current.row_count), int(current.byte_count)
+            previous_source = current.manifest.get("source")
+        source = _merged_source(previous_source, manifest.source)
+        if manifest.source is not None and source is not None:
+            _check_continuity(conn, dataset, partition_key, source)
+        first_block, last_block = _block(manifest.source, "first"), _block(manifest.source, "last")
+        stored = {
+            "files": base,
+            "rows": rows + manifest.rows,
+            "bytes": nbytes + manifest.bytes,
+            "schema_hash": manifest.schema_hash,
+            "source": source,
+            "live_from_seq": live_from,
+            "through_seq": seq,
+        }
+        number = self._record_version(
+            conn,
+            attempt,
+            "append",
+            schema_version,
+            stored,
+            rows + manifest.rows,
+            nbytes + manifest.bytes,
+            {
+                "mode": "append",
+                "rows": rows + manifest.rows,
+                "bytes": nbytes + manifest.bytes,
+                "segment_rows": manifest.rows,
+                "segment_bytes": manifest.bytes,
+                "seq": seq,
+                "first_block": first_block,
+                "last_block": last_block,
+            },
+        )
+        conn.execute(
+            t.segments.insert().values(
+                dataset=dataset,
+                partition_key=partition_key,
+                seq=seq,
+                attempt_id=attempt.attempt_id,
+                version=number,
+                files=[f.as_dict() for f in manifest.files],
+                row_count=manifest.rows,
+                byte_count=manifest.bytes,
+                first_block=first_block,
+                last_block=last_block,
+                source=manifest.source,
+            )
+        )
+        segment = Manifest(
+            list(manifest.files),
+            manifest.schema_hash,
+            source,
+            live_from_seq=seq - 1,
+            through_seq=seq,
+            base_files=0,
+        )
+        record = VersionRecord(
+            dataset, partition_key, number, attempt.attempt_id, "append", schema_version, segment
+        )
+        return CommitResult(record, False, schema_version, drift, segment_seq=seq)
+
+    def _record_version(
+        self,
+        conn: sa.Connection,
+        attempt: Attempt,
+        mode: str,
+        schema_version: int,
+        stored: dict[str, Any],
+        rows: int,
+        nbytes: int,
+        payload: dict[str, Any],
+    ) -> int:
+        """Insert the next version of the partition, move its pointer, mark the attempt
+        committed and write the outbox event; the new version number."""
         number = (
             conn.execute(
                 sa.select(sa.func.max(t.versions.c.version))
@@ -240,9 +505,9 @@ class FencedCommits:
                 attempt_id=attempt.attempt_id,
                 commit_mode=mode,
                 schema_version=schema_version,
-                manifest=manifest.as_dict(),
-                row_count=manifest.rows,
-                byte_count=manifest.bytes,
+                manifest=stored,
+                row_count=rows,
+                byte_count=nbytes,
             )
         )
         conn.execute(
@@ -266,23 +531,12 @@ class FencedCommits:
                     "attempt_id": attempt.attempt_id,
                     "run_id": attempt.run_id,
                     "step_key": attempt.step_key,
-                    "mode": mode,
-                    "rows": manifest.rows,
-                    "bytes": manifest.bytes,
                     "schema_version": schema_version,
+                    **payload,
                 },
             )
         )
-        record = VersionRecord(
-            attempt.dataset,
-            attempt.partition_key,
-            number,
-            attempt.attempt_id,
-            mode,
-            schema_version,
-            manifest,
-        )
-        return CommitResult(record, False, schema_version, drift)
+        return number
 
     @staticmethod
     def _committed_by_key(
@@ -343,6 +597,25 @@ class FencedCommits:
 
     # -- reads ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _current_row(conn: sa.Connection, dataset: str, partition_key: str) -> sa.Row[Any] | None:
+        """The current version's row as stored (an open version's segments unresolved), its
+        pointer row locked."""
+        number = conn.execute(
+            sa.select(t.pointers.c.current_version)
+            .where(t.pointers.c.dataset == dataset)
+            .where(t.pointers.c.partition_key == partition_key)
+            .with_for_update()
+        ).scalar_one_or_none()
+        if number is None:
+            return None
+        return conn.execute(
+            sa.select(t.versions)
+            .where(t.versions.c.dataset == dataset)
+            .where(t.versions.c.partition_key == partition_key)
+            .where(t.versions.c.version == number)
+        ).one_or_none()
+
     def _current(
         self, conn: sa.Connection, dataset: str, partition_key: str
     ) -> VersionRecord | None:
@@ -365,47 +638,27 @@ class FencedCommits:
         )
 
 
-def _appended(
-    current: VersionRecord | None,
-    manifest: Manifest,
-    segment_keys: list[str] | None,
-    attempt: Attempt,
-) -> tuple[Manifest, bool]:
-    """The current manifest plus this attempt's segment, or (current, True) if a retry.
+def _sealed(current: sa.Row[Any]) -> bool:
+    """A partition whose current version is a replace version takes no appends. (An append
+    version of the pre-segment-row format, without a window, is open: its files are its base.)"""
+    return window(current.manifest) is None and current.commit_mode != "append"
 
-    A segment's keys are all new (appended), all present (a retried append: a no-op) or
-    mixed: refused, because a file can not be half referenced; the writer recomputes the
-    batch without the keys that landed.
-    """
-    keys = segment_keys or [attempt.attempt_id]
-    label = keys[0] if len(keys) == 1 else f"{keys[0]} (+{len(keys) - 1})"
-    segment = {
-        "segment_key": label,
-        "keys": keys,
-        "attempt_id": attempt.attempt_id,
-        "files": [f.key for f in manifest.files],
-    }
-    if current is None:
-        return Manifest(manifest.files, manifest.schema_hash, manifest.source, [segment]), False
-    present = current.manifest.segment_keys()
-    landed = [k for k in keys if k in present]
-    if len(landed) == len(keys):
-        return current.manifest, True
-    if landed:
-        raise SegmentConflictError(
-            f"append to {attempt.dataset}/{attempt.partition_key} by attempt "
-            f"{attempt.attempt_id} carries {len(landed)} segment key(s) already appended "
-            f"(e.g. {landed[:3]}) next to {len(keys) - len(landed)} new one(s); nothing was "
-            "committed. Recompute the batch without the keys already in the dataset "
-            "(a concurrent writer appended them) and retry"
-        )
-    merged = Manifest(
-        files=[*current.manifest.files, *manifest.files],
-        schema_hash=manifest.schema_hash,
-        source=manifest.source or current.manifest.source,
-        segments=[*current.manifest.segments, segment],
-    )
-    return merged, False
+
+def _block(source: dict[str, Any] | None, end: str) -> int | None:
+    number = ((source or {}).get(end) or {}).get("number")
+    return None if number is None else int(number)
+
+
+def _merged_source(
+    previous: dict[str, Any] | None, appended: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The open version's source: its first block from the partition's first data, the rest
+    (last block, range) from the newest append."""
+    if appended is None:
+        return previous
+    if previous is None or not previous.get("first"):
+        return appended
+    return {**appended, "first": previous["first"]}
 
 
 def _check_continuity(

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.storage import state as t
-from trace_resources.storage.read_model import current_query, find_version
-from trace_resources.storage.records import VersionRecord, interval, version_record
+from trace_resources.storage.read_model import current_query, expand, find_version
+from trace_resources.storage.records import VersionRecord, interval
 
 __all__ = ["Pins", "gc_lock"]
 
@@ -43,7 +43,8 @@ class Pins:
         with self.engine.begin() as conn:
             gc_lock(conn, dataset, shared=True)
             query = current_query(dataset, partition_keys)
-            records = {r.partition_key: version_record(r) for r in conn.execute(query)}
+            rows = conn.execute(query).all()
+            records = {r.partition_key: r for r in expand(conn, rows)}
             self._insert_pins(conn, reader_id, dataset, records.values(), ttl_s)
         return records
 

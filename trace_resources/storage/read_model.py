@@ -12,8 +12,9 @@ request reads everything it needs in one checkout (as many round trips as before
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,11 +25,25 @@ from trace_resources.storage.records import (
     DatasetSummary,
     FileEntry,
     PartitionSummary,
+    SegmentInfo,
     VersionRecord,
     version_record,
+    window,
 )
 
-__all__ = ["CommittedFiles", "ReadModel", "current_query", "find_version"]
+__all__ = [
+    "CommittedFiles",
+    "ReadModel",
+    "Window",
+    "current_query",
+    "expand",
+    "find_version",
+    "segment_files",
+    "segments_in",
+]
+
+# (dataset, partition key, live_from_seq, through_seq): the live segments of an open version
+Window = tuple[str, str, int, int]
 
 # (dataset, partition key, version, files) of one committed version
 CommittedFiles = tuple[str, str, int, list[FileEntry]]
@@ -64,12 +79,115 @@ def find_version(
         .where(t.versions.c.partition_key == partition_key)
         .where(t.versions.c.version == version)
     ).one_or_none()
-    return None if row is None else version_record(row)
+    return None if row is None else expand(conn, [row])[0]
 
 
-def _files(rows: Any) -> list[CommittedFiles]:
+def segments_in(
+    conn: sa.Connection, windows: Iterable[Window]
+) -> dict[Window, list[tuple[int, list[FileEntry]]]]:
+    """(seq, files) of the segments of each window, in seq order: ONE query for them all
+    (a request's open partitions resolve together, not one by one)."""
+    wanted = sorted({w for w in windows if w[3] > w[2]})
+    found: dict[Window, list[tuple[int, list[FileEntry]]]] = {w: [] for w in wanted}
+    if not wanted:
+        return found
+    w = sa.values(
+        sa.column("d", sa.Text),
+        sa.column("p", sa.Text),
+        sa.column("lo", sa.BigInteger),
+        sa.column("hi", sa.BigInteger),
+        name="windows",
+    ).data(wanted)
+    s = t.segments.c
+    query = (
+        sa.select(w.c.d, w.c.p, w.c.lo, w.c.hi, s.seq, s.files)
+        .select_from(w)
+        .join(
+            t.segments,
+            (s.dataset == w.c.d)
+            & (s.partition_key == w.c.p)
+            & (s.seq > w.c.lo)
+            & (s.seq <= w.c.hi),
+        )
+        .order_by(w.c.d, w.c.p, w.c.lo, w.c.hi, s.seq)
+    )
+    for r in conn.execute(query):
+        found[(r.d, r.p, int(r.lo), int(r.hi))].append(
+            (int(r.seq), [FileEntry(**f) for f in r.files])
+        )
+    for (dataset, key, lo, hi), segments in found.items():
+        # seqs are contiguous (taken under the partition's fence row lock): a gap is a segment
+        # removed since the version was read, never a version with fewer rows
+        if len(segments) != hi - lo:
+            raise FileNotFoundError(
+                f"{dataset} partition {key}: the version read lists segments {lo + 1}..{hi} "
+                f"but only {len(segments)} of them exist: GC removed that version (sealed "
+                "and superseded) meanwhile. Resolve the current version again"
+            )
+    return found
+
+
+def segment_files(conn: sa.Connection, windows: Iterable[Window]) -> dict[Window, list[FileEntry]]:
+    """The files of the live segments of each window, in seq order (one query)."""
+    return {
+        w: [f for _, files in found for f in files]
+        for w, found in segments_in(conn, windows).items()
+    }
+
+
+def expand(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[VersionRecord]:
+    """Full version rows as records, the files of open versions' live segments resolved."""
+    windows = {(r.dataset, r.partition_key, *w): None for r in rows if (w := window(r.manifest))}
+    files = segment_files(conn, windows)
+    records = []
+    for r in rows:
+        w = window(r.manifest)
+        live = files.get((r.dataset, r.partition_key, *w), []) if w else []
+        records.append(version_record(r, live))
+    return records
+
+
+def _files(conn: sa.Connection, rows: Any) -> list[CommittedFiles]:
+    """(dataset, partition, version, files) of rows with `files`, `live_from`, `through`."""
+    rows = list(rows)
+    windows: dict[tuple[str, str, int], Window] = {}
+    for r in rows:
+        if r.through is not None:
+            lo = int(r.live_from or 0)
+            windows[(r.dataset, r.partition_key, r.version)] = (
+                r.dataset,
+                r.partition_key,
+                lo,
+                int(r.through),
+            )
+    live = segment_files(conn, windows.values())
+    out = []
+    for r in rows:
+        files = [FileEntry(**f) for f in r.files]
+        w = windows.get((r.dataset, r.partition_key, r.version))
+        if w is not None:
+            files += live.get(w, [])
+        out.append((r.dataset, r.partition_key, r.version, files))
+    return out
+
+
+def _is_open(conn: sa.Connection, dataset: str, partition_key: str) -> bool:
+    """Whether the partition's current version is open: it has a live window, or it is an
+    append version of the manifest format from before segments were rows."""
+    row = conn.execute(
+        _select_current(t.versions.c.commit_mode, t.versions.c.manifest)
+        .where(t.versions.c.dataset == dataset)
+        .where(t.versions.c.partition_key == partition_key)
+    ).one_or_none()
+    return row is not None and (window(row.manifest) is not None or row.commit_mode == "append")
+
+
+def _file_columns() -> list[Any]:
+    m = t.versions.c.manifest
     return [
-        (r.dataset, r.partition_key, r.version, [FileEntry(**f) for f in r.files]) for r in rows
+        m["files"].label("files"),
+        m["live_from_seq"].label("live_from"),
+        m["through_seq"].label("through"),
     ]
 
 
@@ -94,8 +212,8 @@ class ReadModel:
     ) -> dict[str, VersionRecord]:
         """Current version of each committed partition (all partitions if keys is None)."""
         with self.engine.connect() as conn:
-            query = current_query(dataset, partition_keys)
-            return {r.partition_key: version_record(r) for r in conn.execute(query)}
+            rows = conn.execute(current_query(dataset, partition_keys)).all()
+            return {r.partition_key: r for r in expand(conn, rows)}
 
     def current_version_numbers(
         self, dataset: str, partition_keys: Sequence[str] | None = None
@@ -132,9 +250,90 @@ class ReadModel:
         return record
 
     def appended_keys(self, dataset: str, partition_key: str) -> set[str]:
-        """Segment keys in the current version of an append-mode partition."""
-        current = self.current_versions(dataset, [partition_key]).get(partition_key)
-        return set() if current is None else current.manifest.segment_keys()
+        """Segment keys in the current version of an append-mode partition (none if the
+        partition is not open: never appended to, or sealed by a replace)."""
+        with self.engine.connect() as conn:
+            if not _is_open(conn, dataset, partition_key):
+                return set()
+            k = t.segment_keys.c
+            return set(
+                conn.execute(
+                    sa.select(k.key)
+                    .where(k.dataset == dataset)
+                    .where(k.partition_key == partition_key)
+                ).scalars()
+            )
+
+    # -- open partitions -------------------------------------------------------------------
+
+    def heads(self, datasets: Sequence[str]) -> dict[str, tuple[int, datetime]]:
+        """Per dataset, the newest committed block of its current versions (open or sealed:
+        the manifest's `source.last.number`) and when the version holding it was committed.
+        Datasets with no version recording a source are absent."""
+        if not datasets:
+            return {}
+        v = t.versions.c
+        last = v.manifest["source"]["last"]["number"].astext.cast(sa.BigInteger)
+        ranked = (
+            _select_current(
+                v.dataset,
+                last.label("last_block"),
+                v.created_at,
+                sa.func.row_number()
+                .over(partition_by=v.dataset, order_by=last.desc())
+                .label("rank"),
+            )
+            .where(v.dataset.in_(list(datasets)))
+            .where(last.is_not(None))
+            .subquery()
+        )
+        query = sa.select(ranked).where(ranked.c.rank == 1)
+        with self.engine.connect() as conn:
+            return {r.dataset: (int(r.last_block), r.created_at) for r in conn.execute(query)}
+
+    def open_partitions(self, dataset: str) -> list[str]:
+        """Partitions of the dataset whose current version is open (appends land)."""
+        v = t.versions.c
+        query = (
+            _select_current(v.partition_key)
+            .where(v.dataset == dataset)
+            .where(v.manifest["through_seq"].is_not(None) | (v.commit_mode == "append"))
+            .order_by(v.partition_key)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def is_open(self, dataset: str, partition_key: str) -> bool:
+        """Whether the partition's current version is open (appends land; not sealed)."""
+        with self.engine.connect() as conn:
+            return _is_open(conn, dataset, partition_key)
+
+    def open_segments(self, dataset: str, partition_key: str) -> list[SegmentInfo]:
+        """Every append the partition holds (compacted ones too), in seq order: what a
+        sealing run compares with what it seals. Kept until GC removes the partition's last
+        open version; empty for a partition never appended to."""
+        s = t.segments.c
+        query = (
+            sa.select(t.segments)
+            .where(s.dataset == dataset)
+            .where(s.partition_key == partition_key)
+            .order_by(s.seq)
+        )
+        with self.engine.connect() as conn:
+            return [
+                SegmentInfo(
+                    int(r.seq),
+                    r.version,
+                    r.first_block,
+                    r.last_block,
+                    int(r.row_count),
+                    int(r.byte_count),
+                    r.source,
+                    [FileEntry(**f) for f in r.files],
+                    r.created_at,
+                )
+                for r in conn.execute(query)
+            ]
 
     # -- committed files -------------------------------------------------------------------
 
@@ -157,13 +356,13 @@ class ReadModel:
                 t.versions.c.dataset,
                 t.versions.c.partition_key,
                 t.versions.c.version,
-                t.versions.c.manifest["files"].label("files"),
+                *_file_columns(),
             )
             .where(sa.or_(*conditions))
             .order_by(t.versions.c.dataset, t.versions.c.partition_key)
         )
         with self._reading(conn) as reading:
-            return _files(reading.execute(query))
+            return _files(reading, reading.execute(query))
 
     def pinned_files(
         self, wanted: Sequence[tuple[str, str, int]], conn: sa.Connection | None = None
@@ -173,23 +372,25 @@ class ReadModel:
             return []
         v = t.versions.c
         query = (
-            sa.select(v.dataset, v.partition_key, v.version, v.manifest["files"].label("files"))
+            sa.select(v.dataset, v.partition_key, v.version, *_file_columns())
             .where(sa.tuple_(v.dataset, v.partition_key, v.version).in_(list(wanted)))
             .order_by(v.dataset, v.partition_key)
         )
         with self._reading(conn) as reading:
-            return _files(reading.execute(query))
+            return _files(reading, reading.execute(query))
 
     def newest_files(self, dataset: str) -> list[FileEntry]:
         """The files of the dataset's most recently committed manifest (any partition)."""
+        v = t.versions.c
         with self.engine.connect() as conn:
-            files = conn.execute(
-                sa.select(t.versions.c.manifest["files"])
-                .where(t.versions.c.dataset == dataset)
-                .order_by(t.versions.c.created_at.desc())
+            rows = conn.execute(
+                sa.select(v.dataset, v.partition_key, v.version, *_file_columns())
+                .where(v.dataset == dataset)
+                .order_by(v.created_at.desc())
                 .limit(1)
-            ).scalar_one_or_none()
-        return [FileEntry(**f) for f in files or []]
+            )
+            found = _files(conn, rows)
+        return found[0][3] if found else []
 
     # -- datasets and summaries ------------------------------------------------------------
 

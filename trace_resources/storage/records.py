@@ -5,7 +5,7 @@ concern of the version store shares (a row as a `VersionRecord`, seconds as an i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -24,6 +24,7 @@ __all__ = [
     "CommitMode",
     "CommitResult",
     "CommittedVersion",
+    "CompactionPlan",
     "DatasetSummary",
     "FileEntry",
     "Manifest",
@@ -35,6 +36,8 @@ __all__ = [
     "VersionRecord",
     "interval",
     "version_record",
+    "window",
+    "SegmentInfo",
 ]
 
 CommitMode = Literal["replace", "append"]
@@ -74,12 +77,24 @@ class FileEntry:
 
 @dataclass
 class Manifest:
-    """What a version is made of. Readers resolve files only from here."""
+    """What a version is made of. Readers resolve files only from here.
+
+    `files` are every file of the version in read order. A version of an open (append-mode)
+    partition stores only its base files in its manifest row (`"files"`: what compaction
+    wrote, and segments of manifests from before segments were rows) and the window of live
+    segments `live_from_seq < seq <= through_seq` of `trace_segments`, whose files follow the
+    base files in seq order; `base_files` says how many of `files` are base files. The read
+    model resolves the window (`read_model.expand`), so a `Manifest` from a `VersionRecord`
+    always lists every file. `segments` is the pre-segment-row format (kept for old rows).
+    """
 
     files: list[FileEntry]
     schema_hash: str
     source: dict[str, Any] | None = None
     segments: list[dict[str, Any]] = field(default_factory=list)
+    live_from_seq: int | None = None
+    through_seq: int | None = None
+    base_files: int | None = None
 
     @property
     def rows(self) -> int:
@@ -89,28 +104,52 @@ class Manifest:
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def is_open(self) -> bool:
+        """A version of an open partition (append mode, segments as rows)."""
+        return self.through_seq is not None
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "files": [f.as_dict() for f in self.files],
+        stored = self.files if self.base_files is None else self.files[: self.base_files]
+        data: dict[str, Any] = {
+            "files": [f.as_dict() for f in stored],
             "rows": self.rows,
             "bytes": self.bytes,
             "schema_hash": self.schema_hash,
             "source": self.source,
-            "segments": self.segments,
         }
+        if self.segments:
+            data["segments"] = self.segments
+        if self.through_seq is not None:
+            data["live_from_seq"] = self.live_from_seq or 0
+            data["through_seq"] = self.through_seq
+        return data
 
     def segment_keys(self) -> set[str]:
-        """Every key appended so far (a segment may carry several)."""
+        """Keys of the pre-segment-row format's segments (`ReadModel.appended_keys` has all)."""
         return {k for s in self.segments for k in s.get("keys") or [s["segment_key"]]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: dict[str, Any], segment_files: Sequence[FileEntry] = ()) -> Manifest:
+        """A manifest row; `segment_files`: the files of its live window (see `window`)."""
+        base = [FileEntry(**f) for f in data["files"]]
+        through = data.get("through_seq")
         return cls(
-            files=[FileEntry(**f) for f in data["files"]],
+            files=[*base, *segment_files],
             schema_hash=data["schema_hash"],
             source=data.get("source"),
             segments=list(data.get("segments") or []),
+            live_from_seq=None if through is None else int(data.get("live_from_seq") or 0),
+            through_seq=None if through is None else int(through),
+            base_files=None if through is None else len(base),
         )
+
+
+def window(manifest: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    """The live segment window (live_from_seq, through_seq] of a manifest row, if open."""
+    if not manifest or manifest.get("through_seq") is None:
+        return None
+    return int(manifest.get("live_from_seq") or 0), int(manifest["through_seq"])
 
 
 @dataclass(frozen=True)
@@ -141,10 +180,16 @@ class BatchNotCommitted(CommitError):
 
 @dataclass(frozen=True)
 class CommitResult:
+    """A commit's outcome. For a new append, `version.manifest` lists the appended segment's
+    files only (its `through_seq` is the segment's seq, `segment_seq`): listing the version's
+    every file would make an append cost grow with the partition; the read model resolves
+    them. Every other result (replace, a retry that had landed) carries the full version."""
+
     version: VersionRecord
     already_committed: bool
     schema_version: int
     drift: dict[str, Any] | None
+    segment_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +286,34 @@ class DatasetSummary:
 
 
 @dataclass(frozen=True)
+class CompactionPlan:
+    """What a compaction read from an open version: its window's start (`live_from_seq`), the
+    last seq it merged (`through_seq`), the version's base files, whether the merged file
+    replaces them too (`merges_base`) and the bytes of the files it replaces."""
+
+    live_from_seq: int
+    through_seq: int
+    base_keys: tuple[str, ...]
+    merges_base: bool
+    replaced_bytes: int
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One append to an open partition (`ReadModel.open_segments`)."""
+
+    seq: int
+    version: int  # the version the append made
+    first_block: int | None
+    last_block: int | None
+    rows: int
+    bytes: int
+    source: dict[str, Any] | None
+    files: list[FileEntry]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class PartitionSummary:
     """A partition's current version, without its file list (discovery)."""
 
@@ -252,7 +325,9 @@ class PartitionSummary:
     committed_at: datetime
 
 
-def version_record(row: sa.Row[Any]) -> VersionRecord:
+def version_record(row: sa.Row[Any], segment_files: Sequence[FileEntry] = ()) -> VersionRecord:
+    """A version row as a record; an open version needs its live window's `segment_files`
+    (`read_model.expand` reads them; use it rather than this)."""
     return VersionRecord(
         dataset=row.dataset,
         partition_key=row.partition_key,
@@ -260,5 +335,5 @@ def version_record(row: sa.Row[Any]) -> VersionRecord:
         attempt_id=str(row.attempt_id),
         commit_mode=row.commit_mode,
         schema_version=row.schema_version,
-        manifest=Manifest.from_dict(row.manifest),
+        manifest=Manifest.from_dict(row.manifest, segment_files),
     )

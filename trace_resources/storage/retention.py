@@ -16,15 +16,42 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.storage import state as t
 from trace_resources.storage.pins import gc_lock
+from trace_resources.storage.read_model import Window, segments_in
 from trace_resources.storage.records import (
     AttemptRow,
     FileEntry,
     RemovedVersion,
     StorageSnapshot,
     interval,
+    window,
 )
 
 __all__ = ["Retention"]
+
+
+def _open(row: Any) -> bool:
+    return window(row.manifest) is not None or row.commit_mode == "append"
+
+
+def _merged(dataset: str, windows: Iterable[tuple[str, tuple[int, int] | None]]) -> list[Window]:
+    """Per partition, the union of its versions' segment windows as disjoint windows."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for key, w in windows:
+        if w is not None and w[1] > w[0]:
+            spans.setdefault(key, []).append(w)
+    merged: list[Window] = []
+    for key, found in sorted(spans.items()):
+        lo, hi = None, None
+        for a, b in sorted(found):
+            if hi is not None and a <= hi:
+                hi = max(hi, b)
+                continue
+            if lo is not None and hi is not None:
+                merged.append((dataset, key, lo, hi))
+            lo, hi = a, b
+        if lo is not None and hi is not None:
+            merged.append((dataset, key, lo, hi))
+    return merged
 
 
 class Retention:
@@ -66,21 +93,46 @@ class Retention:
             partitions = sorted({r.partition_key for r in chosen})
             doomed = [(r.partition_key, r.version) for r in chosen]
             kept = conn.execute(
-                sa.select(t.versions.c.manifest)
+                sa.select(
+                    t.versions.c.partition_key, t.versions.c.commit_mode, t.versions.c.manifest
+                )
                 .where(t.versions.c.dataset == dataset)
                 .where(t.versions.c.partition_key.in_(partitions))
                 .where(sa.tuple_(t.versions.c.partition_key, t.versions.c.version).notin_(doomed))
-            ).scalars()
-            # append versions share files with their successors: delete only what no kept
-            # version references, and each file once
-            claimed = {f["key"] for manifest in kept for f in manifest["files"]}
+            ).all()
+            # versions share files with their successors (append mode: base files, and live
+            # segment windows that overlap): delete only what no kept version references (its
+            # base files and its window's segments), and each file once
+            kept_windows = _merged(dataset, [(r.partition_key, window(r.manifest)) for r in kept])
+            claimed = {f["key"] for r in kept for f in r.manifest["files"]}
+            for found in segments_in(conn, kept_windows).values():
+                claimed.update(f.key for _, files in found for f in files)
+            doomed_windows = _merged(
+                dataset, [(r.partition_key, window(r.manifest)) for r in chosen]
+            )
+            by_seq: dict[str, dict[int, list[FileEntry]]] = {}
+            for (_, key, _, _), found in segments_in(conn, doomed_windows).items():
+                by_seq.setdefault(key, {}).update(found)
+            assigned: dict[str, int] = {}  # per partition: segments already given a version
             removed = []
-            for r in chosen:
-                files = [FileEntry(**f) for f in r.manifest["files"] if f["key"] not in claimed]
+            for r in chosen:  # in (partition, version) order; windows only move forward
+                files = [FileEntry(**f) for f in r.manifest["files"]]
+                w = window(r.manifest)
+                if w is not None:
+                    done = assigned.get(r.partition_key, 0)
+                    segs = by_seq.get(r.partition_key, {})
+                    for seq in range(max(w[0], done) + 1, w[1] + 1):
+                        files += segs.get(seq, [])
+                    assigned[r.partition_key] = max(done, w[1])
+                files = [f for f in files if f.key not in claimed]
                 claimed.update(f.key for f in files)
                 removed.append(
                     RemovedVersion(dataset, r.partition_key, r.version, r.created_at, files)
                 )
+            # a partition left without an open version (sealed, its open versions removed):
+            # its segment rows and keys go too (their files are queued above or were before)
+            still_open = {r.partition_key for r in kept if _open(r)}
+            closed = sorted({r.partition_key for r in chosen if _open(r)} - still_open)
             if apply:
                 # commit keys stay (tombstones): a late retry of the writer that committed a
                 # removed version must not commit its superseded data again
@@ -96,6 +148,13 @@ class Retention:
                 ]
                 if queued:
                     conn.execute(pg_insert(t.gc_queue).on_conflict_do_nothing(), queued)
+                for table in (t.segments, t.segment_keys):
+                    if closed:
+                        conn.execute(
+                            table.delete()
+                            .where(table.c.dataset == dataset)
+                            .where(table.c.partition_key.in_(closed))
+                        )
         return removed
 
     def _removable_query(self, dataset: str, keep_last: int, older_than_s: float) -> sa.Select[Any]:
@@ -106,6 +165,7 @@ class Retention:
                 v.c.dataset,
                 v.c.partition_key,
                 v.c.version,
+                v.c.commit_mode,
                 v.c.manifest,
                 v.c.created_at,
                 sa.func.row_number()
@@ -194,6 +254,19 @@ class Retention:
                         .join(files, sa.true())
                         .where(t.versions.c.dataset == dataset)
                         .distinct()
+                    ).scalars()
+                )
+                # every segment's files, live or compacted: a segment row is deleted only
+                # after GC queued its files (the versions that listed them are gone)
+                segment_files = sa.func.jsonb_array_elements(t.segments.c.files).table_valued(
+                    sa.column("value", JSONB)
+                )
+                referenced.update(
+                    conn.execute(
+                        sa.select(segment_files.c.value["key"].astext)
+                        .select_from(t.segments)
+                        .join(segment_files, sa.true())
+                        .where(t.segments.c.dataset == dataset)
                     ).scalars()
                 )
         return StorageSnapshot(found, referenced)

@@ -31,6 +31,8 @@ __all__ = [
     "pins",
     "gc_queue",
     "quality_results",
+    "segments",
+    "segment_keys",
     "engine_for",
     "dispose_engine",
 ]
@@ -186,6 +188,40 @@ gc_queue = sa.Table(
     sa.Column("dataset", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("queued_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+
+# Append mode ("segments as rows"): each append to an open partition is one row here, so an
+# append costs the same whatever the partition holds. A version of an open partition lists
+# only its base (compacted) files in its manifest and the live window of segments
+# `live_from_seq < seq <= through_seq` (manifest keys), whose files readers add in seq order.
+segments = sa.Table(
+    "trace_segments",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("attempt_id", UUID(as_uuid=False), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),  # the version the append made
+    sa.Column("files", JSONB, nullable=False),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("byte_count", sa.BigInteger, nullable=False),
+    sa.Column("first_block", sa.BigInteger, nullable=True),
+    sa.Column("last_block", sa.BigInteger, nullable=True),
+    sa.Column("source", JSONB, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+)
+
+# The idempotency keys of appends (e.g. "block:123"), one row per key: a retried append finds
+# its keys here. Kept while the partition has an open version (GC removes them with the
+# partition's segments once no open version of it remains).
+segment_keys = sa.Table(
+    "trace_segment_keys",
+    metadata,
+    sa.Column("dataset", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
 )
 
 
