@@ -93,6 +93,7 @@ class Chain:
         self.accounts: list[str] = node.rpc("eth_accounts")
         self._lock = threading.Lock()  # held while mining a block (and by `held()`)
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._rng = random.Random(10143)
         self._thread = threading.Thread(target=self._mine_loop, name="head-miner", daemon=True)
         self.error: BaseException | None = None
@@ -149,12 +150,26 @@ class Chain:
 
     def _mine_loop(self) -> None:
         while not self._stop.is_set():
+            if self._paused.is_set():
+                self._stop.wait(BLOCK_TIME_S)
+                continue
             try:
                 self.mine()
             except BaseException as exc:  # recorded; the tests' waits report it
                 self.error = exc
                 return
             self._stop.wait(BLOCK_TIME_S)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The miner mines nothing inside the block (`mine` still does)."""
+        self._paused.set()
+        try:
+            with self._lock:  # a block being mined is finished
+                pass
+            yield
+        finally:
+            self._paused.clear()
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
