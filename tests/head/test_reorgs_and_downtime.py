@@ -118,3 +118,68 @@ def test_reorgs_above_finalized_never_reach_the_lake_and_orphaned_safe_alerts_ar
     [retraction] = lake.alerts("retraction").values()
     assert retraction["retracts"] == alert_key
     assert delivered(hook) == Counter({alert_key: 1, f"retract:{alert_key}": 1})
+
+
+def evaluation_metadata(result: object) -> dict[str, object]:
+    [evaluation] = result.asset_materializations_for_node("alert_evaluations")  # type: ignore[attr-defined]
+    return {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
+
+
+def test_sealing_alone_commits_and_alerts_ranges_the_follower_missed_or_left_half_done(
+    chain: Chain, make_lake: MakeLake
+) -> None:
+    lake = make_lake(RANGE)
+    workers = AlertWorkers(lake.env, lake.root)
+    with WebhookReceiver(SECRET) as hook:
+        workers.start()
+        try:
+            lake.rule("acme", "watch", f"{hook.url}/acme")
+            follower = lake.process()
+            follower.start()
+            follower.wait_ready()
+
+            # a watched transfer early in a range; the follower appends and alerts it, then dies
+            with chain.paused():
+                while (chain.head("latest") + 1) % RANGE != 3:
+                    chain.mine()
+                first_tx = chain.send(WATCHED, 1)
+                chain.mine()
+            first_block = int(chain.receipt(first_tx)["blockNumber"], 16)
+            half = range_containing(first_block, RANGE)
+            lake.wait_committed(half.key, first_block)
+            wait_for(lambda: len(hook.snapshot()) == 1, "the follower's alert", 120)
+            follower.kill()
+            appended = lake.last_committed(half.key)
+            assert appended is not None and appended < half.last  # partly appended
+
+            # a whole range passes with the follower down, with another watched transfer
+            second_tx = chain.send(WATCHED, 2)
+            second_block = int(chain.receipt(second_tx)["blockNumber"], 16)
+            missed = range_containing(second_block, RANGE)
+            assert missed.start == half.last + 1
+            chain.mine(missed.last + FINALITY + 1 - chain.head("latest"))
+            chain.wait_finalized(missed.last)
+            assert lake.current("blocks", missed.key) is None
+
+            sealed_half = evaluation_metadata(lake.seal(half.key))
+            sealed_missed = evaluation_metadata(lake.seal(missed.key))
+            # the follower's alert is standing: sealing sends nothing for it
+            assert (sealed_half["trace/new_alerts"], sealed_half["trace/retractions"]) == (0, 0)
+            assert (sealed_missed["trace/new_alerts"], sealed_missed["trace/retractions"]) == (1, 0)
+            wait_for(lambda: len(hook.snapshot()) >= 2, "the sealed range's alert delivered", 120)
+        finally:
+            workers.stop()  # the sink drains the buffer; the deliverer finishes its sends
+
+    for block_range in (half, missed):
+        record = lake.current("blocks", block_range.key)
+        assert record is not None and record.commit_mode == "replace"
+        assert_range_matches_chain(
+            lake, chain, block_range.key, block_range.start, block_range.last
+        )
+    alerts = lake.alerts()
+    assert sorted(a["row"]["transaction_hash"] for a in alerts.values()) == sorted(
+        [first_tx, second_tx]
+    )
+    assert {a["partition_key"] for a in alerts.values()} == {half.key, missed.key}
+    assert lake.alerts("retraction") == {}
+    assert delivered(hook) == Counter({key: 1 for key in alerts})
