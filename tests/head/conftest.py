@@ -8,9 +8,9 @@ Tests can hold the miner (`chain.held()`) to act on a still chain (a reorg at an
 
 Each test gets a `Lake` of its own: a fresh state and data database, a bucket, an SQS queue,
 and the settings of a follower at a given range size. The follower runs as
-`python -m trace_assets.head` in its own process group (so it can be SIGKILLed), or in
-process (`Lake.follower()`); sealing a range is its Dagster run (raw_chain, the derived
-datasets and alert_evaluations for the partition key), materialised in process.
+`python -m trace_assets.head` in its own process group (so it can be SIGKILLed); sealing a
+range is its Dagster run (raw_chain, the derived datasets and alert_evaluations for the
+partition key), materialised in process.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from tests.conftest import CHAIN_ID, NewDatabase
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS
-from trace_assets.head.__main__ import build_follower
-from trace_assets.head.follower import HEAD_DATASETS, HeadFollower
+from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
 from trace_resources.alert_pipeline import tables as alert_tables
@@ -78,7 +77,9 @@ def wait_for(
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}: {detail()}")
+            raise AssertionError(
+                f"timed out after {timeout_s:.0f} s waiting for {what}: {detail()}"
+            )
         time.sleep(0.1)
 
 
@@ -333,9 +334,7 @@ class Lake:
         return VersionStore(engine_for(self.settings.state_dsn))
 
     def reader(self) -> DatasetReader:
-        store = s3_store(
-            self.settings.bucket_datasets, endpoint_url=self.settings.s3_endpoint_url
-        )
+        store = s3_store(self.settings.bucket_datasets, endpoint_url=self.settings.s3_endpoint_url)
         return DatasetReader(store, self.versions())
 
     def data_engine(self) -> sa.Engine:
@@ -345,13 +344,6 @@ class Lake:
         follower = FollowerProcess(self.env, self.root / f"{name}.log")
         self.followers.append(follower)
         return follower
-
-    def follower(self, **overrides: Any) -> HeadFollower:
-        """An in-process follower (for tests that drive `cycle()` themselves)."""
-        return build_follower(self.settings.model_copy(update=overrides))
-
-    def worker_env(self) -> dict[str, str]:
-        return self.env
 
     def rule(self, org: str, rule_id: str, hook_url: str, **extra: Any) -> StoredRule:
         """A watched-addresses rule on WATCHED's native transfers, webhooked to `hook_url`."""
@@ -528,20 +520,25 @@ def assert_range_matches_chain(lake: Lake, chain: Chain, key: str, first: int, l
     tx_hashes = [hexed(h) for h in txs["transaction_hash"].to_pylist()]
     assert len(tx_hashes) == len(set(tx_hashes)), "a transaction appears twice"
     logs = lake.read("logs", key)
-    log_ids = list(zip(logs["block_number"].to_pylist(), logs["log_index"].to_pylist(), strict=True))
+    log_ids = list(
+        zip(logs["block_number"].to_pylist(), logs["log_index"].to_pylist(), strict=True)
+    )
     assert len(log_ids) == len(set(log_ids)), "a log appears twice"
     in_lake: dict[int, tuple[str, list[str]]] = {
         n: (hexed(h), []) for n, h in zip(numbers, blocks["block_hash"].to_pylist(), strict=True)
     }
     ordered = sorted(
-        zip(txs["block_number"].to_pylist(), txs["transaction_index"].to_pylist(), tx_hashes, strict=True)
+        zip(
+            txs["block_number"].to_pylist(),
+            txs["transaction_index"].to_pylist(),
+            tx_hashes,
+            strict=True,
+        )
     )
     for number, _, tx_hash in ordered:
         in_lake[number][1].append(tx_hash)
     assert in_lake == chain.canonical(first, last)
-    chain_logs = chain.rpc(
-        "eth_getLogs", [{"fromBlock": hex(first), "toBlock": hex(last)}]
-    )
+    chain_logs = chain.rpc("eth_getLogs", [{"fromBlock": hex(first), "toBlock": hex(last)}])
     assert sorted(log_ids) == sorted(
         (int(x["blockNumber"], 16), int(x["logIndex"], 16)) for x in chain_logs
     )

@@ -134,7 +134,7 @@ def test_postgres_killed_mid_append_the_follower_recovers_by_itself(
             behind = chain.head("finalized")
             kill_postgres(pg)
             wait_for(
-                lambda: follower.log().count("cycle failed") > crash,
+                lambda crash=crash: follower.log().count("cycle failed") > crash,
                 "the follower to see the database gone",
                 60,
                 lambda: follower.log()[-2000:],
