@@ -12,6 +12,7 @@ from infra.local.alert_workers import AlertWorkers
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.webhook_receiver import WebhookReceiver
 from tests.head.conftest import (
+    FINALITY,
     SECRET,
     WATCHED,
     Chain,
@@ -108,7 +109,9 @@ def test_sealing_a_followed_range_changes_no_row_and_resends_no_alert(
             blocks = [int(chain.receipt(tx)["blockNumber"], 16) for tx in sent]
             partition = range_containing(blocks[-1], 100)
             first = range_containing(blocks[0], 100)
-            # the range of the last transfer completes and the follower appends all of it
+            # the range of the last transfer completes (mined at once: no need to wait for
+            # 64+ blocks of 0.2 s) and the follower appends all of it
+            chain.mine(max(0, partition.last + FINALITY + 1 - chain.head("latest")))
             chain.wait_finalized(partition.last + 1)
             lake.wait_committed(partition.key, partition.last)
             keys = sorted({first.key, partition.key})
