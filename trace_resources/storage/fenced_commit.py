@@ -21,6 +21,7 @@ from trace_resources.errors import (
     ChainContinuityError,
     CommitError,
     LeaseExpiredError,
+    PartitionSealedError,
     SegmentConflictError,
     VersionRemovedError,
 )
@@ -218,6 +219,12 @@ class FencedCommits:
             registered[attempt.dataset] = (fingerprint, schema_version)
         current = self._current(conn, attempt.dataset, attempt.partition_key)
         if mode == "append":
+            if current is not None and _sealed(current):
+                raise PartitionSealedError(
+                    f"append to {attempt.dataset}/{attempt.partition_key} by attempt "
+                    f"{attempt.attempt_id} refused: its current version {current.version} is a "
+                    "sealed (replace) version; nothing was appended"
+                )
             manifest, duplicate = _appended(current, manifest, segment_keys, attempt)
             if duplicate and current is not None:
                 self._set_state(conn, attempt, "committed", current.version)
@@ -363,6 +370,12 @@ class FencedCommits:
             .where(t.attempts.c.attempt_id == attempt.attempt_id)
             .values(state=state, committed_version=version, updated_at=sa.func.now())
         )
+
+
+def _sealed(current: VersionRecord) -> bool:
+    """A replace version without segments (a sealed range): appends on top of it would
+    duplicate its rows."""
+    return current.commit_mode == "replace" and not current.manifest.segment_keys()
 
 
 def _appended(
