@@ -19,6 +19,7 @@ from tests.head.conftest import (
     hexed,
     wait_for,
 )
+from trace_assets.head.__main__ import build_follower
 from trace_resources.chain.ranges import range_containing
 
 RANGE = 50
@@ -183,3 +184,38 @@ def test_sealing_alone_commits_and_alerts_ranges_the_follower_missed_or_left_hal
     assert {a["partition_key"] for a in alerts.values()} == {half.key, missed.key}
     assert lake.alerts("retraction") == {}
     assert delivered(hook) == Counter({key: 1 for key in alerts})
+
+
+def test_a_range_sealed_under_the_follower_is_left_alone_and_it_moves_on(
+    chain: Chain, make_lake: MakeLake
+) -> None:
+    lake = make_lake(RANGE)
+    follower = build_follower(lake.settings)
+    try:
+        with chain.paused():  # the test decides every block
+            while chain.head("finalized") % RANGE != 2:
+                chain.mine()
+            first = follower.cycle()  # a fresh start: the open range from its first block
+            assert first.committed is not None
+            sealed = range_containing(first.committed[1], RANGE)
+            assert first.committed == (sealed.start, sealed.start + 2)
+
+            # the range completes and its run seals it before the follower appends the rest
+            chain.mine(RANGE + 10)
+            before = lake.current("blocks", sealed.key)
+            lake.seal(sealed.key)
+            record = lake.current("blocks", sealed.key)
+            assert before is not None and record is not None
+            assert (before.commit_mode, record.commit_mode) == ("append", "replace")
+
+            skipped = follower.cycle()
+            assert (skipped.sealed_skip, skipped.committed) == (sealed.key, None)
+            assert lake.current("blocks", sealed.key) == record  # nothing appended to it
+            moved_on = follower.cycle()
+            assert moved_on.committed is not None
+            assert moved_on.committed[0] == sealed.last + 1  # the next range, from its start
+        assert_range_matches_chain(lake, chain, sealed.key, sealed.start, sealed.last)
+        next_key = range_containing(sealed.last + 1, RANGE).key
+        assert_range_matches_chain(lake, chain, next_key, sealed.last + 1, moved_on.committed[1])
+    finally:
+        follower.close()
