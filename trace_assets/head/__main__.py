@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from trace_assets.alerts.scope import AlertScope
-from trace_assets.head.follower import HEAD_DATASETS, HeadFollower, leadership
+from trace_assets.head.follower import HEAD_DATASETS, HeadFollower, Leadership
 from trace_assets.head.metrics import HeadMetrics
 from trace_resources.alert_pipeline import tables as alert_tables
 from trace_resources.alert_pipeline.rules import RuleStore
@@ -88,26 +88,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = HeadMetrics(settings.head_metrics_port)
     follower = build_follower(settings, metrics)
     objects = objects_from(settings)
+    leader = Leadership(follower.versions.engine, settings.chain_id, stop)
     try:
-        with leadership(follower.versions.engine, settings.chain_id, stop) as leading:
-            if not leading:
-                return 0
-            log.info(
-                "follower ready: chain %s, ranges of %d blocks, datasets %s%s",
-                settings.chain_id,
-                settings.range_size,
-                ", ".join(HEAD_DATASETS),
-                f", metrics on :{settings.head_metrics_port}" if settings.head_metrics_port else "",
+        if not leader.acquire():
+            return 0
+        log.info(
+            "follower ready: chain %s, ranges of %d blocks, datasets %s%s",
+            settings.chain_id,
+            settings.range_size,
+            ", ".join(HEAD_DATASETS),
+            f", metrics on :{settings.head_metrics_port}" if settings.head_metrics_port else "",
+        )
+        with Compactor(objects.datasets(), follower.versions) as compactor:
+            follower.run(
+                stop,
+                settings.head_poll_s,
+                compactor=compactor,
+                compact_every_s=settings.head_compact_interval_s,
+                compact_min_segments=settings.head_compact_min_segments,
+                leader=leader,
             )
-            with Compactor(objects.datasets(), follower.versions) as compactor:
-                follower.run(
-                    stop,
-                    settings.head_poll_s,
-                    compactor=compactor,
-                    compact_every_s=settings.head_compact_interval_s,
-                    compact_min_segments=settings.head_compact_min_segments,
-                )
     finally:
+        leader.release()
         follower.close()
         metrics.close()
     log.info("follower stopped")

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,13 +193,15 @@ class HeadFollower:
         compactor: Compactor | None = None,
         compact_every_s: float = 5.0,
         compact_min_segments: int = 64,
+        leader: Leadership | None = None,
     ) -> None:
         """Cycle until `stop` is set: immediately again while behind, else after `poll_s`
         (default: a third of the chain's observed block time, between 50 ms and 1 s). An
         error is logged and retried with backoff after reloading what is committed. With a
         `compactor`, a background thread compacts the open range's segments of every head
         dataset every `compact_every_s` once `compact_min_segments` have accumulated, so a
-        query of the open range reads a few files however many blocks it holds."""
+        query of the open range reads a few files however many blocks it holds. With a
+        `leader` lock, it appends only while it holds the lock (won again after losing it)."""
         backoff = 0.5
         self.client.check_chain_id()
         compacting = None
@@ -212,7 +214,7 @@ class HeadFollower:
             )
             compacting.start()
         try:
-            self._cycle_until(stop, poll_s, backoff)
+            self._cycle_until(stop, poll_s, backoff, leader)
         finally:
             if compacting is not None:
                 compacting.join()
@@ -237,8 +239,23 @@ class HeadFollower:
                 if report.compacted:
                     log.info("%s", report.line())
 
-    def _cycle_until(self, stop: threading.Event, poll_s: float | None, backoff: float) -> None:
+    def _cycle_until(
+        self,
+        stop: threading.Event,
+        poll_s: float | None,
+        backoff: float,
+        leader: Leadership | None,
+    ) -> None:
         while not stop.is_set():
+            if leader is not None and not leader.held():
+                log.warning(
+                    "lost the leader lock (its Postgres session ended); winning it again "
+                    "before appending"
+                )
+                self._reset()
+                if not leader.acquire():
+                    return
+                log.info("leader lock won again; resuming after the newest committed block")
             try:
                 outcome = self.cycle()
                 backoff = 0.5
@@ -517,27 +534,79 @@ def _unavailable(rules: Sequence[StoredRule], available: set[str]) -> set[str]:
     return {name for r in rules for name in referenced(r.rule)} - available
 
 
-@contextlib.contextmanager
-def leadership(engine: sa.Engine, chain_id: int, stop: threading.Event) -> Iterator[bool]:
-    """Hold the follower's leader lock (a session-level advisory lock on Postgres state) for
-    the block; yields False if `stop` was set before it was won. One follower per chain
-    appends; a second one waits as a standby and takes over when the first one's session ends
-    (its process died or its connection dropped)."""
-    key = {"k": f"trace-head-follower:{chain_id}"}
-    conn = engine.connect()
-    try:
-        while not stop.is_set():
-            won = conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), key
-            ).scalar()
-            conn.commit()
+class Leadership:
+    """The follower's leader lock: a session-level advisory lock on Postgres state. One
+    follower per chain appends; a second one waits as a standby and takes over when the
+    first one's session ends (its process died or its connection dropped). `held()` checks,
+    at most every `check_s`, that the session holding the lock is still alive: after a
+    PostgreSQL restart it is not, and the follower must win the lock again before appending
+    (another standby may have won it meanwhile)."""
+
+    def __init__(
+        self, engine: sa.Engine, chain_id: int, stop: threading.Event, check_s: float = 2.0
+    ) -> None:
+        self.engine = engine
+        self.key = {"k": f"trace-head-follower:{chain_id}"}
+        self.chain_id = chain_id
+        self.stop = stop
+        self.check_s = check_s
+        self._conn: sa.Connection | None = None
+        self._checked = 0.0
+
+    def acquire(self) -> bool:
+        """Wait until this process holds the lock (True) or `stop` is set (False)."""
+        waiting_logged = False
+        while not self.stop.is_set():
+            try:
+                if self._conn is None:
+                    self._conn = self.engine.connect()
+                won = self._conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), self.key
+                ).scalar()
+                self._conn.commit()
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("leader lock: Postgres state unreachable (%s); retrying", exc)
+                self._drop()
+                self.stop.wait(2.0)
+                continue
             if won:
-                break
-            log.info("another head follower of chain %s leads; standing by", chain_id)
-            stop.wait(2.0)
-        yield not stop.is_set()
-    finally:
-        with contextlib.suppress(Exception):
-            conn.execute(sa.text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), key)
-            conn.commit()
-        conn.close()
+                self._checked = time.monotonic()
+                return True
+            if not waiting_logged:
+                log.info("another head follower of chain %s leads; standing by", self.chain_id)
+                waiting_logged = True
+            self.stop.wait(2.0)
+        return False
+
+    def held(self) -> bool:
+        """Whether the lock's session is still alive (checked at most every `check_s`)."""
+        if self._conn is None:
+            return False
+        now = time.monotonic()
+        if now - self._checked < self.check_s:
+            return True
+        try:
+            self._conn.execute(sa.text("SELECT 1"))
+            self._conn.commit()
+        except sa.exc.SQLAlchemyError:
+            self._drop()
+            return False
+        self._checked = now
+        return True
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+
+    def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.execute(
+                    sa.text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), self.key
+                )
+                self._conn.commit()
+        self._drop()
