@@ -225,7 +225,11 @@ def alerts_end_to_end(
                 )
             time.sleep(0.5)
         head_tier(env, client, hook, secret)
-    received = {d.dedupe_key for d in hook.snapshot() if d.alert.get("rule_version") == version}
+    received = {
+        d.dedupe_key
+        for d in hook.snapshot()
+        if d.alert.get("rule_id") == rule["id"] and d.alert.get("rule_version") == version
+    }
     _say(
         f"{len(alerts)} alerts upserted once each and delivered: the webhook receiver got "
         f"{len(received)} distinct alerts, every signature valid ({hook.rejected} rejected); "
