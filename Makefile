@@ -19,7 +19,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts
+BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -82,8 +82,11 @@ bench-derived: install ## derived datasets: Dagster materialisation vs the same 
 bench-query: install ## query service (uvicorn) vs DuckDB directly on the same files
 	$(PYTHON) -m infra.bench.query
 
-bench-alerts: install ## alert latency finalized block -> webhook (Dagster daemon), sink throughput
+bench-alerts: install ## alert latency finalized block -> webhook (head follower, 300 ms blocks), sink throughput
 	$(PYTHON) -m infra.bench.alerts
+
+bench-freshness: install ## finalized -> alert and -> row visible in /v1/query at 300 ms blocks; follower lag
+	$(PYTHON) -m infra.bench.freshness
 
 lint: install ## ruff check, ruff format --check, mypy, import layering (lint-imports)
 	$(PYTHON) -m ruff check .

@@ -1,21 +1,21 @@
 """`make bench-alerts`: latency from a block becoming finalized on the devnet to its alert
 reaching a webhook receiver, through the deployment path; and the sink's throughput.
 
-Latency: a fresh anvil devnet mined by the benchmark at a steady block time, the Dagster daemon
-(`dagster-daemon run` on the repository's dagster.yaml: Postgres storage, queued run
-coordinator) with the chain-head sensor and the automation sensor running, the alert sink and
-deliverer processes, and a stored rule (watched address, native transfers) whose webhook is a
-local receiver checking signatures. After a warm-up alert, each of `--alerts` blocks carries
-one transfer to the watched address. A block becomes finalized when the chain's `finalized`
-tag first reaches it (latest - 64 on anvil; read after every mined block); its latency ends
-when its alert arrives at the receiver. The breakdown splits it at the chain-head run's
-creation (sensor tick) and start (queue + launch), the alert row's upsert by the sink, and the
-arrival.
+Latency (issue 14, the head path): the harness of `infra/bench/freshness.py` (one run serves
+both figures; see its docstring): anvil mining every 0.3 s under 400 tx/s of load, the head
+follower process with production ranges of 10,000 blocks, the sink and deliverer, a webhook
+receiver, the query service (the rule is created through it), and the Dagster daemon with the
+chain-head sensor as in production (it seals nothing: no range completes during the run).
+At least 300 alerting blocks (one native transfer to the watched address each); a block's
+latency runs from `load.finalized_seen_at(block)` to its alert's first arrival.
+
+`--sealed-path [flags]` runs the former benchmark of the sealed tier instead (issues 6-13:
+ranges of 5 one-second blocks mined by the benchmark, alerts from the chain-head sensor's runs).
 
 Sink throughput: `--sink-messages` alerts pushed to their own queue, then the sink process
 started; from its `ready` line until every row is in Postgres.
 
-Last line: `alerts: p50_s=<> p99_s=<> n=<> sink_msgs_per_s=<>`.
+Last line: `alerts: p50_s=<> p99_s=<> n=<> range_size=<> sink_msgs_per_s=<>`.
 """
 
 from __future__ import annotations
@@ -274,6 +274,35 @@ def run_times(home: Path, range_size: int) -> tuple[dict[int, RunTiming], dict[s
 
 
 def main() -> int:
+    """The head path (issue 14): the follower at production range size; `--sealed-path ...`
+    runs the former sealed-range benchmark instead (its own flags follow)."""
+    if "--sealed-path" in sys.argv[1:]:
+        return sealed_main([a for a in sys.argv[1:] if a != "--sealed-path"])
+    from infra.bench import freshness
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    freshness.add_arguments(parser)
+    parser.add_argument("--sink-messages", type=int, default=10_000, help="sink throughput run")
+    args = parser.parse_args()
+
+    def sink_part(env: dict[str, str], pg: PostgresServer, work: Path) -> float:
+        return sink_throughput(env, pg, args.sink_messages, work)
+
+    run, sink_rate = freshness.head_run(args, daemon=not args.no_daemon, before=sink_part)
+    alert_lat, query_lat, lag_max = freshness.report(run, args)
+    print(
+        f"freshness: p50_s={statistics.median(query_lat):.2f} "
+        f"p99_s={percentile(query_lat, 99):.2f} lag_max_blocks={lag_max:.0f}"
+    )
+    print(
+        f"alerts: p50_s={statistics.median(alert_lat):.2f} p99_s={percentile(alert_lat, 99):.2f} "
+        f"n={len(alert_lat)} range_size={args.range_size} sink_msgs_per_s={sink_rate:.0f}"
+    )
+    return 0
+
+
+def sealed_main(argv: list[str]) -> int:
+    """The sealed path of issues 6-13 (ranges of 5 one-second blocks, no follower)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--alerts", type=int, default=120, help="alerting blocks (>= 100)")
     parser.add_argument("--block-time", type=float, default=1.0, help="seconds between blocks")
@@ -286,7 +315,7 @@ def main() -> int:
         help="queued run coordinator dequeue interval, s (default: dagster.yaml's)",
     )
     parser.add_argument("--timeout", type=float, default=600, help="give up after, seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="trace-bench-alerts-"))
     pg = PostgresServer(work / "pg", free_port())

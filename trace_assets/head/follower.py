@@ -290,6 +290,7 @@ class HeadFollower:
             outcome.idle = True
             self._report_lag(head, now)
             return outcome
+        self._report_lag(head, now)  # the blocks this cycle is about to append are lag too
         partition = range_containing(start, self.range_size)
         last = min(head.finalized, partition.last, start + self.max_batch_blocks - 1)
         segment = self._extract(partition, BlockRange(start, last))
