@@ -304,6 +304,9 @@ class HeadFollower:
             started = time.perf_counter()
             self._commit(staged)
             self.metrics.appended(segment.blocks.size, time.perf_counter() - started)
+            seen = self.finalized_seen.finalized_at(segment.blocks.start)
+            if seen is not None:  # the oldest block of the segment: the longest wait
+                self.metrics.committed_after(time.time() - seen)
         except PartitionSealedError as exc:
             self.writer.abort(staged)
             log.info("%s", exc)

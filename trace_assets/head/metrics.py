@@ -56,6 +56,13 @@ class HeadMetrics:
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
             registry=r,
         )
+        self.finalized_to_commit = Histogram(
+            "trace_head_finalized_to_commit_seconds",
+            "From the follower first seeing a block finalized to its append committed (the "
+            "oldest block of each segment).",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
+            registry=r,
+        )
         self.blocks = Counter("trace_head_blocks", "Blocks appended by the follower.", registry=r)
         self.errors = Counter(
             "trace_head_errors", "Follower cycles that failed, by error.", ["error"], registry=r
@@ -78,6 +85,9 @@ class HeadMetrics:
     def appended(self, blocks: int, seconds: float) -> None:
         self.blocks.inc(blocks)
         self.append_seconds.observe(seconds)
+
+    def committed_after(self, seconds: float) -> None:
+        self.finalized_to_commit.observe(max(0.0, seconds))
 
     def lag(self, datasets: Iterable[str], committed: int, blocks: int, seconds: float) -> None:
         for name in datasets:
