@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 
 from trace_assets.definitions import build_definitions
+from trace_assets.head.follower import HEAD_DATASETS
 from trace_resources.chain.schemas import RAW_DESCRIPTIONS, RAW_SCHEMAS
 from trace_resources.registry import (
     DATASETS_DIR,
@@ -43,7 +44,10 @@ def test_assets_carry_their_declarations() -> None:
         schema = node.metadata["dagster/column_schema"]
         assert [c.name for c in schema.columns] == decl.column_names
         checks = {k.name for k in graph.asset_check_keys if k.asset_key.path == [decl.name]}
-        assert checks == {r.name for r in decl.quality} | {"schema_matches_declaration"}
+        # the declared quality rules, the schema check, and the head tier's freshness check on
+        # the datasets the head follower appends to
+        head = {"head_freshness"} if decl.name in HEAD_DATASETS else set()
+        assert checks == {r.name for r in decl.quality} | {"schema_matches_declaration"} | head
         if decl.kind == "derived":
             assert node.description == decl.description
             assert set(node.parent_keys) == {dg.AssetKey(u) for u in decl.upstream}
