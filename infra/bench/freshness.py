@@ -512,21 +512,21 @@ def measure(
 
 
 def _committed(state: sa.Engine, alerts: list[AlertTx]) -> dict[int, float]:
-    """When the follower committed each alerting block's native_transfers segment (an append
-    makes a new version whose last segment carries the block keys)."""
+    """When the follower committed each alerting block's native_transfers segment (one row of
+    trace_segments per append, with its first and last block; its created_at is the start of
+    the commit transaction)."""
     wanted = {a.block_number for a in alerts if a.block_number is not None}
     out: dict[int, float] = {}
     with state.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT created_at, manifest->'segments'->-1->'keys' AS keys FROM trace_versions "
-                "WHERE dataset = 'native_transfers' AND commit_mode = 'append'"
+                "SELECT created_at, first_block, last_block FROM trace_segments "
+                "WHERE dataset = 'native_transfers' AND first_block IS NOT NULL"
             )
         )
         for row in rows:
-            for key in row.keys or []:
-                number = int(str(key).split(":")[1])
-                if number in wanted:
+            for number in wanted:
+                if row.first_block <= number <= row.last_block:
                     out[number] = row.created_at.timestamp()
     return out
 
