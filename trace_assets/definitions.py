@@ -46,18 +46,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
 
     Secrets come from `dg.EnvVar` so that they are read when a run starts, never at import.
     """
-    chain = ChainResource(
-        rpc_url=settings.rpc_url,
-        chain_id=settings.chain_id,
-        range_size=settings.range_size,
-        requests_per_second=settings.rpc_requests_per_second,
-        max_concurrent_requests=settings.rpc_max_concurrent_requests,
-        extract_concurrency=settings.extract_concurrency,
-        timeout_s=settings.rpc_timeout_s,
-        collect_timeout_s=settings.rpc_collect_timeout_s,
-        retry_budget_s=settings.rpc_retry_budget_s,
-        max_attempts=settings.rpc_max_attempts,
-    )
+    chain = ChainResource.from_settings(settings)
     if settings.object_store == "local":
         objects = ObjectStoreResource(kind="local", local_root=str(settings.local_store_root))
     else:

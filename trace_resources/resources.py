@@ -10,6 +10,7 @@ from pydantic import Field
 
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.rpc import RetryPolicy
+from trace_resources.settings import Settings
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
@@ -43,6 +44,22 @@ class ChainResource(dg.ConfigurableResource):
         default=120.0, description="Time spent retrying transient faults for one operation."
     )
     max_attempts: int = Field(default=8, description="Attempts per operation before giving up.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ChainResource:
+        """The chain the `TRACE_RPC_*` / `TRACE_CHAIN_ID` / `TRACE_RANGE_SIZE` settings name."""
+        return cls(
+            rpc_url=settings.rpc_url,
+            chain_id=settings.chain_id,
+            range_size=settings.range_size,
+            requests_per_second=settings.rpc_requests_per_second,
+            max_concurrent_requests=settings.rpc_max_concurrent_requests,
+            extract_concurrency=settings.extract_concurrency,
+            timeout_s=settings.rpc_timeout_s,
+            collect_timeout_s=settings.rpc_collect_timeout_s,
+            retry_budget_s=settings.rpc_retry_budget_s,
+            max_attempts=settings.rpc_max_attempts,
+        )
 
     def client(self) -> ChainClient:
         return ChainClient(

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from infra.bench.alerts import dagster_daemon, percentile  # the daemon as bench-alerts starts it
 from infra.devnet.load import AlertTx, DevnetLoad, process_cpu_seconds
 from infra.local.alert_workers import AlertWorkers
 from infra.local.query_service import QueryServer
@@ -70,13 +71,6 @@ ORG = "bench"
 
 def _say(message: str) -> None:
     print(f"[bench-head] {message}", flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil
-    return ordered[int(rank) - 1]
 
 
 def _fmt(values: list[float]) -> str:
@@ -284,7 +278,6 @@ class HeadRun:
 def head_run(args: argparse.Namespace, *, daemon: bool, before: Any = None) -> tuple[HeadRun, Any]:
     """Start everything, run the load and the alerts, stop everything; `before(env, pg, work)`
     runs first on the fresh services (the sink throughput part of bench-alerts)."""
-    from infra.bench.alerts import dagster_daemon  # the daemon as bench-alerts starts it
     from trace_resources.settings import QuerySettings
     from trace_resources.tokens import Keyring, generate_key, issue_token
 

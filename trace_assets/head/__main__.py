@@ -43,17 +43,7 @@ def objects_from(settings: Settings) -> ObjectStoreResource:
 def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> HeadFollower:
     """A follower wired to the services the settings name (chain, object store, Postgres
     state and data, the alert buffer)."""
-    chain = ChainResource(
-        rpc_url=settings.rpc_url,
-        chain_id=settings.chain_id,
-        range_size=settings.range_size,
-        requests_per_second=settings.rpc_requests_per_second,
-        max_concurrent_requests=settings.rpc_max_concurrent_requests,
-        timeout_s=settings.rpc_timeout_s,
-        collect_timeout_s=settings.rpc_collect_timeout_s,
-        retry_budget_s=settings.rpc_retry_budget_s,
-        max_attempts=settings.rpc_max_attempts,
-    )
+    chain = ChainResource.from_settings(settings)
     objects = objects_from(settings)
     state = StateStoreResource(dsn=settings.state_dsn)
     data_engine = alert_tables.data_engine(settings.data_dsn)
