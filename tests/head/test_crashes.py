@@ -13,6 +13,7 @@ import pytest
 
 from infra.local.services import PostgresServer, free_port
 from tests.head.conftest import (
+    FINALITY,
     Chain,
     Lake,
     MakeLake,
@@ -41,6 +42,9 @@ def check_and_seal(lake: Lake, chain: Chain) -> None:
     (A follower restarted after being down for more than a range resumes at the open range;
     the ranges it passed over, and the rest of one it had partly appended, are the sealing
     runs' work.)"""
+    first = followed_ranges(lake)[0]
+    if chain.head("finalized") <= first.last:  # make sure the follower crosses a boundary
+        chain.mine(first.last + 1 + FINALITY - chain.head("latest"))
     target = chain.head("finalized")
     open_key = range_containing(target, lake.range_size).key
     lake.wait_committed(open_key, target)
@@ -126,15 +130,20 @@ def test_postgres_killed_mid_append_the_follower_recovers_by_itself(
     follower.start()
     follower.wait_ready()
     wait_for(lambda: bool(followed_ranges(lake)), "a first append", 60)
-    for crash in range(2):
+    for _ in range(2):
         chain.mine(20)  # 20 blocks at once: the follower is behind (batches of 4), appending
         # the chain stands still until the follower is back (else, down for longer than a
         # range, it would resume at the open range and leave the rest to the sealing runs)
         with chain.paused():
             behind = chain.head("finalized")
+            seen = len(follower.log())
             kill_postgres(pg)
+            # a cycle fails, or the leader-lock check finds its session gone first
             wait_for(
-                lambda crash=crash: follower.log().count("cycle failed") > crash,
+                lambda seen=seen: any(
+                    sign in follower.log()[seen:]
+                    for sign in ("cycle failed", "lost the leader lock")
+                ),
                 "the follower to see the database gone",
                 60,
                 lambda: follower.log()[-2000:],
