@@ -37,10 +37,11 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from trace_query_api.encode import text_table
-from trace_query_api.engine import Sandbox, SandboxSession
+from trace_query_api.engine import api_error
 from trace_query_api.errors import ApiError, ForbiddenError, NotFoundError, ResourceLimitError
 from trace_query_api.files import FileCache
 from trace_query_api.metrics import Metrics
+from trace_resources.sandbox import FileSource, SandboxError, SandboxPool, SandboxWorker
 from trace_resources.tokens import Principal
 
 if TYPE_CHECKING:
@@ -73,10 +74,12 @@ class Exports:
         self.results = results
         self.settings = settings
         self.metrics = metrics
-        self.sandbox = Sandbox(
+        self.sandbox = SandboxPool(
             settings.query_export_workers,
-            memory_limit=settings.query_memory_limit,
+            memory_bytes=settings.query_memory_bytes,
             threads=settings.query_threads,
+            cache_bytes=settings.query_sandbox_cache_bytes,
+            name="export-sandbox",
         )
         self.pool = ThreadPoolExecutor(
             settings.query_export_workers, thread_name_prefix="trace-export"
@@ -84,7 +87,7 @@ class Exports:
         self._key = settings.query_url_signing_key.get_secret_value().encode()
         self._presigner: Any = None
         self._mine: set[str] = set()  # jobs of this process not finished yet
-        self._running: set[SandboxSession] = set()
+        self._running: dict[str, SandboxWorker] = {}  # export id -> its worker
         self._stopping = False
         self._lock = threading.Lock()
 
@@ -114,22 +117,33 @@ class Exports:
         resolution = plan.resolution
         try:
             store.start_export(self.engine, export_id)
-            with self.sandbox.session(wait_s=self.settings.query_export_timeout_s) as session:
-                with self._lock:
-                    self._running.add(session)
-                try:
-                    for name in plan.parsed.datasets:
-                        source = self.files.arrow_source(
-                            resolution.files[name], resolution.schemas[name]
-                        )
-                        session.register(name, source)
-                    batches = session.batches(
-                        plan.parsed.sql, timeout_s=self.settings.query_export_timeout_s
-                    )
-                    rows, size = self._write(key, fmt, batches)
-                finally:
+            timeout_s = self.settings.query_export_timeout_s
+            sources = [
+                FileSource(
+                    name,
+                    resolution.schemas[name],
+                    [(f.sha256 or f.key, f.size) for f in resolution.files[name]],
+                    lambda j, files=resolution.files[name]: self.files.handle(files[j]),  # type: ignore[misc]
+                )
+                for name in sorted(plan.parsed.datasets)
+            ]
+            try:
+                with self.sandbox.lease(wait_s=timeout_s) as worker:
                     with self._lock:
-                        self._running.discard(session)
+                        self._running[export_id] = worker
+                    try:
+                        batches = worker.stream(
+                            plan.parsed.sql,
+                            sources,
+                            max_batch_bytes=self.settings.query_max_response_bytes,
+                            timeout_s=timeout_s,
+                        )
+                        rows, size = self._write(key, fmt, batches)
+                    finally:
+                        with self._lock:
+                            self._running.pop(export_id, None)
+            except SandboxError as exc:
+                raise api_error(exc, timeout_s) from None
         except Exception as exc:  # the job must end in a state the client can read
             if self._stopping:
                 self._fail(export_id, _INTERRUPTED)
@@ -187,9 +201,9 @@ class Exports:
         """Stop: running jobs are interrupted and queued ones dropped, all marked failed."""
         self._stopping = True
         with self._lock:
-            running = list(self._running)
-        for session in running:
-            session.conn.interrupt()
+            running = list(self._running.values())
+        for worker in running:
+            worker.kill("shutdown")
         self.pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             never_started = list(self._mine)

@@ -1,14 +1,15 @@
-"""Committed files as Arrow data for the sandbox, with caches that are safe because committed
-files never change: a file's key names the attempt that wrote it, and the manifest records its
-size and SHA-256.
+"""Committed files for the sandbox workers, as open descriptors, with caches that are safe
+because committed files never change: a file's key names the attempt that wrote it, and the
+manifest records its size and SHA-256.
 
-- In memory: decoded tables of small files (LRU, bounded in bytes), so hot partitions are not
-  decoded again for every query.
+- Descriptors: an LRU of open descriptors (bounded in number, and in bytes for in-memory files),
+  so a hot file is not opened again for every query and its data stays readable for as long as
+  it is held, even after garbage collection deleted the file.
 - On disk (S3 only): downloaded files, stored under their SHA-256 after it was checked against
   the manifest (LRU by access time, bounded in bytes, shared by the workers of one host).
 
-The sandbox never opens a file itself: it sees Arrow tables or pyarrow datasets made here from
-the manifest's file list, so DuckDB can run with every file-system operation disabled.
+A sandbox worker can open no file at all (it runs in an empty root): it reads only the
+descriptors handed to it here, and decodes and caches the tables itself.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ class FileCache:
         memory_bytes: int,
         disk_dir: Path | None = None,
         disk_bytes: int = 0,
+        max_handles: int = 4096,
     ) -> None:
         self.store = store
         self.local = isinstance(store.fs, pafs.LocalFileSystem)
         self.memory_bytes = memory_bytes
-        self._tables: OrderedDict[str, pa.Table] = OrderedDict()
-        self._table_bytes = 0
+        self.max_handles = max_handles
+        self._handles: OrderedDict[str, int] = OrderedDict()
+        self._handle_bytes: dict[str, int] = {}
+        self._memfd_bytes = 0
         self._schemas: dict[str, pa.Schema] = {}
         self._lock = threading.Lock()
         self.disk_dir = None if self.local or disk_bytes <= 0 or disk_dir is None else disk_dir
@@ -62,70 +66,76 @@ class FileCache:
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
 
-    # -- what the sandbox registers ------------------------------------------------------
+    # -- what the sandbox gets: open descriptors -------------------------------------------
 
-    def arrow_source(
-        self, files: Sequence[FileEntry], schema: pa.Schema
-    ) -> pa.Table | pads.Dataset:
-        """All rows of `files` as one Arrow object with `schema` (columns a file lacks: null).
+    def held(self, files: Sequence[FileEntry]) -> bool:
+        """Whether this process holds an open descriptor of every file already.
 
-        Small sets are decoded into memory (and cached); larger ones are scanned lazily so
-        that DuckDB reads only the row groups and columns a query needs.
+        A descriptor keeps the file's data readable even if garbage collection deletes the
+        file, so a query over held files needs no pin against GC.
         """
-        if not files:
-            return schema.empty_table()
-        # decoded Arrow is several times the compressed Parquet: keep the whole set well
-        # inside the memory budget, else scan lazily
-        if sum(f.size for f in files) * 8 <= self.memory_bytes:
-            tables = [self._conform(self.table(f), schema) for f in files]
-            return pa.concat_tables(tables)
-        if self.local:
-            paths = [self.store.path(f.key) for f in files]
-            fs: pafs.FileSystem = self.store.fs
-        elif self.disk_dir is not None and sum(f.size for f in files) <= self.disk_bytes // 2:
-            paths = [str(self._on_disk(f)) for f in files]
-            fs = pafs.LocalFileSystem()
-        else:
-            paths = [self.store.path(f.key) for f in files]
-            fs = self.store.fs
-        self._check_exist(files)
-        return pads.dataset(paths, schema=schema, format=_FORMAT, filesystem=fs)
-
-    def cached_source(self, files: Sequence[FileEntry], schema: pa.Schema) -> pa.Table | None:
-        """All rows of `files` if every one is decoded in memory already, else None.
-
-        Holding the tables makes the answer independent of the files from here on, so a
-        query that gets them needs no pin against garbage collection.
-        """
-        if not files:
-            return schema.empty_table()
         with self._lock:
-            tables = [self._tables.get(f.sha256 or f.key) for f in files]
-            if any(t is None for t in tables):
-                return None
-            for f in files:
-                self._tables.move_to_end(f.sha256 or f.key)
-        return pa.concat_tables([self._conform(t, schema) for t in tables if t is not None])
+            return all((f.sha256 or f.key) in self._handles for f in files)
 
-    def table(self, entry: FileEntry) -> pa.Table:
-        """One committed file, decoded (from the memory cache when it is there)."""
+    def hold(self, files: Sequence[FileEntry]) -> None:
+        """Open (and keep) a descriptor of every file; GoneError if one is no longer stored."""
+        for entry in files:
+            os.close(self.handle(entry))
+
+    def handle(self, entry: FileEntry) -> int:
+        """A new descriptor of the committed file (the caller closes it).
+
+        Local store: the file itself. S3: the disk cache's copy (downloaded and checked
+        against the manifest first), or, without a disk cache, an anonymous in-memory file
+        holding the checked bytes.
+        """
         cache_key = entry.sha256 or entry.key
         with self._lock:
-            cached = self._tables.get(cache_key)
-            if cached is not None:
-                self._tables.move_to_end(cache_key)
-                return cached
-        table = self._read(entry)
-        size = table.get_total_buffer_size()
-        if size * 4 <= self.memory_bytes:
-            with self._lock:
-                if cache_key not in self._tables:
-                    self._tables[cache_key] = table
-                    self._table_bytes += size
-                while self._table_bytes > self.memory_bytes and self._tables:
-                    _, evicted = self._tables.popitem(last=False)
-                    self._table_bytes -= evicted.get_total_buffer_size()
-        return table
+            fd = self._handles.get(cache_key)
+            if fd is not None:
+                self._handles.move_to_end(cache_key)
+                return os.dup(fd)  # under the lock: never a number closed and reused meanwhile
+        fd, size = self._open(entry)
+        with self._lock:
+            if cache_key in self._handles:
+                os.close(fd)
+                fd = self._handles[cache_key]
+            else:
+                self._handles[cache_key] = fd
+                self._handle_bytes[cache_key] = size
+                self._memfd_bytes += size
+                self._evict_handles()
+            return os.dup(fd)
+
+    def _open(self, entry: FileEntry) -> tuple[int, int]:
+        """(descriptor, bytes it holds in memory) of one file."""
+        if self.local:
+            try:
+                return os.open(self.store.path(entry.key), os.O_RDONLY | os.O_CLOEXEC), 0
+            except FileNotFoundError:
+                raise _gone(entry) from None
+        if self.disk_dir is not None:
+            return os.open(self._on_disk(entry), os.O_RDONLY | os.O_CLOEXEC), 0
+        data = self._download(entry)
+        fd = os.memfd_create(f"trace-{entry.sha256[:16]}", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        return fd, len(data)
+
+    def _evict_handles(self) -> None:
+        while self._handles and (
+            len(self._handles) > self.max_handles or self._memfd_bytes > self.memory_bytes
+        ):
+            key, fd = self._handles.popitem(last=False)
+            self._memfd_bytes -= self._handle_bytes.pop(key, 0)
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._handles.values():
+                os.close(fd)
+            self._handles.clear()
+            self._handle_bytes.clear()
+            self._memfd_bytes = 0
 
     def schema(self, entry: FileEntry) -> pa.Schema:
         """The Arrow schema stored in a file's footer (with its column docs)."""
@@ -140,16 +150,6 @@ class FileCache:
         return schema
 
     # -- reading -----------------------------------------------------------------------------
-
-    def _read(self, entry: FileEntry) -> pa.Table:
-        if self.local:
-            try:
-                return pq.read_table(self.store.path(entry.key), filesystem=self.store.fs)
-            except FileNotFoundError:
-                raise _gone(entry) from None
-        if self.disk_dir is not None:
-            return pq.read_table(str(self._on_disk(entry)))
-        return pq.read_table(pa.BufferReader(self._download(entry)))
 
     def _download(self, entry: FileEntry) -> bytes:
         try:
@@ -194,26 +194,6 @@ class FileCache:
             with contextlib.suppress(OSError):
                 path.unlink()
                 total -= size
-
-    def _check_exist(self, files: Sequence[FileEntry]) -> None:
-        if not self.local:
-            return
-        for entry in files:
-            if not os.path.exists(self.store.path(entry.key)):
-                raise _gone(entry)
-
-    @staticmethod
-    def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-        """Cast a file's table to the dataset's schema (older files may lack new columns)."""
-        if table.schema.equals(schema, check_metadata=False):
-            return table
-        columns = [
-            table.column(f.name).cast(f.type)
-            if f.name in table.column_names
-            else pa.nulls(table.num_rows, f.type)
-            for f in schema
-        ]
-        return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _gone(entry: FileEntry) -> GoneError:

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import sqlalchemy as sa
 
 from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
 from trace_query_api.encode import Cursor, sql_fingerprint
-from trace_query_api.engine import ParsedQuery, QueryPage, Sandbox
+from trace_query_api.engine import ParsedQuery, Parser, api_error
 from trace_query_api.errors import (
     ApiError,
     BadPaginationError,
@@ -35,6 +34,7 @@ from trace_query_api.models import ExportRequest
 from trace_query_api.saved import SavedQueries
 from trace_query_api.tokens import TokenVerifier
 from trace_resources.alert_pipeline import tables as alert_tables
+from trace_resources.sandbox import FileSource, SandboxError, SandboxPage, SandboxPool
 from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.exports import ExportJob
@@ -75,8 +75,15 @@ class PageResult:
     snapshot: str
     versions: Pins
     elapsed_ms: float
+    byte_limited: bool = False
 
     def notice(self, row_cap: int) -> str | None:
+        if self.byte_limited and self.next_cursor:
+            return (
+                "this page ended early at the response byte budget "
+                "(TRACE_QUERY_MAX_RESPONSE_BYTES); `next_cursor` continues, or POST /v1/exports "
+                "with the same SQL writes all of it to a file"
+            )
         if not self.truncated:
             return None
         return (
@@ -121,10 +128,13 @@ class Services:
         )
         self.catalog = Catalog(self.engine, self.files)
         self.saved = SavedQueries(self.engine)
-        self.sandbox = Sandbox(
+        self.parser = Parser()
+        self.sandbox = SandboxPool(
             settings.query_max_concurrent,
-            memory_limit=settings.query_memory_limit,
+            memory_bytes=settings.query_memory_bytes,
             threads=settings.query_threads,
+            cache_bytes=settings.query_sandbox_cache_bytes,
+            name="query-sandbox",
         )
         self.exports = Exports(self.engine, self.files, self.results, settings, self.metrics)
         self.alerts = AlertService(
@@ -134,6 +144,8 @@ class Services:
     def close(self) -> None:
         self.exports.shutdown()
         self.sandbox.close()
+        self.parser.close()
+        self.files.close()
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -165,7 +177,7 @@ class Services:
         cursor: Cursor | None = None,
     ) -> Plan:
         """Parse, choose the versions (request, snapshot or cursor) and resolve the files."""
-        parsed = self.sandbox.parse(sql)
+        parsed = self.parser.parse(sql)
         if pin is not None and snapshot is not None:
             raise BadRequestError("give `pin` or `snapshot`, not both", code="invalid_request")
         pins: Pins = {}
@@ -200,19 +212,26 @@ class Services:
             self.versions.pins.unpin(plan.reader_id)
             plan.pinned = False
 
-    def load(self, plan: Plan, ttl_s: float) -> dict[str, pa.Table | pads.Dataset]:
-        """Arrow data of every dataset the query reads. Data already decoded in memory needs
-        no pin; anything read from files is pinned first, for the rest of the request."""
-        sources: dict[str, pa.Table | pads.Dataset] = {}
+    def sources(self, plan: Plan, ttl_s: float) -> list[FileSource]:
+        """The files of every dataset the query reads, for the sandbox. Files this process
+        holds open already need no pin (an open file stays readable whatever GC does); the
+        others are pinned, then opened and held, for the rest of the request."""
+        out: list[FileSource] = []
         for name in sorted(plan.parsed.datasets):
-            files, schema = plan.resolution.files[name], plan.resolution.schemas[name]
-            cached = self.files.cached_source(files, schema)
-            if cached is None:
+            files = plan.resolution.files[name]
+            if not self.files.held(files):
                 self.pin(plan, name, ttl_s)
-                files, schema = plan.resolution.files[name], plan.resolution.schemas[name]
-                cached = self.files.arrow_source(files, schema)
-            sources[name] = cached
-        return sources
+                files = plan.resolution.files[name]
+                self.files.hold(files)
+            out.append(
+                FileSource(
+                    name,
+                    plan.resolution.schemas[name],
+                    [(f.sha256 or f.key, f.size) for f in files],
+                    lambda j, files=files: self.files.handle(files[j]),  # type: ignore[misc]
+                )
+            )
+        return out
 
     def run_page(
         self,
@@ -251,7 +270,7 @@ class Services:
                 )
             plan = self.plan(principal, sql, pin=pin, snapshot=snapshot, cursor=decoded)
             try:
-                sources = self.load(plan, ttl_s=s.query_timeout_s + 60)
+                sources = self.sources(plan, ttl_s=s.query_timeout_s + 60)
                 snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
                 size = min(page_size, s.query_row_cap - start)
                 page = self._run(sql, sources, start, size)
@@ -277,20 +296,28 @@ class Services:
             snapshot_id,
             plan.resolution.versions,
             page.elapsed_ms,
+            page.byte_limited,
         )
 
-    def _run(
-        self, sql: str, sources: dict[str, pa.Table | pads.Dataset], offset: int, limit: int
-    ) -> QueryPage:
+    def _run(self, sql: str, sources: list[FileSource], offset: int, limit: int) -> SandboxPage:
         s = self.settings
-        with self.sandbox.session(s.query_queue_timeout_s) as session:
-            self.metrics.sandboxes_busy.inc()
-            try:
-                for name, source in sources.items():
-                    session.register(name, source)
-                return session.page(sql, offset=offset, limit=limit, timeout_s=s.query_timeout_s)
-            finally:
-                self.metrics.sandboxes_busy.dec()
+        try:
+            with self.sandbox.lease(s.query_queue_timeout_s) as worker:
+                self.metrics.sandboxes_busy.inc()
+                try:
+                    return worker.page(
+                        sql,
+                        sources,
+                        offset=offset,
+                        limit=limit,
+                        # JSON spells binary as hex: half the budget in Arrow bytes
+                        max_bytes=max(1, s.query_max_response_bytes // 2),
+                        timeout_s=s.query_timeout_s,
+                    )
+                finally:
+                    self.metrics.sandboxes_busy.dec()
+        except SandboxError as exc:
+            raise api_error(exc, s.query_timeout_s) from None
 
     def submit_export(self, principal: Principal, body: ExportRequest) -> ExportJob:
         """Resolve and pin the versions now; the export job reads them and unpins."""

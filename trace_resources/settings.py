@@ -6,6 +6,7 @@ environment before building resources without reloading modules.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -268,9 +269,26 @@ class QuerySettings(Settings):
         10.0, gt=0, description="Hard time limit of an interactive query, seconds."
     )
     query_memory_limit: str = Field(
-        "1GB", description="DuckDB memory_limit of each sandbox (one query at a time each)."
+        "1GB",
+        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        description="Memory of each sandbox worker process (one query at a time each), e.g. "
+        "`1GB`: an OS address-space limit above the worker's size at start; DuckDB's own "
+        "memory_limit is 3/4 of it.",
     )
     query_threads: int = Field(1, gt=0, description="DuckDB threads of each sandbox.")
+    query_sandbox_cache_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="Decoded committed files each sandbox worker keeps in memory (on top of "
+        "its memory limit).",
+    )
+    query_max_response_bytes: int = Field(
+        16 * 1024**2,
+        gt=1024,
+        description="Byte budget of one page of a query's answer (a page ends early at it and "
+        "`next_cursor` continues; one row larger than half of it fails with a 422), and the "
+        "largest batch an export's sandbox sends at once.",
+    )
     query_max_concurrent: int = Field(
         4, gt=0, description="Queries run at once per process (the number of sandboxes)."
     )
@@ -308,6 +326,16 @@ class QuerySettings(Settings):
     query_cache_memory_bytes: int = Field(
         512 * 1024**2, ge=0, description="Size bound of the in-memory cache of decoded files."
     )
+
+    @property
+    def query_memory_bytes(self) -> int:
+        """`query_memory_limit` in bytes (units of 1000 or 1024, as written)."""
+        found = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*$", self.query_memory_limit)
+        assert found is not None  # the field's pattern
+        number, unit = found.groups()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        scale |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+        return int(float(number) * scale[unit])
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_prod(self) -> QuerySettings:

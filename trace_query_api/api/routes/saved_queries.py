@@ -32,7 +32,7 @@ router = APIRouter(prefix="/v1/saved-queries", tags=["saved queries"])
 def create_saved_query(
     body: SavedQueryCreate, principal: CurrentUser, services: ServicesDep
 ) -> SavedQueryPublic:
-    services.sandbox.parse(body.sql)  # one SELECT, or refuse it now rather than at each run
+    services.parser.parse(body.sql)  # one SELECT, or refuse it now rather than at each run
     row = services.saved.create(principal, body.name, body.sql, body.description)
     return SavedQueryPublic(**public(row))
 
