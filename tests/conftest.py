@@ -190,6 +190,24 @@ def test_settings(
     )
 
 
+# the tests' receivers (webhooks, SMTP servers) listen on loopback, which the alert outbound
+# policy refuses unless the operator allows it
+OUTBOUND_ALLOW_LOOPBACK = "127.0.0.1/32"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outbound_allows_loopback() -> Iterator[None]:
+    """Session-wide (before every session fixture), so services started for the whole session
+    inherit it too; tests of the policy itself pass their own `OutboundPolicy`."""
+    before = os.environ.get("TRACE_ALERT_OUTBOUND_ALLOW")
+    os.environ["TRACE_ALERT_OUTBOUND_ALLOW"] = OUTBOUND_ALLOW_LOOPBACK
+    yield
+    if before is None:
+        os.environ.pop("TRACE_ALERT_OUTBOUND_ALLOW", None)
+    else:
+        os.environ["TRACE_ALERT_OUTBOUND_ALLOW"] = before
+
+
 @pytest.fixture(autouse=True)
 def _aws_test_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

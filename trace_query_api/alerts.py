@@ -13,6 +13,10 @@ A custom SQL condition may read only what the token may read in the query servic
 of `trace_resources.storage.access.readable_datasets`, which the alert evaluation and the CLI
 apply too. As everywhere in the service, a dataset the organisation may not read is reported
 exactly like one that does not exist.
+
+Every channel's receiver must pass the delivery's outbound policy (public addresses, or the
+operator's TRACE_ALERT_OUTBOUND_ALLOW): a refused one answers 400 `channel_refused`, naming the
+channel and why. Secrets are stored sealed; a value shaped like a sealed secret is refused.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ from trace_query_api.models import SECRET_MASK, AlertRuleCreate, AlertRuleUpdate
 from trace_resources.alert_pipeline.history import AlertPosition, StoredAlert, list_alerts
 from trace_resources.alert_pipeline.rules import (
     AlertRule,
+    ChannelRefused,
     CustomSql,
     RuleError,
     RuleHistoryEntry,
     RuleStore,
     RuleVersion,
 )
+from trace_resources.sealed import SEALED_PREFIX
 from trace_resources.tokens import Principal
 
 __all__ = ["AlertService", "RuleVersion", "AlertsPage", "public_rule"]
@@ -131,12 +137,16 @@ class AlertService:
             for i, channel in enumerate(body.channels)
             for field in ("secret", "password")
             if isinstance(getattr(channel, field, None), SecretStr)
-            and getattr(channel, field).get_secret_value() == SECRET_MASK
+            and (
+                getattr(channel, field).get_secret_value() == SECRET_MASK
+                or getattr(channel, field).get_secret_value().startswith(SEALED_PREFIX)
+            )
         ]
         if masked:
             raise BadRequestError(
                 f"{'.'.join(masked[0][1:])}: the service never returns secrets, so "
-                f"{SECRET_MASK!r} is not one; send the secret itself",
+                f"{SECRET_MASK!r} (or a stored {SEALED_PREFIX}… value) is not one; send the "
+                "secret itself",
                 code="invalid_rule",
                 details=[{"loc": loc, "msg": "send the secret itself"} for loc in masked],
             )
@@ -182,6 +192,19 @@ class AlertService:
     def _rules(self) -> RuleStore:
         return RuleStore(self.engine)
 
+    @staticmethod
+    @contextmanager
+    def _channels_checked() -> Iterator[None]:
+        """A channel the outbound policy refuses answers 400, naming the channel and why."""
+        try:
+            yield
+        except ChannelRefused as exc:
+            raise BadRequestError(
+                str(exc),
+                code="channel_refused",
+                details=[{"loc": ["body", "channels"], "msg": str(exc)}],
+            ) from None
+
     def _get(self, org: str, rule_id: str, version: int | None = None) -> RuleVersion:
         found = self._rules().get_version(org, rule_id, version)
         if found is None:
@@ -212,7 +235,8 @@ class AlertService:
         def work() -> RuleVersion:
             self._check_scope(principal, rule)
             try:
-                stored = self._rules().create(rule)
+                with self._channels_checked():
+                    stored = self._rules().create(rule)
             except RuleError:
                 raise ConflictError(
                     f"your organisation already has an alert rule {rule.id!r}: PUT "
@@ -229,7 +253,8 @@ class AlertService:
         def work() -> RuleVersion:
             self._get(principal.org, rule_id)  # 404 before anything is written
             self._check_scope(principal, rule)
-            stored = self._rules().update(rule)
+            with self._channels_checked():
+                stored = self._rules().update(rule)
             return self._get(principal.org, rule_id, stored.version)
 
         return self._run(work)

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trace_resources.sealed import Keyring, SealError
+
 __all__ = ["Settings", "get_settings", "QuerySettings", "get_query_settings"]
 
 MONAD_TESTNET_CHAIN_ID = 10143
@@ -214,6 +216,36 @@ class Settings(BaseSettings):
             )
         return value
 
+    # outbound policy and secrets at rest (issue 15)
+    alert_outbound_allow: str = Field(
+        "",
+        description="Internal receivers alert channels may reach, comma-separated: CIDRs "
+        "(`10.1.0.0/16`, `127.0.0.1`) and/or `host[:port]` entries (`hooks.internal:8443`). "
+        "Everything else that is not a public address (loopback, private, link-local, "
+        "metadata, ...) is refused when a rule is written and at every delivery.",
+    )
+    secrets_keys: SecretStr = Field(
+        default_factory=lambda: SecretStr(DEV_SECRETS_KEYS),
+        description="Keyring sealing channel secrets at rest, comma-separated `kid:base64key` "
+        "(32-byte keys): the first key seals, every key opens. Rotate by putting a new key "
+        "first, running `trace secrets rotate`, then dropping the old key.",
+    )
+
+    @model_validator(mode="after")
+    def _secrets_keys_usable(self) -> Settings:
+        keys = self.secrets_keys.get_secret_value()
+        try:
+            Keyring.parse(keys)
+        except SealError as exc:
+            raise ValueError(str(exc)) from None
+        if self.environment == "prod" and PLACEHOLDER_MARK in keys:
+            raise ValueError(
+                "TRACE_SECRETS_KEYS still holds the development placeholder; set a real key in "
+                "production, e.g. `k1:<key>` with a key from `python -c 'import base64, os; "
+                "print(base64.b64encode(os.urandom(32)).decode())'`"
+            )
+        return self
+
 
 def get_settings() -> Settings:
     """Read the settings from the environment now."""
@@ -224,6 +256,7 @@ def get_settings() -> Settings:
 PLACEHOLDER_MARK = "change-me"
 DEV_TOKEN_KEYS = f"dev-1:HS256:trace-local-development-token-key-{PLACEHOLDER_MARK}"
 DEV_URL_SIGNING_KEY = f"trace-local-download-url-key-{PLACEHOLDER_MARK}"
+DEV_SECRETS_KEYS: str = f"dev-{PLACEHOLDER_MARK}:vPDlojPMll/c/ULIvX6stFgMNAZJr15A0Gw+7Dhs0UY="
 
 
 class QuerySettings(Settings):

@@ -313,6 +313,7 @@ def head_run(args: argparse.Namespace, *, daemon: bool, before: Any = None) -> t
                 "TRACE_DATA_DSN": pg.dsn("trace_data"),
                 "TRACE_SQS_ENDPOINT_URL": s3.endpoint_url,
                 "TRACE_ALERTS_QUEUE": QUEUE,
+                "TRACE_ALERT_OUTBOUND_ALLOW": "127.0.0.1/32",  # the bench's receivers
                 "TRACE_HEAD_METRICS_PORT": str(metrics_port),
                 "TRACE_QUERY_TOKEN_KEYS": key,
                 "TRACE_QUERY_RATE_ORG_PER_S": "1000000",

@@ -1159,6 +1159,11 @@ class LocalServices:
             "TRACE_OBJECT_STORE": "local",
             "TRACE_LOCAL_STORE_ROOT": str(self.object_store.path),
             "TRACE_SQS_ENDPOINT_URL": self.sqs.endpoint_url,
+            # the local webhook receiver listens on loopback, which alert delivery refuses
+            # unless allowed (an operator's own setting wins)
+            "TRACE_ALERT_OUTBOUND_ALLOW": os.environ.get(
+                "TRACE_ALERT_OUTBOUND_ALLOW", f"{LOOPBACK}/32"
+            ),
             # moto accepts any credentials; boto3 needs some to sign the SQS requests
             "AWS_ACCESS_KEY_ID": os.environ.get(
                 "AWS_ACCESS_KEY_ID", MOTO_CREDENTIALS["aws_access_key_id"]

@@ -150,6 +150,7 @@ def worker_env(s3_server: MotoS3Server, data_dsn: str, queue_name: str) -> dict[
             "TRACE_ALERTS_QUEUE": queue_name,
             "TRACE_ALERTS_VISIBILITY_TIMEOUT_S": "2",
             "TRACE_ALERTS_SINK_BATCH": "50",
+            "TRACE_ALERT_OUTBOUND_ALLOW": os.environ["TRACE_ALERT_OUTBOUND_ALLOW"],
             "PYTHONPATH": str(ROOT),
         }
     )

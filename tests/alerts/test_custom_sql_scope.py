@@ -94,7 +94,7 @@ def test_conditions_are_checked_against_what_the_org_may_read(
 
     # the CLI refuses it the same way; published, the dataset is readable
     rule_file = tmp_path / "internal.yaml"
-    rule_file.write_text(yaml.safe_dump(sql_rule("internal", INTERNAL).stored_json()))
+    rule_file.write_text(yaml.safe_dump(sql_rule("internal", INTERNAL).declaration_json()))
     capsys.readouterr()
     assert trace_cli(["alerts", "rule", "create", str(rule_file)]) == 2
     assert "reads 'platform_internal', which is not a dataset" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def test_cli_create_list_update_disable(
     rule.write_text(
         "org: acme\nid: whales\ncondition: {kind: erc20_transfer_above, token: '0x"
         + "ab" * 20
-        + "', threshold: '1000'}\nchannels:\n  - {kind: slack, name: chat, url: 'http://x'}\n"
+        + "', threshold: '1000'}\nchannels:\n  - {kind: slack, name: chat, url: 'http://127.0.0.1:9/chat'}\n"
     )
     assert trace_cli(["alerts", "rule", "create", str(rule)]) == 0
     assert trace_cli(["alerts", "rule", "create", str(rule)]) == 2  # exists: use update

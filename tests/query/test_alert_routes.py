@@ -5,6 +5,7 @@ deliverer sent them to a receiver on loopback."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -27,6 +28,8 @@ from trace_resources.alert_pipeline.queue import BufferMessage
 from trace_resources.alert_pipeline.rules import RuleStore
 from trace_resources.alert_pipeline.sink import upsert_messages
 from trace_resources.errors import ConfigError
+from trace_resources.sealed import Keyring as SecretsKeyring
+from trace_resources.sealed import secret_context
 from trace_resources.tokens import issue_token
 
 HOOK_SECRET = "webhook-secret-never-returned-0123"
@@ -111,10 +114,21 @@ def test_rule_lifecycle_create_list_get_update_disable(
     assert hook["secret"] == MASK and mail["password"] == MASK
     assert mail["to"] == ["ops@acme.example"] and mail["username"] == "trace"
 
-    # the deliverer (and `trace alerts rule`) see the same rule, secrets in full
+    # the deliverer (and `trace alerts rule`) see the same rule, its secrets sealed: the row in
+    # Postgres holds neither secret, and only the keyring opens them
     stored = RuleStore(data_engine(world)).get(org, "big-moves")
     assert stored is not None and stored.version == 1
-    assert stored.rule.channel("hook").secret.get_secret_value() == HOOK_SECRET  # type: ignore[union-attr]
+    with data_engine(world).connect() as conn:
+        row = json.dumps(
+            conn.execute(
+                sa.text("SELECT spec FROM trace_alert_rules WHERE org = :org"), {"org": org}
+            ).scalar_one()
+        )
+    assert HOOK_SECRET not in row and SMTP_PASSWORD not in row and row.count("enc:v1:") == 2
+    sealed = stored.rule.channel("hook").secret.get_secret_value()  # type: ignore[union-attr]
+    keyring = SecretsKeyring.parse(world.settings.secrets_keys.get_secret_value())
+    context = secret_context(org, "big-moves", "hook", "secret")
+    assert sealed.startswith("enc:v1:") and keyring.open(sealed, context) == HOOK_SECRET
 
     again = client.post("/v1/alerts/rules", json=declaration(), headers=headers)
     assert "PUT /v1/alerts/rules/big-moves" in error(again, 409, "rule_exists")["message"]
@@ -530,7 +544,7 @@ def test_alerts_are_listed_newest_first_with_their_delivery_state(
     assert states["hook"]["state"] == "delivered" and states["hook"]["delivered_at"]
     assert states["hook"]["attempts"] == 1 and states["hook"]["last_error"] is None
     assert states["chat"]["state"] == "dead" and states["chat"]["dead_at"]
-    assert "ConnectError" in states["chat"]["last_error"]
+    assert states["chat"]["last_error"] == "connection refused"
     assert [d["channel"] for d in by_key["b-1"]["deliveries"]] == ["hook"]
 
     def keys_of(**params: Any) -> list[str]:
@@ -592,3 +606,87 @@ def test_openapi_documents_the_alert_routes(server: QueryServer) -> None:
     assert "get" in paths["/v1/alerts"]
     schemas = doc["components"]["schemas"]
     assert "EmailChannel" in str(schemas) and "AlertsPublic" in schemas
+
+
+# -- the outbound policy (issue 15) ------------------------------------------------------------
+
+HOSTILE = [
+    ("http://127.0.0.1:6379/", "127.0.0.1 is a loopback address"),
+    ("http://2130706433/", "2130706433 is a loopback address"),
+    ("http://0x7f.1/", "0x7f.1 is a loopback address"),
+    ("http://127.1/", "127.1 is a loopback address"),
+    ("http://[::1]/", "::1 is a loopback address"),
+    ("http://[::ffff:127.0.0.1]/", "(IPv4-mapped)"),
+    ("http://[64:ff9b::7f00:1]/", "(NAT64)"),
+    ("http://169.254.169.254/latest/meta-data/", "a cloud metadata address"),
+    ("http://[fd00:ec2::254]/", "a cloud metadata address"),
+    ("http://0.0.0.0/", "an unspecified address"),
+    ("http://10.0.0.5/", "a private address"),
+    ("http://100.64.0.1/", "a shared address"),
+    ("http://localhost:8700/", "localhost resolves to a loopback address"),
+]
+
+
+@pytest.fixture(scope="module")
+def public_only(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A query service with no outbound allow-list (the tests' own allows loopback)."""
+    settings = world.settings.model_copy(update={"alert_outbound_allow": ""})
+    log = tmp_path_factory.mktemp("public-only") / "uvicorn.log"
+    server = QueryServer({**settings_env(settings), "TRACE_ALERT_OUTBOUND_ALLOW": ""}, log_file=log)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_hostile_channels_answer_400_naming_the_channel(public_only: str, tokens: Tokens) -> None:
+    org = new_org()
+    headers = bearer(manager(tokens, org))
+    with httpx.Client(base_url=public_only, timeout=30) as http:
+        for url, says in HOSTILE:
+            hook = {"kind": "webhook", "name": "ops-hook", "url": url, "secret": HOOK_SECRET}
+            body = declaration(channels=[hook])
+            message = error(
+                no_secrets(http.post("/v1/alerts/rules", json=body, headers=headers)),
+                400,
+                "channel_refused",
+            )["message"]
+            assert message.startswith("channel ops-hook: ") and says in message, (url, message)
+            assert "TRACE_ALERT_OUTBOUND_ALLOW" in message
+        mail = {**declaration()["channels"][1], "smtp_host": "169.254.169.254"}
+        refused = http.post("/v1/alerts/rules", json=declaration(channels=[mail]), headers=headers)
+        assert (
+            "channel mail: 169.254.169.254 is a cloud metadata address"
+            in error(refused, 400, "channel_refused")["message"]
+        )
+        assert http.get("/v1/alerts/rules", headers=headers).json()["count"] == 0
+        # a public receiver is accepted; an update pointing it inside is refused
+        public = {
+            "kind": "webhook",
+            "name": "ops-hook",
+            "url": "http://93.184.216.34/",
+            "secret": HOOK_SECRET,
+        }
+        created = http.post(
+            "/v1/alerts/rules", json=declaration(channels=[public]), headers=headers
+        )
+        assert created.status_code == 201, created.text
+        inside = {**public, "url": "http://[::ffff:7f00:1]/"}
+        update = {k: v for k, v in declaration(channels=[inside]).items() if k != "id"}
+        error(
+            http.put("/v1/alerts/rules/big-moves", json=update, headers=headers),
+            400,
+            "channel_refused",
+        )
+        # a value shaped like a stored (sealed) secret is not accepted as a secret
+        sealed = {**public, "secret": "enc:v1:k1:AAAA:BBBB"}
+        error(
+            http.post(
+                "/v1/alerts/rules",
+                json=declaration(rule_id="other", channels=[sealed]),
+                headers=headers,
+            ),
+            400,
+            "invalid_rule",
+        )

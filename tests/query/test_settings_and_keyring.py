@@ -10,15 +10,21 @@ from trace_resources.errors import ConfigError
 from trace_resources.settings import QuerySettings
 from trace_resources.tokens import Keyring, generate_key, issue_token
 
+# a real TRACE_SECRETS_KEYS (the alert channels' one is checked by Settings itself)
+SECRETS_KEYS = "k1:" + "A" * 43 + "="
+
 
 def test_prod_refuses_the_development_placeholders() -> None:
     with pytest.raises(pydantic.ValidationError, match="TRACE_QUERY_TOKEN_KEYS"):
-        QuerySettings(environment="prod")
+        QuerySettings(environment="prod", secrets_keys=SECRETS_KEYS)
     real_keys = generate_key("k1", "HS256")[0]
     with pytest.raises(pydantic.ValidationError, match="TRACE_QUERY_URL_SIGNING_KEY"):
-        QuerySettings(environment="prod", query_token_keys=real_keys)
+        QuerySettings(environment="prod", secrets_keys=SECRETS_KEYS, query_token_keys=real_keys)
     settings = QuerySettings(
-        environment="prod", query_token_keys=real_keys, query_url_signing_key="x" * 48
+        environment="prod",
+        secrets_keys=SECRETS_KEYS,
+        query_token_keys=real_keys,
+        query_url_signing_key="x" * 48,
     )
     token, claims = issue_token(
         Keyring.from_settings(settings), settings, org="acme", subject="alice"

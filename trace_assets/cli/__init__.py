@@ -1,7 +1,8 @@
 """The `trace` command (entry point `trace_assets.cli:main`): `build_parser` and `main`, with
 one module per command group: `chain` (head, partitions sync), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `db` (db upgrade/current), `access`
-(token, public), `catalog` (docs, lineage) and `alerts` (alerts rule/backtest, dlq).
+(token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq) and
+`secrets` (secrets rotate).
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
 or trace_sensors (the contracts in pyproject.toml). The command modules import their heavy
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trace_assets.cli import access, alerts, catalog, chain, db, gaps, storage
+from trace_assets.cli import access, alerts, catalog, chain, db, gaps, secrets, storage
 from trace_resources.errors import TraceError
 from trace_resources.settings import get_settings
 
@@ -28,7 +29,7 @@ GC, schema migrations)."""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trace", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (chain, gaps, storage, db, access, catalog, alerts):
+    for group in (chain, gaps, storage, db, access, catalog, alerts, secrets):
         group.add_commands(commands)
     return parser
 

@@ -27,6 +27,13 @@ text body with the alert text and its JSON, `Message-ID` derived from the dedupe
 A recipient the server refuses fails the attempt: a wrong address surfaces as a dead letter
 rather than as silence. The delivery timeout bounds each SMTP step and, roughly, the whole
 exchange (each step gets what is left of it).
+
+Receivers are chosen by tenants, so every connection (HTTP and SMTP) goes through the outbound
+policy (`outbound.OutboundPolicy`: resolved and checked at each attempt, connected to the
+checked address, TLS still verified against the host name) and redirects are never followed.
+`last_error`, which the tenant reads, never holds what a receiver said: an HTTP status with its
+standard reason phrase, an SMTP reply code with a fixed description, or a fixed category of
+connection failure. Channel secrets are opened (`trace_resources.sealed`) only here, when sent.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import logging
 import random
 import signal
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -47,13 +55,16 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
+import httpcore
 import httpx
 import sqlalchemy as sa
 
 from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.outbound import OutboundPolicy, OutboundRefused
 from trace_resources.alert_pipeline.rules import (
     AlertRule,
     AnyChannel,
@@ -61,6 +72,7 @@ from trace_resources.alert_pipeline.rules import (
     RuleStore,
     WebhookChannel,
 )
+from trace_resources.sealed import Keyring, SealError, is_sealed, secret_context
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
 
@@ -142,11 +154,129 @@ def email_message(channel: EmailChannel, claim: Claim) -> EmailMessage:
     return message
 
 
-def _refusals(refused: dict[str, tuple[int, bytes]]) -> str:
-    return "; ".join(
-        f"{rcpt} ({code} {reply.decode(errors='replace')[:100]})"
-        for rcpt, (code, reply) in sorted(refused.items())
+# what an SMTP reply code means (the server's own text is never stored: the tenant reads it)
+_SMTP_CODES = {
+    421: "service not available",
+    450: "mailbox unavailable",
+    451: "local error in processing",
+    452: "insufficient storage",
+    454: "temporary authentication failure",
+    500: "command not recognised",
+    501: "syntax error in parameters",
+    502: "command not implemented",
+    503: "bad sequence of commands",
+    504: "parameter not implemented",
+    521: "does not accept mail",
+    530: "authentication required",
+    534: "authentication mechanism too weak",
+    535: "authentication credentials invalid",
+    538: "encryption required",
+    550: "mailbox unavailable",
+    551: "user not local",
+    552: "storage allocation exceeded",
+    553: "mailbox name not allowed",
+    554: "transaction failed",
+    555: "parameters not recognised",
+}
+
+
+def smtp_reply(code: int) -> str:
+    """`<code> <fixed description>` of an SMTP reply code."""
+    meaning = _SMTP_CODES.get(code) or (
+        "temporary failure" if 400 <= code < 500 else "permanent failure" if code >= 500 else ""
     )
+    return f"{code} {meaning}".strip()
+
+
+def http_status(code: int) -> str:
+    """`HTTP <code> <standard reason phrase>`: never the receiver's own text."""
+    try:
+        return f"HTTP {code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"HTTP {code}"
+
+
+def connection_failure(exc: BaseException) -> str:
+    """A fixed category for a failed connection, from the exception and its causes."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OutboundRefused):
+            return f"refused by outbound policy: {seen}"
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return "TLS certificate verification failed"
+        if isinstance(seen, ssl.SSLError):
+            return "TLS handshake failed"
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, ConnectionResetError | BrokenPipeError):
+            return "connection reset by the receiver"
+        if isinstance(seen, socket.gaierror):
+            return "host does not resolve"
+        if isinstance(seen, TimeoutError | httpx.TimeoutException | httpcore.TimeoutException):
+            return "timed out"
+        seen = seen.__cause__ or seen.__context__
+    return "connection failed"
+
+
+def _refusals(refused: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(f"{rcpt} ({smtp_reply(code)})" for rcpt, (code, _) in sorted(refused.items()))
+
+
+class _PinnedBackend(httpcore.SyncBackend):
+    """httpcore's socket backend, connecting to an address the outbound policy checked at
+    this very connection (TLS above it still uses the URL's host for SNI and certificate
+    checks: httpcore passes the origin's host name to `start_tls`)."""
+
+    def __init__(self, policy: OutboundPolicy) -> None:
+        self.policy = policy
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        address = self.policy.addresses(host, port)[0]
+        return super().connect_tcp(str(address), port, timeout, local_address, socket_options)
+
+
+def pinned_client(policy: OutboundPolicy, timeout_s: float) -> httpx.Client:
+    """An httpx client whose every connection passes the outbound policy; no redirects, no
+    proxies from the environment (a proxy would connect where the policy can not see)."""
+    transport = httpx.HTTPTransport(trust_env=False)
+    # httpx has no public way to give its transport a network backend; its pool is rebuilt
+    # with the same defaults (httpx.Limits()) and the pinning backend
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=_PinnedBackend(policy),
+    )
+    return httpx.Client(
+        transport=transport, timeout=timeout_s, follow_redirects=False, trust_env=False
+    )
+
+
+class _PinnedSMTP(smtplib.SMTP):
+    policy: OutboundPolicy
+    _host: str
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self.policy.connect(host, port, timeout, self.source_address)
+
+
+class _PinnedSMTPSSL(smtplib.SMTP_SSL):
+    policy: OutboundPolicy
+    _host: str
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = self.policy.connect(host, port, timeout, self.source_address)
+        return self.context.wrap_socket(sock, server_hostname=self._host)
 
 
 @dataclass(frozen=True)
@@ -178,12 +308,20 @@ class Deliverer:
         policy: DeliveryPolicy | None = None,
         *,
         rng: random.Random | None = None,
+        outbound: OutboundPolicy | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.engine = engine
         self.policy = policy or DeliveryPolicy()
-        self.rules = RuleStore(engine)
+        if outbound is None or keyring is None:
+            settings = get_settings()
+            outbound = outbound or OutboundPolicy.from_settings(settings)
+            keyring = keyring or Keyring.parse(settings.secrets_keys.get_secret_value())
+        self.outbound = outbound
+        self.keyring = keyring
+        self.rules = RuleStore(engine, outbound=outbound, keyring=keyring)
         self.rng = rng or random.Random()
-        self.http = httpx.Client(timeout=self.policy.timeout_s, follow_redirects=False)
+        self.http = pinned_client(outbound, self.policy.timeout_s)
         self.stats = DelivererStats()
         self.stopping = threading.Event()
         self._stats_lock = threading.Lock()
@@ -300,6 +438,27 @@ class Deliverer:
 
     # -- sending ---------------------------------------------------------------------------
 
+    def _open(self, claim: Claim, channel: AnyChannel, field: str, value: str) -> str:
+        """A channel secret in clear, for this send only."""
+        if not is_sealed(value):  # stored before secrets were sealed: `trace secrets rotate`
+            log.warning(
+                "channel %s holds a secret in clear: run `trace secrets rotate`", claim.channel
+            )
+            return value
+        context = secret_context(
+            str(claim.destination.get("org")),
+            str(claim.destination.get("rule_id")),
+            channel.name,
+            field,
+        )
+        try:
+            return self.keyring.open(value, context)
+        except SealError as exc:
+            log.error("channel %s: its %s does not open: %s", claim.channel, field, exc)
+            raise DeliveryError(
+                f"the channel's {field} can not be opened (see the deliverer's log)"
+            ) from None
+
     def send(self, claim: Claim) -> None:
         channel = self._channel(claim)
         if channel is None:
@@ -317,12 +476,23 @@ class Deliverer:
             headers = {
                 "Content-Type": "application/json",
                 "X-Trace-Timestamp": timestamp,
-                "X-Trace-Signature": sign(channel.secret.get_secret_value(), timestamp, body),
+                "X-Trace-Signature": sign(
+                    self._open(claim, channel, "secret", channel.secret.get_secret_value()),
+                    timestamp,
+                    body,
+                ),
                 "X-Trace-Dedupe-Key": claim.dedupe_key,
             }
             self._post(channel.url, body, headers)
         elif isinstance(channel, EmailChannel):
-            self._mail(channel, email_message(channel, claim))
+            password = channel.password
+            self._mail(
+                channel,
+                email_message(channel, claim),
+                None
+                if password is None
+                else self._open(claim, channel, "password", password.get_secret_value()),
+            )
         else:
             text = str(claim.payload.get("text") or json.dumps(claim.payload, sort_keys=True))
             body = json.dumps({"text": text}).encode()
@@ -330,15 +500,25 @@ class Deliverer:
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         try:
-            response = self.http.post(url, content=body, headers=headers)
+            # streamed and never read: the receiver's body is neither stored nor buffered
+            with self.http.stream("POST", url, content=body, headers=headers) as response:
+                status = response.status_code
+        except OutboundRefused as exc:
+            raise DeliveryError(connection_failure(exc)) from exc
         except httpx.TimeoutException as exc:
-            raise DeliveryError(f"timed out after {self.policy.timeout_s}s: {exc!r}") from exc
+            raise DeliveryError(f"timed out after {self.policy.timeout_s}s") from exc
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            raise DeliveryError("the channel's URL can not be used") from exc
+        except httpx.RemoteProtocolError as exc:
+            raise DeliveryError("the receiver's answer is not valid HTTP") from exc
         except httpx.HTTPError as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 300:
-            raise DeliveryError(f"HTTP {response.status_code}: {response.text[:200]}")
+            raise DeliveryError(connection_failure(exc)) from exc
+        if 300 <= status < 400:
+            raise DeliveryError(f"{http_status(status)} (redirects are not followed)")
+        if status >= 400 or status < 200:
+            raise DeliveryError(http_status(status))
 
-    def _mail(self, channel: EmailChannel, message: EmailMessage) -> None:
+    def _mail(self, channel: EmailChannel, message: EmailMessage, password: str | None) -> None:
         deadline = time.monotonic() + self.policy.timeout_s
 
         def left() -> float:
@@ -352,11 +532,13 @@ class Deliverer:
         try:
             smtp: smtplib.SMTP
             if channel.security == "ssl":
-                context = ssl.create_default_context()
-                smtp = smtplib.SMTP_SSL(host, port, timeout=left(), context=context)
+                smtp = _PinnedSMTPSSL(timeout=left(), context=ssl.create_default_context())
             else:
-                smtp = smtplib.SMTP(host, port, timeout=left())
+                smtp = _PinnedSMTP(timeout=left())
+            smtp.policy = self.outbound
+            smtp._host = host  # the TLS server name (SNI, certificate checks)
             with smtp:
+                smtp.connect(host, port)
 
                 def step() -> None:
                     if smtp.sock is not None:
@@ -369,9 +551,9 @@ class Deliverer:
                     smtp.starttls(context=ssl.create_default_context())
                     step()
                     smtp.ehlo()
-                if channel.username is not None and channel.password is not None:
+                if channel.username is not None and password is not None:
                     step()
-                    smtp.login(channel.username, channel.password.get_secret_value())
+                    smtp.login(channel.username, password)
                 step()
                 refused = smtp.send_message(message)
                 if refused:
@@ -379,14 +561,15 @@ class Deliverer:
         except smtplib.SMTPRecipientsRefused as exc:
             raise DeliveryError(f"{where} refused recipients: {_refusals(exc.recipients)}") from exc
         except smtplib.SMTPResponseException as exc:
-            reply = (
-                exc.smtp_error.decode(errors="replace")
-                if isinstance(exc.smtp_error, bytes)
-                else str(exc.smtp_error)
-            )
-            raise DeliveryError(f"{where} answered {exc.smtp_code}: {reply[:200]}") from exc
+            raise DeliveryError(f"{where} answered {smtp_reply(exc.smtp_code)}") from exc
+        except smtplib.SMTPNotSupportedError as exc:
+            raise DeliveryError(f"{where} does not support STARTTLS or AUTH as configured") from exc
+        except smtplib.SMTPServerDisconnected as exc:
+            raise DeliveryError(f"{where}: the server closed the connection") from exc
+        except OutboundRefused as exc:
+            raise DeliveryError(f"{where}: {connection_failure(exc)}") from exc
         except (TimeoutError, OSError, smtplib.SMTPException) as exc:
-            raise DeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise DeliveryError(f"{where}: {connection_failure(exc)}") from exc
 
     def deliver(self, claim: Claim) -> bool:
         """Send one claimed row and record the outcome; True when delivered."""
@@ -395,8 +578,11 @@ class Deliverer:
             error = None
         except DeliveryError as exc:
             error = str(exc)
-        except Exception as exc:  # a poison alert must not take the worker down
-            error = f"{type(exc).__name__}: {exc}"
+        except Exception:  # a poison alert must not take the worker down
+            log.exception(
+                "delivery %s -> %s: unexpected error", claim.dedupe_key[:16], claim.channel
+            )
+            error = "internal error (see the deliverer's log)"
         crash_point("deliver.after_send")
         self._record(claim, error)
         return error is None

@@ -18,6 +18,11 @@ Every create, update or disable writes a new version row in `trace_alert_rules`;
 version of a rule is the one in force. Alerts carry the rule version they were computed with,
 and the deliverer reads channel settings (secrets included) from that version, so secrets
 never travel through the buffer.
+
+Channel secrets are stored sealed (`trace_resources.sealed`: `enc:v1:…`, envelope encryption
+under TRACE_SECRETS_KEYS); a rule read back holds them sealed, and only the deliverer opens
+them, when it sends. Every channel's host must pass the outbound policy
+(`outbound.OutboundPolicy`) when an enabled rule is written.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import httpx
 import sqlalchemy as sa
 import yaml
 from pydantic import (
@@ -42,12 +48,16 @@ from pydantic import (
 )
 
 from trace_resources.alert_pipeline import tables as t
+from trace_resources.alert_pipeline.outbound import ALLOW_SETTING, OutboundPolicy, OutboundRefused
 from trace_resources.errors import TraceError
+from trace_resources.sealed import Keyring, SealError, reseal_spec
+from trace_resources.settings import get_settings
 
 __all__ = [
     "ALERT_DATASETS",
     "AlertRule",
     "AnyChannel",
+    "ChannelRefused",
     "EmailChannel",
     "SlackChannel",
     "WebhookChannel",
@@ -69,6 +79,10 @@ _ORG = r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$"
 
 class RuleError(TraceError):
     """A rule file that does not validate, or a rule operation that can not apply."""
+
+
+class ChannelRefused(RuleError):
+    """A channel whose receiver the outbound policy refuses (or whose secret is unusable)."""
 
 
 class _Strict(BaseModel):
@@ -240,8 +254,9 @@ class AlertRule(_Strict):
                 return channel
         raise KeyError(name)
 
-    def stored_json(self) -> dict[str, Any]:
-        """The spec as stored (secrets in clear: Postgres data is the platform's store)."""
+    def declaration_json(self) -> dict[str, Any]:
+        """The rule as a rule file holds it (secrets as given: clear, or sealed if read back
+        from the store)."""
         data = self.model_dump(mode="json")
         for stored, channel in zip(data["channels"], self.channels, strict=True):
             if isinstance(channel, WebhookChannel):
@@ -249,6 +264,38 @@ class AlertRule(_Strict):
             elif isinstance(channel, EmailChannel) and channel.password is not None:
                 stored["password"] = channel.password.get_secret_value()
         return data
+
+    def stored_json(self, keyring: Keyring) -> dict[str, Any]:
+        """The spec as stored: every secret sealed under the keyring's current key (a secret
+        read back sealed stays sealed, re-wrapped if an older key sealed it)."""
+        data = self.declaration_json()
+        return reseal_spec(data, keyring) or data
+
+
+def channel_target(channel: AnyChannel) -> tuple[str, int]:
+    """The host and port a channel's deliveries connect to (ValueError for a URL that does
+    not parse)."""
+    if isinstance(channel, EmailChannel):
+        return channel.smtp_host, channel.smtp_port
+    try:
+        url = httpx.URL(channel.url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"url does not parse: {exc}") from None
+    if not url.host:
+        raise ValueError("url has no host")
+    return url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def check_channels(rule: AlertRule, policy: OutboundPolicy) -> None:
+    """ChannelRefused naming the first channel whose receiver the outbound policy refuses."""
+    for channel in rule.channels:
+        try:
+            policy.addresses(*channel_target(channel))
+        except (OutboundRefused, ValueError) as exc:
+            raise ChannelRefused(
+                f"channel {channel.name}: {exc}; receivers must be public (operators can allow "
+                f"internal receivers with {ALLOW_SETTING})"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -312,11 +359,28 @@ def load_rule_file(path: str) -> AlertRule:
 class RuleStore:
     """Versioned rules in Postgres data."""
 
-    def __init__(self, engine: sa.Engine, check: Callable[[AlertRule], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        check: Callable[[AlertRule], None] | None = None,
+        *,
+        outbound: OutboundPolicy | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
         self.engine = engine
         # raises RuleError for a rule that may not be stored (e.g. a custom SQL condition
         # over a dataset its organisation may not read: trace_assets.alerts.scope)
         self.check = check
+        # both from the settings when first written with (reading rules needs neither)
+        self._outbound = outbound
+        self._keyring = keyring
+
+    def _policies(self) -> tuple[OutboundPolicy, Keyring]:
+        if self._outbound is None or self._keyring is None:
+            settings = get_settings()
+            self._outbound = self._outbound or OutboundPolicy.from_settings(settings)
+            self._keyring = self._keyring or Keyring.parse(settings.secrets_keys.get_secret_value())
+        return self._outbound, self._keyring
 
     def _latest(self, conn: sa.Connection, org: str, rule_id: str) -> sa.Row[Any] | None:
         return conn.execute(
@@ -328,8 +392,15 @@ class RuleStore:
         ).one_or_none()
 
     def _write(self, rule: AlertRule, *, must_exist: bool) -> StoredRule:
+        outbound, keyring = self._policies()
         if self.check is not None and rule.enabled:
             self.check(rule)
+        if rule.enabled:
+            check_channels(rule, outbound)
+        try:
+            spec = rule.stored_json(keyring)
+        except SealError as exc:
+            raise ChannelRefused(f"a channel secret is not usable: {exc}") from None
         with self.engine.begin() as conn:
             # serialise writers of one rule so versions never collide
             conn.execute(
@@ -352,11 +423,18 @@ class RuleStore:
                     org=rule.org,
                     rule_id=rule.id,
                     version=version,
-                    spec=rule.stored_json(),
+                    spec=spec,
                     enabled=rule.enabled,
                 )
             )
         return StoredRule(rule, version)
+
+    def reseal_secrets(self, keyring: Keyring) -> tuple[int, int]:
+        """Seal every stored secret (every version of every rule: alerts are delivered with
+        the version they were raised by) under the keyring's current key: clear ones sealed,
+        older keys' re-wrapped. Returns (versions rewritten, versions read); SealError if a
+        secret does not open (its key is missing from the keyring)."""
+        return reseal_rule_specs(self.engine, keyring)
 
     def create(self, rule: AlertRule) -> StoredRule:
         return self._write(rule, must_exist=False)
@@ -421,6 +499,23 @@ class RuleStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(r.c.org, r.c.rule_id)).all()
         return [_rule_version(row) for row in rows]
+
+
+def reseal_rule_specs(engine: sa.Engine, keyring: Keyring) -> tuple[int, int]:
+    """`RuleStore.reseal_secrets` (each row in its own short transaction)."""
+    r = t.rules
+    with engine.connect() as conn:
+        keys = conn.execute(sa.select(r.c.org, r.c.rule_id, r.c.version)).all()
+    changed = 0
+    for org, rule_id, version in keys:
+        with engine.begin() as conn:
+            where = (r.c.org == org) & (r.c.rule_id == rule_id) & (r.c.version == version)
+            spec = conn.execute(sa.select(r.c.spec).where(where).with_for_update()).scalar_one()
+            sealed = reseal_spec(spec, keyring)
+            if sealed is not None:
+                conn.execute(r.update().where(where).values(spec=sealed))
+                changed += 1
+    return changed, len(keys)
 
 
 def describe(rules: Sequence[StoredRule]) -> list[dict[str, Any]]:
