@@ -19,6 +19,7 @@ def main() -> None:
         port=settings.query_port,
         workers=settings.query_workers,
         access_log=False,
+        server_header=False,  # no `server: uvicorn` banner
         log_level="info",
     )
 

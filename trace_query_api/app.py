@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trace_query_api.api.routes import alerts, datasets, exports, health, query, saved_queries
+from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
 from trace_query_api.metrics import MetricsMiddleware
 from trace_query_api.services import Services
@@ -74,6 +75,15 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
     _add_error_handlers(app)
+
+    def count_refusal(code: str) -> None:
+        if "services" in holder:
+            holder["services"].metrics.rejected.labels(code).inc()
+
+    # inside the metrics middleware (refusals are counted), outside everything that reads
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.query_max_body_bytes, on_refuse=count_refusal
+    )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app
 

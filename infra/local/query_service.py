@@ -85,6 +85,7 @@ class QueryServer:
             "--workers",
             str(self.workers),
             "--no-access-log",
+            "--no-server-header",
             "--log-level",
             "warning",
         ]
