@@ -28,6 +28,7 @@ from trace_query_api.errors import (
     RowCapExceededError,
 )
 from trace_query_api.exports import Exports
+from trace_query_api.fairshare import FairShare
 from trace_query_api.files import FileCache
 from trace_query_api.limits import RateLimits
 from trace_query_api.metrics import Metrics
@@ -126,6 +127,7 @@ class Services:
             memory_limit=settings.query_memory_limit,
             threads=settings.query_threads,
         )
+        self.fairshare = FairShare(settings.query_max_concurrent, settings.query_org_max_concurrent)
         self.exports = Exports(self.engine, self.files, self.results, settings, self.metrics)
         self.alerts = AlertService(
             lambda: alert_tables.data_engine(settings.data_dsn), self.catalog
@@ -254,7 +256,7 @@ class Services:
                 sources = self.load(plan, ttl_s=s.query_timeout_s + 60)
                 snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
                 size = min(page_size, s.query_row_cap - start)
-                page = self._run(sql, sources, start, size)
+                page = self._run(principal, sql, sources, start, size)
             finally:
                 self.unpin(plan)
         except ApiError as exc:
@@ -280,10 +282,18 @@ class Services:
         )
 
     def _run(
-        self, sql: str, sources: dict[str, pa.Table | pads.Dataset], offset: int, limit: int
+        self,
+        principal: Principal,
+        sql: str,
+        sources: dict[str, pa.Table | pads.Dataset],
+        offset: int,
+        limit: int,
     ) -> QueryPage:
         s = self.settings
-        with self.sandbox.session(s.query_queue_timeout_s) as session:
+        with (
+            self.fairshare.acquire(principal.org, s.query_queue_timeout_s),
+            self.sandbox.session(s.query_queue_timeout_s) as session,
+        ):
             self.metrics.sandboxes_busy.inc()
             try:
                 for name, source in sources.items():
