@@ -22,6 +22,7 @@ from trace_query_api.api.routes import alerts, datasets, exports, health, query,
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
 from trace_query_api.metrics import MetricsMiddleware
+from trace_query_api.secure import refuse_insecure_settings
 from trace_query_api.services import Services
 from trace_resources.settings import QuerySettings, get_query_settings
 
@@ -50,6 +51,7 @@ updating and disabling rules takes a token with the `alerts:manage` capability
 
 def create_app(settings: QuerySettings | None = None) -> FastAPI:
     settings = settings or get_query_settings()
+    refuse_insecure_settings(settings)
     holder: dict[str, Services] = {}
 
     @asynccontextmanager
