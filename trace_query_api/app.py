@@ -18,7 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trace_query_api.api.routes import alerts, datasets, exports, health, query, saved_queries
+from trace_query_api.api.routes import (
+    alerts,
+    datasets,
+    docs_ui,
+    exports,
+    health,
+    query,
+    saved_queries,
+)
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
 from trace_query_api.metrics import MetricsMiddleware
@@ -69,7 +77,10 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # docs_ui serves /docs from local assets
+        redoc_url=None,  # ReDoc loads from a CDN
     )
+    app.include_router(docs_ui.router)
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(query.router)

@@ -41,19 +41,20 @@ def refuse_insecure_settings(settings: QuerySettings) -> None:
     if not placeholders:
         return
     named = " and ".join(placeholders)
+    hold = "holds" if len(placeholders) == 1 else "hold"
     fix = (
         f"set {named} to real secrets (e.g. from `python -c 'import secrets; "
         "print(secrets.token_urlsafe(48))'`; TRACE_QUERY_TOKEN_KEYS as `k1:HS256:<secret>`)"
     )
     if not settings.query_dev_mode:
         raise InsecureSettingsError(
-            f"{named} still hold(s) the development placeholder, which anyone can use to forge "
+            f"{named} still {hold} the development placeholder, which anyone can use to forge "
             f"tokens and download links; {fix}, or, on a development machine only, set "
             "TRACE_QUERY_DEV_MODE=true with TRACE_QUERY_HOST=127.0.0.1"
         )
     if not is_loopback(settings.query_host):
         raise InsecureSettingsError(
-            f"TRACE_QUERY_DEV_MODE is set and {named} hold(s) the development placeholder, but "
+            f"TRACE_QUERY_DEV_MODE is set and {named} {hold} the development placeholder, but "
             f"TRACE_QUERY_HOST={settings.query_host} is not loopback: the placeholder keys are "
             f"only served on 127.0.0.1, ::1 or localhost; bind to loopback, or {fix} and unset "
             "TRACE_QUERY_DEV_MODE"
