@@ -4,8 +4,9 @@
 
 - a body larger than `TRACE_QUERY_MAX_BODY_BYTES` gets a 413 before the app reads or parses
   it and before the token is checked: at once when `Content-Length` says so, and, for a body
-  sent without a length (chunked), as soon as the bytes counted while reading pass the cap;
-- a `/v1/` request without an `Authorization: Bearer` header gets the 401 the routes would
+  sent without a length (chunked), as soon as the bytes counted while reading pass the cap
+  (only such a body is read here, into at most the cap, then handed on);
+- then a `/v1/` request without an `Authorization: Bearer` header gets the 401 the routes would
   answer, without reading its body (the signed export download link needs no token).
 
 Refusals that leave a body unread close the connection: the client may still be sending it.
@@ -49,19 +50,16 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope["headers"]}
+        length = _content_length(headers.get(b"content-length"))
+        if length is not None and length > self.max_body_bytes:
+            await self._too_large(send)
+            return
         if needs_token(scope["path"]) and not _has_bearer(headers.get(b"authorization")):
-            body_pending = b"content-length" in headers or b"transfer-encoding" in headers
+            body_pending = bool(length) or b"transfer-encoding" in headers
             self.on_refuse("missing_token")
             await _missing_token(send, close=body_pending)
             return
-        length = _content_length(headers.get(b"content-length"))
-        if length is not None:
-            if length > self.max_body_bytes:
-                await self._too_large(send)
-                return
-            await self.app(scope, receive, send)
-            return
-        if b"transfer-encoding" not in headers:
+        if length is not None or b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)
             return
         try:
