@@ -18,9 +18,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from trace_query_api.api.routes import alerts, datasets, exports, health, query, saved_queries
+from trace_query_api.api.routes import (
+    alerts,
+    datasets,
+    docs_ui,
+    exports,
+    health,
+    query,
+    saved_queries,
+)
+from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
 from trace_query_api.metrics import MetricsMiddleware
+from trace_query_api.secure import refuse_insecure_settings
 from trace_query_api.services import Services
 from trace_resources.settings import QuerySettings, get_query_settings
 
@@ -49,11 +59,17 @@ updating and disabling rules takes a token with the `alerts:manage` capability
 
 def create_app(settings: QuerySettings | None = None) -> FastAPI:
     settings = settings or get_query_settings()
+    refuse_insecure_settings(settings)
     holder: dict[str, Services] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
+        # serve only once the sandbox workers are up (a second or so), so that the first
+        # queries do not queue behind their start
+        for pool in (services.sandbox, services.exports.sandbox):
+            if not pool.wait_ready(timeout_s=60):
+                log.warning("%s: not every sandbox worker started within 60 s", pool.name)
         app.state.services = services
         holder["services"] = services
         try:
@@ -66,7 +82,10 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # docs_ui serves /docs from local assets
+        redoc_url=None,  # ReDoc loads from a CDN
     )
+    app.include_router(docs_ui.router)
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(query.router)
@@ -74,6 +93,15 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
     _add_error_handlers(app)
+
+    def count_refusal(code: str) -> None:
+        if "services" in holder:
+            holder["services"].metrics.rejected.labels(code).inc()
+
+    # inside the metrics middleware (refusals are counted), outside everything that reads
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.query_max_body_bytes, on_refuse=count_refusal
+    )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app
 

@@ -6,7 +6,11 @@ thread pool with sandboxes of its own (exports never take the interactive query 
 job streams the result in Arrow batches into Parquet or CSV at
 `exports/<org>/<export id>.<format>` in the results bucket, then marks the row `succeeded` with
 rows and bytes, or `failed` with the error (the table and its SQL:
-`trace_resources.storage.exports`).
+`trace_resources.storage.exports`). An organisation has at most
+`TRACE_QUERY_ORG_MAX_EXPORTS` exports queued or running in a process (429 beyond).
+
+`DELETE /v1/exports/{id}` cancels: a queued job is dropped before it starts, a running one is
+interrupted (`_interrupt`, the one place that stops a job), and any partial file is removed.
 
 Downloads: on S3 a presigned GET URL (boto3); on the local object store a link to this
 service, `/v1/exports/{id}/download?expires=..&signature=..`, signed with HMAC-SHA256 under
@@ -38,7 +42,14 @@ import sqlalchemy as sa
 
 from trace_query_api.encode import text_table
 from trace_query_api.engine import api_error
-from trace_query_api.errors import ApiError, ForbiddenError, NotFoundError, ResourceLimitError
+from trace_query_api.errors import (
+    ApiError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    RateLimitedError,
+    ResourceLimitError,
+)
 from trace_query_api.files import FileCache
 from trace_query_api.metrics import Metrics
 from trace_resources.sandbox import FileSource, SandboxError, SandboxPool, SandboxWorker
@@ -86,8 +97,9 @@ class Exports:
         )
         self._key = settings.query_url_signing_key.get_secret_value().encode()
         self._presigner: Any = None
-        self._mine: set[str] = set()  # jobs of this process not finished yet
-        self._running: dict[str, SandboxWorker] = {}  # export id -> its worker
+        self._mine: dict[str, str] = {}  # jobs of this process not finished yet -> their org
+        self._running: dict[str, SandboxWorker] = {}  # export id -> the worker running it
+        self._cancelled: set[str] = set()  # jobs of this process cancelled by their owner
         self._stopping = False
         self._lock = threading.Lock()
 
@@ -98,25 +110,44 @@ class Exports:
     ) -> ExportJob:
         """Record the job and queue it; `on_done(plan)` runs when it ends (releases pins)."""
         export_id = str(uuid.uuid4())
-        job = store.queue_export(
-            self.engine,
-            export_id=export_id,
-            org=plan.principal.org,
-            subject=plan.principal.subject,
-            sql=plan.parsed.sql,
-            fmt=fmt,
-            snapshot_id=snapshot_id,
-        )
-        with self._lock:
-            self._mine.add(export_id)
+        self._reserve(plan.principal.org, export_id)
+        try:
+            job = store.queue_export(
+                self.engine,
+                export_id=export_id,
+                org=plan.principal.org,
+                subject=plan.principal.subject,
+                sql=plan.parsed.sql,
+                fmt=fmt,
+                snapshot_id=snapshot_id,
+            )
+        except BaseException:
+            with self._lock:
+                self._mine.pop(export_id, None)
+            raise
         self.pool.submit(self._run, export_id, plan, fmt, on_done)
         return job
+
+    def _reserve(self, org: str, export_id: str) -> None:
+        """Count the job against its organisation's exports, or refuse it (429)."""
+        cap = self.settings.query_org_max_exports
+        with self._lock:
+            if sum(1 for owner in self._mine.values() if owner == org) >= cap:
+                raise RateLimitedError(
+                    f"organisation {org!r} already has {cap} exports queued or running, its "
+                    "share (TRACE_QUERY_ORG_MAX_EXPORTS); wait for one to finish or cancel one "
+                    "(DELETE /v1/exports/{id}), then retry",
+                    retry_after_s=5,
+                    code="org_export_limited",
+                )
+            self._mine[export_id] = org
 
     def _run(self, export_id: str, plan: Plan, fmt: str, on_done: Callable[[Plan], None]) -> None:
         key = f"exports/{plan.principal.org}/{export_id}.{_EXTENSIONS[fmt]}"
         resolution = plan.resolution
         try:
-            store.start_export(self.engine, export_id)
+            if not store.start_export(self.engine, export_id):
+                return  # cancelled while queued
             timeout_s = self.settings.query_export_timeout_s
             sources = [
                 FileSource(
@@ -129,8 +160,7 @@ class Exports:
             ]
             try:
                 with self.sandbox.lease(wait_s=timeout_s) as worker:
-                    with self._lock:
-                        self._running[export_id] = worker
+                    self._track(export_id, worker)
                     try:
                         batches = worker.stream(
                             plan.parsed.sql,
@@ -138,14 +168,19 @@ class Exports:
                             max_batch_bytes=self.settings.query_max_response_bytes,
                             timeout_s=timeout_s,
                         )
-                        rows, size = self._write(key, fmt, batches)
+                        rows, size = self._write(
+                            key, fmt, self._unless_cancelled(export_id, batches)
+                        )
                     finally:
                         with self._lock:
                             self._running.pop(export_id, None)
             except SandboxError as exc:
                 raise api_error(exc, timeout_s) from None
         except Exception as exc:  # the job must end in a state the client can read
-            if self._stopping:
+            self._remove_partial(key)
+            if export_id in self._cancelled:
+                self.metrics.exports.labels("cancelled").inc()
+            elif self._stopping:
                 self._fail(export_id, _INTERRUPTED)
             elif isinstance(exc, ApiError):
                 self._fail(export_id, exc.body()["error"])
@@ -157,10 +192,33 @@ class Exports:
             return
         finally:
             with self._lock:
-                self._mine.discard(export_id)
+                self._mine.pop(export_id, None)
+                self._cancelled.discard(export_id)
             on_done(plan)
-        store.finish_export(self.engine, export_id, key, rows, size)
+        if not store.finish_export(self.engine, export_id, key, rows, size):
+            self._remove_partial(key)  # cancelled as it finished: the result is not delivered
+            self.metrics.exports.labels("cancelled").inc()
+            return
         self.metrics.exports.labels("succeeded").inc()
+
+    def _track(self, export_id: str, worker: SandboxWorker) -> None:
+        """Make the running job interruptible, unless it was cancelled already."""
+        with self._lock:
+            if export_id in self._cancelled:
+                raise _Cancelled
+            self._running[export_id] = worker
+
+    def _unless_cancelled(self, export_id: str, batches: Any) -> Any:
+        for batch in batches:
+            if export_id in self._cancelled:
+                raise _Cancelled
+            yield batch
+
+    def _remove_partial(self, key: str) -> None:
+        try:
+            self.results.fs.delete_file(self.results.path(key))
+        except (FileNotFoundError, OSError):
+            pass  # nothing was written, or it is gone already
 
     def _write(self, key: str, fmt: str, batches: Any) -> tuple[int, int]:
         path = self.results.path(key)
@@ -197,13 +255,39 @@ class Exports:
         store.fail_export(self.engine, export_id, error)
         self.metrics.exports.labels("failed").inc()
 
+    def cancel(self, principal: Principal, export_id: str) -> ExportJob:
+        """Cancel the owner's queued or running export (409 once it has finished)."""
+        job = self.get(principal, export_id)
+        if job["status"] in ("queued", "running"):
+            with self._lock:
+                if export_id in self._mine:
+                    self._cancelled.add(export_id)
+            if store.cancel_export(self.engine, export_id):
+                self._interrupt(export_id)
+                return self.get(principal, export_id)
+            job = self.get(principal, export_id)  # it finished meanwhile
+        raise ConflictError(
+            f"export {export_id} has already {_FINISHED_AS.get(job['status'], 'finished')}; "
+            "only a queued or running export can be cancelled",
+            code="export_finished",
+        )
+
+    def _interrupt(self, export_id: str) -> None:
+        """Stop the job's query now, if it runs in this process (the job then fails or is
+        recorded cancelled; a job running in another process delivers nothing once cancelled).
+        """
+        with self._lock:
+            worker = self._running.get(export_id)
+        if worker is not None:
+            worker.kill("cancelled")  # the pool replaces the worker
+
     def shutdown(self) -> None:
         """Stop: running jobs are interrupted and queued ones dropped, all marked failed."""
         self._stopping = True
         with self._lock:
-            running = list(self._running.values())
-        for worker in running:
-            worker.kill("shutdown")
+            running = list(self._running)
+        for export_id in running:
+            self._interrupt(export_id)
         self.pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             never_started = list(self._mine)
@@ -316,6 +400,13 @@ class Exports:
         object_key, fmt = found
         filename = f"{export_id}.{_EXTENSIONS[fmt]}"
         return self.results.path(object_key), _MEDIA_TYPES[fmt], filename
+
+
+class _Cancelled(Exception):
+    """The job's owner cancelled it while it ran."""
+
+
+_FINISHED_AS = {"succeeded": "succeeded", "failed": "failed", "cancelled": "been cancelled"}
 
 
 def _is_uuid(text: str) -> bool:

@@ -195,7 +195,7 @@ class SnapshotPublic(BaseModel):
 
 class ExportPublic(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     format: Literal["parquet", "csv"]
     sql: str
     snapshot: str

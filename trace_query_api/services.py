@@ -27,6 +27,7 @@ from trace_query_api.errors import (
     RowCapExceededError,
 )
 from trace_query_api.exports import Exports
+from trace_query_api.fairshare import FairShare
 from trace_query_api.files import FileCache
 from trace_query_api.limits import RateLimits
 from trace_query_api.metrics import Metrics
@@ -136,6 +137,7 @@ class Services:
             cache_bytes=settings.query_sandbox_cache_bytes,
             name="query-sandbox",
         )
+        self.fairshare = FairShare(settings.query_max_concurrent, settings.query_org_max_concurrent)
         self.exports = Exports(self.engine, self.files, self.results, settings, self.metrics)
         self.alerts = AlertService(
             lambda: alert_tables.data_engine(settings.data_dsn), self.catalog
@@ -273,7 +275,7 @@ class Services:
                 sources = self.sources(plan, ttl_s=s.query_timeout_s + 60)
                 snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
                 size = min(page_size, s.query_row_cap - start)
-                page = self._run(sql, sources, start, size)
+                page = self._run(principal, sql, sources, start, size)
             finally:
                 self.unpin(plan)
         except ApiError as exc:
@@ -299,10 +301,15 @@ class Services:
             page.byte_limited,
         )
 
-    def _run(self, sql: str, sources: list[FileSource], offset: int, limit: int) -> SandboxPage:
+    def _run(
+        self, principal: Principal, sql: str, sources: list[FileSource], offset: int, limit: int
+    ) -> SandboxPage:
         s = self.settings
         try:
-            with self.sandbox.lease(s.query_queue_timeout_s) as worker:
+            with (
+                self.fairshare.acquire(principal.org, s.query_queue_timeout_s),
+                self.sandbox.lease(s.query_queue_timeout_s) as worker,
+            ):
                 self.metrics.sandboxes_busy.inc()
                 try:
                     return worker.page(

@@ -359,6 +359,29 @@ class QuerySettings(Settings):
     query_cache_memory_bytes: int = Field(
         512 * 1024**2, ge=0, description="Size bound of the in-memory cache of decoded files."
     )
+    # edge limits and secure defaults (issue 15)
+    query_max_body_bytes: int = Field(
+        1024**2,
+        gt=0,
+        description="Largest request body the service reads; larger ones get a 413 before "
+        "they are parsed or the token is checked (SQL itself is capped at 100,000 characters).",
+    )
+    query_org_max_concurrent: int | None = Field(
+        None,
+        gt=0,
+        description="Interactive queries one organisation runs at once per process (None: half "
+        "of TRACE_QUERY_MAX_CONCURRENT, at least 1), so one organisation can not take every "
+        "slot.",
+    )
+    query_org_max_exports: int = Field(
+        2, gt=0, description="Exports one organisation may have queued or running at once."
+    )
+    query_dev_mode: bool = Field(
+        False,
+        description="Development mode: the service starts with the placeholder token and URL "
+        "signing keys, and only when bound to loopback (TRACE_QUERY_HOST=127.0.0.1). Never set "
+        "in production.",
+    )
 
     @property
     def query_memory_bytes(self) -> int:

@@ -4,6 +4,9 @@ the benchmark and the tests.
 It runs in its own process group (started with a new session), so Ctrl-C in a terminal does not
 reach it directly and `stop()` takes uvicorn's workers with it: SIGTERM (uvicorn shuts down
 gracefully), then SIGKILL after a timeout.
+
+Bound to loopback, it runs in development mode by default (`TRACE_QUERY_DEV_MODE=true`): the
+service then accepts the placeholder keys of `make dev`, `make demo`, the benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -57,8 +60,14 @@ class QueryServer:
         workers: int = 1,
         log_file: Path | None = None,
         start_timeout: float = 60.0,
+        dev_mode: bool = True,
     ) -> None:
-        self.env = {**os.environ, **env}
+        self.env = {
+            **os.environ,
+            **env,
+            "TRACE_QUERY_HOST": LOOPBACK,
+            "TRACE_QUERY_DEV_MODE": "true" if dev_mode else "false",
+        }
         self.port = port or free_port()
         self.workers = workers
         self.log_file = log_file
@@ -85,6 +94,7 @@ class QueryServer:
             "--workers",
             str(self.workers),
             "--no-access-log",
+            "--no-server-header",
             "--log-level",
             "warning",
         ]

@@ -1,9 +1,10 @@
 """Export jobs: a query's whole result written to the results bucket in the background, and
 where it lies (table `trace_query_exports`).
 
-A job moves queued -> running -> succeeded | failed. Jobs are read back by their owner (the
-organisation and the subject that asked) only; the signed download link reads a finished job
-by id alone, since the link itself is the capability.
+A job moves queued -> running -> succeeded | failed, or to cancelled by its owner while queued
+or running; a cancelled job never moves again (each move is guarded by the state it leaves).
+Jobs are read back by their owner (the organisation and the subject that asked) only; the
+signed download link reads a finished job by id alone, since the link itself is the capability.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "start_export",
     "finish_export",
     "fail_export",
+    "cancel_export",
     "owned_export",
     "latest_exports",
     "finished_export_object",
@@ -39,7 +41,7 @@ exports = sa.Table(
     sa.Column("subject", sa.Text, nullable=False),
     sa.Column("sql", sa.Text, nullable=False),
     sa.Column("format", sa.Text, nullable=False),
-    # queued -> running -> succeeded | failed
+    # queued -> running -> succeeded | failed; queued | running -> cancelled
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("snapshot_id", sa.Text, nullable=False),
     sa.Column("object_key", sa.Text, nullable=True),
@@ -52,7 +54,8 @@ exports = sa.Table(
     sa.Index("trace_query_exports_by_owner", "org", "subject", "created_at"),
 )
 
-ExportStatus = Literal["queued", "running", "succeeded", "failed"]
+ExportStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+_UNFINISHED = ("queued", "running")
 
 
 class ExportJob(TypedDict):
@@ -104,15 +107,18 @@ def queue_export(
     return cast(ExportJob, dict(row))
 
 
-def start_export(engine: sa.Engine, export_id: str) -> None:
-    _update(engine, export_id, status="running", started_at=sa.func.now())
+def start_export(engine: sa.Engine, export_id: str) -> bool:
+    """Mark a queued job `running`; False if it is no longer queued (cancelled)."""
+    return _move(engine, export_id, ("queued",), status="running", started_at=sa.func.now())
 
 
-def finish_export(engine: sa.Engine, export_id: str, object_key: str, rows: int, size: int) -> None:
-    """Mark the job `succeeded` with where its result lies and how large it is."""
-    _update(
+def finish_export(engine: sa.Engine, export_id: str, object_key: str, rows: int, size: int) -> bool:
+    """Mark the job `succeeded` with where its result lies and how large it is; False if it
+    was cancelled meanwhile (its result is then not the owner's any more)."""
+    return _move(
         engine,
         export_id,
+        ("running",),
         status="succeeded",
         object_key=object_key,
         rows=rows,
@@ -121,14 +127,31 @@ def finish_export(engine: sa.Engine, export_id: str, object_key: str, rows: int,
     )
 
 
-def fail_export(engine: sa.Engine, export_id: str, error: dict[str, Any]) -> None:
-    """Mark the job `failed` with the error its owner reads (`{"code": .., "message": ..}`)."""
-    _update(engine, export_id, status="failed", error=error, finished_at=sa.func.now())
+def fail_export(engine: sa.Engine, export_id: str, error: dict[str, Any]) -> bool:
+    """Mark an unfinished job `failed` with the error its owner reads
+    (`{"code": .., "message": ..}`)."""
+    return _move(
+        engine, export_id, _UNFINISHED, status="failed", error=error, finished_at=sa.func.now()
+    )
 
 
-def _update(engine: sa.Engine, export_id: str, **values: Any) -> None:
+def cancel_export(engine: sa.Engine, export_id: str) -> bool:
+    """Mark a queued or running job `cancelled`; False if it had already finished."""
+    error = {"code": "cancelled", "message": "the export was cancelled by its owner"}
+    return _move(
+        engine, export_id, _UNFINISHED, status="cancelled", error=error, finished_at=sa.func.now()
+    )
+
+
+def _move(engine: sa.Engine, export_id: str, leaving: tuple[str, ...], **values: Any) -> bool:
     with engine.begin() as conn:
-        conn.execute(exports.update().where(exports.c.id == export_id).values(**values))
+        moved = conn.execute(
+            exports.update()
+            .where(exports.c.id == export_id)
+            .where(exports.c.status.in_(leaving))
+            .values(**values)
+        ).rowcount
+    return bool(moved)
 
 
 def owned_export(engine: sa.Engine, org: str, subject: str, export_id: str) -> ExportJob | None:

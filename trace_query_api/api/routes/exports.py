@@ -61,6 +61,21 @@ def get_export(
     return ExportPublic(**services.exports.public(row, str(request.base_url)))
 
 
+@router.delete(
+    "/{export_id}",
+    response_model=ExportPublic,
+    summary="Cancel a queued or running export",
+    responses=errors(*AUTH_ERRORS, 404, 409),
+)
+def cancel_export(
+    export_id: uuid.UUID, request: Request, principal: CurrentPrincipal, services: ServicesDep
+) -> ExportPublic:
+    """A queued export is dropped before it starts, a running one is stopped; no file is left.
+    The answer is the export, `cancelled`; 409 once it has finished."""
+    row = services.exports.cancel(principal, str(export_id))
+    return ExportPublic(**services.exports.public(row, str(request.base_url)))
+
+
 @router.get(
     "/{export_id}/download",
     summary="Download an export through a signed link (local object store)",
