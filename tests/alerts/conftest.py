@@ -124,8 +124,10 @@ def data_dsn(new_database: NewDatabase) -> str:
 
 
 @pytest.fixture
-def engine(data_dsn: str) -> sa.Engine:
-    return t.data_engine(data_dsn)
+def engine(data_dsn: str) -> Iterator[sa.Engine]:
+    engine = t.data_engine(data_dsn)
+    yield engine
+    engine.dispose()  # a test's pooled connections end with it (the server has 100 slots)
 
 
 @pytest.fixture
