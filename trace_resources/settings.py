@@ -20,6 +20,19 @@ __all__ = ["Settings", "get_settings", "QuerySettings", "get_query_settings"]
 MONAD_TESTNET_CHAIN_ID = 10143
 
 
+def byte_size(text: str) -> int:
+    """`1GB`, `512MiB`, `2.5 GB` in bytes (units of 1000 or 1024, as written)."""
+    found = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*$", text)
+    if found is None:
+        raise ValueError(f"{text!r} is not a size such as 512MB or 1GiB")
+    number, unit = found.groups()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    scale |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    if unit not in scale:
+        raise ValueError(f"{text!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB, ... TiB)")
+    return int(float(number) * scale[unit])
+
+
 class Settings(BaseSettings):
     """Trace's configuration, from `TRACE_*` environment variables."""
 
@@ -197,6 +210,24 @@ class Settings(BaseSettings):
     )
     alert_delivery_concurrency: int = Field(
         8, gt=0, description="Deliveries in flight at once per deliverer process."
+    )
+    # custom-SQL alert rules run in sandbox worker processes (trace_resources.sandbox)
+    alert_sql_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Time limit of one custom-SQL rule over one range or head segment; past "
+        "it the rule is reported failed for that range and the others go on.",
+    )
+    alert_sql_memory_limit: str = Field(
+        "512MB",
+        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        description="Memory of each custom-SQL rule sandbox (an OS address-space limit).",
+    )
+    alert_sql_sandboxes: int = Field(
+        1, gt=0, description="Custom-SQL rule sandboxes per evaluating process."
+    )
+    alert_sql_max_rows: int = Field(
+        10_000, gt=0, description="Alerts one custom-SQL rule may raise over one range."
     )
 
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
@@ -385,13 +416,8 @@ class QuerySettings(Settings):
 
     @property
     def query_memory_bytes(self) -> int:
-        """`query_memory_limit` in bytes (units of 1000 or 1024, as written)."""
-        found = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*$", self.query_memory_limit)
-        assert found is not None  # the field's pattern
-        number, unit = found.groups()
-        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-        scale |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-        return int(float(number) * scale[unit])
+        """`query_memory_limit` in bytes."""
+        return byte_size(self.query_memory_limit)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_prod(self) -> QuerySettings:

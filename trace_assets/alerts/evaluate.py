@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -53,6 +52,9 @@ from trace_resources.alert_pipeline.rules import (
     StoredRule,
     WatchedAddresses,
 )
+from trace_resources.sandbox import InlineSource, SandboxError
+from trace_resources.sandbox.shared import alert_sql_pool
+from trace_resources.settings import get_settings
 
 __all__ = [
     "Evaluation",
@@ -210,28 +212,60 @@ class _RuleFailed(Exception):
     """This rule can not be evaluated over this range (the others still are)."""
 
 
+def _sandbox_failure(exc: SandboxError, timeout_s: float, memory: str) -> str:
+    if exc.kind == "timeout":
+        return (
+            f"the SQL ran longer than its {timeout_s:g} s limit (TRACE_ALERT_SQL_TIMEOUT_S) "
+            "and was stopped"
+        )
+    if exc.kind in ("memory", "crashed"):
+        return (
+            f"the SQL needed more than the {memory} a rule may use "
+            "(TRACE_ALERT_SQL_MEMORY_LIMIT) and was stopped"
+        )
+    if exc.kind == "cpu":
+        return f"the SQL used too much CPU time and was stopped: {exc.message}"
+    return f"the SQL failed: {exc.message}"
+
+
 def _custom(rule: StoredRule, cond: CustomSql, data: RangeData) -> list[BufferMessage]:
     read = cond.tables()
     absent = sorted(set(read) & data.missing)
     if absent:
         raise _RuleFailed(f"no committed data of {', '.join(absent)} for this range")
-    # a locked sandbox: no file or network access, only the tables the statement reads
-    conn = duckdb.connect(config={"enable_external_access": False, "threads": 1})
+    # the organisation's SQL runs in a sandbox process (OS limits on memory, CPU and time, no
+    # files, no network), over only the tables the statement reads
+    sources = []
+    for dataset in read:
+        table = _table(data, dataset)
+        if table is None and dataset in ALERT_DATASETS:
+            continue  # no transfers committed for the range: as before, no table
+        if table is None:
+            raise _RuleFailed(f"dataset {dataset!r} was not loaded for this range")
+        sources.append(InlineSource(dataset, table))
+    settings = get_settings()
+    timeout_s = settings.alert_sql_timeout_s
+    max_rows = settings.alert_sql_max_rows
     try:
-        for dataset in read:
-            table = _table(data, dataset)
-            if table is None and dataset in ALERT_DATASETS:
-                continue  # no transfers committed for the range: as before, no table
-            if table is None:
-                raise _RuleFailed(f"dataset {dataset!r} was not loaded for this range")
-            conn.register(dataset, table)
-        conn.execute("SET lock_configuration = true")
-        try:
-            result = conn.sql(cond.sql).to_arrow_table()
-        except duckdb.Error as exc:
-            raise _RuleFailed(f"the SQL failed: {str(exc).strip().splitlines()[0]}") from None
-    finally:
-        conn.close()
+        with alert_sql_pool(settings).lease(wait_s=60 + timeout_s) as worker:
+            page = worker.page(
+                cond.sql,
+                sources,
+                offset=0,
+                limit=max_rows,
+                max_bytes=64 << 20,
+                timeout_s=timeout_s,
+            )
+    except SandboxError as exc:
+        raise _RuleFailed(
+            _sandbox_failure(exc, timeout_s, settings.alert_sql_memory_limit)
+        ) from None
+    if page.has_more:
+        raise _RuleFailed(
+            f"the SQL returned more than {max_rows} rows (or 64 MB) for one range "
+            "(TRACE_ALERT_SQL_MAX_ROWS): a rule should select the few rows worth an alert"
+        )
+    result = page.table
     out = []
     for row in _rows(result):
         text = (
