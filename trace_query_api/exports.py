@@ -89,7 +89,7 @@ class Exports:
             settings.query_export_workers,
             memory_bytes=settings.query_memory_bytes,
             threads=settings.query_threads,
-            cache_bytes=settings.query_sandbox_cache_bytes,
+            cache_bytes=0,  # exports scan their files; they do not repeat
             name="export-sandbox",
         )
         self.pool = ThreadPoolExecutor(

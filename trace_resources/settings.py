@@ -341,7 +341,7 @@ class QuerySettings(Settings):
     )
     query_threads: int = Field(1, gt=0, description="DuckDB threads of each sandbox.")
     query_sandbox_cache_bytes: int = Field(
-        64 * 1024**2,
+        256 * 1024**2,
         ge=0,
         description="Decoded committed files each sandbox worker keeps in memory (on top of "
         "its memory limit).",

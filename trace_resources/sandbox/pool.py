@@ -24,6 +24,7 @@ a `SandboxError` that names the limit. Workers exit when the pool closes or thei
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -226,7 +227,7 @@ class SandboxWorker:
                         "name": source.name,
                         "kind": "inline",
                         "bytes": len(body),
-                        "schema": source.table.schema.serialize().to_pybytes().hex(),
+                        "schema": _schema_hex(source.table.schema),
                     }
                 )
             else:
@@ -235,7 +236,7 @@ class SandboxWorker:
                         "name": source.name,
                         "kind": "files",
                         "files": [[fid, size] for fid, size in source.files],
-                        "schema": source.schema.serialize().to_pybytes().hex(),
+                        "schema": _schema_hex(source.schema),
                     }
                 )
         deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
@@ -527,6 +528,11 @@ class SandboxPool:
             rest = [w for w in self._workers if w.process.poll() is None]
         for worker in rest:  # leased right now: their requests fail
             worker.kill("close")
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_hex(schema: pa.Schema) -> str:
+    return schema.serialize().to_pybytes().hex()
 
 
 def _close_all(fds: list[int]) -> None:

@@ -88,6 +88,7 @@ class Worker:
         self.db = duckdb.connect(":memory:", config=duckdb_config(self.memory_limit, self.threads))
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()
         self._table_bytes = 0
+        self._schemas: dict[str, pa.Schema] = {}
         self._interrupted = False
 
     # -- start ---------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class Worker:
             received = wire.recv_fds(self.sock, len(need))
             fds = dict(zip(need, received, strict=True))
         for i, source in enumerate(sources):
-            schema = paipc.read_schema(pa.py_buffer(bytes.fromhex(source["schema"])))
+            schema = self._schema(source["schema"])
             name = source["name"]
             if source["kind"] == "inline":
                 size = int(source["bytes"])
@@ -279,8 +280,18 @@ class Worker:
             mine = {j: fd for (si, j), fd in fds.items() if si == i}
             conn.register(name, self._files(source, schema, mine, keep))
 
+    def _schema(self, text: str) -> pa.Schema:
+        schema = self._schemas.get(text)
+        if schema is None:
+            schema = paipc.read_schema(pa.py_buffer(bytes.fromhex(text)))
+            if len(self._schemas) > 256:
+                self._schemas.clear()
+            self._schemas[text] = schema
+        return schema
+
     def _is_lazy(self, source: dict[str, Any]) -> bool:
-        return sum(size for _, size in source["files"]) * 8 > self.cache_bytes
+        # decoded Arrow is a few times the compressed Parquet
+        return sum(size for _, size in source["files"]) * 4 > self.cache_bytes
 
     def _all_cached(self, source: dict[str, Any]) -> bool:
         return not self._is_lazy(source) and all(f in self._tables for f, _ in source["files"])
