@@ -76,6 +76,15 @@ class SandboxError(Exception):
         self.message = message
 
 
+class _CallerError(Exception):
+    """An error of the caller's (opening a file it hands over), carried past the socket
+    error handling."""
+
+    def __init__(self, original: Exception) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
 class SandboxBusy(SandboxError):
     def __init__(self, message: str) -> None:
         super().__init__("busy", message)
@@ -255,6 +264,8 @@ class SandboxWorker:
         try:
             self.sock.settimeout(max(0.001, deadline - time.monotonic()))
             yield
+        except _CallerError as failed:
+            raise failed.original from None  # the caller's own error (a file it could not open)
         except TimeoutError:
             self.kill("timeout")
             raise SandboxError(
@@ -284,10 +295,10 @@ class SandboxWorker:
                 if not isinstance(source, FileSource) or not 0 <= j < len(source.files):
                     raise SandboxError("crashed", "the sandbox worker asked for an unknown file")
                 fds.append(source.open(j))
-        except BaseException:
+        except Exception as exc:
             _close_all(fds)
             self.kill("aborted")  # the worker waits for descriptors it will never get
-            raise
+            raise _CallerError(exc) from exc
         try:
             wire.send_fds(self.sock, fds)
         finally:

@@ -89,6 +89,7 @@ class Worker:
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()
         self._table_bytes = 0
         self._schemas: dict[str, pa.Schema] = {}
+        self._open_fds: set[int] = set()  # received for the request running now
         self._interrupted = False
 
     # -- start ---------------------------------------------------------------------------
@@ -149,7 +150,10 @@ class Worker:
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        # descriptors: one per file of a request (an open range may have many segments)
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        files = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
         if address_space:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
             applied["address_space"] = address_space
@@ -186,13 +190,14 @@ class Worker:
         resource.setrlimit(resource.RLIMIT_CPU, (limit, resource.RLIM_INFINITY))
         conn = self.db.cursor()
         keep: list[Any] = []  # descriptors' files stay open until the query is done
+        answer: tuple[dict[str, Any], bytes]
         try:
             self._register(conn, header["sources"], payload, keep)
             with self._deadline(conn, timeout_s):
                 if header["mode"] == "page":
-                    self._page(conn, header, started)
+                    answer = self._page(conn, header, started)
                 else:
-                    self._stream(conn, header, started)
+                    answer = self._stream(conn, header, started)
         except duckdb.InterruptException:
             if self._interrupted:
                 raise _Failure(
@@ -225,6 +230,14 @@ class Worker:
                     item.close()
                 except Exception:
                     pass
+            for fd in list(self._open_fds):  # received but never used (the request failed)
+                self._open_fds.discard(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        # the answer goes out once the request's descriptors are closed
+        wire.send(self.sock, *answer)
 
     def _deadline(self, conn: duckdb.DuckDBPyConnection, timeout_s: float) -> Any:
         worker = self
@@ -256,16 +269,23 @@ class Worker:
         view = memoryview(payload)
         at = 0
         need: list[tuple[int, int]] = []
+        # the decoded tables this request uses, taken now: decoding the others may evict them
+        held: dict[tuple[int, int], pa.Table] = {}
         for i, source in enumerate(sources):
-            if source["kind"] == "files" and not self._all_cached(source):
-                lazy = self._is_lazy(source)
-                for j, (file_id, _size) in enumerate(source["files"]):
-                    if lazy or file_id not in self._tables:
-                        need.append((i, j))
+            if source["kind"] != "files":
+                continue
+            lazy = self._is_lazy(source)
+            for j, (file_id, _size) in enumerate(source["files"]):
+                table = None if lazy else self._tables.get(file_id)
+                if table is None:
+                    need.append((i, j))
+                else:
+                    held[(i, j)] = table
         fds: dict[tuple[int, int], int] = {}
         if need:
             wire.send(self.sock, {"need": [list(p) for p in need]})
             received = wire.recv_fds(self.sock, len(need))
+            self._open_fds.update(received)  # closed at the end of the request if unused
             fds = dict(zip(need, received, strict=True))
         for i, source in enumerate(sources):
             schema = self._schema(source["schema"])
@@ -278,7 +298,8 @@ class Worker:
                 conn.register(name, self._conform(table, schema))
                 continue
             mine = {j: fd for (si, j), fd in fds.items() if si == i}
-            conn.register(name, self._files(source, schema, mine, keep))
+            tables = {j: t for (si, j), t in held.items() if si == i}
+            conn.register(name, self._files(source, schema, mine, tables, keep))
 
     def _schema(self, text: str) -> pa.Schema:
         schema = self._schemas.get(text)
@@ -293,14 +314,12 @@ class Worker:
         # decoded Arrow is a few times the compressed Parquet
         return sum(size for _, size in source["files"]) * 4 > self.cache_bytes
 
-    def _all_cached(self, source: dict[str, Any]) -> bool:
-        return not self._is_lazy(source) and all(f in self._tables for f, _ in source["files"])
-
     def _files(
         self,
         source: dict[str, Any],
         schema: pa.Schema,
         fds: dict[int, int],
+        held: dict[int, pa.Table],
         keep: list[Any],
     ) -> pa.Table | pads.Dataset:
         files = source["files"]
@@ -310,23 +329,24 @@ class Worker:
             # a scan reads only the row groups and columns the query needs
             fragments = []
             for j in range(len(files)):
-                handle = pa.PythonFile(_PreadFile(fds[j]), mode="r")
-                keep.append(handle)
+                raw = _PreadFile(fds[j], self._open_fds)
+                handle = pa.PythonFile(raw, mode="r")
+                keep += [handle, raw]
                 fragments.append(_FORMAT.make_fragment(handle))
             return pads.FileSystemDataset(fragments, schema, _FORMAT)
         tables = []
         for j, (file_id, _size) in enumerate(files):
-            table = self._tables.get(file_id)
+            table = held.get(j)
             if table is None:
                 table = self._decode(fds[j])
                 self._remember(file_id, table)
-            else:
+            elif file_id in self._tables:
                 self._tables.move_to_end(file_id)
             tables.append(self._conform(table, schema))
         return pa.concat_tables(tables)
 
     def _decode(self, fd: int) -> pa.Table:
-        with _PreadFile(fd) as handle:
+        with _PreadFile(fd, self._open_fds) as handle:
             data = handle.read()
         return pq.read_table(pa.BufferReader(pa.py_buffer(data)))
 
@@ -355,7 +375,7 @@ class Worker:
 
     def _page(
         self, conn: duckdb.DuckDBPyConnection, header: dict[str, Any], started: float
-    ) -> None:
+    ) -> tuple[dict[str, Any], bytes]:
         offset, limit = int(header["offset"]), int(header["limit"])
         budget = int(header["max_bytes"])
         relation = conn.sql(header["sql"])
@@ -395,8 +415,7 @@ class Worker:
                 break
         reader.close()
         body = _ipc(kept, schema)
-        wire.send(
-            self.sock,
+        return (
             {
                 "ok": True,
                 "columns": columns,
@@ -411,7 +430,7 @@ class Worker:
 
     def _stream(
         self, conn: duckdb.DuckDBPyConnection, header: dict[str, Any], started: float
-    ) -> None:
+    ) -> tuple[dict[str, Any], bytes]:
         budget = int(header["max_bytes"])
         relation = conn.sql(header["sql"])
         columns = [[n, str(t)] for n, t in zip(relation.columns, relation.types, strict=True)]
@@ -430,8 +449,7 @@ class Worker:
                 rows += part.num_rows
                 batch = batch.slice(part.num_rows)
         reader.close()
-        wire.send(
-            self.sock,
+        return (
             {
                 "ok": True,
                 "columns": columns,
@@ -439,6 +457,7 @@ class Worker:
                 "elapsed_ms": (time.perf_counter() - started) * 1000,
                 "cpu_s": _cpu(),
             },
+            b"",
         )
 
 
@@ -446,9 +465,10 @@ class _PreadFile(io.RawIOBase):
     """A read-only file over a descriptor that reads at its own position (`pread`): the
     descriptor is a duplicate whose shared offset other readers move at any time."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, owned: set[int]) -> None:
         super().__init__()
         self.fd = fd
+        self.owned = owned
         self.size = os.fstat(fd).st_size
         self.pos = 0
 
@@ -485,6 +505,7 @@ class _PreadFile(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            self.owned.discard(self.fd)
             os.close(self.fd)
         super().close()
 
@@ -532,7 +553,8 @@ def main(argv: list[str]) -> int:
     isolation = worker.isolate(address_space)
     wire.send(sock, {"ready": True, "pid": os.getpid(), "isolation": isolation})
     worker.serve()
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # no interpreter teardown under DuckDB's and Arrow's threads
 
 
 if __name__ == "__main__":
