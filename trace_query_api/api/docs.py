@@ -17,6 +17,7 @@ _DESCRIPTIONS = {
     404: "Unknown (or not readable with this token)",
     409: "Conflict",
     410: "Pinned version garbage-collected",
+    413: "Request body larger than TRACE_QUERY_MAX_BODY_BYTES (refused before it is read)",
     422: "Request does not match the schema, or the query hit a resource limit",
     429: "Rate limit or concurrency cap; see Retry-After",
     503: "A committed file is unavailable or does not match its manifest, or the alerts "
@@ -36,4 +37,4 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-AUTH_ERRORS = (401, 422, 429)
+AUTH_ERRORS = (401, 413, 422, 429)

@@ -388,7 +388,8 @@ class SandboxPool:
             "memory_limit": f"{duck_mb}MB",
             "threads": self.threads,
             "cache_bytes": self.cache_bytes,
-            "address_space_headroom": self.memory_bytes + self.cache_bytes,
+            # + room for thread stacks and the allocators' own reservations
+            "address_space_headroom": self.memory_bytes + self.cache_bytes + (256 << 20),
         }
 
     def _spawn(self) -> SandboxWorker:

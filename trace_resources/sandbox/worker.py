@@ -95,7 +95,11 @@ class Worker:
     # -- start ---------------------------------------------------------------------------
 
     def warm(self) -> None:
-        """Run every code path once, so nothing is imported after the chroot."""
+        """Run every code path once, so nothing is imported after the chroot, and start the
+        threads a scan uses now, so their stacks are inside the size the address-space limit
+        starts from."""
+        pa.set_cpu_count(self.threads)
+        pa.set_io_thread_count(2)
         table = pa.table({"a": pa.array([1, 2], pa.int64()), "b": ["x", None]})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

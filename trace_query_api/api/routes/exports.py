@@ -89,7 +89,7 @@ def cancel_export(
                 "text/csv": {"schema": {"type": "string"}},
             }
         },
-        **errors(403, 404, 422),
+        **errors(403, 404, 413, 422),
     },
 )
 def download_export(
