@@ -9,7 +9,7 @@ shared by `/v1/query`, saved-query runs and exports:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -77,6 +77,19 @@ class PageResult:
     versions: Pins
     elapsed_ms: float
     byte_limited: bool = False
+    fingerprint: str = ""  # of the SQL, for a cursor after a shortened page
+
+    def shortened(self, rows: int) -> PageResult:
+        """The first `rows` rows of this page, the rest behind `next_cursor` (a page whose
+        encoding came out larger than the byte budget)."""
+        cursor = Cursor(self.offset + rows, self.snapshot, self.fingerprint).encode()
+        return replace(
+            self,
+            table=self.table.slice(0, rows),
+            next_cursor=cursor,
+            truncated=False,
+            byte_limited=True,
+        )
 
     def notice(self, row_cap: int) -> str | None:
         if self.byte_limited and self.next_cursor:
@@ -299,6 +312,7 @@ class Services:
             plan.resolution.versions,
             page.elapsed_ms,
             page.byte_limited,
+            sql_fingerprint(sql),
         )
 
     def _run(

@@ -18,6 +18,7 @@ from trace_query_api.encode import (
     dumps,
     json_rows,
 )
+from trace_query_api.errors import ResourceLimitError
 from trace_query_api.models import QueryRequest, QueryResultPublic
 from trace_query_api.services import PageResult, Services
 
@@ -47,8 +48,28 @@ def negotiate(request: Request) -> str:
 
 
 def render(result: PageResult, request: Request, services: Services) -> Response:
-    meta = result.meta(services.settings.query_row_cap)
+    """The page in the negotiated media type, within the response byte budget: the sandbox
+    bounds the page's Arrow bytes; text forms can be larger (hex, escapes), so a page whose
+    encoding is over the budget is shortened and the rest left to `next_cursor`."""
+    budget = services.settings.query_max_response_bytes
     media_type = negotiate(request)
+    while True:
+        response = _encode(result, media_type, services)
+        rows = result.table.num_rows
+        if len(response.body) <= budget:
+            return response
+        if rows <= 1:
+            raise ResourceLimitError(
+                f"one row of the result is larger than {budget} bytes as {media_type} "
+                "(TRACE_QUERY_MAX_RESPONSE_BYTES): select fewer or shorter columns, ask for "
+                f"{ARROW_MEDIA_TYPE}, or POST /v1/exports with the same SQL",
+                code="response_too_large",
+            )
+        result = result.shortened(max(1, rows * budget // len(response.body) * 9 // 10))
+
+
+def _encode(result: PageResult, media_type: str, services: Services) -> Response:
+    meta = result.meta(services.settings.query_row_cap)
     if media_type == ARROW_MEDIA_TYPE:
         return Response(arrow_bytes(result.table, meta), media_type=ARROW_MEDIA_TYPE)
     if media_type == CSV_MEDIA_TYPE:
