@@ -89,6 +89,8 @@ class Worker:
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()
         self._table_bytes = 0
         self._schemas: dict[str, pa.Schema] = {}
+        # whole datasets as registered last (concatenated decoded files; no copies)
+        self._wholes: dict[tuple[tuple[str, ...], pa.Schema], pa.Table] = {}
         self._open_fds: set[int] = set()  # received for the request running now
         self._interrupted = False
 
@@ -338,6 +340,12 @@ class Worker:
                 keep += [handle, raw]
                 fragments.append(_FORMAT.make_fragment(handle))
             return pads.FileSystemDataset(fragments, schema, _FORMAT)
+        ids = tuple(file_id for file_id, _size in files)
+        whole = self._wholes.get((ids, schema))
+        if whole is not None and len(held) == len(files):
+            for file_id in ids:
+                self._tables.move_to_end(file_id)
+            return whole
         tables = []
         for j, (file_id, _size) in enumerate(files):
             table = held.get(j)
@@ -347,7 +355,11 @@ class Worker:
             elif file_id in self._tables:
                 self._tables.move_to_end(file_id)
             tables.append(self._conform(table, schema))
-        return pa.concat_tables(tables)
+        whole = pa.concat_tables(tables)  # no copy: the files' own buffers
+        if len(self._wholes) >= 64:
+            self._wholes.pop(next(iter(self._wholes)))
+        self._wholes[(ids, schema)] = whole
+        return whole
 
     def _decode(self, fd: int) -> pa.Table:
         with _PreadFile(fd, self._open_fds) as handle:
@@ -363,6 +375,7 @@ class Worker:
         while self._table_bytes > self.cache_bytes and self._tables:
             _, evicted = self._tables.popitem(last=False)
             self._table_bytes -= evicted.get_total_buffer_size()
+            self._wholes.clear()  # they hold the evicted table's buffers
 
     @staticmethod
     def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
