@@ -35,6 +35,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
@@ -116,6 +117,7 @@ class Worker:
                 1024
             )
             for batch in reader:
+                _cost(batch)
                 _ipc([batch], batch.schema)
         finally:
             conn.close()
@@ -228,6 +230,8 @@ class Worker:
                 raise _Failure("memory", message) from None
             raise _Failure("invalid_sql", message) from None
         except (pa.ArrowInvalid, OSError) as exc:
+            if "Out of Memory" in str(exc):  # DuckDB's limit, met while it fills Arrow batches
+                raise _Failure("memory", _first_line(exc)) from None
             raise _Failure("read_failed", f"reading the data failed: {exc}") from None
         finally:
             conn.close()
@@ -418,7 +422,7 @@ class Worker:
             if fitted.num_rows:
                 kept.append(fitted)
                 rows += fitted.num_rows
-                used += fitted.nbytes
+                used += _cost(fitted)
             if fitted.num_rows < take.num_rows:
                 if rows == 0:
                     raise _Failure(
@@ -528,15 +532,51 @@ class _PreadFile(io.RawIOBase):
 
 
 def _fit(batch: pa.RecordBatch, budget: int) -> pa.RecordBatch:
-    """The longest head of `batch` whose bytes fit in `budget`."""
-    if batch.nbytes <= budget:
+    """The longest head of `batch` whose cost (`_cost`) fits in `budget`."""
+    if _cost(batch) <= budget:
         return batch
     n = batch.num_rows
     while n > 0:
-        n = min(n - 1, max(0, int(n * budget / max(batch.slice(0, n).nbytes, 1))))
-        if batch.slice(0, n).nbytes <= budget:
+        n = min(n - 1, max(0, int(n * budget / max(_cost(batch.slice(0, n)), 1))))
+        if _cost(batch.slice(0, n)) <= budget:
             return batch.slice(0, n)
     return batch.slice(0, 0)
+
+
+# characters JSON escapes (\u0001, \", \\), CSV doubles (") or JSON spells as \uXXXX (non-ASCII)
+_ESCAPED = r'[\x00-\x1f"\\]|[^\x00-\x7f]'
+
+
+def _cost(batch: pa.RecordBatch) -> int:
+    """The bytes of a batch as the service renders it, within a factor of about 2: Arrow bytes
+    alone undercount JSON and CSV without bound (a list of a million NULLs has no Arrow buffer
+    at all, booleans are bits, struct keys repeat in every value, escapes grow 6x)."""
+    return sum(_array_cost(column) for column in batch.columns)
+
+
+def _array_cost(array: pa.Array) -> int:
+    type_ = array.type
+    cost = 8 * len(array)  # every value: a separator, null, a number, brackets
+    if pa.types.is_dictionary(type_):
+        return cost + _array_cost(array.dictionary_decode())
+    if pa.types.is_struct(type_):
+        cost += len(array) * sum(len(f.name.encode()) + 4 for f in type_)
+        return cost + sum(_array_cost(child) for child in array.flatten())
+    if pa.types.is_map(type_):  # the same layout as a list of [key, value] pairs
+        pairs = pa.list_(pa.struct([type_.key_field, type_.item_field]))
+        return cost + _array_cost(array.view(pairs))
+    if (
+        pa.types.is_list(type_)
+        or pa.types.is_large_list(type_)
+        or pa.types.is_fixed_size_list(type_)
+    ):
+        return cost + _array_cost(array.flatten())
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        escaped = pc.sum(pc.count_substring_regex(array, _ESCAPED)).as_py() or 0
+        return cost + array.nbytes + 5 * escaped
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
+        return cost + 2 * array.nbytes  # hex
+    return cost + array.nbytes
 
 
 def _ipc(batches: list[pa.RecordBatch], schema: pa.Schema) -> bytes:
