@@ -654,7 +654,7 @@ def test_a_running_worker_is_locked_in(
             assert int(limits["Max address space"]) < size + 1024**3, (size, limits)
             assert limits["Max file size"] == "0", limits
             assert limits["Max core file size"] == "0", limits
-            assert int(limits["Max open files"]) <= 256, limits
+            assert int(limits["Max open files"]) <= 16384, limits
             assert "NoNewPrivs:\t1" in status
         # a worker that served a request keeps the CPU-time limit of its last one
         cpu = [limits_of(pid)["Max cpu time"] for pid in pids]

@@ -321,6 +321,10 @@ class SandboxWorker:
                 pass
         if header.get("ok") is False:
             kind = str(header.get("kind", "internal"))
+            if kind in ("memory", "internal"):
+                # after a failed allocation (or an engine error) the process may keep address
+                # space or state it should not: replace it rather than serve the next request
+                self.kill(kind)
             raise SandboxError(kind, str(header.get("message", ""))[:2000])
         return header, payload
 
@@ -410,11 +414,16 @@ class SandboxPool:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # a pipe, not a file: the worker may write no file (RLIMIT_FSIZE 0)
+                stderr=subprocess.PIPE,
                 start_new_session=True,
             )
         finally:
             child.close()
         worker = SandboxWorker(process, parent)
+        threading.Thread(
+            target=_log_stderr, args=(process, self.name), name=f"{self.name}-stderr", daemon=True
+        ).start()
         try:
             parent.settimeout(_READY_TIMEOUT_S)
             hello, _ = wire.recv(parent, max_header=_HEADER_CAP, max_payload=0)
@@ -540,6 +549,16 @@ class SandboxPool:
             rest = [w for w in self._workers if w.process.poll() is None]
         for worker in rest:  # leased right now: their requests fail
             worker.kill("close")
+
+
+def _log_stderr(process: subprocess.Popen[bytes], name: str) -> None:
+    """What a worker writes to stderr (a crash's last words), in the service's log."""
+    assert process.stderr is not None
+    with process.stderr:
+        for line in process.stderr:
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                log.warning("%s worker %s: %s", name, process.pid, text[:1000])
 
 
 @functools.lru_cache(maxsize=1024)
