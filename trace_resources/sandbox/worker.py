@@ -359,7 +359,7 @@ class Worker:
             elif file_id in self._tables:
                 self._tables.move_to_end(file_id)
             tables.append(self._conform(table, schema))
-        whole = pa.concat_tables(tables)  # no copy: the files' own buffers
+        whole = pa.concat_tables(tables)
         if len(self._wholes) >= 64:
             self._wholes.pop(next(iter(self._wholes)))
         self._wholes[(ids, schema)] = whole
