@@ -207,3 +207,39 @@ def test_a_worker_is_locked_in(pool: SandboxPool) -> None:
     with pytest.raises(SandboxError) as raised:
         page(pool, "SELECT * FROM read_text('/etc/passwd')", [])
     assert raised.value.kind == "not_allowed"
+
+
+def test_a_long_statement_yields_the_cpu_and_gets_it_back(pool: SandboxPool) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("not root: the service can not give a worker its priority back")
+
+    def nices(pid: int) -> set[int]:
+        out = set()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out.add(int(stat.rsplit(")", 1)[1].split()[16]))
+        return out
+
+    seen: dict[str, set[int]] = {}
+    with pool.lease(10) as worker:
+
+        def watch() -> None:
+            time.sleep(0.1)
+            seen["early"] = nices(worker.pid)
+            time.sleep(0.6)
+            seen["late"] = nices(worker.pid)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with pytest.raises(SandboxError):
+            worker.page(
+                "SELECT count(*) FROM range(100000000000) t(i) WHERE i % 7 = 3",
+                [],
+                offset=0,
+                limit=1,
+                max_bytes=1 << 20,
+                timeout_s=1.5,
+            )
+        watcher.join()
+        assert seen == {"early": {0}, "late": {19}}
+        assert nices(worker.pid) == {0}  # the next request runs at normal priority

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 _HEADER_CAP = 1 << 20
 _READY_TIMEOUT_S = 60.0
 _KILL_GRACE_S = 1.0
+_LONG_S = 0.25  # a statement running longer yields the CPU to short ones
 
 
 class SandboxError(Exception):
@@ -129,6 +130,8 @@ class SandboxWorker:
     dead: bool = False
     cpu_budget_s: float = 0.0
     in_request: bool = False
+    _yield_timer: threading.Timer | None = None
+    _lowered: bool = False
     _kill_reason: str | None = None
     _pending: dict[str, Any] | None = None
 
@@ -250,6 +253,7 @@ class SandboxWorker:
                 )
         deadline = time.monotonic() + timeout_s + _KILL_GRACE_S
         self.in_request = True
+        self._yield_later()
         with self._talking(deadline, timeout_s):
             request = {**header, "cpu_s": self._cpu_budget(timeout_s), "sources": specs}
             wire.send(self.sock, request, b"".join(inline))
@@ -314,6 +318,7 @@ class SandboxWorker:
             payload = wire.recv_exact(self.sock, length) if length else bytearray()
         if header.get("ok") is not None:
             self.in_request = False  # the last message of the request
+            self._restore_priority()
         if "cpu_s" in header:
             try:
                 self.cpu_s = float(header["cpu_s"])
@@ -349,6 +354,49 @@ class SandboxWorker:
                 "the query's sandbox died, most likely at its memory limit, and was replaced",
             )
         raise SandboxError("crashed", f"the query's sandbox died (exit {code}) and was replaced")
+
+    # -- long statements yield the CPU to short ones ---------------------------------------
+
+    def _yield_later(self) -> None:
+        """A statement still running after `_LONG_S` gets the lowest CPU priority (nice 19),
+        so that one organisation's long statements do not slow everyone's short ones; the
+        worker gets its priority back after the answer. Root only: an unprivileged service
+        could not raise it again."""
+        if os.geteuid() != 0:
+            return
+        self._cancel_yield()
+        timer = threading.Timer(_LONG_S, self._lower_priority)
+        timer.daemon = True
+        self._yield_timer = timer
+        timer.start()
+
+    def _lower_priority(self) -> None:
+        if self.in_request and not self.dead:
+            self._lowered = True
+            self._nice(19)
+
+    def _cancel_yield(self) -> None:
+        timer, self._yield_timer = self._yield_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _restore_priority(self) -> None:
+        self._cancel_yield()
+        if self._lowered:
+            self._lowered = False
+            self._nice(0)
+
+    def _nice(self, value: int) -> None:
+        """Every thread of the worker (Linux keeps a nice value per thread)."""
+        try:
+            threads = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return
+        for tid in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+            except OSError:
+                pass
 
     def _cpu_budget(self, timeout_s: float) -> float:
         threads = max(1, int(self.isolation.get("threads", 1)))
