@@ -20,6 +20,9 @@ __all__ = ["Settings", "get_settings", "QuerySettings", "get_query_settings"]
 MONAD_TESTNET_CHAIN_ID = 10143
 
 
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$"
+
+
 def byte_size(text: str) -> int:
     """`1GB`, `512MiB`, `2.5 GB` in bytes (units of 1000 or 1024, as written)."""
     found = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*$", text)
@@ -220,7 +223,7 @@ class Settings(BaseSettings):
     )
     alert_sql_memory_limit: str = Field(
         "512MB",
-        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        pattern=SIZE_PATTERN,
         description="Memory of each custom-SQL rule sandbox (an OS address-space limit).",
     )
     alert_sql_sandboxes: int = Field(
@@ -334,7 +337,7 @@ class QuerySettings(Settings):
     )
     query_memory_limit: str = Field(
         "1GB",
-        pattern=r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
+        pattern=SIZE_PATTERN,
         description="Memory of each sandbox worker process (one query at a time each), e.g. "
         "`1GB`: an OS address-space limit above the worker's size at start; DuckDB's own "
         "memory_limit is 3/4 of it.",
