@@ -27,6 +27,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -149,16 +150,22 @@ class Exports:
             if not store.start_export(self.engine, export_id):
                 return  # cancelled while queued
             timeout_s = self.settings.query_export_timeout_s
-            sources = [
-                FileSource(
-                    name,
-                    resolution.schemas[name],
-                    [(f.sha256 or f.key, f.size) for f in resolution.files[name]],
-                    lambda j, files=resolution.files[name]: self.files.handle(files[j]),  # type: ignore[misc]
-                )
-                for name in sorted(plan.parsed.datasets)
-            ]
+            handles: list[int] = []
+            sources = []
             try:
+                for name in sorted(plan.parsed.datasets):
+                    mine: list[int] = []
+                    for entry in resolution.files[name]:
+                        mine.append(self.files.handle(entry))
+                        handles.append(mine[-1])
+                    sources.append(
+                        FileSource(
+                            name,
+                            resolution.schemas[name],
+                            [(f.sha256 or f.key, f.size) for f in resolution.files[name]],
+                            lambda j, mine=mine: os.dup(mine[j]),  # type: ignore[misc]
+                        )
+                    )
                 with self.sandbox.lease(wait_s=timeout_s) as worker:
                     self._track(export_id, worker)
                     try:
@@ -176,6 +183,9 @@ class Exports:
                             self._running.pop(export_id, None)
             except SandboxError as exc:
                 raise api_error(exc, timeout_s) from None
+            finally:
+                for fd in handles:
+                    os.close(fd)
         except Exception as exc:  # the job must end in a state the client can read
             self._remove_partial(key)
             if export_id in self._cancelled:
@@ -276,10 +286,10 @@ class Exports:
         """Stop the job's query now, if it runs in this process (the job then fails or is
         recorded cancelled; a job running in another process delivers nothing once cancelled).
         """
-        with self._lock:
+        with self._lock:  # the job leaves `_running` under this lock before its lease ends
             worker = self._running.get(export_id)
-        if worker is not None:
-            worker.kill("cancelled")  # the pool replaces the worker
+            if worker is not None:
+                worker.kill("cancelled")  # the pool replaces the worker
 
     def shutdown(self) -> None:
         """Stop: running jobs are interrupted and queued ones dropped, all marked failed."""

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import resource
 import threading
 import uuid
 from collections import OrderedDict
@@ -55,7 +56,9 @@ class FileCache:
         self.store = store
         self.local = isinstance(store.fs, pafs.LocalFileSystem)
         self.memory_bytes = memory_bytes
-        self.max_handles = max_handles
+        # descriptors kept: a quarter of what the process may open, at most `max_handles`
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.max_handles = max(16, min(max_handles, soft // 4))
         self._handles: OrderedDict[str, int] = OrderedDict()
         self._handle_bytes: dict[str, int] = {}
         self._memfd_bytes = 0
@@ -67,6 +70,11 @@ class FileCache:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
 
     # -- what the sandbox gets: open descriptors -------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether files are held as in-memory copies (S3 without a disk cache)."""
+        return not self.local and self.disk_dir is None
 
     def held(self, files: Sequence[FileEntry]) -> bool:
         """Whether this process holds an open descriptor of every file already.
@@ -99,13 +107,16 @@ class FileCache:
         with self._lock:
             if cache_key in self._handles:
                 os.close(fd)
-                fd = self._handles[cache_key]
-            else:
-                self._handles[cache_key] = fd
-                self._handle_bytes[cache_key] = size
-                self._memfd_bytes += size
-                self._evict_handles()
-            return os.dup(fd)
+                return os.dup(self._handles[cache_key])
+            if size > self.memory_bytes:  # alone over the budget: not kept
+                return fd
+            # duplicate before evicting: the eviction may close older descriptors
+            out = os.dup(fd)
+            self._handles[cache_key] = fd
+            self._handle_bytes[cache_key] = size
+            self._memfd_bytes += size
+            self._evict_handles()
+            return out
 
     def _open(self, entry: FileEntry) -> tuple[int, int]:
         """(descriptor, bytes it holds in memory) of one file."""

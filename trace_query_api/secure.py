@@ -35,6 +35,7 @@ def refuse_insecure_settings(settings: QuerySettings) -> None:
         for name, secret in (
             ("TRACE_QUERY_TOKEN_KEYS", settings.query_token_keys),
             ("TRACE_QUERY_URL_SIGNING_KEY", settings.query_url_signing_key),
+            ("TRACE_SECRETS_KEYS", settings.secrets_keys),
         )
         if PLACEHOLDER_MARK in secret.get_secret_value()
     ]
@@ -44,7 +45,8 @@ def refuse_insecure_settings(settings: QuerySettings) -> None:
     hold = "holds" if len(placeholders) == 1 else "hold"
     fix = (
         f"set {named} to real secrets (e.g. from `python -c 'import secrets; "
-        "print(secrets.token_urlsafe(48))'`; TRACE_QUERY_TOKEN_KEYS as `k1:HS256:<secret>`)"
+        "print(secrets.token_urlsafe(48))'`; TRACE_QUERY_TOKEN_KEYS as `k1:HS256:<secret>`, "
+        "TRACE_SECRETS_KEYS as `k1:<base64 of 32 random bytes>`)"
     )
     if not settings.query_dev_mode:
         raise InsecureSettingsError(

@@ -9,6 +9,8 @@ shared by `/v1/query`, saved-query runs and exports:
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,6 +26,7 @@ from trace_query_api.errors import (
     ApiError,
     BadPaginationError,
     BadRequestError,
+    ResourceLimitError,
     RowCapExceededError,
 )
 from trace_query_api.exports import Exports
@@ -45,6 +48,28 @@ from trace_resources.storage.version_store import VersionStore
 from trace_resources.tokens import Keyring, Principal
 
 __all__ = ["Services", "Plan", "PageResult", "bucket"]
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+def _raise_open_files_limit() -> None:
+    """Committed files are held open (and handed to the sandboxes): take every descriptor the
+    system allows this process, not the shell's default soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
 
 
 def bucket(settings: QuerySettings, name: str) -> ObjectStore:
@@ -130,6 +155,7 @@ class Services:
             settings.query_rate_user_per_s,
             settings.query_rate_user_burst,
         )
+        _raise_open_files_limit()
         self.engine = engine_for(settings.state_dsn)
         self.versions = VersionStore(self.engine)
         self.datasets = bucket(settings, settings.bucket_datasets)
@@ -227,26 +253,43 @@ class Services:
             self.versions.pins.unpin(plan.reader_id)
             plan.pinned = False
 
-    def sources(self, plan: Plan, ttl_s: float) -> list[FileSource]:
-        """The files of every dataset the query reads, for the sandbox. Files this process
-        holds open already need no pin (an open file stays readable whatever GC does); the
-        others are pinned, then opened and held, for the rest of the request."""
+    def sources(self, plan: Plan, ttl_s: float) -> tuple[list[FileSource], list[int]]:
+        """The files of every dataset the query reads, for the sandbox, and the descriptors
+        taken for them now (the caller closes them when the request ends): an open file stays
+        readable whatever GC does, so files this process holds open already need no pin; the
+        others are pinned first."""
         out: list[FileSource] = []
-        for name in sorted(plan.parsed.datasets):
-            files = plan.resolution.files[name]
-            if not self.files.held(files):
-                self.pin(plan, name, ttl_s)
+        handles: list[int] = []
+        try:
+            for name in sorted(plan.parsed.datasets):
                 files = plan.resolution.files[name]
-                self.files.hold(files)
-            out.append(
-                FileSource(
-                    name,
-                    plan.resolution.schemas[name],
-                    [(f.sha256 or f.key, f.size) for f in files],
-                    lambda j, files=files: self.files.handle(files[j]),  # type: ignore[misc]
+                size = sum(f.size for f in files)
+                if self.files.in_memory and size > self.settings.query_cache_memory_bytes:
+                    raise ResourceLimitError(
+                        f"{name} is {size} bytes of files for this query, more than this "
+                        "service holds in memory (TRACE_QUERY_CACHE_MEMORY_BYTES; it has no "
+                        "disk cache): narrow the query to fewer partitions or export it",
+                        code="memory_limit",
+                    )
+                if not self.files.held(files):
+                    self.pin(plan, name, ttl_s)
+                    files = plan.resolution.files[name]
+                mine = []
+                for entry in files:
+                    mine.append(self.files.handle(entry))
+                    handles.append(mine[-1])
+                out.append(
+                    FileSource(
+                        name,
+                        plan.resolution.schemas[name],
+                        [(f.sha256 or f.key, f.size) for f in files],
+                        lambda j, mine=mine: os.dup(mine[j]),  # type: ignore[misc]
+                    )
                 )
-            )
-        return out
+        except BaseException:
+            close_all(handles)
+            raise
+        return out, handles
 
     def run_page(
         self,
@@ -284,13 +327,17 @@ class Services:
                     "POST /v1/exports with the same SQL writes the whole result to a file"
                 )
             plan = self.plan(principal, sql, pin=pin, snapshot=snapshot, cursor=decoded)
-            try:
-                sources = self.sources(plan, ttl_s=s.query_timeout_s + 60)
-                snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
-                size = min(page_size, s.query_row_cap - start)
-                page = self._run(principal, sql, sources, start, size)
-            finally:
-                self.unpin(plan)
+            # the organisation's share first: nothing is opened for a request that waits
+            with self.fairshare.acquire(principal.org, s.query_queue_timeout_s):
+                handles: list[int] = []
+                try:
+                    sources, handles = self.sources(plan, ttl_s=s.query_timeout_s + 60)
+                    snapshot_id = self.catalog.record_snapshot(principal, plan.resolution)
+                    size = min(page_size, s.query_row_cap - start)
+                    page = self._run(sql, sources, start, size)
+                finally:
+                    close_all(handles)
+                    self.unpin(plan)
         except ApiError as exc:
             self.metrics.queries.labels(exc.code).inc()
             raise
@@ -315,15 +362,10 @@ class Services:
             sql_fingerprint(sql),
         )
 
-    def _run(
-        self, principal: Principal, sql: str, sources: list[FileSource], offset: int, limit: int
-    ) -> SandboxPage:
+    def _run(self, sql: str, sources: list[FileSource], offset: int, limit: int) -> SandboxPage:
         s = self.settings
         try:
-            with (
-                self.fairshare.acquire(principal.org, s.query_queue_timeout_s),
-                self.sandbox.lease(s.query_queue_timeout_s) as worker,
-            ):
+            with self.sandbox.lease(s.query_queue_timeout_s) as worker:
                 self.metrics.sandboxes_busy.inc()
                 try:
                     return worker.page(

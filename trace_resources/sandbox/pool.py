@@ -132,6 +132,7 @@ class SandboxWorker:
     in_request: bool = False
     _yield_timer: threading.Timer | None = None
     _lowered: bool = False
+    _priority_lock: threading.Lock = field(default_factory=threading.Lock)
     _kill_reason: str | None = None
     _pending: dict[str, Any] | None = None
 
@@ -165,7 +166,11 @@ class SandboxWorker:
             timeout_s,
         )
         header, payload = self._answer(deadline, max_bytes * 2 + (1 << 20), timeout_s)
-        table = _read_ipc(payload)
+        try:
+            table = _read_ipc(payload, 4 * max_bytes + (1 << 20))
+        except SandboxError:
+            self.kill("too_large")
+            raise
         return SandboxPage(
             table,
             [(str(n), str(t)) for n, t in header["columns"]],
@@ -201,7 +206,12 @@ class SandboxWorker:
             header, payload = self._answer(deadline, max_batch_bytes * 2 + (1 << 20), timeout_s)
             if "batch" not in header:
                 break
-            for batch in _read_ipc(payload).to_batches():
+            try:
+                decoded = _read_ipc(payload, 4 * max_batch_bytes + (1 << 20))
+            except SandboxError:
+                self.kill("too_large")
+                raise
+            for batch in decoded.to_batches():
                 sent = True
                 yield batch
         if not sent:
@@ -212,7 +222,7 @@ class SandboxWorker:
         self._kill_reason = self._kill_reason or reason
         self.dead = True
         try:
-            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.send_signal(signal.SIGKILL)  # a no-op once reaped: never a reused pid
         except ProcessLookupError:
             pass
 
@@ -317,7 +327,8 @@ class SandboxWorker:
             length = wire.payload_size(header, max_payload)
             payload = wire.recv_exact(self.sock, length) if length else bytearray()
         if header.get("ok") is not None:
-            self.in_request = False  # the last message of the request
+            with self._priority_lock:
+                self.in_request = False  # the last message of the request
             self._restore_priority()
         if "cpu_s" in header:
             try:
@@ -371,9 +382,10 @@ class SandboxWorker:
         timer.start()
 
     def _lower_priority(self) -> None:
-        if self.in_request and not self.dead:
-            self._lowered = True
-            self._nice(19)
+        with self._priority_lock:
+            if self.in_request and not self.dead:
+                self._lowered = True
+                self._nice(19)
 
     def _cancel_yield(self) -> None:
         timer, self._yield_timer = self._yield_timer, None
@@ -382,9 +394,10 @@ class SandboxWorker:
 
     def _restore_priority(self) -> None:
         self._cancel_yield()
-        if self._lowered:
-            self._lowered = False
-            self._nice(0)
+        with self._priority_lock:
+            if self._lowered:
+                self._lowered = False
+                self._nice(0)
 
     def _nice(self, value: int) -> None:
         """Every thread of the worker (Linux keeps a nice value per thread)."""
@@ -466,6 +479,9 @@ class SandboxPool:
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         worker = SandboxWorker(process, parent)
@@ -483,10 +499,20 @@ class SandboxPool:
         worker.isolation = {**dict(hello.get("isolation") or {}), "threads": self.threads}
         if not self.isolation:
             self.isolation = worker.isolation
-            if not worker.isolation.get("chroot"):
+            missing = [
+                what
+                for what, ok in (
+                    ("a network namespace", worker.isolation.get("network_namespace")),
+                    ("chroot", worker.isolation.get("chroot")),
+                    ("the user nobody", worker.isolation.get("user") == "nobody"),
+                )
+                if not ok
+            ]
+            if missing:
                 log.warning(
-                    "sandbox workers run without chroot and user switch (the service is not "
-                    "root): %s",
+                    "sandbox workers run without %s (the service is not root, or lacks "
+                    "CAP_SYS_ADMIN for namespaces): %s",
+                    ", ".join(missing),
                     worker.isolation,
                 )
         return worker
@@ -511,7 +537,7 @@ class SandboxPool:
                     self._stop(worker)
                     return
                 self._workers.add(worker)
-            self._idle.put(worker)
+                self._idle.put(worker)  # under the lock: `close` sees it on the queue
 
         threading.Thread(target=start, name=f"{self.name}-spawn", daemon=True).start()
 
@@ -586,7 +612,8 @@ class SandboxPool:
         return False
 
     def close(self) -> None:
-        self._closed = True
+        with self._lock:
+            self._closed = True
         while True:
             try:
                 worker = self._idle.get_nowait()
@@ -603,7 +630,7 @@ def _log_stderr(process: subprocess.Popen[bytes], name: str) -> None:
     """What a worker writes to stderr (a crash's last words), in the service's log."""
     assert process.stderr is not None
     with process.stderr:
-        for line in process.stderr:
+        while line := process.stderr.readline(4096):
             text = line.decode(errors="replace").rstrip()
             if text:
                 log.warning("%s worker %s: %s", name, process.pid, text[:1000])
@@ -630,9 +657,18 @@ def _ipc_table(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _read_ipc(payload: bytearray) -> pa.Table:
+def _read_ipc(payload: bytearray, cap: int) -> pa.Table:
+    """The Arrow IPC stream a worker sent, refused past `cap` decoded bytes (a worker sends
+    uncompressed data within its byte budget; anything else is not the worker's code)."""
+    batches = []
+    size = 0
     try:
         with paipc.open_stream(pa.py_buffer(payload)) as reader:
-            return reader.read_all()
+            for batch in reader:
+                size += batch.get_total_buffer_size()
+                if size > cap:
+                    raise SandboxError("too_large", "the sandbox's answer is over its byte budget")
+                batches.append(batch)
+            return pa.Table.from_batches(batches, schema=reader.schema)
     except pa.ArrowInvalid as exc:
         raise SandboxError("crashed", f"the sandbox sent a broken result: {exc}") from None

@@ -66,8 +66,8 @@ def recv_header(sock: socket.socket, *, max_header: int = 1 << 20) -> dict[str, 
         raise WireError(f"a header of {size} bytes is over the {max_header}-byte cap")
     try:
         header = json.loads(recv_exact(sock, size))
-    except ValueError as exc:
-        raise WireError(f"a header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"a header is not JSON: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise WireError("a header is not a JSON object")
     return header

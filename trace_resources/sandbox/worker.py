@@ -230,6 +230,10 @@ class Worker:
                 raise _Failure("memory", message) from None
             raise _Failure("invalid_sql", message) from None
         except (pa.ArrowInvalid, OSError) as exc:
+            if self._interrupted:  # DuckDB's interrupt, met while it fills Arrow batches
+                raise _Failure(
+                    "timeout", f"the query ran longer than its {timeout_s:g} s limit"
+                ) from None
             if "Out of Memory" in str(exc):  # DuckDB's limit, met while it fills Arrow batches
                 raise _Failure("memory", _first_line(exc)) from None
             raise _Failure("read_failed", f"reading the data failed: {exc}") from None
