@@ -91,16 +91,18 @@ def test_a_hostile_rule_fails_alone_and_the_others_still_alert(name: str) -> Non
     assert set(evaluation.errors) == {hostile.key}, evaluation.errors
     assert evaluation.skipped == {("acme", "hostile")}
     error = evaluation.errors[hostile.key]
+    # memory bombs are stopped by the memory limit, or, on a slow machine, by the time limit
+    # first: either way by a limit the message names
+    memory_or_time = ("TRACE_ALERT_SQL_MEMORY_LIMIT", "TRACE_ALERT_SQL_TIMEOUT_S")
     expected = {
-        "spins forever": "TRACE_ALERT_SQL_TIMEOUT_S",
-        "cross join of ranges": "TRACE_ALERT_SQL_TIMEOUT_S",
-        "list bomb": "TRACE_ALERT_SQL_MEMORY_LIMIT",
-        "string bomb": "TRACE_ALERT_SQL_MEMORY_LIMIT",
-        "doubling strings": "TRACE_ALERT_SQL_MEMORY_LIMIT",
-        "floods alerts": "TRACE_ALERT_SQL_MAX_ROWS",
-        "reads the engine's settings": "",
+        "spins forever": ("TRACE_ALERT_SQL_TIMEOUT_S",),
+        "cross join of ranges": ("TRACE_ALERT_SQL_TIMEOUT_S",),
+        "list bomb": memory_or_time,
+        "string bomb": memory_or_time,
+        "doubling strings": memory_or_time,
+        "floods alerts": ("TRACE_ALERT_SQL_MAX_ROWS",),
     }[name]
-    assert expected in error, error
+    assert any(limit in error for limit in expected), error
     # the other organisation's rule was evaluated in the same pass
     assert sorted(m.payload["row"]["alert_key"] for m in evaluation.messages) == [100, 101, 102]
     # stopped at the limit, not whenever the statement would have ended
