@@ -36,6 +36,8 @@ __all__ = [
     "schema_check_result",
     "raw_rule_evaluation",
     "raw_rule_outcomes",
+    "raw_check_specs",
+    "raw_check_results",
     "rule_results",
 ]
 
@@ -198,42 +200,43 @@ def rule_results(
     ]
 
 
-def _build_raw_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
-    specs = [
+def raw_check_specs(decl: DatasetDeclaration) -> list[dg.AssetCheckSpec]:
+    """The checks of a raw dataset: its declared rules and the schema check. They run in the
+    raw datasets' own step, after the commit (`raw_check_results`)."""
+    return [
         dg.AssetCheckSpec(rule.name, asset=decl.name, blocking=rule.blocking)
         for rule in decl.quality
     ] + [dg.AssetCheckSpec(SCHEMA_CHECK, asset=decl.name)]
 
-    @dg.multi_asset_check(specs=specs, name=f"{decl.name}_quality", can_subset=True)
-    def _checks(
-        context: dg.AssetCheckExecutionContext,
-        state: StateStoreResource,
-        objects: ObjectStoreResource,
-    ) -> Iterator[dg.AssetCheckResult]:
-        selected = {key.name for key in context.selected_asset_check_keys}
-        reader = state.reader(objects)
-        outcomes, versions = raw_rule_evaluation(decl, reader, run_partition_keys(context))
-        # kept with the versions: derived datasets refuse to read a version whose blocking
-        # rule failed, in any later run too (`DatasetReader.read(refuse_failed_checks=True)`)
-        state.versions().quality.record(
-            rule_results(decl, outcomes, versions), run_id=context.run.run_id
-        )
-        evaluated = {o.rule for o in outcomes}
-        for result in check_results(decl.name, outcomes):
-            if result.check_name in selected:
-                yield result
-        for rule in decl.quality:  # nothing committed in the run's ranges: nothing to fail
-            if rule.name in selected and rule.name not in evaluated:
-                yield dg.AssetCheckResult(
-                    asset_key=decl.name,
-                    check_name=rule.name,
-                    passed=True,
-                    description="no committed rows to check",
-                )
-        if SCHEMA_CHECK in selected:
-            yield schema_check_result(decl, state.versions().read)
 
-    return _checks
+def raw_check_results(
+    decl: DatasetDeclaration,
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    selected: set[str],
+    keys: list[str] | None,
+    run_id: str,
+) -> Iterator[dg.AssetCheckResult]:
+    """The selected checks of a raw dataset over its committed ranges `keys` (None: all)."""
+    reader = state.reader(objects)
+    outcomes, versions = raw_rule_evaluation(decl, reader, keys)
+    # kept with the versions: derived datasets refuse to read a version whose blocking
+    # rule failed, in any later run too (`DatasetReader.read(refuse_failed_checks=True)`)
+    state.versions().quality.record(rule_results(decl, outcomes, versions), run_id=run_id)
+    evaluated = {o.rule for o in outcomes}
+    for result in check_results(decl.name, outcomes):
+        if result.check_name in selected:
+            yield result
+    for rule in decl.quality:  # nothing committed in the run's ranges: nothing to fail
+        if rule.name in selected and rule.name not in evaluated:
+            yield dg.AssetCheckResult(
+                asset_key=decl.name,
+                check_name=rule.name,
+                passed=True,
+                description="no committed rows to check",
+            )
+    if SCHEMA_CHECK in selected:
+        yield schema_check_result(decl, state.versions().read)
 
 
 def _build_schema_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
@@ -249,7 +252,7 @@ def _build_schema_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
     return _check
 
 
+# raw datasets' checks are part of their asset (trace_assets/raw/chain.py): evaluated in its step
 DATASET_CHECKS: list[dg.AssetChecksDefinition] = [
-    _build_raw_check(d) if d.kind == "raw" else _build_schema_check(d)
-    for d in declarations().values()
+    _build_schema_check(d) for d in declarations().values() if d.kind != "raw"
 ]

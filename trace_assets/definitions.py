@@ -103,6 +103,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),
         ],
         resources=build_resources(settings),
+        # every step of a run in the run's own process: no interpreter started per step (a
+        # fresh one costs seconds, more than a raw range's checks take); a run's steps run
+        # one after the other, which is what a range's datasets and their checks need anyway
+        executor=dg.in_process_executor,
     )
 
 

@@ -2,25 +2,39 @@
 
 The three are extracted together because they are verified together: a range commits only
 when every block is present, each block's transactions match its transaction count and its
-logs match its logs bloom. Each range is committed as its own version of each dataset.
+logs match its logs bloom. Each range is committed as its own version of each dataset, the
+three in one transaction, as soon as it is verified: a run over many ranges keeps the ranges
+it committed if a later one fails, and a retry resumes from the first uncommitted range.
+
+Their quality rules and schema checks are evaluated in the same step, after the commits, over
+the committed data (no process or step of their own).
 """
 
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 
+from trace_assets.checks import raw_check_results, raw_check_specs
 from trace_assets.head.agreement import HeadAgreement, compare_with_head
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
+from trace_resources.registry import declarations
 from trace_resources.resources import ChainResource
 from trace_resources.storage.commit import DatasetReader, PartitionData, StagedPartition
-from trace_resources.storage.io_manager import COMMIT_MODE_METADATA, DatasetIOManager, Staging
+from trace_resources.storage.io_manager import (
+    COMMIT_MODE_METADATA,
+    DatasetIOManager,
+    Staging,
+    commit_metadata,
+)
+from trace_resources.storage.records import CommitResult
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS"]
 
@@ -46,8 +60,9 @@ def _stage_range(
     data: RangeData,
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
-) -> dict[str, StagedPartition]:
-    """Stage the three datasets of one verified range, each under its own new attempt.
+) -> dict[str, CommitResult]:
+    """Stage the three datasets of one verified range, each under its own new attempt, and
+    commit them in one transaction.
 
     The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
     fails, the error ends the staging block, which fails the others' attempts too: the range
@@ -66,7 +81,12 @@ def _stage_range(
 
     with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
         futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
-    return {name: future.result() for name, future in futures.items()}
+    staged = [futures[name].result() for name in RAW_DATASETS]
+    results = staging.commit_together(staged)
+    return dict(zip(RAW_DATASETS, results, strict=True))
+
+
+RAW_DECLARATIONS = {name: declarations()[name] for name in RAW_DATASETS}
 
 
 @dg.multi_asset(
@@ -83,30 +103,155 @@ def _stage_range(
         )
         for name in RAW_DATASETS
     },
+    check_specs=[spec for decl in RAW_DECLARATIONS.values() for spec in raw_check_specs(decl)],
     partitions_def=block_ranges,
     backfill_policy=dg.BackfillPolicy.single_run(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
     group_name="raw",
-    can_subset=False,
+    # the checks alone can run (over what is committed); the datasets always come together
+    can_subset=True,
 )
 def raw_chain(
     context: dg.AssetExecutionContext,
     chain: ChainResource,
     dataset_io_manager: dg.ResourceParam[DatasetIOManager],
-) -> Iterator[dg.Output]:
-    """Extract, verify and stage the raw datasets of every block range in the run.
+) -> Iterator[dg.Output | dg.AssetMaterialization | dg.AssetCheckResult]:
+    """Extract, verify and commit the raw datasets of every block range in the run, range by
+    range; then evaluate their checks.
 
-    Each verified range is uploaded under its own attempts' prefixes while the next range is
-    extracted, so memory stays flat however many ranges a backfill run covers; the IO manager
-    commits every staged partition when the outputs are handed over (and fails them all if
-    the run fails before).
+    Each verified range is uploaded and committed while the next range is extracted, so
+    memory stays flat however many ranges a backfill run covers, and a failure loses only the
+    range it happened in. Selecting one of the three datasets materialises all three (they
+    are verified together); the others are reported as materialised too.
     """
-    staged: dict[str, dict[str, StagedPartition]] = {name: {} for name in RAW_DATASETS}
-    agreements: list[HeadAgreement] = []
-    with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
-        reader = dataset_io_manager.state.reader(dataset_io_manager.objects)
-        ranges = [parse_partition_key(key) for key in context.partition_keys]
+    selected = {key.path[-1] for key in context.selected_asset_keys}
+    keys = _run_keys(context)
+    if selected:
+        committed: dict[str, dict[str, CommitResult]] = {name: {} for name in RAW_DATASETS}
+        agreements: list[HeadAgreement] = []
+        try:
+            _ingest(context, chain, dataset_io_manager, committed, agreements)
+        except Exception:
+            # what was committed stays committed: say so, in the log and in the asset graph
+            done = sorted(committed[RAW_DATASETS[0]])
+            if done:
+                left = [k for k in keys or [] if k not in committed[RAW_DATASETS[0]]]
+                context.log.error(
+                    f"{len(done)} of {len(keys or [])} range(s) were committed before the "
+                    f"failure ({done[0]}..{done[-1]}); a retry of this step resumes at "
+                    f"{left[0] if left else 'the checks'}"
+                )
+            yield from _materialisations(dataset_io_manager, committed, RAW_DATASETS)
+            raise
+        disagreements = [a for a in agreements if not a.ok]
+        for agreement in disagreements:
+            context.log.error(agreement.summary())
+        ranges = [parse_partition_key(k) for k in keys or []]
+        for name in RAW_DATASETS:
+            if name not in selected:
+                continue
+            yield dg.Output(
+                committed[name],
+                output_name=name,
+                metadata={
+                    "trace/ranges": len(ranges),
+                    "trace/first_block": ranges[0].start,
+                    "trace/last_block": ranges[-1].last,
+                    "trace/head_appended_blocks": sum(a.appended_blocks for a in agreements),
+                    # a sealed range that differs from what the head follower appended: an
+                    # error in the run's log, and here (the sealed version replaces it)
+                    "trace/head_agrees": not disagreements,
+                    "trace/head_disagreements": dg.MetadataValue.json(
+                        {a.partition_key: a.as_metadata() for a in disagreements}
+                    ),
+                },
+            )
+        unselected = [name for name in RAW_DATASETS if name not in selected]
+        if unselected:
+            context.log.info(
+                f"{', '.join(unselected)} committed with {', '.join(sorted(selected))}: the "
+                "three raw datasets of a range are extracted, verified and committed together"
+            )
+            yield from _materialisations(dataset_io_manager, committed, unselected)
+    checks = context.selected_asset_check_keys
+    for name, decl in RAW_DECLARATIONS.items():
+        names = {c.name for c in checks if c.asset_key.path[-1] == name}
+        if names:
+            yield from raw_check_results(
+                decl,
+                dataset_io_manager.state,
+                dataset_io_manager.objects,
+                names,
+                keys,
+                context.run.run_id,
+            )
+
+
+def _run_keys(context: dg.AssetExecutionContext) -> list[str] | None:
+    """The ranges of the run; None for a run of the checks that names no range (all)."""
+    try:
+        return list(context.partition_keys)
+    except Exception:  # an unpartitioned run: the checks alone, over every committed range
+        return None
+
+
+def _materialisations(
+    io: DatasetIOManager, committed: dict[str, dict[str, CommitResult]], names: list[str]
+) -> Iterator[dg.AssetMaterialization]:
+    store = io.objects.datasets()
+    for name in names:
+        for key, result in sorted(committed[name].items()):
+            yield dg.AssetMaterialization(
+                asset_key=name, partition=key, metadata=commit_metadata(result, store)
+            )
+
+
+def _ingest(
+    context: dg.AssetExecutionContext,
+    chain: ChainResource,
+    io: DatasetIOManager,
+    committed: dict[str, dict[str, CommitResult]],
+    agreements: list[HeadAgreement],
+) -> None:
+    """Commit every range of the run into `committed` (by dataset, by range), in order:
+    those an earlier try of this step committed first, then the others as they verify."""
+    keys = list(context.partition_keys)
+    with as_dagster_failure(), io.staging(context) as staging:
+        before = staging.committed_before(RAW_DATASETS, keys)
+        resumed = [k for k in keys if all((name, k) in before for name in RAW_DATASETS)]
+        for key in resumed:
+            for name in RAW_DATASETS:
+                committed[name][key] = before[(name, key)]
+        ranges = [parse_partition_key(k) for k in keys if k not in set(resumed)]
+        if resumed:
+            context.log.info(
+                f"{len(resumed)} of {len(keys)} range(s) were committed by an earlier try of "
+                f"this step; resuming with the {len(ranges)} other(s)"
+            )
+        if not ranges:
+            return
+        reader = io.state.reader(io.objects)
         client = chain.client()
+        started = time.monotonic()
+        total_blocks = sum(r.size for r in ranges)
+
+        def progress(index: int, results: dict[str, CommitResult]) -> None:
+            key = results[RAW_DATASETS[0]].version.partition_key
+            for name, result in results.items():
+                committed[name][key] = result
+            done = ranges[: index + 1]
+            seconds = time.monotonic() - started
+            blocks = sum(r.size for r in done)
+            parts = ", ".join(
+                f"{name} v{r.version.version} {r.version.manifest.rows:,} rows"
+                for name, r in results.items()
+            )
+            context.log.info(
+                f"range {index + 1}/{len(ranges)} {key} committed ({parts}); "
+                f"{blocks:,}/{total_blocks:,} blocks in {seconds:.1f} s "
+                f"({blocks / max(seconds, 1e-6):,.0f} blocks/s)"
+            )
+
         try:
             head = client.preflight(ranges, RAW_DATASETS)
             context.log.info(
@@ -114,30 +259,10 @@ def raw_chain(
                 f"finalized head {head.finalized}"
             )
             _extract_and_stage(
-                client, staging, ranges, chain.extract_concurrency, staged, reader, agreements
+                client, staging, ranges, chain.extract_concurrency, progress, reader, agreements
             )
         finally:
             client.close()
-    disagreements = [a for a in agreements if not a.ok]
-    for agreement in disagreements:
-        context.log.error(agreement.summary())
-    for name in RAW_DATASETS:
-        yield dg.Output(
-            staged[name],
-            output_name=name,
-            metadata={
-                "trace/ranges": len(ranges),
-                "trace/first_block": ranges[0].start,
-                "trace/last_block": ranges[-1].last,
-                "trace/head_appended_blocks": sum(a.appended_blocks for a in agreements),
-                # a sealed range that differs from what the head follower appended: an error in
-                # the run's log, and here (the sealed version replaces the appended one)
-                "trace/head_agrees": not disagreements,
-                "trace/head_disagreements": dg.MetadataValue.json(
-                    {a.partition_key: a.as_metadata() for a in disagreements}
-                ),
-            },
-        )
 
 
 def _extract_and_stage(
@@ -145,55 +270,69 @@ def _extract_and_stage(
     staging: Staging,
     ranges: list[BlockRange],
     concurrency: int,
-    staged: dict[str, dict[str, StagedPartition]],
+    on_committed: Callable[[int, dict[str, CommitResult]], None],
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
 ) -> None:
-    """Extract ranges while verified ones upload, in range order.
+    """Extract ranges while verified ones upload and commit, in range order.
 
     At most `concurrency` ranges are being collected from the node at any time, one more is
     verified meanwhile (its extraction thread waits for a collection slot only to collect,
-    so the node is not idle while a range is verified), and one verified range uploads:
-    memory does not grow with the number of ranges in the run.
+    so the node is not idle while a range is verified), and one verified range uploads and
+    commits: memory does not grow with the number of ranges in the run. `on_committed(index,
+    results)` is called in this thread for every committed range, in order, also for those
+    that committed before a failure ends the run.
     """
     collect_slots = threading.BoundedSemaphore(concurrency)
     extracting: deque[Future[RangeData]] = deque()
-    uploading: deque[Future[dict[str, StagedPartition]]] = deque()
-    with (
-        ThreadPoolExecutor(concurrency + 1, thread_name_prefix="extract") as extractor,
-        ThreadPoolExecutor(1, thread_name_prefix="stage") as uploader,
-    ):
-        try:
-            for block_range in ranges:
-                extracting.append(
-                    extractor.submit(client.extract_verified, block_range, collect_slots)
-                )
-                while len(extracting) > concurrency:
-                    data = extracting.popleft().result()
-                    uploading.append(
-                        uploader.submit(_stage_range, staging, data, reader, agreements)
+    uploads: list[Future[dict[str, CommitResult]]] = []
+    reported = 0
+
+    def report(wait: bool) -> None:
+        nonlocal reported
+        while reported < len(uploads):
+            future = uploads[reported]
+            if not wait and not future.done():
+                return
+            on_committed(reported, future.result())
+            reported += 1
+
+    try:
+        with (
+            ThreadPoolExecutor(concurrency + 1, thread_name_prefix="extract") as extractor,
+            ThreadPoolExecutor(1, thread_name_prefix="stage") as uploader,
+        ):
+            try:
+                for block_range in ranges:
+                    extracting.append(
+                        extractor.submit(client.extract_verified, block_range, collect_slots)
                     )
-                    while len(uploading) > 1:
-                        _collect(uploading.popleft(), staged)
-            while extracting:
-                data = extracting.popleft().result()
-                uploading.append(uploader.submit(_stage_range, staging, data, reader, agreements))
-            while uploading:
-                _collect(uploading.popleft(), staged)
-        except BaseException:
-            # the upload under way finishes before the pools close; the staging block then
-            # fails every attempt it began
-            for future in extracting:
-                future.cancel()
-            for upload in uploading:
-                upload.cancel()
-            raise
-
-
-def _collect(
-    future: Future[dict[str, StagedPartition]], staged: dict[str, dict[str, StagedPartition]]
-) -> None:
-    # the IO manager's writer keeps every staged attempt's lease alive until it commits,
-    # however long the run: nothing to extend here
-    for name, partition in future.result().items():
-        staged[name][partition.attempt.partition_key] = partition
+                    while len(extracting) > concurrency:
+                        data = extracting.popleft().result()
+                        # one range uploads while the next is extracted: wait for the one before
+                        report(wait=False)
+                        if len(uploads) - reported > 1:
+                            uploads[reported].result()
+                            report(wait=False)
+                        uploads.append(
+                            uploader.submit(_stage_range, staging, data, reader, agreements)
+                        )
+                while extracting:
+                    data = extracting.popleft().result()
+                    uploads.append(uploader.submit(_stage_range, staging, data, reader, agreements))
+                report(wait=True)
+            except BaseException:
+                for future in extracting:
+                    future.cancel()
+                for upload in uploads[reported:]:
+                    upload.cancel()
+                raise
+    except BaseException:
+        # the upload under way finished when the pools closed: report every range that
+        # committed, in order, up to the first that did not
+        for future in uploads[reported:]:
+            if future.cancelled() or future.exception() is not None:
+                break
+            on_committed(reported, future.result())
+            reported += 1
+        raise

@@ -245,18 +245,22 @@ class DatasetWriter:
             self.leases.release(attempt)
         return {s.attempt.partition_key: r for s, r in zip(ordered, results, strict=True)}
 
-    def commit_together(self, staged: Sequence[StagedPartition]) -> list[CommitResult]:
+    def commit_together(
+        self, staged: Sequence[StagedPartition], *, commit_key: str | None = None
+    ) -> list[CommitResult]:
         """Commit staged partitions of several datasets in ONE transaction, all or nothing
-        (e.g. a block's segment of every head dataset). A refusal of any of them raises
-        `BatchNotCommitted` (its cause: the refusal) and fails every attempt; an unknown
-        outcome is retried by the same attempt ids. Results in the order given."""
+        (a block's segment of every head dataset, a range of every raw dataset). A refusal of
+        any of them raises `BatchNotCommitted` (its cause: the refusal) and fails every
+        attempt; an unknown outcome is retried by the same attempt ids. With `commit_key`, a
+        partition that writer already committed keeps that version (`already_committed`).
+        Results in the order given."""
         attempts = [s.attempt for s in staged]
         try:
             mode = _one_mode(attempts)
             items = [s.batch_item() for s in staged]
             results = self._retrying(
                 f"commit of {len(items)} attempts together",
-                lambda: self.versions.commits.commit_many(items, mode=mode),
+                lambda: self.versions.commits.commit_many(items, mode=mode, commit_key=commit_key),
             )
         except BaseException as exc:
             self._give_up(attempts, exc)

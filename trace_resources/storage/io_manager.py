@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,8 @@ from trace_resources.storage.commit import (
     StagedPartition,
     StepIdentity,
 )
-from trace_resources.storage.paths import UNPARTITIONED
+from trace_resources.storage.object_store import ObjectStore
+from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
 from trace_resources.storage.records import CommitMode, CommitResult
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "COMMIT_MODE_METADATA",
     "REPAIRS_RUN_TAG",
     "commit_key_for",
+    "commit_metadata",
 ]
 
 COMMIT_MODE_METADATA = "trace/commit_mode"
@@ -83,18 +85,22 @@ def commit_key_for(context: dg.OutputContext) -> str | None:
         step = context.step_context
     except Exception:  # outside a run (direct invocation): every write is its own writer
         return None
-    run, instance, anchor = step.dagster_run, step.instance, step.dagster_run.run_id
+    return _step_commit_key(step.dagster_run, step.instance, context.step_key)
+
+
+def _step_commit_key(run: dg.DagsterRun, instance: dg.DagsterInstance, step_key: str) -> str:
+    anchor = run.run_id
     seen = {anchor}
     parent = _parent_of(run)
     while parent is not None and parent not in seen:
-        stats = instance.get_run_step_stats(parent, step_keys=[context.step_key])
+        stats = instance.get_run_step_stats(parent, step_keys=[step_key])
         if any(s.status == StepEventStatus.SUCCESS for s in stats):
             break
         anchor = parent
         seen.add(parent)
         parent_run = instance.get_run_by_id(parent)
         parent = _parent_of(parent_run) if parent_run is not None else None
-    return f"dagster:{anchor}:{context.step_key}"
+    return f"dagster:{anchor}:{step_key}"
 
 
 def _parent_of(run: dg.DagsterRun) -> str | None:
@@ -116,15 +122,48 @@ def _asset_step(context: dg.AssetExecutionContext) -> StepIdentity:
     return StepIdentity(context.run.run_id, step.key, context.retry_number)
 
 
+def _asset_commit_key(context: dg.AssetExecutionContext) -> str:
+    step = context.op_execution_context.get_step_execution_context()
+    return _step_commit_key(step.dagster_run, step.instance, step.step.key)
+
+
 class Staging:
     """Partitions an asset streams to the object store while its step runs, under the step's
-    identity; `DatasetIOManager.staging` makes one. Safe to use from several threads."""
+    identity; `DatasetIOManager.staging` makes one. Safe to use from several threads.
 
-    def __init__(self, writer: DatasetWriter, step: StepIdentity) -> None:
+    An asset that covers many partitions may also commit them as it goes (`commit_together`,
+    under the step's commit key) and return the `CommitResult`s; `committed_before` tells it
+    what an earlier try of the same step committed, so a retry resumes after it."""
+
+    def __init__(
+        self, writer: DatasetWriter, step: StepIdentity, commit_key: str | None = None
+    ) -> None:
         self._writer = writer
         self._step = step
         self._lock = threading.Lock()
+        self.commit_key = commit_key
         self.staged: list[StagedPartition] = []
+
+    def committed_before(
+        self, datasets: Sequence[str], partition_keys: Sequence[str]
+    ) -> dict[tuple[str, str], CommitResult]:
+        """What this step's logical writer (its earlier tries, or the run it re-executes)
+        committed already, by (dataset, partition key)."""
+        if self.commit_key is None:
+            return {}
+        records = self._writer.versions.read.committed_by_key(
+            datasets, partition_keys, self.commit_key
+        )
+        return {k: CommitResult(r, True, r.schema_version, None) for k, r in records.items()}
+
+    def commit_together(self, staged: Sequence[StagedPartition]) -> list[CommitResult]:
+        """Commit staged partitions (of several datasets) in one transaction, all or nothing,
+        under the step's commit key; they are no longer this block's to fail."""
+        results = self._writer.commit_together(staged, commit_key=self.commit_key)
+        done = {s.attempt.attempt_id for s in staged}
+        with self._lock:
+            self.staged = [s for s in self.staged if s.attempt.attempt_id not in done]
+        return results
 
     def stage(
         self,
@@ -147,11 +186,11 @@ def _expected_keys(context: dg.OutputContext | dg.InputContext) -> list[str]:
 
 def _as_partitions(
     context: dg.OutputContext, obj: object
-) -> dict[str, PartitionData | StagedPartition]:
+) -> dict[str, PartitionData | StagedPartition | CommitResult]:
     expected = _expected_keys(context)
     if isinstance(obj, pa.Table):
         obj = PartitionData(obj)
-    if isinstance(obj, PartitionData):
+    if isinstance(obj, PartitionData | CommitResult):
         if len(expected) != 1:
             raise dg.DagsterInvariantViolationError(
                 f"{context.asset_key.to_user_string()} returned one table for {len(expected)} "
@@ -167,7 +206,9 @@ def _as_partitions(
                 "partition of the run"
             )
         return {
-            k: v if isinstance(v, PartitionData | StagedPartition) else PartitionData(v)
+            k: v
+            if isinstance(v, PartitionData | StagedPartition | CommitResult)
+            else PartitionData(v)
             for k, v in obj.items()
         }
     raise dg.DagsterInvariantViolationError(
@@ -180,6 +221,8 @@ def _as_partitions(
 class _Output:
     staged: list[StagedPartition] = field(default_factory=list)
     tables: dict[str, PartitionData] = field(default_factory=dict)
+    # committed by the asset itself while its step ran (`Staging.commit_together`)
+    committed: dict[str, CommitResult] = field(default_factory=dict)
 
 
 def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
@@ -208,6 +251,36 @@ def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
     return metadata
 
 
+def commit_metadata(result: CommitResult, store: ObjectStore) -> dict[str, Any]:
+    """One committed partition as Dagster shows it: its rows, bytes, version and where its
+    files are."""
+    r = result.version
+    return {
+        "dagster/row_count": r.manifest.rows,
+        "trace/bytes": r.manifest.bytes,
+        "trace/version": r.version,
+        "trace/already_committed": result.already_committed,
+        "trace/uri": dg.MetadataValue.path(
+            store.uri(attempt_prefix(r.dataset, r.partition_key, r.attempt_id))
+        ),
+    }
+
+
+def _partition_metadata(
+    context: dg.OutputContext, results: dict[str, CommitResult], writer: DatasetWriter
+) -> None:
+    """Each partition of a run over many: its own rows, bytes, version and files' location
+    (Dagster copies the output's metadata onto every partition; this overrides it)."""
+    try:
+        step = context.step_context
+    except Exception:  # outside a run: no materialisation events to annotate
+        return
+    for key, result in results.items():
+        step.add_asset_metadata(
+            commit_metadata(result, writer.store), asset_key=context.asset_key, partition_key=key
+        )
+
+
 class DatasetIOManager(dg.ConfigurableIOManager):
     """Commits asset outputs as versioned Parquet datasets (staged, fenced, pointer swap)."""
 
@@ -221,7 +294,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
     def staging(self, context: dg.AssetExecutionContext) -> Iterator[Staging]:
         """Stage partitions while the asset runs: the one call for assets that stream (see
         the module docstring). If the block raises, every attempt it began is failed."""
-        staging = Staging(self._dataset_writer(), _asset_step(context))
+        staging = Staging(self._dataset_writer(), _asset_step(context), _asset_commit_key(context))
         try:
             yield staging
         except BaseException:
@@ -244,8 +317,12 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             except BaseException:
                 writer.abort(output.staged)
                 raise
-            results = writer.commit(output.staged, commit_key=commit_key_for(context))
+            results = dict(output.committed)
+            if output.staged:
+                results |= writer.commit(output.staged, commit_key=commit_key_for(context))
         context.add_output_metadata(_metadata(results, writer.store.uri(f"{dataset}/")))
+        if len(results) > 1:
+            _partition_metadata(context, results, writer)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._writer is not None:
@@ -266,6 +343,14 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         handed over by `staging`) and the tables left to stage."""
         output = _Output()
         for key, data in sorted(_as_partitions(context, obj).items()):
+            if isinstance(data, CommitResult):
+                if (data.version.dataset, data.version.partition_key) != (dataset, key):
+                    raise dg.DagsterInvariantViolationError(
+                        f"the commit of {data.version.dataset}/{data.version.partition_key} "
+                        f"was returned as {dataset}/{key}"
+                    )
+                output.committed[key] = data
+                continue
             if not isinstance(data, StagedPartition):
                 output.tables[key] = data
                 continue

@@ -249,6 +249,32 @@ class ReadModel:
             raise LookupError(f"{dataset} partition {partition_key} has no version {version}")
         return record
 
+    def committed_by_key(
+        self, datasets: Sequence[str], partition_keys: Sequence[str], commit_key: str
+    ) -> dict[tuple[str, str], VersionRecord]:
+        """The versions the logical writer `commit_key` committed, by (dataset, partition):
+        what an earlier try of a step landed, so a retry resumes after it. A version GC has
+        removed since is left out (the partition is then written again)."""
+        if not datasets or not partition_keys:
+            return {}
+        k, v = t.commit_keys.c, t.versions.c
+        query = (
+            sa.select(t.versions)
+            .join(
+                t.commit_keys,
+                (k.dataset == v.dataset)
+                & (k.partition_key == v.partition_key)
+                & (k.version == v.version),
+            )
+            .where(k.commit_key == commit_key)
+            .where(k.dataset.in_(list(datasets)))
+            .where(k.partition_key.in_(list(partition_keys)))
+        )
+        with self._reading(None) as conn:
+            rows = conn.execute(query).all()
+            records = expand(conn, rows)
+        return {(r.dataset, r.partition_key): r for r in records}
+
     def appended_keys(self, dataset: str, partition_key: str) -> set[str]:
         """Segment keys in the current version of an append-mode partition (none if the
         partition is not open: never appended to, or sealed by a replace)."""
