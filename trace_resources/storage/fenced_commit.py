@@ -4,11 +4,11 @@ current-version pointer and writes the outbox event; appends and commit keys mak
 no-ops. `commit_many` does the same for a batch of attempts in one transaction.
 
 A replace whose staged files hold what the partition's current sealed version holds (the same
-files' sha256 checksums, rows and sizes, schema and source blocks) is a recorded no-op, as
-Delta and Iceberg skip an empty change: the attempt ends 'unchanged' pointing at the version
-it kept, and no version, pointer move or outbox event is written (downstream datasets and
-alert evaluations are not re-triggered by data that did not change). Its staged files are
-never referenced; staging cleanup removes them.
+files' sha256 checksums, rows and sizes, schema and source blocks) is a recorded no-op: the
+attempt ends 'unchanged' pointing at the version it kept, and no version, pointer move or
+outbox event is written (downstream datasets and alert evaluations are not re-triggered by
+data that did not change). Its staged files are never referenced; staging cleanup removes
+them. Only an attempt that may commit (fence, lease) gets this far.
 
 The protocol's order of steps (stage, verify, commit) lives in `commit.py`.
 """
