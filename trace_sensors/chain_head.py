@@ -3,6 +3,15 @@
 Nothing past `finalized` is ever requested. The cursor is the last block already covered, so a
 restarted daemon resumes where it stopped; ranges are requested in runs of up to
 `RangeRuns.max_partitions_per_run` so a catch-up of hundreds of ranges is not hundreds of runs.
+
+What is committed already is never requested again. Without a cursor (a new instance, or
+ranges backfilled through the CLI before the sensor first ran) the sensor starts after the
+highest range that every raw dataset has sealed in Postgres state, or that an unfinished run
+is materialising, whichever is higher; ranges missing below it are gaps, which the gap-repair
+sensor requests (`gap_repair.py`): the sensor only registers them as partitions, as it would
+have while passing them. Past the cursor too, a range sealed in every raw dataset, or in an
+unfinished run, is registered and passed over, not requested.
+
 What the sensor needs from the assets (the block-range partitions, the raw asset keys, the run
 size) is handed to `build_chain_head_sensor` by `trace_assets.definitions` as a `RangeRuns`.
 
@@ -17,7 +26,8 @@ further); an evaluation that finds no new range watches the head for up to
 """
 
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -25,21 +35,27 @@ from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGra
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
     PRIORITY_TAG,
     SENSOR_NAME_TAG,
 )
 
 from trace_resources.chain.extract import ChainClient
-from trace_resources.chain.ranges import BlockRange, complete_ranges
+from trace_resources.chain.ranges import BlockRange, complete_ranges, parse_partition_key
+from trace_resources.errors import MalformedPartitionKeyError
 from trace_resources.failures import as_dagster_failure
+from trace_resources.gaps import SEALED
 from trace_resources.instance.run_coordinator import FAST_LANE_TAG
-from trace_resources.resources import ChainResource
+from trace_resources.resources import ChainResource, StateStoreResource
 from trace_resources.settings import get_settings
 
 __all__ = [
     "RangeRuns",
     "build_chain_head_sensor",
     "plan_new_ranges",
+    "sealed_ranges",
+    "ranges_in_flight",
+    "derive_start",
     "MAX_RANGES_PER_TICK",
     "IN_PROCESS",
     "range_asset_keys",
@@ -47,6 +63,13 @@ __all__ = [
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
 MAX_RANGES_PER_TICK = 1_000
+_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
+_UNFINISHED = [
+    *_WAITING,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 @dataclass(frozen=True)
@@ -64,12 +87,67 @@ def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list
     return complete_ranges(covered, finalized, range_size)[:MAX_RANGES_PER_TICK]
 
 
+def sealed_ranges(modes: Mapping[tuple[str, str], str], datasets: Sequence[str]) -> set[str]:
+    """The ranges whose current version is sealed in every one of `datasets`, from
+    {(dataset, range): commit mode of its current version} (`ReadModel.current_commit_modes`)."""
+    sealed: dict[str, set[str]] = defaultdict(set)
+    for (dataset, key), mode in modes.items():
+        if mode == SEALED:
+            sealed[key].add(dataset)
+    return {key for key, names in sealed.items() if names >= set(datasets)}
+
+
+def ranges_in_flight(instance: dg.DagsterInstance, runs: RangeRuns) -> dict[str, str]:
+    """{range: run id} of the block ranges an unfinished run materialises the raw datasets of
+    (its partition, or every range of its partition range)."""
+    raw = set(runs.raw_asset_keys)
+    found: dict[str, str] = {}
+    for run in instance.get_runs(dg.RunsFilter(statuses=_UNFINISHED)):
+        if run.asset_selection is not None and not (run.asset_selection & raw):
+            continue
+        tags = run.tags
+        first = tags.get(PARTITION_NAME_TAG) or tags.get(ASSET_PARTITION_RANGE_START_TAG)
+        last = tags.get(PARTITION_NAME_TAG) or tags.get(ASSET_PARTITION_RANGE_END_TAG)
+        if first is None or last is None:
+            continue
+        try:
+            start, end = parse_partition_key(first), parse_partition_key(last)
+        except MalformedPartitionKeyError:  # another partitioning (e.g. days)
+            continue
+        size = start.size
+        for offset in range(start.start, end.last + 1, size):
+            found.setdefault(BlockRange(offset, offset + size - 1).key, run.run_id)
+    return found
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a sensor without a cursor starts: the last block covered, and why."""
+
+    covered: int
+    reason: str
+
+
+def derive_start(sealed: set[str], in_flight: Mapping[str, str]) -> Start:
+    """After the highest range sealed in every raw dataset or materialised by an unfinished
+    run; -1 (the chain's first range) if there is none. Missing ranges below are gaps."""
+    top_sealed = max(sealed, default=None)
+    top_flight = max(in_flight, default=None)
+    if top_sealed is None and top_flight is None:
+        return Start(-1, "nothing is committed or in flight: starting at block 0")
+    top = max(k for k in (top_sealed, top_flight) if k is not None)  # lexical = block order
+    if top == top_sealed:
+        why = f"{len(sealed)} range(s) committed in every raw dataset, the highest {top}"
+    else:
+        why = f"run {in_flight[top]} is materialising range {top}"
+    return Start(parse_partition_key(top).last, f"no cursor: starting after {top} ({why})")
+
+
 SENSOR_NAME = "chain_head_sensor"
 # the queued run coordinator starts higher priorities first: fresh ranges (and their alerts)
 # before backfills and the automation sensor's rollups; with a run slot free they skip the
 # queue (FAST_LANE_TAG, trace_resources/instance/run_coordinator.py)
 RUN_PRIORITY = "10"
-_WAITING = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]
 
 # the run config of the sensor's runs: every step in the run's own process (Dagster's default
 # executor would start a process per step, each importing the code location anew)
@@ -94,14 +172,25 @@ def range_asset_keys(
     return keys
 
 
+def _consecutive_chunks(ranges: list[BlockRange], size: int) -> list[list[BlockRange]]:
+    chunks: list[list[BlockRange]] = []
+    for r in ranges:
+        last = chunks[-1] if chunks else None
+        if last is not None and len(last) < size and last[-1].last + 1 == r.start:
+            last.append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
 def run_requests_for(
     runs: RangeRuns, ranges: list[BlockRange], asset_keys: list[dg.AssetKey] | None = None
 ) -> list[dg.RunRequest]:
+    """Runs of up to `max_partitions_per_run` consecutive ranges each (a run's partition range
+    covers every range between its first and last, so ranges left out split runs)."""
     selection = asset_keys or list(runs.raw_asset_keys)
-    size = runs.max_partitions_per_run
     requests = []
-    for offset in range(0, len(ranges), size):
-        chunk = ranges[offset : offset + size]
+    for chunk in _consecutive_chunks(ranges, runs.max_partitions_per_run):
         first, last = chunk[0].key, chunk[-1].key
         if len(chunk) == 1:
             requests.append(
@@ -131,7 +220,10 @@ def run_requests_for(
 
 
 def _evaluate(
-    runs: RangeRuns, context: dg.SensorEvaluationContext, chain: ChainResource
+    runs: RangeRuns,
+    context: dg.SensorEvaluationContext,
+    chain: ChainResource,
+    state: StateStoreResource,
 ) -> dg.SensorResult | dg.SkipReason:
     """Request the ranges completed past the cursor, watching the head for a while if none.
 
@@ -146,7 +238,7 @@ def _evaluate(
         client = chain.client()
         try:
             while True:
-                outcome = _look(runs, context, chain, client, settings.chain_head_downstream)
+                outcome = _look(runs, context, chain, state, client, settings.chain_head_downstream)
                 if isinstance(outcome, dg.SensorResult):
                     return outcome
                 if time.monotonic() + settings.chain_head_poll_s > deadline:
@@ -160,10 +252,12 @@ def _look(
     runs: RangeRuns,
     context: dg.SensorEvaluationContext,
     chain: ChainResource,
+    state: StateStoreResource,
     client: ChainClient,
     downstream: bool,
 ) -> dg.SensorResult | dg.SkipReason:
-    waiting = context.instance.get_run_ids(
+    instance = context.instance
+    waiting = instance.get_run_ids(
         dg.RunsFilter(tags={SENSOR_NAME_TAG: SENSOR_NAME}, statuses=_WAITING), limit=1
     )
     if waiting:
@@ -171,23 +265,50 @@ def _look(
         # queue: runs never pile up faster than they launch (the cursor has not moved)
         return dg.SkipReason(f"run {waiting[0]} of earlier ranges is still queued")
     head = client.head()
-    ranges = plan_new_ranges(context.cursor, head.finalized, chain.range_size)
-    if not ranges:
-        return dg.SkipReason(
-            f"no complete range past block {context.cursor or -1}; "
-            f"finalized head is {head.finalized}"
+    raw = [k.to_user_string() for k in runs.raw_asset_keys]
+    read = state.versions().read
+    start: Start | None = None
+    if context.cursor:
+        covered = int(context.cursor)
+    else:
+        start = derive_start(
+            sealed_ranges(read.current_commit_modes(raw), raw), ranges_in_flight(instance, runs)
         )
-    existing = set(context.instance.get_dynamic_partitions(runs.partitions.name or ""))
-    new_keys = [r.key for r in ranges if r.key not in existing]
+        context.log.info(start.reason)
+        covered = start.covered
+    ranges = complete_ranges(covered, head.finalized, chain.range_size)[:MAX_RANGES_PER_TICK]
+    if not ranges and start is None:
+        return dg.SkipReason(
+            f"no complete range past block {covered}; finalized head is {head.finalized}"
+        )
+    keys = [r.key for r in ranges]
+    # a range sealed in every raw dataset, or in a run, is not requested (again)
+    taken = sealed_ranges(read.current_commit_modes(raw, keys), raw) if keys else set()
+    taken |= set(ranges_in_flight(instance, runs)) & set(keys)
+    todo = [r for r in ranges if r.key not in taken]
+    existing = set(instance.get_dynamic_partitions(runs.partitions.name or ""))
+    below = [] if start is None else complete_ranges(-1, covered, chain.range_size)
+    new_keys = [r.key for r in [*below, *ranges] if r.key not in existing]
+    adds = [runs.partitions.build_add_request(new_keys)] if new_keys else []
+    cursor = str(ranges[-1].last if ranges else covered)
+    if not todo:
+        done = f"{keys[0]}..{keys[-1]} committed or in flight already" if keys else "no range"
+        return dg.SensorResult(
+            dynamic_partitions_requests=adds,
+            cursor=cursor,
+            skip_reason=f"nothing to request ({done}); cursor at block {cursor}, finalized "
+            f"head is {head.finalized}",
+        )
     repository = context.repository_def
     asset_keys = range_asset_keys(
         runs, repository.asset_graph if repository is not None else None, downstream
     )
-    adds = [runs.partitions.build_add_request(new_keys)] if new_keys else []
+    if taken:
+        context.log.info(f"not requested, committed or in flight already: {sorted(taken)}")
     return dg.SensorResult(
-        run_requests=run_requests_for(runs, ranges, asset_keys),
+        run_requests=run_requests_for(runs, todo, asset_keys),
         dynamic_partitions_requests=adds,
-        cursor=str(ranges[-1].last),
+        cursor=cursor,
     )
 
 
@@ -198,9 +319,9 @@ def build_chain_head_sensor(
     every `interval_s` (default `TRACE_CHAIN_HEAD_INTERVAL_S`)."""
 
     def chain_head_sensor(
-        context: dg.SensorEvaluationContext, chain: ChainResource
+        context: dg.SensorEvaluationContext, chain: ChainResource, state: StateStoreResource
     ) -> dg.SensorResult | dg.SkipReason:
-        return _evaluate(runs, context, chain)
+        return _evaluate(runs, context, chain, state)
 
     return dg.sensor(
         name=SENSOR_NAME,

@@ -7,11 +7,14 @@ because Dagster never recorded it."""
 from __future__ import annotations
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tests.derived.conftest import ALL_ASSETS, Env, aws_env, derived_env, raw_env  # noqa: F401
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.definitions import build_definitions
+from trace_assets.derived.transforms import TRANSFER_TOPIC
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
 from trace_sensors.outbox import build_outbox_relay_sensor
@@ -46,13 +49,31 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     first, second = env.keys[0], env.keys[1]
     versions = env.state.versions()
 
+    # one range's logs lose a Transfer (a new logs version, relayed to Dagster before
+    # alerting is deployed), so re-committing its erc20_transfers below makes a new version
+    # (identical data would be kept as it is, with no new version)
+    logs = env.reader.read("logs", [first])
+    transfers = pc.equal(
+        logs.column("topic0"), pa.scalar(TRANSFER_TOPIC, logs.schema.field("topic0").type)
+    )
+    last_transfer = max(i for i, t in enumerate(transfers.to_pylist()) if t)
+    fewer = pa.concat_tables([logs.slice(0, last_transfer), logs.slice(last_transfer + 1)])
+    source = versions.read.current_versions("logs", [first])[first].manifest.source
+    with env.state.writer(env.objects) as writer:
+        writer.write("logs", first, PartitionData(fewer, source=source))
+    relay = build_outbox_relay_sensor()
+    context = dg.build_sensor_context(
+        instance=instance, resources={"state": env.state}, definitions=defs
+    )
+    assert isinstance(relay(context), dg.SensorResult)
+
     # the automation's first evaluation is Dagster's baseline (eager's `since_last_handled`
     # treats the initial evaluation as handled): ranges committed before alerting was
     # deployed are not evaluated retroactively (`trace alerts backtest` covers history)
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert requested(tick) == set()
 
-    # a re-commit of one range's erc20_transfers, recorded by its run
+    # a re-commit of that range's erc20_transfers, recorded by its run
     before = versions.read.current_version_numbers("erc20_transfers", [first])[first]
     recommit(env, "erc20_transfers", first)
     assert versions.read.current_version_numbers("erc20_transfers", [first])[first] == before + 1
@@ -63,14 +84,12 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     # died after the commit): invisible to the automation until the outbox relay reports it
     schema = arrow_schema(declarations()["native_transfers"])
     table = env.reader.read("native_transfers", [second], schema)
-    with env.state.writer(env.objects) as writer:
-        committed = writer.write("native_transfers", second, PartitionData(table))
+    assert table.num_rows > 1
+    with env.state.writer(env.objects) as writer:  # one row fewer: a new version
+        committed = writer.write("native_transfers", second, PartitionData(table.slice(1)))
+    assert not committed.unchanged
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == set()
-    relay = build_outbox_relay_sensor()
-    context = dg.build_sensor_context(
-        instance=instance, resources={"state": env.state}, definitions=defs
-    )
     relayed = relay(context)
     assert isinstance(relayed, dg.SensorResult), relayed
     assert relayed.skip_reason is not None and relayed.skip_reason.skip_message is not None

@@ -135,13 +135,16 @@ def test_committed_datasets_equal_the_chain(
         )
 
 
-def test_rerun_creates_new_version(
+def test_rerun_of_the_same_chain_data_keeps_the_version(
     devnet: Devnet, test_settings: Settings, objects: ObjectStoreResource, state: StateStoreResource
 ) -> None:
+    """Re-extracting a finalized range gives the same Parquet bytes: the second run's commit is
+    a recorded no-op (no new version, no outbox event), and Dagster shows the version kept."""
     key = finalized_keys(devnet)[1]
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(block_ranges.name, [key])
-    for expected in (1, 2):
+    versions = state.versions()
+    for unchanged in (False, True):
         result = dg.materialize(
             [raw_chain],
             instance=instance,
@@ -149,10 +152,15 @@ def test_rerun_creates_new_version(
             partition_key=key,
         )
         assert result.success
-        versions = state.versions().read.current_versions("logs")
-        assert versions[key].version == expected
+        assert {r.version for r in versions.read.current_versions("logs").values()} == {1}
         mats = result.asset_materializations_for_node("raw_chain")
-        assert {m.metadata["trace/version"].value for m in mats} == {expected}
+        assert len(mats) == 3
+        assert {
+            (m.metadata["trace/version"].value, m.metadata["trace/unchanged"].value) for m in mats
+        } == {(1, unchanged)}
+    history = {(v.dataset, v.version) for v in versions.read.committed_versions(["blocks"])}
+    assert history == {("blocks", 1)}
+    assert [e.version for e in versions.outbox.unrelayed(limit=100)] == [1, 1, 1]
 
 
 def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
@@ -160,7 +168,9 @@ def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
 ) -> None:
     instance = dg.DagsterInstance.ephemeral()
     resources = build_resources(test_settings)
-    context = dg.build_sensor_context(instance=instance, resources={"chain": resources["chain"]})
+    context = dg.build_sensor_context(
+        instance=instance, resources={"chain": resources["chain"], "state": resources["state"]}
+    )
     result = chain_head_sensor(context)
     expected = finalized_keys(devnet)
     assert isinstance(result, dg.SensorResult)
@@ -177,7 +187,9 @@ def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
     # same head, cursor kept: nothing new
     again = chain_head_sensor(
         dg.build_sensor_context(
-            instance=instance, cursor=result.cursor, resources={"chain": resources["chain"]}
+            instance=instance,
+            cursor=result.cursor,
+            resources={"chain": resources["chain"], "state": resources["state"]},
         )
     )
     assert isinstance(again, dg.SkipReason)
@@ -189,7 +201,9 @@ def test_sensor_adds_only_finalized_ranges_and_keeps_cursor(
         rpc(devnet, "anvil_mine", hex(RANGE_SIZE))
         moved = chain_head_sensor(
             dg.build_sensor_context(
-                instance=instance, cursor=result.cursor, resources={"chain": resources["chain"]}
+                instance=instance,
+                cursor=result.cursor,
+                resources={"chain": resources["chain"], "state": resources["state"]},
             )
         )
         assert isinstance(moved, dg.SensorResult)
@@ -207,14 +221,17 @@ def test_sensor_watches_the_head_and_requests_a_range_completed_during_its_evalu
     left for the daemon's next sensor loop (up to 5 s later)."""
     monkeypatch.setenv("TRACE_CHAIN_HEAD_WATCH_S", "4")
     instance = dg.DagsterInstance.ephemeral()
-    chain = build_resources(test_settings)["chain"]
+    resources = build_resources(test_settings)
+    chain, state = resources["chain"], resources["state"]
     cursor = str(int(finalized_keys(devnet)[-1][13:]))
     snapshot = rpc(devnet, "evm_snapshot")
     miner = threading.Timer(1.0, lambda: rpc(devnet, "anvil_mine", hex(RANGE_SIZE)))
     try:
         miner.start()  # the head moves one range on a second after the evaluation starts
         result = chain_head_sensor(
-            dg.build_sensor_context(instance=instance, cursor=cursor, resources={"chain": chain})
+            dg.build_sensor_context(
+                instance=instance, cursor=cursor, resources={"chain": chain, "state": state}
+            )
         )
         miner.join()
         assert isinstance(result, dg.SensorResult), result

@@ -9,6 +9,8 @@ When the step fails is chosen by `TRACE_TEST_FAIL`:
 - `first_try`: every run's first try of the step fails after the first output committed;
 - `first_run`: every try of a run without a parent run fails (a re-execution succeeds);
 - unset: the step succeeds.
+
+`TRACE_TEST_EXTRA_ID` adds that id to both outputs (other data than the runs before).
 """
 
 import os
@@ -59,10 +61,11 @@ def _fails(context: dg.AssetExecutionContext) -> bool:
     can_subset=False,
 )
 def commit_then_fail(context: dg.AssetExecutionContext) -> Iterator[dg.Output[pa.Table]]:
-    yield dg.Output(pa.table({"id": pa.array([1, 2, 3], pa.int64())}), FIRST)
+    extra = [int(os.environ["TRACE_TEST_EXTRA_ID"])] if "TRACE_TEST_EXTRA_ID" in os.environ else []
+    yield dg.Output(pa.table({"id": pa.array([1, 2, 3, *extra], pa.int64())}), FIRST)
     if _fails(context):
         raise RuntimeError("the step fails after its first output was committed")
-    yield dg.Output(pa.table({"id": pa.array([4, 5], pa.int64())}), SECOND)
+    yield dg.Output(pa.table({"id": pa.array([4, 5, *extra], pa.int64())}), SECOND)
 
 
 def definitions() -> dg.Definitions:

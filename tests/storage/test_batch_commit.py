@@ -69,15 +69,21 @@ def test_a_batch_commits_one_version_and_one_event_per_partition(
         # the same logical writer again (a retried step): nothing new, the same versions
         again = writer.commit(writer.stage("blocks", data), commit_key="run-1:step")
         assert all(r.already_committed and r.version.version == 1 for r in again.values())
-        # another writer: a new version of each partition, each with its event
-        writer.commit(writer.stage("blocks", data), commit_key="run-2:step")
+        # another writer with the same data: unchanged, the versions kept, no event
+        same = writer.commit(writer.stage("blocks", data), commit_key="run-2:step")
+        assert all(r.unchanged and r.version.version == 1 for r in same.values())
+        assert outbox(versions, "blocks") == [(k, 1) for k in KEYS]
+        # another writer with other data: a new version of each partition, each with its event
+        changed = {k: PartitionData(table(k, 6), source=source(k)) for k in KEYS}
+        writer.commit(writer.stage("blocks", changed), commit_key="run-3:step")
     assert {k: r.version for k, r in versions.read.current_versions("blocks").items()} == {
         k: 2 for k in KEYS
     }
     assert outbox(versions, "blocks") == sorted([(k, v) for k in KEYS for v in (1, 2)])
-    assert state.reader(objects).read("blocks").num_rows == 5 * len(KEYS)
+    assert state.reader(objects).read("blocks").num_rows == 6 * len(KEYS)
     report = invariants()
-    assert set(report.attempts) == {"committed"}  # the retry's attempts landed as no-ops
+    # the retry's attempts landed as no-ops ('committed'); the same data's as 'unchanged'
+    assert set(report.attempts) == {"committed", "unchanged"}
 
 
 def test_a_refused_partition_commits_nothing_in_the_batch_then_each_alone(
@@ -137,7 +143,7 @@ def test_every_schema_in_the_batch_goes_through_the_registry(
             pa.field("note", pa.string(), nullable=True), pa.array(["x"] * 5, pa.string())
         )
         data = {
-            KEYS[0]: PartitionData(table(KEYS[0])),
+            KEYS[0]: PartitionData(table(KEYS[0], 6)),  # other rows: a new version
             KEYS[1]: PartitionData(wider),  # a compatible new schema: registered as v2
             KEYS[2]: PartitionData(table(KEYS[2])),  # v1 again: drops `note`, refused alone
         }

@@ -157,7 +157,7 @@ def test_ingest_audit_appends_each_committed_raw_version_once(
     # two audit runs racing: the same batch twice is a no-op; an overlapping one is refused
     raw_version(state, objects, "logs", B, 3)
     stale = audit_batch(versions.read)  # computed by a run that is slow to commit
-    raw_version(state, objects, "blocks", A, 50)
+    raw_version(state, objects, "blocks", A, 49)  # different data: a new version
     fresh = audit_batch(versions.read)
     assert stale is not None and fresh is not None
     with state.writer(objects) as writer:

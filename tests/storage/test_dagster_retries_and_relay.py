@@ -47,6 +47,7 @@ def job_env(
     monkeypatch.setenv("TRACE_S3_ENDPOINT_URL", s3_server.endpoint_url)
     monkeypatch.setenv("TRACE_BUCKET_DATASETS", s3_bucket)
     monkeypatch.delenv("TRACE_TEST_FAIL", raising=False)
+    monkeypatch.delenv("TRACE_TEST_EXTRA_ID", raising=False)
 
 
 def history(versions: VersionStore, dataset: str) -> list[int]:
@@ -113,12 +114,28 @@ def test_a_run_reexecuted_with_a_new_run_id_commits_the_output_once(
         assert retried.success and retried.run_id != first.run_id
         assert history(versions, FIRST) == [1] and history(versions, SECOND) == [1]
         invariants()
-        # re-executing a run whose step had succeeded is a deliberate refresh: new versions
+        # re-executing a run whose step had succeeded is a deliberate refresh (its own commit
+        # key): the same data keeps the versions, recorded as unchanged ...
         refreshed = dg.execute_job(
             job, instance, reexecution_options=dg.ReexecutionOptions(parent_run_id=retried.run_id)
         )
         assert refreshed.success
+        assert history(versions, FIRST) == [1] and history(versions, SECOND) == [1]
+        kept = refreshed.asset_materializations_for_node("commit_then_fail")
+        assert [
+            (m.metadata["trace/unchanged"].value, m.metadata["trace/version"].value) for m in kept
+        ] == [(True, 1), (True, 1)]
+        # ... and other data makes new versions
+        monkeypatch.setenv("TRACE_TEST_EXTRA_ID", "6")
+        changed = dg.execute_job(
+            job,
+            instance,
+            reexecution_options=dg.ReexecutionOptions(parent_run_id=refreshed.run_id),
+        )
+        assert changed.success
         assert history(versions, FIRST) == [1, 2] and history(versions, SECOND) == [1, 2]
+        made = changed.asset_materializations_for_node("commit_then_fail")
+        assert {m.metadata["trace/unchanged"].value for m in made} == {False}
         invariants()
 
 

@@ -3,6 +3,13 @@ registers the schema, checks chain continuity, records the version and its manif
 current-version pointer and writes the outbox event; appends and commit keys make retries
 no-ops. `commit_many` does the same for a batch of attempts in one transaction.
 
+A replace whose staged files hold what the partition's current sealed version holds (the same
+files' sha256 checksums, rows and sizes, schema and source blocks) is a recorded no-op: the
+attempt ends 'unchanged' pointing at the version it kept, and no version, pointer move or
+outbox event is written (downstream datasets and alert evaluations are not re-triggered by
+data that did not change). Its staged files are never referenced; staging cleanup removes
+them. Only an attempt that may commit (fence, lease) gets this far.
+
 The protocol's order of steps (stage, verify, commit) lives in `commit.py`.
 """
 
@@ -42,7 +49,11 @@ from trace_resources.storage.records import (
 )
 from trace_resources.storage.schemas import register_schema, schema_fingerprint
 
-__all__ = ["FencedCommits"]
+__all__ = ["FencedCommits", "UNCHANGED"]
+
+# the state of an attempt whose replace was identical to the current version (a no-op)
+UNCHANGED = "unchanged"
+_ENDED_WITH_A_VERSION = ("committed", UNCHANGED)
 
 
 class FencedCommits:
@@ -67,7 +78,8 @@ class FencedCommits:
         Idempotent by attempt id: calling it again after an unknown outcome returns the
         version that landed. Idempotent by `commit_key` (one logical writer, e.g. a Dagster
         step and its retries): a key that already committed this partition returns that
-        version. In append mode, segments already in the current version make it a no-op.
+        version. In append mode, segments already in the current version make it a no-op; in
+        replace mode, content identical to the current sealed version does (`unchanged`).
         Refused, with the reason recorded on the attempt: a stale replace attempt (a newer
         one holds the fence), an attempt whose lease expired, an attempt no longer staging.
         """
@@ -235,10 +247,11 @@ class FencedCommits:
         ).one_or_none()
         if row is None:
             raise CommitError(f"attempt {attempt.attempt_id} is unknown to the version store")
-        if row.state == "committed":
+        if row.state in _ENDED_WITH_A_VERSION:  # a retry after an unknown outcome
             who = f"attempt {attempt.attempt_id}"
             record = self._landed(conn, attempt, row.committed_version, who)
-            return CommitResult(record, True, record.schema_version, None)
+            unchanged = row.state == UNCHANGED
+            return CommitResult(record, True, record.schema_version, None, unchanged=unchanged)
         if row.state != "staging":
             raise AttemptFencedError(
                 f"attempt {attempt.attempt_id} of {attempt.dataset}/{attempt.partition_key} "
@@ -299,9 +312,10 @@ class FencedCommits:
         the registry (fingerprint, version): a batch of partitions with the same schema checks
         it once (holding the registry row lock until it commits); any other schema goes
         through the registry as it would alone."""
-        current = None
+        current = self._current_row(conn, attempt.dataset, attempt.partition_key)
+        if mode == "replace" and current is not None and _same_content(current, manifest):
+            return self._keep(conn, attempt, manifest, current)
         if mode == "append":
-            current = self._current_row(conn, attempt.dataset, attempt.partition_key)
             if current is not None and _sealed(current):
                 self._set_state(conn, attempt, "failed")
                 return PartitionSealedError(
@@ -344,6 +358,18 @@ class FencedCommits:
             manifest,
         )
         return CommitResult(record, False, schema_version, drift)
+
+    def _keep(
+        self, conn: sa.Connection, attempt: Attempt, manifest: Manifest, current: sa.Row[Any]
+    ) -> CommitResult:
+        """The no-op commit of a replace identical to the current version: the attempt ends
+        'unchanged' with the version it kept; nothing else is written. Its neighbours are
+        checked as for a commit, so a range that no longer links to them is refused alike."""
+        if manifest.source is not None:
+            _check_continuity(conn, attempt.dataset, attempt.partition_key, manifest.source)
+        self._set_state(conn, attempt, UNCHANGED, current.version)
+        [record] = expand(conn, [current])
+        return CommitResult(record, False, record.schema_version, None, unchanged=True)
 
     def _append(
         self,
@@ -636,6 +662,22 @@ class FencedCommits:
             .where(t.attempts.c.attempt_id == attempt.attempt_id)
             .values(state=state, committed_version=version, updated_at=sa.func.now())
         )
+
+
+def _same_content(current: sa.Row[Any], manifest: Manifest) -> bool:
+    """The staged files hold exactly the current sealed version's data: the same files in the
+    same order (sha256 of their bytes, rows, sizes; Parquet from the same table is the same
+    bytes), the same schema and the same source blocks. An open version never is: a replace
+    seals it, which is a change."""
+    stored = current.manifest
+    if current.commit_mode != "replace" or window(stored) is not None or stored.get("segments"):
+        return False
+    return (
+        [(f["sha256"], int(f["rows"]), int(f["size"])) for f in stored["files"]]
+        == [(f.sha256, f.rows, f.size) for f in manifest.files]
+        and stored.get("schema_hash") == manifest.schema_hash
+        and stored.get("source") == manifest.source
+    )
 
 
 def _sealed(current: sa.Row[Any]) -> bool:

@@ -10,10 +10,11 @@ writers and readers work:
   versions (append mode) stay.
 - `cleanup_staging` first marks attempts whose lease ran out 'abandoned' (a transaction under
   their row locks: their commit can no longer land), then deletes files of attempts that can
-  never be committed (failed, fenced, abandoned), files of committed attempts that no kept
-  version references (a deduplicated retry, the tail of an interrupted GC), and orphans: data
-  files of attempts no attempt row knows, once older than a grace period. Files of live
-  attempts and every file a version references are never touched.
+  never be committed (failed, fenced, abandoned, or unchanged: a replace identical to the
+  current version, which kept it), files of committed attempts that no kept version
+  references (a deduplicated retry, the tail of an interrupted GC), and orphans: data files of
+  attempts no attempt row knows, once older than a grace period. Files of live attempts and
+  every file a version references are never touched.
 
 Iceberg's `expire_snapshots` + `remove_orphan_files` and Delta's `VACUUM` (with its retention
 period) are the models; the logic is here, the SQL in `retention.py`.
@@ -229,6 +230,14 @@ class GarbageCollector:
                         obj.size,
                         "committed attempt's file that no kept version references "
                         "(a deduplicated retry, or an interrupted GC)",
+                    )
+                )
+            elif attempt.state == "unchanged":
+                doomed.append(
+                    CleanupItem(
+                        obj.key,
+                        obj.size,
+                        "attempt unchanged: identical to the version it kept, never referenced",
                     )
                 )
             else:

@@ -246,6 +246,11 @@ def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
         metadata["dagster/row_count"] = rows
     # a retry whose output had committed already: the same version, nothing new written
     metadata["trace/already_committed"] = all(r.already_committed for r in results.values())
+    # identical to the current version: kept (trace/version, trace/versions), nothing written
+    unchanged = sum(r.unchanged for r in results.values())
+    metadata["trace/unchanged"] = unchanged == len(results)
+    if len(results) > 1:
+        metadata["trace/partitions_unchanged"] = unchanged
     if drifts:
         metadata["trace/schema_drift"] = dg.MetadataValue.json(drifts)
     return metadata

@@ -183,13 +183,18 @@ class CommitResult:
     """A commit's outcome. For a new append, `version.manifest` lists the appended segment's
     files only (its `through_seq` is the segment's seq, `segment_seq`): listing the version's
     every file would make an append cost grow with the partition; the read model resolves
-    them. Every other result (replace, a retry that had landed) carries the full version."""
+    them. Every other result (replace, a retry that had landed, an unchanged replace) carries
+    the full version."""
 
     version: VersionRecord
     already_committed: bool
     schema_version: int
     drift: dict[str, Any] | None
     segment_seq: int | None = None
+    # a replace whose staged files had the current sealed version's content (checksums,
+    # rows, schema, source): recorded on the attempt as 'unchanged', `version` is the one kept
+    # (no new version, no outbox event)
+    unchanged: bool = False
 
 
 @dataclass(frozen=True)

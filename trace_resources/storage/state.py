@@ -79,7 +79,8 @@ attempts = sa.Table(
     sa.Column("run_id", sa.Text, nullable=True),
     sa.Column("step_key", sa.Text, nullable=True),
     sa.Column("retry_number", sa.Integer, nullable=False, server_default="0"),
-    # staging -> committed | fenced | failed | abandoned
+    # staging -> committed | unchanged | fenced | failed | abandoned ('unchanged': a replace
+    # identical to the current version; `committed_version` is the version it kept)
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("committed_version", sa.Integer, nullable=True),
