@@ -18,6 +18,7 @@ from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
+from trace_resources.registry import declarations
 from trace_resources.resources import ChainResource
 from trace_resources.storage.commit import DatasetReader, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA, DatasetIOManager, Staging
@@ -80,6 +81,7 @@ def _stage_range(
                 COMMIT_MODE_METADATA: "replace",
             },
             kinds={"parquet", "s3"},
+            owners=[declarations()[name].owner],
         )
         for name in RAW_DATASETS
     },
