@@ -10,6 +10,8 @@ PYTHON      := .venv/bin/python
 SERVICES    := $(PYTHON) -m infra.local.services
 LOCAL_ROOT  := .local
 PG_INITDB   := /usr/lib/postgresql/15/bin/initdb
+# headless Chromium and its WebDriver, for the tests that read the Dagster UI's pages
+CHROMEDRIVER := /usr/bin/chromedriver
 PYTEST_ARGS ?=
 # Root is needed for apt-get; use sudo when we are not root.
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -26,7 +28,7 @@ BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts benc
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-install: $(VENV_STAMP) $(NODE_STAMP) $(PG_INITDB) ## install everything (idempotent)
+install: $(VENV_STAMP) $(NODE_STAMP) $(PG_INITDB) $(CHROMEDRIVER) ## install everything (idempotent)
 
 # uv comes from pip when it is missing; `python3 -m uv` works even if pip's bin dir is not on PATH.
 $(VENV_STAMP): pyproject.toml uv.lock
@@ -51,6 +53,11 @@ $(NODE_STAMP): package.json package-lock.json
 $(PG_INITDB):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql-15
+
+# Only when chromedriver is missing (Debian's chromium-driver pulls in chromium).
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 services-up: install ## start PostgreSQL + anvil + local object store under .local/
 	$(SERVICES) up --root $(LOCAL_ROOT)

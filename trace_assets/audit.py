@@ -21,6 +21,7 @@ import pyarrow as pa
 from trace_assets.raw.chain import RAW_ASSET_KEYS
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.failures import as_dagster_failure
+from trace_resources.registry import DEFAULT_OWNER
 from trace_resources.resources import StateStoreResource
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
@@ -97,6 +98,7 @@ def audit_batch(read: ReadModel, limit: int = MAX_VERSIONS_PER_RUN) -> Partition
     name=AUDIT_DATASET,
     io_manager_key="dataset_io_manager",
     deps=RAW_ASSET_KEYS,
+    owners=[DEFAULT_OWNER],
     description="One row per committed version of blocks, transactions and logs: range, "
     "version, attempt and run, rows and bytes, first and last block hash. Append-only; each "
     "committed raw version appears exactly once.",

@@ -20,9 +20,9 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
-from trace_assets.derived.assets import SCHEMA_CHECK
+from trace_assets.derived.assets import SCHEMA_CHECK, SCHEMA_CHECK_DESCRIPTION
 from trace_assets.partitions import block_ranges
-from trace_assets.quality import RuleOutcome, check_results, evaluate_rules
+from trace_assets.quality import RuleOutcome, check_results, evaluate_rules, rule_check_specs
 from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.registry import DatasetDeclaration, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -204,9 +204,9 @@ def raw_check_specs(decl: DatasetDeclaration) -> list[dg.AssetCheckSpec]:
     """The checks of a raw dataset: its declared rules and the schema check. They run in the
     raw datasets' own step, after the commit (`raw_check_results`)."""
     return [
-        dg.AssetCheckSpec(rule.name, asset=decl.name, blocking=rule.blocking)
-        for rule in decl.quality
-    ] + [dg.AssetCheckSpec(SCHEMA_CHECK, asset=decl.name)]
+        *rule_check_specs(decl),
+        dg.AssetCheckSpec(SCHEMA_CHECK, asset=decl.name, description=SCHEMA_CHECK_DESCRIPTION),
+    ]
 
 
 def raw_check_results(
@@ -243,8 +243,7 @@ def _build_schema_check(decl: DatasetDeclaration) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=decl.name,
         name=SCHEMA_CHECK,
-        description="the committed schema "
-        "equals the declaration; shows every registered schema version and drift",
+        description=SCHEMA_CHECK_DESCRIPTION,
     )
     def _check(state: StateStoreResource) -> dg.AssetCheckResult:
         return schema_check_result(decl, state.versions().read)

@@ -31,6 +31,7 @@ from trace_resources.registry import (
     RegexRule,
     SqlRule,
     UniqueRule,
+    check_description,
 )
 
 __all__ = [
@@ -39,7 +40,9 @@ __all__ = [
     "RuleOutcome",
     "evaluate_rule",
     "evaluate_rules",
+    "check_description",
     "check_results",
+    "rule_check_specs",
     "gate",
     "merge_outcomes",
 ]
@@ -297,6 +300,21 @@ def _evaluate_grouped(
         rows_by_partition={str(k): t.num_rows for k, t in tables.items()},
         examples_by_partition=by_key,
     )
+
+
+def rule_check_specs(decl: DatasetDeclaration) -> list[dg.AssetCheckSpec]:
+    """An asset check per declared rule, described in words (`check_description`, the text
+    `trace docs` shows) with the rule as declared kept as metadata."""
+    return [
+        dg.AssetCheckSpec(
+            name=rule.name,
+            asset=decl.name,
+            blocking=rule.blocking,
+            description=check_description(decl, rule),
+            metadata={"trace/rule": dg.MetadataValue.json(rule.model_dump(mode="json"))},
+        )
+        for rule in decl.quality
+    ]
 
 
 def check_results(asset: str, outcomes: Iterable[RuleOutcome]) -> list[dg.AssetCheckResult]:

@@ -34,6 +34,7 @@ __all__ = [
     "DATASETS_DIR",
     "ARROW_TYPES",
     "Column",
+    "DEFAULT_OWNER",
     "DatasetDeclaration",
     "DeclarationError",
     "Rule",
@@ -43,6 +44,7 @@ __all__ = [
     "load_declarations",
     "impacted_datasets",
     "catalogue_markdown",
+    "check_description",
     "public_declared",
 ]
 
@@ -72,6 +74,11 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     )
 }
 _NAME = r"^[a-z][a-z0-9_]*$"
+# who answers for a dataset, shown as the asset's owner in the Dagster UI; Dagster accepts an
+# email address or a team name prefixed with `team:` (the same test as dagster's
+# `is_valid_owner`, kept here because the registry does not import Dagster)
+DEFAULT_OWNER = "team:data-platform"
+_OWNER = r"^(team:\S+|[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,7})$"
 
 
 class DeclarationError(TraceError):
@@ -185,6 +192,11 @@ class DatasetDeclaration(_Strict):
     name: Annotated[str, Field(pattern=_NAME)]
     kind: Literal["raw", "derived"]
     description: str = Field(min_length=1)
+    owner: str = Field(
+        default=DEFAULT_OWNER,
+        description="who answers for the dataset: an email address or `team:<name>` (the "
+        "asset's owner in the Dagster UI)",
+    )
     upstream: list[str] = Field(default_factory=list, description="datasets it reads")
     partitioning: Literal["block_range", "none"]
     commit_mode: Literal["replace", "append"]
@@ -206,6 +218,16 @@ class DatasetDeclaration(_Strict):
     )
     # where it came from, for error messages (not part of the YAML)
     source_file: str = Field(default="", exclude=True)
+
+    @field_validator("owner")
+    @classmethod
+    def _owner_dagster_accepts(cls, value: str) -> str:
+        if not re.fullmatch(_OWNER, value):
+            raise ValueError(
+                f"{value!r} is neither an email address nor a team name prefixed with 'team:' "
+                f"(e.g. {DEFAULT_OWNER})"
+            )
+        return value
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -458,6 +480,7 @@ def catalogue_markdown(decls: dict[str, DatasetDeclaration] | None = None) -> st
         out += [f"## {name}", "", d.description.strip(), ""]
         out += [
             f"- kind: {d.kind}; partitioning: {d.partitioning}; commit mode: {d.commit_mode}",
+            f"- owner: {d.owner}",
             f"- upstream: {', '.join(d.upstream) or 'none (extracted from the chain)'}",
         ]
         if d.row_filter:
@@ -471,11 +494,59 @@ def catalogue_markdown(decls: dict[str, DatasetDeclaration] | None = None) -> st
             )
         if d.quality:
             out += ["", "Quality rules:", ""]
-            for r in d.quality:
-                gate = "blocking" if r.blocking else "warning"
-                out.append(
-                    f"- `{r.name}` ({r.kind}, {gate}, threshold {r.threshold:g})"
-                    + (f": {r.description}" if r.description else "")
-                )
+            out += [f"- `{r.name}`: {check_description(d, r)}" for r in d.quality]
         out.append("")
     return "\n".join(out)
+
+
+def _columns(names: Sequence[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _rule_assertion(decl: DatasetDeclaration, rule: Any) -> str:
+    """What a rule asserts, in words (the rule's own `description` says why, when given)."""
+    if isinstance(rule, NotNullRule):
+        return f"{_columns(rule.columns)} {'is' if len(rule.columns) == 1 else 'are'} never null"
+    if isinstance(rule, UniqueRule):
+        key = _columns(rule.columns)
+        same = "the same " if len(rule.columns) == 1 else ""
+        return f"no two rows of {decl.name} share {same}{key}"
+    if isinstance(rule, RangeRule):
+        column = f"`{rule.column}`"
+        if rule.min is not None and rule.max is not None:
+            return f"{column} is between {rule.min:g} and {rule.max:g}"
+        if rule.min is not None:
+            return f"{column} is at least {rule.min:g}"
+        if rule.max is not None:
+            return f"{column} is at most {rule.max:g}"
+        return f"{column} has no bounds (the rule never fails)"
+    if isinstance(rule, RegexRule):
+        return f"every `{rule.column}` matches the pattern `{rule.pattern}` in full"
+    if isinstance(rule, SqlRule):
+        return f"no row is returned by `{' '.join(rule.query.split())}`"
+    return "every block's parent hash is the hash of the block before it"
+
+
+def check_description(decl: DatasetDeclaration, rule: Any) -> str:
+    """One rule in words: what it asserts, why (its declared description), whether it blocks
+    and what error rate it tolerates. `trace docs` lists a dataset's rules with this text and
+    the asset checks built from them carry it as their description in the Dagster UI, so the
+    two always agree."""
+    what = _rule_assertion(decl, rule)
+    if isinstance(rule, ChainContinuityRule) and rule.description:
+        what = rule.description  # says the same, in the declaration's own words
+    elif rule.description:
+        what = f"{rule.description}: {what}"
+    if not rule.blocking:
+        gate = "warning: a failure is reported, nothing is stopped"
+    elif decl.kind == "derived":
+        gate = "blocking: a failure stops the commit"
+    else:
+        gate = "blocking: a failure stops the datasets derived from it"
+    tolerance = (
+        f"fails when more than {rule.threshold * 100:g}% of the rows fail"
+        if rule.threshold
+        else "fails on any failing row"
+    )
+    return f"{what[:1].upper()}{what[1:]} ({rule.kind} rule; {gate}; {tolerance})"

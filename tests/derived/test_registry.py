@@ -19,6 +19,7 @@ from trace_resources.registry import (
     DeclarationError,
     catalogue,
     catalogue_markdown,
+    check_description,
     declarations,
     load_declarations,
 )
@@ -48,6 +49,12 @@ def test_assets_carry_their_declarations() -> None:
         # the datasets the head follower appends to
         head = {"head_freshness"} if decl.name in HEAD_DATASETS else set()
         assert checks == {r.name for r in decl.quality} | {"schema_matches_declaration"} | head
+        assert node.owners == [decl.owner]
+        for rule in decl.quality:  # described in words, as `trace docs` lists the rule
+            spec = graph.get_check_spec(dg.AssetCheckKey(dg.AssetKey(decl.name), rule.name))
+            assert spec.description == check_description(decl, rule)
+            assert f"- `{rule.name}`: {spec.description}" in catalogue_markdown()
+            assert '"kind"' not in spec.description  # no JSON dump of the rule
         if decl.kind == "derived":
             assert node.description == decl.description
             assert set(node.parent_keys) == {dg.AssetKey(u) for u in decl.upstream}
@@ -122,6 +129,14 @@ def _mutate(tmp: Path, name: str, old: str, new: str, marker: str) -> tuple[Path
         ),
         (
             "contracts",
+            "owner: team:data-platform",
+            "owner: data platform",
+            "data platform",
+            "owner",
+            "neither an email address nor a team name prefixed with 'team:'",
+        ),
+        (
+            "contracts",
             "upstream: [transactions]",
             "upstream: [transactions, receipts]",
             "transactions, receipts",
@@ -159,9 +174,10 @@ def test_missing_field_and_yaml_syntax_errors(tmp_path: Path) -> None:
     with pytest.raises(DeclarationError, match=rf"{path}:1: partitioning: Field required"):
         load_declarations(tmp_path)
     lines = text.splitlines()
-    lines[14] = lines[14].replace("{name:", "{name: [")
+    broken = next(i for i, line in enumerate(lines) if "{name:" in line)
+    lines[broken] = lines[broken].replace("{name:", "{name: [")
     path = _write(tmp_path, "contracts", "\n".join(lines))
-    with pytest.raises(DeclarationError, match=rf"{path}:15: invalid YAML"):
+    with pytest.raises(DeclarationError, match=rf"{path}:{broken + 1}: invalid YAML"):
         load_declarations(tmp_path)
     path = _write(tmp_path, "contracts", text.replace("format_version: 1", "format_version: 2"))
     with pytest.raises(DeclarationError, match=rf"{path}:1: format_version: 2 is not supported"):
@@ -185,6 +201,11 @@ def test_catalogue_and_docs_command(tmp_path: Path) -> None:
     assert out.read_text() == catalogue_markdown()
     text = out.read_text()
     assert "## token_daily_volume" in text
+    assert "- owner: team:data-platform" in text
+    assert (
+        "- `transaction_index_plausible`: `transaction_index` is between 0 and 100000 (range "
+        "rule; blocking: a failure stops the commit; fails on any failing row)" in text
+    )
     assert (
         "| `from_address` | binary | no | sender (20 bytes); the zero address for mints | "
         "logs.topic1 |" in text

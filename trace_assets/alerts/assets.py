@@ -31,7 +31,7 @@ from trace_resources.alert_pipeline.resource import (
 )
 from trace_resources.alert_pipeline.rules import ALERT_DATASETS, CustomSql, StoredRule
 from trace_resources.failures import as_dagster_failure
-from trace_resources.registry import declarations
+from trace_resources.registry import DEFAULT_OWNER, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader
 
@@ -99,6 +99,7 @@ def evaluate_partition(
             automation_condition=dg.AutomationCondition.eager(),
             group_name="alerts",
             kinds={"sqs", "postgres"},
+            owners=[DEFAULT_OWNER],
         )
     ],
     partitions_def=block_ranges,

@@ -20,7 +20,13 @@ from dagster_shared.utils.warnings import BetaWarning
 
 from trace_assets.derived import transforms
 from trace_assets.partitions import block_ranges
-from trace_assets.quality import QualityGateError, check_results, evaluate_rules, gate
+from trace_assets.quality import (
+    QualityGateError,
+    check_results,
+    evaluate_rules,
+    gate,
+    rule_check_specs,
+)
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -39,9 +45,14 @@ __all__ = [
     "rollup_update",
     "ROLLUP_UPDATES",
     "SCHEMA_CHECK",
+    "SCHEMA_CHECK_DESCRIPTION",
 ]
 
 SCHEMA_CHECK = "schema_matches_declaration"
+SCHEMA_CHECK_DESCRIPTION = (
+    "The committed schema equals the declaration; shows every registered schema version and "
+    "its drift (added, removed, retyped columns)"
+)
 
 # dataset -> transform over its upstream tables (passed by dataset name)
 PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
@@ -89,19 +100,6 @@ def dataset_metadata(decl: DatasetDeclaration) -> dict[str, Any]:
     if decl.kind == "derived":
         metadata["dagster/column_lineage"] = column_lineage(decl)
     return metadata
-
-
-def check_specs(decl: DatasetDeclaration) -> list[dg.AssetCheckSpec]:
-    return [
-        dg.AssetCheckSpec(
-            name=rule.name,
-            asset=decl.name,
-            blocking=rule.blocking,
-            description=f"{rule.kind} rule (threshold {rule.threshold:g}): "
-            + (rule.description or rule.model_dump_json(exclude={"name", "description"})),
-        )
-        for rule in decl.quality
-    ]
 
 
 def _quality_failure(exc: QualityGateError, outcomes: list[Any]) -> dg.Failure:
@@ -164,7 +162,8 @@ def _decorate(
         backfill_policy=dg.BackfillPolicy.single_run(),
         io_manager_key="dataset_io_manager",
         metadata=dataset_metadata(decl),
-        check_specs=check_specs(decl),
+        check_specs=rule_check_specs(decl),
+        owners=[decl.owner],
         automation_condition=dg.AutomationCondition.eager(),
         group_name="derived",
         kinds={"parquet", "s3"},
@@ -322,7 +321,8 @@ def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
         deps=decl.upstream,
         io_manager_key="dataset_io_manager",
         metadata=dataset_metadata(decl),
-        check_specs=check_specs(decl),
+        check_specs=rule_check_specs(decl),
+        owners=[decl.owner],
         # catch-up by design: whatever changed upstream since the last run is folded in
         automation_condition=(
             dg.AutomationCondition.any_deps_updated().since_last_handled()

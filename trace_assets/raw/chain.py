@@ -100,6 +100,7 @@ RAW_DECLARATIONS = {name: declarations()[name] for name in RAW_DATASETS}
                 COMMIT_MODE_METADATA: "replace",
             },
             kinds={"parquet", "s3"},
+            owners=[declarations()[name].owner],
         )
         for name in RAW_DATASETS
     },

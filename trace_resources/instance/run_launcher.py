@@ -15,9 +15,10 @@ pool (its runs under way finish on the code they started with).
 
 One pool server per Python executable named by the runs' code origins, started on the first
 launch and stopped (stdin closed) when the launcher is disposed of. Runs it has started keep
-running if the launching process stops. The worker's pid and host are stored as run tags, so
-`terminate` works from any process on the host (the webserver's Terminate button): it sends the
-run's process SIGINT, which Dagster's run worker turns into a clean cancellation.
+running if the launching process stops. The worker's pid and host are stored as a run tag
+(`WORKER_TAG`, hidden from the UI), so `terminate` works from any process on the host (the
+webserver's Terminate button): it sends the run's process SIGINT, which Dagster's run worker
+turns into a clean cancellation.
 """
 
 from __future__ import annotations
@@ -42,11 +43,17 @@ from dagster._core.launcher.base import (
     WorkerStatus,
 )
 from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.tags import HIDDEN_TAG_PREFIX
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import ConfigurableClass, serialize_value
 from dagster._serdes.config_class import ConfigurableClassData
 
-WORKER_TAG = "trace/run_worker"
+# Dagster hides run tags under `.dagster/` from the UI and the GraphQL API (`TagType.HIDDEN`),
+# as dagster-aws's ECS launcher does with its `.dagster/eni_id`: where a run's process lives is
+# the launcher's business, not the operator's. (`.dagster/run_worker` itself is Dagster's.)
+WORKER_TAG = f"{HIDDEN_TAG_PREFIX}trace/run_worker"
+# runs launched before the tag was hidden carry it here; still read, so they stay terminable
+_LEGACY_WORKER_TAG = "trace/run_worker"
 
 # imported once by the pool server (the project's modules last: a change to their files
 # replaces the pool, see `source_signature`)
@@ -254,7 +261,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         )
 
     def _worker(self, run: DagsterRun) -> int | None:
-        raw = run.tags.get(WORKER_TAG)
+        raw = run.tags.get(WORKER_TAG) or run.tags.get(_LEGACY_WORKER_TAG)
         if not raw:
             return None
         info = json.loads(raw)

@@ -137,7 +137,12 @@ class ObjectStore:
 
 
 def local_store(root: Path | str, bucket: str) -> ObjectStore:
-    """A bucket as a folder `root/bucket`, created if missing."""
+    """A bucket as a folder `root/bucket`, created if missing.
+
+    Its URIs (`uri()`, the `trace/uri` metadata in the Dagster UI) are the folder's `file://`
+    URIs, ending in the bucket and key as an S3 URI does (`.../trace-datasets/blocks/`): there
+    is no bucket service to name instead, and it is the form DuckDB, pyarrow and a browser open.
+    """
     folder = Path(root).resolve() / bucket
     folder.mkdir(parents=True, exist_ok=True)
     return ObjectStore(pafs.LocalFileSystem(), str(folder), folder.as_uri())
