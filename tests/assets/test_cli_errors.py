@@ -149,6 +149,7 @@ def test_storage_and_access_commands_refuse_unknown_names(
     )
     refused(run(capsys, "token", "issue", "--org", "Acme!", "--subject", "a"), "'Acme!'")
     refused(run(capsys, "token", "revoke", "not-a-token-id"), "'not-a-token-id'", "UUID")
+    refused(run(capsys, "token", "keygen", "--kid", "bad kid!"), "'bad kid!'", "key id")
 
     # files: a rule file and an output directory that do not exist
     refused(run(capsys, "alerts", "rule", "create", str(tmp_path / "no.yaml")), "no.yaml")
@@ -161,7 +162,10 @@ def test_storage_and_access_commands_refuse_unknown_names(
 
 
 def test_alert_commands_refuse_unknown_names(
-    lake: StateStoreResource, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    lake: StateStoreResource,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refused(run(capsys, "alerts", "rule", "list", "--org", "acmee"), "'acmee'", "acme")
     refused(run(capsys, "alerts", "rule", "disable", "acme", "big"), "'big'", "big-transfers")
@@ -185,6 +189,9 @@ def test_alert_commands_refuse_unknown_names(
         "no committed block range",
     )
     assert f"{KEYS[0]} .. {KEYS[2]} (3 range(s))" in line
+
+    monkeypatch.setenv("TRACE_SECRETS_KEYS", "no-key-here")
+    refused(run(capsys, "secrets", "rotate"), "TRACE_SECRETS_KEYS", "'no-key-here'")
 
 
 # -- missing services, through the installed command --------------------------------------

@@ -89,9 +89,16 @@ def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_token_keygen(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.tokens import generate_key
+    from trace_resources.errors import ConfigError
+    from trace_resources.tokens import Keyring, generate_key
 
     entry, public = generate_key(args.kid, args.alg)
+    try:
+        Keyring.parse(entry)  # as the services will parse it
+    except ConfigError:
+        raise CliError(
+            f"--kid {args.kid!r} is not a key id: letters, digits, '.', '_' or '-', at most 64"
+        ) from None
     sys.stdout.write(entry + "\n")
     if public:
         sys.stderr.write(f"verify-only entry for services that do not issue tokens: {public}\n")

@@ -44,12 +44,20 @@ def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
     from trace_assets.definitions import build_resources
     from trace_assets.lineage import launch_impacted
     from trace_assets.partitions import block_ranges
+    from trace_resources.registry import declarations
 
     with dg.DagsterInstance.get() as instance:
+        assert block_ranges.name is not None  # a dynamic partitions definition's name
         known = instance.get_dynamic_partitions(block_ranges.name)
         for key in args.partition or ():
             if key not in known:
                 raise unknown("block range", key, known, where="of the Dagster instance")
+        partitioned = [d for d in impacted if declarations()[d].partitioning == "block_range"]
+        if partitioned and not known:
+            raise CliError(
+                f"{', '.join(partitioned)} are partitioned by block range, and the Dagster "
+                "instance has no block ranges yet: run `trace partitions sync`"
+            )
         results = launch_impacted(
             list(impacted), args.partition, build_resources(settings), instance
         )

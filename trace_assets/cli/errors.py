@@ -95,24 +95,18 @@ def _trace_error(exc: BaseException) -> str | None:
 
 def _settings_error(exc: BaseException) -> str | None:
     from pydantic import ValidationError
-    from pydantic_settings import BaseSettings
 
-    if not isinstance(exc, ValidationError) or not isinstance(exc.title, str):
-        return None
-    if exc.title not in {c.__name__ for c in _settings_classes(BaseSettings)}:
+    from trace_resources.settings import Settings
+
+    settings_classes = {Settings.__name__, *(c.__name__ for c in Settings.__subclasses__())}
+    if not isinstance(exc, ValidationError) or exc.title not in settings_classes:
         return None
     problems = []
     for error in exc.errors():
         field = "_".join(str(p) for p in error["loc"]).upper()
-        problems.append(f"TRACE_{field}: {error['msg'].removeprefix('Value error, ')}")
+        text = error["msg"].removeprefix("Value error, ")
+        problems.append(f"TRACE_{field}: {text}" if field else text)
     return f"invalid setting: {'; '.join(problems)} (see trace_resources/settings.py)"
-
-
-def _settings_classes(base: type) -> list[type]:
-    found = []
-    for sub in base.__subclasses__():
-        found += [sub, *_settings_classes(sub)]
-    return found
 
 
 def _database_error(exc: BaseException) -> str | None:
