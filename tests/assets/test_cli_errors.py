@@ -100,7 +100,10 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
 
 
 def test_storage_and_access_commands_refuse_unknown_names(
-    lake: StateStoreResource, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    lake: StateStoreResource,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     datasets = ["blocks", "logs", "org_acme__labels"]  # listed (declared or committed)
     # versions: dataset, partition (closest keys); a known one prints an aligned table
@@ -116,6 +119,17 @@ def test_storage_and_access_commands_refuse_unknown_names(
     starts = [rows[0].index("version"), rows[0].index("mode")]
     for row in rows[1:]:
         assert [row.index(" v") + 1, row.index(" replace") + 1] == starts, listed.out
+
+    # datasets: aligned, numbers right-aligned; without the chain the lag is unknown ("-")
+    monkeypatch.setenv("TRACE_RPC_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TRACE_RPC_MAX_ATTEMPTS", "1")
+    summary = run(capsys, "datasets")
+    assert summary.code == 0 and "lag unknown" in summary.err
+    header, *rows = summary.out.splitlines()
+    assert header.split()[:5] == ["dataset", "partitions", "rows", "bytes", "versions"]
+    by_name = {row.split()[0]: row for row in rows}
+    assert by_name["blocks"].split()[1:3] == ["3", "15"] and by_name["blocks"].split()[5] == "-"
+    assert {len(row) for row in rows} == {len(header)}  # every column ends where its header does
 
     # gc, staging-cleanup, compact: --dataset and partitions; sealed partitions are named
     refused(run(capsys, "gc", "--dataset", "blocks", "--dataset", "nope"), "'nope'", *datasets)

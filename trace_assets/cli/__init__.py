@@ -2,7 +2,8 @@
 one module per command group: `chain` (head, partitions sync), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq) and
-`secrets` (secrets rotate).
+`secrets` (secrets rotate); `errors` says how a command fails and `console` prints its
+tables and progress.
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
 or trace_sensors (the contracts in pyproject.toml). The command modules import their heavy

@@ -163,7 +163,9 @@ def _not_removable(
     known = known_datasets(versions)
     if dataset not in known:
         return unknown("dataset", dataset, known)
-    return unknown("published dataset", dataset, added, where="(added with `trace public add`)")
+    return unknown(
+        "published dataset", dataset, added, hint="only those added with `trace public add`"
+    )
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

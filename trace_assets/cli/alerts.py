@@ -40,7 +40,9 @@ def _check_channel(store: RuleStore, channel: str | None) -> None:
         return
     channels = {f"{s.rule.org}/{c.name}" for s in store.latest() for c in s.rule.channels}
     if channel not in channels:
-        raise unknown("channel", channel, channels, where="of alert rules ('<org>/<name>')")
+        raise unknown(
+            "channel", channel, channels, where="of the alert rules", hint="named '<org>/<name>'"
+        )
 
 
 def cmd_alert_rule(settings: Settings, args: argparse.Namespace) -> int:
@@ -165,7 +167,7 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         dead_keys = {d.dedupe_key for d in dlq.list_dead(engine, limit=2**31 - 1)}
         for key in args.key:
             if key not in dead_keys:
-                raise unknown("dead letter", key, dead_keys, where="(`trace dlq list`)")
+                raise unknown("dead letter", key, dead_keys, hint="`trace dlq list` lists them")
     count = dlq.replay(engine, keys=args.key or None, org=args.org, channel=args.channel)
     sys.stdout.write(f"replayed {count} dead letter(s): pending again\n")
     return 0

@@ -27,19 +27,23 @@ class CliError(TraceError):
     """An operator's mistake a command found (an unknown name, a missing setting): one line."""
 
 
-def unknown(kind: str, name: str, existing: Iterable[str], *, where: str = "") -> CliError:
+def unknown(
+    kind: str, name: str, existing: Iterable[str], *, where: str = "", hint: str = ""
+) -> CliError:
     """`unknown dataset 'blockz'; datasets: blocks, logs, transactions` (or, when there are many,
-    the closest matches), as the error to raise."""
+    the closest matches), as the error to raise; `where` qualifies the kind ("of blocks"),
+    `hint` ends the message."""
     names = sorted(set(existing))
-    plural = f"{kind}s" if not kind.endswith("s") else kind
+    plural = kind if kind.endswith("s") else f"{kind}s"
     place = f" {where}" if where else ""
+    end = f" ({hint})" if hint else ""
     if not names:
-        return CliError(f"unknown {kind} {name!r}{place}: there are no {plural}{place} yet")
+        return CliError(f"unknown {kind} {name!r}{place}: there are no {plural}{place} yet{end}")
     if len(names) <= _LIST_AT_MOST:
-        return CliError(f"unknown {kind} {name!r}{place}; {plural}{place}: {', '.join(names)}")
+        return CliError(f"unknown {kind} {name!r}{place}; {plural}{place}: {', '.join(names)}{end}")
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
-    return CliError(f"unknown {kind} {name!r}{place} (one of {len(names)} {plural}; {hint})")
+    found = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:5])}"
+    return CliError(f"unknown {kind} {name!r}{place} (one of {len(names)} {plural}; {found}){end}")
 
 
 def require_dagster_home() -> Path:
