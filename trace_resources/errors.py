@@ -16,6 +16,7 @@ __all__ = [
     "WrongChainIdError",
     "RangeNotFinalizedError",
     "RpcFaultError",
+    "RpcRefusedError",
     "RangeIncompleteError",
     "ChainContinuityError",
     "DatasetError",
@@ -69,6 +70,11 @@ class RpcFaultError(ChainError):
     """Transient RPC faults outlasted the retry budget."""
 
     permanent = False
+
+
+class RpcRefusedError(ChainError):
+    """The endpoint answered, but not as a JSON-RPC node of the chain does (HTTP 404, a
+    method it does not serve): a wrong TRACE_RPC_URL or node, which retrying cannot fix."""
 
 
 class RangeIncompleteError(ChainError):

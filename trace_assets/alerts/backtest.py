@@ -17,7 +17,7 @@ It publishes nothing: no buffer message, no Postgres row, no delivery.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -193,8 +193,10 @@ def backtest(
     default_rate_per_s: float,
     version: int = 0,
     examples: int = 5,
+    progress: Callable[[str], None] | None = None,
 ) -> BacktestReport:
-    """Evaluate `rule` over the current committed version of each range in `partitions`."""
+    """Evaluate `rule` over the current committed version of each range in `partitions`
+    (`progress(key)` after each range: the CLI's progress bar)."""
     scope.check(rule, f"{rule.org}/{rule.id}")
     stored = StoredRule(rule.model_copy(update={"enabled": True}), version)
     extra = [n for n in referenced(rule) if n not in ALERT_DATASETS]
@@ -213,6 +215,8 @@ def backtest(
         fallback = _range_time(data)
         for message in evaluation.messages:
             distinct.setdefault(message.dedupe_key, (_arrival(message, fallback), message))
+        if progress is not None:
+            progress(key)
     ordered = list(distinct.values())
     known = [at for at, _ in ordered if at is not None]
     start = min(known) if known else 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trace_assets.cli.errors import CliError, require_dagster_home, unknown
 from trace_resources.settings import Settings
 
 
@@ -25,6 +26,10 @@ def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.registry import impacted_datasets
 
+    if args.partition and not args.launch:
+        raise CliError("--partition chooses the ranges --launch redoes: give --launch too")
+    if args.launch:
+        require_dagster_home()
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
     impacted = impacted_datasets(args.dataset, columns)
     if not impacted:
@@ -38,8 +43,21 @@ def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
 
     from trace_assets.definitions import build_resources
     from trace_assets.lineage import launch_impacted
+    from trace_assets.partitions import block_ranges
+    from trace_resources.registry import declarations
 
     with dg.DagsterInstance.get() as instance:
+        assert block_ranges.name is not None  # a dynamic partitions definition's name
+        known = instance.get_dynamic_partitions(block_ranges.name)
+        for key in args.partition or ():
+            if key not in known:
+                raise unknown("block range", key, known, where="of the Dagster instance")
+        partitioned = [d for d in impacted if declarations()[d].partitioning == "block_range"]
+        if partitioned and not known:
+            raise CliError(
+                f"{', '.join(partitioned)} are partitioned by block range, and the Dagster "
+                "instance has no block ranges yet: run `trace partitions sync`"
+            )
         results = launch_impacted(
             list(impacted), args.partition, build_resources(settings), instance
         )
@@ -52,11 +70,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     docs = commands.add_parser(
         "docs", help="write the dataset catalogue (Markdown) from the declarations"
     )
-    docs.add_argument("--output", default="-", help="file to write (default: stdout)")
-    docs.set_defaults(func=cmd_docs)
-    lineage = commands.add_parser("lineage", help="column lineage").add_subparsers(
-        dest="action", required=True
+    docs.add_argument(
+        "--output", default="-", metavar="FILE", help="file to write (default -: stdout)"
     )
+    docs.set_defaults(func=cmd_docs)
+    lineage = commands.add_parser(
+        "lineage", help="column lineage between the declared datasets"
+    ).add_subparsers(dest="action", required=True)
     impacted = lineage.add_parser(
         "impacted",
         help="downstream datasets that read the given columns (and --launch them)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trace_assets.cli.errors import require_dagster_home
 from trace_resources.settings import Settings
 
 
@@ -41,6 +42,7 @@ def cmd_partitions_sync(settings: Settings, args: argparse.Namespace) -> int:
 
     from trace_assets.partitions import add_finalized_partitions
 
+    require_dagster_home()
     client = _chain(settings)
     try:
         head = client.head()
@@ -56,12 +58,12 @@ def cmd_partitions_sync(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    commands.add_parser("head", help="chain id, latest and finalized block").set_defaults(
-        func=cmd_head
-    )
-    partitions = commands.add_parser("partitions", help="block-range partitions").add_subparsers(
-        dest="action", required=True
-    )
+    commands.add_parser(
+        "head", help="chain id, latest and finalized block of the node at TRACE_RPC_URL"
+    ).set_defaults(func=cmd_head)
+    partitions = commands.add_parser(
+        "partitions", help="block-range partitions of the Dagster instance"
+    ).add_subparsers(dest="action", required=True)
     partitions.add_parser(
         "sync", help="add every complete finalized range to the Dagster instance ($DAGSTER_HOME)"
     ).set_defaults(func=cmd_partitions_sync)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trace_assets.cli.errors import SERVICES_UP, CliError
 from trace_resources.settings import Settings
 
 
@@ -31,9 +32,11 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 revision = migrations.current(dsns[database])
         except OperationalError as exc:
-            sys.stderr.write(f"trace db: Postgres {database} at {where}: {exc.orig}".rstrip())
-            sys.stderr.write(f"\n(is it running? is --{database}-dsn right?)\n")
-            return 2
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc
+            raise CliError(
+                f"Postgres {database} at {where} does not answer ({reason}): {SERVICES_UP}, "
+                f"or check --{database}-dsn / TRACE_{database.upper()}_DSN"
+            ) from exc
         head = migrations.head(database)
         if revision == head:
             status = "head"
@@ -63,7 +66,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     for sub in (upgrade, current):
         sub.add_argument(
-            "--database", choices=["state", "data", "all"], default="all", help="default: all"
+            "--database",
+            choices=["state", "data", "all"],
+            default="all",
+            help="which database (default: all)",
         )
         sub.add_argument("--state-dsn", help="Postgres state URL (default: TRACE_STATE_DSN)")
         sub.add_argument("--data-dsn", help="Postgres data URL (default: TRACE_DATA_DSN)")

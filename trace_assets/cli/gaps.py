@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from trace_assets.cli.errors import require_dagster_home
 from trace_resources.settings import Settings
 
 
@@ -21,6 +22,7 @@ def cmd_gaps(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.gaps import finalized_keys, find_gaps
     from trace_resources.storage.state import engine_for
 
+    require_dagster_home()
     client = _chain(settings)
     try:
         head = client.head()

@@ -10,19 +10,24 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from trace_assets.cli.console import progress, table
+from trace_assets.cli.errors import CliError, unknown
 from trace_resources.errors import TraceError
 from trace_resources.settings import Settings
 
 if TYPE_CHECKING:
+    from trace_resources.freshness import DatasetLag
     from trace_resources.storage.gc import GarbageCollector
     from trace_resources.storage.object_store import ObjectStore
+    from trace_resources.storage.read_model import DatasetSummary
     from trace_resources.storage.version_store import VersionStore
 
 
 def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.freshness import DatasetLag, dataset_lags
+    from trace_resources.chain.extract import ChainClient
+    from trace_resources.chain.rpc import RetryPolicy
+    from trace_resources.freshness import dataset_lags
     from trace_resources.registry import declarations
-    from trace_resources.resources import ChainResource
     from trace_resources.storage.read_model import ReadModel
     from trace_resources.storage.state import engine_for
 
@@ -36,14 +41,13 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     lags: dict[str, DatasetLag] = {}
     unreachable = None
     if block_range:
-        client = ChainResource(
-            rpc_url=settings.rpc_url,
-            chain_id=settings.chain_id,
-            range_size=settings.range_size,
+        # a short budget: the table is still useful without the chain
+        client = ChainClient(
+            settings.rpc_url,
+            settings.chain_id,
             timeout_s=min(settings.rpc_timeout_s, 5.0),
-            retry_budget_s=5.0,
-            max_attempts=2,
-        ).client()
+            retry=RetryPolicy(max_attempts=2, budget_s=5.0),
+        )
         try:
             lags = {lag.dataset: lag for lag in dataset_lags(read, client, block_range)}
         except TraceError as exc:  # the table is still useful without the chain
@@ -57,19 +61,13 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
         ]
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return 0
-    sys.stdout.write(
-        f"{'dataset':<18}{'partitions':>11}{'rows':>12}{'bytes':>14}{'versions':>10}"
-        f"{'head block':>12}{'lag blocks':>11}{'lag s':>7}\n"
+    table(
+        ["dataset", "partitions", "rows", "bytes", "versions", "head block", "lag blocks", "lag s"],
+        [_dataset_row(r, lags.get(r.dataset)) for r in rows],
+        right=["partitions", "rows", "bytes", "versions", "head block", "lag blocks", "lag s"],
     )
-    for r in rows:
-        lag = lags.get(r.dataset)
-        head = lag.head_block if lag and lag.head_block is not None else "-"
-        behind = lag.lag_blocks if lag and lag.lag_blocks is not None else "-"
-        seconds = f"{lag.lag_seconds:.0f}" if lag and lag.lag_seconds is not None else "-"
-        sys.stdout.write(
-            f"{r.dataset:<18}{r.partitions:>11}{r.rows:>12,}{r.bytes:>14,}{r.versions:>10}"
-            f"{head:>12}{behind:>11}{seconds:>7}\n"
-        )
+    if not rows:
+        sys.stderr.write("no dataset is committed yet\n")
     if lags:
         finalized = next(iter(lags.values())).finalized
         sys.stdout.write(
@@ -81,20 +79,84 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
-    from trace_resources.storage.read_model import ReadModel
-    from trace_resources.storage.state import engine_for
+def _dataset_row(r: DatasetSummary, lag: DatasetLag | None) -> list[object]:
+    return [
+        r.dataset,
+        r.partitions,
+        f"{r.rows:,}",
+        f"{r.bytes:,}",
+        r.versions,
+        lag.head_block if lag else None,
+        lag.lag_blocks if lag else None,
+        f"{lag.lag_seconds:.0f}" if lag and lag.lag_seconds is not None else None,
+    ]
 
-    for v in ReadModel(engine_for(settings.state_dsn)).version_history(
-        args.dataset, args.partition
-    ):
-        mark = "*" if v["current"] else " "
-        sys.stdout.write(
-            f"{mark} {v['partition_key']} v{v['version']:<4} {v['commit_mode']:<8} "
-            f"{v['row_count']:>10,} rows {v['byte_count']:>12,} bytes  "
-            f"{v['created_at']:%Y-%m-%d %H:%M:%S}\n"
-        )
+
+def known_datasets(versions: VersionStore) -> list[str]:
+    """Every dataset that exists: declared, or committed (or written to) under this state."""
+    from trace_resources.registry import declarations
+
+    return sorted(set(declarations()) | set(versions.retention.known_datasets()))
+
+
+def check_datasets(names: list[str] | None, versions: VersionStore) -> None:
+    """Refuse a dataset name that does not exist, listing those that do."""
+    if not names:
+        return
+    known = known_datasets(versions)
+    for name in names:
+        if name not in known:
+            raise unknown("dataset", name, known)
+
+
+def check_partitions(dataset: str, keys: list[str] | None, versions: VersionStore) -> None:
+    """Refuse a partition the dataset has never committed, naming the closest ones."""
+    if not keys:
+        return
+    existing = [p.partition_key for p in versions.read.partition_summaries([dataset])]
+    for key in keys:
+        if key not in existing:
+            raise unknown("partition", key, existing, where=f"of {dataset}")
+
+
+def cmd_versions(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage.state import engine_for
+    from trace_resources.storage.version_store import VersionStore
+
+    versions = VersionStore(engine_for(settings.state_dsn))
+    check_datasets([args.dataset], versions)
+    check_partitions(args.dataset, [args.partition] if args.partition else None, versions)
+    history = versions.read.version_history(args.dataset, args.partition)
+    if not history:
+        sys.stderr.write(f"{args.dataset} has no committed version yet\n")
+        return 0
+    table(
+        ["", "partition", "version", "mode", "rows", "bytes", "committed"],
+        [
+            [
+                "*" if v["current"] else "",
+                v["partition_key"],
+                f"v{v['version']}",
+                v["commit_mode"],
+                f"{v['row_count']:,}",
+                f"{v['byte_count']:,}",
+                f"{v['created_at']:%Y-%m-%d %H:%M:%S}",
+            ]
+            for v in history
+        ],
+        right=["rows", "bytes"],
+    )
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def _duration(text: str) -> timedelta:
@@ -136,13 +198,23 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.storage.compaction import Compactor
 
     store, versions = _stores(settings)
-    keys = args.partition or versions.read.open_partitions(args.dataset)
+    check_datasets([args.dataset], versions)
+    check_partitions(args.dataset, args.partition, versions)
+    open_keys = versions.read.open_partitions(args.dataset)
+    sealed = [key for key in args.partition or () if key not in open_keys]
+    if sealed:
+        raise CliError(
+            f"partition {sealed[0]} of {args.dataset} is sealed (replace mode): only open "
+            f"(append) partitions are compacted; open ones: {', '.join(open_keys) or 'none'}"
+        )
+    keys = args.partition or open_keys
     if not keys:
         sys.stdout.write(f"compact: {args.dataset} has no open partition\n")
-    with Compactor(store, versions) as compactor:
+    with Compactor(store, versions) as compactor, progress("compact", len(keys)) as bar:
         for key in keys:
             report = compactor.compact_open(args.dataset, key, min_segments=args.min_segments)
             sys.stdout.write(report.line() + "\n")
+            bar.advance(key)
     return 0
 
 
@@ -150,30 +222,41 @@ def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.storage.gc import GcPolicy
 
     policy = GcPolicy(keep_last=args.keep_last, older_than=args.older_than)
-    report = garbage_collector(settings).collect(
-        policy, apply=args.apply, datasets=args.dataset or None
-    )
+    collector = garbage_collector(settings)
+    check_datasets(args.dataset, collector.versions)
+    names = collector.datasets(args.dataset or None)
+    with progress("gc", len(names)) as bar:
+        report = collector.collect(policy, apply=args.apply, datasets=names, progress=bar.advance)
     for line in report.lines():
         sys.stdout.write(line + "\n")
     return 0
 
 
 def cmd_staging_cleanup(settings: Settings, args: argparse.Namespace) -> int:
-    report = garbage_collector(settings).cleanup_staging(
-        grace=args.grace, apply=args.apply, datasets=args.dataset or None
-    )
+    collector = garbage_collector(settings)
+    check_datasets(args.dataset, collector.versions)
+    names = collector.datasets(args.dataset or None)
+    with progress("staging-cleanup", len(names)) as bar:
+        report = collector.cleanup_staging(
+            grace=args.grace, apply=args.apply, datasets=names, progress=bar.advance
+        )
     for line in report.lines():
         sys.stdout.write(line + "\n")
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    datasets = commands.add_parser("datasets", help="committed datasets: partitions, rows, bytes")
-    datasets.add_argument("--json", action="store_true", help="print JSON")
+    datasets = commands.add_parser(
+        "datasets",
+        help="committed datasets: partitions, rows, bytes, versions, lag behind the chain",
+    )
+    datasets.add_argument("--json", action="store_true", help="print JSON instead of a table")
     datasets.set_defaults(func=cmd_datasets)
     versions = commands.add_parser("versions", help="version history of a dataset ('*': current)")
-    versions.add_argument("dataset")
-    versions.add_argument("--partition", help="one partition key")
+    versions.add_argument("dataset", help="a dataset name, e.g. logs (`trace datasets` lists them)")
+    versions.add_argument(
+        "--partition", metavar="KEY", help="only this partition, e.g. 000000000000-000000000249"
+    )
     versions.set_defaults(func=cmd_versions)
     gc = commands.add_parser(
         "gc",
@@ -186,7 +269,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gc.add_argument("--apply", action="store_true", help="remove (default: dry run)")
     gc.add_argument(
         "--keep-last",
-        type=int,
+        type=_positive,
         default=2,
         metavar="N",
         help="versions kept per partition, the current one included (default 2)",
@@ -229,11 +312,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "commit it as a new version; the rows are unchanged. Safe while appends land; a "
         "partition sealed meanwhile is left alone.",
     )
-    compact.add_argument("dataset")
-    compact.add_argument("--partition", action="append", help="only this partition (repeatable)")
+    compact.add_argument("dataset", help="the append-mode dataset to compact")
+    compact.add_argument(
+        "--partition", action="append", metavar="KEY", help="only this open partition (repeatable)"
+    )
     compact.add_argument(
         "--min-segments",
-        type=int,
+        type=_positive,
         default=1,
         metavar="N",
         help="compact only partitions with at least N live segments (default 1)",

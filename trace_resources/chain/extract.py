@@ -31,6 +31,7 @@ from trace_resources.errors import (
     RangeIncompleteError,
     RangeNotFinalizedError,
     RpcFaultError,
+    RpcRefusedError,
     RpcUnreachableError,
     UnknownDatasetError,
     WrongChainIdError,
@@ -246,7 +247,7 @@ class ChainClient:
                 [[hex(n), False] for n in numbers],
                 retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
             )
-        except (RpcFaultError, RpcUnreachableError):
+        except (RpcFaultError, RpcRefusedError, RpcUnreachableError):
             return
         report = VerificationReport(block_range)
         report.add(

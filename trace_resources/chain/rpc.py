@@ -23,7 +23,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from trace_resources.errors import RpcFaultError, RpcUnreachableError
+from trace_resources.errors import (
+    ConfigError,
+    RpcFaultError,
+    RpcRefusedError,
+    RpcUnreachableError,
+)
 
 __all__ = ["JsonRpcClient", "JsonRpcError", "RetryPolicy"]
 
@@ -79,7 +84,24 @@ def _is_transient(exc: BaseException) -> bool:
         return exc.transient
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code == 429 or exc.response.status_code >= 500
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return False
     return isinstance(exc, httpx.TransportError | _MissingResult)
+
+
+def _refusal(url: str, method: str, exc: Exception) -> str:
+    """What a permanent refusal (HTTP 4xx but 429, a JSON-RPC error that is not load) says."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return (
+            f"the endpoint {url} answered {method} with HTTP {status} "
+            f"{exc.response.reason_phrase}: it is not a JSON-RPC node (or refuses Trace); "
+            "check TRACE_RPC_URL (e.g. http://127.0.0.1:18545) and its credentials"
+        )
+    return (
+        f"the JSON-RPC endpoint {url} refused {method}: {exc}; it does not serve what Trace "
+        "needs: point TRACE_RPC_URL at a full node of the chain"
+    )
 
 
 class _MissingResult(Exception):
@@ -133,6 +155,11 @@ class JsonRpcClient:
             for attempt in retry.retrying(_is_transient):
                 with attempt:
                     return self._send(method, params_list)
+        except httpx.UnsupportedProtocol as exc:
+            raise ConfigError(
+                f"the JSON-RPC URL {self.url!r} is not an http(s) URL ({exc}); set "
+                "TRACE_RPC_URL to e.g. http://127.0.0.1:18545"
+            ) from exc
         except httpx.TransportError as exc:
             raise RpcUnreachableError(
                 f"the JSON-RPC endpoint {self.url} did not answer {method} "
@@ -140,13 +167,20 @@ class JsonRpcClient:
                 f"within {retry.budget_s:.0f} s; check that the node is running and that "
                 "TRACE_RPC_URL points at it"
             ) from exc
-        except (httpx.HTTPStatusError, JsonRpcError, _MissingResult) as exc:
-            raise RpcFaultError(
-                f"the JSON-RPC endpoint {self.url} kept failing {method}: {exc}; "
-                "it may be rate limiting or overloaded: lower TRACE_RPC_REQUESTS_PER_SECOND "
-                "or TRACE_RPC_MAX_CONCURRENT_REQUESTS, or retry later"
-            ) from exc
+        except (httpx.HTTPStatusError, JsonRpcError) as exc:
+            if _is_transient(exc):
+                raise self._fault(method, exc) from exc
+            raise RpcRefusedError(_refusal(self.url, method, exc)) from exc
+        except _MissingResult as exc:
+            raise self._fault(method, exc) from exc
         raise AssertionError("unreachable: tenacity reraises")
+
+    def _fault(self, method: str, exc: Exception) -> RpcFaultError:
+        return RpcFaultError(
+            f"the JSON-RPC endpoint {self.url} kept failing {method}: {exc}; "
+            "it may be rate limiting or overloaded: lower TRACE_RPC_REQUESTS_PER_SECOND "
+            "or TRACE_RPC_MAX_CONCURRENT_REQUESTS, or retry later"
+        )
 
     def _send(self, method: str, params_list: Sequence[Sequence[Any]]) -> list:
         ids = [next(self._ids) for _ in params_list]

@@ -23,7 +23,7 @@ period) are the models; the logic is here, the SQL in `retention.py`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -135,10 +135,20 @@ class GarbageCollector:
 
     # -- superseded versions ---------------------------------------------------------------
 
+    def datasets(self, datasets: Sequence[str] | None = None) -> list[str]:
+        """The datasets `collect` and `cleanup_staging` go through (all known, or these)."""
+        return list(datasets) if datasets is not None else self.versions.retention.known_datasets()
+
     def collect(
-        self, policy: GcPolicy, *, apply: bool = False, datasets: Sequence[str] | None = None
+        self,
+        policy: GcPolicy,
+        *,
+        apply: bool = False,
+        datasets: Sequence[str] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> GcReport:
-        names = list(datasets) if datasets is not None else self.versions.retention.known_datasets()
+        """`progress(dataset)` is called after each dataset (the CLI's progress bar)."""
+        names = self.datasets(datasets)
         removed: list[RemovedVersion] = []
         for name in names:
             removed += self.versions.retention.remove_versions(
@@ -147,6 +157,8 @@ class GarbageCollector:
                 older_than_s=policy.older_than.total_seconds(),
                 apply=apply,
             )
+            if progress is not None:
+                progress(name)
         if not apply:
             pending = [key for key, _ in self.versions.retention.queued_files(names)]
             files = [f.key for v in removed for f in v.files]
@@ -175,8 +187,10 @@ class GarbageCollector:
         grace: timedelta = timedelta(hours=1),
         apply: bool = False,
         datasets: Sequence[str] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> CleanupReport:
-        names = list(datasets) if datasets is not None else self.versions.retention.known_datasets()
+        """`progress(dataset)` is called after each dataset (the CLI's progress bar)."""
+        names = self.datasets(datasets)
         report = CleanupReport(applied=apply)
         report.abandoned = self.versions.attempts.expire_leases(apply=apply, datasets=names)
         if apply:
@@ -190,6 +204,8 @@ class GarbageCollector:
             if apply and doomed:
                 self.store.delete([item.key for item in doomed])
             report.removed += doomed
+            if progress is not None:
+                progress(name)
         return report
 
     def _classify(
