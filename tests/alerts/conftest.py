@@ -55,12 +55,26 @@ class Hit:
 @dataclass
 class Receiver:
     """Answers by path: /ok, /fail (500), /slow (0.3 s), /hang (5 s), /toggle (500 until
-    `healthy`). Records every request it finished reading."""
+    `healthy`), /status/<code> (that code); a path given answers by `script` answers them
+    first, in order. Records every request it finished reading."""
 
     port: int = 0
     hits: list[Hit] = field(default_factory=list)
     healthy: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # path -> (status, headers) answered before the path's usual answer, first one first
+    script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+
+    def answer(self, path: str) -> tuple[int, dict[str, str]]:
+        with self.lock:
+            queued = self.script.get(path)
+            if queued:
+                return queued.pop(0)
+        if path == "/fail" or (path == "/toggle" and not self.healthy):
+            return 500, {}
+        if path.startswith("/status/"):
+            return int(path.rsplit("/", 1)[1]), {}
+        return 200, {}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -91,15 +105,15 @@ def receiver() -> Iterator[Receiver]:
             hit = Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
             with state.lock:
                 state.hits.append(hit)
-            status = 200
-            if self.path == "/fail" or (self.path == "/toggle" and not state.healthy):
-                status = 500
-            elif self.path == "/slow":
+            status, headers = state.answer(self.path)
+            if self.path == "/slow":
                 time.sleep(0.3)
             elif self.path == "/hang":
                 time.sleep(5)
             try:
                 self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -288,13 +302,15 @@ class Mail:
 
 @dataclass
 class MailServer:
-    """aiosmtpd on 127.0.0.1:port. Refuses every recipient (550) until `healthy`; records
+    """aiosmtpd on 127.0.0.1:port. Refuses every recipient (`refuse_code`: 550, a permanent
+    refusal, or e.g. 450, a temporary one) until `healthy`; records
     every message it accepted; with a TLS context, offers STARTTLS with that certificate and
     requires AUTH (user `trace`, password `MAIL_PASSWORD`), or with `implicit_tls` speaks TLS
     from the first byte (no AUTH)."""
 
     port: int
     healthy: bool = True
+    refuse_code: int = 550
     mails: list[Mail] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -314,7 +330,7 @@ class MailServer:
                 self, server: Any, session: Any, envelope: Any, address: str, options: Any
             ) -> str:
                 if not state.healthy:
-                    return "550 5.1.1 mailbox unavailable"
+                    return f"{state.refuse_code} mailbox unavailable"
                 envelope.rcpt_tos.append(address)
                 return "250 OK"
 

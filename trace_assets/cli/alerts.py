@@ -95,7 +95,8 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
         for d in dead:
             sys.stdout.write(
                 f"{d.dedupe_key} {d.channel} attempts={d.attempts} replays={d.replays} "
-                f"dead_at={d.dead_at:%Y-%m-%dT%H:%M:%S} error={d.last_error}\n"
+                f"dead_at={d.dead_at:%Y-%m-%dT%H:%M:%S} error={d.last_error} "
+                f"reason={d.dead_reason}\n"
             )
         sys.stdout.write(f"{len(dead)} dead letter(s)\n")
         return 0
