@@ -52,6 +52,9 @@ class Hit:
     at: float
 
 
+Answer = tuple[int, dict[str, str]]
+
+
 @dataclass
 class Receiver:
     """Answers by path: /ok, /fail (500), /slow (0.3 s), /hang (5 s), /toggle (500 until
@@ -62,14 +65,16 @@ class Receiver:
     hits: list[Hit] = field(default_factory=list)
     healthy: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # path -> (status, headers) answered before the path's usual answer, first one first
-    script: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
+    # path -> answers before the path's usual one, first one first: (status, headers), or a
+    # function making them when the request arrives
+    script: dict[str, list[Answer | Callable[[], Answer]]] = field(default_factory=dict)
 
-    def answer(self, path: str) -> tuple[int, dict[str, str]]:
+    def answer(self, path: str) -> Answer:
         with self.lock:
             queued = self.script.get(path)
             if queued:
-                return queued.pop(0)
+                scripted = queued.pop(0)
+                return scripted() if callable(scripted) else scripted
         if path == "/fail" or (path == "/toggle" and not self.healthy):
             return 500, {}
         if path.startswith("/status/"):

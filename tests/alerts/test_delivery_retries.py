@@ -173,11 +173,17 @@ def test_retry_after_is_honoured_in_seconds_and_as_a_date_within_bounds(
         retry_after_max_s=2.5,
         timeout_s=2.0,
     )
-    # an HTTP date (whole seconds) 2-3 s ahead: 1-2 s after the second attempt
-    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=3), usegmt=True)
+    dates: list[str] = []
+
+    def in_two_seconds() -> tuple[int, dict[str, str]]:
+        # an HTTP date (whole seconds): 1-2 s after this answer
+        when = datetime.now(UTC) + timedelta(seconds=2)
+        dates.append(email.utils.format_datetime(when, usegmt=True))
+        return 429, {"Retry-After": dates[-1]}
+
     receiver.script["/busy"] = [
         (503, {"Retry-After": "1"}),
-        (429, {"Retry-After": when}),
+        in_two_seconds,
         (429, {"Retry-After": "86400"}),  # a day: cut to the operator's 2.5 s
         (503, {}),  # no Retry-After: the backoff alone
     ]
@@ -207,7 +213,7 @@ def test_retry_after_is_honoured_in_seconds_and_as_a_date_within_bounds(
     assert first.next_attempt_at - first.finished_at >= timedelta(seconds=1)
     assert second.started_at >= first.finished_at + timedelta(seconds=1)
     assert second.retry_after_s is not None and second.retry_after_s > 0
-    assert third.started_at >= email.utils.parsedate_to_datetime(when)
+    assert third.started_at >= email.utils.parsedate_to_datetime(dates[0])
     # a Retry-After beyond the bound is cut to it (the backoff, 0.1 s at most, is shorter)
     assert third.next_attempt_at - third.finished_at == timedelta(seconds=2.5)
     assert fourth.started_at >= third.next_attempt_at
