@@ -84,7 +84,8 @@ class RuleError(TraceError):
 
 
 class ChannelRefused(RuleError):
-    """A channel whose receiver the outbound policy refuses (or whose secret is unusable)."""
+    """A channel whose receiver the outbound policy refuses (or whose secret is unusable, or
+    whose retry period lies outside the operator's bounds)."""
 
 
 class _Strict(BaseModel):
@@ -314,12 +315,12 @@ def check_channels(rule: AlertRule, policy: OutboundPolicy) -> None:
 
 
 def check_retry_periods(rule: AlertRule, low: float, high: float) -> None:
-    """RuleError naming the first channel whose retry period lies outside the operator's
+    """ChannelRefused naming the first channel whose retry period lies outside the operator's
     bounds."""
     for channel in rule.channels:
         period = channel.retry_period_s
         if period is not None and not low <= period <= high:
-            raise RuleError(
+            raise ChannelRefused(
                 f"channel {channel.name}: retry_period_s {period:g} is outside the operator's "
                 f"bounds {low:g}..{high:g} s (TRACE_ALERT_RETRY_PERIOD_MIN_S, "
                 "TRACE_ALERT_RETRY_PERIOD_MAX_S): choose a period within them"
