@@ -195,13 +195,41 @@ class Settings(BaseSettings):
     alerts_sink_batch: int = Field(
         100, gt=0, description="Messages the sink upserts in one Postgres transaction."
     )
-    alert_delivery_max_attempts: int = Field(
-        6, gt=0, description="Delivery attempts per alert and channel before the dead letters."
+    # delivery retries: an exponential schedule for a retry period, then the dead letters
+    alert_retry_period_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long a failing delivery is retried, counted from its first failure, "
+        "before it is dead-lettered (a rule's channel may set its own `retry_period_s` within "
+        "TRACE_ALERT_RETRY_PERIOD_MIN_S..TRACE_ALERT_RETRY_PERIOD_MAX_S).",
+    )
+    alert_retry_period_min_s: float = Field(
+        60.0, gt=0, description="Shortest retry period a rule's channel may set, seconds."
+    )
+    alert_retry_period_max_s: float = Field(
+        604_800.0, gt=0, description="Longest retry period a rule's channel may set, seconds."
     )
     alert_backoff_base_s: float = Field(
-        1.0, gt=0, description="First retry delay; doubles per attempt, with full jitter."
+        1.0,
+        gt=0,
+        description="Retry delay after the first failure; doubles per attempt (jittered over "
+        "the upper half), up to TRACE_ALERT_BACKOFF_MAX_S.",
     )
-    alert_backoff_max_s: float = Field(300.0, gt=0, description="Longest retry delay, seconds.")
+    alert_backoff_max_s: float = Field(
+        3_600.0, gt=0, description="Longest delay between two attempts, seconds."
+    )
+    alert_retry_after_max_s: float = Field(
+        3_600.0,
+        ge=0,
+        description="Longest `Retry-After` (of a 429 or 503 answer) honoured, seconds; a "
+        "longer one is cut to this.",
+    )
+    alert_delivery_max_attempts: int = Field(
+        250,
+        gt=0,
+        description="Safety bound on attempts per alert and channel (the retry period is "
+        "what normally ends retries: 24 h is about 44 attempts on the default schedule).",
+    )
     alert_delivery_timeout_s: float = Field(
         10.0, gt=0, description="Time limit of one delivery request (webhook, Slack, SMTP)."
     )
@@ -277,6 +305,26 @@ class Settings(BaseSettings):
                 "TRACE_SECRETS_KEYS still holds the development placeholder; set a real key in "
                 "production, e.g. `k1:<key>` with a key from `python -c 'import base64, os; "
                 "print(base64.b64encode(os.urandom(32)).decode())'`"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retry_schedule_consistent(self) -> Settings:
+        low, default, high = (
+            self.alert_retry_period_min_s,
+            self.alert_retry_period_s,
+            self.alert_retry_period_max_s,
+        )
+        if not low <= default <= high:
+            raise ValueError(
+                f"TRACE_ALERT_RETRY_PERIOD_S ({default:g}) must lie within "
+                f"TRACE_ALERT_RETRY_PERIOD_MIN_S ({low:g}) and TRACE_ALERT_RETRY_PERIOD_MAX_S "
+                f"({high:g}): change one of the three"
+            )
+        if self.alert_backoff_base_s > self.alert_backoff_max_s:
+            raise ValueError(
+                f"TRACE_ALERT_BACKOFF_BASE_S ({self.alert_backoff_base_s:g}) is above "
+                f"TRACE_ALERT_BACKOFF_MAX_S ({self.alert_backoff_max_s:g}): lower the first"
             )
         return self
 

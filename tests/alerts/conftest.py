@@ -52,15 +52,34 @@ class Hit:
     at: float
 
 
+Answer = tuple[int, dict[str, str]]
+
+
 @dataclass
 class Receiver:
     """Answers by path: /ok, /fail (500), /slow (0.3 s), /hang (5 s), /toggle (500 until
-    `healthy`). Records every request it finished reading."""
+    `healthy`), /status/<code> (that code); a path given answers by `script` answers them
+    first, in order. Records every request it finished reading."""
 
     port: int = 0
     hits: list[Hit] = field(default_factory=list)
     healthy: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # path -> answers before the path's usual one, first one first: (status, headers), or a
+    # function making them when the request arrives
+    script: dict[str, list[Answer | Callable[[], Answer]]] = field(default_factory=dict)
+
+    def answer(self, path: str) -> Answer:
+        with self.lock:
+            queued = self.script.get(path)
+            if queued:
+                scripted = queued.pop(0)
+                return scripted() if callable(scripted) else scripted
+        if path == "/fail" or (path == "/toggle" and not self.healthy):
+            return 500, {}
+        if path.startswith("/status/"):
+            return int(path.rsplit("/", 1)[1]), {}
+        return 200, {}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -91,15 +110,15 @@ def receiver() -> Iterator[Receiver]:
             hit = Hit(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time())
             with state.lock:
                 state.hits.append(hit)
-            status = 200
-            if self.path == "/fail" or (self.path == "/toggle" and not state.healthy):
-                status = 500
-            elif self.path == "/slow":
+            status, headers = state.answer(self.path)
+            if self.path == "/slow":
                 time.sleep(0.3)
             elif self.path == "/hang":
                 time.sleep(5)
             try:
                 self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -288,13 +307,15 @@ class Mail:
 
 @dataclass
 class MailServer:
-    """aiosmtpd on 127.0.0.1:port. Refuses every recipient (550) until `healthy`; records
+    """aiosmtpd on 127.0.0.1:port. Refuses every recipient (`refuse_code`: 550, a permanent
+    refusal, or e.g. 450, a temporary one) until `healthy`; records
     every message it accepted; with a TLS context, offers STARTTLS with that certificate and
     requires AUTH (user `trace`, password `MAIL_PASSWORD`), or with `implicit_tls` speaks TLS
     from the first byte (no AUTH)."""
 
     port: int
     healthy: bool = True
+    refuse_code: int = 550
     mails: list[Mail] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -314,7 +335,7 @@ class MailServer:
                 self, server: Any, session: Any, envelope: Any, address: str, options: Any
             ) -> str:
                 if not state.healthy:
-                    return "550 5.1.1 mailbox unavailable"
+                    return f"{state.refuse_code} mailbox unavailable"
                 envelope.rcpt_tos.append(address)
                 return "250 OK"
 

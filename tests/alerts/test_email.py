@@ -1,6 +1,7 @@
 """Email delivery over SMTP, against a real SMTP server (aiosmtpd) on loopback: the message a
-recipient gets, STARTTLS with a verified certificate and AUTH, refusals and an unreachable
-server going through backoff to the dead letters, and `trace dlq replay` delivering them."""
+recipient gets, STARTTLS with a verified certificate and AUTH, temporary refusals and an
+unreachable server going through backoff to the dead letters, a permanent refusal (5xx) dead
+at once, and `trace dlq replay` delivering them."""
 
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def test_implicit_tls(
     assert got.message["X-Trace-Dedupe-Key"] == "k-000000"
 
 
-def test_refusing_server_backs_off_goes_dead_and_dlq_replay_delivers(
+def test_refusals_back_off_or_go_dead_at_once_and_dlq_replay_delivers(
     engine: sa.Engine,
     mail_servers: Callable[..., MailServer],
     worker_env: dict[str, str],
@@ -150,6 +151,7 @@ def test_refusing_server_backs_off_goes_dead_and_dlq_replay_delivers(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     mail = mail_servers(healthy=False)
+    mail.refuse_code = 450  # temporary: retried
     stored = store_rule(engine, make_rule([email_channel("mail", mail.port)]))
     upsert_messages(engine, messages_for(stored, 1))
     deliverer = Deliverer(engine, FAST)
@@ -157,7 +159,7 @@ def test_refusing_server_backs_off_goes_dead_and_dlq_replay_delivers(
     deliverer.run(until_idle=True)
     state, attempts, error, backing_off = _delivery(engine)
     assert (state, attempts, backing_off) == ("pending", 1, True)
-    assert error is not None and "refused recipients" in error and "550" in error
+    assert error is not None and "refused recipients" in error and "450" in error
 
     _until_dead(engine, deliverer)
     state, attempts, error, _ = _delivery(engine)
@@ -166,10 +168,16 @@ def test_refusing_server_backs_off_goes_dead_and_dlq_replay_delivers(
 
     for key, value in worker_env.items():
         monkeypatch.setenv(key, value)
+    mail.refuse_code = 550  # permanent: dead at its first attempt, not retried
+    assert trace_cli(["dlq", "replay", "--all"]) == 0
+    deliverer.run(until_idle=True)
+    state, attempts, error, _ = _delivery(engine)
+    assert (state, attempts) == ("dead", 1) and error is not None and "550" in error
     capsys.readouterr()
     assert trace_cli(["dlq", "list", "--json"]) == 0
     (dead,) = json.loads(capsys.readouterr().out)
     assert dead["channel"] == "acme/mail" and "550" in dead["last_error"]
+    assert dead["dead_reason"] == "permanent failure: not retried"
     mail.healthy = True
     assert trace_cli(["dlq", "replay", "--all"]) == 0
     deliverer.run(until_idle=True)

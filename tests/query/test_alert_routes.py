@@ -679,6 +679,20 @@ def test_hostile_channels_answer_400_naming_the_channel(public_only: str, tokens
             400,
             "channel_refused",
         )
+        # a retry period outside the operator's bounds (default 60 s..7 days), new or updated
+        brief = {**public, "retry_period_s": 5}
+        update = {k: v for k, v in declaration(channels=[brief]).items() if k != "id"}
+        for answer in (
+            http.put("/v1/alerts/rules/big-moves", json=update, headers=headers),
+            http.post(
+                "/v1/alerts/rules",
+                json=declaration(rule_id="brief", channels=[brief]),
+                headers=headers,
+            ),
+        ):
+            assert error(answer, 400, "channel_refused")["message"].startswith(
+                "channel ops-hook: retry_period_s 5 is outside the operator's bounds 60..604800 s"
+            )
         # a value shaped like a stored (sealed) secret is not accepted as a secret
         sealed = {**public, "secret": "enc:v1:k1:AAAA:BBBB"}
         error(

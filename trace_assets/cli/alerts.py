@@ -145,7 +145,7 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return 0
         table(
-            ["dedupe key", "channel", "attempts", "replays", "dead at", "last error"],
+            ["dedupe key", "channel", "attempts", "replays", "dead at", "last error", "reason"],
             [
                 [
                     d.dedupe_key,
@@ -154,6 +154,7 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
                     d.replays,
                     f"{d.dead_at:%Y-%m-%dT%H:%M:%S}" if d.dead_at else None,
                     d.last_error,
+                    d.dead_reason,
                 ]
                 for d in dead
             ],

@@ -2,7 +2,8 @@
 
 alert evaluation -> `queue.SqsBuffer` (SQS API; dedupe_key, payload, destination)
 -> `sink.Sink` (upsert into Postgres data, ack after commit) -> `delivery.Deliverer`
-(webhook / Slack, backoff with jitter, rate limits) -> `dlq` (dead letters, replay).
+(webhook / Slack / email, retries on a schedule for a period, rate limits) -> `dlq` (dead
+letters, replay).
 Rules (`rules.py`) are versioned declarations per organisation in Postgres data; `history`
 lists an organisation's alerts with their deliveries. Every query of the pipeline's tables
 (`tables.py`, the evaluation ledger in `resource.py`) lives in this package; their schema is

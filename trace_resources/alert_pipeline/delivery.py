@@ -8,9 +8,21 @@ State lives in `trace_alert_deliveries`, one row per (alert, channel):
   (at least once; receivers dedupe on `X-Trace-Dedupe-Key`);
 - a channel's token bucket (`trace_alert_channels`) is charged in that transaction; rows over
   the rate wait, without the wait counting as an attempt;
-- success marks the row delivered; a failure schedules the next attempt after an exponential
-  backoff with full jitter, and the last failure marks it `dead` (the dead-letter state that
-  `trace dlq list` shows and `trace dlq replay` returns to pending).
+- success marks the row delivered; a failure schedules the next attempt (`retry_schedule`).
+
+The retry schedule lives in the row, so it survives any restart of the deliverers: the first
+failure fixes `retry_until` = now + the channel's retry period (its `retry_period_s`, clamped to
+the operator's bounds, else TRACE_ALERT_RETRY_PERIOD_S: 24 h); each failure waits
+base * 2^(attempt-1) seconds, capped at TRACE_ALERT_BACKOFF_MAX_S and jittered over the upper
+half of that, and never less than the receiver's `Retry-After` (429 and 503; seconds or an
+HTTP date, cut to TRACE_ALERT_RETRY_AFTER_MAX_S). No attempt is scheduled past `retry_until`:
+the last one happens at it, and its failure marks the row `dead` (the dead-letter state that
+`trace dlq list` shows and `trace dlq replay` returns to pending with a new period), as does
+a `Retry-After` that ends after it. A permanent failure is dead at once: an HTTP 4xx other than
+408 and 429, an SMTP 5xx reply, a channel the outbound policy refuses or the rule no longer
+has, a secret that does not open. TRACE_ALERT_DELIVERY_MAX_ATTEMPTS is a safety bound only.
+Every attempt is a row of `trace_alert_delivery_attempts` (start, end, outcome, Retry-After,
+what it scheduled).
 
 Each row is sent in its own worker thread with a time limit and its own outcome, so a poison
 alert (a receiver that hangs, answers 5xx, or a channel that no longer exists) never blocks
@@ -39,6 +51,7 @@ connection failure. Channel secrets are opened (`trace_resources.sealed`) only h
 from __future__ import annotations
 
 import argparse
+import email.utils
 import functools
 import hashlib
 import hmac
@@ -49,11 +62,13 @@ import signal
 import smtplib
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from email.message import EmailMessage
 from http import HTTPStatus
 from types import FrameType
@@ -62,9 +77,14 @@ from typing import Any
 import httpcore
 import httpx
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from trace_resources.alert_pipeline import tables as t
-from trace_resources.alert_pipeline.outbound import OutboundPolicy, OutboundRefused
+from trace_resources.alert_pipeline.outbound import (
+    HostUnresolved,
+    OutboundPolicy,
+    OutboundRefused,
+)
 from trace_resources.alert_pipeline.rules import (
     AlertRule,
     AnyChannel,
@@ -81,6 +101,8 @@ __all__ = [
     "DeliveryPolicy",
     "Deliverer",
     "backoff_s",
+    "expected_attempts",
+    "parse_retry_after",
     "sign",
     "verify_signature",
     "main",
@@ -91,9 +113,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    max_attempts: int = 6
+    """How the deliverer sends and retries (see the module docstring for the schedule)."""
+
+    max_attempts: int = 250  # a safety bound: the retry period is what ends retries
     backoff_base_s: float = 1.0
-    backoff_max_s: float = 300.0
+    backoff_max_s: float = 3600.0
+    retry_period_s: float = 86_400.0
+    retry_period_min_s: float = 60.0
+    retry_period_max_s: float = 604_800.0
+    retry_after_max_s: float = 3600.0
     timeout_s: float = 10.0
     default_rate_per_s: float = 10.0
     concurrency: int = 8
@@ -109,16 +137,75 @@ class DeliveryPolicy:
             max_attempts=settings.alert_delivery_max_attempts,
             backoff_base_s=settings.alert_backoff_base_s,
             backoff_max_s=settings.alert_backoff_max_s,
+            retry_period_s=settings.alert_retry_period_s,
+            retry_period_min_s=settings.alert_retry_period_min_s,
+            retry_period_max_s=settings.alert_retry_period_max_s,
+            retry_after_max_s=settings.alert_retry_after_max_s,
             timeout_s=settings.alert_delivery_timeout_s,
             default_rate_per_s=settings.alert_channel_rate_per_s,
             concurrency=settings.alert_delivery_concurrency,
         )
 
+    def period_s(self, channel: AnyChannel | None) -> float:
+        """The retry period of a channel: its own within the bounds (which may have narrowed
+        since the rule was written), else the default."""
+        own = getattr(channel, "retry_period_s", None)
+        if own is None:
+            return self.retry_period_s
+        return min(max(float(own), self.retry_period_min_s), self.retry_period_max_s)
+
+
+def _ceiling_s(attempt: int, policy: DeliveryPolicy) -> float:
+    # min() first: 2 ** a large attempt count would overflow a float
+    return min(policy.backoff_max_s, policy.backoff_base_s * 2 ** min(max(0, attempt - 1), 64))
+
 
 def backoff_s(attempt: int, policy: DeliveryPolicy, rng: random.Random | None = None) -> float:
-    """Delay before attempt `attempt + 1`: full jitter over base * 2^(attempt-1), capped."""
-    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * 2 ** max(0, attempt - 1))
+    """Delay after failed attempt `attempt`: base * 2^(attempt-1), capped, jittered over the
+    upper half (so retries of many alerts spread out, yet never come early)."""
+    ceiling = _ceiling_s(attempt, policy)
     return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def expected_attempts(policy: DeliveryPolicy, period_s: float | None = None) -> int:
+    """About how many attempts a delivery that always fails gets within a retry period (the
+    mean of the jitter; the last attempt happens at the period's end)."""
+    period = policy.retry_period_s if period_s is None else period_s
+    elapsed, attempts = 0.0, 1
+    while attempts < policy.max_attempts:
+        elapsed += 0.75 * _ceiling_s(attempts, policy)
+        attempts += 1
+        if elapsed >= period:
+            break
+    return attempts
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (delay-seconds or an HTTP date, RFC 9110
+    10.2.3), or None when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def duration(seconds: float) -> str:
+    """`90s`, `45m`, `24h`, `1h30m`: a retry period as an operator reads it."""
+    whole = round(seconds)
+    if whole < 60 or whole % 60:
+        return f"{seconds:g}s"
+    hours, minutes = divmod(whole // 60, 60)
+    return "".join(
+        part for part in (f"{hours}h" if hours else "", f"{minutes}m" if minutes else "")
+    )
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -224,6 +311,11 @@ def _refusals(refused: dict[str, tuple[int, bytes]]) -> str:
     return "; ".join(f"{rcpt} ({smtp_reply(code)})" for rcpt, (code, _) in sorted(refused.items()))
 
 
+def _smtp_permanent(refused: dict[str, tuple[int, bytes]]) -> bool:
+    """Every recipient refused with a 5xx reply: a permanent failure (RFC 5321 4.2.1)."""
+    return bool(refused) and all(code >= 500 for code, _ in refused.values())
+
+
 class _PinnedBackend(httpcore.SyncBackend):
     """httpcore's socket backend, connecting to an address the outbound policy checked at
     this very connection (TLS above it still uses the URL's host for SNI and certificate
@@ -283,9 +375,10 @@ class _PinnedSMTPSSL(smtplib.SMTP_SSL):
 class Claim:
     dedupe_key: str
     channel: str
-    attempts: int
+    attempts: int  # this attempt's number within the replay
     payload: dict[str, Any]
     destination: dict[str, Any]
+    replays: int = 0
 
 
 @dataclass
@@ -298,7 +391,43 @@ class DelivererStats:
 
 
 class DeliveryError(Exception):
-    """One attempt failed (the message says why, and is stored as `last_error`)."""
+    """One attempt failed (the message says why, and is stored as `last_error`).
+
+    `permanent`: retrying can not help (dead-lettered at once); `retry_after_s`: how long the
+    receiver asked to wait (its `Retry-After`)."""
+
+    def __init__(
+        self, message: str, *, permanent: bool = False, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after_s = retry_after_s
+
+
+def _permanently_refused(exc: BaseException) -> bool:
+    """The outbound policy refused the receiver (a host that does not resolve may later)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OutboundRefused):
+            return not isinstance(seen, HostUnresolved)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# HTTP answers worth retrying although 4xx: the request timed out, or the receiver throttles
+_RETRYABLE_4XX = frozenset({408, 429})
+# answers whose Retry-After is honoured
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class _Decision:
+    outcome: str  # delivered | retry | dead
+    next_attempt_at: datetime | None = None
+    retry_until: datetime | None = None
+    reason: str | None = None  # why a dead row is dead
 
 
 class Deliverer:
@@ -351,7 +480,7 @@ class Deliverer:
 
     def claim(self, limit: int) -> list[Claim]:
         """Claim up to `limit` due rows, within each channel's rate."""
-        d, a = t.deliveries, t.alerts
+        d, a, at = t.deliveries, t.alerts, t.delivery_attempts
         with self.engine.begin() as conn:
             due = (
                 sa.select(d.c.dedupe_key, d.c.channel)
@@ -362,24 +491,48 @@ class Deliverer:
                 .cte("due")
             )
             rows = conn.execute(
-                sa.select(d.c.dedupe_key, d.c.channel, d.c.attempts, a.c.payload, a.c.destination)
+                sa.select(
+                    d.c.dedupe_key,
+                    d.c.channel,
+                    d.c.attempts,
+                    d.c.replays,
+                    a.c.payload,
+                    a.c.destination,
+                )
                 .join(due, (due.c.dedupe_key == d.c.dedupe_key) & (due.c.channel == d.c.channel))
                 .join(a, a.c.dedupe_key == d.c.dedupe_key)
             ).all()
             claims = [
-                Claim(r.dedupe_key, r.channel, r.attempts, r.payload, r.destination) for r in rows
+                Claim(r.dedupe_key, r.channel, r.attempts, r.payload, r.destination, r.replays)
+                for r in rows
             ]
             allowed, deferred = self._charge_rate(conn, claims)
             lease = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, self.policy.lease_s)
-            if allowed:  # one statement for the whole claim, not one per row
+            if allowed:  # one statement per table for the whole claim, not one per row
+                keys = [(c.dedupe_key, c.channel) for c in allowed]
                 conn.execute(
                     d.update()
-                    .where(
-                        sa.tuple_(d.c.dedupe_key, d.c.channel).in_(
-                            [(c.dedupe_key, c.channel) for c in allowed]
-                        )
-                    )
+                    .where(sa.tuple_(d.c.dedupe_key, d.c.channel).in_(keys))
                     .values(attempts=d.c.attempts + 1, next_attempt_at=lease)
+                )
+                # an attempt still open here lost its deliverer (the lease ran out)
+                conn.execute(
+                    at.update()
+                    .where(sa.tuple_(at.c.dedupe_key, at.c.channel).in_(keys))
+                    .where(at.c.outcome.is_(None))
+                    .values(outcome="lost")
+                )
+                conn.execute(
+                    at.insert(),
+                    [
+                        {
+                            "dedupe_key": c.dedupe_key,
+                            "channel": c.channel,
+                            "replay": c.replays,
+                            "attempt": c.attempts + 1,
+                        }
+                        for c in allowed
+                    ],
                 )
             for claim, wait_s in deferred:
                 conn.execute(
@@ -393,7 +546,7 @@ class Deliverer:
         with self._stats_lock:
             self.stats.rate_limited += len(deferred)
         return [
-            Claim(c.dedupe_key, c.channel, c.attempts + 1, c.payload, c.destination)
+            Claim(c.dedupe_key, c.channel, c.attempts + 1, c.payload, c.destination, c.replays)
             for c in allowed
         ]
 
@@ -456,7 +609,8 @@ class Deliverer:
         except SealError as exc:
             log.error("channel %s: its %s does not open: %s", claim.channel, field, exc)
             raise DeliveryError(
-                f"the channel's {field} can not be opened (see the deliverer's log)"
+                f"the channel's {field} can not be opened (see the deliverer's log)",
+                permanent=True,
             ) from None
 
     def send(self, claim: Claim) -> None:
@@ -464,7 +618,8 @@ class Deliverer:
         if channel is None:
             raise DeliveryError(
                 f"channel {claim.channel} is not in rule {claim.destination.get('rule_id')} "
-                f"v{claim.destination.get('rule_version')}"
+                f"v{claim.destination.get('rule_version')}",
+                permanent=True,
             )
         if isinstance(channel, WebhookChannel):
             body = json.dumps(
@@ -503,20 +658,31 @@ class Deliverer:
             # streamed and never read: the receiver's body is neither stored nor buffered
             with self.http.stream("POST", url, content=body, headers=headers) as response:
                 status = response.status_code
+                retry_after = response.headers.get("retry-after")
         except OutboundRefused as exc:
-            raise DeliveryError(connection_failure(exc)) from exc
+            raise DeliveryError(
+                connection_failure(exc), permanent=_permanently_refused(exc)
+            ) from exc
         except httpx.TimeoutException as exc:
             raise DeliveryError(f"timed out after {self.policy.timeout_s}s") from exc
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            raise DeliveryError("the channel's URL can not be used") from exc
+            raise DeliveryError("the channel's URL can not be used", permanent=True) from exc
         except httpx.RemoteProtocolError as exc:
             raise DeliveryError("the receiver's answer is not valid HTTP") from exc
         except httpx.HTTPError as exc:
-            raise DeliveryError(connection_failure(exc)) from exc
+            raise DeliveryError(
+                connection_failure(exc), permanent=_permanently_refused(exc)
+            ) from exc
         if 300 <= status < 400:
             raise DeliveryError(f"{http_status(status)} (redirects are not followed)")
         if status >= 400 or status < 200:
-            raise DeliveryError(http_status(status))
+            raise DeliveryError(
+                http_status(status),
+                permanent=400 <= status < 500 and status not in _RETRYABLE_4XX,
+                retry_after_s=parse_retry_after(retry_after)
+                if status in _RETRY_AFTER_STATUSES
+                else None,
+            )
 
     def _mail(self, channel: EmailChannel, message: EmailMessage, password: str | None) -> None:
         deadline = time.monotonic() + self.policy.timeout_s
@@ -557,73 +723,158 @@ class Deliverer:
                 step()
                 refused = smtp.send_message(message)
                 if refused:
-                    raise DeliveryError(f"{where} refused recipients: {_refusals(refused)}")
+                    raise DeliveryError(
+                        f"{where} refused recipients: {_refusals(refused)}",
+                        permanent=_smtp_permanent(refused),
+                    )
         except smtplib.SMTPRecipientsRefused as exc:
-            raise DeliveryError(f"{where} refused recipients: {_refusals(exc.recipients)}") from exc
+            raise DeliveryError(
+                f"{where} refused recipients: {_refusals(exc.recipients)}",
+                permanent=_smtp_permanent(exc.recipients),
+            ) from exc
         except smtplib.SMTPResponseException as exc:
-            raise DeliveryError(f"{where} answered {smtp_reply(exc.smtp_code)}") from exc
+            raise DeliveryError(
+                f"{where} answered {smtp_reply(exc.smtp_code)}", permanent=exc.smtp_code >= 500
+            ) from exc
         except smtplib.SMTPNotSupportedError as exc:
-            raise DeliveryError(f"{where} does not support STARTTLS or AUTH as configured") from exc
+            raise DeliveryError(
+                f"{where} does not support STARTTLS or AUTH as configured", permanent=True
+            ) from exc
         except smtplib.SMTPServerDisconnected as exc:
             raise DeliveryError(f"{where}: the server closed the connection") from exc
         except OutboundRefused as exc:
-            raise DeliveryError(f"{where}: {connection_failure(exc)}") from exc
+            raise DeliveryError(
+                f"{where}: {connection_failure(exc)}", permanent=_permanently_refused(exc)
+            ) from exc
         except (TimeoutError, OSError, smtplib.SMTPException) as exc:
             raise DeliveryError(f"{where}: {connection_failure(exc)}") from exc
 
     def deliver(self, claim: Claim) -> bool:
         """Send one claimed row and record the outcome; True when delivered."""
+        failure: DeliveryError | None
         try:
             self.send(claim)
-            error = None
+            failure = None
         except DeliveryError as exc:
-            error = str(exc)
+            failure = exc
         except Exception:  # a poison alert must not take the worker down
             log.exception(
                 "delivery %s -> %s: unexpected error", claim.dedupe_key[:16], claim.channel
             )
-            error = "internal error (see the deliverer's log)"
+            failure = DeliveryError("internal error (see the deliverer's log)")
         crash_point("deliver.after_send")
-        self._record(claim, error)
-        return error is None
+        self._record(claim, failure)
+        return failure is None
 
-    def _record(self, claim: Claim, error: str | None) -> None:
-        d = t.deliveries
+    def retry_schedule(
+        self,
+        claim: Claim,
+        failure: DeliveryError,
+        now: datetime,
+        retry_until: datetime | None,
+    ) -> _Decision:
+        """What follows a failed attempt, at `now` (the database's clock): a retry at
+        `next_attempt_at`, or dead, with the reason."""
+        if retry_until is None:  # the first failure (since the alert, or its last replay)
+            retry_until = now + timedelta(seconds=self.policy.period_s(self._channel(claim)))
+
+        def dead(reason: str) -> _Decision:
+            return _Decision("dead", retry_until=retry_until, reason=reason)
+
+        if failure.permanent:
+            return dead("permanent failure: not retried")
+        if claim.attempts >= self.policy.max_attempts:
+            return dead(f"{self.policy.max_attempts} attempts (TRACE_ALERT_DELIVERY_MAX_ATTEMPTS)")
+        if now >= retry_until:
+            return dead("retry period over")
+        delay = backoff_s(claim.attempts, self.policy, self.rng)
+        if failure.retry_after_s is not None:
+            asked = min(failure.retry_after_s, self.policy.retry_after_max_s)
+            if now + timedelta(seconds=asked) > retry_until:
+                return dead(f"Retry-After {asked:g}s ends after the retry period")
+            delay = max(delay, asked)
+        # the last attempt happens when the period ends, never after
+        return _Decision(
+            "retry",
+            next_attempt_at=min(now + timedelta(seconds=delay), retry_until),
+            retry_until=retry_until,
+        )
+
+    def _record(self, claim: Claim, failure: DeliveryError | None) -> None:
+        d, at = t.deliveries, t.delivery_attempts
         where = (
             (d.c.dedupe_key == claim.dedupe_key)
             & (d.c.channel == claim.channel)
             & (d.c.state == "pending")
             & (d.c.attempts == claim.attempts)
         )
-        if error is None:
-            values: dict[str, Any] = {
-                "state": "delivered",
-                "delivered_at": sa.func.now(),
-                "last_error": None,
-            }
-            outcome = "delivered"
-        elif claim.attempts >= self.policy.max_attempts:
-            values = {"state": "dead", "dead_at": sa.func.now(), "last_error": error}
-            outcome = "dead"
-        else:
-            delay = backoff_s(claim.attempts, self.policy, self.rng)
-            values = {
-                "next_attempt_at": sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, delay),
-                "last_error": error,
-            }
-            outcome = "failed"
+        attempt = (
+            (at.c.dedupe_key == claim.dedupe_key)
+            & (at.c.channel == claim.channel)
+            & (at.c.replay == claim.replays)
+            & (at.c.attempt == claim.attempts)
+        )
+        error = None if failure is None else str(failure)
         with self.engine.begin() as conn:
-            conn.execute(d.update().where(where).values(**values))
+            row = conn.execute(
+                sa.select(d.c.retry_until, sa.func.now().label("now"))
+                .where(where)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:  # replayed, or re-claimed after this deliverer's lease ran out
+                decision = _Decision("superseded")
+            elif failure is None:
+                decision = _Decision("delivered")
+            else:
+                decision = self.retry_schedule(claim, failure, row.now, row.retry_until)
+            if row is not None:
+                conn.execute(d.update().where(where).values(**self._row_values(decision, error)))
+            conn.execute(
+                at.update()
+                .where(attempt)
+                .values(
+                    finished_at=sa.func.now(),
+                    outcome=decision.outcome,
+                    error=error,
+                    retry_after_s=None if failure is None else failure.retry_after_s,
+                    next_attempt_at=decision.next_attempt_at,
+                )
+            )
+        self._count(claim, decision.outcome)
+        if failure is not None:
+            log.warning(
+                "delivery %s -> %s attempt %d %s: %s%s",
+                claim.dedupe_key[:16],
+                claim.channel,
+                claim.attempts,
+                decision.outcome,
+                error,
+                f" ({decision.reason})" if decision.reason else "",
+            )
+
+    @staticmethod
+    def _row_values(decision: _Decision, error: str | None) -> dict[str, Any]:
+        if decision.outcome == "delivered":
+            return {"state": "delivered", "delivered_at": sa.func.now(), "last_error": None}
+        values: dict[str, Any] = {"last_error": error, "retry_until": decision.retry_until}
+        if decision.outcome == "dead":
+            return {
+                **values,
+                "state": "dead",
+                "dead_at": sa.func.now(),
+                "dead_reason": decision.reason,
+            }
+        return {**values, "next_attempt_at": decision.next_attempt_at}
+
+    def _count(self, claim: Claim, outcome: str) -> None:
+        stat = {"delivered": "delivered", "dead": "dead", "retry": "failed"}.get(outcome)
         with self._stats_lock:
-            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if stat is not None:
+                setattr(self.stats, stat, getattr(self.stats, stat) + 1)
             if outcome == "delivered":
                 self.stats.by_channel[claim.channel] = (
                     self.stats.by_channel.get(claim.channel, 0) + 1
                 )
-        if error is not None:
-            log.warning(
-                "delivery %s -> %s %s: %s", claim.dedupe_key[:16], claim.channel, outcome, error
-            )
 
     # -- the worker loop -------------------------------------------------------------------
 
@@ -666,7 +917,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between idle polls")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s deliver %(levelname)s %(message)s")
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # an operator's mistake: one line, no traceback
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        sys.stderr.write(f"deliverer: invalid settings: {problems}\n")
+        return 2
     deliverer = Deliverer(t.data_engine(settings.data_dsn), DeliveryPolicy.from_settings(settings))
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -674,6 +930,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    policy = deliverer.policy
+    log.info(
+        "retry schedule: %s after the first failure, doubling up to %s between attempts, for "
+        "%s (about %d attempts) before the dead letters; channels may set %s..%s",
+        duration(policy.backoff_base_s),
+        duration(policy.backoff_max_s),
+        duration(policy.retry_period_s),
+        expected_attempts(policy),
+        duration(policy.retry_period_min_s),
+        duration(policy.retry_period_max_s),
+    )
+    if expected_attempts(policy) >= policy.max_attempts:
+        log.warning(
+            "TRACE_ALERT_DELIVERY_MAX_ATTEMPTS (%d) ends retries before the retry period does: "
+            "raise it, or lengthen TRACE_ALERT_BACKOFF_BASE_S / TRACE_ALERT_BACKOFF_MAX_S",
+            policy.max_attempts,
+        )
     log.info("deliverer ready (poll %.1fs)", args.poll)  # from here on SIGTERM finishes sends
     try:
         stats = deliverer.run(poll_s=args.poll)

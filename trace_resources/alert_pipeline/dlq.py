@@ -1,8 +1,10 @@
-"""The dead letters of delivery: rows in state `dead` after their last attempt.
+"""The dead letters of delivery: rows in state `dead` after their last attempt (a permanent
+failure, or a retry period over: `dead_reason` says which).
 
-`trace dlq list` shows them; `trace dlq replay` returns them to `pending` with a fresh attempt
-budget. The alert row itself is never touched, so a replay can deliver again (at least once)
-but never duplicates a row.
+`trace dlq list` shows them; `trace dlq replay` returns them to `pending`, due now, with a
+fresh retry period (it starts at their next failure) and attempt count; their earlier attempts
+stay in `trace_alert_delivery_attempts` under the previous replay number. The alert row itself
+is never touched, so a replay can deliver again (at least once) but never duplicates a row.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DeadLetter:
     last_error: str | None
     dead_at: datetime | None
     replays: int
+    dead_reason: str | None = None
 
 
 def list_dead(
@@ -47,7 +50,14 @@ def list_dead(
     with engine.connect() as conn:
         return [
             DeadLetter(
-                r.dedupe_key, r.channel, r.org, r.attempts, r.last_error, r.dead_at, r.replays
+                r.dedupe_key,
+                r.channel,
+                r.org,
+                r.attempts,
+                r.last_error,
+                r.dead_at,
+                r.replays,
+                r.dead_reason,
             )
             for r in conn.execute(query)
         ]
@@ -79,6 +89,8 @@ def replay(
                 attempts=0,
                 next_attempt_at=sa.func.now(),
                 dead_at=None,
+                dead_reason=None,
+                retry_until=None,
                 replays=d.c.replays + 1,
             )
         )

@@ -36,6 +36,7 @@ __all__ = [
     "ALLOW_SETTING",
     "OutboundPolicy",
     "OutboundRefused",
+    "HostUnresolved",
     "refusal",
     "resolve",
 ]
@@ -58,6 +59,10 @@ _NUMERIC = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[
 
 class OutboundRefused(TraceError):
     """A host the outbound policy refuses; the message says why (fit for the tenant)."""
+
+
+class HostUnresolved(OutboundRefused):
+    """A host that does not resolve (now: DNS may answer again, so a delivery retries)."""
 
 
 def _embedded_v4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
@@ -194,7 +199,7 @@ class OutboundPolicy:
             except (OSError, UnicodeError, ValueError):
                 found = []
             if not found:
-                raise OutboundRefused(f"{host} does not resolve")
+                raise HostUnresolved(f"{host} does not resolve")
         if self._host_allowed(host, port):
             return found
         for each in found:

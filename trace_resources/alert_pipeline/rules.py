@@ -8,7 +8,8 @@ A rule file (YAML or JSON) holds one rule:
     description: USDC transfers above 1,000,000 base units
     condition: {kind: erc20_transfer_above, token: "0x…", threshold: "1000000"}
     channels:
-      - {kind: webhook, name: ops-hook, url: "https://…", secret: "…"}
+      - {kind: webhook, name: ops-hook, url: "https://…", secret: "…",
+         retry_period_s: 21600}   # optional: retry for 6 h (default: the operator's, 24 h)
       - {kind: slack, name: ops-slack, url: "https://hooks.slack.com/…"}
       - {kind: email, name: ops-mail, to: [ops@acme.example], from_address: trace@acme.example,
          smtp_host: smtp.acme.example, smtp_port: 587, security: starttls,
@@ -66,6 +67,7 @@ __all__ = [
     "RuleStore",
     "RuleVersion",
     "StoredRule",
+    "check_retry_periods",
     "parse_rule",
     "load_rule_file",
 ]
@@ -82,11 +84,22 @@ class RuleError(TraceError):
 
 
 class ChannelRefused(RuleError):
-    """A channel whose receiver the outbound policy refuses (or whose secret is unusable)."""
+    """A channel whose receiver the outbound policy refuses (or whose secret is unusable, or
+    whose retry period lies outside the operator's bounds)."""
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _retry_period() -> Any:
+    return Field(
+        None,
+        gt=0,
+        description="How long a failing delivery on this channel is retried (from its first "
+        "failure) before it is dead-lettered, seconds; default the operator's "
+        "TRACE_ALERT_RETRY_PERIOD_S, within TRACE_ALERT_RETRY_PERIOD_MIN_S.._MAX_S.",
+    )
 
 
 class Erc20TransferAbove(_Strict):
@@ -165,6 +178,7 @@ class WebhookChannel(_Strict):
         "body)), X-Trace-Timestamp = unix seconds."
     )
     rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+    retry_period_s: float | None = _retry_period()
 
     @field_validator("secret")
     @classmethod
@@ -179,6 +193,7 @@ class SlackChannel(_Strict):
     name: str = Field(pattern=_NAME)
     url: str = Field(pattern=r"^https?://", description="Slack incoming-webhook URL.")
     rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+    retry_period_s: float | None = _retry_period()
 
 
 # one bare address (no display name): no whitespace or control characters (so no header
@@ -208,6 +223,7 @@ class EmailChannel(_Strict):
     username: str | None = Field(None, min_length=1, description="SMTP AUTH user.")
     password: SecretStr | None = Field(None, description="SMTP AUTH password.")
     rate_per_s: float | None = Field(None, gt=0, description="Deliveries/s on this channel.")
+    retry_period_s: float | None = _retry_period()
 
     @model_validator(mode="after")
     def _credentials(self) -> EmailChannel:
@@ -298,6 +314,19 @@ def check_channels(rule: AlertRule, policy: OutboundPolicy) -> None:
             ) from None
 
 
+def check_retry_periods(rule: AlertRule, low: float, high: float) -> None:
+    """ChannelRefused naming the first channel whose retry period lies outside the operator's
+    bounds."""
+    for channel in rule.channels:
+        period = channel.retry_period_s
+        if period is not None and not low <= period <= high:
+            raise ChannelRefused(
+                f"channel {channel.name}: retry_period_s {period:g} is outside the operator's "
+                f"bounds {low:g}..{high:g} s (TRACE_ALERT_RETRY_PERIOD_MIN_S, "
+                "TRACE_ALERT_RETRY_PERIOD_MAX_S): choose a period within them"
+            )
+
+
 @dataclass(frozen=True)
 class StoredRule:
     rule: AlertRule
@@ -366,8 +395,11 @@ class RuleStore:
         *,
         outbound: OutboundPolicy | None = None,
         keyring: Keyring | None = None,
+        retry_bounds: tuple[float, float] | None = None,
     ) -> None:
         self.engine = engine
+        # (shortest, longest) retry period a channel may set; from the settings if not given
+        self._retry_bounds = retry_bounds
         # raises RuleError for a rule that may not be stored (e.g. a custom SQL condition
         # over a dataset its organisation may not read: trace_assets.alerts.scope)
         self.check = check
@@ -381,6 +413,15 @@ class RuleStore:
             self._outbound = self._outbound or OutboundPolicy.from_settings(settings)
             self._keyring = self._keyring or Keyring.parse(settings.secrets_keys.get_secret_value())
         return self._outbound, self._keyring
+
+    def _periods(self) -> tuple[float, float]:
+        if self._retry_bounds is None:
+            settings = get_settings()
+            self._retry_bounds = (
+                settings.alert_retry_period_min_s,
+                settings.alert_retry_period_max_s,
+            )
+        return self._retry_bounds
 
     def _latest(self, conn: sa.Connection, org: str, rule_id: str) -> sa.Row[Any] | None:
         return conn.execute(
@@ -397,6 +438,7 @@ class RuleStore:
             self.check(rule)
         if rule.enabled:
             check_channels(rule, outbound)
+            check_retry_periods(rule, *self._periods())
         try:
             spec = rule.stored_json(keyring)
         except SealError as exc:

@@ -2,7 +2,9 @@
 
 trace_alert_rules       versioned rule declarations per organisation (latest version wins)
 trace_alerts            one row per dedupe_key: what the sink upserted from the buffer
-trace_alert_deliveries  per-alert, per-channel delivery state (pending/delivered/dead)
+trace_alert_deliveries  per-alert, per-channel delivery state (pending/delivered/dead) and
+                        its retry schedule (next_attempt_at, retry_until)
+trace_alert_delivery_attempts  every attempt of a delivery: when, its outcome, what it scheduled
 trace_alert_channels    per-channel token bucket of the rate limit
 trace_alert_ledger      what each evaluated range last raised (defined in `resource`)
 """
@@ -16,7 +18,15 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from trace_resources.storage.migrations import open_engine
 
-__all__ = ["metadata", "rules", "alerts", "deliveries", "channels", "data_engine"]
+__all__ = [
+    "metadata",
+    "rules",
+    "alerts",
+    "deliveries",
+    "delivery_attempts",
+    "channels",
+    "data_engine",
+]
 
 metadata = sa.MetaData()
 _now = sa.func.now()
@@ -56,10 +66,35 @@ deliveries = sa.Table(
     sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("replays", sa.Integer, nullable=False, server_default="0"),
+    # end of the retry period: set by the first failure (of the replay), never moved after
+    sa.Column("retry_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("dead_reason", sa.Text, nullable=True),  # why retries stopped (state dead)
     sa.Index(
         "trace_alert_deliveries_due",
         "next_attempt_at",
         postgresql_where=sa.text("state = 'pending'"),
+    ),
+)
+
+delivery_attempts = sa.Table(
+    "trace_alert_delivery_attempts",
+    metadata,
+    sa.Column("dedupe_key", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("replay", sa.Integer, primary_key=True),  # the delivery's `replays` then
+    sa.Column("attempt", sa.Integer, primary_key=True),  # 1, 2, ... within the replay
+    sa.Column("started_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    # delivered | retry | dead | superseded (NULL: in flight, or its deliverer died)
+    sa.Column("outcome", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("retry_after_s", sa.Float, nullable=True),  # the receiver's Retry-After
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),  # outcome retry
+    sa.ForeignKeyConstraint(
+        ["dedupe_key", "channel"],
+        ["trace_alert_deliveries.dedupe_key", "trace_alert_deliveries.channel"],
+        name="trace_alert_delivery_attempts_delivery",
+        ondelete="CASCADE",
     ),
 )
 
