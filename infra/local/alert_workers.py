@@ -25,6 +25,7 @@ from infra.local.services import (
     _signal_group,
     stop_process_group,
 )
+from trace_resources.processes import dies_with_this_process
 
 __all__ = ["AlertWorkers"]
 
@@ -69,6 +70,7 @@ class AlertWorkers:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=dies_with_this_process(),  # we die (killed too): it stops
                     )
             for name, (_, ready) in self.workers.items():
                 self._wait_ready(name, ready)

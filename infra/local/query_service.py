@@ -33,6 +33,7 @@ from infra.local.services import (
     port_in_use,
     stop_process_group,
 )
+from trace_resources.processes import dies_with_this_process
 
 __all__ = ["QueryServer", "settings_env"]
 
@@ -111,6 +112,7 @@ class QueryServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=dies_with_this_process(),  # we die (killed too): it stops
             )
         finally:
             if output is not subprocess.DEVNULL:
