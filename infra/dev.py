@@ -34,6 +34,7 @@ from trace_resources.processes import (
     ProcessId,
     become_subreaper,
     descendants,
+    die_with_parent,
     dies_with_this_process,
     stop_processes,
 )
@@ -128,8 +129,16 @@ def main() -> int:
         default=0.3,
         help="devnet block time in seconds while dev runs (0: no new blocks)",
     )
+    parser.add_argument(
+        "--stop-with-parent",
+        action="store_true",
+        help="stop (as on SIGTERM) when the parent process exits: `make dev` passes it, as make "
+        "exits on SIGTERM without passing it on",
+    )
     args = parser.parse_args()
     signals = StopSignals()
+    if args.stop_with_parent:
+        die_with_parent(signal.SIGTERM, os.getppid())
     become_subreaper()
     services: LocalServices | None = None
     dagster: subprocess.Popen[bytes] | None = None
