@@ -3,7 +3,9 @@ the benchmark and the tests.
 
 It runs in its own process group (started with a new session), so Ctrl-C in a terminal does not
 reach it directly and `stop()` takes uvicorn's workers with it: SIGTERM (uvicorn shuts down
-gracefully), then SIGKILL after a timeout.
+gracefully), then SIGKILL after a timeout. If the process that started it dies (killed too),
+it gets SIGTERM (`PR_SET_PDEATHSIG`, tied to the starting thread: start it from the main
+thread).
 
 Bound to loopback, it runs in development mode by default (`TRACE_QUERY_DEV_MODE=true`): the
 service then accepts the placeholder keys of `make dev`, `make demo`, the benchmarks and tests.
