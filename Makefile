@@ -69,8 +69,8 @@ services-down: ## stop the local services
 demo: install ## end-to-end demo (starts and stops the services itself)
 	$(PYTHON) -m infra.demo
 
-dev: install ## Dagster UI with the local services, until Ctrl-C
-	$(PYTHON) -m infra.dev
+dev: install ## Dagster UI with the local services, until Ctrl-C (or SIGTERM, also to make)
+	exec $(PYTHON) -m infra.dev --stop-with-parent
 
 test: install ## run the tests (extra pytest flags: PYTEST_ARGS="-k foo")
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

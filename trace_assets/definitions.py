@@ -16,6 +16,7 @@ from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
 from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.processes import exit_with_multiprocessing_parent
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import DatasetIOManager
@@ -39,6 +40,12 @@ __all__ = [
 # process that stores the events: the run worker, which loads these definitions. An operator's
 # own value wins.
 os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", "1000")
+
+# A step that Dagster's multiprocess executor runs in a child process (which loads these
+# definitions) stops when the run's process dies, killed too (a SIGKILLed `dagster asset
+# materialize` or run worker), instead of extracting and staging on for minutes with no one to
+# record it: SIGTERM, which Dagster raises in the step as an interrupt, SIGKILL 10 s later.
+exit_with_multiprocessing_parent()
 
 
 def build_resources(settings: Settings) -> dict[str, object]:

@@ -3,8 +3,9 @@ child processes: for `make dev` and `make demo`.
 
 Each runs in its own session (a Ctrl-C in the terminal reaches us, not them), logs to
 `<root>/alerts/{sink,deliverer}.log`, and stops on SIGTERM: the sink drains the buffer into
-Postgres first, the deliverer finishes the sends in flight. So stop these before the local
-services (the SQS API keeps its queues in memory).
+Postgres first, the deliverer finishes the sends in flight. They get SIGTERM too if the
+process that started them dies, killed too (`PR_SET_PDEATHSIG`: start them from the main
+thread). So stop these before the local services (the SQS API keeps its queues in memory).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from infra.local.services import (
     _signal_group,
     stop_process_group,
 )
+from trace_resources.processes import dies_with_this_process
 
 __all__ = ["AlertWorkers"]
 
@@ -69,6 +71,7 @@ class AlertWorkers:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=dies_with_this_process(),  # we die (killed too): it stops
                     )
             for name, (_, ready) in self.workers.items():
                 self._wait_ready(name, ready)

@@ -3,7 +3,9 @@ the benchmark and the tests.
 
 It runs in its own process group (started with a new session), so Ctrl-C in a terminal does not
 reach it directly and `stop()` takes uvicorn's workers with it: SIGTERM (uvicorn shuts down
-gracefully), then SIGKILL after a timeout.
+gracefully), then SIGKILL after a timeout. If the process that started it dies (killed too),
+it gets SIGTERM (`PR_SET_PDEATHSIG`, tied to the starting thread: start it from the main
+thread).
 
 Bound to loopback, it runs in development mode by default (`TRACE_QUERY_DEV_MODE=true`): the
 service then accepts the placeholder keys of `make dev`, `make demo`, the benchmarks and tests.
@@ -33,6 +35,7 @@ from infra.local.services import (
     port_in_use,
     stop_process_group,
 )
+from trace_resources.processes import dies_with_this_process
 
 __all__ = ["QueryServer", "settings_env"]
 
@@ -111,6 +114,7 @@ class QueryServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=dies_with_this_process(),  # we die (killed too): it stops
             )
         finally:
             if output is not subprocess.DEVNULL:

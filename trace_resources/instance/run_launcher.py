@@ -11,12 +11,14 @@ path's alert latency (issue 6) waits on for every new range.
 Edited code takes effect on the next run, as with the default launcher: before each launch the
 launcher compares the project's source files (size and modification time of every file in the
 packages of the preloaded project modules) with what the pool imported, and replaces a stale
-pool (its runs under way finish on the code they started with).
+pool (it is retired: its runs under way finish on the code they started with, then it exits).
 
 One pool server per Python executable named by the runs' code origins, started on the first
-launch and stopped (stdin closed) when the launcher is disposed of. Runs it has started keep
-running if the launching process stops. The worker's pid and host are stored as a run tag
-(`WORKER_TAG`, hidden from the UI), so `terminate` works from any process on the host (the
+launch and stopped (stdin closed) when the launcher is disposed of. A run lives no longer than
+its pool, and the pool no longer than the launching process (webserver or daemon): when either
+stops or is killed, its runs get SIGTERM, which Dagster turns into a cancellation, so stopping
+`make dev` stops its runs and leaves no orphan. The worker's pid and host are stored as a run
+tag (`WORKER_TAG`, hidden from the UI), so `terminate` works from any process on the host (the
 webserver's Terminate button): it sends the run's process SIGINT, which Dagster's run worker
 turns into a clean cancellation.
 """
@@ -176,7 +178,17 @@ class RunWorkerPool:
             raise RuntimeError("the run worker pool closed the connection without a pid")
         return int(answer)
 
+    def retire(self) -> None:
+        """Take no more runs; exit once the runs under way have ended."""
+        if self.process.stdin and not self.process.stdin.closed:
+            try:
+                self.process.stdin.write(b"retire\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                pass
+
     def stop(self) -> None:
+        """Exit now; the pool's runs get SIGTERM (Dagster cancels them)."""
         if self.process.stdin and not self.process.stdin.closed:
             self.process.stdin.close()  # the pool stops taking runs and exits
         try:
@@ -203,6 +215,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self._preload = tuple(preload_modules if preload_modules is not None else DEFAULT_PRELOAD)
         self._start_timeout_s = start_timeout_seconds
         self._pools: dict[str, RunWorkerPool] = {}
+        self._retired: list[RunWorkerPool] = []  # replaced, finishing their runs
         self._lock = threading.Lock()
         super().__init__()
 
@@ -232,9 +245,13 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
     def _pool(self, executable: str) -> RunWorkerPool:
         with self._lock:
             signature = source_signature(self._preload)
+            for done in [p for p in self._retired if not p.alive()]:
+                done.stop()  # reaped, its folder removed
+                self._retired.remove(done)
             pool = self._pools.get(executable)
             if pool is not None and pool.signature != signature:
-                pool.stop()  # the code changed: runs from now on import the new code
+                pool.retire()  # the code changed: runs from now on import the new code
+                self._retired.append(pool)  # (kept: closing its stdin would stop its runs)
                 pool = None
             if pool is None or not pool.alive():
                 pool = RunWorkerPool(executable, self._preload, self._start_timeout_s, signature)
@@ -304,6 +321,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def dispose(self) -> None:
         with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
+            pools, self._pools = [*self._pools.values(), *self._retired], {}
+            self._retired = []
         for pool in pools:
             pool.stop()

@@ -12,9 +12,13 @@ the preloaded project code changes on disk, so an edited asset takes effect on t
 Protocol (Unix socket, one connection per run): the launcher sends the serialized
 `ExecuteRunArgs` and a newline; the server forks and answers the child's pid and a newline.
 
-The server is single-threaded and never runs user code itself, so forking it is safe. It exits
-when its stdin closes (the launcher's process ended or disposed of it); runs already started
-carry on to their end, as runs of a stopped code server do.
+The server is single-threaded and never runs user code itself, so forking it is safe. A run
+lives no longer than the server: each child gets SIGTERM when the server exits, however it
+exits (`PR_SET_PDEATHSIG`), and Dagster's run worker turns it into a cancellation of the run.
+The server exits when its stdin closes (the launcher's process ended, was killed or disposed of
+it: `make dev` stopping), which stops its runs; on `retire` read from stdin (the launcher
+replaces a pool whose code changed) it takes no more runs and exits once its runs have ended,
+so runs under way finish on the code they started with.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ import signal
 import socket
 import sys
 import threading
+
+from trace_resources.processes import die_with_parent, watch_parent
+
+STOP_GRACE_S = 5.0  # a run still going this long after its SIGTERM is killed
 
 
 def _run_child(serialized_args: str) -> int:
@@ -42,20 +50,29 @@ def _run_child(serialized_args: str) -> int:
     return 0
 
 
-def _fork_run(serialized_args: str, listener: socket.socket, conn: socket.socket) -> int:
+def _fork_run(
+    serialized_args: str, listener: socket.socket, conn: socket.socket, alive: tuple[int, int]
+) -> int:
+    server = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     # child: drop the server's descriptors and signal dispositions, then run
     code = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # the server gone (killed too): SIGTERM, which Dagster turns into a cancellation, and
+        # SIGKILL if the run is still going STOP_GRACE_S later (EOF on `alive`: only the
+        # server holds its write end)
+        die_with_parent(signal.SIGTERM, server)
+        os.close(alive[1])
+        watch_parent(alive[0], STOP_GRACE_S, term=False)
         listener.close()
         conn.close()
         os.close(0)
         os.open(os.devnull, os.O_RDONLY)  # fd 0 again, so nothing reads the launcher's pipe
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         code = _run_child(serialized_args)
     except BaseException:  # noqa: BLE001 - a child must never return into the server loop
         import traceback
@@ -100,25 +117,45 @@ def serve(socket_path: str, preload: list[str]) -> None:
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "listener")
     sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    runs: dict[int, int] = {}  # pidfd -> pid of each run under way
+    alive = os.pipe()  # its runs see EOF when this process is gone
+    retiring = False
     sys.stderr.write(f"run worker ready (pid {os.getpid()}, {len(preload)} modules preloaded)\n")
     try:
-        while True:
+        while not (retiring and not runs):
             for key, _ in sel.select():
                 if key.data == "stdin":
-                    if not os.read(0, 4096):  # launcher gone: stop taking runs
+                    data = os.read(0, 4096)
+                    if not data:  # launcher gone or done with us: stop now, runs with us
                         return
-                    continue
-                conn, _ = listener.accept()
-                with conn:
-                    request = _read_request(conn)
-                    if not request:
+                    if b"retire" in data and not retiring:  # replaced: finish the runs
+                        retiring = True
+                        sel.unregister(listener)
+                        listener.close()
+                        os.unlink(socket_path)
+                elif key.data == "run":  # a run ended
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    runs.pop(key.fd, None)
+                elif not retiring:
+                    conn, _ = listener.accept()
+                    with conn:
+                        request = _read_request(conn)
+                        if not request:
+                            continue
+                        pid = _fork_run(request, listener, conn, alive)
+                        conn.sendall(f"{pid}\n".encode())
+                    try:
+                        pidfd = os.pidfd_open(pid)
+                    except ProcessLookupError:  # ended already
                         continue
-                    pid = _fork_run(request, listener, conn)
-                    conn.sendall(f"{pid}\n".encode())
+                    runs[pidfd] = pid
+                    sel.register(pidfd, selectors.EVENT_READ, "run")
     finally:
-        listener.close()
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
+        if not retiring:
+            listener.close()
+            if os.path.exists(socket_path):
+                os.unlink(socket_path)
 
 
 def main() -> None:
