@@ -97,17 +97,24 @@ def test_a_query_sees_each_commit_as_soon_as_it_returns(
 def test_the_cache_is_dropped_when_the_listener_loses_its_connection(
     http: httpx.Client, tokens: Tokens, local_world: World, postgres: PostgresServer
 ) -> None:
+    database = local_world.settings.state_dsn.rsplit("/", 1)[1]
     version = commit(local_world, 20)
     for round_number in range(3):
         assert read_cached(http, tokens) == (20 + round_number, version)
         killed = listeners(postgres, local_world)
         assert killed, "no pointer listener is connected"
-
-        # the next commit's notification reaches no listener: the cache must not answer
-        postgres.psql(f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{killed}) pid")
-        version = commit(local_world, 21 + round_number)
-        assert read(http, tokens) == (21 + round_number, version)
-        # nor after the listener is back
+        # the listener can not come back (connections already open go on) until the commit
+        # landed: its notification reaches no listener, and the cache must not answer
+        postgres.psql(f'ALTER DATABASE "{database}" CONNECTION LIMIT 0')
+        try:
+            postgres.psql(f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{killed}) pid")
+            while listeners(postgres, local_world):
+                time.sleep(0.02)
+            version = commit(local_world, 21 + round_number)
+            assert read(http, tokens) == (21 + round_number, version)
+        finally:
+            postgres.psql(f'ALTER DATABASE "{database}" CONNECTION LIMIT -1')
+        # nor once the listener is back
         assert read_cached(http, tokens) == (21 + round_number, version)
         assert not set(killed) & set(listeners(postgres, local_world))
 
