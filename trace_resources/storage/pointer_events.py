@@ -46,6 +46,7 @@ _KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
     "tcp_user_timeout": 10_000,
+    "connect_timeout": 5,
     "application_name": "trace-pointer-listener",
 }
 
@@ -146,14 +147,17 @@ class PointerListener:
         return conn, int(pid)
 
     def _run(self) -> None:
+        retry_s = self._retry_s
         while not self._stopping:
             try:
                 conn, pid = self._connect()
             except Exception as exc:
-                log.warning("pointer listener: cannot connect (%s); retrying", exc)
+                log.warning("pointer listener: cannot connect (%s); retry in %.1f s", exc, retry_s)
                 with self._cond:
-                    self._cond.wait(self._retry_s)
+                    self._cond.wait(retry_s)
+                retry_s = min(2 * retry_s, 5.0)
                 continue
+            retry_s = self._retry_s
             # pointer moves while not listening were not heard: forget what was cached
             self._on_reset()
             with self._cond:
