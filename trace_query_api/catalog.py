@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 
+from trace_query_api.current import CurrentFilesCache, Stamp
 from trace_query_api.errors import (
     BadRequestError,
     GoneError,
@@ -99,9 +100,12 @@ class Catalog:
     """Discovery and version resolution for a token: the access rule (`storage.access`), the
     read model and the query snapshots (`storage.snapshots`)."""
 
-    def __init__(self, engine: sa.Engine, files: FileCache) -> None:
+    def __init__(
+        self, engine: sa.Engine, files: FileCache, current: CurrentFilesCache | None = None
+    ) -> None:
         self.engine = engine
         self.files = files
+        self.current = current  # current versions' files between commits (None: no cache)
         self.read = ReadModel(engine)
         self._stored_snapshots: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -189,25 +193,37 @@ class Catalog:
 
     def resolve(self, principal: Principal, names: Iterable[str], pins: Pins) -> Resolution:
         """Committed files of `names` as this token may see them: pinned versions where the
-        request pins a dataset (exactly those partitions), current versions elsewhere."""
+        request pins a dataset (exactly those partitions), current versions elsewhere.
+
+        Readability is decided on every call; the current versions' files come from the
+        cache when it holds them (`current.py`: it sees every commit acknowledged before this
+        call), else from the database in the same checkout as the access rule."""
         names = sorted(set(names))
         resolution = Resolution()
         pinned = {n: pins[n] for n in names if n in pins}
-        current = [n for n in names if n not in pins]
-        with self.engine.connect() as conn:
-            self.require_readable(principal, names, conn)
-            for name, by_partition in pinned.items():
-                allowed = principal.partitions_for(name)
-                outside = sorted(set(by_partition) - allowed) if allowed is not None else []
-                if outside:
-                    raise NotFoundError(
-                        f"{name} has no committed partition {outside[0]!r} available to this token",
-                        code="unknown_version",
-                    )
-            if current:
-                self._add_current(conn, principal, current, resolution)
-            if pinned:
-                self._add_pinned(conn, pinned, resolution)
+        selection = self._selection(principal, [n for n in names if n not in pins])
+        for name, by_partition in pinned.items():
+            allowed = principal.partitions_for(name)
+            outside = sorted(set(by_partition) - allowed) if allowed is not None else []
+            if outside:
+                self.require_readable(principal, names)
+                raise NotFoundError(
+                    f"{name} has no committed partition {outside[0]!r} available to this token",
+                    code="unknown_version",
+                )
+        cached = self.current.lookup(selection) if self.current is not None and selection else None
+        if cached is not None and not pinned and len(cached[0]) == len(selection):
+            # everything from the cache: no checkout unless the access rule needs SQL
+            self.require_readable(principal, names)
+            for found in cached[0].values():
+                _add(resolution, found)
+        else:
+            with self.engine.connect() as conn:
+                self.require_readable(principal, names, conn)
+                if selection:
+                    self._add_current(conn, selection, cached, resolution)
+                if pinned:
+                    self._add_pinned(conn, pinned, resolution)
         for name in names:
             resolution.versions.setdefault(name, {})
             resolution.files.setdefault(name, [])
@@ -249,14 +265,32 @@ class Catalog:
                 "current versions instead"
             ) from None
 
-    def _add_current(
-        self, conn: sa.Connection, principal: Principal, names: list[str], out: Resolution
-    ) -> None:
+    @staticmethod
+    def _selection(principal: Principal, names: list[str]) -> dict[str, list[str] | None]:
+        """{dataset: the partitions this token may read (sorted), or None for all}."""
         selection: dict[str, list[str] | None] = {}
         for name in names:
             allowed = principal.partitions_for(name)
             selection[name] = None if allowed is None else sorted(allowed)
-        _add(out, self.read.current_files(selection, conn))
+        return selection
+
+    def _add_current(
+        self,
+        conn: sa.Connection,
+        selection: dict[str, list[str] | None],
+        cached: tuple[dict[str, list[CommittedFiles]], Stamp] | None,
+        out: Resolution,
+    ) -> None:
+        found = cached[0] if cached is not None else {}
+        for committed in found.values():
+            _add(out, committed)
+        missing = {name: keys for name, keys in selection.items() if name not in found}
+        if not missing:
+            return
+        committed = self.read.current_files(missing, conn)
+        if cached is not None and self.current is not None:
+            self.current.store(cached[1], missing, committed)
+        _add(out, committed)
 
     def _add_pinned(self, conn: sa.Connection, pinned: Pins, out: Resolution) -> None:
         wanted = [(n, k, v) for n, by_key in pinned.items() for k, v in by_key.items()]

@@ -65,6 +65,14 @@ class Metrics:
         self.exports = Counter(
             "trace_query_exports", "Export jobs by final status.", ["status"], registry=r
         )
+        self.current_versions = Counter(
+            "trace_query_current_versions",
+            "Datasets whose current versions a query took from the cache between commits "
+            "(cache) or read in PostgreSQL (database: not cached yet, or the cache was bypassed "
+            "while its listener reconnected).",
+            ["source"],
+            registry=r,
+        )
         self.sandboxes_busy = Gauge(
             "trace_query_sandboxes_busy",
             "Sandboxes running a query now.",

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
+from trace_query_api.current import CurrentFilesCache
 from trace_query_api.encode import Cursor, sql_fingerprint
 from trace_query_api.engine import ParsedQuery, Parser, api_error
 from trace_query_api.errors import (
@@ -166,7 +167,15 @@ class Services:
             disk_dir=settings.query_cache_dir,
             disk_bytes=settings.query_cache_disk_bytes,
         )
-        self.catalog = Catalog(self.engine, self.files)
+        self.current = (
+            CurrentFilesCache(
+                self.engine,
+                count=lambda source, n: self.metrics.current_versions.labels(source).inc(n),
+            )
+            if settings.query_version_cache
+            else None
+        )
+        self.catalog = Catalog(self.engine, self.files, self.current)
         self.saved = SavedQueries(self.engine)
         self.parser = Parser()
         self.sandbox = SandboxPool(
@@ -181,12 +190,16 @@ class Services:
         self.alerts = AlertService(
             lambda: alert_tables.data_engine(settings.data_dsn), self.catalog
         )
+        if self.current is not None:  # last: nothing built after it can fail and leak it
+            self.current.start()
 
     def close(self) -> None:
         self.exports.shutdown()
         self.sandbox.close()
         self.parser.close()
         self.files.close()
+        if self.current is not None:
+            self.current.close()
 
     # -- readiness -------------------------------------------------------------------------
 

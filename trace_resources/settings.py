@@ -441,6 +441,12 @@ class QuerySettings(Settings):
     query_cache_memory_bytes: int = Field(
         512 * 1024**2, ge=0, description="Size bound of the in-memory cache of decoded files."
     )
+    query_version_cache: bool = Field(
+        True,
+        description="Keep the current versions' files between commits (dropped when a commit "
+        "moves a pointer: LISTEN/NOTIFY on the state database; a query still sees every commit "
+        "acknowledged before it arrived). False: resolve them in PostgreSQL on every query.",
+    )
     # edge limits and secure defaults (issue 15)
     query_max_body_bytes: int = Field(
         1024**2,

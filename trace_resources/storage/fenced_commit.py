@@ -33,6 +33,7 @@ from trace_resources.errors import (
     VersionRemovedError,
 )
 from trace_resources.storage import state as t
+from trace_resources.storage.pointer_events import announce
 from trace_resources.storage.read_model import current_query, expand, find_version
 from trace_resources.storage.records import (
     COMMITTED_EVENT,
@@ -513,8 +514,9 @@ class FencedCommits:
         nbytes: int,
         payload: dict[str, Any],
     ) -> int:
-        """Insert the next version of the partition, move its pointer, mark the attempt
-        committed and write the outbox event; the new version number."""
+        """Insert the next version of the partition, move its pointer (and announce it to the
+        readers caching current versions: `pointer_events`), mark the attempt committed and
+        write the outbox event; the new version number."""
         number = (
             conn.execute(
                 sa.select(sa.func.max(t.versions.c.version))
@@ -546,6 +548,7 @@ class FencedCommits:
                 set_={"current_version": number, "updated_at": sa.func.now()},
             )
         )
+        announce(conn, attempt.dataset)  # delivered when the transaction commits
         self._set_state(conn, attempt, "committed", number)
         conn.execute(
             t.outbox.insert().values(
