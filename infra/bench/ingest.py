@@ -9,7 +9,12 @@ of a freshly loaded state slower, which would count against whichever contender 
 The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated once and
 cached as an anvil state file.
 
-Last line: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`.
+cli: the operator's path, `dagster asset materialize --select blocks,transactions,logs
+--partition-range first...last` as a new process on the same instance (interpreter start,
+code-location import and run included).
+
+Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>` and
+`ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` (medians).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import contextlib
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -171,6 +178,39 @@ def time_trace(settings: Settings, instance: dg.DagsterInstance, keys: list[str]
     return seconds
 
 
+def settings_env(settings: Settings, home: Path) -> dict[str, str]:
+    """The environment an operator's shell has for the dagster CLI: TRACE_* and DAGSTER_HOME."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None and isinstance(value, str | int | float | bool | Path):
+            env[f"TRACE_{name.upper()}"] = str(value)
+    env["DAGSTER_HOME"] = str(home)
+    return env
+
+
+def time_cli(env: dict[str, str], keys: list[str]) -> float:
+    """The path an operator takes: `dagster asset materialize` of the raw datasets over every
+    range, as a new process (interpreter start and code-location import included)."""
+    command = [
+        str(Path(sys.executable).with_name("dagster")),
+        "asset",
+        "materialize",
+        "-m",
+        "trace_assets.definitions",
+        "--select",
+        "blocks,transactions,logs",
+        "--partition-range",
+        f"{keys[0]}...{keys[-1]}",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise SystemExit(f"the CLI backfill failed (exit {done.returncode}); its log is above")
+    return seconds
+
+
 def time_cryo(rpc_url: str, first: int, last: int, out: Path) -> float:
     started = time.perf_counter()
     for dataset in RAW_DATASETS:
@@ -222,10 +262,12 @@ def main() -> int:
             f"{args.rounds} rounds each, alternated"
         )
 
-        runs: dict[str, list[float]] = {"trace": [], "cryo": []}
+        env = settings_env(settings, work / "dagster_home")
+        runs: dict[str, list[float]] = {"trace": [], "cryo": [], "cli": []}
         contenders: list[tuple[str, Callable[[], float]]] = [
             ("trace", lambda: time_trace(settings, instance, keys)),
             ("cryo", lambda: time_cryo(node.url, first, last, work)),
+            ("cli", lambda: time_cli(env, keys)),
         ]
         for round_number in range(args.warmup):
             for name, run in contenders:
@@ -252,6 +294,8 @@ def main() -> int:
             f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
             f"ratio={trace_rate / cryo_rate:.2f}"
         )
+        cli_s, cryo_s = statistics.median(runs["cli"]), statistics.median(runs["cryo"])
+        print(f"ingest_cli: trace_s={cli_s:.2f} cryo_s={cryo_s:.2f} ratio={cryo_s / cli_s:.2f}")
     return 0
 
 

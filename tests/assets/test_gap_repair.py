@@ -199,8 +199,6 @@ def test_killed_and_failed_ranges_are_repaired_once(
                 select,
                 "--partition",
                 keys[0],
-                "--config-json",
-                json.dumps({"execution": {"config": {"in_process": {}}}}),
             ],
             cwd=REPO,
             env={**os.environ, "TRACE_CRASH_POINT": "commit.after_pg_commit"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -397,3 +398,68 @@ def test_persistent_and_data_faults_fail_clearly_and_commit_nothing(
     assert_nothing_committed(state_dsn, state)
     # the good range(s) of the run were extracted (in every step attempt), yet not committed
     assert all(n >= DAGSTER_ATTEMPTS for n in good_extracted), good_extracted
+
+
+# -- a run over many ranges keeps what it verified -------------------------------------------
+
+
+def test_a_bad_range_keeps_the_ranges_before_it_and_a_retry_resumes_after_them(
+    devnet: Devnet, test_settings: Settings, state_dsn: str, state: StateStoreResource
+) -> None:
+    """Ranges commit one by one as they verify: a range the node answers wrongly fails the
+    run, the ranges verified before it stay committed (and show as materialised in Dagster),
+    and the step's retries extract only what is left."""
+    fault = Fault(kind="missing_block", methods={"eth_getBlockByNumber"}, blocks={140})
+    with FaultProxy(devnet.url, [fault]) as proxy:
+        settings = proxied(test_settings, proxy, max_attempts=MAX_ATTEMPTS_FAILING)
+        result, instance = materialize_keys(settings, KEYS)
+        good, bad = (extraction_attempts(proxy, r) for r in RANGES)
+
+    assert not result.success
+    assert "blocks 140" in failure_description(result)
+    assert step_attempts(result, instance).restarts == DAGSTER_ATTEMPTS - 1
+    # the good range was extracted once; every step attempt extracted the bad one again
+    assert good == 1, good
+    assert bad >= DAGSTER_ATTEMPTS, bad
+    versions = state.versions()
+    for name in RAW_DATASETS:
+        assert list(versions.read.current_versions(name)) == [KEYS[0]], name
+    # Dagster shows the committed range as materialised, with its own rows and version
+    for name in RAW_DATASETS:
+        events = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name)), limit=10
+        ).records
+        partitions = {e.partition_key for e in events}
+        assert partitions == {KEYS[0]}, (name, partitions)
+        metadata = events[0].asset_materialization.metadata  # type: ignore[union-attr]
+        assert metadata["trace/version"].value == 1
+        assert (
+            metadata["dagster/row_count"].value
+            == versions.read.current_versions(name)[KEYS[0]].manifest.rows
+        )
+    logs = [
+        e.message
+        for e in instance.all_logs(result.run_id)
+        if e.message and "committed" in e.message
+    ]
+    assert any("range 1/2 " + KEYS[0] + " committed" in m for m in logs), logs
+    assert any("resuming with the 1 other" in m for m in logs), logs
+    assert any("1 of 2 range(s) were committed before the failure" in m for m in logs), logs
+
+    # the node answers right again: a new run commits the bad range; the good one keeps its
+    # version (identical data is no new version)
+    result, instance = materialize_keys(test_settings, KEYS)
+    assert result.success
+    for name in RAW_DATASETS:
+        current = versions.read.current_versions(name)
+        assert sorted(current) == KEYS
+        assert current[KEYS[0]].version == 1, name
+    per_partition = {
+        e.partition_key: e.asset_materialization.metadata  # type: ignore[union-attr]
+        for e in instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("blocks")), limit=10
+        ).records
+    }
+    assert {k: m["dagster/row_count"].value for k, m in per_partition.items()} == {
+        r.key: r.size for r in RANGES
+    }

@@ -323,14 +323,14 @@ def _extract_and_stage(
                     uploads.append(uploader.submit(_stage_range, staging, data, reader, agreements))
                 report(wait=True)
             except BaseException:
+                # verified ranges still upload and commit (at most two are queued): the work
+                # done is kept, and a retry resumes after it
                 for future in extracting:
                     future.cancel()
-                for upload in uploads[reported:]:
-                    upload.cancel()
                 raise
     except BaseException:
-        # the upload under way finished when the pools closed: report every range that
-        # committed, in order, up to the first that did not
+        # the uploads finished when the pools closed: report every range that committed, in
+        # order, up to the first that did not
         for future in uploads[reported:]:
             if future.cancelled() or future.exception() is not None:
                 break
