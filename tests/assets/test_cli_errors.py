@@ -63,9 +63,11 @@ def lake(
 ) -> StateStoreResource:
     """Committed `blocks` (three ranges, the first twice) and an org's dataset, with a rule."""
     with state.writer(objects) as writer:
-        for key in [*KEYS, KEYS[0]]:
+        for n, key in enumerate([*KEYS, KEYS[0]]):
             first = int(key[:12])
-            table = pa.table({"block_number": pa.array(range(first, first + 5), pa.uint64())})
+            # the first range twice, with different rows (identical data keeps its version)
+            rows = 5 if n < len(KEYS) else 6
+            table = pa.table({"block_number": pa.array(range(first, first + rows), pa.uint64())})
             writer.write("blocks", key, PartitionData(table))
         labels = pa.table({"address": pa.array([b"\x11" * 20], pa.binary())})
         writer.write("org_acme__labels", "all", PartitionData(labels))
@@ -128,7 +130,7 @@ def test_storage_and_access_commands_refuse_unknown_names(
     header, *rows = summary.out.splitlines()
     assert header.split()[:5] == ["dataset", "partitions", "rows", "bytes", "versions"]
     by_name = {row.split()[0]: row for row in rows}
-    assert by_name["blocks"].split()[1:3] == ["3", "15"] and by_name["blocks"].split()[5] == "-"
+    assert by_name["blocks"].split()[1:3] == ["3", "16"] and by_name["blocks"].split()[5] == "-"
     assert {len(row) for row in rows} == {len(header)}  # every column ends where its header does
 
     # gc, staging-cleanup, compact: --dataset and partitions; sealed partitions are named
