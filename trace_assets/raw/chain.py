@@ -100,7 +100,7 @@ RAW_DECLARATIONS = {name: declarations()[name] for name in RAW_DATASETS}
                 COMMIT_MODE_METADATA: "replace",
             },
             kinds={"parquet", "s3"},
-            owners=[declarations()[name].owner],
+            owners=[RAW_DECLARATIONS[name].owner],
             # a run of the checks alone yields none of them (`can_subset`)
             is_required=False,
         )
