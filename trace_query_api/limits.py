@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from trace_query_api.errors import AuthError, RateLimitedError
-from trace_resources.storage.rate_limits import Bucket, admit, retry_after_s
+from trace_resources.storage.rate_limits import Bucket, admit, give_back, retry_after_s
 from trace_resources.tokens import Principal
 
 __all__ = ["RateLimits"]
@@ -31,14 +31,19 @@ class RateLimits:
     def admit(self, conn: sa.Connection, principal: Principal) -> None:
         """Raise unless the token is live and both buckets admit one more request.
 
-        Call it inside a transaction (`engine.begin()`): when it raises, the rollback returns
-        what the request took from the other bucket, so a refused request costs nothing.
+        One statement, so `conn` may be in autocommit (one round trip, no BEGIN or COMMIT):
+        a refused request gives back what it took from the other bucket before raising, so
+        it costs nothing.
         """
         org = Bucket(f"org:{principal.org}", 1.0 / self.org_per_s, self.org_burst)
         user = Bucket(
             f"user:{principal.org}:{principal.subject}", 1.0 / self.user_per_s, self.user_burst
         )
         admission = admit(conn, org, user, principal.jti)
+        if admission.revoked or not (admission.org_ok and admission.user_ok):
+            give_back(
+                conn, [b for b, ok in ((org, admission.org_ok), (user, admission.user_ok)) if ok]
+            )
         if admission.revoked:
             raise AuthError("this token was revoked; ask for a new one", code="token_revoked")
         if not admission.org_ok:

@@ -44,6 +44,7 @@ from trace_resources.settings import QuerySettings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.exports import ExportJob
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
+from trace_resources.storage.pool_ping import ping_when_idle
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.tokens import Keyring, Principal
@@ -158,6 +159,11 @@ class Services:
         )
         _raise_open_files_limit()
         self.engine = engine_for(settings.state_dsn)
+        # single statements every request makes (admission): autocommit connections of their
+        # own pool, so neither BEGIN/COMMIT nor an isolation-level reset costs a round trip
+        self.autocommit = ping_when_idle(
+            sa.create_engine(settings.state_dsn, isolation_level="AUTOCOMMIT", future=True)
+        )
         self.versions = VersionStore(self.engine)
         self.datasets = bucket(settings, settings.bucket_datasets)
         self.results = bucket(settings, settings.bucket_results)
@@ -200,6 +206,7 @@ class Services:
         self.files.close()
         if self.current is not None:
             self.current.close()
+        self.autocommit.dispose()
 
     # -- readiness -------------------------------------------------------------------------
 

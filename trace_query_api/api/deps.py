@@ -1,10 +1,11 @@
 """Dependencies of the routes: the process's services and the caller behind the bearer token.
 
 `CurrentPrincipal` verifies the token (signature, algorithm, claims), then in one Postgres
-round trip refuses revoked tokens and applies the organisation's and the subject's rate
-limits. `CurrentUser` further refuses task tokens where only people act (creating and
-deleting saved queries, reading alert rules and alerts); `AlertManager` also requires the
-`alerts:manage` capability (creating, updating and disabling alert rules).
+round trip (autocommit: no BEGIN or COMMIT) refuses revoked tokens and applies the
+organisation's and the subject's rate limits. `CurrentUser` further refuses task tokens
+where only people act (creating and deleting saved queries, reading alert rules and alerts);
+`AlertManager` also requires the `alerts:manage` capability (creating, updating and
+disabling alert rules).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _bearer = HTTPBearer(
 )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -47,7 +48,7 @@ def get_principal(
                 code="missing_token",
             )
         principal = services.verifier.verify(credentials.credentials)
-        with services.engine.begin() as conn:
+        with services.autocommit.connect() as conn:  # one statement: no BEGIN, no COMMIT
             services.limits.admit(conn, principal)
     except ApiError as exc:
         services.metrics.rejected.labels(exc.code).inc()

@@ -61,6 +61,7 @@ _HEADER_CAP = 1 << 20
 _READY_TIMEOUT_S = 60.0
 _KILL_GRACE_S = 1.0
 _LONG_S = 0.25  # a statement running longer yields the CPU to short ones
+_WATCH_TICK_S = 0.05
 
 
 class SandboxError(Exception):
@@ -130,7 +131,7 @@ class SandboxWorker:
     dead: bool = False
     cpu_budget_s: float = 0.0
     in_request: bool = False
-    _yield_timer: threading.Timer | None = None
+    _started: float = 0.0
     _lowered: bool = False
     _priority_lock: threading.Lock = field(default_factory=threading.Lock)
     _kill_reason: str | None = None
@@ -375,25 +376,22 @@ class SandboxWorker:
         could not raise it again."""
         if os.geteuid() != 0:
             return
-        self._cancel_yield()
-        timer = threading.Timer(_LONG_S, self._lower_priority)
-        timer.daemon = True
-        self._yield_timer = timer
-        timer.start()
+        self._started = time.monotonic()
+        _LONG_STATEMENTS.watch(self)
 
-    def _lower_priority(self) -> None:
+    def _lower_if_long(self, now: float) -> None:
         with self._priority_lock:
-            if self.in_request and not self.dead:
+            if (
+                self.in_request
+                and not self.dead
+                and not self._lowered
+                and now - self._started >= _LONG_S
+            ):
                 self._lowered = True
                 self._nice(19)
 
-    def _cancel_yield(self) -> None:
-        timer, self._yield_timer = self._yield_timer, None
-        if timer is not None:
-            timer.cancel()
-
     def _restore_priority(self) -> None:
-        self._cancel_yield()
+        _LONG_STATEMENTS.forget(self)
         with self._priority_lock:
             if self._lowered:
                 self._lowered = False
@@ -415,6 +413,47 @@ class SandboxWorker:
         threads = max(1, int(self.isolation.get("threads", 1)))
         self.cpu_budget_s = timeout_s * threads + 2.0
         return self.cpu_budget_s
+
+
+class _LongStatementWatch:
+    """One thread for every worker of the process lowers the priority of statements running
+    longer than `_LONG_S`: it looks at the workers in a request every `_WATCH_TICK_S` and
+    sleeps while there are none (a timer thread per request cost more than the rest of the
+    sandbox's bookkeeping under load)."""
+
+    def __init__(self) -> None:
+        self._running: set[SandboxWorker] = set()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, worker: SandboxWorker) -> None:
+        with self._changed:
+            self._running.add(worker)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="sandbox-long-statements", daemon=True
+                )
+                self._thread.start()
+            if len(self._running) == 1:
+                self._changed.notify()
+
+    def forget(self, worker: SandboxWorker) -> None:
+        with self._changed:
+            self._running.discard(worker)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._running:
+                    self._changed.wait()
+                running = list(self._running)
+            now = time.monotonic()
+            for worker in running:
+                worker._lower_if_long(now)
+            time.sleep(_WATCH_TICK_S)
+
+
+_LONG_STATEMENTS = _LongStatementWatch()
 
 
 class SandboxPool:
@@ -575,6 +614,7 @@ class SandboxPool:
         finally:
             with self._lock:
                 self._busy -= 1
+            _LONG_STATEMENTS.forget(worker)
             if worker.in_request and not worker.dead:
                 worker.kill("abandoned")  # its caller stopped reading mid-answer
             if worker.dead or worker.process.poll() is not None:

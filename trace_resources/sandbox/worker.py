@@ -31,6 +31,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import duckdb
@@ -80,6 +82,44 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+class _Watchdog:
+    """One thread for the worker's life that interrupts the running statement at its time
+    limit (a timer thread per request cost a thread start on every request)."""
+
+    def __init__(self, on_fire: Callable[[], None]) -> None:
+        self._on_fire = on_fire
+        self._changed = threading.Condition()
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._due = 0.0
+        self._thread = threading.Thread(target=self._run, name="deadline", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def arm(self, conn: duckdb.DuckDBPyConnection, timeout_s: float) -> None:
+        with self._changed:
+            self._conn, self._due = conn, time.monotonic() + timeout_s
+            self._changed.notify()
+
+    def disarm(self) -> None:
+        with self._changed:
+            self._conn = None
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                if self._conn is None:
+                    self._changed.wait()
+                    continue
+                left = self._due - time.monotonic()
+                if left > 0:
+                    self._changed.wait(left)
+                    continue
+                conn, self._conn = self._conn, None
+                self._on_fire()
+                conn.interrupt()
+
+
 class Worker:
     def __init__(self, sock: socket.socket, config: dict[str, Any]) -> None:
         self.sock = sock
@@ -94,6 +134,10 @@ class Worker:
         self._wholes: dict[tuple[tuple[str, ...], pa.Schema], pa.Table] = {}
         self._open_fds: set[int] = set()  # received for the request running now
         self._interrupted = False
+        self._watchdog = _Watchdog(self._fired)
+
+    def _fired(self) -> None:
+        self._interrupted = True
 
     # -- start ---------------------------------------------------------------------------
 
@@ -101,6 +145,7 @@ class Worker:
         """Run every code path once, so nothing is imported after the chroot, and start the
         threads a scan uses now, so their stacks are inside the size the address-space limit
         starts from."""
+        self._watchdog.start()
         pa.set_cpu_count(self.threads)
         pa.set_io_thread_count(2)
         table = pa.table({"a": pa.array([1, 2], pa.int64()), "b": ["x", None]})
@@ -253,25 +298,15 @@ class Worker:
         # the answer goes out once the request's descriptors are closed
         wire.send(self.sock, *answer)
 
-    def _deadline(self, conn: duckdb.DuckDBPyConnection, timeout_s: float) -> Any:
-        worker = self
-
-        class _Deadline:
-            def __enter__(self) -> None:
-                worker._interrupted = False
-
-                def fire() -> None:
-                    worker._interrupted = True
-                    conn.interrupt()
-
-                self.timer = threading.Timer(timeout_s, fire)
-                self.timer.daemon = True
-                self.timer.start()
-
-            def __exit__(self, *exc: object) -> None:
-                self.timer.cancel()
-
-        return _Deadline()
+    @contextmanager
+    def _deadline(self, conn: duckdb.DuckDBPyConnection, timeout_s: float) -> Iterator[None]:
+        """Interrupt the statement at the time limit (the watchdog thread of `warm`)."""
+        self._interrupted = False
+        self._watchdog.arm(conn, timeout_s)
+        try:
+            yield
+        finally:
+            self._watchdog.disarm()
 
     def _register(
         self,

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from trace_resources.storage.access import REVOKED_JTI_EXISTS
 from trace_resources.storage.state import metadata
 
-__all__ = ["rate_buckets", "Bucket", "Admission", "admit", "retry_after_s"]
+__all__ = ["rate_buckets", "Bucket", "Admission", "admit", "give_back", "retry_after_s"]
 
 rate_buckets = sa.Table(
     "trace_query_rate_buckets",
@@ -61,6 +61,7 @@ SELECT
 """
 )
 
+_GIVE_BACK = sa.text("UPDATE trace_query_rate_buckets SET tat = tat - :interval WHERE key = :key")
 _TAT = sa.text("SELECT tat FROM trace_query_rate_buckets WHERE key = :key")
 
 
@@ -86,7 +87,7 @@ class Admission:
 
 def admit(conn: sa.Connection, org: Bucket, user: Bucket, jti: str) -> Admission:
     """Take one request from both buckets where each admits it, and say whether `jti` is
-    revoked. Call it inside a transaction: rolling back returns what was taken."""
+    revoked, in one statement. A refused request returns what it took with `give_back`."""
     row = conn.execute(
         _ADMIT,
         {
@@ -100,6 +101,12 @@ def admit(conn: sa.Connection, org: Bucket, user: Bucket, jti: str) -> Admission
         },
     ).one()
     return Admission(row.revoked, row.org_ok, row.user_ok, row.now)
+
+
+def give_back(conn: sa.Connection, buckets: list[Bucket]) -> None:
+    """Return the request `admit` took from each of `buckets` (the request was refused)."""
+    for bucket in buckets:
+        conn.execute(_GIVE_BACK, {"key": bucket.key, "interval": bucket.interval_s})
 
 
 def retry_after_s(conn: sa.Connection, bucket: Bucket, now: float) -> int:

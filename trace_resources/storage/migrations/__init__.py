@@ -28,6 +28,7 @@ from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
 
 from trace_resources.errors import SchemaNotCurrentError
+from trace_resources.storage.pool_ping import ping_when_idle
 
 __all__ = [
     "Database",
@@ -137,8 +138,9 @@ def is_newer(database: Database, revision: str | None) -> bool:
 
 
 def open_engine(dsn: str, database: Database) -> sa.Engine:
-    """A pooled engine on a database that is at the head revision (else `SchemaNotCurrentError`)."""
-    engine = sa.create_engine(dsn, pool_pre_ping=True, future=True)
+    """A pooled engine on a database that is at the head revision (else `SchemaNotCurrentError`).
+    Connections idle for a second or more are checked before use (`ping_when_idle`)."""
+    engine = ping_when_idle(sa.create_engine(dsn, future=True))
     try:
         require_current(engine, database)
     except BaseException:
