@@ -103,8 +103,12 @@ def latency_rounds(
     timings: dict[str, dict[str, list[float]]] = {
         "api": {n: [] for n in QUERIES},
         "direct": {n: [] for n in QUERIES},
+        "floor": {"GET /healthz": []},
     }
     for round_number in range(rounds):
+        started = time.perf_counter()
+        client.get("/healthz").raise_for_status()
+        timings["floor"]["GET /healthz"].append((time.perf_counter() - started) * 1000)
         for name, sql in QUERIES.items():
             order = ("api", "direct") if round_number % 2 == 0 else ("direct", "api")
             for contender in order:
@@ -209,6 +213,8 @@ def main() -> int:
                 f"{name:<28} api p50 {statistics.median(api):6.2f} ms  p99 {_pct(api, 0.99):6.2f}"
                 f"   direct p50 {statistics.median(direct):6.2f} ms  p99 {_pct(direct, 0.99):6.2f}"
             )
+        floor = timings["floor"]["GET /healthz"]
+        _say(f"HTTP floor (GET /healthz, no token, no query) p50 {statistics.median(floor):.2f} ms")
         api_all = [t for ts in timings["api"].values() for t in ts]
         direct_all = [t for ts in timings["direct"].values() for t in ts]
         api_p50, api_p99 = statistics.median(api_all), _pct(api_all, 0.99)

@@ -19,7 +19,14 @@ from trace_query_api.errors import ApiError, AuthError, ForbiddenError
 from trace_query_api.services import Services
 from trace_resources.tokens import Principal
 
-__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser", "AlertManager"]
+__all__ = [
+    "ServicesDep",
+    "VerifiedPrincipal",
+    "admit",
+    "CurrentPrincipal",
+    "CurrentUser",
+    "AlertManager",
+]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -36,10 +43,12 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_principal(
+async def get_verified(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The token's principal, verified on the event loop (CPU only: signature and claims);
+    not yet admitted: a route taking it calls `admit` first thing."""
     try:
         if credentials is None:
             raise AuthError(
@@ -47,12 +56,27 @@ def get_principal(
                 "(`trace token issue --org ORG --subject SUB` makes one)",
                 code="missing_token",
             )
-        principal = services.verifier.verify(credentials.credentials)
+        return services.verifier.verify(credentials.credentials)
+    except ApiError as exc:
+        services.metrics.rejected.labels(exc.code).inc()
+        raise
+
+
+VerifiedPrincipal = Annotated[Principal, Depends(get_verified)]
+
+
+def admit(services: Services, principal: Principal) -> None:
+    """Refuse a revoked token or a request over its rate limits (blocking: one round trip)."""
+    try:
         with services.autocommit.connect() as conn:  # one statement: no BEGIN, no COMMIT
             services.limits.admit(conn, principal)
     except ApiError as exc:
         services.metrics.rejected.labels(exc.code).inc()
         raise
+
+
+def get_principal(services: ServicesDep, principal: VerifiedPrincipal) -> Principal:
+    admit(services, principal)
     return principal
 
 

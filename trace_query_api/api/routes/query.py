@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from trace_query_api.api.deps import CurrentPrincipal, ServicesDep
+from trace_query_api.api.deps import ServicesDep, VerifiedPrincipal, admit
 from trace_query_api.api.docs import AUTH_ERRORS, errors
 from trace_query_api.encode import (
     ARROW_MEDIA_TYPE,
@@ -96,12 +96,13 @@ def _encode(result: PageResult, media_type: str, services: Services) -> Response
     responses=QUERY_RESPONSES,
 )
 def run_query(
-    body: QueryRequest, request: Request, principal: CurrentPrincipal, services: ServicesDep
+    body: QueryRequest, request: Request, principal: VerifiedPrincipal, services: ServicesDep
 ) -> Response:
     """Datasets are referenced by their names (`SELECT count(*) FROM blocks`). The answer
     names the versions it read and a `snapshot` id: pass `snapshot` (or `pin`) to read the
     same versions again later. Pages: `limit`, then `cursor` = the previous `next_cursor`.
     """
+    admit(services, principal)  # here, not in a dependency: one worker-thread hop per query
     result = services.run_page(
         principal,
         body.sql,
