@@ -33,8 +33,9 @@ import dagster as dg
 
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import StateStoreResource
+from trace_resources.storage.io_manager import data_version_tags
 from trace_resources.storage.paths import UNPARTITIONED
-from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent
+from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
@@ -117,7 +118,7 @@ class _RunStates:
         return self.in_progress[run_id]
 
 
-def _materialization(event: OutboxEvent) -> dg.AssetMaterialization:
+def _materialization(event: OutboxEvent, version: VersionRecord) -> dg.AssetMaterialization:
     payload = event.payload
     return dg.AssetMaterialization(
         asset_key=dg.AssetKey(event.dataset),
@@ -131,6 +132,9 @@ def _materialization(event: OutboxEvent) -> dg.AssetMaterialization:
             "trace/committed_by_run": str(payload.get("run_id")),
             "dagster/row_count": int(payload.get("rows") or 0),
         },
+        # the committed content's hash, as the run would have reported it: downstream
+        # automation reacts to a new data version
+        tags=data_version_tags(version),
     )
 
 
@@ -173,11 +177,12 @@ def relay_outbox(
             done += [e.id for e in batch]
             continue
         partitions = sorted({e.partition_key for e in batch})
-        current = versions.read.current_version_numbers(dataset, partitions)
+        current = versions.read.current_versions(dataset, partitions)
         since = min(e.created_at.timestamp() for e in batch) - _CLOCK_MARGIN_S
         recorded = _recorded_versions(instance, key, partitions, since)
         for event in batch:
-            if current.get(event.partition_key) != event.version:
+            record = current.get(event.partition_key)
+            if record is None or record.version != event.version:
                 outcome.superseded += 1
             elif (event.partition_key, event.version) in recorded:
                 outcome.recorded += 1
@@ -188,7 +193,7 @@ def relay_outbox(
                 outcome.deferred += 1
                 continue
             else:
-                instance.report_runless_asset_event(_materialization(event))
+                instance.report_runless_asset_event(_materialization(event, record))
                 recorded.add((event.partition_key, event.version))
                 outcome.relayed.append(event)
             done.append(event.id)

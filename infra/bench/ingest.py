@@ -13,8 +13,14 @@ cli: the operator's path, `dagster asset materialize --select blocks,transaction
 --partition-range first...last` as a new process on the same instance (interpreter start,
 code-location import and run included).
 
-Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>` and
-`ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` (medians).
+ui: a backfill of the three over every range launched as the Dagster UI launches it, through
+`dagster dev`'s webserver and daemon (started once, as `make dev` starts them, before the
+rounds), from the submission to the backfill's completion (`infra/bench/ui_backfill.py`);
+with where its time went (daemon ticks, queue, launch, step), from the run's events.
+
+Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`,
+`ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` and
+`ingest_ui: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` (medians).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from infra.bench.ui_backfill import Breakdown, DagsterDev, time_ui
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
 from trace_assets.definitions import build_resources
@@ -108,6 +115,7 @@ class BenchServices:
     """One benchmark's services: PostgreSQL, the S3 API and anvil with the cached devnet."""
 
     work: Path
+    pg: PostgresServer
     node: AnvilNode
     settings: Settings
     instance: dg.DagsterInstance
@@ -152,7 +160,7 @@ def bench_services(
         instance = dagster_instance(work / "dagster_home", pg)
         try:
             keys = add_finalized_partitions(instance, finalized, range_size)
-            yield BenchServices(work, node, settings, instance, keys)
+            yield BenchServices(work, pg, node, settings, instance, keys)
         finally:
             instance.dispose()
     finally:
@@ -248,11 +256,22 @@ def main() -> int:
         help="untimed rounds of both first (anvil serves its first reads of a loaded state "
         "slower, which would count against whichever contender goes first)",
     )
+    parser.add_argument(
+        "--paths",
+        default="trace,cli,ui",
+        help="the Trace paths timed against cryo, comma-separated: trace (in-process), cli "
+        "(`dagster asset materialize`), ui (a backfill through the webserver and daemon)",
+    )
     args = parser.parse_args()
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = sorted(set(paths) - {"trace", "cli", "ui"})
+    if unknown or not paths:
+        parser.error(f"--paths: unknown {unknown or 'none given'}; choose from trace, cli, ui")
 
-    with bench_services(
-        args.blocks, args.range_size, "trace-bench-", args.extract_concurrency
-    ) as bench:
+    with contextlib.ExitStack() as stack:
+        bench = stack.enter_context(
+            bench_services(args.blocks, args.range_size, "trace-bench-", args.extract_concurrency)
+        )
         settings, instance, keys = bench.settings, bench.instance, bench.keys
         node, work = bench.node, bench.work
         first, last = int(keys[0][:12]), int(keys[-1][13:])
@@ -263,15 +282,30 @@ def main() -> int:
         )
 
         env = settings_env(settings, work / "dagster_home")
-        runs: dict[str, list[float]] = {"trace": [], "cryo": [], "cli": []}
-        contenders: list[tuple[str, Callable[[], float]]] = [
-            ("trace", lambda: time_trace(settings, instance, keys)),
-            ("cryo", lambda: time_cryo(node.url, first, last, work)),
-            ("cli", lambda: time_cli(env, keys)),
-        ]
+        breakdowns: list[Breakdown] = []
+        available: dict[str, Callable[[], float]] = {
+            "trace": lambda: time_trace(settings, instance, keys),
+            "cryo": lambda: time_cryo(node.url, first, last, work),
+            "cli": lambda: time_cli(env, keys),
+        }
+        if "ui" in paths:
+            # up for the whole benchmark, as `make dev` is for an operator
+            dev = stack.enter_context(DagsterDev(env, bench.pg, work))
+
+            def ui() -> float:
+                seconds, parts = time_ui(dev, instance, keys, list(RAW_DATASETS))
+                breakdowns.append(parts)
+                _say(f"        ui breakdown: {parts.line()}")
+                return seconds
+
+            available["ui"] = ui
+        names = ["trace", "cryo", "cli", "ui"]
+        contenders = [(n, available[n]) for n in names if n == "cryo" or n in paths]
+        runs: dict[str, list[float]] = {name: [] for name, _ in contenders}
         for round_number in range(args.warmup):
             for name, run in contenders:
                 _say(f"warm-up {round_number + 1}: {name:<5} {run():6.2f} s (not counted)")
+        breakdowns.clear()
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, run in order:
@@ -286,16 +320,25 @@ def main() -> int:
             r.dataset: r.rows for r in ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
         }
         _say(f"committed rows per dataset (current versions): {summary}")
-        trace_rate = blocks / statistics.median(runs["trace"])
-        cryo_rate = blocks / statistics.median(runs["cryo"])
         spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
         _say(f"min-max per run: {spread}")
-        print(
-            f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
-            f"ratio={trace_rate / cryo_rate:.2f}"
-        )
-        cli_s, cryo_s = statistics.median(runs["cli"]), statistics.median(runs["cryo"])
-        print(f"ingest_cli: trace_s={cli_s:.2f} cryo_s={cryo_s:.2f} ratio={cryo_s / cli_s:.2f}")
+        if breakdowns:
+            _say(f"ui breakdown (medians): {Breakdown.median(breakdowns).line()}")
+        cryo_s = statistics.median(runs["cryo"])
+        if "trace" in runs:
+            trace_rate = blocks / statistics.median(runs["trace"])
+            cryo_rate = blocks / cryo_s
+            print(
+                f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
+                f"ratio={trace_rate / cryo_rate:.2f}"
+            )
+        for path in ("cli", "ui"):
+            if path in runs:
+                path_s = statistics.median(runs[path])
+                print(
+                    f"ingest_{path}: trace_s={path_s:.2f} cryo_s={cryo_s:.2f} "
+                    f"ratio={cryo_s / path_s:.2f}"
+                )
     return 0
 
 

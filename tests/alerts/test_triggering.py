@@ -80,6 +80,22 @@ def test_committed_versions_request_alert_evaluation_of_their_range(
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick) == {first}
 
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == set()  # that request is handled: eager() would react again
+
+    # the same range re-derived from the same data: the commit is unchanged (the version is
+    # kept, `trace/unchanged`) and reports the data version it had (the committed content's
+    # hash), so the automation requests nothing
+    recommit(env, "erc20_transfers", first)
+    assert versions.read.current_version_numbers("erc20_transfers", [first])[first] == before + 1
+    [latest] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("erc20_transfers"), asset_partitions=[first]),
+        limit=1,
+    ).records
+    assert latest.asset_materialization.metadata["trace/unchanged"].value is True  # type: ignore[union-attr]
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick) == set()
+
     # a re-commit of another range's native_transfers that Dagster never recorded (its step
     # died after the commit): invisible to the automation until the outbox relay reports it
     schema = arrow_schema(declarations()["native_transfers"])

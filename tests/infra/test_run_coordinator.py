@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 from dagster._core.remote_origin import (
     InProcessCodeLocationOrigin,
     RemoteJobOrigin,
@@ -18,6 +19,8 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._core.utils import make_new_run_id
 
 from trace_resources.instance.run_coordinator import FAST_LANE_TAG, TraceRunCoordinator
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -87,3 +90,22 @@ def test_fast_lane_launches_at_once_only_with_a_free_slot(
     coordinator.submit_run(SubmitRunContext(other, workspace=None))  # type: ignore[arg-type]
     assert launched == [fresh.run_id]
     assert instance.get_run_by_id(other.run_id).status == dg.DagsterRunStatus.QUEUED
+
+
+def test_backfill_interval_is_set_from_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`backfill_interval_seconds` sets how often this process's backfill daemon ticks (Dagster's
+    fixed 30 s otherwise); the deployment's dagster.yaml sets it."""
+    from dagster._daemon import controller
+
+    monkeypatch.setattr(controller, "DEFAULT_DAEMON_INTERVAL_SECONDS", 30)  # restored after
+    deployed = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
+    config = deployed["run_coordinator"]
+    assert config["config"]["backfill_interval_seconds"] == 2
+    (tmp_path / "dagster.yaml").write_text(
+        yaml.safe_dump({"run_coordinator": config, "telemetry": {"enabled": False}})
+    )
+    with dg.DagsterInstance.from_config(str(tmp_path)) as inst:
+        assert isinstance(inst.run_coordinator, TraceRunCoordinator)
+    assert controller.DEFAULT_DAEMON_INTERVAL_SECONDS == 2

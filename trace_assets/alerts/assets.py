@@ -1,9 +1,11 @@
 """`alert_evaluations`: evaluates every enabled alert rule over each newly committed range.
 
-Downstream of `erc20_transfers` and `native_transfers` (eager automation: a committed version,
-recorded by its run or relayed from the outbox, triggers it). It reads the current versions
-of the range (pinned) — the alert datasets, plus every dataset a custom SQL condition reads
-that its organisation may read (`scope.py`) — and publishes one buffer message per alert.
+Downstream of `erc20_transfers` and `native_transfers` (eager automation on data versions,
+`trace_assets.automation.on_new_data`: a new committed version, recorded by its run or relayed
+from the outbox, triggers it; a commit identical to the current version does not). It reads
+the current versions of the range (pinned) — the alert datasets, plus every dataset a custom
+SQL condition reads that its organisation may read (`scope.py`) — and publishes one buffer
+message per alert.
 Against the evaluation ledger it publishes a retraction for each standing alert the current
 version no longer raises, and a new generation of an alert that was retracted and is raised
 again (`evaluate.reconcile`). Publishing twice (a retried step) is harmless: the sink keeps
@@ -22,6 +24,7 @@ from trace_assets.alerts.evaluate import (
     reconcile,
 )
 from trace_assets.alerts.scope import AlertScope, load_range, referenced
+from trace_assets.automation import on_new_data
 from trace_assets.partitions import block_ranges
 from trace_resources.alert_pipeline.resource import (
     AlertsResource,
@@ -40,7 +43,7 @@ __all__ = ["EVALUATION_DEPS", "alert_evaluations", "evaluate_partition", "read_r
 # What an evaluation of a range reads: the alert datasets, and every other public derived
 # dataset partitioned by block range, which a custom SQL condition may read for the range. As
 # dependencies they are committed before the evaluation in a run that holds both (the
-# chain-head run), and a new version of any of them re-evaluates the range (eager automation).
+# chain-head run), and a new version of any of them re-evaluates the range (`on_new_data`).
 EVALUATION_DEPS: list[str] = [
     *ALERT_DATASETS,
     *sorted(
@@ -96,7 +99,7 @@ def evaluate_partition(
             "published to the alert buffer (SQS) with a dedupe_key; retractions when a range "
             "is re-committed.",
             deps=EVALUATION_DEPS,
-            automation_condition=dg.AutomationCondition.eager(),
+            automation_condition=on_new_data(),
             group_name="alerts",
             kinds={"sqs", "postgres"},
             owners=[DEFAULT_OWNER],

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from dagster_shared.utils.warnings import BetaWarning
 
+from trace_assets.automation import on_new_data
 from trace_assets.derived import transforms
 from trace_assets.partitions import block_ranges
 from trace_assets.quality import (
@@ -31,7 +32,11 @@ from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader, PartitionData
-from trace_resources.storage.io_manager import COMMIT_MODE_METADATA
+from trace_resources.storage.io_manager import (
+    COMMIT_MODE_METADATA,
+    DatasetIOManager,
+    versioned_output,
+)
 from trace_resources.storage.paths import UNPARTITIONED
 
 __all__ = [
@@ -164,19 +169,29 @@ def _decorate(
         metadata=dataset_metadata(decl),
         check_specs=rule_check_specs(decl),
         owners=[decl.owner],
-        automation_condition=dg.AutomationCondition.eager(),
+        automation_condition=on_new_data(),
         group_name="derived",
         kinds={"parquet", "s3"},
     )
-    def _derived(context: dg.AssetExecutionContext, **upstream: pa.Table) -> Iterator[Any]:
+    def _derived(
+        context: dg.AssetExecutionContext,
+        dataset_io_manager: dg.ResourceParam[DatasetIOManager],
+        **upstream: pa.Table,
+    ) -> Iterator[Any]:
         keys = list(context.partition_keys)
         derived = transform(**upstream).cast(schema)
         parts = transforms.split_by_range(derived, keys)
         tables: dict[str | None, pa.Table] = {k: t for k, t in parts.items()}
         yield from _gated(decl, tables)
-        yield dg.Output(
-            {k: PartitionData(t) for k, t in parts.items()},
-            metadata={"trace/input_rows": sum(t.num_rows for t in upstream.values())},
+        # committed here, so the output carries the committed content's data version: a range
+        # re-derived identical (kept as it was) does not re-trigger alert evaluation
+        with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
+            staged = staging.stage(
+                decl.name, {k: PartitionData(t) for k, t in parts.items()}, mode=decl.commit_mode
+            )
+            results = staging.commit(staged)
+        yield versioned_output(
+            results, metadata={"trace/input_rows": sum(t.num_rows for t in upstream.values())}
         )
 
     return _derived

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import dagster as dg
 
@@ -33,6 +34,8 @@ from trace_resources.storage.io_manager import (
     DatasetIOManager,
     Staging,
     commit_metadata,
+    data_version_tags,
+    versioned_output,
 )
 from trace_resources.storage.records import CommitResult
 
@@ -118,7 +121,7 @@ def raw_chain(
     context: dg.AssetExecutionContext,
     chain: ChainResource,
     dataset_io_manager: dg.ResourceParam[DatasetIOManager],
-) -> Iterator[dg.Output | dg.AssetMaterialization | dg.AssetCheckResult]:
+) -> Iterator[dg.Output[Any] | dg.AssetMaterialization | dg.AssetCheckResult]:
     """Extract, verify and commit the raw datasets of every block range in the run, range by
     range; then evaluate their checks.
 
@@ -153,7 +156,9 @@ def raw_chain(
         for name in RAW_DATASETS:
             if name not in selected:
                 continue
-            yield dg.Output(
+            # the data version is the committed content's: an unchanged range (identical
+            # data, kept as it was) does not re-trigger automation downstream
+            yield versioned_output(
                 committed[name],
                 output_name=name,
                 metadata={
@@ -205,7 +210,10 @@ def _materialisations(
     for name in names:
         for key, result in sorted(committed[name].items()):
             yield dg.AssetMaterialization(
-                asset_key=name, partition=key, metadata=commit_metadata(result, store)
+                asset_key=name,
+                partition=key,
+                metadata=commit_metadata(result, store),
+                tags=data_version_tags(result.version),
             )
 
 

@@ -34,14 +34,18 @@ output committed and which then failed commits that output once, however it is r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster._core.execution.stats import StepEventStatus
+from dagster_shared.utils.warnings import BetaWarning
 from pydantic import PrivateAttr
 
 from trace_resources.failures import as_dagster_failure
@@ -54,7 +58,7 @@ from trace_resources.storage.commit import (
 )
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
-from trace_resources.storage.records import CommitMode, CommitResult
+from trace_resources.storage.records import CommitMode, CommitResult, VersionRecord
 
 __all__ = [
     "DatasetIOManager",
@@ -63,6 +67,9 @@ __all__ = [
     "REPAIRS_RUN_TAG",
     "commit_key_for",
     "commit_metadata",
+    "data_version",
+    "data_version_tags",
+    "versioned_output",
 ]
 
 COMMIT_MODE_METADATA = "trace/commit_mode"
@@ -165,6 +172,16 @@ class Staging:
             self.staged = [s for s in self.staged if s.attempt.attempt_id not in done]
         return results
 
+    def commit(self, staged: Sequence[StagedPartition]) -> dict[str, CommitResult]:
+        """Commit staged partitions of one dataset in one batched transaction, by partition
+        key, under the step's commit key (`DatasetWriter.commit`: a refused batch commits
+        one by one), as `handle_output` would."""
+        results = self._writer.commit(staged, commit_key=self.commit_key)
+        done = {s.attempt.attempt_id for s in staged}
+        with self._lock:
+            self.staged = [s for s in self.staged if s.attempt.attempt_id not in done]
+        return results
+
     def stage(
         self,
         dataset: str,
@@ -254,6 +271,39 @@ def _metadata(results: dict[str, CommitResult], uri: str) -> dict[str, Any]:
     if drifts:
         metadata["trace/schema_drift"] = dg.MetadataValue.json(drifts)
     return metadata
+
+
+def data_version(results: Mapping[str, CommitResult]) -> dg.DataVersion:
+    """The Dagster data version of committed partitions: the committed version's content hash
+    (`Manifest.content_hash`), so an unchanged commit reports the data version it had and
+    automation that reacts to data-version changes ignores it.
+
+    Dagster gives every partition of one output the same data version; for several partitions
+    it is the hash of their (partition, content hash) pairs: equal to a partition's previous
+    data version only if that partition's content is unchanged (a change in any partition of
+    the run reports them all as changed)."""
+    hashes = sorted((key, r.version.manifest.content_hash()) for key, r in results.items())
+    if len(hashes) == 1:
+        return dg.DataVersion(hashes[0][1])
+    joined = "\n".join(f"{key}={digest}" for key, digest in hashes)
+    return dg.DataVersion(hashlib.sha256(joined.encode()).hexdigest())
+
+
+def data_version_tags(version: VersionRecord) -> dict[str, str]:
+    """The tags that give a reported `AssetMaterialization` of one committed version its
+    data version (as `data_version` does for an output)."""
+    return {DATA_VERSION_TAG: version.manifest.content_hash()}
+
+
+def versioned_output(
+    results: Mapping[str, CommitResult], *, output_name: str = "result", **kwargs: Any
+) -> dg.Output[Any]:
+    """An asset's output of partitions it committed itself, with their `data_version`."""
+    with warnings.catch_warnings():  # `data_version` on Output is flagged beta in 1.13
+        warnings.simplefilter("ignore", BetaWarning)
+        return dg.Output(
+            dict(results), output_name=output_name, data_version=data_version(results), **kwargs
+        )
 
 
 def commit_metadata(result: CommitResult, store: ObjectStore) -> dict[str, Any]:

@@ -5,6 +5,8 @@ concern of the version store shares (a row as a `VersionRecord`, seconds as an i
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,6 +126,20 @@ class Manifest:
             data["live_from_seq"] = self.live_from_seq or 0
             data["through_seq"] = self.through_seq
         return data
+
+    def content_hash(self) -> str:
+        """sha256 of the version's data: its files' checksums, rows and sizes in read order,
+        its schema and source blocks (what an unchanged replace is compared on), and an open
+        version's segment window. An unchanged replace keeps the version, so its hash."""
+        content = {
+            "files": [(f.sha256, f.rows, f.size) for f in self.files],
+            "schema_hash": self.schema_hash,
+            "source": self.source,
+            "segments": self.segments,
+            "window": (self.live_from_seq, self.through_seq),
+        }
+        encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(encoded.encode()).hexdigest()
 
     def segment_keys(self) -> set[str]:
         """Keys of the pre-segment-row format's segments (`ReadModel.appended_keys` has all)."""
