@@ -42,6 +42,7 @@ from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.object_store import s3_store
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.tokens import issue_token
 from trace_resources.udfs import UdfDeclaration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -266,40 +267,109 @@ def _error_body(response: httpx.Response, name: str) -> tuple[int, str]:
     return response.status_code, text.replace(name, "X")
 
 
+@pytest.fixture(scope="module")
+def server(
+    world: World, s3_server: MotoS3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[QueryServer]:
+    env = {**settings_env(world.settings), **s3_server.env()}
+    log = tmp_path_factory.mktemp("udf-uvicorn") / "uvicorn.log"
+    with QueryServer(env, log_file=log) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: QueryServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http
+
+
 def test_only_its_organisation_reads_it(
-    world: World,
-    materialised: subprocess.CompletedProcess[str],
-    s3_server: MotoS3Server,
-    tmp_path: Path,
+    world: World, materialised: subprocess.CompletedProcess[str], client: httpx.Client
 ) -> None:
     assert materialised.returncode == 0, materialised.stderr[-3000:]
     tokens = Tokens(world.settings)
     rows = world.reader.read(UDF, world.keys).num_rows
-    env = {**settings_env(world.settings), **s3_server.env()}
-    with (
-        QueryServer(env, log_file=tmp_path / "uvicorn.log") as server,
-        httpx.Client(base_url=server.url, timeout=60) as client,
-    ):
 
-        def query(org: str, dataset: str) -> httpx.Response:
-            return client.post(
-                "/v1/query",
-                headers=bearer(tokens.org(org)),
-                json={"sql": f"SELECT count(*) AS n FROM {dataset}"},
-            )
+    def query(org: str, dataset: str) -> httpx.Response:
+        return client.post(
+            "/v1/query",
+            headers=bearer(tokens.org(org)),
+            json={"sql": f"SELECT count(*) AS n FROM {dataset}"},
+        )
 
-        mine = query("acme", UDF)
-        assert mine.status_code == 200, mine.text
-        assert mine.json()["rows"] == [[rows]]
-        listed = client.get("/v1/datasets", headers=bearer(tokens.org("acme"))).json()["data"]
-        assert UDF in {d["name"] for d in listed}
+    mine = query("acme", UDF)
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["rows"] == [[rows]]
+    listed = client.get("/v1/datasets", headers=bearer(tokens.org("acme"))).json()["data"]
+    assert UDF in {d["name"] for d in listed}
 
-        theirs = query("globex", UDF)
-        missing = query("globex", "org_acme__no_such_transform")
-        assert theirs.status_code != 200
-        assert _error_body(theirs, UDF) == _error_body(missing, "org_acme__no_such_transform")
-        listed = client.get("/v1/datasets", headers=bearer(tokens.org("globex"))).json()["data"]
-        assert UDF not in {d["name"] for d in listed}
+    theirs = query("globex", UDF)
+    missing = query("globex", "org_acme__no_such_transform")
+    assert theirs.status_code != 200
+    assert _error_body(theirs, UDF) == _error_body(missing, "org_acme__no_such_transform")
+    listed = client.get("/v1/datasets", headers=bearer(tokens.org("globex"))).json()["data"]
+    assert UDF not in {d["name"] for d in listed}
+
+
+def test_post_transforms_applies_with_the_capability_only(
+    world: World, materialised: subprocess.CompletedProcess[str], client: httpx.Client
+) -> None:
+    tokens = Tokens(world.settings)
+
+    def manager(org: str) -> dict[str, str]:
+        jwt = issue_token(
+            tokens.keyring,
+            world.settings,
+            org=org,
+            subject="ops",
+            capabilities=["transforms:manage"],
+        )[0]
+        return bearer(jwt)
+
+    # reads the organisation's own committed transform: its output is an input like any other
+    on_mine = GOOD.replace(UDF, "org_acme__busiest").replace(
+        "  - dataset: erc20_transfers\n    columns: [block_number, token, from_address, "
+        "value_string]",
+        f"  - dataset: {UDF}\n    columns: [token, transfers, senders, first_block, last_block, "
+        "longest_value]",
+    )
+    on_mine = on_mine[: on_mine.index("    SELECT token,")] + (
+        "    SELECT token, transfers, senders, first_block, last_block, longest_value\n"
+        f"    FROM {UDF}\n    WHERE transfers > 1\n"
+    )
+    body = {"yaml": on_mine, "file": "busiest.yaml"}
+    plain = client.post("/v1/transforms", headers=bearer(tokens.org("acme")), json=body)
+    assert plain.status_code == 403 and plain.json()["error"]["code"] == "missing_capability"
+    created = client.post("/v1/transforms", headers=manager("acme"), json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["name"] == "org_acme__busiest" and created.json()["version"] == 1
+    again = client.post("/v1/transforms", headers=manager("acme"), json=body)
+    assert again.status_code == 200 and again.json()["changed"] is False
+
+    # another organisation can neither name it nor read acme's transform
+    named = client.post("/v1/transforms", headers=manager("globex"), json=body)
+    assert named.status_code == 422
+    assert named.json()["error"]["details"] == [
+        "busiest.yaml:2: name: 'org_acme__busiest' belongs to organisation 'acme'; "
+        "organisation 'globex' declares org_globex__<name>"
+    ]
+    stolen = client.post(
+        "/v1/transforms",
+        headers=manager("globex"),
+        json={"yaml": on_mine.replace("org_acme__busiest", "org_globex__busiest")},
+    )
+    assert stolen.status_code == 422
+    [line] = stolen.json()["error"]["details"]
+    assert line.startswith(
+        f"transform.yaml:5: inputs[0].dataset: unknown dataset {UDF!r} (or not readable by "
+        "organisation 'globex'); readable: "
+    )
+    assert UDF not in line.split("readable: ")[1]
+
+    mine = client.get("/v1/transforms", headers=bearer(tokens.org("acme"))).json()
+    assert {"org_acme__busiest", UDF} <= {t["name"] for t in mine["data"]}
+    theirs = client.get("/v1/transforms", headers=bearer(tokens.org("globex"))).json()
+    assert theirs == {"data": [], "count": 0}
 
 
 BAD = {

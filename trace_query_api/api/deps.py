@@ -5,7 +5,8 @@ round trip (autocommit: no BEGIN or COMMIT) refuses revoked tokens and applies t
 organisation's and the subject's rate limits. `CurrentUser` further refuses task tokens
 where only people act (creating and deleting saved queries, reading alert rules and alerts);
 `AlertManager` also requires the `alerts:manage` capability (creating, updating and
-disabling alert rules).
+disabling alert rules); `TransformManager` the `transforms:manage` capability (applying the
+organisation's own transforms).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from trace_query_api.errors import ApiError, AuthError, ForbiddenError
 from trace_query_api.services import Services
 from trace_resources.tokens import Principal
 
-__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser", "AlertManager"]
+__all__ = ["ServicesDep", "CurrentPrincipal", "CurrentUser", "AlertManager", "TransformManager"]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -83,3 +84,17 @@ def get_alert_manager(principal: CurrentUser) -> Principal:
 
 
 AlertManager = Annotated[Principal, Depends(get_alert_manager)]
+
+
+def get_transform_manager(principal: CurrentUser) -> Principal:
+    if not principal.can("transforms:manage"):
+        raise ForbiddenError(
+            "this token lists transforms but does not apply them; applying them takes a token "
+            "with the transforms:manage capability (`trace token issue --capability "
+            "transforms:manage`)",
+            code="missing_capability",
+        )
+    return principal
+
+
+TransformManager = Annotated[Principal, Depends(get_transform_manager)]

@@ -15,6 +15,7 @@ from trace_resources.storage import udfs as udf_store
 from trace_resources.storage.access import readable_datasets
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.read_model import ReadModel
+from trace_resources.tokens import Principal
 from trace_resources.udfs.declaration import InputDataset, UdfDeclaration, as_dataset_declaration
 
 __all__ = ["input_catalogue", "registered_udfs"]
@@ -28,13 +29,20 @@ def registered_udfs(engine: sa.Engine, org: str | None = None) -> dict[str, UdfD
     }
 
 
-def input_catalogue(engine: sa.Engine, org: str) -> dict[str, InputDataset]:
-    """Every dataset organisation `org` may read, by name."""
+def input_catalogue(
+    engine: sa.Engine, org: str, principal: Principal | None = None
+) -> dict[str, InputDataset]:
+    """Every dataset organisation `org` may read (narrowed to what `principal`, a token of
+    `org`, may read), by name."""
     decls = declarations()
-    own = registered_udfs(engine, org)
+    own = {
+        name: udf
+        for name, udf in registered_udfs(engine, org).items()
+        if principal is None or principal.scope_allows(name)
+    }
     read = ReadModel(engine)
     out: dict[str, InputDataset] = {}
-    for name in sorted(set(readable_datasets(engine, org)) | set(own)):
+    for name in sorted(set(readable_datasets(engine, org, principal)) | set(own)):
         if name in decls:
             decl = decls[name]
             out[name] = InputDataset(name, arrow_schema(decl), decl.partitioning)

@@ -7,15 +7,23 @@ import sqlalchemy as sa
 
 from trace_resources.registry import line_of
 from trace_resources.storage import udfs as udf_store
+from trace_resources.tokens import Principal
 from trace_resources.udfs.catalogue import input_catalogue
 from trace_resources.udfs.declaration import UdfDeclaration, UdfError, load_udf, parse_udf
 
 __all__ = ["validate", "apply"]
 
 
-def validate(engine: sa.Engine, text: str, source: str, org: str | None = None) -> UdfDeclaration:
-    """The declaration, checked against what its organisation may read; with `org` (the
-    caller's organisation), its name must be that organisation's."""
+def validate(
+    engine: sa.Engine,
+    text: str,
+    source: str,
+    org: str | None = None,
+    principal: Principal | None = None,
+) -> UdfDeclaration:
+    """The declaration, checked against what its organisation may read (narrowed to what
+    `principal`, the caller's token, may read); with `org` (the caller's organisation), its
+    name must be that organisation's."""
     decl, lines = parse_udf(text, source)
     if org is not None and decl.org != org:
         line, _ = line_of(("name",), lines)
@@ -23,14 +31,19 @@ def validate(engine: sa.Engine, text: str, source: str, org: str | None = None) 
             f"{source}:{line}: name: {decl.name!r} belongs to organisation {decl.org!r}; "
             f"organisation {org!r} declares org_{org}__<name>"
         )
-    return load_udf(text, source, input_catalogue(engine, decl.org))
+    return load_udf(text, source, input_catalogue(engine, decl.org, principal))
 
 
 def apply(
-    engine: sa.Engine, text: str, source: str, applied_by: str, org: str | None = None
+    engine: sa.Engine,
+    text: str,
+    source: str,
+    applied_by: str,
+    org: str | None = None,
+    principal: Principal | None = None,
 ) -> udf_store.StoredUdf:
     """Validate, then store as the transform's next version (unless it is unchanged)."""
-    decl = validate(engine, text, source, org)
+    decl = validate(engine, text, source, org, principal)
     return udf_store.apply_version(
         engine,
         name=decl.name,
