@@ -35,6 +35,7 @@ from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
 from trace_assets.udfs import build_udf_asset
 from trace_resources.chain.ranges import complete_ranges
+from trace_resources.instance.run_launcher import DEFAULT_PRELOAD, pool_signature
 from trace_resources.sandbox import shared
 from trace_resources.settings import QuerySettings
 from trace_resources.storage import udfs as udf_store
@@ -501,3 +502,18 @@ def test_a_tripped_quality_rule_commits_nothing(world: World, applied: Path) -> 
     assert "org_acme__strict was not committed: 1 blocking quality rule(s) failed" in description
     assert "has_transfers" in description
     assert world.reader.resolve("org_acme__strict") == {}
+
+
+def test_an_applied_transform_makes_the_warm_run_worker_stale(
+    world: World, applied: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The warm run workers preload the code location: a transform applied since they started
+    must replace them, or a run of it would find no asset."""
+    for key, value in settings_env(world.settings).items():
+        monkeypatch.setenv(key, value)
+    before = pool_signature(DEFAULT_PRELOAD)
+    assert before == pool_signature(DEFAULT_PRELOAD)  # nothing changed: the pool is kept
+    path = tmp_path / "warm.yaml"
+    path.write_text(GOOD.replace(UDF, "org_acme__warm"))
+    assert trace_main(["udf", "apply", str(path)]) == 0
+    assert pool_signature(DEFAULT_PRELOAD) != before

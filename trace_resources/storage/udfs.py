@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from trace_resources.storage.state import metadata
 
-__all__ = ["StoredUdf", "udf_versions", "apply_version", "latest", "history"]
+__all__ = ["StoredUdf", "udf_versions", "apply_version", "latest", "history", "version_count"]
 
 udf_versions = sa.Table(
     "trace_udf_versions",
@@ -134,3 +134,9 @@ def history(engine: sa.Engine, name: str) -> list[StoredUdf]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(t).where(t.c.name == name).order_by(t.c.version)).all()
     return [_stored(r) for r in rows]
+
+
+def version_count(engine: sa.Engine) -> int:
+    """How many versions were ever applied (rows are only added: a new apply changes it)."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(udf_versions)).scalar_one())
