@@ -517,3 +517,23 @@ def test_an_applied_transform_makes_the_warm_run_worker_stale(
     path.write_text(GOOD.replace(UDF, "org_acme__warm"))
     assert trace_main(["udf", "apply", str(path)]) == 0
     assert pool_signature(DEFAULT_PRELOAD) != before
+
+
+def test_lineage_impacted_reaches_the_transform(
+    world: World, applied: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    for key, value in settings_env(world.settings).items():
+        monkeypatch.setenv(key, value)
+    assert trace_main(["lineage", "impacted", "--dataset", "logs", "--columns", "topic1"]) == 0
+    impacted = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    # logs.topic1 -> erc20_transfers.from_address -> every column of the transform (no
+    # lineage declared: each output column depends on every declared input column)
+    assert "from_address" in impacted["erc20_transfers"].split(",")
+    assert impacted[UDF].split(",") == [
+        "token",
+        "transfers",
+        "senders",
+        "first_block",
+        "last_block",
+        "longest_value",
+    ]
