@@ -537,3 +537,40 @@ def test_lineage_impacted_reaches_the_transform(
         "last_block",
         "longest_value",
     ]
+
+
+def test_a_transform_can_not_read_itself_through_another(
+    world: World,
+    applied: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    for key, value in settings_env(world.settings).items():
+        monkeypatch.setenv(key, value)
+    downstream = tmp_path / "downstream.yaml"
+    downstream.write_text(
+        GOOD.replace(UDF, "org_acme__downstream")
+        .replace("dataset: erc20_transfers", f"dataset: {UDF}")
+        .replace("columns: [block_number, token, from_address, value_string]", "columns: [token]")
+        .split("schema:")[0]
+        + "schema:\n  - {name: token, type: binary, doc: ERC-20 contract}\n"
+        + f"code:\n  kind: sql\n  sql: SELECT DISTINCT token FROM {UDF}\n"
+    )
+    assert trace_main(["udf", "apply", str(downstream)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(
+        GOOD.replace("dataset: erc20_transfers", "dataset: org_acme__downstream")
+        .replace("columns: [block_number, token, from_address, value_string]", "columns: [token]")
+        .split("schema:")[0]
+        + "schema:\n  - {name: token, type: binary, doc: ERC-20 contract}\n"
+        + "code:\n  kind: sql\n  sql: SELECT token FROM org_acme__downstream\n"
+    )
+    assert trace_main(["udf", "apply", str(loop)]) == 2
+    assert capsys.readouterr().err == (
+        f"trace: UdfError: {loop}:5: inputs[0].dataset: 'org_acme__downstream' reads this "
+        f"transform's output ({UDF} -> org_acme__downstream -> {UDF}); a transform can not "
+        "read itself, even through others\n"
+    )
+    assert [h.version for h in udf_store.history(engine_for(world.settings.state_dsn), UDF)] == [1]

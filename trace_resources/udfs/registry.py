@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from trace_resources.registry import line_of
 from trace_resources.storage import udfs as udf_store
 from trace_resources.tokens import Principal
-from trace_resources.udfs.catalogue import input_catalogue
+from trace_resources.udfs.catalogue import input_catalogue, registered_udfs
 from trace_resources.udfs.declaration import UdfDeclaration, UdfError, load_udf, parse_udf
 
 __all__ = ["validate", "apply"]
@@ -31,7 +31,41 @@ def validate(
             f"{source}:{line}: name: {decl.name!r} belongs to organisation {decl.org!r}; "
             f"organisation {org!r} declares org_{org}__<name>"
         )
-    return load_udf(text, source, input_catalogue(engine, decl.org, principal))
+    checked = load_udf(text, source, input_catalogue(engine, decl.org, principal))
+    _refuse_cycles(engine, checked, source, lines)
+    return checked
+
+
+def _refuse_cycles(
+    engine: sa.Engine, decl: UdfDeclaration, source: str, lines: dict[tuple[object, ...], int]
+) -> None:
+    """A transform may not read its own output through other transforms (the asset graph
+    would have a cycle, and no code location could load it)."""
+    reads = {name: [i.dataset for i in udf.inputs] for name, udf in registered_udfs(engine).items()}
+    reads[decl.name] = [i.dataset for i in decl.inputs]
+
+    def path_back(start: str, seen: frozenset[str]) -> list[str] | None:
+        for upstream in reads.get(start, []):
+            if upstream == decl.name:
+                return [start]
+            if upstream not in seen:
+                found = path_back(upstream, seen | {upstream})
+                if found is not None:
+                    return [start, *found]
+        return None
+
+    for i, item in enumerate(decl.inputs):
+        if item.dataset == decl.name or item.dataset not in reads:
+            continue
+        through = path_back(item.dataset, frozenset({item.dataset}))
+        if through is not None:
+            line, _ = line_of(("inputs", i, "dataset"), lines)
+            chain = " -> ".join([decl.name, *through, decl.name])
+            raise UdfError(
+                f"{source}:{line}: inputs[{i}].dataset: {item.dataset!r} reads this "
+                f"transform's output ({chain}); a transform can not read itself, even through "
+                "others"
+            )
 
 
 def apply(
