@@ -96,20 +96,20 @@ def _conform(udf: UdfDeclaration, schema: pa.Schema, table: pa.Table, key: str) 
             f"{where}: the SELECT returned the columns {', '.join(table.column_names)}; the "
             f"declaration's schema is {', '.join(schema.names)}; nothing was committed"
         )
-    try:
-        conformed = table.cast(schema, safe=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise _failure(
-            f"{where}: the SELECT's result does not fit the declared schema ({exc}); nothing "
-            "was committed"
-        ) from None
     for field in schema:
-        nulls = conformed[field.name].null_count
+        nulls = table[field.name].null_count
         if not field.nullable and nulls:
             raise _failure(
                 f"{where}: column {field.name!r} holds {nulls} null(s) but is declared not "
                 "nullable (declare `nullable: true` or filter them out); nothing was committed"
             )
+    try:
+        conformed = table.cast(schema, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise _failure(
+            f"{where}: the SELECT's result does not fit the declared schema ({exc}); nothing "
+            "was committed"
+        ) from None
     return conformed
 
 

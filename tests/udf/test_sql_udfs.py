@@ -18,6 +18,7 @@ import dagster as dg
 import httpx
 import polars as pl
 import pytest
+import yaml
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -470,16 +471,9 @@ def test_apply_stores_versions_and_list_shows_the_newest(
     assert "unknown organisation 'initech'" in capsys.readouterr().err
 
 
-def test_a_tripped_quality_rule_commits_nothing(world: World, applied: Path) -> None:
-    """The circuit breaker: the rows are computed in the sandbox, the rule fails on them, the
-    run fails saying which rule, and no version of the transform is committed."""
-    strict = GOOD.replace(UDF, "org_acme__strict").replace(
-        "{name: has_transfers, kind: range, column: transfers, min: 1}",
-        "{name: has_transfers, kind: range, column: transfers, min: 1000000}",
-    )
-    import yaml
-
-    udf = UdfDeclaration.model_validate(yaml.safe_load(strict))
+def _failed_run(world: World, declaration: str) -> str:
+    """Materialise a transform over two ranges in process; the failure's description."""
+    udf = UdfDeclaration.model_validate(yaml.safe_load(declaration))
     asset = build_udf_asset(udf, 1)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(block_ranges.name or "", world.keys)
@@ -498,10 +492,34 @@ def test_a_tripped_quality_rule_commits_nothing(world: World, applied: Path) -> 
     assert not result.success
     failure = result.failure_data_for_node(asset.op.name)
     assert failure is not None and failure.user_failure_data is not None
-    description = failure.user_failure_data.description or ""
+    return failure.user_failure_data.description or ""
+
+
+def test_output_that_breaks_its_rules_or_schema_commits_nothing(
+    world: World, applied: Path
+) -> None:
+    """The circuit breaker: the rows are computed in the sandbox, then a blocking rule fails
+    on them, or a column declared not nullable holds nulls: the run fails saying which, and
+    no version of the transform is committed."""
+    strict = GOOD.replace(UDF, "org_acme__strict").replace(
+        "{name: has_transfers, kind: range, column: transfers, min: 1}",
+        "{name: has_transfers, kind: range, column: transfers, min: 1000000}",
+    )
+    description = _failed_run(world, strict)
     assert "org_acme__strict was not committed: 1 blocking quality rule(s) failed" in description
     assert "has_transfers" in description
     assert world.reader.resolve("org_acme__strict") == {}
+
+    nulls = GOOD.replace(UDF, "org_acme__nulls").replace(
+        "max(length(value_string)) AS longest_value",
+        "CAST(NULL AS BIGINT) AS longest_value",
+    )
+    description = _failed_run(world, nulls)
+    assert description.startswith(
+        f"org_acme__nulls partition {world.keys[0]}: column 'longest_value' holds "
+    )
+    assert "null(s) but is declared not nullable" in description
+    assert world.reader.resolve("org_acme__nulls") == {}
 
 
 def test_an_applied_transform_makes_the_warm_run_worker_stale(
