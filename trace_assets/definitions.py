@@ -15,6 +15,7 @@ from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
+from trace_assets.udfs import load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.processes import exit_with_multiprocessing_parent
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
@@ -99,7 +100,14 @@ raw_backfill_job = dg.define_asset_job(
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or get_settings()
     return dg.Definitions(
-        assets=[raw_chain, ingest_audit, *DERIVED_ASSETS, alert_evaluations],
+        assets=[
+            raw_chain,
+            ingest_audit,
+            *DERIVED_ASSETS,
+            alert_evaluations,
+            # organisations' transforms, as applied when the code location (re)loads
+            *load_udf_assets(settings.state_dsn),
+        ],
         asset_checks=[*DATASET_CHECKS, head_freshness_checks],
         jobs=[raw_backfill_job],
         sensors=[

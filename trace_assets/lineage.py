@@ -7,7 +7,7 @@ the unpartitioned ones (rollups), which fold in whatever ranges changed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -18,7 +18,7 @@ from dagster._core.storage.tags import (
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
-from trace_resources.registry import declarations
+from trace_resources.registry import DatasetDeclaration, declarations
 
 __all__ = ["launch_impacted"]
 
@@ -28,12 +28,17 @@ def launch_impacted(
     partition_keys: Sequence[str] | None,
     resources: dict[str, object],
     instance: dg.DagsterInstance,
+    *,
+    decls: Mapping[str, DatasetDeclaration] | None = None,
+    extra_assets: Sequence[dg.AssetsDefinition] = (),
 ) -> list[dg.ExecuteInProcessResult]:
-    """Materialise `datasets` (partitioned ones for `partition_keys`, default all ranges)."""
-    decls = declarations()
+    """Materialise `datasets` (partitioned ones for `partition_keys`, default all ranges);
+    `decls` and `extra_assets` add datasets beyond the platform's (organisations'
+    transforms)."""
+    decls = decls if decls is not None else declarations()
     partitioned = [d for d in datasets if decls[d].partitioning == "block_range"]
     unpartitioned = [d for d in datasets if decls[d].partitioning == "none"]
-    assets = [raw_chain, *DERIVED_ASSETS]
+    assets = [raw_chain, *DERIVED_ASSETS, *extra_assets]
     results = []
     if partitioned:
         known = sorted(instance.get_dynamic_partitions(block_ranges.name or ""))

@@ -26,6 +26,7 @@ from trace_query_api.api.routes import (
     health,
     query,
     saved_queries,
+    transforms,
 )
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
@@ -92,6 +93,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
+    app.include_router(transforms.router)
     _add_error_handlers(app)
 
     def count_refusal(code: str) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "RateLimitedError",
     "QueryTimeoutError",
     "ResourceLimitError",
+    "InvalidTransformError",
     "UnavailableError",
 ]
 
@@ -150,6 +151,14 @@ class ResourceLimitError(ApiError):
 
     status = 422
     code = "resource_limit"
+
+
+class InvalidTransformError(ApiError):
+    """A transform's declaration is invalid: `details` holds one line per problem, naming the
+    file, line and field."""
+
+    status = 422
+    code = "invalid_transform"
 
 
 class UnavailableError(ApiError):

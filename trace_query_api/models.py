@@ -18,6 +18,9 @@ __all__ = [
     "SavedQueryRunRequest",
     "ExportRequest",
     "SavedQueryCreate",
+    "TransformApply",
+    "TransformPublic",
+    "TransformsPublic",
     "ErrorBody",
     "ErrorPublic",
     "ColumnPublic",
@@ -103,6 +106,31 @@ class SavedQueryCreate(_Request):
     description: (
         Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=2000)] | None
     ) = None
+
+
+class TransformApply(_Request):
+    yaml: Annotated[str, StringConstraints(min_length=1, max_length=200_000)] = Field(
+        description="The transform's declaration, as in its YAML file (`trace udf apply`)."
+    )
+    file: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,200}$")] = Field(
+        "transform.yaml", description="The file's name, as errors name it (`file:line: field`)."
+    )
+
+
+class TransformPublic(BaseModel):
+    name: str
+    version: int
+    changed: bool = Field(description="False: this very declaration was the newest version.")
+    partitioning: str
+    mode: str
+    inputs: list[str]
+    applied_by: str
+    applied_at: datetime
+
+
+class TransformsPublic(BaseModel):
+    data: list[TransformPublic]
+    count: int
 
 
 class ErrorBody(BaseModel):

@@ -46,6 +46,8 @@ __all__ = [
     "catalogue_markdown",
     "check_description",
     "public_declared",
+    "compose_with_lines",
+    "line_of",
 ]
 
 FORMAT_VERSION = 1
@@ -279,6 +281,26 @@ def _line_of(loc: Sequence[Any], lines: dict[tuple[Any, ...], int]) -> tuple[int
         elif part == loc[-1]:
             shown.append(str(part))  # a missing field: point at its parent
     return lines.get(path, 1), ".".join(shown) or "<document>"
+
+
+def compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """A YAML document as Python values, with the line of every field path (for other
+    declarations, such as organisations' transforms, to report errors as these do)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise DeclarationError(f"{source}:{line}: invalid YAML: {exc.problem}") from None
+    if not isinstance(node, yaml.MappingNode):
+        raise DeclarationError(f"{source}:1: a declaration is a mapping of fields")
+    lines: dict[tuple[Any, ...], int] = {}
+    return _to_python(node, (), lines), lines
+
+
+def line_of(loc: Sequence[Any], lines: dict[tuple[Any, ...], int]) -> tuple[int, str]:
+    """The line of a field path (a pydantic error location) and the path as shown."""
+    return _line_of(loc, lines)
 
 
 def _parse_file(path: Path) -> tuple[DatasetDeclaration, dict[tuple[Any, ...], int]]:

@@ -261,6 +261,28 @@ class Settings(BaseSettings):
         10_000, gt=0, description="Alerts one custom-SQL rule may raise over one range."
     )
 
+    # organisations' SQL transforms run in sandbox worker processes of their own
+    udf_sql_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Time limit of an organisation's SQL transform over one partition; past "
+        "it the run fails and nothing is committed.",
+    )
+    udf_sql_memory_limit: str = Field(
+        "1GB",
+        pattern=SIZE_PATTERN,
+        description="Memory of each SQL-transform sandbox (an OS address-space limit).",
+    )
+    udf_sql_sandboxes: int = Field(
+        1, gt=0, description="SQL-transform sandboxes per process that materialises transforms."
+    )
+    udf_sql_max_output: str = Field(
+        "256MB",
+        pattern=SIZE_PATTERN,
+        description="Largest output of an SQL transform over one partition (Arrow bytes); "
+        "beyond it the run fails and nothing is committed.",
+    )
+
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
         None,

@@ -15,9 +15,10 @@ datasets and, where `partitions` names a dataset, only those partitions of it. O
 is decided by `trace_resources.storage.access`, never by the token: a token can narrow what its
 organisation may read, not widen it.
 
-Capabilities grant an org token more than reading. There is one: `alerts:manage` creates,
-updates and disables the organisation's alert rules through the service (`trace token issue
---capability alerts:manage`); a token without it reads rules and alerts but changes nothing.
+Capabilities grant an org token more than reading. `alerts:manage` creates, updates and
+disables the organisation's alert rules through the service (`trace token issue --capability
+alerts:manage`); a token without it reads rules and alerts but changes nothing.
+`transforms:manage` applies the organisation's own transforms (`POST /v1/transforms`).
 
 Keys live in a keyring (`TRACE_QUERY_TOKEN_KEYS`): each has a key id written into the token
 header, so a new key can sign while the old one still verifies the tokens it signed (rotation).
@@ -66,8 +67,8 @@ __all__ = [
 ]
 
 Algorithm = Literal["HS256", "EdDSA"]
-Capability = Literal["alerts:manage"]
-CAPABILITIES: tuple[Capability, ...] = ("alerts:manage",)
+Capability = Literal["alerts:manage", "transforms:manage"]
+CAPABILITIES: tuple[Capability, ...] = ("alerts:manage", "transforms:manage")
 ORG_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 PARTITION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")

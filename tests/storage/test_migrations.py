@@ -34,7 +34,7 @@ _counter = itertools.count()
 BASELINES: dict[migrations.Database, str] = {"state": "state_0001", "data": "data_0001"}
 # tables that revisions after the baselines add (a create_all database never had them)
 ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
-    "state": {"trace_segments", "trace_segment_keys"},
+    "state": {"trace_segments", "trace_segment_keys", "trace_udf_versions"},
     "data": {"trace_alert_delivery_attempts"},
 }
 
@@ -49,6 +49,7 @@ def state_metadata() -> sa.MetaData:
         saved_queries,
         snapshots,
         state,
+        udfs,
     )
 
     return state.metadata

@@ -194,8 +194,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     issue.add_argument(
         "--capability",
         action="append",
-        choices=["alerts:manage"],
-        help="org tokens: also create, update and disable the org's alert rules",
+        choices=["alerts:manage", "transforms:manage"],
+        help="org tokens: also change the org's alert rules (alerts:manage) or apply its "
+        "transforms (transforms:manage)",
     )
     issue.set_defaults(func=cmd_token_issue)
     revoke = token.add_parser("revoke", help="refuse a token id (jti) from now on")

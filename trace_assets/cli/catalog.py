@@ -1,13 +1,18 @@
 """`trace docs` and `trace lineage impacted`: the dataset catalogue written from the
-declarations, and the downstream datasets a column change reaches (and their re-runs)."""
+declarations, and the downstream datasets a column change reaches (and their re-runs),
+organisations' applied transforms included."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from trace_assets.cli.errors import CliError, require_dagster_home, unknown
 from trace_resources.settings import Settings
+
+if TYPE_CHECKING:
+    from trace_resources.registry import DatasetDeclaration
 
 
 def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
@@ -23,6 +28,27 @@ def cmd_docs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_transforms(settings: Settings) -> tuple[dict[str, DatasetDeclaration], str | None]:
+    """The platform's declarations and the organisations' applied transforms; without them
+    when Postgres state does not answer, and then why (for a warning)."""
+    import sqlalchemy as sa
+
+    from trace_resources.errors import SchemaNotCurrentError
+    from trace_resources.registry import declarations
+    from trace_resources.storage.state import engine_for
+    from trace_resources.udfs import as_dataset_declaration
+    from trace_resources.udfs.catalogue import registered_udfs
+
+    decls = dict(declarations())
+    try:
+        udfs = registered_udfs(engine_for(settings.state_dsn))
+    except (sa.exc.SQLAlchemyError, SchemaNotCurrentError) as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        return decls, f"organisations' transforms left out (Postgres state: {reason})"
+    decls.update((name, as_dataset_declaration(udf)) for name, udf in udfs.items())
+    return decls, None
+
+
 def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.registry import impacted_datasets
 
@@ -31,7 +57,10 @@ def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
     if args.launch:
         require_dagster_home()
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    impacted = impacted_datasets(args.dataset, columns)
+    decls, left_out = _with_transforms(settings)
+    impacted = impacted_datasets(args.dataset, columns, decls)
+    if left_out is not None:  # after the answer's own errors, which stay one line
+        sys.stderr.write(f"trace: warning: {left_out}\n")
     if not impacted:
         sys.stdout.write(f"no downstream dataset reads {args.dataset}.{{{','.join(columns)}}}\n")
         return 0
@@ -44,7 +73,7 @@ def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
     from trace_assets.definitions import build_resources
     from trace_assets.lineage import launch_impacted
     from trace_assets.partitions import block_ranges
-    from trace_resources.registry import declarations
+    from trace_assets.udfs import load_udf_assets
 
     with dg.DagsterInstance.get() as instance:
         assert block_ranges.name is not None  # a dynamic partitions definition's name
@@ -52,14 +81,19 @@ def cmd_lineage_impacted(settings: Settings, args: argparse.Namespace) -> int:
         for key in args.partition or ():
             if key not in known:
                 raise unknown("block range", key, known, where="of the Dagster instance")
-        partitioned = [d for d in impacted if declarations()[d].partitioning == "block_range"]
+        partitioned = [d for d in impacted if decls[d].partitioning == "block_range"]
         if partitioned and not known:
             raise CliError(
                 f"{', '.join(partitioned)} are partitioned by block range, and the Dagster "
                 "instance has no block ranges yet: run `trace partitions sync`"
             )
         results = launch_impacted(
-            list(impacted), args.partition, build_resources(settings), instance
+            list(impacted),
+            args.partition,
+            build_resources(settings),
+            instance,
+            decls=decls,
+            extra_assets=load_udf_assets(settings.state_dsn),
         )
     for result in results:
         sys.stdout.write(f"run {result.run_id}: {'success' if result.success else 'FAILED'}\n")

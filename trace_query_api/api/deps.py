@@ -5,7 +5,8 @@ round trip (autocommit: no BEGIN or COMMIT) refuses revoked tokens and applies t
 organisation's and the subject's rate limits. `CurrentUser` further refuses task tokens
 where only people act (creating and deleting saved queries, reading alert rules and alerts);
 `AlertManager` also requires the `alerts:manage` capability (creating, updating and
-disabling alert rules).
+disabling alert rules); `TransformManager` the `transforms:manage` capability (applying the
+organisation's own transforms).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "CurrentPrincipal",
     "CurrentUser",
     "AlertManager",
+    "TransformManager",
 ]
 
 _bearer = HTTPBearer(
@@ -107,3 +109,17 @@ def get_alert_manager(principal: CurrentUser) -> Principal:
 
 
 AlertManager = Annotated[Principal, Depends(get_alert_manager)]
+
+
+def get_transform_manager(principal: CurrentUser) -> Principal:
+    if not principal.can("transforms:manage"):
+        raise ForbiddenError(
+            "this token lists transforms but does not apply them; applying them takes a token "
+            "with the transforms:manage capability (`trace token issue --capability "
+            "transforms:manage`)",
+            code="missing_capability",
+        )
+    return principal
+
+
+TransformManager = Annotated[Principal, Depends(get_transform_manager)]

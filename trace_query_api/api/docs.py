@@ -18,7 +18,8 @@ _DESCRIPTIONS = {
     409: "Conflict",
     410: "Pinned version garbage-collected",
     413: "Request body larger than TRACE_QUERY_MAX_BODY_BYTES (refused before it is read)",
-    422: "Request does not match the schema, or the query hit a resource limit",
+    422: "Request does not match the schema, the query hit a resource limit, or a transform's "
+    "declaration is invalid",
     429: "Rate limit or concurrency cap; see Retry-After",
     503: "A committed file is unavailable or does not match its manifest, or the alerts "
     "database is unavailable",

@@ -12,6 +12,9 @@ Edited code takes effect on the next run, as with the default launcher: before e
 launcher compares the project's source files (size and modification time of every file in the
 packages of the preloaded project modules) with what the pool imported, and replaces a stale
 pool (it is retired: its runs under way finish on the code they started with, then it exits).
+The code location also builds an asset per organisation's transform from Postgres state
+(`trace udf apply`), so the number of applied transform versions is part of the signature: a
+transform applied since the pool started replaces it too.
 
 One pool server per Python executable named by the runs' code origins, started on the first
 launch and stopped (stdin closed) when the launcher is disposed of. A run lives no longer than
@@ -100,6 +103,29 @@ def source_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]
                 st = path.stat()
                 entries.append((str(path), st.st_size, st.st_mtime_ns))
     return tuple(entries)
+
+
+def registry_signature() -> tuple[tuple[str, int, int], ...]:
+    """The applied transforms' part of the signature, from the state database of the
+    settings (one query; -1 while it is out of reach, so the pool is replaced again once it
+    answers)."""
+    from trace_resources.settings import get_settings
+    from trace_resources.storage.state import engine_for
+    from trace_resources.storage.udfs import version_count
+
+    try:
+        count = version_count(engine_for(get_settings().state_dsn))
+    except Exception:
+        count = -1
+    return (("trace_udf_versions", count, 0),)
+
+
+def pool_signature(modules: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """What a pool preloading `modules` imported: the project's files and applied transforms."""
+    sources = source_signature(modules)
+    if not sources:  # the project's code is not preloaded: nothing of it can be stale
+        return ()
+    return sources + registry_signature()
 
 
 class RunWorkerPool:
@@ -244,7 +270,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def _pool(self, executable: str) -> RunWorkerPool:
         with self._lock:
-            signature = source_signature(self._preload)
+            signature = pool_signature(self._preload)
             for done in [p for p in self._retired if not p.alive()]:
                 done.stop()  # reaped, its folder removed
                 self._retired.remove(done)
