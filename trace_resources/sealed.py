@@ -26,9 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from trace_resources.errors import TraceError
 
 __all__ = [
@@ -109,6 +106,10 @@ class Keyring:
         return self.keys[0][0]
 
     def seal(self, secret: str, context: str) -> str:
+        # cryptography is imported where a secret is sealed or opened, not with the module:
+        # the code location imports this module (through the rule store) for every run
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         kid, kek = self.keys[0]
         data_key = AESGCM.generate_key(bit_length=256)
         wrap_nonce, nonce = os.urandom(_NONCE), os.urandom(_NONCE)
@@ -126,6 +127,9 @@ class Keyring:
         if len(parts) != 3:
             raise SealError("a sealed secret has the form enc:v1:<kid>:<key>:<data>")
         kid, wrapped_text, sealed_text = parts
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         kek = dict(self.keys).get(kid)
         if kek is None:
             raise SealError(

@@ -36,18 +36,20 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trace_resources.errors import ConfigError
 from trace_resources.settings import QuerySettings
+
+# jwt and cryptography (~0.15 s) are imported where keys are parsed and tokens issued, not with
+# the module: the Dagster code location imports it (through dataset access) for every run
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "ORG_PATTERN",
@@ -155,6 +157,11 @@ def _parse_key(item: str) -> TokenKey:
                 "generate one with `trace token keygen --kid KID`"
             )
         return TokenKey(kid, "HS256", material, material)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
     try:
         raw = _b64decode(material)
         if algorithm == "EdDSA":
@@ -176,6 +183,9 @@ def generate_key(kid: str, algorithm: Algorithm) -> tuple[str, str | None]:
     """A new keyring entry and, for EdDSA, the verify-only entry to give to other services."""
     if algorithm == "HS256":
         return f"{kid}:HS256:{_b64encode(uuid.uuid4().bytes + uuid.uuid4().bytes)}", None
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     private = Ed25519PrivateKey.generate()
     seed = private.private_bytes_raw()
     public = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -332,6 +342,8 @@ def issue_token(
         raise ConfigError(f"cannot issue this token: {validation_message(exc)}") from None
     key = keyring.signer()
     assert key.signing_key is not None  # signer() returns only keys that sign
+    import jwt
+
     token = jwt.encode(claims, key.signing_key, algorithm=key.algorithm, headers={"kid": key.kid})
     return token, claims
 

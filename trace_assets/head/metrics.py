@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
 from trace_resources.chain.extract import ChainHead
 
 __all__ = ["HeadMetrics"]
@@ -21,6 +19,16 @@ class HeadMetrics:
     """The follower's metrics on their own registry (`port`: serve them over HTTP)."""
 
     def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
+        # imported by the follower that keeps metrics, not with the module: the Dagster code
+        # location imports this module (through the follower's datasets) for every run
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.finalized = Gauge(

@@ -20,8 +20,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-
 __all__ = ["BufferMessage", "Received", "SqsBuffer", "DEFAULT_PACK", "MAX_BODY_BYTES"]
 
 _SQS_BATCH = 10  # the SQS API's limit per SendMessageBatch / ReceiveMessage / DeleteMessageBatch
@@ -102,6 +100,10 @@ class SqsBuffer:
     ) -> None:
         if pack < 1:
             raise ValueError(f"pack must be at least 1 buffer message per SQS message, got {pack}")
+        # imported here, not with the module: the code location imports this module for its
+        # types, and boto3 costs ~0.3 s that a run without alerts (a raw backfill) never needs
+        import boto3
+
         self.client = boto3.client("sqs", endpoint_url=endpoint_url, region_name=region)
         self.visibility_timeout_s = visibility_timeout_s
         self.pack = pack

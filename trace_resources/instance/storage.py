@@ -5,8 +5,10 @@ webserver (SQLAlchemy `NullPool`): a run stores each of its events over a fresh 
 ~120 connections for a three-range ingest run, which costs more than the statements
 themselves. `PooledPostgresStorage` is the same storage (same tables, same config) with a
 small connection pool per storage: one connection kept open, more opened while threads need
-them and closed when returned, connections checked before use (`pool_pre_ping`) so that a
-restarted PostgreSQL costs a reconnect rather than a failed statement, and recycled hourly.
+them and closed when returned, and recycled hourly. A connection that sat idle for a second or
+more is checked before use (`ping_when_idle`), so that a restarted PostgreSQL costs a reconnect
+rather than a failed statement; one returned moments ago is not (`pool_pre_ping` would cost a
+round trip on each of the hundreds of statements a run makes: its events, partition lookups).
 The webserver still installs its own pool over this one (`optimize_for_webserver`).
 
 Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes:
@@ -40,14 +42,16 @@ from dagster_postgres.utils import (
     pg_url_from_config,
 )
 
+from trace_resources.storage.pool_ping import ping_when_idle
+
 __all__ = ["PooledPostgresStorage", "POOL_OPTIONS"]
 
 # One connection kept per storage; threads beyond it get overflow connections, closed on return.
+# Checked before use only after a second idle (`ping_when_idle`, installed by `_use_pool`).
 POOL_OPTIONS: dict[str, Any] = {
     "pool_size": 1,
     "max_overflow": 10,
     "pool_recycle": 3600,
-    "pool_pre_ping": True,
 }
 
 
@@ -60,11 +64,13 @@ class _PooledEngine:
 
     def _use_pool(self) -> None:
         null_pool_engine = self._engine
-        self._engine = create_pg_engine(
-            self.postgres_url,
-            self._token_provider,
-            isolation_level="AUTOCOMMIT",
-            **POOL_OPTIONS,
+        self._engine = ping_when_idle(
+            create_pg_engine(
+                self.postgres_url,
+                self._token_provider,
+                isolation_level="AUTOCOMMIT",
+                **POOL_OPTIONS,
+            )
         )
         null_pool_engine.dispose()
 
