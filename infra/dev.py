@@ -76,6 +76,12 @@ class StopSignals:
         raise Stop(signum)
 
 
+def dagster_dev_command(port: int) -> list[str]:
+    """`dagster dev` of this workspace on loopback (`make dev`, the UI benchmark)."""
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    return [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+
+
 def _subtrees(pids: list[int | None]) -> set[ProcessId]:
     found: set[ProcessId] = set()
     for pid in pids:
@@ -150,16 +156,7 @@ def main() -> int:
         services = LocalServices(args.root)
         services.up()
         env = {**os.environ, **services.env()}
-        command = [
-            str(Path(sys.executable).with_name("dagster")),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(args.port),
-        ]
+        command = dagster_dev_command(args.port)
         # first, as it takes longest to start (the others start meanwhile); its own process
         # group: Ctrl-C in the terminal reaches it once, through us
         dagster = subprocess.Popen(

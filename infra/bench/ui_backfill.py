@@ -15,7 +15,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import dagster as dg
 import httpx
 
+from infra.dev import dagster_dev_command
 from infra.local.services import REPO_ROOT, PostgresServer, free_port
 
 LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
@@ -98,16 +98,7 @@ class DagsterDev:
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def __enter__(self) -> DagsterDev:
-        command = [
-            str(Path(sys.executable).with_name("dagster")),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-        ]
+        command = dagster_dev_command(self.port)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,

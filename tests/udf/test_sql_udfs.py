@@ -163,7 +163,7 @@ def world(
         try:
             yield World(settings, keys, cli_env)
         finally:
-            shared._close_udf()  # the in-process sandbox pool of the quality-gate test
+            shared.close("udf-sql-sandbox")  # the in-process sandbox pool of the quality-gate test
 
 
 def _run(world: World, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -7,60 +7,49 @@ from __future__ import annotations
 
 import atexit
 import threading
+from collections.abc import Callable
 
 from trace_resources.sandbox.pool import SandboxPool
 from trace_resources.settings import Settings, byte_size, get_settings
 
-__all__ = ["alert_sql_pool", "udf_sql_pool"]
+__all__ = ["alert_sql_pool", "udf_sql_pool", "close"]
 
 _lock = threading.Lock()
-_pool: SandboxPool | None = None
-_udf_pool: SandboxPool | None = None
+_pools: dict[str, SandboxPool] = {}
+
+
+def _shared(
+    name: str, settings: Settings | None, size_limit: Callable[[Settings], tuple[int, str]]
+) -> SandboxPool:
+    """The process's pool `name`, started on first use with `size_limit(settings)`: its
+    number of workers and its memory limit."""
+    with _lock:
+        pool = _pools.get(name)
+        if pool is None:
+            size, memory_limit = size_limit(settings or get_settings())
+            pool = SandboxPool(
+                size, memory_bytes=byte_size(memory_limit), threads=1, cache_bytes=0, name=name
+            )
+            _pools[name] = pool
+            atexit.register(close, name)
+        return pool
+
+
+def close(name: str) -> None:
+    """Stop the process's pool `name` (the next use starts a new one)."""
+    with _lock:
+        pool = _pools.pop(name, None)
+    if pool is not None:
+        pool.close()
 
 
 def alert_sql_pool(settings: Settings | None = None) -> SandboxPool:
-    global _pool
-    with _lock:
-        if _pool is None:
-            settings = settings or get_settings()
-            _pool = SandboxPool(
-                settings.alert_sql_sandboxes,
-                memory_bytes=byte_size(settings.alert_sql_memory_limit),
-                threads=1,
-                cache_bytes=0,
-                name="alert-sql-sandbox",
-            )
-            atexit.register(_close)
-        return _pool
-
-
-def _close() -> None:
-    global _pool
-    with _lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        pool.close()
+    return _shared(
+        "alert-sql-sandbox", settings, lambda s: (s.alert_sql_sandboxes, s.alert_sql_memory_limit)
+    )
 
 
 def udf_sql_pool(settings: Settings | None = None) -> SandboxPool:
-    global _udf_pool
-    with _lock:
-        if _udf_pool is None:
-            settings = settings or get_settings()
-            _udf_pool = SandboxPool(
-                settings.udf_sql_sandboxes,
-                memory_bytes=byte_size(settings.udf_sql_memory_limit),
-                threads=1,
-                cache_bytes=0,
-                name="udf-sql-sandbox",
-            )
-            atexit.register(_close_udf)
-        return _udf_pool
-
-
-def _close_udf() -> None:
-    global _udf_pool
-    with _lock:
-        pool, _udf_pool = _udf_pool, None
-    if pool is not None:
-        pool.close()
+    return _shared(
+        "udf-sql-sandbox", settings, lambda s: (s.udf_sql_sandboxes, s.udf_sql_memory_limit)
+    )
