@@ -340,11 +340,7 @@ def sealed_main(argv: list[str]) -> int:
                 "TRACE_SQS_ENDPOINT_URL": s3.endpoint_url,
                 "TRACE_ALERTS_QUEUE": QUEUE,
                 "TRACE_ALERT_OUTBOUND_ALLOW": "127.0.0.1/32",  # the bench's receivers
-                "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-                "TRACE_DAGSTER_PG_PORT": str(pg.port),
-                "TRACE_DAGSTER_PG_USER": pg.user,
-                "TRACE_DAGSTER_PG_PASSWORD": pg.password,
-                "TRACE_DAGSTER_PG_DB": "dagster",
+                **pg.dagster_env(),
                 "PYTHONPATH": str(REPO_ROOT),
             }
         )

@@ -320,11 +320,7 @@ def head_run(args: argparse.Namespace, *, daemon: bool, before: Any = None) -> t
                 "TRACE_QUERY_RATE_ORG_BURST": "1000000",
                 "TRACE_QUERY_RATE_USER_PER_S": "1000000",
                 "TRACE_QUERY_RATE_USER_BURST": "1000000",
-                "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-                "TRACE_DAGSTER_PG_PORT": str(pg.port),
-                "TRACE_DAGSTER_PG_USER": pg.user,
-                "TRACE_DAGSTER_PG_PASSWORD": pg.password,
-                "TRACE_DAGSTER_PG_DB": "dagster",
+                **pg.dagster_env(),
                 "PYTHONPATH": str(REPO_ROOT),
             }
         )

@@ -86,11 +86,7 @@ class DagsterDev:
         self.env = {
             **env,
             "DAGSTER_HOME": str(self.home),
-            "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-            "TRACE_DAGSTER_PG_PORT": str(pg.port),
-            "TRACE_DAGSTER_PG_USER": pg.user,
-            "TRACE_DAGSTER_PG_PASSWORD": pg.password,
-            "TRACE_DAGSTER_PG_DB": "dagster",
+            **pg.dagster_env(),
             # the benchmark drives the backfill; the sensors' runs would compete with it
             "TRACE_SENSORS_RUNNING": "false",
         }

@@ -956,6 +956,16 @@ SELECT format('CREATE DATABASE %I OWNER %I', name, :'owner')
         """A SQLAlchemy-style URL for the application role, e.g. for TRACE_STATE_DSN."""
         return f"{driver}://{self.user}:{self.password}@{LOOPBACK}:{self.port}/{dbname}"
 
+    def dagster_env(self, dbname: str = "dagster") -> dict[str, str]:
+        """The variables dagster_home/dagster.yaml reads to find Dagster's own database."""
+        return {
+            "TRACE_DAGSTER_PG_HOST": LOOPBACK,
+            "TRACE_DAGSTER_PG_PORT": str(self.port),
+            "TRACE_DAGSTER_PG_USER": self.user,
+            "TRACE_DAGSTER_PG_PASSWORD": self.password,
+            "TRACE_DAGSTER_PG_DB": dbname,
+        }
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -1151,11 +1161,7 @@ class LocalServices:
             "TRACE_RANGE_SIZE": str(DEVNET_RANGE_SIZE),
             "TRACE_STATE_DSN": pg.dsn("trace_state"),
             "TRACE_DATA_DSN": pg.dsn("trace_data"),
-            "TRACE_DAGSTER_PG_HOST": LOOPBACK,
-            "TRACE_DAGSTER_PG_PORT": str(pg.port),
-            "TRACE_DAGSTER_PG_USER": pg.user,
-            "TRACE_DAGSTER_PG_PASSWORD": pg.password,
-            "TRACE_DAGSTER_PG_DB": "dagster",
+            **pg.dagster_env(),
             "TRACE_OBJECT_STORE": "local",
             "TRACE_LOCAL_STORE_ROOT": str(self.object_store.path),
             "TRACE_SQS_ENDPOINT_URL": self.sqs.endpoint_url,

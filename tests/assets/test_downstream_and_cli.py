@@ -72,11 +72,7 @@ def test_cli_backfill_of_a_partition_range(
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
-        "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-        "TRACE_DAGSTER_PG_PORT": str(postgres.port),
-        "TRACE_DAGSTER_PG_USER": postgres.user,
-        "TRACE_DAGSTER_PG_PASSWORD": postgres.password,
-        "TRACE_DAGSTER_PG_DB": "dagster",
+        **postgres.dagster_env(),
         "TRACE_RPC_URL": test_settings.rpc_url,
         "TRACE_RANGE_SIZE": str(RANGE_SIZE),
         "TRACE_STATE_DSN": test_settings.state_dsn,

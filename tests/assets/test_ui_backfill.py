@@ -89,11 +89,7 @@ def _ui_backfill_and_terminate(
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
-        "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-        "TRACE_DAGSTER_PG_PORT": str(postgres.port),
-        "TRACE_DAGSTER_PG_USER": postgres.user,
-        "TRACE_DAGSTER_PG_PASSWORD": postgres.password,
-        "TRACE_DAGSTER_PG_DB": db,
+        **postgres.dagster_env(db),
         "TRACE_RPC_URL": proxy.url,
         "TRACE_RPC_RETRY_BUDGET_S": "15",
         "TRACE_RANGE_SIZE": str(RANGE_SIZE),

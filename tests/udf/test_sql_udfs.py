@@ -137,11 +137,7 @@ def world(
         **s3_server.env(),
         **settings_env(settings),
         "DAGSTER_HOME": str(home),
-        "TRACE_DAGSTER_PG_HOST": "127.0.0.1",
-        "TRACE_DAGSTER_PG_PORT": str(postgres.port),
-        "TRACE_DAGSTER_PG_USER": postgres.user,
-        "TRACE_DAGSTER_PG_PASSWORD": postgres.password,
-        "TRACE_DAGSTER_PG_DB": "dagster",
+        **postgres.dagster_env(),
     }
     keys = [r.key for r in complete_ranges(-1, devnet.finalized, RANGE_SIZE)]
     erc20 = next(a for a in DERIVED_ASSETS if a.key == dg.AssetKey("erc20_transfers"))
