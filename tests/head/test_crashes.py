@@ -45,11 +45,12 @@ def check_and_seal(lake: Lake, chain: Chain) -> None:
     first = followed_ranges(lake)[0]
     if chain.head("finalized") <= first.last:  # make sure the follower crosses a boundary
         chain.mine(first.last + 1 + FINALITY - chain.head("latest"))
-    target = chain.head("finalized")
-    open_key = range_containing(target, lake.range_size).key
-    lake.wait_committed(open_key, target)
-    for follower in lake.followers:
-        assert follower.stop() == 0
+    with chain.paused():  # no block past `target` while the followers catch up and stop
+        target = chain.head("finalized")
+        open_key = range_containing(target, lake.range_size).key
+        lake.wait_committed(open_key, target)
+        for follower in lake.followers:
+            assert follower.stop() == 0
     ranges = followed_ranges(lake)
     skipped = [
         f"{r.start}-{r.last}: {lake.last_committed(r.key)}"

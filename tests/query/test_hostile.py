@@ -460,7 +460,8 @@ def test_another_orgs_p99_stays_within_twice_idle_while_one_org_attacks(
 ) -> None:
     globex = htokens.org("globex", "bystander")
     timed_small_queries(hclient, globex, 5)  # warm: parse cache, files decoded in workers
-    idle = timed_small_queries(hclient, globex, 30)
+    # 100 samples each: the p99 of 30 would be their maximum, one stall of the machine
+    idle = timed_small_queries(hclient, globex, 100)
     stop = threading.Event()
     outcomes: list[tuple[int, str, str | None]] = []
     lock = threading.Lock()
@@ -481,7 +482,7 @@ def test_another_orgs_p99_stays_within_twice_idle_while_one_org_attacks(
         thread.start()
     try:
         time.sleep(0.5)  # acme holds its two slots now
-        attacked = timed_small_queries(hclient, globex, 30)
+        attacked = timed_small_queries(hclient, globex, 100)
     finally:
         stop.set()
         for thread in threads:
