@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from infra.devnet.generate import generate
+from infra.local.dagster_cli import materialize_command
 from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices
 
 DEMO_BLOCKS = 3000
@@ -31,10 +32,6 @@ DEMO_BLOCKS = 3000
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
-
-
-def _dagster_bin() -> str:
-    return str(Path(sys.executable).with_name("dagster"))
 
 
 def ensure_traffic(services: LocalServices, blocks: int) -> None:
@@ -67,17 +64,7 @@ def sync_partitions(env: dict[str, str]) -> list[str]:
 
 def materialise(env: dict[str, str], selection: str, keys: list[str]) -> float:
     """Backfill `selection` over every range in one run, with the dagster CLI; wall seconds."""
-    command = [
-        _dagster_bin(),
-        "asset",
-        "materialize",
-        "-m",
-        "trace_assets.definitions",
-        "--select",
-        selection,
-        "--partition-range",
-        f"{keys[0]}...{keys[-1]}",
-    ]
+    command = materialize_command(selection, keys[0], keys[-1])
     _say("$ " + " ".join(command))
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)

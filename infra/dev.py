@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from infra.local.alert_workers import AlertWorkers
+from infra.local.dagster_cli import dagster_dev_command
 from infra.local.query_service import QueryServer
 from infra.local.services import DEFAULT_ROOT, REPO_ROOT, LocalServices, Miner, ServiceError
 from trace_resources.processes import (
@@ -74,12 +75,6 @@ class StopSignals:
             return
         self.stopping = True
         raise Stop(signum)
-
-
-def dagster_dev_command(port: int) -> list[str]:
-    """`dagster dev` of this workspace on loopback (`make dev`, the UI benchmark)."""
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    return [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
 
 
 def _subtrees(pids: list[int | None]) -> set[ProcessId]:

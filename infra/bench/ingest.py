@@ -49,6 +49,7 @@ from dagster._core.storage.tags import (
 
 from infra.bench.ui_backfill import Breakdown, DagsterDev, time_ui
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
+from infra.local.dagster_cli import materialize_command
 from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
 from trace_assets.definitions import build_resources
 from trace_assets.partitions import add_finalized_partitions
@@ -199,17 +200,7 @@ def settings_env(settings: Settings, home: Path) -> dict[str, str]:
 def time_cli(env: dict[str, str], keys: list[str]) -> float:
     """The path an operator takes: `dagster asset materialize` of the raw datasets over every
     range, as a new process (interpreter start and code-location import included)."""
-    command = [
-        str(Path(sys.executable).with_name("dagster")),
-        "asset",
-        "materialize",
-        "-m",
-        "trace_assets.definitions",
-        "--select",
-        "blocks,transactions,logs",
-        "--partition-range",
-        f"{keys[0]}...{keys[-1]}",
-    ]
+    command = materialize_command("blocks,transactions,logs", keys[0], keys[-1])
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     seconds = time.perf_counter() - started

@@ -23,7 +23,7 @@ from typing import Any
 import dagster as dg
 import httpx
 
-from infra.dev import dagster_dev_command
+from infra.local.dagster_cli import dagster_dev_command
 from infra.local.services import REPO_ROOT, PostgresServer, free_port
 
 LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {

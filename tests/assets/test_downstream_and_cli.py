@@ -12,6 +12,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from infra.local.dagster_cli import materialize_command
 from infra.local.services import PostgresServer
 from tests.conftest import RANGE_SIZE, Devnet
 from trace_assets.definitions import build_resources
@@ -93,17 +94,7 @@ def test_cli_backfill_of_a_partition_range(
     assert f"added {len(keys)} block range(s)" in sync.stdout
 
     run = subprocess.run(
-        [
-            str(bin_dir / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "trace_assets.definitions",
-            "--select",
-            "blocks,transactions,logs",
-            "--partition-range",
-            f"{keys[0]}...{keys[-1]}",
-        ],
+        materialize_command("blocks,transactions,logs", keys[0], keys[-1]),
         env=env,
         capture_output=True,
         text=True,

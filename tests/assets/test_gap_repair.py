@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from infra.local.dagster_cli import materialize_command
 from infra.local.services import MotoS3Server, free_port
 from tests.conftest import Devnet, NewDatabase
 from trace_assets.alerts.assets import alert_evaluations
@@ -189,17 +189,7 @@ def test_killed_and_failed_ranges_are_repaired_once(
         # range 0: the sealing run, in its own process, SIGKILLed right after its first commit
         select = ",".join(GAP_SCOPE.assets)
         killed = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("dagster")),
-                "asset",
-                "materialize",
-                "-m",
-                "trace_assets.definitions",
-                "--select",
-                select,
-                "--partition",
-                keys[0],
-            ],
+            materialize_command(select, keys[0]),
             cwd=REPO,
             env={**os.environ, "TRACE_CRASH_POINT": "commit.after_pg_commit"},
             capture_output=True,

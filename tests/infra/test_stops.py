@@ -22,6 +22,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from infra.local.dagster_cli import materialize_command
 from infra.local.services import LocalServices, PostgresServer, free_port
 from tests.conftest import RANGE_SIZE, Devnet
 from tests.utils.fault_proxy import Fault, FaultProxy
@@ -222,17 +223,7 @@ def test_killed_cli_backfill_stops_its_steps(
         log = tmp_path / "materialize.log"
         with log.open("w") as out:
             cli = subprocess.Popen(
-                [
-                    str(bin_dir / "dagster"),
-                    "asset",
-                    "materialize",
-                    "-m",
-                    "trace_assets.definitions",
-                    "--select",
-                    "blocks,transactions,logs",
-                    "--partition-range",
-                    f"{keys[0]}...{keys[-1]}",
-                ],
+                materialize_command("blocks,transactions,logs", keys[0], keys[-1]),
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -25,6 +25,7 @@ from dagster._core.storage.tags import (
 )
 from polars.testing import assert_frame_equal
 
+from infra.local.dagster_cli import materialize_command
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import MotoS3Server, PostgresServer
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
@@ -184,18 +185,7 @@ def materialised(world: World, applied: Path) -> subprocess.CompletedProcess[str
     loads the applied transform with the code location)."""
     sync = _run(world, str(BIN / "trace"), "partitions", "sync", timeout=120)
     assert sync.returncode == 0, sync.stderr
-    return _run(
-        world,
-        str(BIN / "dagster"),
-        "asset",
-        "materialize",
-        "-m",
-        "trace_assets.definitions",
-        "--select",
-        UDF,
-        "--partition-range",
-        f"{world.keys[0]}...{world.keys[-1]}",
-    )
+    return _run(world, *materialize_command(UDF, world.keys[0], world.keys[-1]))
 
 
 def expected_rows(transfers: pl.DataFrame) -> pl.DataFrame:
