@@ -9,7 +9,8 @@
   schema version with its drift (added, removed, retyped columns).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -22,7 +23,13 @@ from dagster._core.storage.tags import (
 
 from trace_assets.derived.assets import SCHEMA_CHECK, SCHEMA_CHECK_DESCRIPTION
 from trace_assets.partitions import block_ranges
-from trace_assets.quality import RuleOutcome, check_results, evaluate_rules, rule_check_specs
+from trace_assets.quality import (
+    RuleOutcome,
+    check_results,
+    evaluate_rules,
+    merge_outcomes,
+    rule_check_specs,
+)
 from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.registry import DatasetDeclaration, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -35,6 +42,8 @@ __all__ = [
     "run_partition_keys",
     "schema_check_result",
     "raw_rule_evaluation",
+    "EvaluatedRange",
+    "evaluate_range",
     "raw_rule_outcomes",
     "raw_check_specs",
     "raw_check_results",
@@ -108,19 +117,58 @@ def raw_rule_outcomes(decl: DatasetDeclaration, reader: Any, keys: list[str] | N
     return raw_rule_evaluation(decl, reader, keys)[0]
 
 
+CONTINUITY_COLUMNS = ["block_number", "block_hash", "parent_hash"]
+
+
+@dataclass(frozen=True)
+class EvaluatedRange:
+    """A raw dataset's row rules evaluated on one range's tables as they were committed (in
+    the step that committed them, while the next range was extracted), so the checks at the
+    end of the step do not read the range back. Valid for exactly `version`: a range
+    committed again since is read and evaluated again."""
+
+    version: int
+    outcomes: list[RuleOutcome]
+    links: pa.Table | None  # CONTINUITY_COLUMNS of the range (blocks only)
+
+
+def evaluate_range(
+    decl: DatasetDeclaration, key: str, version: int, table: pa.Table
+) -> EvaluatedRange:
+    """The row rules of a raw dataset on one committed range's table (`EvaluatedRange`)."""
+    outcomes = (
+        evaluate_rules(decl, {key: table}, kinds=_row_rule_kinds(decl))
+        if _row_rule_kinds(decl)
+        else []
+    )
+    continuity = any(r.kind == "chain_continuity" for r in decl.quality)
+    return EvaluatedRange(
+        version, outcomes, table.select(CONTINUITY_COLUMNS) if continuity else None
+    )
+
+
+def _row_rule_kinds(decl: DatasetDeclaration) -> set[str]:
+    return {str(r.kind) for r in decl.quality} - {"chain_continuity"}
+
+
 def raw_rule_evaluation(
-    decl: DatasetDeclaration, reader: DatasetReader, keys: list[str] | None
+    decl: DatasetDeclaration,
+    reader: DatasetReader,
+    keys: list[str] | None,
+    evaluated: Mapping[str, EvaluatedRange] | None = None,
 ) -> tuple[list[RuleOutcome], dict[str, int]]:
     """The declared rules of a raw dataset over its committed ranges `keys` (None: all), and
     the version of every range they were evaluated on (pinned while read).
 
+    Ranges in `evaluated` whose committed version is the one evaluated are not read again.
     Continuity is checked over the ranges and their committed neighbours, as one table, so
     links across range boundaries are checked too; a broken link counts against the range of
     the block whose parent hash disagrees.
     """
+    evaluated = evaluated or {}
     committed = reader.resolve(decl.name)
     keys = sorted(committed) if keys is None else [k for k in keys if k in committed]
-    row_rules: set[str] = {str(r.kind) for r in decl.quality} - {"chain_continuity"}
+    row_rules = _row_rule_kinds(decl)
     continuity = any(r.kind == "chain_continuity" for r in decl.quality)
     around: set[str] = set(keys)
     if keys and continuity:
@@ -132,14 +180,30 @@ def raw_rule_evaluation(
         return outcomes, {}
     with reader.pinned(decl.name, sorted(around)) as records:
         versions = {k: records[k].version for k in sorted(around) if k in records}
+        known = {k: e for k, e in evaluated.items() if k in versions and e.version == versions[k]}
         if row_rules:
             tables: dict[str | None, pa.Table] = {
-                k: reader.read_versions([records[k]]) for k in keys if k in records
+                k: reader.read_versions([records[k]])
+                for k in keys
+                if k in records and k not in known
             }
-            outcomes += evaluate_rules(decl, tables, kinds=row_rules)
+            fresh = evaluate_rules(decl, tables, kinds=row_rules) if tables else []
+            by_rule: dict[str, list[RuleOutcome]] = {o.rule: [o] for o in fresh}
+            for k in keys:
+                if k in known:
+                    for o in known[k].outcomes:
+                        by_rule.setdefault(o.rule, []).append(o)
+            outcomes += [merge_outcomes(items) for items in by_rule.values()]
         if continuity:
-            columns = ["block_number", "block_hash", "parent_hash"]
-            table = reader.read_versions([records[k] for k in versions]).select(columns)
+            parts = []
+            for k in versions:
+                links = known[k].links if k in known else None
+                parts.append(
+                    links
+                    if links is not None
+                    else reader.read_versions([records[k]]).select(CONTINUITY_COLUMNS)
+                )
+            table = pa.concat_tables(parts)
             outcome = evaluate_rules(decl, {None: table}, kinds={"chain_continuity"})[0]
             _attribute_links(outcome, table, list(versions))
             outcomes.append(outcome)
@@ -216,10 +280,12 @@ def raw_check_results(
     selected: set[str],
     keys: list[str] | None,
     run_id: str,
+    evaluated: Mapping[str, EvaluatedRange] | None = None,
 ) -> Iterator[dg.AssetCheckResult]:
-    """The selected checks of a raw dataset over its committed ranges `keys` (None: all)."""
+    """The selected checks of a raw dataset over its committed ranges `keys` (None: all);
+    ranges `evaluated` as they were committed in this step are not read back."""
     reader = state.reader(objects)
-    outcomes, versions = raw_rule_evaluation(decl, reader, keys)
+    outcomes, versions = raw_rule_evaluation(decl, reader, keys, evaluated)
     # kept with the versions: derived datasets refuse to read a version whose blocking
     # rule failed, in any later run too (`DatasetReader.read(refuse_failed_checks=True)`)
     state.versions().quality.record(rule_results(decl, outcomes, versions), run_id=run_id)

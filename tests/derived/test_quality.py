@@ -10,7 +10,12 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.derived.conftest import ALL_ASSETS, Env, ranged_tags
-from trace_assets.checks import DATASET_CHECKS, raw_rule_outcomes
+from trace_assets.checks import (
+    DATASET_CHECKS,
+    evaluate_range,
+    raw_rule_evaluation,
+    raw_rule_outcomes,
+)
 from trace_assets.derived import transforms
 from trace_assets.quality import evaluate_rule, evaluate_rules
 from trace_resources.registry import RangeRule, SqlRule, declarations
@@ -169,6 +174,42 @@ def test_chain_continuity_finds_a_broken_link_across_ranges(raw_env: Env) -> Non
         with raw_env.state.writer(raw_env.objects) as writer:
             writer.write("blocks", key, PartitionData(table))
     assert all(o.passed for o in raw_rule_outcomes(blocks, raw_env.reader, [key]))
+
+
+def test_rules_evaluated_as_committed_equal_those_read_back(raw_env: Env) -> None:
+    """The raw step evaluates each range's rules on the tables it has just committed instead of
+    reading them back: the outcomes are those of the committed data, and an evaluation of
+    another version of a range (committed again since) is not used."""
+    keys = raw_env.keys[1:4]
+    for name in ("blocks", "transactions", "logs"):
+        decl = declarations()[name]
+        current = raw_env.reader.resolve(name, keys)
+        evaluated = {
+            k: evaluate_range(decl, k, current[k].version, raw_env.reader.read(name, [k]))
+            for k in keys
+        }
+        read_back, versions = raw_rule_evaluation(decl, raw_env.reader, keys)
+        in_step, in_step_versions = raw_rule_evaluation(decl, raw_env.reader, keys, evaluated)
+        assert in_step_versions == versions
+        summary = [
+            (o.rule, o.rows, o.failing, o.by_partition, o.rows_by_partition) for o in read_back
+        ]
+        assert [
+            (o.rule, o.rows, o.failing, o.by_partition, o.rows_by_partition) for o in in_step
+        ] == summary
+
+    # the evaluation is used for the version it was made on, and only for it
+    blocks = declarations()["blocks"]
+    key = keys[1]
+    version = raw_env.reader.resolve("blocks", [key])[key].version
+    table = raw_env.reader.read("blocks", [key])
+    bad = set_rows(set_rows(table, "parent_hash", [0], b"\xee" * 32), "block_hash", [3], None)
+    for at, fails in ((version, True), (version + 1, False)):
+        outcomes, _ = raw_rule_evaluation(
+            blocks, raw_env.reader, [key], {key: evaluate_range(blocks, key, at, bad)}
+        )
+        failed = {o.kind for o in outcomes if o.failing}
+        assert failed == ({"chain_continuity", "not_null"} if fails else set()), failed
 
 
 def test_circuit_breaker_keeps_bad_data_from_readers(raw_env: Env) -> None:

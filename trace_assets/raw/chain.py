@@ -6,8 +6,10 @@ logs match its logs bloom. Each range is committed as its own version of each da
 three in one transaction, as soon as it is verified: a run over many ranges keeps the ranges
 it committed if a later one fails, and a retry resumes from the first uncommitted range.
 
-Their quality rules and schema checks are evaluated in the same step, after the commits, over
-the committed data (no process or step of their own).
+Their quality rules and schema checks are evaluated in the same step (no process or step of
+their own): each range's row rules on its tables as committed, while the next range is
+extracted; at the end, continuity across the ranges and their neighbours, and the results
+recorded. A range committed by an earlier try, or again since, is read back.
 """
 
 import threading
@@ -19,7 +21,12 @@ from typing import Any
 
 import dagster as dg
 
-from trace_assets.checks import raw_check_results, raw_check_specs
+from trace_assets.checks import (
+    EvaluatedRange,
+    evaluate_range,
+    raw_check_results,
+    raw_check_specs,
+)
 from trace_assets.head.agreement import HeadAgreement, compare_with_head
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.extract import ChainClient, RangeData
@@ -63,6 +70,7 @@ def _stage_range(
     data: RangeData,
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
+    evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
 ) -> dict[str, CommitResult]:
     """Stage the three datasets of one verified range, each under its own new attempt, and
     commit them in one transaction.
@@ -70,7 +78,9 @@ def _stage_range(
     The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
     fails, the error ends the staging block, which fails the others' attempts too: the range
     commits whole or not at all. If the head follower appended to the range, what it appended
-    is compared with the sealed data first (`agreements`).
+    is compared with the sealed data first (`agreements`). Once committed, the datasets' row
+    rules are evaluated on the tables just committed (`evaluated`, by dataset and range), so
+    the checks at the end of the step need not read the range back.
     """
     if reader is not None and agreements is not None:
         agreement = compare_with_head(reader, data)
@@ -84,9 +94,22 @@ def _stage_range(
 
     with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
         futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
-    staged = [futures[name].result() for name in RAW_DATASETS]
-    results = staging.commit_together(staged)
-    return dict(zip(RAW_DATASETS, results, strict=True))
+        staged = [futures[name].result() for name in RAW_DATASETS]
+        results = dict(zip(RAW_DATASETS, staging.commit_together(staged), strict=True))
+        if evaluated is not None:
+            key = data.block_range.key
+
+            def evaluate(name: RawDataset) -> EvaluatedRange | None:
+                version = results[name].version.version
+                try:
+                    return evaluate_range(RAW_DECLARATIONS[name], key, version, data.tables[name])
+                except Exception:  # the range is committed; the checks read it back instead
+                    return None
+
+            for name, done in zip(RAW_DATASETS, pool.map(evaluate, RAW_DATASETS), strict=True):
+                if done is not None:
+                    evaluated[name][key] = done
+    return results
 
 
 RAW_DECLARATIONS = {name: declarations()[name] for name in RAW_DATASETS}
@@ -132,11 +155,12 @@ def raw_chain(
     """
     selected = {key.path[-1] for key in context.selected_asset_keys}
     keys = _run_keys(context)
+    evaluated: dict[str, dict[str, EvaluatedRange]] = {name: {} for name in RAW_DATASETS}
     if selected:
         committed: dict[str, dict[str, CommitResult]] = {name: {} for name in RAW_DATASETS}
         agreements: list[HeadAgreement] = []
         try:
-            _ingest(context, chain, dataset_io_manager, committed, agreements)
+            _ingest(context, chain, dataset_io_manager, committed, agreements, evaluated)
         except Exception:
             # what was committed stays committed: say so, in the log and in the asset graph
             done = sorted(committed[RAW_DATASETS[0]])
@@ -192,6 +216,7 @@ def raw_chain(
                 names,
                 keys,
                 context.run.run_id,
+                evaluated[name],
             )
 
 
@@ -223,6 +248,7 @@ def _ingest(
     io: DatasetIOManager,
     committed: dict[str, dict[str, CommitResult]],
     agreements: list[HeadAgreement],
+    evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
 ) -> None:
     """Commit every range of the run into `committed` (by dataset, by range), in order:
     those an earlier try of this step committed first, then the others as they verify."""
@@ -270,7 +296,14 @@ def _ingest(
                 f"finalized head {head.finalized}"
             )
             _extract_and_stage(
-                client, staging, ranges, chain.extract_concurrency, progress, reader, agreements
+                client,
+                staging,
+                ranges,
+                chain.extract_concurrency,
+                progress,
+                reader,
+                agreements,
+                evaluated,
             )
         finally:
             client.close()
@@ -284,6 +317,7 @@ def _extract_and_stage(
     on_committed: Callable[[int, dict[str, CommitResult]], None],
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
+    evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
 ) -> None:
     """Extract ranges while verified ones upload and commit, in range order.
 
@@ -326,11 +360,15 @@ def _extract_and_stage(
                             uploads[reported].result()
                             report(wait=False)
                         uploads.append(
-                            uploader.submit(_stage_range, staging, data, reader, agreements)
+                            uploader.submit(
+                                _stage_range, staging, data, reader, agreements, evaluated
+                            )
                         )
                 while extracting:
                     data = extracting.popleft().result()
-                    uploads.append(uploader.submit(_stage_range, staging, data, reader, agreements))
+                    uploads.append(
+                        uploader.submit(_stage_range, staging, data, reader, agreements, evaluated)
+                    )
                 report(wait=True)
             except BaseException:
                 # verified ranges still upload and commit (at most two are queued): the work
