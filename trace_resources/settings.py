@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Total time spent retrying transient RPC faults for one range."
     )
     rpc_max_attempts: int = Field(8, gt=0, description="Attempts per RPC operation.")
+    dagster_url: str = Field(
+        "http://127.0.0.1:3000",
+        description="The running Dagster deployment's webserver (`make dev` serves it here): "
+        "`trace backfill` launches its runs there.",
+    )
     chain_head_interval_s: int = Field(
         1,
         gt=0,

@@ -9,9 +9,13 @@ of a freshly loaded state slower, which would count against whichever contender 
 The devnet (>= 3,000 blocks, ~30 transactions and ~35 logs per block) is generated once and
 cached as an anvil state file.
 
-cli: the operator's path, `dagster asset materialize --select blocks,transactions,logs
---partition-range first...last` as a new process on the same instance (interpreter start,
-code-location import and run included).
+cli: the operator's command, `trace backfill` as a new process (interpreter start included),
+launching the run on the running deployment (`dagster dev`, started once as `make dev` starts it)
+and following it to its end.
+
+dagster-cli: `dagster asset materialize --select blocks,transactions,logs --partition-range
+first...last` as a new process on the same instance (interpreter start, Dagster's import, the
+code-location import and the run included): the path without a running deployment (CI).
 
 ui: a backfill of the three over every range launched as the Dagster UI launches it, through
 `dagster dev`'s webserver and daemon (started once, as `make dev` starts them, before the
@@ -19,8 +23,8 @@ rounds), from the submission to the backfill's completion (`infra/bench/ui_backf
 with where its time went (daemon ticks, queue, launch, step), from the run's events.
 
 Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`,
-`ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` and
-`ingest_ui: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>` (medians).
+`ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>`, the same for `ingest_dagster_cli`
+and `ingest_ui` (medians).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.state import engine_for
 
 CACHE = REPO_ROOT / ".local" / "bench"
+PATHS = ("trace", "cli", "dagster-cli", "ui")
 CHAIN_ID = 10143
 
 
@@ -197,9 +202,28 @@ def settings_env(settings: Settings, home: Path) -> dict[str, str]:
     return env
 
 
+def time_trace_cli(env: dict[str, str], dagster_url: str) -> float:
+    """`trace backfill` of the raw datasets over every range on the running deployment, as a
+    new process, from its start to its exit after the run ended."""
+    command = [str(Path(sys.executable).with_name("trace")), "backfill"]
+    started = time.perf_counter()
+    done = subprocess.run(
+        command,
+        env={**env, "TRACE_DAGSTER_URL": dagster_url},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+        raise SystemExit(f"`trace backfill` failed (exit {done.returncode}); its output is above")
+    return seconds
+
+
 def time_cli(env: dict[str, str], keys: list[str]) -> float:
-    """The path an operator takes: `dagster asset materialize` of the raw datasets over every
-    range, as a new process (interpreter start and code-location import included)."""
+    """The path without a deployment: `dagster asset materialize` of the raw datasets over
+    every range, as a new process (interpreter start and code-location import included)."""
     command = materialize_command("blocks,transactions,logs", keys[0], keys[-1])
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO_ROOT)
@@ -249,15 +273,16 @@ def main() -> int:
     )
     parser.add_argument(
         "--paths",
-        default="trace,cli,ui",
+        default="trace,cli,dagster-cli,ui",
         help="the Trace paths timed against cryo, comma-separated: trace (in-process), cli "
-        "(`dagster asset materialize`), ui (a backfill through the webserver and daemon)",
+        "(`trace backfill` on the running deployment), dagster-cli (`dagster asset "
+        "materialize`), ui (a backfill through the webserver and daemon)",
     )
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - {"trace", "cli", "ui"})
+    unknown = sorted(set(paths) - set(PATHS))
     if unknown or not paths:
-        parser.error(f"--paths: unknown {unknown or 'none given'}; choose from trace, cli, ui")
+        parser.error(f"--paths: unknown {unknown or 'none given'}; choose from {', '.join(PATHS)}")
 
     with contextlib.ExitStack() as stack:
         bench = stack.enter_context(
@@ -277,11 +302,12 @@ def main() -> int:
         available: dict[str, Callable[[], float]] = {
             "trace": lambda: time_trace(settings, instance, keys),
             "cryo": lambda: time_cryo(node.url, first, last, work),
-            "cli": lambda: time_cli(env, keys),
+            "dagster-cli": lambda: time_cli(env, keys),
         }
-        if "ui" in paths:
+        if "ui" in paths or "cli" in paths:
             # up for the whole benchmark, as `make dev` is for an operator
             dev = stack.enter_context(DagsterDev(env, bench.pg, work))
+            available["cli"] = lambda: time_trace_cli(env, dev.url)
 
             def ui() -> float:
                 seconds, parts = time_ui(dev, instance, keys, list(RAW_DATASETS))
@@ -290,12 +316,11 @@ def main() -> int:
                 return seconds
 
             available["ui"] = ui
-        names = ["trace", "cryo", "cli", "ui"]
-        contenders = [(n, available[n]) for n in names if n == "cryo" or n in paths]
+        contenders = [(n, available[n]) for n in ("cryo", *PATHS) if n == "cryo" or n in paths]
         runs: dict[str, list[float]] = {name: [] for name, _ in contenders}
         for round_number in range(args.warmup):
             for name, run in contenders:
-                _say(f"warm-up {round_number + 1}: {name:<5} {run():6.2f} s (not counted)")
+                _say(f"warm-up {round_number + 1}: {name:<11} {run():6.2f} s (not counted)")
         breakdowns.clear()
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
@@ -303,7 +328,7 @@ def main() -> int:
                 seconds = run()
                 runs[name].append(seconds)
                 _say(
-                    f"round {round_number + 1}: {name:<5} {seconds:6.2f} s  "
+                    f"round {round_number + 1}: {name:<11} {seconds:6.2f} s  "
                     f"{blocks / seconds:7.0f} blocks/s"
                 )
 
@@ -323,11 +348,11 @@ def main() -> int:
                 f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
                 f"ratio={trace_rate / cryo_rate:.2f}"
             )
-        for path in ("cli", "ui"):
+        for path in ("cli", "dagster-cli", "ui"):
             if path in runs:
                 path_s = statistics.median(runs[path])
                 print(
-                    f"ingest_{path}: trace_s={path_s:.2f} cryo_s={cryo_s:.2f} "
+                    f"ingest_{path.replace('-', '_')}: trace_s={path_s:.2f} cryo_s={cryo_s:.2f} "
                     f"ratio={cryo_s / path_s:.2f}"
                 )
     return 0

@@ -1,6 +1,7 @@
 """A backfill launched the way the Dagster UI launches it (GraphQL `launchPartitionBackfill`
 against a real `dagster dev` webserver and daemon) runs all its ranges in one run, started by
-the repository's warm run launcher; the UI's Terminate cancels a run it started."""
+the repository's warm run launcher; the UI's Terminate cancels a run it started. `trace
+backfill` launches and follows a run on the same deployment."""
 
 from __future__ import annotations
 
@@ -63,6 +64,69 @@ def _backfill(url: str, keys: list[str]) -> str:
 def _run(url: str, run_id: str) -> tuple[str, dict[str, str]]:
     run = _graphql(url, RUN, {"id": run_id})["runOrError"]
     return run["status"], {t["key"]: t["value"] for t in run["tags"]}
+
+
+def _trace(url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("trace")), "backfill", *args],
+        env={**env, "TRACE_DAGSTER_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _trace_backfill(url: str, env: dict[str, str], proxy: FaultProxy, ranges: list[str]) -> None:
+    """`trace backfill` on the running deployment: refuses unknown names and blocks in one
+    line, is stopped with Ctrl-C (and stops its run), and then backfills what is left, with
+    its checks, in one fast-lane run, reporting each range as it commits."""
+    wrong = _trace(url, env, "--select", "blocks,nosuch")
+    assert wrong.returncode == 2, wrong
+    assert "unknown dataset 'nosuch'" in wrong.stderr and "transactions" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    beyond = _trace(url, env, "--from", "99999999")
+    assert beyond.returncode == 2 and "no known range holds blocks 99999999" in beyond.stderr
+    _graphql(url, ADD_PARTITION, {"key": ranges[4]})
+
+    # Ctrl-C while the node hangs: the run is stopped, nothing of it is committed
+    proxy.set_faults([Fault("timeout", methods={"eth_getLogs"}, delay=2.0)])
+    before = proxy.injected["timeout"]
+    command = subprocess.Popen(
+        [str(Path(sys.executable).with_name("trace")), "backfill", "--from", ranges[4]],
+        env={**env, "TRACE_DAGSTER_URL": url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while proxy.injected["timeout"] == before:
+        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
+        time.sleep(0.2)
+    command.send_signal(signal.SIGINT)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 130, (out, err)
+    assert "interrupted; run" in err and "is stopping" in err, err
+    run_id = err.split("launched run ", 1)[1].split(":", 1)[0]
+    while (status := _run(url, run_id)[0]) not in ("CANCELED", "FAILURE", "SUCCESS"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status == "CANCELED"
+    proxy.set_faults([])
+
+    done = _trace(url, env, "--from", str(int(ranges[3][:12])), "--to", ranges[4])
+    assert done.returncode == 0, done
+    assert f"over 2 range(s) {ranges[3]} .. {ranges[4]}" in done.stdout, done.stdout
+    assert "0 check(s)" not in done.stdout and "check(s) passed" in done.stdout, done.stdout
+    # one line per committed range (stderr is not a terminal: no bar)
+    assert f"ranges committed: 1/2 {ranges[3]}" in done.stderr, done.stderr
+    assert f"ranges committed: 2/2 {ranges[4]}" in done.stderr, done.stderr
+    run_id = done.stderr.split("launched run ", 1)[1].split(":", 1)[0]
+    status, tags = _run(url, run_id)
+    assert status == "SUCCESS" and tags["trace/fast_lane"] == "true", tags
+    summary = {
+        s.dataset: s for s in ReadModel(engine_for(env["TRACE_STATE_DSN"])).dataset_summaries()
+    }
+    assert summary["logs"].partitions == 5 and summary["blocks"].rows == 5 * RANGE_SIZE
 
 
 def test_ui_backfill_runs_ranges_in_one_run(
@@ -183,6 +247,8 @@ def _ui_backfill_and_terminate(
             s.dataset: s for s in ReadModel(engine_for(test_settings.state_dsn)).dataset_summaries()
         }
         assert logs["logs"].partitions == 3  # nothing of the cancelled range was committed
+
+        _trace_backfill(url, env, proxy, ranges)
     finally:
         os.killpg(dagster.pid, signal.SIGINT)
         try:

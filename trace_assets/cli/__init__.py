@@ -1,5 +1,6 @@
 """The `trace` command (entry point `trace_assets.cli:main`): `build_parser` and `main`, with
-one module per command group: `chain` (head, partitions sync), `gaps` (missing ranges),
+one module per command group: `chain` (head, partitions sync), `backfill` (a backfill on
+the running deployment), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
 `secrets` (secrets rotate) and `udf` (organisations' transforms); `errors` says how a
@@ -23,7 +24,18 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from trace_assets.cli import access, alerts, catalog, chain, db, gaps, secrets, storage, udf
+from trace_assets.cli import (
+    access,
+    alerts,
+    backfill,
+    catalog,
+    chain,
+    db,
+    gaps,
+    secrets,
+    storage,
+    udf,
+)
 from trace_assets.cli.errors import explain
 
 __all__ = ["build_parser", "main"]
@@ -41,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the traceback of any failure (also TRACE_DEBUG=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (chain, gaps, storage, db, access, catalog, alerts, secrets, udf):
+    for group in (chain, backfill, gaps, storage, db, access, catalog, alerts, secrets, udf):
         group.add_commands(commands)
     return parser
 

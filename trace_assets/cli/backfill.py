@@ -1,0 +1,426 @@
+"""`trace backfill`: a backfill launched on the running Dagster deployment, followed to its end
+with a progress bar.
+
+    trace backfill                                   # the raw datasets over every known range
+    trace backfill --from 1000 --to 2999             # the ranges holding those blocks
+    trace backfill --select erc20_transfers --from 000000001000-000000001249
+    trace backfill --detach                          # launch, print the run's URL, return
+
+The run is launched through the webserver's GraphQL API (`TRACE_DAGSTER_URL`, `make dev`'s
+http://127.0.0.1:3000), as the UI launches a run of selected assets over a partition range: one
+run over the ranges (the assets' single-run backfill policy), with their checks, visible in the
+UI like any other. It takes the run coordinator's fast lane (`trace/fast_lane`): launched at
+once, as a fork of the deployment's warm worker, when a run slot is free, instead of waiting for
+the backfill daemon's and the queue's ticks; without a free slot it queues like any run.
+
+This process imports neither Dagster nor the code location: it starts in well under a second
+where `dagster asset materialize` spends ~5 s importing Dagster and opening the instance before
+its run starts. The price is a running deployment; without one, the command says so and gives
+the `dagster asset materialize` line that runs the same backfill in the shell.
+
+It follows the run's events: a progress bar of ranges committed (the raw step logs one line per
+committed range), failed checks, and the failure's message if the run fails (exit 1). Ctrl-C
+stops the run (its committed ranges stay committed; a re-run resumes after them), unless
+`--detach` was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trace_assets.cli.errors import CliError, unknown
+from trace_resources.settings import Settings
+
+__all__ = ["add_commands", "cmd_backfill"]
+
+RAW = ("blocks", "transactions", "logs")
+FAST_LANE_TAG = "trace/fast_lane"  # trace_resources.instance.run_coordinator (imports dagster)
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+DONE = {"SUCCESS", "FAILURE", "CANCELED"}
+_COMMITTED = re.compile(r"^range (\d+)/(\d+) (\S+) committed")
+_RESUMED = re.compile(r"^(\d+) of (\d+) range\(s\) were committed by an earlier try")
+
+ASSETS = """
+query TraceBackfillAssets {
+  assetNodes {
+    assetKey { path }
+    jobNames
+    isPartitioned
+    repository { name location { name } }
+  }
+}"""
+
+PARTITIONS = """
+query TraceBackfillPartitions($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) {
+    __typename
+    ... on AssetNode { partitionKeys }
+  }
+}"""
+
+LAUNCH = """
+mutation TraceBackfillLaunch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on Error { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+
+FOLLOW = """
+query TraceBackfillFollow($runId: ID!, $after: String) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { status }
+  }
+  logsForRun(runId: $runId, afterCursor: $after) {
+    __typename
+    ... on EventConnection {
+      cursor
+      hasMore
+      events {
+        __typename
+        ... on MessageEvent { message }
+        ... on ExecutionStepFailureEvent { error { message } }
+        ... on RunFailureEvent { pipelineFailureError: error { message } }
+        ... on AssetCheckEvaluationEvent {
+          evaluation { assetKey { path } checkName success }
+        }
+      }
+    }
+  }
+}"""
+
+TERMINATE = """
+mutation TraceBackfillTerminate($runId: String!) {
+  terminateRun(runId: $runId) { __typename ... on Error { message } }
+}"""
+
+
+@dataclass
+class Followed:
+    """What a run's events said so far."""
+
+    status: str = "STARTING"
+    committed: int = 0
+    resumed: int = 0
+    failures: list[str] = field(default_factory=list)
+    failed_checks: list[str] = field(default_factory=list)
+    checks: int = 0
+
+
+class Deployment:
+    """The webserver's GraphQL endpoint, with errors an operator can act on."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise CliError(
+                f"TRACE_DAGSTER_URL={url!r} is not an http(s) URL; set it to the Dagster "
+                "webserver, e.g. http://127.0.0.1:3000 (what `make dev` serves)"
+            )
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = self._http.post("/graphql", json={"query": query, "variables": variables})
+        except httpx.TransportError as exc:
+            raise CliError(
+                f"no Dagster webserver answers at {self.url} (TRACE_DAGSTER_URL): {exc}; start "
+                "the deployment with `make dev`, or run the backfill in this shell with "
+                "`dagster asset materialize` (see `trace backfill --help`)"
+            ) from None
+        if response.status_code != 200:
+            raise CliError(
+                f"{self.url}/graphql answered HTTP {response.status_code}: is TRACE_DAGSTER_URL "
+                "the Dagster webserver (`make dev` serves it at http://127.0.0.1:3000)?"
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            raise CliError(
+                f"{self.url}/graphql did not answer JSON: is TRACE_DAGSTER_URL the Dagster "
+                "webserver?"
+            ) from None
+        if body.get("errors"):
+            raise RuntimeError(f"the webserver refused Trace's query: {body['errors']}")
+        return dict(body["data"])
+
+
+@dataclass(frozen=True)
+class Selection:
+    datasets: list[str]
+    location: str
+    repository: str
+    job: str
+    keys: list[str]
+
+
+def _select(
+    deployment: Deployment, names: list[str], first: str | None, last: str | None
+) -> Selection:
+    nodes = deployment.graphql(ASSETS)["assetNodes"]
+    by_name = {"/".join(n["assetKey"]["path"]): n for n in nodes}
+    if not by_name:
+        raise CliError(
+            f"the deployment at {deployment.url} has no assets loaded: open Deployment in the UI "
+            "to see why the code location did not load"
+        )
+    for name in names:
+        if name not in by_name:
+            raise unknown("dataset", name, by_name, where=f"in the deployment at {deployment.url}")
+    chosen = [by_name[n] for n in names]
+    unpartitioned = [n for n, node in zip(names, chosen, strict=True) if not node["isPartitioned"]]
+    if unpartitioned:
+        raise CliError(
+            f"{', '.join(unpartitioned)} {'is' if len(unpartitioned) == 1 else 'are'} not "
+            "partitioned by block range: materialise it from the UI, or with `dagster asset "
+            "materialize -m trace_assets.definitions --select NAME`"
+        )
+    repositories = {(n["repository"]["location"]["name"], n["repository"]["name"]) for n in chosen}
+    jobs = set.intersection(*(set(n["jobNames"]) for n in chosen))
+    asset_jobs = sorted(j for j in jobs if j.startswith("__ASSET_JOB"))
+    if len(repositories) != 1 or not asset_jobs:
+        raise CliError(
+            f"{', '.join(names)} cannot run together in one run (different code locations or "
+            "partitionings): backfill them one at a time"
+        )
+    [(location, repository)] = repositories
+    partitions = deployment.graphql(PARTITIONS, {"key": {"path": [names[0]]}})
+    keys = sorted(partitions["assetNodeOrError"].get("partitionKeys") or [])
+    if not keys:
+        raise CliError(
+            "the deployment knows no block ranges yet: add the finalized ones with `trace "
+            "partitions sync` (the chain-head sensor adds them as the chain finalizes)"
+        )
+    window = _window(keys, first, last)
+    return Selection(names, location, repository, asset_jobs[0], window)
+
+
+def _bound(value: str, keys: list[str], *, end: bool) -> int:
+    """A block number, or the first (last) block of a range given by its partition key."""
+    from trace_resources.chain.ranges import parse_partition_key
+
+    if value.isdigit():
+        return int(value)
+    if value in keys:
+        block_range = parse_partition_key(value)
+        return block_range.last if end else block_range.start
+    raise CliError(
+        f"{'--to' if end else '--from'} {value!r} is neither a block number nor a known range "
+        f"(ranges: {keys[0]} .. {keys[-1]}, {len(keys)} in all)"
+    )
+
+
+def _window(keys: list[str], first: str | None, last: str | None) -> list[str]:
+    from trace_resources.chain.ranges import parse_partition_key
+
+    low = _bound(first, keys, end=False) if first is not None else 0
+    high = _bound(last, keys, end=True) if last is not None else None
+    if high is not None and high < low:
+        raise CliError(f"--to {last} is before --from {first}: swap them")
+    window = []
+    for key in keys:
+        block_range = parse_partition_key(key)
+        if block_range.last >= low and (high is None or block_range.start <= high):
+            window.append(key)
+    if not window:
+        raise CliError(
+            f"no known range holds blocks {low}..{'' if high is None else high} (ranges: "
+            f"{keys[0]} .. {keys[-1]}); `trace partitions sync` adds newly finalized ones"
+        )
+    return window
+
+
+def _launch(deployment: Deployment, selection: Selection) -> str:
+    tags = {
+        RANGE_START_TAG: selection.keys[0],
+        RANGE_END_TAG: selection.keys[-1],
+        FAST_LANE_TAG: "true",
+        "trace/launched_by": "trace backfill",
+    }
+    params = {
+        "selector": {
+            "repositoryLocationName": selection.location,
+            "repositoryName": selection.repository,
+            "jobName": selection.job,
+            "assetSelection": [{"path": [name]} for name in selection.datasets],
+        },
+        "runConfigData": {},
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+    }
+    launched = deployment.graphql(LAUNCH, {"params": params})["launchRun"]
+    if launched["__typename"] == "LaunchRunSuccess":
+        return str(launched["run"]["runId"])
+    reason = launched.get("message") or "; ".join(
+        e["message"] for e in launched.get("errors") or []
+    )
+    raise CliError(f"the deployment refused the run ({launched['__typename']}): {reason}")
+
+
+def _follow(deployment: Deployment, run_id: str, total: int, poll_s: float) -> Followed:
+    from trace_assets.cli.console import progress
+
+    seen = Followed()
+    cursor: str | None = None
+    with progress("ranges committed", total) as bar:
+        while True:
+            data = deployment.graphql(FOLLOW, {"runId": run_id, "after": cursor})
+            run = data["runOrError"]
+            if run["__typename"] != "Run":
+                raise CliError(f"run {run_id} is gone from the deployment ({run['__typename']})")
+            logs = data["logsForRun"]
+            if logs["__typename"] == "EventConnection":
+                cursor = logs["cursor"]
+                for event in logs["events"]:
+                    _read_event(event, seen, bar)
+                if logs["hasMore"]:
+                    continue
+            # the status is read with the events: events written before it ended are in
+            if run["status"] in DONE:
+                seen.status = run["status"]
+                return seen
+            time.sleep(poll_s)
+
+
+def _read_event(event: dict[str, Any], seen: Followed, bar: Any) -> None:
+    kind = event["__typename"]
+    message = event.get("message") or ""
+    if kind == "ExecutionStepFailureEvent":
+        error = (event.get("error") or {}).get("message") or message
+        seen.failures.append(error.strip().splitlines()[0] if error.strip() else message)
+    elif kind == "RunFailureEvent":
+        error = (event.get("pipelineFailureError") or {}).get("message")
+        if error and not seen.failures:
+            seen.failures.append(error.strip().splitlines()[0])
+    elif kind == "AssetCheckEvaluationEvent":
+        evaluation = event["evaluation"]
+        seen.checks += 1
+        if not evaluation["success"]:
+            asset = "/".join(evaluation["assetKey"]["path"])
+            seen.failed_checks.append(f"{asset}.{evaluation['checkName']}")
+    elif match := _COMMITTED.match(message):
+        seen.committed += 1
+        bar.advance(match.group(3))
+    elif match := _RESUMED.match(message):
+        for _ in range(int(match.group(1))):
+            seen.resumed += 1
+            bar.advance("(committed by an earlier try)")
+
+
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.select.split(",") if n.strip()]
+    if not names:
+        raise CliError("--select names no dataset; e.g. --select blocks,transactions,logs")
+    deployment = Deployment(args.dagster_url or settings.dagster_url)
+    try:
+        started = time.monotonic()
+        selection = _select(deployment, names, args.start, args.end)
+        run_id = _launch(deployment, selection)
+        url = f"{deployment.url}/runs/{run_id}"
+        span = f"{selection.keys[0]} .. {selection.keys[-1]}"
+        sys.stderr.write(
+            f"launched run {run_id}: {', '.join(names)} over {len(selection.keys)} range(s) "
+            f"{span}\n  {url}\n"
+        )
+        if args.detach:
+            sys.stdout.write(f"{run_id}\n")
+            return 0
+        try:
+            seen = _follow(deployment, run_id, len(selection.keys), args.poll)
+        except KeyboardInterrupt:
+            stopped = deployment.graphql(TERMINATE, {"runId": run_id})["terminateRun"]
+            how = (
+                "is stopping"
+                if stopped["__typename"] == "TerminateRunSuccess"
+                else f"was not stopped ({stopped.get('message') or stopped['__typename']})"
+            )
+            sys.stderr.write(
+                f"trace: interrupted; run {run_id} {how}. Ranges it committed stay committed; "
+                "`trace backfill` again resumes after them\n"
+            )
+            return 130
+    finally:
+        deployment.close()
+    seconds = time.monotonic() - started
+    if seen.status != "SUCCESS":
+        why = seen.failures[-1] if seen.failures else "see the run's log"
+        sys.stderr.write(
+            f"trace: run {run_id} ended {seen.status} after {seconds:.1f} s: {why}\n  {url}\n"
+        )
+        return 1
+    checks = (
+        f"; {len(seen.failed_checks)} of {seen.checks} check(s) failed: "
+        f"{', '.join(seen.failed_checks)}"
+        if seen.failed_checks
+        else f"; {seen.checks} check(s) passed"
+    )
+    resumed = f" ({seen.resumed} already committed)" if seen.resumed else ""
+    sys.stdout.write(
+        f"backfilled {', '.join(names)} over {len(selection.keys)} range(s) {span}{resumed} "
+        f"in {seconds:.1f} s{checks}\n"
+    )
+    return 0
+
+
+EPILOG = """Without a running deployment, the same backfill runs in this shell (slower to start:
+it imports Dagster and the code location first):
+  dagster asset materialize -m trace_assets.definitions --select blocks,transactions,logs \\
+    --partition-range FIRST...LAST"""
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "backfill",
+        help="launch a backfill of block ranges on the running Dagster deployment and follow it",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--select",
+        default=",".join(RAW),
+        help="datasets to materialise, comma-separated (default: the raw datasets)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="start",
+        metavar="BLOCK|RANGE",
+        help="first block (or range key) to backfill (default: the first known range)",
+    )
+    parser.add_argument(
+        "--to",
+        dest="end",
+        metavar="BLOCK|RANGE",
+        help="last block (or range key) to backfill (default: the last known range)",
+    )
+    parser.add_argument(
+        "--dagster-url",
+        help="the Dagster webserver (default: TRACE_DAGSTER_URL, http://127.0.0.1:3000)",
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="print the run id once launched and return, without following the run",
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.25,
+        help="seconds between reads of the run's progress (default 0.25)",
+    )
+    parser.set_defaults(func=cmd_backfill)
