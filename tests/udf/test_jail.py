@@ -335,6 +335,13 @@ def test_a_bad_requirement_is_named_in_one_line(
     assert not [p for p in venv_dir.iterdir() if p.name.startswith(".build-")]
 
 
+def test_a_venv_cache_the_udfs_can_not_reach_is_refused(tmp_path: Path) -> None:
+    # pytest's base temp dir is 0700: a venv there could not be run by a UDF's user
+    with pytest.raises(UdfVenvError, match="not reachable by the UDFs' users") as raised:
+        build_venv(["six==1.16.0"], cache_dir=tmp_path / "venvs")
+    assert "TRACE_UDF_VENV_DIR" in str(raised.value)
+
+
 # warnings raised inside dagster 1.13's own Pipes session (the lead's Pipes launch meets them too)
 @pytest.mark.filterwarnings("ignore:AssetExecutionContext.run_id is deprecated")
 @pytest.mark.filterwarnings("ignore::dagster.PreviewWarning")

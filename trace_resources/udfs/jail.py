@@ -4,12 +4,20 @@
 (`jail_exec.py`), so it composes with anything that takes a command list, an environment and a
 cwd, such as Dagster's `PipesSubprocessClient`:
 
-    status = Path(tmp) / "jail.json"
+    status = Path(private_tmp) / "jail.json"      # a place the UDF's uid can not reach
     command = jail_argv([str(venv.python), "-m", "udf_runner"], JailLimits.from_settings(),
                         status_file=status, env_keys=["TRACE_TASK_TOKEN", ...])
-    client.run(command=command, context=context, env={"TRACE_TASK_TOKEN": token, ...})
-    ...
-    stop = read_stop(status)  # None, or why the jail stopped it: stop.message
+    try:
+        client.run(command=command, context=context, env={"TRACE_TASK_TOKEN": token, ...})
+    except dg.DagsterPipesExecutionError:
+        stop = read_stop(status)  # None, or why the jail stopped it: str(stop) is
+        if stop is None:          # "the UDF ran longer than 60 s (TRACE_UDF_PY_TIMEOUT_S)"
+            raise
+        raise dg.Failure(f"{stop}; nothing was committed") from None
+
+Dagster Pipes' default temp files (the context and the messages, in private directories made
+directly under the temp dir) are handed to the run's uid by the wrapper; the UDF's own code must
+be readable by other users (e.g. a copy in a 0755 directory).
 
 What the command gets (details in `jail_exec.py`): its own uid (`TRACE_UDF_PY_UID_BASE` + a free
 slot; no account is needed, so a container image needs no extra user) with no supplementary
@@ -94,6 +102,9 @@ class JailStop:
     reason: str
     message: str
     returncode: int
+
+    def __str__(self) -> str:
+        return f"the UDF {self.message}"
 
 
 def jail_argv(

@@ -101,21 +101,29 @@ def messages(spec: dict[str, Any]) -> dict[str, str]:
 
 
 class Slot:
-    """A run's own uid: `uid_base + k` for the first lock file k nobody holds."""
+    """A run's own uid: `uid_base + k` for the first lock file k nobody holds (waiting for one
+    while every slot is taken, at most the run's wall time)."""
 
-    def __init__(self, jail_dir: Path, uid_base: int, slots: int) -> None:
+    def __init__(self, jail_dir: Path, uid_base: int, slots: int, wait_s: float) -> None:
         locks = jail_dir / "locks"
         locks.mkdir(mode=0o700, exist_ok=True)
-        for k in range(slots):
-            fd = os.open(locks / f"slot-{k}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.fd, self.uid = fd, uid_base + k
-            return
-        raise SystemExit(f"trace-udf-jail: all {slots} slots are busy (TRACE_UDF_PY_SLOTS)")
+        deadline = time.monotonic() + wait_s
+        while True:
+            for k in range(slots):
+                fd = os.open(locks / f"slot-{k}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self.fd, self.uid = fd, uid_base + k
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"trace-udf-jail: all {slots} slots stayed busy for {wait_s:g} s "
+                    "(TRACE_UDF_PY_SLOTS)"
+                )
+            time.sleep(0.2)
 
     def release(self) -> None:
         os.close(self.fd)
@@ -294,7 +302,7 @@ class Run:
         jail_dir = Path(spec["jail_dir"])
         prepare_jail_dir(jail_dir)
         if os.geteuid() == 0:
-            self.slot = Slot(jail_dir, spec["uid_base"], spec["slots"])
+            self.slot = Slot(jail_dir, spec["uid_base"], spec["slots"], spec["timeout_s"])
             self.uid = self.slot.uid
             sweep(self.uid, 0)  # whatever a crashed earlier run of this slot left
             nproc = spec["nproc"]
@@ -314,7 +322,15 @@ class Run:
         # orphans of the command become our children, so we reap them and no zombie stays
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
+        try:
+            self.process = self.popen(env, nproc)
+        except (OSError, subprocess.SubprocessError) as exc:
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise SystemExit(f"trace-udf-jail: could not start {self.argv[0]}: {exc}") from None
+
+    def popen(self, env: dict[str, str], nproc: int) -> subprocess.Popen[bytes]:
+        spec = self.spec
+        return subprocess.Popen(
             self.argv,
             env=env,
             cwd=self.home,

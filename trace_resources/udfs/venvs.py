@@ -146,6 +146,12 @@ def build_venv(requirements: Sequence[str], *, cache_dir: Path | None = None) ->
     runtime = runtime_requirements()
     root = (cache_dir or get_settings().udf_venv_dir).resolve()
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    closed = [str(p) for p in (root, *root.parents) if not p.stat().st_mode & stat.S_IXOTH]
+    if closed:
+        raise UdfVenvError(
+            f"the UDF venv cache {root} is not reachable by the UDFs' users: {closed[0]} is "
+            "not searchable by others (chmod o+x, or set TRACE_UDF_VENV_DIR elsewhere)"
+        )
     key = cache_key(python, wanted, runtime)
     final = root / key
     venv_python = final / "bin" / "python"
@@ -166,7 +172,8 @@ def build_venv(requirements: Sequence[str], *, cache_dir: Path | None = None) ->
 
 def install(target: Path, python: Path, requirements: list[str], runtime: list[str]) -> None:
     uv = uv_binary()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "UV_"))}
+    # UV_* stay: an operator's index, cache or offline mode apply to the UDFs' venvs too
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     steps = [
         [uv, "venv", "--quiet", "--relocatable", "--python", str(python), str(target)],
         [
