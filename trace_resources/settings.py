@@ -288,6 +288,60 @@ class Settings(BaseSettings):
         "beyond it the run fails and nothing is committed.",
     )
 
+    # organisations' Python transforms run as jailed processes (trace_resources.udfs.jail)
+    udf_py_timeout_s: float = Field(
+        300.0, gt=0, description="Wall time of one Python UDF process; past it, it is killed."
+    )
+    udf_py_cpu_s: int = Field(
+        300, gt=0, description="CPU seconds of one Python UDF process (RLIMIT_CPU)."
+    )
+    udf_py_memory: str = Field(
+        "2GiB",
+        pattern=SIZE_PATTERN,
+        description="Memory of one Python UDF process (an OS address-space limit, RLIMIT_AS).",
+    )
+    udf_py_nofile: int = Field(
+        256, gt=16, description="Files a Python UDF process may have open (RLIMIT_NOFILE)."
+    )
+    udf_py_nproc: int = Field(
+        256,
+        gt=1,
+        description="Processes and threads one Python UDF run may have at once (RLIMIT_NPROC "
+        "of its own uid; reaching it stops the run: a fork bomb).",
+    )
+    udf_py_file_size: str = Field(
+        "1GiB", pattern=SIZE_PATTERN, description="Largest file a Python UDF may write."
+    )
+    udf_py_output: str = Field(
+        "16MB",
+        pattern=SIZE_PATTERN,
+        description="What a Python UDF may print on stdout and stderr together; beyond it, it "
+        "is killed.",
+    )
+    udf_py_uid_base: int = Field(
+        64_100,
+        gt=0,
+        description="Python UDF runs execute as uid BASE+slot (one per run at once, no account "
+        "needed); the range must be used by nothing else.",
+    )
+    udf_py_slots: int = Field(
+        32, gt=0, description="Python UDF runs at once on one host (uids BASE..BASE+slots-1)."
+    )
+    udf_py_jail_dir: Path = Field(
+        Path("/tmp/trace-udf-jail"),
+        description="The jail's own directory (slot locks, each run's private cwd); made 0711.",
+    )
+    udf_py_python: str | None = Field(
+        None,
+        description="Interpreter the UDF venvs are built on; it must be executable by other "
+        "users (None: this Python if it is, else python3.X from PATH or /usr/bin).",
+    )
+    udf_venv_dir: Path = Field(
+        Path("/tmp/trace-udf-venvs"),
+        description="Cache of the UDFs' virtual environments, one per (Python, requirements); "
+        "its parents must be searchable by other users.",
+    )
+
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
         None,

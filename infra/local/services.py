@@ -777,9 +777,12 @@ class PostgresServer:
         directory (not listing it), and we limit it to trees that are ours for tests and dev.
         """
         allowed = [Path(tempfile.gettempdir()).resolve(), REPO_ROOT]
+        group = pwd.getpwnam(PG_SUPERUSER).pw_gid
         for parent in self.dir.parents:
             if not any(parent.is_relative_to(base) and parent != base for base in allowed):
                 continue
+            if parent.stat().st_gid == group:
+                continue  # the services' root (`protect`): postgres passes as its group
             info = parent.stat()
             if info.st_uid == os.geteuid() and not info.st_mode & stat.S_IXOTH:
                 log.info("allowing the postgres user through %s (chmod o+x)", parent)
@@ -1034,6 +1037,26 @@ def _port_setting(explicit: int | None, env_var: str, recorded: Any, default: in
     return default
 
 
+def protect(root: Path, dagster_home: Path) -> None:
+    """Keep other users (Python UDFs run as uids of their own, trace_resources/udfs/jail.py) out
+    of the services' root, which holds every organisation's datasets, the query cache and the
+    logs, and out of Dagster's home (runs' logs and artifacts): root 0750 with the postgres
+    user's group when we are root (PostgreSQL runs as that user and must pass), else 0700;
+    dagster_home 0700."""
+    if os.geteuid() == 0:
+        try:
+            group = pwd.getpwnam(PG_SUPERUSER).pw_gid
+        except KeyError:
+            root.chmod(0o700)
+        else:
+            os.chown(root, 0, group)
+            root.chmod(0o750)
+    else:
+        root.chmod(0o700)
+    if dagster_home.is_dir():
+        dagster_home.chmod(0o700)
+
+
 class LocalServices:
     """All local services of a Trace checkout: ``up()``, ``down()``, ``status()``, ``env()``.
 
@@ -1088,6 +1111,7 @@ class LocalServices:
     def up(self) -> None:
         """Start everything (idempotent). On failure, stop what this call started, then raise."""
         self.root.mkdir(parents=True, exist_ok=True)
+        protect(self.root, DAGSTER_HOME)
         self.object_store.ensure()
         started: list[PostgresServer | AnvilNode | MotoS3Server] = []
         try:

@@ -71,6 +71,8 @@ def test_services_keep_data_across_restart(tmp_path: Path) -> None:
         )
         assert reader.read("blocks", ["000000000000-000000000031"]).num_rows == 32
         engine_for(env["TRACE_STATE_DSN"]).dispose()
+        # other users (the Python UDFs' uids) can not enter the root: every org's data is there
+        assert not (tmp_path / "local").stat().st_mode & 0o007
     finally:
         again.down()
 
