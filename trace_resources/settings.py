@@ -283,6 +283,32 @@ class Settings(BaseSettings):
         "beyond it the run fails and nothing is committed.",
     )
 
+    # organisations' enrichment uploads (CSV or Parquet, `PUT /v1/enrichments/{name}`)
+    enrichment_max_bytes: int = Field(
+        64 * 1024**2,
+        gt=0,
+        description="Largest enrichment upload (the file's bytes); larger ones get a 413 "
+        "before they are read. A Parquet file may decode to at most 4 times this.",
+    )
+    enrichment_max_rows: int = Field(
+        1_000_000, gt=0, description="Rows an enrichment upload may hold."
+    )
+    enrichment_max_columns: int = Field(
+        64, gt=0, description="Columns an enrichment upload may hold."
+    )
+
+    # the running Dagster deployment, told to reload its code location when a transform is
+    # applied (unset: nothing is reloaded, and the apply says how to reload by hand)
+    dagster_url: str | None = Field(
+        None,
+        description="Base URL of the Dagster webserver (e.g. http://127.0.0.1:3000); "
+        "`trace udf apply` and `POST /v1/transforms` reload its code location through its "
+        "GraphQL API so a new transform appears without a restart. `make dev` sets it.",
+    )
+    dagster_location: str = Field(
+        "trace", description="Name of the code location to reload (workspace.yaml)."
+    )
+
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
         None,
