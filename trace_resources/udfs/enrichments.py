@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from trace_resources.errors import SchemaIncompatibleError, TraceError
-from trace_resources.registry import ARROW_TYPES, declarations
+from trace_resources.registry import ARROW_TYPES, DatasetDeclaration, declarations
 from trace_resources.storage import enrichments as registry
 from trace_resources.storage import udfs as udf_store
 from trace_resources.storage.commit import DatasetWriter, PartitionData
@@ -43,6 +43,7 @@ __all__ = [
     "Uploaded",
     "dataset_name",
     "detect_format",
+    "enrichment_declarations",
     "parse_schema",
     "read_upload",
     "upload",
@@ -292,9 +293,13 @@ def _trace_type(field: pa.Field) -> pa.DataType:
     kind = field.type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    if pa.types.is_large_string(kind):
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         kind = pa.string()
-    elif pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+    elif (
+        pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_binary_view(kind)
+    ):
         kind = pa.binary()
     elif pa.types.is_large_list(kind) and pa.types.is_string(kind.value_type):
         kind = pa.list_(pa.string())
@@ -431,3 +436,45 @@ def upload(
         [(f.name, str(f.type)) for f in table.schema],
         changed=not (result.unchanged or result.already_committed),
     )
+
+
+def enrichment_declarations(
+    engine: sa.Engine, org: str | None = None
+) -> dict[str, DatasetDeclaration]:
+    """Every committed enrichment (of `org`) as a dataset declaration of the platform's
+    registry (a source: it reads nothing, so lineage starts there), by name; for
+    `trace lineage impacted` and the code location's asset graph."""
+    read = ReadModel(engine)
+    out: dict[str, DatasetDeclaration] = {}
+    for item in registry.listed(engine, org):
+        registered = read.registered_schema(item.name)
+        if registered is None:
+            continue  # its first upload failed
+        columns = [
+            {
+                "name": f["name"],
+                "type": f["type"],
+                "doc": "uploaded column",
+                "nullable": bool(f.get("nullable", True)),
+            }
+            for f in registered[1]
+            if f["type"] in ARROW_TYPES
+        ]
+        if not columns:
+            continue
+        out[item.name] = DatasetDeclaration.model_validate(
+            {
+                "format_version": 1,
+                "name": item.name,
+                "kind": "raw",
+                "description": item.description
+                or f"Enrichment rows uploaded by organisation {item.org}",
+                "owner": f"team:{item.org}",
+                "partitioning": "none",
+                "commit_mode": "replace",
+                "schema": columns,
+                "public": False,
+                "source_file": f"trace_enrichments/{item.name}",
+            }
+        )
+    return out
