@@ -26,7 +26,7 @@ from tests.conftest import Devnet, NewDatabase
 from tests.query.conftest import Tokens, bearer
 from tests.udf.test_sql_udfs import World, committed_world
 from trace_assets.cli import main as trace_main
-from trace_assets.definitions import build_resources
+from trace_assets.definitions import build_definitions, build_resources
 from trace_assets.udfs import build_udf_asset
 from trace_resources.storage import udfs as udf_store
 from trace_resources.storage.paths import UNPARTITIONED
@@ -612,3 +612,19 @@ def test_lineage_impacted_reaches_transforms_from_their_inputs_and_uploads(
     from_upload = impacted(LABELS, "label")
     assert from_upload[JOINED] == every
     assert "erc20_transfers" not in from_upload
+
+    # the code location: the upload is an asset of the organisation's group, the source of
+    # the transform that joins it (its lineage in the UI, column lineage included)
+    defs = build_definitions(world.settings)
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey(JOINED)).parent_keys == {
+        dg.AssetKey("erc20_transfers"),
+        dg.AssetKey(LABELS),
+    }
+    specs = {s.key: s for s in defs.resolve_all_asset_specs()}
+    assert specs[dg.AssetKey(LABELS)].group_name == "org_acme"
+    lineage = specs[dg.AssetKey(JOINED)].metadata["dagster/column_lineage"]
+    assert {(d.asset_key, d.column_name) for d in lineage.deps_by_column["label"]} >= {
+        (dg.AssetKey(LABELS), "label"),
+        (dg.AssetKey("erc20_transfers"), "token"),
+    }

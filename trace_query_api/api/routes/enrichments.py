@@ -40,7 +40,18 @@ router = APIRouter(prefix="/v1/enrichments", tags=["enrichments"])
     summary="Upload an enrichment dataset's rows (CSV or Parquet) as its next version",
     responses={
         200: {"model": EnrichmentPublic, "description": "Unchanged: the same rows as now"},
-        **errors(*AUTH_ERRORS, 403, 413, 503),
+        **errors(*AUTH_ERRORS, 403, 413, 422, 503),
+    },
+    openapi_extra={  # the body is the file itself, read by the route (not a JSON model)
+        "requestBody": {
+            "required": True,
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/vnd.apache.parquet": {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+            },
+        }
     },
 )
 async def put_enrichment(
