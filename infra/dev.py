@@ -150,7 +150,13 @@ def main() -> int:
     try:
         services = LocalServices(args.root)
         services.up()
-        env = {**os.environ, **services.env()}
+        # the query service and the processes started here reload the UI's code location
+        # when a transform is applied (`POST /v1/transforms`)
+        env = {
+            **os.environ,
+            **services.env(),
+            "TRACE_DAGSTER_URL": f"http://127.0.0.1:{args.port}",
+        }
         command = dagster_dev_command(args.port)
         # first, as it takes longest to start (the others start meanwhile); its own process
         # group: Ctrl-C in the terminal reaches it once, through us

@@ -15,7 +15,7 @@ from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
-from trace_assets.udfs import load_udf_assets
+from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.processes import exit_with_multiprocessing_parent
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
@@ -107,6 +107,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             alert_evaluations,
             # organisations' transforms, as applied when the code location (re)loads
             *load_udf_assets(settings.state_dsn),
+            *load_enrichment_specs(settings.state_dsn),  # the uploads they may join
         ],
         asset_checks=[*DATASET_CHECKS, head_freshness_checks],
         jobs=[raw_backfill_job],

@@ -39,8 +39,9 @@ from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
 from trace_resources.udfs import UdfDeclaration, as_dataset_declaration
 from trace_resources.udfs.catalogue import input_catalogue
+from trace_resources.udfs.enrichments import enrichment_declarations
 
-__all__ = ["build_udf_asset", "load_udf_assets", "UDF_GROUP_PREFIX"]
+__all__ = ["build_udf_asset", "load_enrichment_specs", "load_udf_assets", "UDF_GROUP_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +213,28 @@ def load_udf_assets(state_dsn: str) -> list[dg.AssetsDefinition]:
         except Exception as exc:  # one broken transform must not hide the others
             log.warning("transform %s v%d not loaded: %s", item.name, item.version, exc)
     return assets
+
+
+def load_enrichment_specs(state_dsn: str) -> list[dg.AssetSpec]:
+    """An asset spec per uploaded enrichment dataset (`trace enrich upload`, `PUT
+    /v1/enrichments/{name}`): the source of the transforms that join it, in its
+    organisation's group, with its columns. Uploads commit it; Dagster does not materialise
+    it. None when Postgres state does not answer (the transforms' loader warns)."""
+    engine = sa.create_engine(state_dsn, poolclass=sa.NullPool, connect_args={"connect_timeout": 5})
+    try:
+        decls = enrichment_declarations(engine)
+    except sa.exc.SQLAlchemyError:
+        return []
+    finally:
+        engine.dispose()
+    return [
+        dg.AssetSpec(
+            key=name,
+            description=decl.description,
+            metadata={**dataset_metadata(decl), "trace/enrichment": True},
+            owners=[decl.owner],
+            group_name=f"{UDF_GROUP_PREFIX}{decl.owner.removeprefix('team:')}",
+            kinds={"parquet"},
+        )
+        for name, decl in decls.items()
+    ]

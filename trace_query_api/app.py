@@ -22,6 +22,7 @@ from trace_query_api.api.routes import (
     alerts,
     datasets,
     docs_ui,
+    enrichments,
     exports,
     health,
     query,
@@ -94,6 +95,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
     app.include_router(transforms.router)
+    app.include_router(enrichments.router)
     _add_error_handlers(app)
 
     def count_refusal(code: str) -> None:
@@ -102,7 +104,10 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
 
     # inside the metrics middleware (refusals are counted), outside everything that reads
     app.add_middleware(
-        EdgeMiddleware, max_body_bytes=settings.query_max_body_bytes, on_refuse=count_refusal
+        EdgeMiddleware,
+        max_body_bytes=settings.query_max_body_bytes,
+        on_refuse=count_refusal,
+        upload_max_bytes=settings.enrichment_max_bytes,
     )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app

@@ -5,7 +5,8 @@
 - a body larger than `TRACE_QUERY_MAX_BODY_BYTES` gets a 413 before the app reads or parses
   it and before the token is checked: at once when `Content-Length` says so, and, for a body
   sent without a length (chunked), as soon as the bytes counted while reading pass the cap
-  (only such a body is read here, into at most the cap, then handed on);
+  (only such a body is read here, into at most the cap, then handed on); an enrichment upload
+  (`PUT /v1/enrichments/{name}`) has its own cap, `TRACE_ENRICHMENT_MAX_BYTES`;
 - then a `/v1/` request without an `Authorization: Bearer` header gets the 401 the routes would
   answer, without reading its body (the signed export download link needs no token).
 
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["EdgeMiddleware", "needs_token"]
 
 _SIGNED_DOWNLOAD = re.compile(r"^/v1/exports/[^/]+/download/?$")
+_UPLOAD = re.compile(r"^/v1/enrichments/[^/]+/?$")
 
 
 def needs_token(path: str) -> bool:
@@ -40,9 +42,11 @@ class EdgeMiddleware:
         app: ASGIApp,
         max_body_bytes: int,
         on_refuse: Callable[[str], None] = lambda code: None,
+        upload_max_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_max_bytes = upload_max_bytes or max_body_bytes
         self.on_refuse = on_refuse  # counts refusals by error code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,8 +55,11 @@ class EdgeMiddleware:
             return
         headers = {k.lower(): v for k, v in scope["headers"]}
         length = _content_length(headers.get(b"content-length"))
-        if length is not None and length > self.max_body_bytes:
-            await self._too_large(send)
+        limit, setting = self.max_body_bytes, "TRACE_QUERY_MAX_BODY_BYTES"
+        if scope.get("method") == "PUT" and _UPLOAD.match(scope["path"]):
+            limit, setting = self.upload_max_bytes, "TRACE_ENRICHMENT_MAX_BYTES"
+        if length is not None and length > limit:
+            await self._too_large(send, limit, setting)
             return
         if needs_token(scope["path"]) and not _has_bearer(headers.get(b"authorization")):
             body_pending = bool(length) or b"transfer-encoding" in headers
@@ -63,13 +70,13 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            body = await self._read_capped(receive)
+            body = await self._read_capped(receive, limit)
         except _TooLarge:
-            await self._too_large(send)
+            await self._too_large(send, limit, setting)
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_capped(self, receive: Receive) -> bytes:
+    async def _read_capped(self, receive: Receive, limit: int) -> bytes:
         """The whole body of a request sent without a length, refused past the cap."""
         chunks: list[bytes] = []
         size = 0
@@ -79,22 +86,26 @@ class EdgeMiddleware:
                 raise _TooLarge  # nobody is left to answer; any refusal ends the request
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 raise _TooLarge
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, limit: int, setting: str) -> None:
         self.on_refuse("request_too_large")
-        limit = self.max_body_bytes
+        advice = (
+            "split the upload or ask the operator to raise it"
+            if setting == "TRACE_ENRICHMENT_MAX_BYTES"
+            else "SQL is at most 100,000 characters: send a shorter request, or export large "
+            "results rather than sending large inputs"
+        )
         await _send_error(
             send,
             413,
             "request_too_large",
             f"the request body is larger than {limit} bytes, the limit of this service "
-            "(TRACE_QUERY_MAX_BODY_BYTES); SQL is at most 100,000 characters: send a shorter "
-            "request, or export large results rather than sending large inputs",
+            f"({setting}); {advice}",
         )
 
 

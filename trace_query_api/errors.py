@@ -161,6 +161,14 @@ class InvalidTransformError(ApiError):
     code = "invalid_transform"
 
 
+class InvalidEnrichmentError(ApiError):
+    """An enrichment upload is refused (its name, format, schema or rows); the message says
+    what is wrong, for a CSV row its line and column. Nothing was committed."""
+
+    status = 422
+    code = "invalid_enrichment"
+
+
 class UnavailableError(ApiError):
     status = 503
     code = "unavailable"

@@ -21,6 +21,8 @@ __all__ = [
     "TransformApply",
     "TransformPublic",
     "TransformsPublic",
+    "EnrichmentPublic",
+    "EnrichmentsPublic",
     "ErrorBody",
     "ErrorPublic",
     "ColumnPublic",
@@ -126,6 +128,12 @@ class TransformPublic(BaseModel):
     inputs: list[str]
     applied_by: str
     applied_at: datetime
+    reloaded: bool | None = Field(
+        None,
+        description="Whether the running Dagster deployment reloaded its code location (null: "
+        "no Dagster URL is configured, or nothing changed).",
+    )
+    reload: str | None = Field(None, description="What the reload did, in one line.")
 
 
 class TransformsPublic(BaseModel):
@@ -349,3 +357,16 @@ class AlertsPublic(BaseModel):
     data: list[AlertPublic]
     count: int
     next_cursor: str | None = Field(description="Pass it as `cursor` for the next (older) page.")
+
+
+class EnrichmentPublic(BaseModel):
+    name: str = Field(description="The dataset, org_<org>__<name>.")
+    version: int = Field(description="The committed version holding this upload's rows.")
+    changed: bool = Field(description="False: the upload held exactly the current rows.")
+    rows: int
+    columns: list[ColumnPublic]
+
+
+class EnrichmentsPublic(BaseModel):
+    data: list[EnrichmentPublic]
+    count: int

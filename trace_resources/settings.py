@@ -74,11 +74,6 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Total time spent retrying transient RPC faults for one range."
     )
     rpc_max_attempts: int = Field(8, gt=0, description="Attempts per RPC operation.")
-    dagster_url: str = Field(
-        "http://127.0.0.1:3000",
-        description="The running Dagster deployment's webserver (`make dev` serves it here): "
-        "`trace backfill` launches its runs there.",
-    )
     chain_head_interval_s: int = Field(
         1,
         gt=0,
@@ -340,6 +335,33 @@ class Settings(BaseSettings):
         Path("/tmp/trace-udf-venvs"),
         description="Cache of the UDFs' virtual environments, one per (Python, requirements); "
         "its parents must be searchable by other users.",
+    )
+
+    # organisations' enrichment uploads (CSV or Parquet, `PUT /v1/enrichments/{name}`)
+    enrichment_max_bytes: int = Field(
+        64 * 1024**2,
+        gt=0,
+        description="Largest enrichment upload (the file's bytes); larger ones get a 413 "
+        "before they are read. A Parquet file may decode to at most 4 times this.",
+    )
+    enrichment_max_rows: int = Field(
+        1_000_000, gt=0, description="Rows an enrichment upload may hold."
+    )
+    enrichment_max_columns: int = Field(
+        64, gt=0, description="Columns an enrichment upload may hold."
+    )
+
+    # the running Dagster deployment, told to reload its code location when a transform is
+    # applied (unset: nothing is reloaded, and the apply says how to reload by hand)
+    dagster_url: str | None = Field(
+        None,
+        description="Base URL of the Dagster webserver (e.g. http://127.0.0.1:3000); "
+        "`trace udf apply` and `POST /v1/transforms` reload its code location through its "
+        "GraphQL API so a new transform appears without a restart, and `trace backfill` "
+        "launches its runs there (http://127.0.0.1:3000 when unset). `make dev` sets it.",
+    )
+    dagster_location: str = Field(
+        "trace", description="Name of the code location to reload (workspace.yaml)."
     )
 
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point

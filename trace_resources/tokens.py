@@ -18,7 +18,8 @@ organisation may read, not widen it.
 Capabilities grant an org token more than reading. `alerts:manage` creates, updates and
 disables the organisation's alert rules through the service (`trace token issue --capability
 alerts:manage`); a token without it reads rules and alerts but changes nothing.
-`transforms:manage` applies the organisation's own transforms (`POST /v1/transforms`).
+`transforms:manage` applies the organisation's own transforms (`POST /v1/transforms`)
+and uploads its enrichment datasets (`PUT /v1/enrichments/{name}`).
 
 Keys live in a keyring (`TRACE_QUERY_TOKEN_KEYS`): each has a key id written into the token
 header, so a new key can sign while the old one still verifies the tokens it signed (rotation).

@@ -34,7 +34,7 @@ _counter = itertools.count()
 BASELINES: dict[migrations.Database, str] = {"state": "state_0001", "data": "data_0001"}
 # tables that revisions after the baselines add (a create_all database never had them)
 ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
-    "state": {"trace_segments", "trace_segment_keys", "trace_udf_versions"},
+    "state": {"trace_segments", "trace_segment_keys", "trace_udf_versions", "trace_enrichments"},
     "data": {"trace_alert_delivery_attempts"},
 }
 
@@ -44,6 +44,7 @@ def state_metadata() -> sa.MetaData:
     on `state.metadata`; a module left out here fails the comparison below)."""
     from trace_resources.storage import (  # noqa: F401
         access,
+        enrichments,
         exports,
         rate_limits,
         saved_queries,

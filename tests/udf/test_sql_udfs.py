@@ -6,6 +6,7 @@ file, line and field; a tripped quality rule commits nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -103,16 +104,17 @@ def _ranged(keys: list[str]) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
 
 
-@pytest.fixture(scope="module")
-def world(
+@contextlib.contextmanager
+def committed_world(
+    tag: str,
     postgres: PostgresServer,
     new_database: NewDatabase,
     s3_server: MotoS3Server,
     devnet: Devnet,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[World]:
-    """The devnet's ranges of the raw datasets and erc20_transfers, committed in process."""
-    tag = f"udf{os.getpid()}"
+    """The devnet's ranges of the raw datasets and erc20_transfers, committed in process, in
+    databases and buckets named after `tag` (one per test module)."""
     s3_server.create_buckets([f"{tag}-datasets", f"{tag}-results"])
     settings = QuerySettings(
         environment="test",
@@ -129,9 +131,9 @@ def world(
         rpc_max_attempts=5,
         query_token_keys=keyring_spec(),
         query_token_signing_kid="k-new",
-        query_cache_dir=tmp_path_factory.mktemp("udf-query-cache"),
+        query_cache_dir=tmp_path_factory.mktemp(f"{tag}-query-cache"),
     )
-    home = tmp_path_factory.mktemp("udf-dagster-home")
+    home = tmp_path_factory.mktemp(f"{tag}-dagster-home")
     (home / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster.yaml").read_text())
     cli_env = {
         **os.environ,
@@ -161,6 +163,20 @@ def world(
             yield World(settings, keys, cli_env)
         finally:
             shared.close("udf-sql-sandbox")  # the in-process sandbox pool of the quality-gate test
+
+
+@pytest.fixture(scope="module")
+def world(
+    postgres: PostgresServer,
+    new_database: NewDatabase,
+    s3_server: MotoS3Server,
+    devnet: Devnet,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[World]:
+    with committed_world(
+        f"udf{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
+    ) as made:
+        yield made
 
 
 def _run(world: World, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -196,7 +196,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="append",
         choices=["alerts:manage", "transforms:manage"],
         help="org tokens: also change the org's alert rules (alerts:manage) or apply its "
-        "transforms (transforms:manage)",
+        "transforms and upload its enrichment datasets (transforms:manage)",
     )
     issue.set_defaults(func=cmd_token_issue)
     revoke = token.add_parser("revoke", help="refuse a token id (jti) from now on")

@@ -39,6 +39,7 @@ from trace_resources.settings import Settings
 __all__ = ["add_commands", "cmd_backfill"]
 
 RAW = ("blocks", "transactions", "logs")
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"  # what `make dev` serves
 FAST_LANE_TAG = "trace/fast_lane"  # trace_resources.instance.run_coordinator (imports dagster)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -326,7 +327,7 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.select.split(",") if n.strip()]
     if not names:
         raise CliError("--select names no dataset; e.g. --select blocks,transactions,logs")
-    deployment = Deployment(args.dagster_url or settings.dagster_url)
+    deployment = Deployment(args.dagster_url or settings.dagster_url or DEFAULT_DAGSTER_URL)
     try:
         started = time.monotonic()
         selection = _select(deployment, names, args.start, args.end)

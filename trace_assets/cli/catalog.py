@@ -1,6 +1,6 @@
 """`trace docs` and `trace lineage impacted`: the dataset catalogue written from the
 declarations, and the downstream datasets a column change reaches (and their re-runs),
-organisations' applied transforms included."""
+organisations' applied transforms and uploaded enrichments included."""
 
 from __future__ import annotations
 
@@ -38,10 +38,13 @@ def _with_transforms(settings: Settings) -> tuple[dict[str, DatasetDeclaration],
     from trace_resources.storage.state import engine_for
     from trace_resources.udfs import as_dataset_declaration
     from trace_resources.udfs.catalogue import registered_udfs
+    from trace_resources.udfs.enrichments import enrichment_declarations
 
     decls = dict(declarations())
     try:
         udfs = registered_udfs(engine_for(settings.state_dsn))
+        # the enrichments they read: lineage starts at an upload
+        decls.update(enrichment_declarations(engine_for(settings.state_dsn)))
     except (sa.exc.SQLAlchemyError, SchemaNotCurrentError) as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         return decls, f"organisations' transforms left out (Postgres state: {reason})"

@@ -1,6 +1,10 @@
 """`trace udf validate|apply|list`: organisations' own transforms (SQL UDFs), declared in
 YAML files, checked against what the organisation may read, stored as versions in Postgres
-state; the Dagster code location builds an asset for each when it (re)loads."""
+state; the Dagster code location builds an asset for each when it (re)loads (an apply reloads
+the running deployment's when TRACE_DAGSTER_URL is set).
+
+`trace enrich upload|list`: an organisation's enrichment datasets (CSV or Parquet rows as
+`org_<org>__<name>`), the same path as `PUT /v1/enrichments/{name}`."""
 
 from __future__ import annotations
 
@@ -15,11 +19,6 @@ from trace_assets.cli.errors import unknown
 from trace_resources.settings import Settings
 
 __all__ = ["add_commands"]
-
-RELOAD_HINT = (
-    "reload the code location to materialise it (Dagster UI: Deployment > Reload; a new "
-    "`dagster` command loads it at start)"
-)
 
 
 def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
@@ -39,13 +38,15 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.storage.state import engine_for
     from trace_resources.udfs.registry import apply
+    from trace_resources.udfs.reload import reload_code_location
 
     path = Path(args.file)
     stored = apply(
         engine_for(settings.state_dsn), path.read_text(), str(path), args.by or getpass.getuser()
     )
     if stored.changed:
-        sys.stdout.write(f"applied {stored.name}: version {stored.version}; {RELOAD_HINT}\n")
+        outcome = reload_code_location(settings.dagster_url, settings.dagster_location)
+        sys.stdout.write(f"applied {stored.name}: version {stored.version}; {outcome.message}\n")
     else:
         sys.stdout.write(f"unchanged {stored.name}: version {stored.version} is this file\n")
     return 0
@@ -94,6 +95,48 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enrich_upload(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_assets.cli.storage import _stores
+    from trace_resources.udfs.enrichments import Limits, detect_format, parse_schema, upload
+
+    path = Path(args.file)
+    data = path.read_bytes()
+    limits = Limits.from_settings(settings)
+    store, versions = _stores(settings)
+    done = upload(
+        versions.engine,
+        store,
+        org=args.org,
+        name=args.name,
+        data=data,
+        fmt=detect_format(data, args.format),
+        schema=parse_schema(args.schema, limits) if args.schema else None,
+        uploaded_by=args.by or getpass.getuser(),
+        limits=limits,
+        description=args.description,
+    )
+    what = "uploaded" if done.changed else "unchanged"
+    sys.stdout.write(
+        f"{what} {done.dataset}: version {done.version}, {done.rows} rows "
+        f"({', '.join(f'{n} {t}' for n, t in done.columns)})\n"
+    )
+    return 0
+
+
+def cmd_enrich_list(settings: Settings, args: argparse.Namespace) -> int:
+    from trace_resources.storage import enrichments
+    from trace_resources.storage.state import engine_for
+
+    found = enrichments.listed(engine_for(settings.state_dsn), args.org)
+    table(
+        ["enrichment", "org", "uploaded"],
+        [[e.name, e.org, f"{e.updated_at:%Y-%m-%d %H:%M} by {e.uploaded_by}"] for e in found],
+    )
+    if not found:
+        sys.stderr.write("no enrichment yet: `trace enrich upload FILE --org ORG --name NAME`\n")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     udf = commands.add_parser(
         "udf", help="organisations' own transforms (SQL UDFs)"
@@ -109,3 +152,28 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--org", help="one organisation")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
+    enrich = commands.add_parser(
+        "enrich", help="organisations' enrichment datasets (uploaded CSV or Parquet)"
+    ).add_subparsers(dest="action", required=True)
+    up = enrich.add_parser(
+        "upload",
+        help="commit a CSV or Parquet file as the next version of org_<org>__<name>",
+        description="Commit FILE's rows as the organisation's unpartitioned dataset "
+        "org_<org>__<name> (replace mode: each upload is a new version), readable by that "
+        "organisation only and joinable in its transforms.",
+    )
+    up.add_argument("file", help="the CSV or Parquet file")
+    up.add_argument("--org", required=True, help="the organisation that owns it")
+    up.add_argument("--name", required=True, help="the dataset's own name (e.g. labels)")
+    up.add_argument(
+        "--schema",
+        help="name:type,... (e.g. address:binary,label:string); required for CSV (binary "
+        "columns as 0x-hex), optional for Parquet",
+    )
+    up.add_argument("--format", choices=["csv", "parquet"], help="default: from the bytes")
+    up.add_argument("--description", help="what the rows are")
+    up.add_argument("--by", help="who uploads it (default: the current user)")
+    up.set_defaults(func=cmd_enrich_upload)
+    listing = enrich.add_parser("list", help="the enrichment datasets")
+    listing.add_argument("--org", help="one organisation")
+    listing.set_defaults(func=cmd_enrich_list)

@@ -17,9 +17,10 @@ _DESCRIPTIONS = {
     404: "Unknown (or not readable with this token)",
     409: "Conflict",
     410: "Pinned version garbage-collected",
-    413: "Request body larger than TRACE_QUERY_MAX_BODY_BYTES (refused before it is read)",
-    422: "Request does not match the schema, the query hit a resource limit, or a transform's "
-    "declaration is invalid",
+    413: "Request body larger than TRACE_QUERY_MAX_BODY_BYTES (an enrichment upload: "
+    "TRACE_ENRICHMENT_MAX_BYTES), refused before it is read",
+    422: "Request does not match the schema, the query hit a resource limit, a transform's "
+    "declaration is invalid, or an enrichment upload is refused",
     429: "Rate limit or concurrency cap; see Retry-After",
     503: "A committed file is unavailable or does not match its manifest, or the alerts "
     "database is unavailable",

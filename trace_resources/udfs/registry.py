@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from trace_resources.registry import line_of
+from trace_resources.storage import enrichments as enrichment_store
 from trace_resources.storage import udfs as udf_store
 from trace_resources.tokens import Principal
 from trace_resources.udfs.catalogue import input_catalogue, registered_udfs
@@ -30,6 +31,12 @@ def validate(
         raise UdfError(
             f"{source}:{line}: name: {decl.name!r} belongs to organisation {decl.org!r}; "
             f"organisation {org!r} declares org_{org}__<name>"
+        )
+    if enrichment_store.is_enrichment(engine, decl.name):
+        line, _ = line_of(("name",), lines)
+        raise UdfError(
+            f"{source}:{line}: name: {decl.name!r} is an uploaded enrichment dataset; name the "
+            "transform differently"
         )
     checked = load_udf(text, source, input_catalogue(engine, decl.org, principal))
     _refuse_cycles(engine, checked, source, lines)

@@ -14,6 +14,7 @@ from trace_query_api.models import TransformApply, TransformPublic, TransformsPu
 from trace_resources.storage import udfs as udf_store
 from trace_resources.udfs import UdfError
 from trace_resources.udfs.registry import apply
+from trace_resources.udfs.reload import reload_code_location
 
 router = APIRouter(prefix="/v1/transforms", tags=["transforms"])
 
@@ -47,8 +48,9 @@ def apply_transform(
 ) -> TransformPublic:
     """Validates the declaration as `trace udf apply` does; an invalid one answers 422
     `invalid_transform` with one `details` line per problem (`file:line: field: …`). 201 for a
-    new version, 200 when the newest version is this very declaration. Dagster shows the
-    transform once its code location reloads."""
+    new version, 200 when the newest version is this very declaration. A new version reloads
+    the running Dagster deployment's code location when TRACE_DAGSTER_URL is set (`reloaded`,
+    `reload` say what happened; a webserver that is down never fails the apply)."""
     try:
         stored = apply(
             services.engine,
@@ -63,7 +65,12 @@ def apply_transform(
         raise InvalidTransformError("; ".join(lines), details=lines) from None
     if not stored.changed:
         response.status_code = status.HTTP_200_OK
-    return _public(stored)
+        return _public(stored)
+    settings = services.settings
+    outcome = reload_code_location(settings.dagster_url, settings.dagster_location)
+    return _public(stored).model_copy(
+        update={"reloaded": outcome.reloaded, "reload": outcome.message}
+    )
 
 
 @router.get(
