@@ -51,7 +51,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
-from infra.bench.ui_backfill import Breakdown, DagsterDev, time_ui
+from infra.bench.ui_backfill import Breakdown, DagsterDev, run_breakdown, time_ui
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.dagster_cli import materialize_command
 from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
@@ -202,10 +202,12 @@ def settings_env(settings: Settings, home: Path) -> dict[str, str]:
     return env
 
 
-def time_trace_cli(env: dict[str, str], dagster_url: str) -> float:
+def time_trace_cli(env: dict[str, str], dagster_url: str) -> tuple[float, str, float]:
     """`trace backfill` of the raw datasets over every range on the running deployment, as a
-    new process, from its start to its exit after the run ended."""
+    new process, from its start to its exit after the run ended: (seconds, run id, start as
+    wall-clock time)."""
     command = [str(Path(sys.executable).with_name("trace")), "backfill"]
+    started_wall = time.time()
     started = time.perf_counter()
     done = subprocess.run(
         command,
@@ -218,7 +220,8 @@ def time_trace_cli(env: dict[str, str], dagster_url: str) -> float:
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
         raise SystemExit(f"`trace backfill` failed (exit {done.returncode}); its output is above")
-    return seconds
+    run_id = done.stderr.split("launched run ", 1)[1].split(":", 1)[0]
+    return seconds, run_id, started_wall
 
 
 def time_cli(env: dict[str, str], keys: list[str]) -> float:
@@ -299,6 +302,7 @@ def main() -> int:
 
         env = settings_env(settings, work / "dagster_home")
         breakdowns: list[Breakdown] = []
+        cli_breakdowns: list[Breakdown] = []
         available: dict[str, Callable[[], float]] = {
             "trace": lambda: time_trace(settings, instance, keys),
             "cryo": lambda: time_cryo(node.url, first, last, work),
@@ -307,7 +311,15 @@ def main() -> int:
         if "ui" in paths or "cli" in paths:
             # up for the whole benchmark, as `make dev` is for an operator
             dev = stack.enter_context(DagsterDev(env, bench.pg, work))
-            available["cli"] = lambda: time_trace_cli(env, dev.url)
+
+            def cli() -> float:
+                seconds, run_id, started_wall = time_trace_cli(env, dev.url)
+                parts = run_breakdown(instance, run_id, started_wall, started_wall + seconds)
+                cli_breakdowns.append(parts)
+                _say(f"        cli breakdown: {parts.line(direct=True)}")
+                return seconds
+
+            available["cli"] = cli
 
             def ui() -> float:
                 seconds, parts = time_ui(dev, instance, keys, list(RAW_DATASETS))
@@ -322,6 +334,7 @@ def main() -> int:
             for name, run in contenders:
                 _say(f"warm-up {round_number + 1}: {name:<11} {run():6.2f} s (not counted)")
         breakdowns.clear()
+        cli_breakdowns.clear()
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, run in order:
@@ -340,6 +353,8 @@ def main() -> int:
         _say(f"min-max per run: {spread}")
         if breakdowns:
             _say(f"ui breakdown (medians): {Breakdown.median(breakdowns).line()}")
+        if cli_breakdowns:
+            _say(f"cli breakdown (medians): {Breakdown.median(cli_breakdowns).line(direct=True)}")
         cryo_s = statistics.median(runs["cryo"])
         if "trace" in runs:
             trace_rate = blocks / statistics.median(runs["trace"])

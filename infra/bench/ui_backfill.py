@@ -56,12 +56,18 @@ class Breakdown:
     run_end: float  # step end -> run success
     to_completed: float  # run success -> the backfill daemon marked the backfill completed
 
-    def line(self) -> str:
+    def line(self, direct: bool = False) -> str:
+        """`direct`: a run launched by a command (`run_breakdown`), not a backfill."""
+        first, end = (
+            ("command start->run created", "run end->command exit")
+            if direct
+            else ("submit->run created", "run end->backfill completed")
+        )
         return (
-            f"submit->run created {self.to_run_created:.2f} s, queued {self.queued:.2f} s, "
+            f"{first} {self.to_run_created:.2f} s, queued {self.queued:.2f} s, "
             f"launch {self.launch:.2f} s, start->step {self.to_step:.2f} s, "
             f"step {self.step:.2f} s, step->run end {self.run_end:.2f} s, "
-            f"run end->backfill completed {self.to_completed:.2f} s"
+            f"{end} {self.to_completed:.2f} s"
         )
 
     @staticmethod
@@ -243,6 +249,32 @@ def breakdown(
         step=at("STEP_SUCCESS", last) - at("STEP_START"),
         run_end=at("PIPELINE_SUCCESS") - at("STEP_SUCCESS", last),
         to_completed=completed_at - at("PIPELINE_SUCCESS"),
+    )
+
+
+def run_breakdown(
+    instance: dg.DagsterInstance, run_id: str, submitted: float, completed: float
+) -> Breakdown:
+    """A run launched directly (`trace backfill`): `to_run_created` is from the command's start
+    to the run's creation, `to_completed` from the run's success to the command's exit."""
+    record = instance.get_run_record_by_id(run_id)
+    assert record is not None and record.create_timestamp is not None
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for entry in instance.all_logs(run_id):
+        if entry.dagster_event is not None:
+            first.setdefault(entry.dagster_event.event_type_value, entry.timestamp)
+            last[entry.dagster_event.event_type_value] = entry.timestamp
+    created = record.create_timestamp.timestamp()
+    return Breakdown(
+        total=completed - submitted,
+        to_run_created=created - submitted,
+        queued=first["PIPELINE_STARTING"] - created,
+        launch=first["PIPELINE_START"] - first["PIPELINE_STARTING"],
+        to_step=first["STEP_START"] - first["PIPELINE_START"],
+        step=last["STEP_SUCCESS"] - first["STEP_START"],
+        run_end=first["PIPELINE_SUCCESS"] - last["STEP_SUCCESS"],
+        to_completed=completed - first["PIPELINE_SUCCESS"],
     )
 
 
