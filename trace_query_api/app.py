@@ -26,6 +26,7 @@ from trace_query_api.api.routes import (
     health,
     query,
     saved_queries,
+    tasks,
     transforms,
 )
 from trace_query_api.edge import EdgeMiddleware
@@ -94,6 +95,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
     app.include_router(transforms.router)
+    app.include_router(tasks.router)
     _add_error_handlers(app)
 
     def count_refusal(code: str) -> None:
@@ -102,7 +104,10 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
 
     # inside the metrics middleware (refusals are counted), outside everything that reads
     app.add_middleware(
-        EdgeMiddleware, max_body_bytes=settings.query_max_body_bytes, on_refuse=count_refusal
+        EdgeMiddleware,
+        max_body_bytes=settings.query_max_body_bytes,
+        on_refuse=count_refusal,
+        max_upload_bytes=settings.query_max_upload_bytes,
     )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app

@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["EdgeMiddleware", "needs_token"]
 
 _SIGNED_DOWNLOAD = re.compile(r"^/v1/exports/[^/]+/download/?$")
+# a task's staged output (a Python transform's Parquet): its own, larger cap
+TASK_UPLOADS = "/v1/tasks/uploads/"
 
 
 def needs_token(path: str) -> bool:
@@ -40,9 +42,11 @@ class EdgeMiddleware:
         app: ASGIApp,
         max_body_bytes: int,
         on_refuse: Callable[[str], None] = lambda code: None,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
         self.on_refuse = on_refuse  # counts refusals by error code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,8 +55,10 @@ class EdgeMiddleware:
             return
         headers = {k.lower(): v for k, v in scope["headers"]}
         length = _content_length(headers.get(b"content-length"))
-        if length is not None and length > self.max_body_bytes:
-            await self._too_large(send)
+        upload = scope["path"].startswith(TASK_UPLOADS)
+        limit = self.max_upload_bytes if upload else self.max_body_bytes
+        if length is not None and length > limit:
+            await self._too_large(send, limit, upload)
             return
         if needs_token(scope["path"]) and not _has_bearer(headers.get(b"authorization")):
             body_pending = bool(length) or b"transfer-encoding" in headers
@@ -63,13 +69,13 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            body = await self._read_capped(receive)
+            body = await self._read_capped(receive, limit)
         except _TooLarge:
-            await self._too_large(send)
+            await self._too_large(send, limit, upload)
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_capped(self, receive: Receive) -> bytes:
+    async def _read_capped(self, receive: Receive, limit: int) -> bytes:
         """The whole body of a request sent without a length, refused past the cap."""
         chunks: list[bytes] = []
         size = 0
@@ -79,15 +85,23 @@ class EdgeMiddleware:
                 raise _TooLarge  # nobody is left to answer; any refusal ends the request
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 raise _TooLarge
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, send: Send, limit: int, upload: bool = False) -> None:
         self.on_refuse("request_too_large")
-        limit = self.max_body_bytes
+        if upload:
+            await _send_error(
+                send,
+                413,
+                "request_too_large",
+                f"the upload is larger than {limit} bytes, the limit of a task's staged file "
+                "(TRACE_QUERY_MAX_UPLOAD_BYTES); nothing was stored",
+            )
+            return
         await _send_error(
             send,
             413,
