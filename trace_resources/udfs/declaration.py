@@ -216,8 +216,6 @@ class _Problems:
         self.source, self.lines, self.found = source, lines, []  # type: ignore[var-annotated]
 
     def add(self, loc: Sequence[Any], message: str) -> None:
-        if len(loc) > 1 and loc[0] == "code" and loc[1] in ("sql", "python"):
-            loc = ("code", *loc[2:])  # the union's tag is not a field of the file
         line, field = line_of(loc, self.lines)
         self.found.append(f"{self.source}:{line}: {_shown(field)}: {message}")
 
@@ -250,7 +248,10 @@ def parse_udf(text: str, source: str, base_dir: Path | None = None) -> tuple[Udf
         decl = UdfDeclaration.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            problems.add(error["loc"], str(error["msg"]).removeprefix("Value error, "))
+            loc = error["loc"]
+            if len(loc) > 2 and loc[0] == "code" and loc[1] in ("sql", "python"):
+                loc = ("code", *loc[2:])  # the kind's tag pydantic adds is no field of the file
+            problems.add(loc, str(error["msg"]).removeprefix("Value error, "))
         problems.raise_any()
         raise AssertionError("unreachable") from None
     return decl, lines
