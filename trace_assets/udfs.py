@@ -11,7 +11,7 @@ whose blocking rules failed, hands the declared columns only to a sandbox worker
 the organisation's SELECT, checks the result against the declared schema, evaluates the
 declared quality rules (the circuit breaker) and returns the partitions to the dataset IO
 manager, which stages and commits them fenced by their attempts. What may be read is decided
-again at run time by the one access rule.
+again at run time by the one access rule. Python transforms' assets: `trace_assets.udf_python`.
 """
 
 import logging
