@@ -11,7 +11,7 @@ whose blocking rules failed, hands the declared columns only to a sandbox worker
 the organisation's SELECT, checks the result against the declared schema, evaluates the
 declared quality rules (the circuit breaker) and returns the partitions to the dataset IO
 manager, which stages and commits them fenced by their attempts. What may be read is decided
-again at run time by the one access rule.
+again at run time by the one access rule. Python transforms' assets: `trace_assets.udf_python`.
 """
 
 import logging
@@ -39,6 +39,7 @@ from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
 from trace_resources.udfs import UdfDeclaration, as_dataset_declaration
 from trace_resources.udfs.catalogue import input_catalogue
+from trace_resources.udfs.declaration import PythonCode, SqlCode
 from trace_resources.udfs.enrichments import enrichment_declarations
 
 __all__ = ["build_udf_asset", "load_enrichment_specs", "load_udf_assets", "UDF_GROUP_PREFIX"]
@@ -89,12 +90,14 @@ def _input_tables(
     return sources
 
 
-def _conform(udf: UdfDeclaration, schema: pa.Schema, table: pa.Table, key: str) -> pa.Table:
+def _conform(
+    udf: UdfDeclaration, schema: pa.Schema, table: pa.Table, key: str, what: str = "the SELECT"
+) -> pa.Table:
     """The SELECT's result as the declared schema, or a failure saying how it differs."""
     where = f"{udf.name} partition {key}" if key != UNPARTITIONED else udf.name
     if table.column_names != schema.names:
         raise _failure(
-            f"{where}: the SELECT returned the columns {', '.join(table.column_names)}; the "
+            f"{where}: {what} returned the columns {', '.join(table.column_names)}; the "
             f"declaration's schema is {', '.join(schema.names)}; nothing was committed"
         )
     for field in schema:
@@ -108,13 +111,14 @@ def _conform(udf: UdfDeclaration, schema: pa.Schema, table: pa.Table, key: str) 
         conformed = table.cast(schema, safe=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
         raise _failure(
-            f"{where}: the SELECT's result does not fit the declared schema ({exc}); nothing "
+            f"{where}: {what}'s result does not fit the declared schema ({exc}); nothing "
             "was committed"
         ) from None
     return conformed
 
 
 def _run_select(udf: UdfDeclaration, sources: list[InlineSource], settings: Settings) -> pa.Table:
+    assert isinstance(udf.code, SqlCode)
     timeout_s = settings.udf_sql_timeout_s
     try:
         with udf_sql_pool(settings).lease(wait_s=60 + timeout_s) as worker:
@@ -139,6 +143,11 @@ def _run_select(udf: UdfDeclaration, sources: list[InlineSource], settings: Sett
 def build_udf_asset(udf: UdfDeclaration, version: int) -> dg.AssetsDefinition:
     """The asset of one applied version of a transform."""
     decl = as_dataset_declaration(udf, source_file=f"trace_udf_versions/{udf.name}@v{version}")
+    if isinstance(udf.code, PythonCode):
+        from trace_assets.udf_python import build_python_udf_asset  # it builds on this module
+
+        return build_python_udf_asset(udf, udf.code, version)
+    assert isinstance(udf.code, SqlCode)
     schema = arrow_schema(decl)
     partitioned = udf.partitioning == "block_range"
     metadata = {

@@ -27,6 +27,7 @@ from trace_query_api.api.routes import (
     health,
     query,
     saved_queries,
+    tasks,
     transforms,
 )
 from trace_query_api.edge import EdgeMiddleware
@@ -96,6 +97,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(alerts.router)
     app.include_router(transforms.router)
     app.include_router(enrichments.router)
+    app.include_router(tasks.router)
     _add_error_handlers(app)
 
     def count_refusal(code: str) -> None:
@@ -108,6 +110,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
         max_body_bytes=settings.query_max_body_bytes,
         on_refuse=count_refusal,
         upload_max_bytes=settings.enrichment_max_bytes,
+        max_task_upload_bytes=settings.query_max_upload_bytes,
     )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
     return app

@@ -227,7 +227,9 @@ class Catalog:
         for name in names:
             resolution.versions.setdefault(name, {})
             resolution.files.setdefault(name, [])
-            resolution.schemas[name] = self._query_schema(name, resolution.files[name])
+            resolution.schemas[name] = _narrowed(
+                principal, name, self._query_schema(name, resolution.files[name])
+            )
         return resolution
 
     def pin(
@@ -255,7 +257,9 @@ class Catalog:
                 ordered = sorted(records.items())
                 resolution.versions[name] = {key: r.version for key, r in ordered}
                 resolution.files[name] = [f for _, r in ordered for f in r.manifest.files]
-                resolution.schemas[name] = self._query_schema(name, resolution.files[name])
+                resolution.schemas[name] = _narrowed(
+                    principal, name, self._query_schema(name, resolution.files[name])
+                )
             else:
                 for key, version in sorted(requested.items()):
                     versions.pins.pin_version(reader_id, name, key, version, ttl_s)
@@ -349,6 +353,15 @@ class Catalog:
 def _info(readable: access.ReadableDataset, partitions: list[PartitionInfo]) -> DatasetInfo:
     visibility = "public" if readable.public else "org"
     return DatasetInfo(readable.name, readable.description, visibility, readable.owner, partitions)
+
+
+def _narrowed(principal: Principal, name: str, schema: pa.Schema) -> pa.Schema:
+    """The columns of `name` this token may read (a task token may list them): the sandbox
+    exposes a dataset with exactly its schema's columns."""
+    allowed = principal.columns_for(name)
+    if allowed is None:
+        return schema
+    return pa.schema([f for f in schema if f.name in allowed])
 
 
 def _add(out: Resolution, committed: list[CommittedFiles]) -> None:

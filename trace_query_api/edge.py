@@ -25,6 +25,8 @@ __all__ = ["EdgeMiddleware", "needs_token"]
 
 _SIGNED_DOWNLOAD = re.compile(r"^/v1/exports/[^/]+/download/?$")
 _UPLOAD = re.compile(r"^/v1/enrichments/[^/]+/?$")
+# a task's staged output (a Python transform's Parquet): its own, larger cap
+TASK_UPLOADS = "/v1/tasks/uploads/"
 
 
 def needs_token(path: str) -> bool:
@@ -43,10 +45,12 @@ class EdgeMiddleware:
         max_body_bytes: int,
         on_refuse: Callable[[str], None] = lambda code: None,
         upload_max_bytes: int | None = None,
+        max_task_upload_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.upload_max_bytes = upload_max_bytes or max_body_bytes
+        self.max_task_upload_bytes = max_task_upload_bytes or max_body_bytes
         self.on_refuse = on_refuse  # counts refusals by error code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,6 +62,8 @@ class EdgeMiddleware:
         limit, setting = self.max_body_bytes, "TRACE_QUERY_MAX_BODY_BYTES"
         if scope.get("method") == "PUT" and _UPLOAD.match(scope["path"]):
             limit, setting = self.upload_max_bytes, "TRACE_ENRICHMENT_MAX_BYTES"
+        elif scope["path"].startswith(TASK_UPLOADS):
+            limit, setting = self.max_task_upload_bytes, "TRACE_QUERY_MAX_UPLOAD_BYTES"
         if length is not None and length > limit:
             await self._too_large(send, limit, setting)
             return
@@ -94,6 +100,15 @@ class EdgeMiddleware:
 
     async def _too_large(self, send: Send, limit: int, setting: str) -> None:
         self.on_refuse("request_too_large")
+        if setting == "TRACE_QUERY_MAX_UPLOAD_BYTES":
+            await _send_error(
+                send,
+                413,
+                "request_too_large",
+                f"the upload is larger than {limit} bytes, the limit of a task's staged file "
+                "(TRACE_QUERY_MAX_UPLOAD_BYTES); nothing was stored",
+            )
+            return
         advice = (
             "split the upload or ask the operator to raise it"
             if setting == "TRACE_ENRICHMENT_MAX_BYTES"

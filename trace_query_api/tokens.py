@@ -79,8 +79,10 @@ class TokenVerifier:
             )
         if claims.scope.kind == "task" and not claims.scope.datasets:
             raise AuthError("a task token must list the datasets it reads")
-        if claims.scope.kind == "org" and claims.scope.partitions:
-            raise AuthError("only task tokens carry partitions")
+        if claims.scope.kind == "org" and (
+            claims.scope.partitions or claims.scope.columns or claims.scope.writes
+        ):
+            raise AuthError("only task tokens carry partitions, columns or writes")
         if claims.scope.kind == "task" and claims.scope.capabilities:
             raise AuthError("only org tokens carry capabilities")
         return Principal.from_claims(claims)

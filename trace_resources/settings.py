@@ -363,6 +363,18 @@ class Settings(BaseSettings):
     dagster_location: str = Field(
         "trace", description="Name of the code location to reload (workspace.yaml)."
     )
+    # organisations' Python transforms run as external processes through Dagster Pipes
+    udf_query_url: str = Field(
+        "http://127.0.0.1:8700",
+        description="The query service as a Python transform's process reaches it: it reads "
+        "its inputs and uploads its output there, with its task token only.",
+    )
+    udf_python_retries: int = Field(
+        1,
+        ge=0,
+        description="Dagster retries of a Python transform's step whose process died (each "
+        "retry runs with new attempts and new credentials).",
+    )
 
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
@@ -556,6 +568,12 @@ class QuerySettings(Settings):
         gt=0,
         description="Largest request body the service reads; larger ones get a 413 before "
         "they are parsed or the token is checked (SQL itself is capped at 100,000 characters).",
+    )
+    query_max_upload_bytes: int = Field(
+        256 * 1024**2,
+        gt=0,
+        description="Largest file a task uploads to its staging keys (`PUT "
+        "/v1/tasks/uploads/...`: a Python transform's output for one partition).",
     )
     query_org_max_concurrent: int | None = Field(
         None,

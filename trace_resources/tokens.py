@@ -7,11 +7,15 @@
                        "task": "nightly-rollup",                  task tokens only
                        "datasets": ["blocks", ...] | null,        null: all the org may read
                        "partitions": {"blocks": ["000000000000-000000000049"]} | null,
+                       "columns": {"blocks": ["number", "hash"]} | null,     task tokens only
+                       "writes": ["<object key>", ...] | null,            task tokens only
                        "capabilities": ["alerts:manage"]}}              org tokens only; optional
 
 An *org token* reads the public datasets and its organisation's own (optionally narrowed to
 `datasets`), and its organisation's alert rules and alerts; a *task token* reads only its listed
-datasets and, where `partitions` names a dataset, only those partitions of it. Ownership itself
+datasets and, where `partitions` names a dataset, only those partitions of it (and where
+`columns` names one, only those columns); `writes` lists the exact object keys a task may upload
+(`PUT /v1/tasks/uploads/{key}`: a Python transform's staged output). Ownership itself
 is decided by `trace_resources.storage.access`, never by the token: a token can narrow what its
 organisation may read, not widen it.
 
@@ -75,6 +79,10 @@ CAPABILITIES: tuple[Capability, ...] = ("alerts:manage", "transforms:manage")
 ORG_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 PARTITION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
+COLUMN_PATTERN = re.compile(r"^[a-z_][a-z0-9_]*$")
+OBJECT_KEY_PATTERN = re.compile(
+    r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9_.=-]+(?:/[A-Za-z0-9_.=-]+)*$"
+)
 _KID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_HMAC_BYTES = 32
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "iat", "exp", "jti"]
@@ -202,7 +210,28 @@ class Scope(BaseModel):
     task: str | None = Field(None, min_length=1, max_length=200)
     datasets: list[str] | None = Field(None, max_length=200)
     partitions: dict[str, list[str]] | None = None
+    columns: dict[str, list[str]] | None = None
+    writes: list[str] | None = Field(None, max_length=100)
     capabilities: list[Capability] | None = Field(None, max_length=len(CAPABILITIES))
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for name, columns in (value or {}).items():
+            if not DATASET_PATTERN.match(name):
+                raise ValueError(f"not a dataset name: {name!r}")
+            for column in columns:
+                if not COLUMN_PATTERN.match(column):
+                    raise ValueError(f"not a column name: {column!r}")
+        return value
+
+    @field_validator("writes")
+    @classmethod
+    def _object_keys(cls, value: list[str] | None) -> list[str] | None:
+        for key in value or []:
+            if len(key) > 1024 or not OBJECT_KEY_PATTERN.match(key):
+                raise ValueError(f"not an object key: {key[:80]!r}")
+        return value
 
     @field_validator("datasets")
     @classmethod
@@ -250,6 +279,8 @@ class Principal:
     datasets: frozenset[str] | None = None  # None: everything the org may read
     partitions: dict[str, frozenset[str]] | None = None
     capabilities: frozenset[str] = frozenset()
+    columns: dict[str, tuple[str, ...]] | None = None  # None: every column
+    writes: frozenset[str] = frozenset()  # object keys a task may upload
 
     @property
     def is_task(self) -> bool:
@@ -267,6 +298,15 @@ class Principal:
             return None
         return self.partitions.get(dataset)
 
+    def columns_for(self, dataset: str) -> tuple[str, ...] | None:
+        """The columns of `dataset` this token may read (None: all)."""
+        if self.columns is None:
+            return None
+        return self.columns.get(dataset)
+
+    def may_write(self, key: str) -> bool:
+        return self.is_task and key in self.writes
+
     @classmethod
     def from_claims(cls, claims: Claims) -> Principal:
         scope = claims.scope
@@ -282,6 +322,10 @@ class Principal:
             if scope.partitions is None
             else {k: frozenset(v) for k, v in scope.partitions.items()},
             capabilities=frozenset(scope.capabilities or ()),
+            columns=None
+            if scope.columns is None
+            else {k: tuple(v) for k, v in scope.columns.items()},
+            writes=frozenset(scope.writes or ()),
         )
 
 
@@ -296,10 +340,13 @@ def issue_token(
     task: str | None = None,
     partitions: dict[str, list[str]] | None = None,
     capabilities: list[str] | None = None,
+    columns: dict[str, list[str]] | None = None,
+    writes: list[str] | None = None,
     now: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Sign a token; returns it and its claims. Task tokens must list their datasets and carry
-    no capabilities."""
+    no capabilities; only they carry `columns` (dataset -> the columns it may read) and
+    `writes` (object keys it may upload)."""
     ttl = settings.query_token_default_ttl_s if ttl_s is None else ttl_s
     if not 0 < ttl <= settings.query_token_max_ttl_s:
         raise ConfigError(
@@ -319,12 +366,18 @@ def issue_token(
             )
     if capabilities and task is not None:
         raise ConfigError("a task token only reads: capabilities go on org tokens (no --task)")
+    if (columns or writes) and task is None:
+        raise ConfigError("columns and writes narrow a task token: give --task too")
+    if columns and datasets and not set(columns) <= set(datasets):
+        raise ConfigError("columns name a dataset missing from --dataset")
     issued = int(time.time()) if now is None else now
     scope = Scope(
         kind="task" if task is not None else "org",
         task=task,
         datasets=sorted(set(datasets)) if datasets else None,
         partitions=partitions or None,
+        columns=columns or None,
+        writes=sorted(set(writes)) if writes else None,
         capabilities=sorted(set(capabilities)) if capabilities else None,
     )
     claims: dict[str, Any] = {

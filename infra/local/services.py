@@ -816,11 +816,30 @@ class PostgresServer:
         if result.returncode != 0:
             raise ServiceError(f"initdb failed:\n{result.stdout}{result.stderr}")
 
+    @property
+    def hba_file(self) -> Path:
+        return self.dir / "pg_hba.conf"
+
+    def _write_hba(self) -> None:
+        """Who may connect: the unix socket (inside root, reachable by its owners only) trusts
+        its users; TCP on loopback takes a role's password (SCRAM), so a process that finds
+        the port but holds no credentials is refused (a Python transform's, for one)."""
+        self.hba_file.write_text(
+            "# written by infra.local.services at every start\n"
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+        )
+        self.hba_file.chmod(0o644)
+
     def _pg_ctl_start(self, timeout: float) -> None:
         # Settings go on the command line, not into postgresql.conf, so a port change takes
         # effect without editing the data directory. pg_ctl passes -o through /bin/sh.
+        self._write_hba()
         options = shlex.join(
             [
+                "-c",
+                f"hba_file={self.hba_file}",
                 "-c",
                 f"listen_addresses={LOOPBACK}",
                 "-p",
@@ -850,7 +869,7 @@ class PostgresServer:
             )
 
     def _wait_accepting(self, timeout: float) -> None:
-        """pg_ctl -w waits for the socket; also check that TCP on 127.0.0.1 answers a query."""
+        """pg_ctl -w waits for the socket; also check that it answers a query."""
         deadline = time.monotonic() + timeout
         last_error = ""
         while time.monotonic() < deadline:
@@ -892,7 +911,8 @@ class PostgresServer:
     def _psql(
         self, script: str, dbname: str = "postgres", variables: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a SQL script through psql over TCP as the superuser (psql is happy as root)."""
+        """Run a SQL script through psql on the unix socket as the superuser (psql is happy
+        as root; TCP takes a password, the socket trusts its users)."""
         argv = [
             self._tool("psql"),
             "-X",
@@ -901,7 +921,7 @@ class PostgresServer:
             "-v",
             "ON_ERROR_STOP=1",
             "-h",
-            LOOPBACK,
+            str(self.socket_dir),
             "-p",
             str(self.port),
             "-U",

@@ -208,7 +208,7 @@ def _schema_dump(postgres: PostgresServer, dsn: str) -> list[str]:
             str(postgres.bin_dir / "pg_dump"),
             *("--schema-only", "--no-owner", "--no-privileges"),
             f"--exclude-table={migrations.VERSION_TABLE}",
-            *("-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres"),
+            *("-h", str(postgres.socket_dir), "-p", str(postgres.port), "-U", "postgres"),
             str(sa.make_url(dsn).database),
         ],
         capture_output=True,

@@ -26,7 +26,9 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.udfs.registry import validate
 
     path = Path(args.file)
-    decl = validate(engine_for(settings.state_dsn), path.read_text(), str(path))
+    decl = validate(
+        engine_for(settings.state_dsn), path.read_text(), str(path), base_dir=path.parent
+    )
     sys.stdout.write(
         f"{path}: {decl.name} is valid ({decl.partitioning}, {decl.mode}; reads "
         f"{', '.join(i.dataset for i in decl.inputs)}; {len(decl.columns)} columns, "
@@ -42,7 +44,11 @@ def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     stored = apply(
-        engine_for(settings.state_dsn), path.read_text(), str(path), args.by or getpass.getuser()
+        engine_for(settings.state_dsn),
+        path.read_text(),
+        str(path),
+        args.by or getpass.getuser(),
+        base_dir=path.parent,
     )
     if stored.changed:
         outcome = reload_code_location(settings.dagster_url, settings.dagster_location)

@@ -31,7 +31,7 @@ from trace_resources.errors import DatasetError, StagedObjectError, StagingError
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.lease import LeaseKeeper
 from trace_resources.storage.object_store import ObjectStore
-from trace_resources.storage.paths import data_file_key
+from trace_resources.storage.paths import attempt_prefix, data_file_key
 from trace_resources.storage.records import (
     Attempt,
     BatchItem,
@@ -206,6 +206,47 @@ class DatasetWriter:
                 StagedPartition(attempt, files, data.table.schema, data.source, data.keys())
             )
         return staged
+
+    def begin(
+        self,
+        dataset: str,
+        partition_keys: Sequence[str],
+        *,
+        mode: CommitMode = "replace",
+        step: StepIdentity | None = None,
+    ) -> list[Attempt]:
+        """Begin one attempt per partition (as `stage` does) whose files another process
+        uploads under the attempt's prefix (a Python transform, with a task token); `adopt`
+        each once its files are verified, or `fail` it. Leases are kept alive meanwhile."""
+        step = step or StepIdentity()
+        attempts = self.versions.attempts.begin_many(
+            dataset,
+            list(partition_keys),
+            run_id=step.run_id,
+            step_key=step.step_key,
+            retry_number=step.retry_number,
+            mode=mode,
+        )
+        for attempt in attempts:
+            self.leases.track(attempt)
+        return attempts
+
+    def adopt(
+        self, attempt: Attempt, files: Sequence[FileEntry], schema: pa.Schema
+    ) -> StagedPartition:
+        """An attempt begun by `begin` as staged: `files` (key, size, sha256 and rows of the
+        bytes the caller verified) must lie under the attempt's own prefix."""
+        prefix = attempt_prefix(attempt.dataset, attempt.partition_key, attempt.attempt_id)
+        outside = [f.key for f in files if not f.key.startswith(prefix)]
+        if outside:
+            raise StagedObjectError(
+                f"{outside[0]} is not under the attempt's prefix {prefix}; nothing was committed"
+            )
+        return StagedPartition(attempt, list(files), schema)
+
+    def fail(self, attempts: Iterable[Attempt]) -> None:
+        """Fail attempts begun by `begin` that will not be committed."""
+        self._give_up(attempts, None)
 
     def commit(
         self, staged: Sequence[StagedPartition], *, commit_key: str | None = None

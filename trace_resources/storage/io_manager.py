@@ -58,7 +58,13 @@ from trace_resources.storage.commit import (
 )
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
-from trace_resources.storage.records import CommitMode, CommitResult, VersionRecord
+from trace_resources.storage.records import (
+    Attempt,
+    CommitMode,
+    CommitResult,
+    FileEntry,
+    VersionRecord,
+)
 
 __all__ = [
     "DatasetIOManager",
@@ -150,6 +156,7 @@ class Staging:
         self._lock = threading.Lock()
         self.commit_key = commit_key
         self.staged: list[StagedPartition] = []
+        self.begun: list[Attempt] = []  # begun for another process's upload, not yet adopted
 
     def committed_before(
         self, datasets: Sequence[str], partition_keys: Sequence[str]
@@ -181,6 +188,26 @@ class Staging:
         with self._lock:
             self.staged = [s for s in self.staged if s.attempt.attempt_id not in done]
         return results
+
+    def begin(self, dataset: str, key: str, *, mode: CommitMode = "replace") -> Attempt:
+        """Begin an attempt whose files another process uploads under its prefix (a Python
+        transform, with a task token); `adopt` it once they are verified. If the block raises
+        first, the attempt is failed."""
+        [attempt] = self._writer.begin(dataset, [key], mode=mode, step=self._step)
+        with self._lock:
+            self.begun.append(attempt)
+        return attempt
+
+    def adopt(
+        self, attempt: Attempt, files: Sequence[FileEntry], schema: pa.Schema
+    ) -> StagedPartition:
+        """A begun attempt's verified files as a staged partition, for `handle_output` to
+        commit (return it from the asset like `stage`'s)."""
+        staged = self._writer.adopt(attempt, files, schema)
+        with self._lock:
+            self.begun = [a for a in self.begun if a.attempt_id != attempt.attempt_id]
+            self.staged.append(staged)
+        return staged
 
     def stage(
         self,
@@ -354,7 +381,9 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             yield staging
         except BaseException:
             self._dataset_writer().abort(staging.staged)
+            self._dataset_writer().fail(staging.begun)
             raise
+        self._dataset_writer().fail(staging.begun)  # begun, never adopted: never committed
         self._handed_over.update((s.attempt.attempt_id, s) for s in staging.staged)
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:

@@ -17,6 +17,21 @@ field with the file's line numbers.
       kind: sql
       sql: SELECT block_number, ... FROM erc20_transfers WHERE ...
 
+or, for a Python transform run as an external process through Dagster Pipes
+(`trace_resources.udfs.python`):
+
+    code:
+      kind: python
+      module: big_transfers.py             # a file beside the YAML (read by `trace udf apply`)
+      # source: |                          # or the module inline (the API takes only this)
+      function: transform                  # transform(inputs) -> pyarrow.Table
+      frames: arrow                        # inputs as pyarrow.Table (or `polars` DataFrames)
+      requirements: [polars>=1.0]          # PEP 508 requirements of its own environment
+
+The function is handed `{dataset: table}` with exactly the declared columns of ONE partition
+of each input and returns the partition's rows (a pyarrow.Table, or a polars DataFrame). The
+module's text is stored with the version (`source`), so every version is reproducible.
+
 `load_udf(text, source, catalogue)` returns the declaration or raises `UdfError` with one
 line per problem, `<file>:<line>: <field>: <what is wrong and how to fix it>`. The catalogue
 (`trace_resources.udfs.catalogue`) says which datasets the organisation may read, with their
@@ -31,12 +46,15 @@ platform's derived datasets.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trace_resources.errors import TraceError
@@ -54,6 +72,7 @@ from trace_resources.udfs.sql import SqlProblem, check_select, duckdb_types
 __all__ = [
     "FORMAT_VERSION",
     "InputDataset",
+    "PythonCode",
     "SqlCode",
     "UdfDeclaration",
     "UdfError",
@@ -98,6 +117,30 @@ class SqlCode(_Strict):
     )
 
 
+MAX_PYTHON_CHARS = 1_000_000
+
+
+class PythonCode(_Strict):
+    kind: Literal["python"]
+    module: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*\.py$",
+        description="the module's file, relative to the declaration's folder (read when the "
+        "declaration is applied and stored as `source`)",
+    )
+    source: str = Field(min_length=1, max_length=MAX_PYTHON_CHARS, description="the module's text")
+    function: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the module's function: {dataset: table} of one partition -> its rows",
+    )
+    frames: Literal["arrow", "polars"] = Field(
+        "arrow", description="what the function is handed: pyarrow Tables or polars DataFrames"
+    )
+    requirements: list[str] = Field(
+        default_factory=list, max_length=100, description="PEP 508 requirements of its venv"
+    )
+
+
 class UdfDeclaration(_Strict):
     format_version: Literal[1] = Field(description="version of the declaration format")
     name: str = Field(description="org_<org>__<name>: the organisation that owns the dataset")
@@ -116,7 +159,7 @@ class UdfDeclaration(_Strict):
         "computed from; a column left out depends on every declared input column",
     )
     quality: list[Rule] = Field(default_factory=list)
-    code: SqlCode
+    code: Annotated[SqlCode | PythonCode, Field(discriminator="kind")]
 
     @field_validator("name")
     @classmethod
@@ -181,13 +224,19 @@ class _Problems:
             raise UdfError("\n".join(self.found))
 
 
-def parse_udf(text: str, source: str) -> tuple[UdfDeclaration, Lines]:
-    """The declaration's fields validated on their own (no catalogue): types, names, kinds."""
+def parse_udf(text: str, source: str, base_dir: Path | None = None) -> tuple[UdfDeclaration, Lines]:
+    """The declaration's fields validated on their own (no catalogue): types, names, kinds.
+    A Python transform's `module:` is read from `base_dir` (the declaration's folder); without
+    one (the API), the module must be given inline as `source:`."""
     try:
         data, lines = compose_with_lines(text, source)
     except TraceError as exc:
         raise UdfError(str(exc)) from None
     problems = _Problems(source, lines)
+    code = data.get("code") if isinstance(data, dict) else None
+    if isinstance(code, dict) and code.get("kind") == "python":
+        _read_module(code, base_dir, problems)
+        problems.raise_any()
     if data.get("format_version") not in (None, FORMAT_VERSION):
         problems.add(
             ("format_version",),
@@ -199,23 +248,100 @@ def parse_udf(text: str, source: str) -> tuple[UdfDeclaration, Lines]:
         decl = UdfDeclaration.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            problems.add(error["loc"], str(error["msg"]).removeprefix("Value error, "))
+            loc = error["loc"]
+            if len(loc) > 2 and loc[0] == "code" and loc[1] in ("sql", "python"):
+                loc = ("code", *loc[2:])  # the kind's tag pydantic adds is no field of the file
+            problems.add(loc, str(error["msg"]).removeprefix("Value error, "))
         problems.raise_any()
         raise AssertionError("unreachable") from None
     return decl, lines
 
 
-def load_udf(text: str, source: str, catalogue: Mapping[str, InputDataset]) -> UdfDeclaration:
+def _read_module(code: dict[str, Any], base_dir: Path | None, problems: _Problems) -> None:
+    module = code.get("module")
+    if module is None:
+        if code.get("source") is None:
+            problems.add(
+                ("code",),
+                "a python transform needs its module: `module: <file>.py` (a file beside this "
+                "declaration) or the module's text inline as `source: |`",
+            )
+        return
+    if code.get("source") is not None:
+        problems.add(("code", "source"), "give `module` or `source`, not both")
+        return
+    if not isinstance(module, str) or base_dir is None:
+        problems.add(
+            ("code", "module"),
+            "modules are read from files by `trace udf apply`; here give the module's text "
+            "inline as `source: |`",
+        )
+        return
+    path = (base_dir / module).resolve()
+    if ".." in Path(module).parts or Path(module).is_absolute():
+        problems.add(("code", "module"), f"{module!r} must be a path inside this file's folder")
+    elif not path.is_file():
+        problems.add(("code", "module"), f"no file {module!r} beside this declaration ({path})")
+    else:
+        try:
+            code["source"] = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.add(("code", "module"), f"can not read {path}: {exc}")
+
+
+def load_udf(
+    text: str,
+    source: str,
+    catalogue: Mapping[str, InputDataset],
+    base_dir: Path | None = None,
+) -> UdfDeclaration:
     """The declaration, checked field by field and against what its organisation may read
     (`catalogue`: dataset -> its columns and partitioning); `UdfError` lists every problem."""
-    decl, lines = parse_udf(text, source)
+    decl, lines = parse_udf(text, source, base_dir)
     problems = _Problems(source, lines)
     _check_inputs(decl, catalogue, problems)
     _check_outputs(decl, problems)
     problems.raise_any()  # the SQL is bound against the inputs: they must be right first
-    _check_sql(decl, catalogue, problems)
+    if isinstance(decl.code, SqlCode):
+        _check_sql(decl, catalogue, problems)
+    else:
+        _check_python(decl.code, problems)
     problems.raise_any()
     return decl
+
+
+def _check_python(code: PythonCode, problems: _Problems) -> None:
+    """The module parses and defines the function at its top level; requirements are PEP 508."""
+    where = ("code", "module") if code.module is not None else ("code", "source")
+    try:
+        tree = ast.parse(code.source, filename=code.module or "<source>")
+    except SyntaxError as exc:
+        problems.add(where, f"line {exc.lineno} of the module does not parse: {exc.msg}")
+        return
+    found = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == code.function
+    ]
+    if not found:
+        problems.add(
+            ("code", "function"),
+            f"the module defines no top-level function {code.function!r} "
+            f"(def {code.function}(inputs): ... returning the partition's rows)",
+        )
+    elif not found[-1].args.args and not found[-1].args.vararg:
+        problems.add(
+            ("code", "function"),
+            f"{code.function} takes no argument; it is called with {{dataset: table}}",
+        )
+    for i, requirement in enumerate(code.requirements):
+        try:
+            Requirement(requirement)
+        except InvalidRequirement as exc:
+            why = str(exc).strip().splitlines()[0]
+            problems.add(
+                ("code", "requirements", i), f"not a PEP 508 requirement ({why}), e.g. polars>=1.0"
+            )
 
 
 def _check_inputs(
@@ -295,6 +421,7 @@ def _check_outputs(decl: UdfDeclaration, problems: _Problems) -> None:
 def _check_sql(
     decl: UdfDeclaration, catalogue: Mapping[str, InputDataset], problems: _Problems
 ) -> None:
+    assert isinstance(decl.code, SqlCode)
     try:
         shape = check_select(decl.code.sql, decl.input_schemas(catalogue))
     except SqlProblem as exc:

@@ -441,8 +441,8 @@ class Run:
         for reason, markers in MARKERS.items():
             if any(marker in self.tail for marker in markers):
                 return reason
-        if returncode == -signal.SIGKILL:
-            return "memory"  # the kernel's OOM killer: we did not send it
+        # a SIGKILL the jail did not send (the UDF's own, another process's, or the kernel's
+        # OOM killer): passed on as a death by that signal, which the platform retries
         return None
 
 
@@ -478,5 +478,14 @@ def main(args: list[str]) -> int:
     return run.finish()
 
 
+def _exit_as(returncode: int) -> None:
+    """Exit as the command did: a death by a signal is passed on as the same signal (an exit
+    code would hide it from the caller, which retries a killed UDF but not a failed one)."""
+    if returncode < 0:
+        signal.signal(-returncode, signal.SIG_DFL)
+        os.kill(os.getpid(), -returncode)
+    sys.exit(returncode)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    _exit_as(main(sys.argv[1:]))

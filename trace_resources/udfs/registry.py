@@ -3,6 +3,8 @@ of `trace udf validate|apply` (and of the query service's `POST /v1/transforms`)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import sqlalchemy as sa
 
 from trace_resources.registry import line_of
@@ -21,11 +23,13 @@ def validate(
     source: str,
     org: str | None = None,
     principal: Principal | None = None,
+    base_dir: Path | None = None,
 ) -> UdfDeclaration:
     """The declaration, checked against what its organisation may read (narrowed to what
     `principal`, the caller's token, may read); with `org` (the caller's organisation), its
-    name must be that organisation's."""
-    decl, lines = parse_udf(text, source)
+    name must be that organisation's. A Python transform's `module:` is read from `base_dir`
+    (the file's folder; None: the module must be inline)."""
+    decl, lines = parse_udf(text, source, base_dir)
     if org is not None and decl.org != org:
         line, _ = line_of(("name",), lines)
         raise UdfError(
@@ -38,7 +42,7 @@ def validate(
             f"{source}:{line}: name: {decl.name!r} is an uploaded enrichment dataset; name the "
             "transform differently"
         )
-    checked = load_udf(text, source, input_catalogue(engine, decl.org, principal))
+    checked = load_udf(text, source, input_catalogue(engine, decl.org, principal), base_dir)
     _refuse_cycles(engine, checked, source, lines)
     return checked
 
@@ -82,9 +86,10 @@ def apply(
     applied_by: str,
     org: str | None = None,
     principal: Principal | None = None,
+    base_dir: Path | None = None,
 ) -> udf_store.StoredUdf:
     """Validate, then store as the transform's next version (unless it is unchanged)."""
-    decl = validate(engine, text, source, org, principal)
+    decl = validate(engine, text, source, org, principal, base_dir)
     return udf_store.apply_version(
         engine,
         name=decl.name,
