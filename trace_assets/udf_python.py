@@ -216,6 +216,10 @@ def _run_partition(
             raise _process_failure(
                 udf, key, None, f"{exc} (TRACE_UDF_PY_TIMEOUT_S) and was killed"
             ) from None
+        except (ValueError, dg.DagsterError) as exc:  # what it wrote to Pipes is not Pipes'
+            raise _process_failure(
+                udf, key, None, f"sent messages Dagster Pipes can not read ({exc})"
+            ) from None
         stop = read_stop(status)
         if stop is not None:
             raise _process_failure(udf, key, invocation, stop.message)

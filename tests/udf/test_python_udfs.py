@@ -368,6 +368,71 @@ def transform(inputs):
 """,
             "REFUSED connecting to the platform's database: ",
         ),
+        "platform_processes": (
+            f"""
+SECRETS = {json.dumps(secrets)}
+
+
+def transform(inputs):
+    refused = []
+    for pid in [os.getppid(), 1] + [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open(f"/proc/{{pid}}/environ", "rb") as f:
+                seen = f.read().decode("utf-8", "replace")
+        except OSError as exc:
+            refused.append(type(exc).__name__)
+            continue
+        found = [s for s in SECRETS if s.split("@")[0] in seen]
+        if found:
+            return _leak(f"process {{pid}}'s environment holds a platform secret")
+    for path in ("/root", "/etc/shadow"):
+        try:
+            os.listdir(path) if os.path.isdir(path) else open(path, "rb").read(1)
+        except OSError as exc:
+            refused.append(type(exc).__name__)
+            continue
+        return _leak("read " + path)
+    raise PermissionError(f"REFUSED reading the platform's processes and files: {{len(refused)}}")
+""",
+            "REFUSED reading the platform's processes and files: ",
+        ),
+        "fork_bomb": (
+            """
+def transform(inputs):
+    while True:
+        os.fork()
+""",
+            "started too many processes or threads",
+        ),
+        "memory_exhaustion": (
+            """
+def transform(inputs):
+    hoard = []
+    while True:
+        hoard.append(bytearray(256 * 2**20))
+""",
+            "needed more than 2 GiB of memory (TRACE_UDF_PY_MEMORY)",
+        ),
+        "infinite_loop": (
+            """
+def transform(inputs):
+    while True:
+        pass
+""",
+            "used more than 5 s of CPU (TRACE_UDF_PY_CPU_S)",
+        ),
+        "printing_1_gb": (
+            """
+import sys
+
+
+def transform(inputs):
+    line = "x" * (1 << 20)
+    for _ in range(1024):
+        sys.stdout.write(line)
+""",
+            "printed more than 16 MB on stdout/stderr (TRACE_UDF_PY_OUTPUT)",
+        ),
         "secrets_in_environment": (
             f"""
 SECRETS = {json.dumps(secrets)}
@@ -442,7 +507,10 @@ def transform(inputs):
     }
 
 
-def _declaration(name: str, source: str) -> UdfDeclaration:
+def _declaration(name: str, source: str, requirements: list[str] | None = None) -> UdfDeclaration:
+    code: dict[str, Any] = {"kind": "python", "source": source, "function": "transform"}
+    if requirements:
+        code["requirements"] = requirements
     return UdfDeclaration.model_validate(
         {
             "format_version": 1,
@@ -454,19 +522,21 @@ def _declaration(name: str, source: str) -> UdfDeclaration:
             "partitioning": "block_range",
             "mode": "replace",
             "schema": SCHEMA,
-            "code": {"kind": "python", "source": source, "function": "transform"},
+            "code": code,
         }
     )
 
 
-def _materialise(py: PyWorld, udf: UdfDeclaration, keys: list[str]) -> dg.ExecuteInProcessResult:
+def _materialise(
+    py: PyWorld, udf: UdfDeclaration, keys: list[str], env: dict[str, str] | None = None
+) -> dg.ExecuteInProcessResult:
     """The transform over `keys`, in process, with the platform's environment (and secrets)."""
     asset = build_udf_asset(udf, 1)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(block_ranges.name or "", py.world.keys)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for key, value in py.platform_env.items():
+            for key, value in {**py.platform_env, **(env or {})}.items():
                 mp.setenv(key, value)
             return dg.materialize(
                 [asset],
@@ -487,9 +557,17 @@ CASES = [
     "secrets_in_environment",
     "object_store_outside_prefix",
     "writing_another_prefix",
+    "platform_processes",
+    "fork_bomb",
+    "memory_exhaustion",
+    "infinite_loop",
+    "printing_1_gb",
     "wrong_schema",
     "no_output",
 ]
+# the packages a case imports besides the runtime's, and its own limits
+REQUIREMENTS = {"platform_database": ["psycopg2-binary"]}
+LIMITS = {"infinite_loop": {"TRACE_UDF_PY_CPU_S": "5"}}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -498,8 +576,8 @@ def test_a_hostile_or_broken_transform_is_refused_and_commits_nothing(
 ) -> None:
     body, expected = _hostile_cases(pyworld)[case]
     name = f"org_acme__py_{case}"
-    udf = _declaration(name, HOSTILE_PRELUDE + textwrap.dedent(body))
-    result = _materialise(pyworld, udf, pyworld.busy[:1])
+    udf = _declaration(name, HOSTILE_PRELUDE + textwrap.dedent(body), REQUIREMENTS.get(case))
+    result = _materialise(pyworld, udf, pyworld.busy[:1], LIMITS.get(case))
     assert not result.success
     failure = result.failure_data_for_node(name)
     assert failure is not None and failure.user_failure_data is not None, failure
@@ -531,7 +609,7 @@ def test_a_process_killed_mid_run_is_retried_and_commits_once(pyworld: PyWorld) 
         "        os.kill(os.getpid(), signal.SIGKILL)\n",
     )
     name = "org_acme__py_retried"
-    result = _materialise(pyworld, _declaration(name, source), keys)
+    result = _materialise(pyworld, _declaration(name, source, ["polars>=1.0"]), keys)
     assert result.success
     failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]

@@ -482,7 +482,8 @@ def _exit_as(returncode: int) -> None:
     """Exit as the command did: a death by a signal is passed on as the same signal (an exit
     code would hide it from the caller, which retries a killed UDF but not a failed one)."""
     if returncode < 0:
-        signal.signal(-returncode, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP have no handler
+            signal.signal(-returncode, signal.SIG_DFL)
         os.kill(os.getpid(), -returncode)
     sys.exit(returncode)
 

@@ -105,9 +105,10 @@ def udf_launch(
     argv = [python_executable, "-I", str(runner_script)]
     if jail is not None:
         limits, status_file = jail
-        # HOME and TMPDIR are the jail's own private folder
-        keys = [k for k in env if k not in ("HOME", "TMPDIR")]
-        argv = jail_argv(argv, limits, status_file=status_file, env_keys=keys)
+        # HOME and TMPDIR are the jail's own private folder (and the wrapper finds the Pipes
+        # files it hands to the UDF's uid under the system's temp folder)
+        env = {k: v for k, v in env.items() if k not in ("HOME", "TMPDIR")}
+        argv = jail_argv(argv, limits, status_file=status_file, env_keys=list(env))
     return UdfLaunch(argv, env, str(workdir), {"start_new_session": True})
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -172,11 +173,14 @@ def run(pipes: PipesContext, spec: Mapping[str, Any], workdir: Path) -> None:
 
 
 def main() -> int:
+    runner = os.getpid()
     with open_dagster_pipes() as pipes:
         spec = pipes.extras
         try:
             run(pipes, spec, Path(__file__).resolve().parent)  # the module is beside it
         except BaseException as exc:
+            if os.getpid() != runner:  # a process the transform forked: it reports nothing
+                os._exit(1)
             message = (
                 str(exc) if isinstance(exc, TransformError) else f"{type(exc).__name__}: {exc}"
             )
