@@ -197,6 +197,9 @@ def build_udf_asset(udf: UdfDeclaration, version: int) -> dg.AssetsDefinition:
             check_specs=rule_check_specs(decl),
             owners=[decl.owner],
             group_name=f"{UDF_GROUP_PREFIX}{udf.org}",
+            # the organisation's Dagster pool (limit: dagster.yaml `concurrency: pools:`): its
+            # runs beyond the limit wait in the run queue without holding a run slot
+            pool=f"{UDF_GROUP_PREFIX}{udf.org}",
             kinds={"sql", "parquet"},
         )(compute)
 
