@@ -295,6 +295,9 @@ def build_python_udf_asset(
             check_specs=rule_check_specs(decl),
             owners=[decl.owner],
             group_name=f"{UDF_GROUP_PREFIX}{udf.org}",
+            # the organisation's pool (dagster.yaml `concurrency: pools:`): its transform runs
+            # beyond the limit wait in the queue without holding a run slot
+            pool=f"{UDF_GROUP_PREFIX}{udf.org}",
             kinds={"python", "parquet"},
             retry_policy=dg.RetryPolicy(max_retries=get_settings().udf_python_retries),
         )(compute)
