@@ -202,7 +202,7 @@ def _select(
         )
     [(location, repository)] = repositories
     partitions = deployment.graphql(PARTITIONS, {"key": {"path": [names[0]]}})
-    keys = sorted(partitions["assetNodeOrError"].get("partitionKeys") or [])
+    keys = list(partitions["assetNodeOrError"].get("partitionKeys") or [])  # Dagster's order
     if not keys:
         raise CliError(
             "the deployment knows no block ranges yet: add the finalized ones with `trace "
@@ -228,23 +228,38 @@ def _bound(value: str, keys: list[str], *, end: bool) -> int:
 
 
 def _window(keys: list[str], first: str | None, last: str | None) -> list[str]:
+    """The ranges holding the blocks `first`..`last`, as one span of `keys` (the deployment's
+    order of its ranges: a run's partition range is a span of that order)."""
     from trace_resources.chain.ranges import parse_partition_key
 
-    low = _bound(first, keys, end=False) if first is not None else 0
-    high = _bound(last, keys, end=True) if last is not None else None
+    ordered = sorted(keys)
+    low = _bound(first, ordered, end=False) if first is not None else 0
+    high = _bound(last, ordered, end=True) if last is not None else None
     if high is not None and high < low:
         raise CliError(f"--to {last} is before --from {first}: swap them")
-    window = []
-    for key in keys:
+    inside = []
+    for index, key in enumerate(keys):
         block_range = parse_partition_key(key)
         if block_range.last >= low and (high is None or block_range.start <= high):
-            window.append(key)
-    if not window:
+            inside.append(index)
+    if not inside:
         raise CliError(
             f"no known range holds blocks {low}..{'' if high is None else high} (ranges: "
-            f"{keys[0]} .. {keys[-1]}); `trace partitions sync` adds newly finalized ones"
+            f"{ordered[0]} .. {ordered[-1]}); `trace partitions sync` adds newly finalized ones"
         )
-    return window
+    span = keys[inside[0] : inside[-1] + 1]
+    if len(span) != len(inside):
+        # Dagster orders dynamic partitions as they were added: a range added late (from the
+        # UI, or by a sync after a gap) sits after later ones, and a run over a span would
+        # take ranges outside the blocks asked for
+        strays = [k for k in span if k not in {keys[i] for i in inside}]
+        raise CliError(
+            f"the deployment's ranges for blocks {low}..{'' if high is None else high} are not "
+            f"in block order (it lists {strays[0]} among them): backfill them from the UI "
+            "(Materialize, then the ranges), which runs any set of ranges, or narrow "
+            "--from/--to"
+        )
+    return span
 
 
 def _launch(deployment: Deployment, selection: Selection) -> str:
