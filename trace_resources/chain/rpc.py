@@ -111,7 +111,7 @@ class _MissingResult(Exception):
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """One TLS context per process: building one loads the CA bundle (~0.1-0.3 s), which
     every new client paid, once per run and once per head-follower reconnect (httpx's advice:
     share the context)."""
@@ -125,7 +125,7 @@ class JsonRpcClient:
         self.url = url
         self.retry = retry or RetryPolicy()
         self._ids = itertools.count(1)
-        self._http = httpx.Client(timeout=timeout_s, verify=_tls_context())
+        self._http = httpx.Client(timeout=timeout_s, verify=tls_context())
 
     def close(self) -> None:
         self._http.close()
