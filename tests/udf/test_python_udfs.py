@@ -58,7 +58,7 @@ import polars as pl
 
 def transform(inputs):
     transfers = inputs["erc20_transfers"]
-    return (
+    flows = (
         transfers.group_by("token")
         .agg(
             pl.len().cast(pl.Int64).alias("transfers"),
@@ -68,7 +68,13 @@ def transform(inputs):
         )
         .sort("token")
     )
+    labels = inputs.get("org_acme__token_labels")  # the organisation's uploaded labels
+    if labels is not None:
+        flows = flows.join(labels, on="token", how="left")
+    return flows
 """
+LABELS = "org_acme__token_labels"
+LABEL_COLUMN = {"name": "label", "type": "string", "doc": "the org's label", "nullable": True}
 
 SCHEMA = [
     {"name": "token", "type": "binary", "doc": "ERC-20 contract (20 bytes)"},
@@ -85,10 +91,12 @@ description: Per block range and ERC-20 token, its transfers, senders and first/
 inputs:
   - dataset: erc20_transfers
     columns: [block_number, token, from_address]
+  - dataset: {LABELS}
+    columns: [token, label]
 partitioning: block_range
 mode: replace
 schema:
-{"".join(f"  - {json.dumps(c)}{chr(10)}" for c in SCHEMA)}quality:
+{"".join(f"  - {json.dumps(c)}{chr(10)}" for c in [*SCHEMA, LABEL_COLUMN])}quality:
   - {{name: one_row_per_token, kind: unique, columns: [token]}}
   - {{name: has_transfers, kind: range, column: transfers, min: 1}}
 code:
@@ -203,6 +211,24 @@ def materialised(
     (folder / "token_flows.py").write_text(MODULE)
     (folder / "token_flows.yaml").write_text(YAML)
     env = pyworld.world.cli_env
+    # the organisation's labels for two of the tokens, uploaded as an enrichment dataset
+    tokens = sorted(set(pyworld.world.reader.read("erc20_transfers").column("token").to_pylist()))
+    labels = "token,label\n" + "".join(f"0x{t.hex()},token {i}\n" for i, t in enumerate(tokens[:2]))
+    (folder / "labels.csv").write_text(labels)
+    uploaded = _run(
+        env,
+        str(BIN / "trace"),
+        "enrich",
+        "upload",
+        str(folder / "labels.csv"),
+        "--org",
+        "acme",
+        "--name",
+        "token_labels",
+        "--schema",
+        "token:binary,label:string",
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
     done = _run(env, str(BIN / "trace"), "udf", "apply", str(folder / "token_flows.yaml"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"applied {UDF}: version 1;")
@@ -230,18 +256,21 @@ def test_materialised_through_pipes_equals_the_function_run_directly(
     committed = world.reader.resolve(UDF)
     assert sorted(committed) == world.keys and all(r.version == 1 for r in committed.values())
     transform = _function(MODULE)
+    labels = pl.from_arrow(world.reader.read(LABELS))
+    assert isinstance(labels, pl.DataFrame) and labels.height == 2
     expected = []
     for key in world.keys:
         part = pl.from_arrow(world.reader.read("erc20_transfers", [key]))
         assert isinstance(part, pl.DataFrame)
-        expected.append(
-            transform({"erc20_transfers": part.select(["block_number", "token", "from_address"])})
-        )
+        columns = part.select(["block_number", "token", "from_address"])
+        expected.append(transform({"erc20_transfers": columns, LABELS: labels}))
     want = pl.concat(expected)
     got = pl.from_arrow(world.reader.read(UDF, world.keys))
     assert isinstance(got, pl.DataFrame)
     assert got.height == want.height > len(world.keys)  # several tokens per range
     assert_frame_equal(got.sort("first_block", "token"), want.sort("first_block", "token"))
+    # the uploaded labels were joined in: the two labelled tokens carry their label
+    assert set(got["label"].drop_nulls()) == {"token 0", "token 1"}
     # every committed file is the one file the attempt's process uploaded
     assert all(len(r.manifest.files) == 1 for r in committed.values())
     assert all(r.manifest.files[0].key.endswith("/part-00000.parquet") for r in committed.values())
