@@ -364,7 +364,8 @@ def main() -> int:
                 ("noop", noop_trace),
             ]
             for name, run in contenders:
-                _say(f"warm-up: {name:<6} {run():6.2f} s (not counted; builds the venv once)")
+                venv = " (builds the transform's venv once)" if name == "trace" else ""
+                _say(f"warm-up: {name:<6} {run():6.2f} s (not counted){venv}")
             parts["trace"].clear()
             parts["noop"].clear()
             for round_number in range(args.rounds):
