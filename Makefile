@@ -21,7 +21,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness
+BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness bench-udf
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -85,6 +85,9 @@ bench-commit: install ## commit latency/throughput on Postgres, commit share of 
 
 bench-derived: install ## derived datasets: Dagster materialisation vs the same transforms direct
 	$(PYTHON) -m infra.bench.derived
+
+bench-udf: install ## Python UDF through Pipes vs the same function direct; fixed cost per range
+	$(PYTHON) -m infra.bench.udf
 
 bench-query: install ## query service (uvicorn) vs DuckDB directly on the same files
 	$(PYTHON) -m infra.bench.query
