@@ -25,7 +25,6 @@ import hashlib
 import io
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,9 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster_shared.utils.warnings import BetaWarning
 
 from trace_assets.derived.assets import _gated, dataset_metadata
-from trace_assets.partitions import block_ranges
-from trace_assets.quality import rule_check_specs
-from trace_assets.udfs import UDF_GROUP_PREFIX, _conform, _failure
+from trace_assets.udfs import _conform, _failure, udf_asset
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import arrow_schema
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -282,22 +278,10 @@ def build_python_udf_asset(
             yield from _gated(decl, tables)
         yield dg.Output(dict(staged))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BetaWarning)  # backfill_policy on @asset
-        return dg.asset(
-            name=udf.name,
-            description=udf.description,
-            deps=[item.dataset for item in udf.inputs],
-            partitions_def=block_ranges if partitioned else None,
-            backfill_policy=dg.BackfillPolicy.single_run() if partitioned else None,
-            io_manager_key="dataset_io_manager",
-            metadata=metadata,
-            check_specs=rule_check_specs(decl),
-            owners=[decl.owner],
-            group_name=f"{UDF_GROUP_PREFIX}{udf.org}",
-            # the organisation's pool (dagster.yaml `concurrency: pools:`): its transform runs
-            # beyond the limit wait in the queue without holding a run slot
-            pool=f"{UDF_GROUP_PREFIX}{udf.org}",
-            kinds={"python", "parquet"},
-            retry_policy=dg.RetryPolicy(max_retries=get_settings().udf_python_retries),
-        )(compute)
+    return udf_asset(
+        udf,
+        decl,
+        metadata,
+        kinds={"python", "parquet"},
+        retry_policy=dg.RetryPolicy(max_retries=get_settings().udf_python_retries),
+    )(compute)

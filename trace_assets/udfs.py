@@ -16,7 +16,7 @@ again at run time by the one access rule. Python transforms' assets: `trace_asse
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -28,7 +28,7 @@ from trace_assets.derived.assets import _gated, dataset_metadata
 from trace_assets.partitions import block_ranges
 from trace_assets.quality import rule_check_specs
 from trace_resources.failures import as_dagster_failure
-from trace_resources.registry import arrow_schema
+from trace_resources.registry import DatasetDeclaration, arrow_schema
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.sandbox import InlineSource, SandboxError
 from trace_resources.sandbox.shared import udf_sql_pool
@@ -184,6 +184,16 @@ def build_udf_asset(udf: UdfDeclaration, version: int) -> dg.AssetsDefinition:
         yield from _gated(decl, by_key)
         yield dg.Output({k: PartitionData(t) for k, t in tables.items()})
 
+    return udf_asset(udf, decl, metadata, kinds={"sql", "parquet"})(compute)
+
+
+def udf_asset(
+    udf: UdfDeclaration, decl: DatasetDeclaration, metadata: dict[str, Any], **extra: Any
+) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """The `@asset` of a transform, SQL or Python: its lineage, partitioning (a single-run
+    backfill policy over block ranges, or none), checks, owner, its organisation's group and
+    pool; `extra` adds to them (kinds, a retry policy)."""
+    partitioned = udf.partitioning == "block_range"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)  # backfill_policy on @asset
         return dg.asset(
@@ -200,8 +210,8 @@ def build_udf_asset(udf: UdfDeclaration, version: int) -> dg.AssetsDefinition:
             # the organisation's Dagster pool (limit: dagster.yaml `concurrency: pools:`): its
             # runs beyond the limit wait in the run queue without holding a run slot
             pool=f"{UDF_GROUP_PREFIX}{udf.org}",
-            kinds={"sql", "parquet"},
-        )(compute)
+            **extra,
+        )
 
 
 def load_udf_assets(state_dsn: str) -> list[dg.AssetsDefinition]:
