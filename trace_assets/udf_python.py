@@ -191,10 +191,10 @@ def _run_partition(
         context.log.info(f"{udf.name}: built its environment {venv.path}")
     attempt = staging.begin(udf.name, key, mode=udf.mode)
     file_key = data_file_key(udf.name, key, attempt.attempt_id, 0)
-    token, jti = _task_token(udf, key, attempt, file_key, readable, int(limits.timeout_s) + 120)
     workdir = Path(tempfile.mkdtemp(prefix="trace-udf-"))
     private = Path(tempfile.mkdtemp(prefix="trace-udf-status-"))  # the launcher's only
     status = private / "jail.json"
+    token, jti = _task_token(udf, key, attempt, file_key, readable, int(limits.timeout_s) + 120)
     invocation = None
     try:
         runner = prepare_workdir(workdir, code.source)

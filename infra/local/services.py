@@ -750,6 +750,9 @@ class PostgresServer:
         """Create our directories and, as root, hand them to the postgres user."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
+        # the socket trusts its users (pg_hba `local all all trust`): only the server's user
+        # (and root) may reach it, never a UDF's uid (the fallback dir is under /tmp)
+        self.socket_dir.chmod(0o700)
         if not self._as_root():
             return
         account = pwd.getpwnam(PG_SUPERUSER)

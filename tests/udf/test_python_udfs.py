@@ -91,12 +91,10 @@ description: Per block range and ERC-20 token, its transfers, senders and first/
 inputs:
   - dataset: erc20_transfers
     columns: [block_number, token, from_address]
-  - dataset: {LABELS}
-    columns: [token, label]
 partitioning: block_range
 mode: replace
 schema:
-{"".join(f"  - {json.dumps(c)}{chr(10)}" for c in [*SCHEMA, LABEL_COLUMN])}quality:
+{"".join(f"  - {json.dumps(c)}{chr(10)}" for c in SCHEMA)}quality:
   - {{name: one_row_per_token, kind: unique, columns: [token]}}
   - {{name: has_transfers, kind: range, column: transfers, min: 1}}
 code:
@@ -106,6 +104,12 @@ code:
   frames: polars
   requirements: [polars>=1.0]
 """
+# the same, joining the organisation's uploaded labels (an unpartitioned input)
+LABELLED_YAML = YAML.replace(
+    "    columns: [block_number, token, from_address]\n",
+    f"    columns: [block_number, token, from_address]\n  - dataset: {LABELS}\n"
+    "    columns: [token, label]\n",
+).replace("quality:\n", f"  - {json.dumps(LABEL_COLUMN)}\nquality:\n")
 
 
 @dataclass
@@ -209,7 +213,7 @@ def materialised(
     one run of the Dagster CLI."""
     folder = tmp_path_factory.mktemp("pyudf-files")
     (folder / "token_flows.py").write_text(MODULE)
-    (folder / "token_flows.yaml").write_text(YAML)
+    (folder / "token_flows.yaml").write_text(LABELLED_YAML)
     env = pyworld.world.cli_env
     # the organisation's labels for two of the tokens, uploaded as an enrichment dataset
     tokens = sorted(set(pyworld.world.reader.read("erc20_transfers").column("token").to_pylist()))

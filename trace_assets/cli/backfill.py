@@ -158,7 +158,11 @@ class Deployment:
                 "webserver?"
             ) from None
         if body.get("errors"):
-            raise RuntimeError(f"the webserver refused Trace's query: {body['errors']}")
+            first = body["errors"][0].get("message", body["errors"][0])
+            raise CliError(
+                f"{self.url}/graphql refused Trace's query ({first}): is TRACE_DAGSTER_URL a "
+                "Dagster webserver of the version Trace pins (dagster 1.13)?"
+            )
         return dict(body["data"])
 
 
@@ -346,7 +350,14 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     try:
         started = time.monotonic()
         selection = _select(deployment, names, args.start, args.end)
-        run_id = _launch(deployment, selection)
+        try:
+            run_id = _launch(deployment, selection)
+        except KeyboardInterrupt:
+            sys.stderr.write(
+                "trace: interrupted while launching: if a run was launched, it shows in the "
+                f"UI's Runs page ({deployment.url}/runs); stop it there\n"
+            )
+            return 130
         url = f"{deployment.url}/runs/{run_id}"
         span = f"{selection.keys[0]} .. {selection.keys[-1]}"
         sys.stderr.write(
@@ -359,7 +370,10 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         try:
             seen = _follow(deployment, run_id, len(selection.keys), args.poll)
         except KeyboardInterrupt:
-            stopped = deployment.graphql(TERMINATE, {"runId": run_id})["terminateRun"]
+            try:
+                stopped = deployment.graphql(TERMINATE, {"runId": run_id})["terminateRun"]
+            except CliError as exc:
+                stopped = {"__typename": "unreachable", "message": str(exc)}
             how = (
                 "is stopping"
                 if stopped["__typename"] == "TerminateRunSuccess"

@@ -100,6 +100,8 @@ def _stage_range(
             key = data.block_range.key
 
             def evaluate(name: RawDataset) -> EvaluatedRange | None:
+                if results[name].already_committed:  # an earlier try's commit: not these tables
+                    return None
                 version = results[name].version.version
                 try:
                     return evaluate_range(RAW_DECLARATIONS[name], key, version, data.tables[name])

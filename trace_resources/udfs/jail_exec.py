@@ -230,9 +230,12 @@ def grant_pipes_paths(env: dict[str, str], uid: int) -> None:
         parent = Path(path).resolve().parent
         info = parent.lstat()
         if parent.parent == temp and info.st_uid == os.geteuid() and not info.st_mode & 0o077:
-            os.chown(parent, uid, uid)
+            # the files are the run's; the directory stays ours (searchable, not writable), so
+            # the UDF can not swap a file for a link to another run's
+            parent.chmod(0o711)
             for child in parent.iterdir():
-                os.chown(child, uid, uid)
+                if not child.is_symlink():
+                    os.chown(child, uid, uid)
 
 
 def zlib_b64_decode(value: str) -> bytes:

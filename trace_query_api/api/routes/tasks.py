@@ -8,6 +8,7 @@ commits them (the commit protocol)."""
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Path, Request, status
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from trace_query_api.api.deps import ServicesDep, VerifiedPrincipal, admit
 from trace_query_api.api.docs import AUTH_ERRORS, errors
 from trace_query_api.errors import ForbiddenError
+from trace_resources.storage.access import REVOKED_JTI_EXISTS
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -48,5 +50,21 @@ async def upload(
             code="write_not_allowed",
         )
     body = await request.body()
-    await run_in_threadpool(services.datasets.put_bytes, key, body)
+
+    def store() -> None:
+        # the platform revokes the token when the task's process ends, then verifies the
+        # file: an upload still arriving after that is refused, not written over it
+        with services.autocommit.connect() as conn:
+            revoked = conn.execute(
+                sa.text(f"SELECT {REVOKED_JTI_EXISTS}"), {"jti": principal.jti}
+            ).scalar()
+        if revoked:
+            raise ForbiddenError(
+                "this task's token was revoked while the upload arrived (its process had "
+                "ended); nothing was stored",
+                code="token_revoked",
+            )
+        services.datasets.put_bytes(key, body)
+
+    await run_in_threadpool(store)
     return UploadPublic(key=key, bytes=len(body))
