@@ -6,7 +6,6 @@ materialises it: committed, with the rows polars computes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -18,9 +17,9 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from infra.bench.ui_backfill import DONE, LAUNCH, DagsterDev
-from infra.local.services import MotoS3Server, PostgresServer
-from tests.conftest import RANGE_SIZE, Devnet, NewDatabase
-from tests.udf.test_sql_udfs import GOOD, UDF, World, committed_world, expected_rows
+from infra.local.services import PostgresServer
+from tests.conftest import RANGE_SIZE
+from tests.udf.test_sql_udfs import GOOD, UDF, World, expected_rows, module_world
 
 BIN = Path(sys.executable).parent
 ASSETS = "{ assetNodes { assetKey { path } } }"
@@ -34,18 +33,7 @@ MATERIALISED = """query($key: AssetKeyInput!, $p: String!) { assetOrError(assetK
 BACKFILL_LIMIT_S = 300.0  # a safety bound on a hung daemon, not an assertion on speed
 
 
-@pytest.fixture(scope="module")
-def world(
-    postgres: PostgresServer,
-    new_database: NewDatabase,
-    s3_server: MotoS3Server,
-    devnet: Devnet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[World]:
-    with committed_world(
-        f"rld{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
-    ) as made:
-        yield made
+world = module_world("rld")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ append-mode transform appends; hostile uploads are refused with one line and com
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from infra.local.query_service import QueryServer, settings_env
-from infra.local.services import MotoS3Server, PostgresServer, free_port
-from tests.conftest import Devnet, NewDatabase
+from infra.local.services import MotoS3Server, free_port
 from tests.query.conftest import Tokens, bearer
-from tests.udf.test_sql_udfs import World, committed_world
+from tests.udf.test_sql_udfs import World, module_world
 from trace_assets.cli import main as trace_main
 from trace_assets.definitions import build_definitions, build_resources
 from trace_assets.udfs import build_udf_asset
@@ -83,18 +81,7 @@ code:
 """
 
 
-@pytest.fixture(scope="module")
-def world(
-    postgres: PostgresServer,
-    new_database: NewDatabase,
-    s3_server: MotoS3Server,
-    devnet: Devnet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[World]:
-    with committed_world(
-        f"enr{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
-    ) as made:
-        yield made
+world = module_world("enr")
 
 
 @pytest.fixture(scope="module")

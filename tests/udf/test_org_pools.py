@@ -7,7 +7,6 @@ timeout's failure message."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from infra.bench.ui_backfill import LAUNCH, DagsterDev
-from infra.local.services import MotoS3Server, PostgresServer
-from tests.conftest import Devnet, NewDatabase
-from tests.udf.test_sql_udfs import GOOD, UDF, World, committed_world
+from infra.local.services import PostgresServer
+from tests.udf.test_sql_udfs import GOOD, UDF, World, module_world
 
 BIN = Path(sys.executable).parent
 TIMEOUT_S = "30"  # TRACE_UDF_SQL_TIMEOUT_S here: ~3 times what B's and the ingest run take
@@ -58,29 +56,24 @@ FAILURE = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status
     ... on ExecutionStepFailureEvent { error { message } } } } } } }"""
 
 
+committed = module_world("pool", name="committed")
+
+
 @pytest.fixture(scope="module")
-def world(
-    postgres: PostgresServer,
-    new_database: NewDatabase,
-    s3_server: MotoS3Server,
-    devnet: Devnet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[World]:
-    with committed_world(
-        f"pool{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
-    ) as made:
-        files = tmp_path_factory.mktemp("pool-udfs")
-        for name, text in ((RUNAWAY, RUNAWAY_YAML), (OTHER, GOOD.replace(UDF, OTHER))):
-            (files / f"{name}.yaml").write_text(text)
-            applied = subprocess.run(
-                [str(BIN / "trace"), "udf", "apply", str(files / f"{name}.yaml")],
-                env=made.cli_env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert applied.returncode == 0, applied.stderr
-        yield made
+def world(committed: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The module's world with both organisations' transforms applied."""
+    files = tmp_path_factory.mktemp("pool-udfs")
+    for name, text in ((RUNAWAY, RUNAWAY_YAML), (OTHER, GOOD.replace(UDF, OTHER))):
+        (files / f"{name}.yaml").write_text(text)
+        applied = subprocess.run(
+            [str(BIN / "trace"), "udf", "apply", str(files / f"{name}.yaml")],
+            env=committed.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert applied.returncode == 0, applied.stderr
+    yield committed
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import httpx
@@ -165,18 +166,27 @@ def committed_world(
             shared.close("udf-sql-sandbox")  # the in-process sandbox pool of the quality-gate test
 
 
-@pytest.fixture(scope="module")
-def world(
-    postgres: PostgresServer,
-    new_database: NewDatabase,
-    s3_server: MotoS3Server,
-    devnet: Devnet,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[World]:
-    with committed_world(
-        f"udf{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
-    ) as made:
-        yield made
+def module_world(tag: str, name: str = "world") -> Any:
+    """A module-scoped fixture `name` yielding the module's own `committed_world` (databases
+    and buckets named after `tag` and the process)."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(
+        postgres: PostgresServer,
+        new_database: NewDatabase,
+        s3_server: MotoS3Server,
+        devnet: Devnet,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[World]:
+        with committed_world(
+            f"{tag}{os.getpid()}", postgres, new_database, s3_server, devnet, tmp_path_factory
+        ) as made:
+            yield made
+
+    return fixture
+
+
+world = module_world("udf")
 
 
 def _run(world: World, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
