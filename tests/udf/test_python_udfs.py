@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,13 @@ import pytest
 import sqlalchemy as sa
 from polars.testing import assert_frame_equal
 
+from infra.bench.ui_backfill import DONE, LAUNCH, DagsterDev
 from infra.local.dagster_cli import materialize_command
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import MotoS3Server, PostgresServer, free_port
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
 from tests.query.conftest import keyring_spec
+from tests.udf.test_dagster_reload import ADD_PARTITION, BACKFILL, BACKFILL_LIMIT_S
 from tests.udf.test_sql_udfs import World, _ranged
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS
@@ -719,3 +722,79 @@ def test_python_declarations_get_one_line_naming_file_line_and_field(
     assert str(raised.value) == (
         f"{path}:20: code.module: line 4 of the module does not parse: expected ':'"
     )
+
+
+# -- launched from the UI ------------------------------------------------------------------
+
+RUN_LOGS = """query($id: ID!) { logsForRun(runId: $id) { __typename
+  ... on EventConnection { events { __typename ... on MessageEvent { message } } } } }"""
+
+
+def test_the_ui_materialises_the_python_transform_over_new_labels(
+    pyworld: PyWorld,
+    materialised: subprocess.CompletedProcess[str],
+    postgres: PostgresServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The organisation uploads new labels, then one range of its transform is backfilled with
+    the UI's own GraphQL mutation on a real `dagster dev` (daemon, warm run worker): the run
+    goes through Pipes and commits version 2 of that range only, equal to the function over the
+    new labels."""
+    assert materialised.returncode == 0, materialised.stderr[-4000:]
+    world, key = pyworld.world, pyworld.busy[0]
+    folder = tmp_path_factory.mktemp("pyudf-ui")
+    tokens = sorted(set(world.reader.read("erc20_transfers").column("token").to_pylist()))
+    assert len(tokens) >= 3
+    (folder / "labels.csv").write_text(
+        "token,label\n" + "".join(f"0x{t.hex()},v2 token {i}\n" for i, t in enumerate(tokens[:3]))
+    )
+    upload = [str(BIN / "trace"), "enrich", "upload", str(folder / "labels.csv")]
+    names = ["--org", "acme", "--name", "token_labels", "--schema", "token:binary,label:string"]
+    uploaded = _run(world.cli_env, *upload, *names)
+    assert uploaded.returncode == 0, uploaded.stderr
+
+    env = {k: v for k, v in world.cli_env.items() if k != "DAGSTER_HOME"}
+    with DagsterDev(env, postgres, folder) as dagster:
+        for each in world.keys:  # in block order, as the chain-head sensor adds them
+            added = dagster.graphql(ADD_PARTITION, {"key": each})["addDynamicPartition"]
+            assert added["__typename"] in (
+                "AddDynamicPartitionSuccess",
+                "DuplicateDynamicPartitionError",
+            )
+        params = {  # what the asset page's "Materialize" dialog sends for one partition
+            "tags": [],
+            "assetSelection": [{"path": [UDF]}],
+            "partitionNames": [key],
+            "fromFailure": False,
+        }
+        launched = dagster.graphql(LAUNCH, {"p": params})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        deadline = time.monotonic() + BACKFILL_LIMIT_S
+        while (
+            status := dagster.graphql(BACKFILL, {"id": launched["backfillId"]})[
+                "partitionBackfillOrError"
+            ]
+        )["status"] not in DONE:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        runs = status["runs"]
+        logs = dagster.graphql(RUN_LOGS, {"id": runs[0]["runId"]})["logsForRun"]
+    assert status["status"] == "COMPLETED_SUCCESS", (status, dagster.log_path.read_text()[-3000:])
+    assert [r["status"] for r in runs] == ["SUCCESS"]
+    messages = [e.get("message") or "" for e in logs["events"]]
+    # the transform's process reported through Pipes in the UI-launched run
+    assert any("to the attempt's staging key" in m for m in messages), messages
+
+    committed = world.reader.resolve(UDF)
+    assert committed[key].version == 2  # the new labels changed this range's rows
+    assert all(r.version == 1 for k, r in committed.items() if k != key)
+    labels = pl.from_arrow(world.reader.read(LABELS))
+    assert isinstance(labels, pl.DataFrame) and labels.height == 3
+    part = pl.from_arrow(world.reader.read("erc20_transfers", [key]))
+    assert isinstance(part, pl.DataFrame)
+    columns = part.select(["block_number", "token", "from_address"])
+    want = _function(MODULE)({"erc20_transfers": columns, LABELS: labels})
+    got = pl.from_arrow(world.reader.read(UDF, [key]))
+    assert isinstance(got, pl.DataFrame)
+    assert_frame_equal(got.sort("token"), want.sort("token"))
+    assert set(got["label"].drop_nulls()) <= {"v2 token 0", "v2 token 1", "v2 token 2"}
