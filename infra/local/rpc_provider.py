@@ -124,6 +124,7 @@ class ProviderProxy(FaultProxy):
         self.limits = limits or ProviderLimits()
         self._limits_lock = threading.Lock()
         self._rewrite_hashes: dict[int, str] = dict(rewrite_hashes or {})
+        self._holding = threading.local()  # whether this handler thread holds a request slot
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -136,6 +137,8 @@ class ProviderProxy(FaultProxy):
             self._max_batch = 0
             self._max_logs_range = 0
             self._refused: Counter[str] = Counter()
+            self._active = getattr(self, "_active", 0)  # admitted, not yet answered
+            self._max_active = self._active
 
     def reset(self) -> None:
         super().reset()
@@ -156,7 +159,7 @@ class ProviderProxy(FaultProxy):
                 max_rps=self._max_rps,
                 max_batch=self._max_batch,
                 max_logs_range=self._max_logs_range,
-                max_concurrent=self.max_in_flight,
+                max_concurrent=self._max_active,
                 refused=Counter(self._refused),
             )
 
@@ -167,8 +170,21 @@ class ProviderProxy(FaultProxy):
             self._stopping.wait(self.limits.latency_s)
 
     def _before_answer(self) -> None:
+        # the request is done once its answer starts on its way (the client may send its next
+        # one before this handler thread has finished writing)
+        self._release_slot()
         if self.limits.latency_s:
             self._stopping.wait(self.limits.latency_s)
+
+    def _leave(self) -> None:
+        self._release_slot()  # a request dropped without an answer
+        super()._leave()
+
+    def _release_slot(self) -> None:
+        if getattr(self._holding, "slot", False):
+            self._holding.slot = False
+            with self._limits_lock:
+                self._active -= 1
 
     def _admit(
         self, calls: list[Any], is_batch: bool
@@ -188,6 +204,18 @@ class ProviderProxy(FaultProxy):
                 if method == "eth_getLogs":
                     self._max_logs_range = max(self._max_logs_range, _logs_range(call) or 0)
 
+            # every request counts against the rate, refused ones included
+            if limits.requests_per_second is not None:
+                while self._admitted and self._admitted[0] <= now - 1.0:
+                    self._admitted.popleft()
+                if len(self._admitted) >= limits.requests_per_second:
+                    return self._refuse_rate("rate", calls)
+                self._admitted.append(now)
+            if limits.max_concurrent is not None and self._active >= limits.max_concurrent:
+                return self._refuse_rate("concurrency", calls)
+            self._active += 1
+            self._max_active = max(self._max_active, self._active)
+            self._holding.slot = True
             if limits.max_batch is not None and is_batch and len(calls) > limits.max_batch:
                 return self._refuse(
                     "batch_size",
@@ -198,14 +226,6 @@ class ProviderProxy(FaultProxy):
                     ),
                     calls,
                 )
-            if limits.max_concurrent is not None and self._in_flight > limits.max_concurrent:
-                return self._refuse_rate("concurrency", calls)
-            if limits.requests_per_second is not None:
-                while self._admitted and self._admitted[0] <= now - 1.0:
-                    self._admitted.popleft()
-                if len(self._admitted) >= limits.requests_per_second:
-                    return self._refuse_rate("rate", calls)
-                self._admitted.append(now)
             return None, [self._call_error(call) for call in calls]
 
     def _call_error(self, call: Any) -> dict[str, Any] | None:

@@ -51,8 +51,8 @@ class Budget:
 
     `parallel` is how many ranges are collected at once. With a requests-per-second limit,
     the collects of one range run one after another (the node's rate, not concurrency, bounds
-    them), each with the rate left after Trace's own share, less one request a second for
-    cryo's unthrottled `eth_chainId`.
+    them), each with 90% of the rate left after Trace's own tenth, less one request a second
+    for cryo's unthrottled `eth_chainId`.
     """
 
     endpoint: RpcEndpoint
@@ -66,7 +66,7 @@ class Budget:
     @property
     def own_rps(self) -> int | None:
         rps = self.endpoint.requests_per_second
-        return None if rps is None else max(1, rps // 5)
+        return None if rps is None else max(1, rps // 10)
 
     @property
     def own_concurrency(self) -> int | None:
@@ -80,7 +80,8 @@ class Budget:
         if e.max_concurrent_requests is not None:
             kwargs["max_concurrent_requests"] = max(1, (e.max_concurrent_requests - 1) // collects)
         if e.requests_per_second is not None:
-            left = e.requests_per_second - (self.own_rps or 0)
+            # 10% below the rest of the limit: cryo's limiter has no margin for jitter
+            left = int((e.requests_per_second - (self.own_rps or 0)) * 0.9)
             kwargs["requests_per_second"] = max(1, left // self.parallel - 1)
         if dataset == "logs" and e.max_logs_range is not None:
             kwargs["inner_request_size"] = e.max_logs_range

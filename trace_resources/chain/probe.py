@@ -56,7 +56,7 @@ def probe_endpoint(endpoint: RpcEndpoint, *, timeout_s: float = 10.0) -> ProbeRe
     with JsonRpcClient(
         endpoint.url,
         timeout_s=timeout_s,
-        retry=RetryPolicy(max_attempts=2, budget_s=timeout_s),
+        retry=once,  # a probe says what it found, it does not wait for an endpoint to recover
         requests_per_second=endpoint.requests_per_second,
         max_batch=1,  # one call per request until batches are known to work
     ) as rpc:
