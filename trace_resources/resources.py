@@ -10,7 +10,7 @@ from pydantic import Field
 
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.rpc import RetryPolicy
-from trace_resources.settings import Settings
+from trace_resources.settings import Settings, parse_endpoints
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
@@ -44,6 +44,12 @@ class ChainResource(dg.ConfigurableResource):
         default=120.0, description="Time spent retrying transient faults for one operation."
     )
     max_attempts: int = Field(default=8, description="Attempts per operation before giving up.")
+    endpoints: str = Field(
+        default="",
+        description="JSON list of endpoints with their limits, in failover order "
+        "(TRACE_RPC_ENDPOINTS; see trace_resources.settings.RpcEndpoint). Empty: rpc_url "
+        "alone, limited by requests_per_second.",
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChainResource:
@@ -59,6 +65,7 @@ class ChainResource(dg.ConfigurableResource):
             collect_timeout_s=settings.rpc_collect_timeout_s,
             retry_budget_s=settings.rpc_retry_budget_s,
             max_attempts=settings.rpc_max_attempts,
+            endpoints=settings.rpc_endpoints,
         )
 
     def client(self) -> ChainClient:
@@ -70,6 +77,8 @@ class ChainResource(dg.ConfigurableResource):
             timeout_s=self.timeout_s,
             collect_timeout_s=self.collect_timeout_s,
             retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
+            endpoints=parse_endpoints(self.endpoints) if self.endpoints.strip() else (),
+            parallel=self.extract_concurrency,
         )
 
 

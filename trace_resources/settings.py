@@ -6,16 +6,33 @@ environment before building resources without reloading modules.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trace_resources.sealed import Keyring, SealError
 
-__all__ = ["Settings", "get_settings", "QuerySettings", "get_query_settings"]
+__all__ = [
+    "RpcEndpoint",
+    "parse_endpoints",
+    "Settings",
+    "get_settings",
+    "QuerySettings",
+    "get_query_settings",
+]
 
 MONAD_TESTNET_CHAIN_ID = 10143
 
@@ -34,6 +51,83 @@ def byte_size(text: str) -> int:
     if unit not in scale:
         raise ValueError(f"{text!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, KiB, ... TiB)")
     return int(float(number) * scale[unit])
+
+
+class RpcEndpoint(BaseModel):
+    """One JSON-RPC endpoint (a provider) and the limits it enforces, which Trace stays within.
+
+    One entry of `TRACE_RPC_ENDPOINTS`, e.g. ``{"url": "https://rpc.example/KEY", "name":
+    "example", "requests_per_second": 25, "max_batch": 100, "max_logs_range": 1000,
+    "unsupported": ["debug"]}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(description="http(s) URL of the endpoint (may hold an API key).")
+    name: str | None = Field(
+        None, description="Name in logs and errors (default: the URL's host, never its path)."
+    )
+    requests_per_second: int | None = Field(
+        None, gt=0, description="Requests per second the endpoint allows (None: no limit)."
+    )
+    max_concurrent_requests: int | None = Field(
+        None, gt=0, description="Requests in flight at once (None: no limit)."
+    )
+    max_batch: int = Field(500, gt=0, description="Largest JSON-RPC batch it accepts (1: none).")
+    max_logs_range: int | None = Field(
+        None, gt=0, description="Most blocks one eth_getLogs call may span (None: no limit)."
+    )
+    unsupported: tuple[str, ...] = Field(
+        (), description="Namespaces (`debug`) or methods it does not serve."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"url must be an http(s) URL such as http://127.0.0.1:18545: {value!r}"
+            )
+        return value
+
+    @property
+    def label(self) -> str:
+        """The name, or the URL's host and port: never the path, where providers put keys."""
+        return self.name or (urlsplit(self.url).netloc.rpartition("@")[2] or self.url)
+
+    def serves(self, method: str) -> bool:
+        return method not in self.unsupported and method.split("_")[0] not in self.unsupported
+
+
+def parse_endpoints(text: str) -> list[RpcEndpoint]:
+    """`TRACE_RPC_ENDPOINTS` (a JSON list of `RpcEndpoint` objects) with one-line errors."""
+    example = '[{"url": "https://rpc.example", "requests_per_second": 25, "max_batch": 100}]'
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc}); expected a list such as {example}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"expected a non-empty JSON list of endpoints such as {example}")
+    endpoints = []
+    for position, item in enumerate(raw, start=1):
+        try:
+            endpoints.append(RpcEndpoint.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'entry'}: "
+                + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise ValueError(
+                f"endpoint {position}: {problems} (fields: {', '.join(RpcEndpoint.model_fields)})"
+            ) from None
+    labels = [e.label for e in endpoints]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(
+            f'endpoints {", ".join(duplicates)} appear twice: give each a distinct "name"'
+        )
+    return endpoints
 
 
 class Settings(BaseSettings):
@@ -60,6 +154,13 @@ class Settings(BaseSettings):
     )
     rpc_max_concurrent_requests: int = Field(
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
+    )
+    rpc_endpoints: str = Field(
+        "",
+        description="JSON list of endpoints with their limits (see RpcEndpoint), tried in "
+        "order: Trace fails over to the next on sustained errors and checks block hashes "
+        "across them. Empty: TRACE_RPC_URL alone, limited by TRACE_RPC_REQUESTS_PER_SECOND "
+        "and TRACE_RPC_MAX_CONCURRENT_REQUESTS.",
     )
     # 1 by default: cryo already runs up to rpc_max_concurrent_requests requests per range, and
     # on a CPU-bound local devnet a second range at once measured slower (BENCHMARKS.md)
@@ -382,6 +483,22 @@ class Settings(BaseSettings):
         description="TRACE_CRASH_POINT=name[@N]: SIGKILL the process the N-th time it reaches "
         "the named crash point (see trace_resources/storage/crash.py). Never set in production.",
     )
+
+    @field_validator("rpc_endpoints")
+    @classmethod
+    def _rpc_endpoints_valid(cls, value: str) -> str:
+        if value.strip():
+            parse_endpoints(value)
+        return value
+
+    def endpoints(self) -> list[RpcEndpoint]:
+        """The endpoints Trace extracts from, in failover order."""
+        if self.rpc_endpoints.strip():
+            return parse_endpoints(self.rpc_endpoints)
+        return [
+            # TRACE_RPC_MAX_CONCURRENT_REQUESTS stays what it was: cryo's cap per collect
+            RpcEndpoint(url=self.rpc_url, requests_per_second=self.rpc_requests_per_second)
+        ]
 
     @field_validator("rpc_url")
     @classmethod

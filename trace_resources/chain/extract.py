@@ -23,8 +23,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from trace_resources.chain.endpoints import Endpoints, FailoverRpc
 from trace_resources.chain.ranges import BlockRange
-from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
+from trace_resources.chain.rpc import RetryPolicy
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
 from trace_resources.chain.verify import VerificationReport, verify_range
 from trace_resources.errors import (
@@ -36,6 +37,7 @@ from trace_resources.errors import (
     UnknownDatasetError,
     WrongChainIdError,
 )
+from trace_resources.settings import RpcEndpoint
 
 __all__ = ["ChainClient", "RangeData", "BlockRef", "ChainHead"]
 
@@ -111,14 +113,30 @@ class ChainClient:
         timeout_s: float = 10.0,
         collect_timeout_s: float = 300.0,
         retry: RetryPolicy | None = None,
+        endpoints: Sequence[RpcEndpoint] = (),
+        parallel: int = 1,
     ) -> None:
-        self.rpc_url = rpc_url
+        """`rpc_url` and `requests_per_second` name the one endpoint, unless `endpoints`
+        (with their limits, in failover order) are given; `max_concurrent_requests` is cryo's
+        cap per collect on an endpoint without a concurrency limit; `parallel` is how many
+        ranges the caller extracts at once (the endpoints' budgets are shared among them)."""
         self.chain_id = chain_id
-        self.requests_per_second = requests_per_second
         self.max_concurrent_requests = max_concurrent_requests
         self.collect_timeout_s = collect_timeout_s
         self.retry = retry or RetryPolicy()
-        self.rpc = JsonRpcClient(rpc_url, timeout_s=timeout_s, retry=self.retry)
+        self.endpoints = Endpoints(
+            endpoints or [RpcEndpoint(url=rpc_url, requests_per_second=requests_per_second)],
+            timeout_s=timeout_s,
+            retry=self.retry,
+            parallel=parallel,
+            default_cryo_concurrency=max_concurrent_requests,
+        )
+        self.rpc = FailoverRpc(self.endpoints)
+
+    @property
+    def rpc_url(self) -> str:
+        """The URL of the endpoint in use (the next one after a failover)."""
+        return self.endpoints.budgets[self.endpoints.current].endpoint.url
 
     def close(self) -> None:
         self.rpc.close()
@@ -207,6 +225,28 @@ class ChainClient:
     def extract_verified(
         self, block_range: BlockRange, collect_slots: threading.Semaphore | None = None
     ) -> RangeData:
+        """Extract and verify on the endpoint in use, failing over to the next one when it
+        keeps failing; with several endpoints, the range's first and last block hashes must
+        be the same at every endpoint that answers (`Endpoints.cross_check`)."""
+
+        def on(index: int) -> RangeData:
+            data = self._extract_verified_on(index, block_range, collect_slots)
+            if len(self.endpoints) > 1:
+                self.endpoints.cross_check(
+                    index,
+                    {data.first.number: data.first.hash, data.last.number: data.last.hash},
+                    f"blocks {block_range.start}..{block_range.last}",
+                )
+            return data
+
+        return self.endpoints.run(on)
+
+    def _extract_verified_on(
+        self,
+        index: int,
+        block_range: BlockRange,
+        collect_slots: threading.Semaphore | None = None,
+    ) -> RangeData:
         """Extract and verify, retrying failed or incomplete extractions inside the budget.
 
         `collect_slots` bounds how many ranges are being collected from the node at once:
@@ -220,14 +260,15 @@ class ChainClient:
         try:
             for attempt in retrying:
                 with attempt:
-                    data = self._extract_once(block_range, collect_slots)
+                    data = self._extract_once(index, block_range, collect_slots)
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
             self._raise_if_blocks_missing(block_range)
             raise RpcFaultError(
                 f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
-                f"{self.rpc_url} after retrying for {time.monotonic() - started:.1f} s ({exc}). "
+                f"{self.endpoints.label(index)} after retrying for "
+                f"{time.monotonic() - started:.1f} s ({exc}). "
                 "cryo prints the cause on stderr (see the step's stderr log); it is usually "
                 "the node rate limiting (HTTP 429) or failing (5xx): lower "
                 "TRACE_RPC_REQUESTS_PER_SECOND or retry later"
@@ -257,10 +298,10 @@ class ChainClient:
         report.raise_if_incomplete()
 
     def _extract_once(
-        self, block_range: BlockRange, collect_slots: threading.Semaphore | None
+        self, index: int, block_range: BlockRange, collect_slots: threading.Semaphore | None
     ) -> RangeData:
         with collect_slots or contextlib.nullcontext():
-            frames, counts = asyncio.run(self._collect_all(block_range))
+            frames, counts = asyncio.run(self._collect_all(index, block_range))
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
                 frames["blocks"], "blocks", {"transaction_count": pa.array(counts, pa.uint32())}
@@ -293,23 +334,23 @@ class ChainClient:
         return {n: int(c, 16) for n, c in zip(block_range.blocks(), results, strict=True) if c}
 
     async def _collect_all(
-        self, block_range: BlockRange
+        self, index: int, block_range: BlockRange
     ) -> tuple[dict[RawDataset, pl.DataFrame], np.ndarray]:
+        budget = self.endpoints.budgets[index]  # the endpoint's limits, shared (endpoints.py)
         kwargs: dict[str, Any] = {
             "blocks": [block_range.cryo_spec],
-            "rpc": self.rpc_url,
+            "rpc": budget.endpoint.url,
             "include_columns": ["all"],
-            "max_concurrent_requests": self.max_concurrent_requests,
             "verbose": False,
         }
-        if self.requests_per_second:
-            kwargs["requests_per_second"] = self.requests_per_second
 
         async def collect(dataset: RawDataset) -> pl.DataFrame:
             # cryo has no request timeout: a node that holds a request would hang it forever
             try:
                 return await asyncio.wait_for(
-                    cryo.async_collect(dataset, output_format="polars", **kwargs),
+                    cryo.async_collect(
+                        dataset, output_format="polars", **kwargs, **budget.cryo_kwargs(dataset)
+                    ),
                     self.collect_timeout_s,
                 )
             except TimeoutError:
@@ -321,7 +362,10 @@ class ChainClient:
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
         counting = asyncio.create_task(asyncio.to_thread(self.transaction_counts, block_range))
-        collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
+        if budget.sequential_collects:  # a rate-limited endpoint: one collect at a time
+            collected = [await collect(d) for d in RAW_DATASETS]
+        else:
+            collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
         frames: dict[RawDataset, pl.DataFrame] = dict(zip(RAW_DATASETS, collected, strict=True))
         counts_by_block = await counting
         numbers = frames["blocks"]["block_number"].to_numpy()

@@ -7,10 +7,13 @@ dropped connections) with backoff inside a time budget, which cryo 0.3.2 does no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +35,7 @@ from trace_resources.errors import (
     RpcUnreachableError,
 )
 
-__all__ = ["JsonRpcClient", "JsonRpcError", "RetryPolicy"]
+__all__ = ["JsonRpcClient", "JsonRpcError", "Pacer", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +121,49 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-class JsonRpcClient:
-    """JSON-RPC over HTTP with keep-alive, batching and retries."""
+class Pacer:
+    """Starts requests evenly apart, across threads, so no one-second window holds more than
+    ``requests_per_second`` of them where the provider counts (5% apart more than needed: the
+    network's jitter can bring two requests closer on their way)."""
 
-    def __init__(self, url: str, timeout_s: float = 10.0, retry: RetryPolicy | None = None) -> None:
+    MARGIN = 1.05
+
+    def __init__(self, requests_per_second: float) -> None:
+        if requests_per_second <= 0:
+            raise ValueError(f"requests_per_second must be positive, got {requests_per_second}")
+        self.interval_s = self.MARGIN / requests_per_second
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + self.interval_s
+        if at > now:
+            time.sleep(at - now)
+
+
+class JsonRpcClient:
+    """JSON-RPC over HTTP with keep-alive, batching and retries, within an endpoint's limits:
+    at most `requests_per_second` HTTP requests a second (a batch is one), `max_concurrent`
+    in flight, and batches of at most `max_batch` calls (1: no batches, single calls only)."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        *,
+        requests_per_second: float | None = None,
+        max_concurrent: int | None = None,
+        max_batch: int = 500,
+    ) -> None:
         self.url = url
         self.retry = retry or RetryPolicy()
+        self.max_batch = max_batch
+        self._pacer = Pacer(requests_per_second) if requests_per_second else None
+        self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent else None
         self._ids = itertools.count(1)
         self._http = httpx.Client(timeout=timeout_s, verify=tls_context())
 
@@ -153,6 +193,7 @@ class JsonRpcClient:
         `retry` overrides the client's policy for these calls (e.g. a single attempt).
         """
         results: list[Any] = []
+        size = min(size, self.max_batch)
         for offset in range(0, len(params_list), size):
             chunk = params_list[offset : offset + size]
             results.extend(self._with_retries(method, chunk, retry or self.retry))
@@ -198,7 +239,11 @@ class JsonRpcClient:
             {"jsonrpc": "2.0", "id": i, "method": method, "params": list(p)}
             for i, p in zip(ids, params_list, strict=True)
         ]
-        response = self._http.post(self.url, json=body)
+        with self._slots or contextlib.nullcontext():
+            if self._pacer is not None:
+                self._pacer.wait()
+            # an endpoint without batches (max_batch 1) gets a plain JSON-RPC request
+            response = self._http.post(self.url, json=body[0] if self.max_batch == 1 else body)
         response.raise_for_status()
         answers = response.json()
         if isinstance(answers, dict):  # some nodes answer a whole-batch error with one object

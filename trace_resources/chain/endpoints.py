@@ -1,0 +1,222 @@
+"""Several JSON-RPC endpoints with their own limits: budgets, failover, cross-endpoint checks.
+
+A provider limits requests per second, requests in flight, batch sizes and `eth_getLogs`
+ranges (`RpcEndpoint` in settings). Trace shares each endpoint's budget between its own
+calls and cryo's (`Budget`), fails over to the next endpoint when one keeps failing after
+its retries (`Endpoints.run`), and never commits a range whose first or last block hash
+another endpoint disagrees on (`Endpoints.cross_check`): two endpoints on different forks
+stop the range with an error naming the block and both endpoints.
+
+How cryo 0.3.2 behaves behind a limited endpoint, measured through
+`infra/local/rpc_provider.py` (30 ms each way): it sends no batches, keeps to its
+`requests_per_second` except for one unthrottled `eth_chainId` at the start of each
+`collect`, and each `collect` (blocks, transactions, logs) has a limiter of its own, so
+collects running at once add up. `inner_request_size` sets the blocks per `eth_getLogs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
+from trace_resources.errors import (
+    ChainContinuityError,
+    RpcFaultError,
+    RpcRefusedError,
+    RpcUnreachableError,
+)
+from trace_resources.settings import RpcEndpoint
+
+__all__ = ["Budget", "Endpoints", "FailoverRpc", "ForkMismatchError"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# what makes Trace leave an endpoint: it kept failing after its retries, or stopped answering
+FAILOVER_ERRORS = (RpcFaultError, RpcUnreachableError)
+
+
+class ForkMismatchError(ChainContinuityError):
+    """Two endpoints disagree on the hash of a finalized block: they serve different forks."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One endpoint's limits split between Trace's own calls and cryo's collects.
+
+    `parallel` is how many ranges are collected at once. With a requests-per-second limit,
+    the collects of one range run one after another (the node's rate, not concurrency, bounds
+    them), each with 90% of the rate left after Trace's own tenth, less one request a second
+    for cryo's unthrottled `eth_chainId`.
+    """
+
+    endpoint: RpcEndpoint
+    parallel: int = 1
+    default_cryo_concurrency: int = 32  # per collect, for an endpoint without a limit
+
+    @property
+    def sequential_collects(self) -> bool:
+        return self.endpoint.requests_per_second is not None
+
+    @property
+    def own_rps(self) -> int | None:
+        rps = self.endpoint.requests_per_second
+        return None if rps is None else max(1, rps // 10)
+
+    @property
+    def own_concurrency(self) -> int | None:
+        return None if self.endpoint.max_concurrent_requests is None else 1
+
+    def cryo_kwargs(self, dataset: str) -> dict[str, Any]:
+        """The limits to pass to `cryo.collect` for `dataset`."""
+        e = self.endpoint
+        collects = self.parallel * (1 if self.sequential_collects else 3)
+        kwargs: dict[str, Any] = {"max_concurrent_requests": self.default_cryo_concurrency}
+        if e.max_concurrent_requests is not None:
+            kwargs["max_concurrent_requests"] = max(1, (e.max_concurrent_requests - 1) // collects)
+        if e.requests_per_second is not None:
+            # 10% below the rest of the limit: cryo's limiter has no margin for jitter
+            left = int((e.requests_per_second - (self.own_rps or 0)) * 0.9)
+            kwargs["requests_per_second"] = max(1, left // self.parallel - 1)
+        if dataset == "logs" and e.max_logs_range is not None:
+            kwargs["inner_request_size"] = e.max_logs_range
+        return kwargs
+
+
+class Endpoints:
+    """The configured endpoints in failover order, one rate-limited client each."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[RpcEndpoint],
+        *,
+        timeout_s: float,
+        retry: RetryPolicy,
+        parallel: int = 1,
+        default_cryo_concurrency: int = 32,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self.budgets = [Budget(e, parallel, default_cryo_concurrency) for e in endpoints]
+        self.clients = [
+            JsonRpcClient(
+                e.url,
+                timeout_s=timeout_s,
+                retry=retry,
+                requests_per_second=b.own_rps,
+                max_concurrent=b.own_concurrency,
+                max_batch=e.max_batch,
+            )
+            for e, b in zip(endpoints, self.budgets, strict=True)
+        ]
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    @property
+    def current(self) -> int:
+        return self._current
+
+    def label(self, index: int) -> str:
+        return self.budgets[index].endpoint.label
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def run(self, operation: Callable[[int], T]) -> T:
+        """`operation(endpoint index)` on the current endpoint; if it keeps failing there
+        (after that endpoint's retries), on the next one, until every endpoint was tried."""
+        tried: set[int] = set()
+        while True:
+            index = self._current
+            try:
+                return operation(index)
+            except FAILOVER_ERRORS as exc:
+                tried.add(index)
+                if not self._fail_over(index, tried, exc):
+                    raise
+
+    def _fail_over(self, failed: int, tried: set[int], exc: Exception) -> bool:
+        with self._lock:
+            if self._current != failed and self._current not in tried:
+                return True  # another thread already moved on
+            untried = [i for i in range(len(self.clients)) if i not in tried]
+            if not untried:
+                return False
+            following = [i for i in untried if i > failed] or untried
+            self._current = following[0]
+        log.warning(
+            "RPC endpoint %s keeps failing (%s); failing over to %s",
+            self.label(failed),
+            exc,
+            self.label(self._current),
+        )
+        return True
+
+    def cross_check(self, source: int, blocks: dict[int, str], what: str) -> None:
+        """Every other endpoint that answers must give `blocks` (number: hash) the same hashes.
+
+        An endpoint that does not answer is skipped (it may be the one that failed); one that
+        answers with another hash stops the range: `ForkMismatchError`.
+        """
+        numbers = sorted(blocks)
+        for other in range(len(self.clients)):
+            if other == source:
+                continue
+            try:
+                answers = self.clients[other].batch(
+                    "eth_getBlockByNumber",
+                    [[hex(n), False] for n in numbers],
+                    retry=RetryPolicy(max_attempts=2, budget_s=10.0),
+                )
+            except (RpcFaultError, RpcUnreachableError, RpcRefusedError) as exc:
+                log.warning(
+                    "could not check %s against endpoint %s (%s)", what, self.label(other), exc
+                )
+                continue
+            for number, answer in zip(numbers, answers, strict=True):
+                theirs = answer.get("hash") if isinstance(answer, dict) else None
+                if theirs is None:
+                    log.warning("endpoint %s has no block %d yet", self.label(other), number)
+                    continue
+                if theirs.lower() != blocks[number].lower():
+                    raise ForkMismatchError(
+                        f"{what}: block {number} has hash {blocks[number]} at endpoint "
+                        f"{self.label(source)} but {theirs} at endpoint {self.label(other)}: "
+                        "the endpoints serve different forks of a finalized block, so Trace "
+                        "commits neither; find out which endpoint is wrong and remove it from "
+                        "TRACE_RPC_ENDPOINTS (or wait until they agree), then run the range again"
+                    )
+
+
+class FailoverRpc:
+    """`JsonRpcClient.call`/`batch` on the current endpoint, failing over as `Endpoints.run`."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        return self.endpoints.run(lambda i: self.endpoints.clients[i].call(method, params))
+
+    def batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[Any]],
+        size: int = 500,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> list:
+        return self.endpoints.run(
+            lambda i: self.endpoints.clients[i].batch(method, params_list, size, retry=retry)
+        )
+
+    def close(self) -> None:
+        self.endpoints.close()
