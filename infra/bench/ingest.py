@@ -22,9 +22,14 @@ ui: a backfill of the three over every range launched as the Dagster UI launches
 rounds), from the submission to the backfill's completion (`infra/bench/ui_backfill.py`);
 with where its time went (daemon ticks, queue, launch, step), from the run's events.
 
+remote (issue 18; `--profiles`): the same datasets over a smaller window of the devnet behind a
+provider's limits (30 ms each way, 25 requests/s, batches of 100), Trace in-process against
+cryo told the limits, with each side's CPU per 1,000 blocks (`infra/bench/remote.py`).
+
 Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`,
 `ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>`, the same for `ingest_dagster_cli`
-and `ingest_ui` (medians).
+and `ingest_ui` (medians); with the remote profile, `ingest_remote: trace_s=<s> cryo_s=<s>
+ratio=<cryo_s/trace_s>` and `ingest_cpu_per_1000_blocks: ...` for both profiles.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from infra.bench.remote import (
+    cpu_of,
+    cpu_self,
+    postgres_and_s3_pids,
+    run_remote_profile,
+)
 from infra.bench.ui_backfill import Breakdown, DagsterDev, run_breakdown, time_ui
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.dagster_cli import materialize_command
@@ -64,6 +75,8 @@ from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.state import engine_for
 
 CACHE = REPO_ROOT / ".local" / "bench"
+REMOTE_DB = "trace_state_remote"  # the remote profile's registry and bucket: its ranges are
+REMOTE_BUCKET = "trace-remote"  # smaller than the loopback profile's, over the same blocks
 PATHS = ("trace", "cli", "dagster-cli", "ui")
 CHAIN_ID = 10143
 
@@ -122,6 +135,7 @@ class BenchServices:
 
     work: Path
     pg: PostgresServer
+    s3: MotoS3Server
     node: AnvilNode
     settings: Settings
     instance: dg.DagsterInstance
@@ -146,10 +160,10 @@ def bench_services(
     )
     try:
         pg.start()
-        pg.ensure_databases(("dagster", "trace_state"))
-        pg.migrate({"trace_state": "state"})
+        pg.ensure_databases(("dagster", "trace_state", REMOTE_DB))
+        pg.migrate({"trace_state": "state", REMOTE_DB: "state"})
         s3.start()
-        s3.create_buckets(["trace-datasets"])
+        s3.create_buckets(["trace-datasets", REMOTE_BUCKET])
         node.start()
         os.environ.update(s3.env())
         settings = Settings(
@@ -166,7 +180,7 @@ def bench_services(
         instance = dagster_instance(work / "dagster_home", pg)
         try:
             keys = add_finalized_partitions(instance, finalized, range_size)
-            yield BenchServices(work, pg, node, settings, instance, keys)
+            yield BenchServices(work, pg, s3, node, settings, instance, keys)
         finally:
             instance.dispose()
     finally:
@@ -281,7 +295,25 @@ def main() -> int:
         "(`trace backfill` on the running deployment), dagster-cli (`dagster asset "
         "materialize`), ui (a backfill through the webserver and daemon)",
     )
+    parser.add_argument(
+        "--profiles",
+        default="loopback,remote",
+        help="loopback (the devnet on loopback) and remote (a window of it behind a "
+        "provider's limits: 30 ms each way, 25 requests/s, batches of 100), comma-separated",
+    )
+    parser.add_argument(
+        "--remote-blocks", type=int, default=100, help="blocks of the remote profile's window"
+    )
+    parser.add_argument(
+        "--remote-range-size", type=int, default=50, help="blocks per range, remote profile"
+    )
+    parser.add_argument("--remote-rounds", type=int, default=2, help="rounds, remote profile")
     args = parser.parse_args()
+    profiles = {p.strip() for p in args.profiles.split(",") if p.strip()}
+    if not profiles or profiles - {"loopback", "remote"}:
+        parser.error(f"--profiles: choose from loopback, remote (got {args.profiles!r})")
+    if "loopback" not in profiles:
+        args.rounds = args.warmup = 0
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS))
     if unknown or not paths:
@@ -335,10 +367,16 @@ def main() -> int:
                 _say(f"warm-up {round_number + 1}: {name:<11} {run():6.2f} s (not counted)")
         breakdowns.clear()
         cli_breakdowns.clear()
+        cpu: dict[str, list[float]] = {"trace": [], "cryo": []}
+        services = postgres_and_s3_pids(bench.pg, bench.s3)
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, run in order:
+                cpu0, services0 = cpu_self(), cpu_of(services())
                 seconds = run()
+                if name in cpu:  # in-process: this process's CPU is theirs
+                    extra = cpu_of(services()) - services0 if name == "trace" else 0.0
+                    cpu[name].append(cpu_self() - cpu0 + extra)
                 runs[name].append(seconds)
                 _say(
                     f"round {round_number + 1}: {name:<11} {seconds:6.2f} s  "
@@ -349,14 +387,14 @@ def main() -> int:
             r.dataset: r.rows for r in ReadModel(engine_for(settings.state_dsn)).dataset_summaries()
         }
         _say(f"committed rows per dataset (current versions): {summary}")
-        spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items()}
+        spread = {k: f"{min(v):.2f}-{max(v):.2f} s" for k, v in runs.items() if v}
         _say(f"min-max per run: {spread}")
         if breakdowns:
             _say(f"ui breakdown (medians): {Breakdown.median(breakdowns).line()}")
         if cli_breakdowns:
             _say(f"cli breakdown (medians): {Breakdown.median(cli_breakdowns).line(direct=True)}")
-        cryo_s = statistics.median(runs["cryo"])
-        if "trace" in runs:
+        cryo_s = statistics.median(runs["cryo"] or [0.0])
+        if "trace" in runs and runs["trace"]:
             trace_rate = blocks / statistics.median(runs["trace"])
             cryo_rate = blocks / cryo_s
             print(
@@ -364,12 +402,44 @@ def main() -> int:
                 f"ratio={trace_rate / cryo_rate:.2f}"
             )
         for path in ("cli", "dagster-cli", "ui"):
-            if path in runs:
+            if runs.get(path):
                 path_s = statistics.median(runs[path])
                 print(
                     f"ingest_{path.replace('-', '_')}: trace_s={path_s:.2f} cryo_s={cryo_s:.2f} "
                     f"ratio={cryo_s / path_s:.2f}"
                 )
+        if cpu["trace"]:
+            per = {k: statistics.median(v) * 1000 / blocks for k, v in cpu.items()}
+            print(
+                f"ingest_cpu_per_1000_blocks: profile=loopback trace_cpu_s={per['trace']:.2f} "
+                f"cryo_cpu_s={per['cryo']:.2f}"
+            )
+        if "remote" in profiles:
+            timed = run_remote_profile(
+                settings.model_copy(
+                    update={"state_dsn": bench.pg.dsn(REMOTE_DB), "bucket_datasets": REMOTE_BUCKET}
+                ),
+                node.url,
+                first + 1000,  # in the devnet's traffic
+                args.remote_blocks,
+                args.remote_range_size,
+                args.remote_rounds,
+                services,
+            )
+            trace_s = statistics.median(t.seconds for t in timed["trace"])
+            remote_cryo_s = statistics.median(t.seconds for t in timed["cryo"])
+            remote_blocks = args.remote_blocks - args.remote_blocks % args.remote_range_size
+            trace_cpu = statistics.median(t.cpu_s + t.services_cpu_s for t in timed["trace"])
+            cryo_cpu = statistics.median(t.cpu_s for t in timed["cryo"])
+            print(
+                f"ingest_remote: trace_s={trace_s:.2f} cryo_s={remote_cryo_s:.2f} "
+                f"ratio={remote_cryo_s / trace_s:.2f}"
+            )
+            print(
+                f"ingest_cpu_per_1000_blocks: profile=remote "
+                f"trace_cpu_s={trace_cpu * 1000 / remote_blocks:.2f} "
+                f"cryo_cpu_s={cryo_cpu * 1000 / remote_blocks:.2f}"
+            )
     return 0
 
 

@@ -295,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="largest JSON-RPC batch")
     parser.add_argument("--logs-range", type=int, default=1000, help="largest eth_getLogs range")
     parser.add_argument("--disable", action="append", default=[], help="namespace, e.g. debug")
+    parser.add_argument(
+        "--stats-on-exit",
+        action="store_true",
+        help="on Ctrl-C, print what the endpoint saw as one JSON line (for the benchmarks)",
+    )
     args = parser.parse_args(argv)
     limits = ProviderLimits(
         latency_s=args.latency_ms / 1000,
@@ -310,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+        if args.stats_on_exit:
+            seen = proxy.stats()
+            fields = ("http_requests", "max_rps", "max_batch", "refused", "calls")
+            print(json.dumps({f: getattr(seen, f) for f in fields}), flush=True)
     return 0
 
 
