@@ -1,5 +1,5 @@
-"""Call traces: `geth_calls` against the node's own traces, the datasets derived from it, and
-an endpoint without `debug_*`.
+"""Call traces: `geth_calls` against the node's own traces, the datasets derived from it, an
+endpoint without `debug_*`, traces of another fork; and where receipts come from.
 
 A devnet of its own (a small anvil: ordinary traffic, then `TraceFactory` traffic appended):
 the session devnet, whose row counts other tests assert, is left as it is.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -31,8 +32,11 @@ from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
 from trace_assets.raw.traces import geth_calls
-from trace_resources.chain.ranges import complete_ranges
-from trace_resources.chain.traces import TRACER_OPTIONS
+from trace_resources.chain.ranges import complete_ranges, parse_partition_key
+from trace_resources.chain.rpc import JsonRpcClient
+from trace_resources.chain.schemas import RAW_SCHEMAS
+from trace_resources.chain.traces import TRACER_OPTIONS, check_same_blocks, extract_geth_calls
+from trace_resources.errors import ChainContinuityError
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
@@ -136,9 +140,10 @@ def traced(
             for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 mp.setenv(var, "testing")
             mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            for selection in ([raw_chain, geth_calls], [*TRACED, *TOP_LEVEL]):
-                result = _materialize(settings, keys, selection)
-                assert result.success, [e.message for e in result.all_events if e.is_failure]
+            # one run: geth_calls follows blocks (it is checked against them), the derived
+            # datasets follow their upstreams
+            result = _materialize(settings, keys, [raw_chain, geth_calls, *TRACED, *TOP_LEVEL])
+            assert result.success, [e.message for e in result.all_events if e.is_failure]
             yield TracedChain(node, calls, keys, settings, _reader(settings))
     finally:
         node.stop()
@@ -264,3 +269,60 @@ def test_endpoint_without_debug_fails_clearly_and_commits_nothing(
     reader = _reader(settings)
     assert reader.resolve("geth_calls") == {}
     assert set(reader.resolve("blocks")) == set(key)
+
+
+def test_traces_are_checked_against_the_committed_blocks(
+    traced: TracedChain, new_database: NewDatabase, s3_server: MotoS3Server
+) -> None:
+    key = traced.keys[-1]
+    # no committed blocks for the range: refused, nothing committed
+    settings = _settings(new_database, s3_server, traced.node.url)
+    result = _materialize(settings, [key], [geth_calls])
+    failure = result.failure_data_for_node("geth_calls")
+    assert failure is not None and failure.user_failure_data is not None
+    assert f"geth_calls of range {key}: the range's blocks are not committed" in (
+        failure.user_failure_data.description or ""
+    )
+    assert _reader(settings).resolve("geth_calls") == {}
+    # blocks of another fork (one hash differs): refused, naming the block
+    blocks = traced.reader.read("blocks", [key], schema=RAW_SCHEMAS["blocks"])
+    hashes = blocks["block_hash"].to_pylist()
+    hashes[3] = bytes(32)
+    other_fork = blocks.set_column(
+        blocks.schema.get_field_index("block_hash"), "block_hash", pa.array(hashes, pa.binary())
+    )
+    with JsonRpcClient(traced.node.url) as rpc:
+        traces = extract_geth_calls(rpc, CHAIN_ID, parse_partition_key(key))
+    check_same_blocks(traces, blocks, traced.node.url)  # the committed fork: accepted
+    number = blocks["block_number"][3].as_py()
+    with pytest.raises(ChainContinuityError, match=f"traced block {number} with hash 0x"):
+        check_same_blocks(traces, other_fork, traced.node.url)
+
+
+def test_receipts_come_from_one_call_per_block(
+    traced: TracedChain, new_database: NewDatabase, s3_server: MotoS3Server
+) -> None:
+    """cryo 0.3.2 takes the transactions' receipt columns from eth_getBlockReceipts, one call
+    per block; where an endpoint does not serve it (-32601) it falls back to one
+    eth_getTransactionReceipt per transaction, and the committed rows are the same."""
+    key = traced.keys[0]
+    block_range = parse_partition_key(key)
+    expected = traced.reader.read("transactions", [key], schema=RAW_SCHEMAS["transactions"])
+    for faults in ([], [Fault("method_not_found", methods={"eth_getBlockReceipts"})]):
+        with FaultProxy(traced.node.url, faults=faults) as proxy:
+            settings = _settings(new_database, s3_server, proxy.url)
+            assert _materialize(settings, [key], [raw_chain]).success
+            asked = proxy.method_counts()
+            per_block = [
+                int(r.params[0], 16) for r in proxy.requests if r.method == "eth_getBlockReceipts"
+            ]
+        committed = _reader(settings).read(
+            "transactions", [key], schema=RAW_SCHEMAS["transactions"]
+        )
+        assert committed.equals(expected)
+        assert sorted(set(per_block)) == list(block_range.blocks())
+        if faults:
+            assert asked["eth_getTransactionReceipt"] == expected.num_rows
+        else:
+            assert len(per_block) == block_range.size
+            assert asked["eth_getTransactionReceipt"] == 0

@@ -9,9 +9,10 @@ instead would tell the datasets derived from it that no contract moved value or 
 contract in the range: a silent lie.
 
 Each range is verified (every block present, one top-level frame per transaction of the
-block) and committed as soon as it is, so a failure loses only the range it happened in;
-the dataset's rules and schema check run at the end of the step, as for the other raw
-datasets.
+block, every block hash equal to the range's committed `blocks`, so traces never come from
+another fork than the range) and committed as soon as it is, so a failure loses only the
+range it happened in; the dataset's rules and schema check run at the end of the step, as
+for the other raw datasets.
 """
 
 from collections.abc import Iterator
@@ -27,8 +28,8 @@ from trace_assets.checks import (
 )
 from trace_assets.partitions import block_ranges
 from trace_resources.chain.ranges import parse_partition_key
-from trace_resources.chain.schemas import GETH_CALLS, TRACE_DESCRIPTIONS
-from trace_resources.chain.traces import TRACER_OPTIONS, extract_geth_calls
+from trace_resources.chain.schemas import GETH_CALLS, RAW_SCHEMAS, TRACE_DESCRIPTIONS
+from trace_resources.chain.traces import TRACER_OPTIONS, check_same_blocks, extract_geth_calls
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import declarations
 from trace_resources.resources import ChainResource
@@ -76,6 +77,8 @@ def _column_schema() -> dg.TableSchema:
         )
     },
     check_specs=raw_check_specs(_DECL),
+    # checked against the range's committed blocks (same fork), so they come first
+    deps=[dg.AssetKey("blocks")],
     partitions_def=block_ranges,
     backfill_policy=dg.BackfillPolicy.single_run(),
     retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
@@ -94,12 +97,19 @@ def geth_calls(
         before = staging.committed_before(["geth_calls"], keys)
         committed.update({k: r for (_, k), r in before.items()})
         ranges = [parse_partition_key(k) for k in keys if k not in committed]
+        reader = dataset_io_manager.state.reader(dataset_io_manager.objects)
         client = chain.client()
         try:
             if ranges:
                 client.preflight(ranges, ())
             for block_range in ranges:
                 traced = extract_geth_calls(client.rpc, chain.chain_id, block_range)
+                blocks = (
+                    reader.read("blocks", [block_range.key], schema=RAW_SCHEMAS["blocks"])
+                    if reader.resolve("blocks", [block_range.key])
+                    else None
+                )
+                check_same_blocks(traced, blocks, chain.rpc_url)
                 [staged] = staging.stage(
                     "geth_calls",
                     {block_range.key: PartitionData(traced.table, source=traced.source)},

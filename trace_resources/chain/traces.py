@@ -26,12 +26,18 @@ from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.rpc import JsonRpcClient, JsonRpcError
 from trace_resources.chain.schemas import GETH_CALLS
 from trace_resources.chain.verify import VerificationReport
-from trace_resources.errors import MethodUnsupportedError, RpcRefusedError
+from trace_resources.errors import (
+    ChainContinuityError,
+    DatasetError,
+    MethodUnsupportedError,
+    RpcRefusedError,
+)
 
 __all__ = [
     "TRACE_METHOD",
     "TRACER_OPTIONS",
     "TraceRange",
+    "check_same_blocks",
     "extract_geth_calls",
     "flatten_block_traces",
 ]
@@ -52,6 +58,11 @@ class TraceRange:
     table: pa.Table
     first_hash: str
     last_hash: str
+    _hashes: dict[int, str]
+
+    @property
+    def block_hashes(self) -> dict[int, str]:
+        return self._hashes
 
     @property
     def source(self) -> dict[str, Any]:
@@ -167,4 +178,34 @@ def extract_geth_calls(rpc: JsonRpcClient, chain_id: int, block_range: BlockRang
         pa.Table.from_pylist(rows, schema=GETH_CALLS),
         headers[0]["hash"],
         headers[-1]["hash"],
+        {n: h["hash"].lower() for n, h in zip(numbers, headers, strict=True)},
     )
+
+
+def check_same_blocks(traced: TraceRange, committed: pa.Table | None, url: str) -> None:
+    """Refuse traces of other blocks than the range's committed `blocks` (another fork), or
+    of a range whose blocks are not committed: the datasets derived from `geth_calls` join
+    it with `blocks`, and must never mix two forks."""
+    key = traced.block_range.key
+    if committed is None or committed.num_rows == 0:
+        raise DatasetError(
+            f"geth_calls of range {key}: the range's blocks are not committed, and the traces "
+            "are checked against them (never two forks in one range). Materialise raw_chain "
+            "(blocks, transactions, logs) for the range first"
+        )
+    ours = {
+        int(n): "0x" + h.hex()
+        for n, h in zip(
+            committed["block_number"].to_pylist(), committed["block_hash"].to_pylist(), strict=True
+        )
+    }
+    differ = sorted(n for n, h in traced.block_hashes.items() if ours.get(n) != h)
+    if differ:
+        n = differ[0]
+        raise ChainContinuityError(
+            f"geth_calls of range {key}: the endpoint {url} traced block {n} with hash "
+            f"{traced.block_hashes[n]}, but the committed blocks hold {ours.get(n)} "
+            f"({len(differ)} block(s) differ): the endpoint is on another fork than the "
+            "committed range. Nothing was committed; re-materialise raw_chain for the range "
+            "if the committed blocks are the stale ones, then geth_calls"
+        )
