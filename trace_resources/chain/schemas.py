@@ -73,8 +73,19 @@ TRANSACTIONS = pa.schema(
         _field("value_string", pa.string(), "value in wei, exact, decimal digits"),
         _field("value_f64", pa.float64(), "value in wei as a float (lossy)"),
         _field("input", pa.binary(), "call data", True),
-        _field("gas_limit", pa.uint64(), "gas limit", True),
-        _field("gas_used", pa.uint64(), "gas used (from the receipt)", True),
+        _field(
+            "gas_limit",
+            pa.uint64(),
+            "gas limit; Monad charges for it whatever is used (fee = gas_limit x gas_price)",
+            True,
+        ),
+        _field(
+            "gas_used",
+            pa.uint64(),
+            "gas used (from the receipt); the fee basis on Ethereum-style chains, not on Monad "
+            "(see gas_limit)",
+            True,
+        ),
         _field("gas_price", pa.uint64(), "effective gas price in wei", True),
         _field("transaction_type", pa.uint32(), "EIP-2718 type", True),
         _field("max_priority_fee_per_gas", pa.uint64(), "EIP-1559 tip cap", True),
