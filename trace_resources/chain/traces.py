@@ -156,14 +156,19 @@ def extract_geth_calls(rpc: JsonRpcClient, chain_id: int, block_range: BlockRang
         [n for n, h in zip(numbers, headers, strict=True) if h is None],
     )
     report.raise_if_incomplete()
-    wrong_count, wrong_hash, rows = [], [], []
+    wrong_count, wrong_hash, untraceable, rows = [], [], [], []
     for number, header, block_traces in zip(numbers, headers, traces, strict=True):
         tx_hashes = [h.lower() for h in header["transactions"]]
         block_traces = block_traces or []
         if len(block_traces) != len(tx_hashes):
             wrong_count.append(number)
             continue
-        traced = [t.get("txHash") for t in block_traces if isinstance(t, dict)]
+        if any(
+            not isinstance(t, dict) or ("result" not in t and "from" not in t) for t in block_traces
+        ):
+            untraceable.append(number)  # e.g. {"error": "execution timeout"} for a transaction
+            continue
+        traced = [t.get("txHash") for t in block_traces]
         if any(h is not None and h.lower() != tx for h, tx in zip(traced, tx_hashes, strict=False)):
             wrong_hash.append(number)
             continue
@@ -172,6 +177,7 @@ def extract_geth_calls(rpc: JsonRpcClient, chain_id: int, block_range: BlockRang
         "blocks whose traces do not hold one top-level call frame per transaction", wrong_count
     )
     report.add("blocks whose traces name other transactions than the block holds", wrong_hash)
+    report.add("blocks with a transaction the node answered an error for, not a trace", untraceable)
     report.raise_if_incomplete()
     return TraceRange(
         block_range,
