@@ -9,12 +9,13 @@ import dagster as dg
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
-from trace_assets.derived.assets import DERIVED_ASSETS
+from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS
 from trace_assets.gaps import GAP_SCOPE
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
+from trace_assets.raw.traces import geth_calls
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.processes import exit_with_multiprocessing_parent
@@ -102,8 +103,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[
             raw_chain,
+            geth_calls,
             ingest_audit,
             *DERIVED_ASSETS,
+            *TRACE_DERIVED_ASSETS,
             alert_evaluations,
             # organisations' transforms, as applied when the code location (re)loads
             *load_udf_assets(settings.state_dsn),

@@ -17,6 +17,7 @@ __all__ = [
     "RangeNotFinalizedError",
     "RpcFaultError",
     "RpcRefusedError",
+    "MethodUnsupportedError",
     "RangeIncompleteError",
     "ChainContinuityError",
     "DatasetError",
@@ -75,6 +76,11 @@ class RpcFaultError(ChainError):
 class RpcRefusedError(ChainError):
     """The endpoint answered, but not as a JSON-RPC node of the chain does (HTTP 404, a
     method it does not serve): a wrong TRACE_RPC_URL or node, which retrying cannot fix."""
+
+
+class MethodUnsupportedError(RpcRefusedError):
+    """The endpoint does not serve a method a dataset needs (JSON-RPC -32601, e.g. no
+    `debug_*` namespace for call traces): that dataset cannot be extracted from it."""
 
 
 class RangeIncompleteError(ChainError):

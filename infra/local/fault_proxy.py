@@ -22,7 +22,8 @@ Fault kinds (see ``Fault``):
   ``timeout`` (hold the request ``delay`` seconds without answering, then close the
   connection), ``drop`` (close the connection without answering);
 * per call: ``jsonrpc_error`` (HTTP 200 with a JSON-RPC error object, default
-  ``-32005 "limit exceeded"``);
+  ``-32005 "limit exceeded"``); ``method_not_found`` (-32601, as a provider answers a
+  namespace it does not serve; by default every ``debug_*`` method, each time);
 * data faults, applied to the real upstream answer: ``missing_block`` (``null`` result for
   ``eth_getBlockByNumber``/``eth_getBlockReceipts`` of the chosen blocks), ``missing_logs``
   (remove the chosen blocks' logs from an ``eth_getLogs`` result), ``truncate_txs``
@@ -57,6 +58,7 @@ FaultKind = Literal[
     "http_429",
     "http_5xx",
     "jsonrpc_error",
+    "method_not_found",
     "timeout",
     "drop",
     "missing_block",
@@ -66,6 +68,8 @@ FaultKind = Literal[
 FAULT_KINDS: frozenset[str] = frozenset(FaultKind.__args__)  # type: ignore[attr-defined]
 TRANSPORT_KINDS: frozenset[str] = frozenset({"http_429", "http_5xx", "timeout", "drop"})
 DATA_KINDS: frozenset[str] = frozenset({"missing_block", "missing_logs", "truncate_txs"})
+ERROR_KINDS: frozenset[str] = frozenset({"jsonrpc_error", "method_not_found"})
+_METHOD_NOT_FOUND = (-32601, "the method does not exist/is not available")
 
 _BLOCK_METHODS = frozenset({"eth_getBlockByNumber", "eth_getBlockReceipts"})
 _DEFAULT_METHODS: dict[str, frozenset[str]] = {
@@ -123,6 +127,8 @@ class Fault:
             raise ValueError("http_5xx needs a 5xx status")
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
+        if self.kind == "method_not_found":
+            self.code, self.message = _METHOD_NOT_FOUND
         if self.methods is None:
             self.methods = _DEFAULT_METHODS.get(self.kind)
         else:
@@ -135,6 +141,8 @@ class Fault:
         return self.count is not None and self.injected >= self.count
 
     def _applies_to(self, method: str, params: Any) -> bool:
+        if self.kind == "method_not_found" and self.methods is None:
+            return method.startswith("debug_")  # the namespace a provider leaves out
         if self.methods is not None and method not in self.methods:  # type: ignore[operator]
             return False
         if self.blocks is not None:
@@ -319,7 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
         to_forward = [
             c
             for c, f, r in zip(calls, plan, refused_calls, strict=True)
-            if r is None and (f is None or f.kind != "jsonrpc_error")
+            if r is None and (f is None or f.kind not in ERROR_KINDS)
         ]
         upstream: dict[int, dict[str, Any]] = {}
         if to_forward:
@@ -343,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
             if refused is not None:
                 out.append({**refused, "id": call_id})
                 continue
-            if fault is not None and fault.kind == "jsonrpc_error":
+            if fault is not None and fault.kind in ERROR_KINDS:
                 out.append(_rpc_error(call_id, fault.code, fault.message))
                 continue
             answer = upstream[id(call)]

@@ -13,7 +13,12 @@ import pytest
 
 from trace_assets.definitions import build_definitions
 from trace_assets.head.follower import HEAD_DATASETS
-from trace_resources.chain.schemas import RAW_DESCRIPTIONS, RAW_SCHEMAS
+from trace_resources.chain.schemas import (
+    RAW_DESCRIPTIONS,
+    RAW_SCHEMAS,
+    TRACE_DESCRIPTIONS,
+    TRACE_SCHEMAS,
+)
 from trace_resources.registry import (
     DATASETS_DIR,
     DeclarationError,
@@ -29,13 +34,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_raw_declarations_match_the_extraction_schemas() -> None:
-    for name, schema in RAW_SCHEMAS.items():
+    descriptions = {**RAW_DESCRIPTIONS, **TRACE_DESCRIPTIONS}
+    for name, schema in {**RAW_SCHEMAS, **TRACE_SCHEMAS}.items():
         decl = declarations()[name]
         assert decl.kind == "raw" and decl.partitioning == "block_range"
         assert [(c.name, c.arrow_type, c.nullable, c.doc) for c in decl.columns] == [
             (f.name, f.type, f.nullable, f.metadata[b"doc"].decode()) for f in schema
         ]
-        assert " ".join(decl.description.split()) == " ".join(RAW_DESCRIPTIONS[name].split())
+        assert " ".join(decl.description.split()) == " ".join(descriptions[name].split())
 
 
 def test_assets_carry_their_declarations() -> None:

@@ -28,6 +28,7 @@ from trace_assets.quality import (
     gate,
     rule_check_specs,
 )
+from trace_resources.chain.schemas import TRACE_DATASETS
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -41,6 +42,7 @@ from trace_resources.storage.paths import UNPARTITIONED
 
 __all__ = [
     "DERIVED_ASSETS",
+    "TRACE_DERIVED_ASSETS",
     "PARTITIONED_TRANSFORMS",
     "build_derived_asset",
     "column_lineage",
@@ -64,6 +66,8 @@ PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
     "erc20_transfers": transforms.erc20_transfers,
     "native_transfers": transforms.native_transfers,
     "contracts": transforms.contracts,
+    "traced_native_transfers": transforms.traced_native_transfers,
+    "traced_contracts": transforms.traced_contracts,
 }
 
 
@@ -382,10 +386,14 @@ def _unchanged_checks(
         )
 
 
-def _build_all() -> list[dg.AssetsDefinition]:
+def _needs_traces(decl: DatasetDeclaration) -> bool:
+    return bool(set(decl.upstream) & set(TRACE_DATASETS))
+
+
+def _build_all(traced: bool) -> list[dg.AssetsDefinition]:
     assets = []
     for decl in declarations().values():
-        if decl.kind != "derived":
+        if decl.kind != "derived" or _needs_traces(decl) != traced:
             continue
         if decl.partitioning == "block_range":
             assets.append(build_derived_asset(decl))
@@ -394,4 +402,9 @@ def _build_all() -> list[dg.AssetsDefinition]:
     return assets
 
 
-DERIVED_ASSETS = _build_all()
+# The derived datasets every endpoint can feed (blocks, transactions and logs); every range
+# must have them (`GAP_SCOPE`).
+DERIVED_ASSETS = _build_all(traced=False)
+# Those derived from call traces (`geth_calls`): only where the endpoint serves `debug_*`, so
+# they are apart from the others, and a range without them is not a gap.
+TRACE_DERIVED_ASSETS = _build_all(traced=True)

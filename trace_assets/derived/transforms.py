@@ -24,6 +24,8 @@ __all__ = [
     "erc20_transfers",
     "native_transfers",
     "split_by_range",
+    "traced_contracts",
+    "traced_native_transfers",
     "daily_volume",
     "token_holders",
     "uint256_strings",
@@ -98,6 +100,73 @@ def native_transfers(transactions: pa.Table) -> pa.Table:
             "value_f64": t["value_f64"],
         }
     ).sort_by([("block_number", "ascending"), ("transaction_index", "ascending")])
+
+
+# frames that run code in the caller's context move no value, whatever value they show
+_NO_TRANSFER_CALL_TYPES = pa.array(["DELEGATECALL", "STATICCALL"], pa.string())
+_CREATE_CALL_TYPES = pa.array(["CREATE", "CREATE2"], pa.string())
+
+
+def _frames_that_happened(calls: pa.Table, mask: pa.ChunkedArray) -> pa.Table:
+    """The frames of `mask` that were not undone, in block, transaction and call-tree order
+    (`geth_calls` holds each transaction's frames in pre-order; the sort is stable)."""
+    kept = pc.and_kleene(mask, pc.invert(calls["reverted"]))
+    return calls.filter(pc.fill_null(kept, False)).sort_by(
+        [("block_number", "ascending"), ("transaction_index", "ascending")]
+    )
+
+
+def traced_native_transfers(geth_calls: pa.Table, blocks: pa.Table) -> pa.Table:
+    """Every movement of native currency that took effect, from the call traces: the
+    transaction's own value (depth 0) and value sent by contracts (internal calls, creations
+    and self-destructs at depth >= 1)."""
+    moves_value = pc.and_kleene(
+        pc.not_equal(pc.fill_null(geth_calls["value_string"], "0"), "0"),
+        pc.invert(pc.is_in(geth_calls["call_type"], value_set=_NO_TRANSFER_CALL_TYPES)),
+    )
+    t = _frames_that_happened(geth_calls, moves_value)
+    return pa.table(
+        {
+            "chain_id": t["chain_id"],
+            "block_number": t["block_number"],
+            "block_timestamp": _timestamps_of(t["block_number"], blocks),
+            "transaction_index": t["transaction_index"],
+            "transaction_hash": t["transaction_hash"],
+            "trace_address": t["trace_address"],
+            "depth": t["depth"],
+            "call_type": t["call_type"],
+            "from_address": t["from_address"],
+            "to_address": t["to_address"],
+            "value_binary": t["value_binary"],
+            "value_string": t["value_string"],
+            "value_f64": t["value_f64"],
+        }
+    )
+
+
+def traced_contracts(geth_calls: pa.Table, blocks: pa.Table) -> pa.Table:
+    """Every contract created, from the call traces: by transactions (depth 0) and by other
+    contracts (CREATE and CREATE2 frames at depth >= 1), unless the creation was undone."""
+    creates = pc.and_kleene(
+        pc.is_in(geth_calls["call_type"], value_set=_CREATE_CALL_TYPES),
+        pc.is_valid(geth_calls["to_address"]),
+    )
+    t = _frames_that_happened(geth_calls, creates)
+    return pa.table(
+        {
+            "chain_id": t["chain_id"],
+            "block_number": t["block_number"],
+            "block_timestamp": _timestamps_of(t["block_number"], blocks),
+            "transaction_index": t["transaction_index"],
+            "transaction_hash": t["transaction_hash"],
+            "trace_address": t["trace_address"],
+            "depth": t["depth"],
+            "create_type": t["call_type"],
+            "deployer": t["from_address"],
+            "contract_address": t["to_address"],
+            "gas_used": t["gas_used"],
+        }
+    )
 
 
 def _rlp_bytes(data: bytes) -> bytes:

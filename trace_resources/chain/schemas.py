@@ -20,6 +20,11 @@ __all__ = [
     "RAW_SCHEMAS",
     "raw_schema",
     "CRYO_COLUMNS",
+    "GETH_CALLS",
+    "TRACE_DATASETS",
+    "TRACE_DESCRIPTIONS",
+    "TRACE_SCHEMAS",
+    "TraceDataset",
 ]
 
 RawDataset = Literal["blocks", "transactions", "logs"]
@@ -68,8 +73,19 @@ TRANSACTIONS = pa.schema(
         _field("value_string", pa.string(), "value in wei, exact, decimal digits"),
         _field("value_f64", pa.float64(), "value in wei as a float (lossy)"),
         _field("input", pa.binary(), "call data", True),
-        _field("gas_limit", pa.uint64(), "gas limit", True),
-        _field("gas_used", pa.uint64(), "gas used (from the receipt)", True),
+        _field(
+            "gas_limit",
+            pa.uint64(),
+            "gas limit; Monad charges for it whatever is used (fee = gas_limit x gas_price)",
+            True,
+        ),
+        _field(
+            "gas_used",
+            pa.uint64(),
+            "gas used (from the receipt); the fee basis on Ethereum-style chains, not on Monad "
+            "(see gas_limit)",
+            True,
+        ),
         _field("gas_price", pa.uint64(), "effective gas price in wei", True),
         _field("transaction_type", pa.uint32(), "EIP-2718 type", True),
         _field("max_priority_fee_per_gas", pa.uint64(), "EIP-1559 tip cap", True),
@@ -94,6 +110,57 @@ LOGS = pa.schema(
         _field("data", pa.binary(), "non-indexed event data", True),
     ]
 )
+
+# Call traces are a raw dataset of their own, extracted apart from the three above: not every
+# endpoint serves `debug_*`, and those that do not must not hold back blocks, transactions and
+# logs. One row per call frame of `debug_traceBlockByNumber` with the callTracer, in pre-order.
+GETH_CALLS = pa.schema(
+    [
+        _field("chain_id", pa.uint64(), "EIP-155 chain id"),
+        _field("block_number", pa.uint64(), "block height"),
+        _field("block_hash", _HASH, "hash of the block holding the transaction"),
+        _field("transaction_index", pa.uint32(), "position of the transaction in the block"),
+        _field("transaction_hash", _HASH, "transaction hash (32 bytes)"),
+        _field(
+            "trace_address",
+            pa.string(),
+            "path of the frame in the call tree: child positions joined by '.', '' for the "
+            "transaction's top-level frame",
+        ),
+        _field("depth", pa.uint32(), "0 for the top-level frame, 1 for its calls, ..."),
+        _field(
+            "call_type",
+            pa.string(),
+            "CALL, STATICCALL, DELEGATECALL, CALLCODE, CREATE, CREATE2 or SELFDESTRUCT",
+        ),
+        _field("from_address", _ADDRESS, "caller (20 bytes)"),
+        _field("to_address", _ADDRESS, "callee, or the created contract (20 bytes)", True),
+        _field("value_binary", pa.binary(), "value sent in wei, exact, 32-byte big-endian", True),
+        _field("value_string", pa.string(), "value sent in wei, exact, decimal digits", True),
+        _field("value_f64", pa.float64(), "value sent in wei as a float (lossy)", True),
+        _field("gas", pa.uint64(), "gas given to the frame"),
+        _field("gas_used", pa.uint64(), "gas used by the frame"),
+        _field("input", pa.binary(), "call data, or init code of a creation", True),
+        _field("output", pa.binary(), "return data, or code of the created contract", True),
+        _field("error", pa.string(), "why the frame failed (e.g. 'execution reverted')", True),
+        _field("revert_reason", pa.string(), "decoded revert reason, if the node gave one", True),
+        _field(
+            "reverted",
+            pa.bool_(),
+            "the frame or a frame enclosing it failed: its effects, value included, were undone",
+        ),
+    ]
+)
+
+TraceDataset = Literal["geth_calls"]
+TRACE_DATASETS: tuple[TraceDataset, ...] = get_args(TraceDataset)
+TRACE_SCHEMAS: dict[TraceDataset, pa.Schema] = {"geth_calls": GETH_CALLS}
+TRACE_DESCRIPTIONS: dict[TraceDataset, str] = {
+    "geth_calls": "One row per call frame of every transaction (debug_traceBlockByNumber with "
+    "the callTracer): calls, creations and self-destructs at every depth, with value, gas, "
+    "input, output and whether the frame was undone. Internal transfers and contracts created "
+    "by contracts are derived from it.",
+}
 
 # The business meaning of each raw dataset (Dagster asset descriptions, query-service discovery).
 RAW_DESCRIPTIONS: dict[RawDataset, str] = {
@@ -120,9 +187,10 @@ CRYO_COLUMNS: dict[RawDataset, list[str]] = {
 
 
 def raw_schema(dataset: str) -> pa.Schema:
+    schemas: dict[str, pa.Schema] = dict(RAW_SCHEMAS.items()) | dict(TRACE_SCHEMAS.items())
     try:
-        return RAW_SCHEMAS[dataset]  # type: ignore[index]
+        return schemas[dataset]
     except KeyError:
         raise UnknownDatasetError(
-            f"unknown raw dataset {dataset!r}: the raw datasets are {', '.join(RAW_DATASETS)}"
+            f"unknown raw dataset {dataset!r}: the raw datasets are {', '.join(schemas)}"
         ) from None
