@@ -203,6 +203,12 @@ class FailoverRpc:
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
 
+    @property
+    def label(self) -> str:
+        """The endpoint in use (the one that answered, or refused, last), as errors name it:
+        its name or host, never the URL's path, where providers put keys."""
+        return self.endpoints.budgets[self.endpoints.current].endpoint.label
+
     def call(self, method: str, params: Sequence[Any] = ()) -> Any:
         return self.endpoints.run(lambda i: self.endpoints.clients[i].call(method, params))
 

@@ -135,8 +135,9 @@ def _fetch(rpc: JsonRpcClient, numbers: list[int]) -> tuple[list[Any], list[Any]
     except RpcRefusedError as exc:
         cause = exc.__cause__
         if isinstance(cause, JsonRpcError) and cause.code == _METHOD_NOT_FOUND:
+            endpoint = getattr(rpc, "label", None) or rpc.url  # never a key in the URL's path
             raise MethodUnsupportedError(
-                f"the endpoint {rpc.url} does not serve {TRACE_METHOD} (JSON-RPC -32601, "
+                f"the endpoint {endpoint} does not serve {TRACE_METHOD} (JSON-RPC -32601, "
                 "method not found): geth_calls needs the debug_* namespace with the "
                 "callTracer, and the datasets derived from it (traced_native_transfers, "
                 "traced_contracts) wait for it. Point TRACE_RPC_URL at a provider that serves "
