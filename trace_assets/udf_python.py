@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pyarrow as pa
@@ -52,7 +52,6 @@ from trace_resources.udfs import UdfDeclaration, as_dataset_declaration
 from trace_resources.udfs.catalogue import input_catalogue
 from trace_resources.udfs.declaration import PythonCode
 from trace_resources.udfs.jail import JailLimits, read_stop
-from trace_resources.udfs.k8s import ScopedPipesK8sClient, UdfPod, UdfPodError, udf_pod
 from trace_resources.udfs.python import (
     MODULE_FILE,
     ScopedPipesSubprocessClient,
@@ -61,6 +60,9 @@ from trace_resources.udfs.python import (
     udf_launch,
 )
 from trace_resources.udfs.venvs import UdfVenvError, build_venv
+
+if TYPE_CHECKING:
+    from trace_resources.udfs.k8s import UdfPod
 
 __all__ = ["build_python_udf_asset", "pod_launch"]
 
@@ -224,9 +226,12 @@ def pod_launch(
     extras: dict[str, Any],
     limits: JailLimits,
     settings: Settings,
-) -> tuple[UdfPod, dict[str, Any]]:
+) -> "tuple[UdfPod, dict[str, Any]]":
     """The attempt's pod and its Pipes extras: the image holds the runner only, so the
     module's source travels in the context."""
+    # imported here: the Kubernetes client takes seconds to import, and only k8s runs need it
+    from trace_resources.udfs.k8s import udf_pod
+
     pod = udf_pod(
         limits,
         repository=settings.udf_k8s_image,
@@ -248,6 +253,8 @@ def _run_in_pod(
     settings: Settings,
 ) -> tuple[Any, int, str | None]:
     """The attempt's process in a pod of its own (`TRACE_UDF_LAUNCHER=k8s`), same result."""
+    from trace_resources.udfs.k8s import ScopedPipesK8sClient, UdfPodError
+
     try:
         pod, pod_extras = pod_launch(udf, code, key, extras, limits, settings)
         return ScopedPipesK8sClient().run_launch(
