@@ -281,7 +281,12 @@ def _run_partition(
     python = _venv(context, udf, code) if local else None
     attempt = staging.begin(udf.name, key, mode=udf.mode)
     file_key = data_file_key(udf.name, key, attempt.attempt_id, 0)
-    token, jti = _task_token(udf, key, attempt, file_key, readable, int(limits.timeout_s) + 120)
+    ttl = int(limits.timeout_s) + 120
+    if not local:
+        from trace_resources.udfs.k8s import POD_START_S
+
+        ttl += POD_START_S  # the pod may wait that long to start (the deadline counts from it)
+    token, jti = _task_token(udf, key, attempt, file_key, readable, ttl)
     try:
         extras = _extras(udf, code, schema, token, file_key, settings)
         try:

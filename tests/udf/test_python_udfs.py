@@ -49,6 +49,7 @@ from trace_assets.udfs import build_udf_asset
 from trace_resources.chain.ranges import complete_ranges, parse_partition_key
 from trace_resources.registry import arrow_schema
 from trace_resources.settings import QuerySettings, get_settings
+from trace_resources.storage.access import revoked_table
 from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.object_store import s3_store
 from trace_resources.storage.paths import data_file_key
@@ -898,3 +899,34 @@ def _as_here(command: list[str], code: PythonCode, folder: Path) -> list[str]:
         copy.chmod(0o644)
         here[image_path] = str(copy)
     return [here.get(part, part) for part in command]
+
+
+def test_the_k8s_launcher_without_a_cluster_fails_in_one_line_and_commits_nothing(
+    pyworld: PyWorld, tmp_path: Path
+) -> None:
+    """`TRACE_UDF_LAUNCHER=k8s` where no cluster is configured: the step says so and how to fix
+    it, its attempt's token is revoked, nothing is committed (the launch is the only part that
+    differs from the local launcher)."""
+    name = "org_acme__py_no_cluster"
+    env = {"TRACE_UDF_LAUNCHER": "k8s", "KUBECONFIG": str(tmp_path / "no-kubeconfig")}
+    started = time.time()
+    result = _materialise(pyworld, _declaration(name, MODULE), pyworld.busy[:1], env)
+    assert not result.success
+    failure = result.failure_data_for_node(name)
+    assert failure is not None and failure.user_failure_data is not None, failure
+    description = failure.user_failure_data.description or ""
+    assert description.startswith(
+        f"{name} partition {pyworld.busy[0]}: the Python transform "
+        "could not run: no Kubernetes configuration"
+    ), description
+    assert "set TRACE_UDF_LAUNCHER=local" in description
+    assert description.endswith("nothing was committed")
+    assert pyworld.world.reader.resolve(name) == {}
+    with engine_for(pyworld.world.settings.state_dsn).connect() as conn:
+        revoked = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(revoked_table)
+            .where(revoked_table.c.reason == "the attempt's process ended")
+            .where(revoked_table.c.revoked_at >= sa.func.to_timestamp(started - 1))
+        ).scalar_one()
+    assert revoked >= 1

@@ -71,6 +71,7 @@ __all__ = [
     "IMAGE_PYTHON",
     "IMAGE_RUNNER",
     "POD_LABELS",
+    "POD_START_S",
     "ScopedPipesK8sClient",
     "UdfPod",
     "UdfPodError",
@@ -92,6 +93,9 @@ CONTAINER = "udf"
 # one environment variable reaches the process through execve: at most 128 KiB on Linux
 MAX_CONTEXT_CHARS = 120_000
 JAIL_SAID = "trace-udf-jail: stopped: the UDF "
+# how long a pod may take to be scheduled and pull its image, on top of its wall time (the
+# deadline counts from its start): the launcher waits that long, and the task token lives it
+POD_START_S = 600
 
 
 class UdfPodError(Exception):
@@ -191,7 +195,7 @@ def udf_pod(
         env=env,
         meta=meta,
         spec=spec,
-        wait_timeout_s=limits.timeout_s + 600,  # image pulls and scheduling on top of the deadline
+        wait_timeout_s=limits.timeout_s + POD_START_S,
         requirements=list(requirements),
     )
 
