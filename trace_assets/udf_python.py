@@ -8,7 +8,9 @@ For each partition the platform
    (`PUT /v1/tasks/uploads/{key}` on the query service, which stores it in the datasets
    bucket, S3 or local alike);
 2. starts the transform's process (`trace_resources.udfs.python.udf_launch`: an environment
-   from an allow-list, no platform secret) with the token, the inputs, the upload URL and the
+   from an allow-list, no platform secret, under the jail; or with `TRACE_UDF_LAUNCHER=k8s` a
+   pod of its own through PipesK8sClient, `trace_resources.udfs.k8s.udf_pod`, with the same
+   limits and environment) with the token, the inputs, the upload URL and the
    declared schema in the Pipes context; its logs and materialisation metadata come back
    through Pipes;
 3. revokes the token when the process ends (nothing more is written after it), reads the
@@ -27,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pyarrow as pa
@@ -59,7 +61,10 @@ from trace_resources.udfs.python import (
 )
 from trace_resources.udfs.venvs import UdfVenvError, build_venv
 
-__all__ = ["build_python_udf_asset"]
+if TYPE_CHECKING:
+    from trace_resources.udfs.k8s import UdfPod
+
+__all__ = ["build_python_udf_asset", "pod_launch"]
 
 UPLOADS_ROUTE = "/v1/tasks/uploads/"
 
@@ -170,6 +175,95 @@ def _staged_file(
     return table, entry
 
 
+def _venv(context: dg.AssetExecutionContext, udf: UdfDeclaration, code: PythonCode) -> Path:
+    """The interpreter of the transform's own venv (local launcher)."""
+    try:
+        venv = build_venv(list(code.requirements))
+    except UdfVenvError as exc:
+        raise _failure(f"{udf.name}: its environment could not be built: {exc}") from None
+    if not venv.cache_hit:
+        context.log.info(f"{udf.name}: built its environment {venv.path}")
+    return venv.python
+
+
+def _run_in_jail(
+    context: dg.AssetExecutionContext,
+    udf: UdfDeclaration,
+    code: PythonCode,
+    python: Path,
+    key: str,
+    extras: dict[str, Any],
+    limits: JailLimits,
+) -> tuple[Any, int, str | None]:
+    """The attempt's process beside this step, under the jail: (its Pipes invocation, its
+    exit code, why the jail stopped it or None)."""
+    workdir = Path(tempfile.mkdtemp(prefix="trace-udf-"))
+    private = Path(tempfile.mkdtemp(prefix="trace-udf-status-"))  # the launcher's only
+    status = private / "jail.json"
+    try:
+        runner = prepare_workdir(workdir, code.source)
+        launch = udf_launch(str(python), runner, workdir, jail=(limits, status))
+        try:
+            # the jail stops it at its wall time; this is the launcher's own backstop
+            invocation, code_ = ScopedPipesSubprocessClient().run_launch(
+                context=context, launch=launch, extras=extras, timeout_s=limits.timeout_s + 30
+            )
+        except UdfTimeout as exc:
+            raise _process_failure(
+                udf, key, None, f"{exc} (TRACE_UDF_PY_TIMEOUT_S) and was killed"
+            ) from None
+        stop = read_stop(status)
+        return invocation, code_, None if stop is None else stop.message
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def pod_launch(
+    udf: UdfDeclaration,
+    code: PythonCode,
+    key: str,
+    extras: dict[str, Any],
+    limits: JailLimits,
+    settings: Settings,
+) -> "tuple[UdfPod, dict[str, Any]]":
+    """The attempt's pod and its Pipes extras: the image holds the runner only, so the
+    module's source travels in the context."""
+    # imported here: the Kubernetes client takes seconds to import, and only k8s runs need it
+    from trace_resources.udfs.k8s import udf_pod
+
+    pod = udf_pod(
+        limits,
+        repository=settings.udf_k8s_image,
+        namespace=settings.udf_k8s_namespace,
+        requirements=code.requirements,
+        labels={"trace.dev/org": udf.org},
+        annotations={"trace.dev/udf": udf.name, "trace.dev/partition": key},
+    )
+    return pod, {**extras, "module_source": code.source}
+
+
+def _run_in_pod(
+    context: dg.AssetExecutionContext,
+    udf: UdfDeclaration,
+    code: PythonCode,
+    key: str,
+    extras: dict[str, Any],
+    limits: JailLimits,
+    settings: Settings,
+) -> tuple[Any, int, str | None]:
+    """The attempt's process in a pod of its own (`TRACE_UDF_LAUNCHER=k8s`), same result."""
+    from trace_resources.udfs.k8s import ScopedPipesK8sClient, UdfPodError
+
+    try:
+        pod, pod_extras = pod_launch(udf, code, key, extras, limits, settings)
+        return ScopedPipesK8sClient().run_launch(
+            context=context, pod=pod, extras=pod_extras, limits=limits
+        )
+    except (UdfPodError, UdfVenvError) as exc:
+        raise _process_failure(udf, key, None, f"could not run: {exc}") from None
+
+
 def _run_partition(
     context: dg.AssetExecutionContext,
     udf: UdfDeclaration,
@@ -183,42 +277,33 @@ def _run_partition(
 ) -> tuple[pa.Table, StagedPartition]:
     settings = get_settings()
     limits = JailLimits.from_settings(settings)
-    try:
-        venv = build_venv(list(code.requirements))
-    except UdfVenvError as exc:
-        raise _failure(f"{udf.name}: its environment could not be built: {exc}") from None
-    if not venv.cache_hit:
-        context.log.info(f"{udf.name}: built its environment {venv.path}")
+    local = settings.udf_launcher == "local"
+    python = _venv(context, udf, code) if local else None
     attempt = staging.begin(udf.name, key, mode=udf.mode)
     file_key = data_file_key(udf.name, key, attempt.attempt_id, 0)
-    workdir = Path(tempfile.mkdtemp(prefix="trace-udf-"))
-    private = Path(tempfile.mkdtemp(prefix="trace-udf-status-"))  # the launcher's only
-    status = private / "jail.json"
-    token, jti = _task_token(udf, key, attempt, file_key, readable, int(limits.timeout_s) + 120)
-    invocation = None
+    ttl = int(limits.timeout_s) + 120
+    if not local:
+        from trace_resources.udfs.k8s import POD_START_S
+
+        ttl += POD_START_S  # the pod may wait that long to start (the deadline counts from it)
+    token, jti = _task_token(udf, key, attempt, file_key, readable, ttl)
     try:
-        runner = prepare_workdir(workdir, code.source)
-        launch = udf_launch(str(venv.python), runner, workdir, jail=(limits, status))
-        client = ScopedPipesSubprocessClient()
+        extras = _extras(udf, code, schema, token, file_key, settings)
         try:
-            # the jail stops it at its wall time; this is the launcher's own backstop
-            invocation, code_ = client.run_launch(
-                context=context,
-                launch=launch,
-                extras=_extras(udf, code, schema, token, file_key, settings),
-                timeout_s=limits.timeout_s + 30,
-            )
-        except UdfTimeout as exc:
-            raise _process_failure(
-                udf, key, None, f"{exc} (TRACE_UDF_PY_TIMEOUT_S) and was killed"
-            ) from None
+            if python is not None:
+                invocation, code_, stop = _run_in_jail(
+                    context, udf, code, python, key, extras, limits
+                )
+            else:
+                invocation, code_, stop = _run_in_pod(
+                    context, udf, code, key, extras, limits, settings
+                )
         except (ValueError, dg.DagsterError) as exc:  # what it wrote to Pipes is not Pipes'
             raise _process_failure(
                 udf, key, None, f"sent messages Dagster Pipes can not read ({exc})"
             ) from None
-        stop = read_stop(status)
         if stop is not None:
-            raise _process_failure(udf, key, invocation, stop.message)
+            raise _process_failure(udf, key, invocation, stop)
         if code_ != 0:
             how = f"was killed by signal {-code_}" if code_ < 0 else f"failed (exit code {code_})"
             failure = _process_failure(udf, key, invocation, how)
@@ -226,8 +311,6 @@ def _run_partition(
             raise failure
     finally:
         revoke_token(engine, jti, "the attempt's process ended")  # nothing is written after it
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(private, ignore_errors=True)
     table, entry = _staged_file(udf, schema, objects, file_key, key)
     reported = invocation.get_results(implicit_materializations=False)
     reported_metadata = {

@@ -470,6 +470,23 @@ class Settings(BaseSettings):
         description="The query service as a Python transform's process reaches it: it reads "
         "its inputs and uploads its output there, with its task token only.",
     )
+    udf_launcher: Literal["local", "k8s"] = Field(
+        "local",
+        description="Where a Python transform's process runs: `local` (a jailed process "
+        "beside the Dagster step, through PipesSubprocessClient) or `k8s` (a pod of its own, "
+        "through PipesK8sClient, with the same limits; trace_resources.udfs.k8s).",
+    )
+    udf_k8s_image: str = Field(
+        "trace-udf-runner",
+        description="Repository of the UDF runner image (infra/deploy/k8s/Dockerfile.udf-runner)"
+        ", without a tag: a transform runs the tag its requirements name (`base` without any,"
+        " else `req-<hash>`; the failure of a missing one says how to build it).",
+    )
+    udf_k8s_namespace: str = Field(
+        "trace-udf",
+        description="Kubernetes namespace of the UDF pods (its NetworkPolicy lets them reach "
+        "the query service and DNS only).",
+    )
     udf_python_retries: int = Field(
         1,
         ge=0,

@@ -8,12 +8,16 @@ process killed mid-run is retried by Dagster and commits once."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
+from dagster._core.pipes.utils import extract_message_or_forward_to_stdout
 from polars.testing import assert_frame_equal
 
 from infra.bench.ui_backfill import DONE, LAUNCH, DagsterDev
@@ -38,17 +43,27 @@ from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.partitions import block_ranges
 from trace_assets.raw.chain import raw_chain
+from trace_assets.udf_python import _extras as _extras_of
+from trace_assets.udf_python import _task_token, pod_launch
 from trace_assets.udfs import build_udf_asset
 from trace_resources.chain.ranges import complete_ranges, parse_partition_key
-from trace_resources.settings import QuerySettings
+from trace_resources.registry import arrow_schema
+from trace_resources.settings import QuerySettings, get_settings
+from trace_resources.storage.access import revoked_table
 from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.object_store import s3_store
+from trace_resources.storage.paths import data_file_key
+from trace_resources.storage.records import Attempt
 from trace_resources.storage.state import attempts as attempts_table
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
-from trace_resources.udfs import UdfDeclaration, UdfError
+from trace_resources.udfs import UdfDeclaration, UdfError, as_dataset_declaration
 from trace_resources.udfs.catalogue import input_catalogue
-from trace_resources.udfs.declaration import load_udf
+from trace_resources.udfs.declaration import PythonCode, load_udf, parse_udf
+from trace_resources.udfs.jail import JAIL_EXEC, JailLimits
+from trace_resources.udfs.k8s import IMAGE_JAIL, IMAGE_PYTHON, IMAGE_RUNNER, ScopedPipesK8sClient
+from trace_resources.udfs.python import RUNNER_PATH
+from trace_resources.udfs.venvs import build_venv
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -798,3 +813,120 @@ def test_the_ui_materialises_the_python_transform_over_new_labels(
     assert isinstance(got, pl.DataFrame)
     assert_frame_equal(got.sort("token"), want.sort("token"))
     assert set(got["label"].drop_nulls()) <= {"v2 token 0", "v2 token 1", "v2 token 2"}
+
+
+@pytest.fixture
+def image_opt() -> Iterator[Path]:
+    """The image's /opt/trace on this host: a folder a jailed uid can read."""
+    folder = Path(tempfile.mkdtemp(prefix="trace-k8s-opt-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_pods_command_runs_the_transform_with_pipes_k8s_defaults(
+    pyworld: PyWorld, image_opt: Path, tmp_path: Path
+) -> None:
+    """The container of the pod `TRACE_UDF_LAUNCHER=k8s` submits, run here as a process (no
+    cluster): its command (the image's paths mapped to this repository's files and the
+    transform's venv), exactly its environment (the Pipes context in a variable, the messages
+    on stderr: PipesK8sClient's defaults), its module from the context. It reads the range from
+    the real query service with the attempt's token and uploads its Parquet there, equal to
+    the function run directly; its log lines and metadata come back through Pipes."""
+    key = pyworld.busy[0]
+    (tmp_path / "token_flows.py").write_text(MODULE)
+    udf, _ = parse_udf(YAML, "token_flows.yaml", tmp_path)
+    code = udf.code
+    assert isinstance(code, PythonCode)
+    staged: dict[str, Any] = {}
+
+    @dg.asset(name=UDF)
+    def step(context):  # type: ignore[no-untyped-def]
+        settings = get_settings()
+        limits = JailLimits.from_settings(settings)
+        schema = arrow_schema(as_dataset_declaration(udf))
+        attempt = Attempt(uuid.uuid4().hex, udf.name, key, fence=1)
+        file_key = data_file_key(udf.name, key, attempt.attempt_id, 0)
+        readable = input_catalogue(engine_for(settings.state_dsn), udf.org)
+        token, _ = _task_token(udf, key, attempt, file_key, readable, 600)
+        extras = _extras_of(udf, code, schema, token, file_key, settings)
+        pod, pod_extras = pod_launch(udf, code, key, extras, limits, settings)
+        client = ScopedPipesK8sClient()
+        with client.pod_session(context, pod, pod_extras) as (session, _, body):
+            (container,) = body.spec.containers
+            done = subprocess.run(
+                _as_here(container.command, code, image_opt),
+                env={e.name: e.value for e in container.env},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            # what PipesK8sPodLogsMessageReader does with each line of the pod's log
+            handler = client.message_reader._handler  # type: ignore[attr-defined]
+            for line in (done.stdout + done.stderr).splitlines():
+                extract_message_or_forward_to_stdout(handler, line)
+        staged.update(code=done.returncode, stderr=done.stderr[-4000:], key=file_key)
+        yield from session.get_results(implicit_materializations=False)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in pyworld.platform_env.items():
+            mp.setenv(name, value)
+        result = dg.materialize([step], raise_on_error=False)
+    assert staged["code"] == 0, staged["stderr"]
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node(UDF)
+    store = s3_store(
+        pyworld.world.settings.bucket_datasets, endpoint_url=pyworld.world.settings.s3_endpoint_url
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in pyworld.platform_env.items():
+            mp.setenv(name, value)
+        got = pl.read_parquet(io.BytesIO(store.get_bytes(staged["key"])))
+    transfers = pl.from_arrow(pyworld.world.reader.read("erc20_transfers", [key]))
+    want = _function(MODULE)({"erc20_transfers": transfers})
+    assert_frame_equal(got, want, check_dtypes=False)
+    assert materialization.metadata["udf/rows"].value == want.height
+
+
+def _as_here(command: list[str], code: PythonCode, folder: Path) -> list[str]:
+    """The container's command with the image's paths mapped to this host: its interpreter is
+    the transform's venv (what the image's requirements build installs), the runner and the
+    jail's wrapper are copies of the files the Dockerfile copies, readable by a jailed uid."""
+    here = {IMAGE_PYTHON: str(build_venv(list(code.requirements)).python)}
+    for image_path, source in ((IMAGE_RUNNER, RUNNER_PATH), (IMAGE_JAIL, JAIL_EXEC)):
+        copy = folder / Path(image_path).name
+        shutil.copyfile(source, copy)
+        copy.chmod(0o644)
+        here[image_path] = str(copy)
+    return [here.get(part, part) for part in command]
+
+
+def test_the_k8s_launcher_without_a_cluster_fails_in_one_line_and_commits_nothing(
+    pyworld: PyWorld, tmp_path: Path
+) -> None:
+    """`TRACE_UDF_LAUNCHER=k8s` where no cluster is configured: the step says so and how to fix
+    it, its attempt's token is revoked, nothing is committed (the launch is the only part that
+    differs from the local launcher)."""
+    name = "org_acme__py_no_cluster"
+    env = {"TRACE_UDF_LAUNCHER": "k8s", "KUBECONFIG": str(tmp_path / "no-kubeconfig")}
+    started = time.time()
+    result = _materialise(pyworld, _declaration(name, MODULE), pyworld.busy[:1], env)
+    assert not result.success
+    failure = result.failure_data_for_node(name)
+    assert failure is not None and failure.user_failure_data is not None, failure
+    description = failure.user_failure_data.description or ""
+    assert description.startswith(
+        f"{name} partition {pyworld.busy[0]}: the Python transform "
+        "could not run: no Kubernetes configuration"
+    ), description
+    assert "set TRACE_UDF_LAUNCHER=local" in description
+    assert description.endswith("nothing was committed")
+    assert pyworld.world.reader.resolve(name) == {}
+    with engine_for(pyworld.world.settings.state_dsn).connect() as conn:
+        revoked = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(revoked_table)
+            .where(revoked_table.c.reason == "the attempt's process ended")
+            .where(revoked_table.c.revoked_at >= sa.func.to_timestamp(started - 1))
+        ).scalar_one()
+    assert revoked >= 1

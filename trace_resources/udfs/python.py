@@ -35,6 +35,7 @@ from dagster_shared.utils.warnings import PreviewWarning
 from trace_resources.udfs.jail import JailLimits, jail_argv
 
 __all__ = [
+    "BASE_ENV",
     "RUNNER_PATH",
     "RUNNER_REQUIREMENTS",
     "MODULE_FILE",
@@ -52,6 +53,8 @@ RUNNER_FILE = "trace_udf_runner.py"
 MODULE_FILE = "trace_udf_module.py"
 # the only variables a transform's process gets from its launcher (plus Dagster Pipes' own)
 _ENV_ALLOW = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PATH": "/usr/local/bin:/usr/bin:/bin"}
+# ... and for every launcher (this one's jail, or a pod: trace_resources.udfs.k8s)
+BASE_ENV = {**_ENV_ALLOW, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,7 @@ def udf_launch(
     With `jail` (its limits, and a status file the UDF's uid can not reach), the command runs
     under the jail (`trace_resources.udfs.jail`): its own uid, its own private cwd/HOME/TMPDIR,
     and the limits; only the variables built here reach it."""
-    env = {
-        **_ENV_ALLOW,
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {**BASE_ENV, "HOME": str(workdir), "TMPDIR": str(workdir)}
     argv = [python_executable, "-I", str(runner_script)]
     if jail is not None:
         limits, status_file = jail

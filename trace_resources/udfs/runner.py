@@ -8,7 +8,8 @@ task token:
 
 1. reads the declared columns of each input, for exactly this partition, from the query
    service (`POST /v1/query`, Arrow IPC, paged with `next_cursor`);
-2. imports the transform's module from the working folder and calls its function with
+2. imports the transform's module from the working folder (or, in a pod, from the context's
+   `module_source`) and calls its function with
    `{dataset: table}` (pyarrow Tables or polars DataFrames);
 3. writes the returned rows as one Parquet file (cast to the declared schema when they fit
    it) and uploads it to the one staging key the token may write;
@@ -26,6 +27,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -172,12 +174,24 @@ def run(pipes: PipesContext, spec: Mapping[str, Any], workdir: Path) -> None:
     )
 
 
+def module_folder(spec: Mapping[str, Any]) -> Path:
+    """Where the transform's module is: beside this script (the local launcher copies both
+    into the attempt's folder), or written from the context's `module_source` into a fresh
+    temporary folder (a pod, whose image holds the runner only)."""
+    source = spec.get("module_source")
+    if source is None:
+        return Path(__file__).resolve().parent
+    folder = Path(tempfile.mkdtemp(prefix="trace-udf-module-"))
+    (folder / spec["module_file"]).write_text(source)
+    return folder
+
+
 def main() -> int:
     runner = os.getpid()
     with open_dagster_pipes() as pipes:
         spec = pipes.extras
         try:
-            run(pipes, spec, Path(__file__).resolve().parent)  # the module is beside it
+            run(pipes, spec, module_folder(spec))
         except BaseException as exc:
             if os.getpid() != runner:  # a process the transform forked: it reports nothing
                 os._exit(1)
