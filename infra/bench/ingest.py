@@ -22,6 +22,18 @@ ui: a backfill of the three over every range launched as the Dagster UI launches
 rounds), from the submission to the backfill's completion (`infra/bench/ui_backfill.py`);
 with where its time went (daemon ticks, queue, launch, step), from the run's events.
 
+remote (`--remote-blocks N`): the first N blocks' ranges again, Trace and bare cryo alternated,
+through `infra/local/rpc_provider.py` as a remote provider would serve them: 30 ms each way,
+25 requests/s, batches of 100. Trace is told the endpoint's limits (TRACE_RPC_ENDPOINTS);
+cryo gets the settings its README gives for rate-limited nodes, by hand: `requests_per_second`
+24 (its one `eth_chainId` per collect is not throttled) and 100 blocks per `eth_getLogs`
+(`inner_request_size`). The proxy's counters (most requests in any second, refusals) are
+printed for each. Line: `ingest_remote: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`.
+
+CPU: the process's CPU seconds per 1,000 blocks of each loopback run (cryo's threads included in
+both; the node, PostgreSQL and the S3 API are other processes, so not counted), as
+`ingest_cpu: trace_s_per_1000=<s> cryo_s_per_1000=<s>`.
+
 Last lines: `ingest: trace=<blocks/s> cryo=<blocks/s> ratio=<trace/cryo>`,
 `ingest_cli: trace_s=<s> cryo_s=<s> ratio=<cryo_s/trace_s>`, the same for `ingest_dagster_cli`
 and `ingest_ui` (medians).
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -54,6 +67,7 @@ from dagster._core.storage.tags import (
 from infra.bench.ui_backfill import Breakdown, DagsterDev, run_breakdown, time_ui
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.dagster_cli import materialize_command
+from infra.local.rpc_provider import ProviderLimits, ProviderProxy
 from infra.local.services import REPO_ROOT, AnvilNode, MotoS3Server, PostgresServer, free_port
 from trace_assets.definitions import build_resources
 from trace_assets.partitions import add_finalized_partitions
@@ -237,9 +251,14 @@ def time_cli(env: dict[str, str], keys: list[str]) -> float:
     return seconds
 
 
-def time_cryo(rpc_url: str, first: int, last: int, out: Path) -> float:
+def time_cryo(
+    rpc_url: str, first: int, last: int, out: Path, limits: dict[str, int] | None = None
+) -> float:
     started = time.perf_counter()
     for dataset in RAW_DATASETS:
+        extra = dict(limits or {})
+        if dataset != "logs":
+            extra.pop("inner_request_size", None)
         frame = asyncio.run(
             cryo.async_collect(
                 dataset,
@@ -248,10 +267,64 @@ def time_cryo(rpc_url: str, first: int, last: int, out: Path) -> float:
                 output_format="polars",
                 include_columns=["all"],
                 verbose=False,
+                **extra,  # type: ignore[arg-type]
             )
         )
         frame.write_parquet(out / f"{dataset}.parquet")
     return time.perf_counter() - started
+
+
+REMOTE = ProviderLimits(latency_s=0.03, requests_per_second=25, max_batch=100)
+REMOTE_PROFILE = {"name": "remote", "requests_per_second": 25, "max_batch": 100}
+CRYO_REMOTE = {"requests_per_second": 24, "inner_request_size": 100}
+
+
+def cpu_timed(run: Callable[[], float], cpu: list[float]) -> Callable[[], float]:
+    """`run`, also appending the process's CPU seconds it took to `cpu`."""
+
+    def timed() -> float:
+        before = time.process_time()
+        seconds = run()
+        cpu.append(time.process_time() - before)
+        return seconds
+
+    return timed
+
+
+def remote_profile(bench: BenchServices, remote_blocks: int, rounds: int) -> None:
+    """Trace and bare cryo through a provider-like proxy (see the module docstring)."""
+    keys = [k for k in bench.keys if int(k[13:]) < int(bench.keys[0][:12]) + remote_blocks]
+    keys = keys or bench.keys[:1]
+    first, last = int(keys[0][:12]), int(keys[-1][13:])
+    blocks = last - first + 1
+    runs: dict[str, list[float]] = {"trace": [], "cryo": []}
+    with ProviderProxy(bench.node.url, REMOTE) as proxy:
+        endpoint = json.dumps([{"url": proxy.url, **REMOTE_PROFILE}])
+        settings = bench.settings.model_copy(update={"rpc_endpoints": endpoint})
+        contenders: list[tuple[str, Callable[[], float]]] = [
+            ("cryo", lambda: time_cryo(proxy.url, first, last, bench.work, CRYO_REMOTE)),
+            ("trace", lambda: time_trace(settings, bench.instance, keys)),
+        ]
+        _say(f"remote profile: {blocks} blocks in {len(keys)} ranges through {REMOTE}")
+        for round_number in range(rounds):
+            order = contenders if round_number % 2 == 0 else contenders[::-1]
+            for name, run in order:
+                proxy.reset()
+                seconds = run()
+                stats = proxy.stats()
+                runs[name].append(seconds)
+                _say(
+                    f"remote round {round_number + 1}: {name:<6} {seconds:6.2f} s "
+                    f"{blocks / seconds:6.1f} blocks/s; endpoint saw {stats.http_requests} "
+                    f"requests, at most {stats.max_rps} in a second, batches up to "
+                    f"{stats.max_batch}, refused {dict(stats.refused) or 'none'}"
+                )
+    trace_rate = blocks / statistics.median(runs["trace"])
+    cryo_rate = blocks / statistics.median(runs["cryo"])
+    print(
+        f"ingest_remote: trace={trace_rate:.1f} cryo={cryo_rate:.1f} "
+        f"ratio={trace_rate / cryo_rate:.2f}"
+    )
 
 
 def main() -> int:
@@ -281,6 +354,16 @@ def main() -> int:
         "(`trace backfill` on the running deployment), dagster-cli (`dagster asset "
         "materialize`), ui (a backfill through the webserver and daemon)",
     )
+    parser.add_argument(
+        "--remote-blocks",
+        type=int,
+        default=0,
+        help="also time the first N blocks' ranges through a provider-like proxy (30 ms each "
+        "way, 25 requests/s, batches of 100); 0: skip",
+    )
+    parser.add_argument(
+        "--remote-rounds", type=int, default=3, help="alternated rounds of the remote profile"
+    )
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = sorted(set(paths) - set(PATHS))
@@ -303,9 +386,10 @@ def main() -> int:
         env = settings_env(settings, work / "dagster_home")
         breakdowns: list[Breakdown] = []
         cli_breakdowns: list[Breakdown] = []
+        cpu: dict[str, list[float]] = {"trace": [], "cryo": []}
         available: dict[str, Callable[[], float]] = {
-            "trace": lambda: time_trace(settings, instance, keys),
-            "cryo": lambda: time_cryo(node.url, first, last, work),
+            "trace": cpu_timed(lambda: time_trace(settings, instance, keys), cpu["trace"]),
+            "cryo": cpu_timed(lambda: time_cryo(node.url, first, last, work), cpu["cryo"]),
             "dagster-cli": lambda: time_cli(env, keys),
         }
         if "ui" in paths or "cli" in paths:
@@ -335,6 +419,8 @@ def main() -> int:
                 _say(f"warm-up {round_number + 1}: {name:<11} {run():6.2f} s (not counted)")
         breakdowns.clear()
         cli_breakdowns.clear()
+        for samples in cpu.values():
+            samples.clear()
         for round_number in range(args.rounds):
             order = contenders if round_number % 2 == 0 else contenders[::-1]
             for name, run in order:
@@ -363,6 +449,11 @@ def main() -> int:
                 f"ingest: trace={trace_rate:.0f} cryo={cryo_rate:.0f} "
                 f"ratio={trace_rate / cryo_rate:.2f}"
             )
+        if cpu["trace"]:
+            trace_cpu, cryo_cpu = (statistics.median(cpu[k]) * 1000 / blocks for k in cpu)
+            print(f"ingest_cpu: trace_s_per_1000={trace_cpu:.2f} cryo_s_per_1000={cryo_cpu:.2f}")
+        if args.remote_blocks:
+            remote_profile(bench, args.remote_blocks, args.remote_rounds)
         for path in ("cli", "dagster-cli", "ui"):
             if path in runs:
                 path_s = statistics.median(runs[path])
