@@ -209,10 +209,10 @@ class ProviderProxy(FaultProxy):
                 while self._admitted and self._admitted[0] <= now - 1.0:
                     self._admitted.popleft()
                 if len(self._admitted) >= limits.requests_per_second:
-                    return self._refuse_rate("rate", calls)
+                    return self._refuse_rate("rate", calls, is_batch)
                 self._admitted.append(now)
             if limits.max_concurrent is not None and self._active >= limits.max_concurrent:
-                return self._refuse_rate("concurrency", calls)
+                return self._refuse_rate("concurrency", calls, is_batch)
             self._active += 1
             self._max_active = max(self._max_active, self._active)
             self._holding.slot = True
@@ -252,7 +252,7 @@ class ProviderProxy(FaultProxy):
         return (status, json.dumps(error).encode(), "application/json", {}), [None] * len(calls)
 
     def _refuse_rate(
-        self, kind: str, calls: list[Any]
+        self, kind: str, calls: list[Any], is_batch: bool
     ) -> tuple[Refusal, list[dict[str, Any] | None]]:
         self._refused[kind] += 1
         if self.limits.rate_refusal == "jsonrpc":
@@ -261,7 +261,7 @@ class ProviderProxy(FaultProxy):
                 for c in calls
                 if isinstance(c, dict)
             ]
-            body = json.dumps(answers if len(calls) != 1 else answers[0]).encode()
+            body = json.dumps(answers if is_batch else answers[0]).encode()
             return (200, body, "application/json", {}), [None] * len(calls)
         body = json.dumps({**_rpc_error(429, "Too Many Requests")}).encode()
         headers = {"Retry-After": str(self.limits.retry_after_s)}

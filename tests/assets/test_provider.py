@@ -159,6 +159,28 @@ def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(
     assert_committed_equal(state, objects, clean, RANGES)
 
 
+def test_an_endpoint_refusing_connections_is_left_for_the_next(
+    devnet: Devnet,
+    test_settings: Settings,
+    objects: ObjectStoreResource,
+    state: StateStoreResource,
+    clean: dict[str, pa.Table],
+) -> None:
+    with ProviderProxy(devnet.url) as dead, ProviderProxy(devnet.url) as second:
+        dead_url = dead.url
+        dead.stop()  # nothing listens there any more: connections are refused
+        profiles = [{"url": dead_url, "name": "dead"}, {"url": second.url, "name": "second"}]
+        result, instance = materialize_keys(
+            with_endpoints(test_settings, *profiles), [RANGES[0].key]
+        )
+        served = second.stats().calls
+
+    assert result.success, failure_description(result)
+    assert served["eth_getBlockReceipts"] >= RANGES[0].size
+    assert step_attempts(result, instance).restarts == 0
+    assert_committed_equal(state, objects, clean, RANGES[:1])
+
+
 def test_endpoints_disagreeing_on_a_finalized_hash_stop_the_range(
     devnet: Devnet, test_settings: Settings, state: StateStoreResource
 ) -> None:

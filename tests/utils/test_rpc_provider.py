@@ -9,7 +9,9 @@ import httpx
 
 from infra.local.rpc_provider import ProviderLimits, ProviderProxy
 from tests.conftest import Devnet
+from trace_resources.chain.endpoints import DEFAULT_LOGS_RANGE, Budget
 from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
+from trace_resources.settings import RpcEndpoint
 
 
 def post(url: str, body: object) -> httpx.Response:
@@ -77,3 +79,49 @@ def test_trace_s_client_keeps_to_the_rate_batch_and_concurrency_limits(devnet: D
     assert stats.calls["eth_getBlockTransactionCountByNumber"] == 90
     assert stats.refused == {}
     assert stats.max_batch <= 4 and stats.max_rps <= 20 and stats.max_concurrent <= 2
+
+
+def test_the_proxy_can_refuse_excess_like_providers_that_answer_32005(devnet: Devnet) -> None:
+    limits = ProviderLimits(requests_per_second=1, rate_refusal="jsonrpc")
+    with ProviderProxy(devnet.url, limits) as proxy:
+        assert post(proxy.url, call("eth_chainId", [])).json()["result"] == hex(10143)
+        refused = post(proxy.url, [call("eth_chainId", [], 7)])
+        stats = proxy.stats()
+    assert refused.status_code == 200
+    assert refused.json() == [
+        {"jsonrpc": "2.0", "id": 7, "error": {"code": -32005, "message": "limit exceeded"}}
+    ]
+    assert stats.refused == {"rate": 1}
+
+
+def test_an_endpoint_s_budget_is_shared_between_trace_s_calls_and_cryo_s() -> None:
+    """The split `trace_resources/chain/endpoints.py` makes (the proxy tests above and
+    tests/assets/test_provider.py check that the sum stays within the endpoint's limits)."""
+    limited = Budget(
+        RpcEndpoint(
+            url="http://x",
+            requests_per_second=25,
+            max_batch=100,
+            max_concurrent_requests=8,
+            max_logs_range=10,
+        )
+    )
+    assert limited.sequential_collects and limited.own_rps == 1 and limited.own_concurrency == 1
+    assert limited.cryo_kwargs("logs") == {
+        "max_concurrent_requests": 7,
+        "requests_per_second": 22,
+        "inner_request_size": 10,
+    }
+    # 20 requests/s without batches (one call per block for Trace too): a quarter for Trace;
+    # two ranges collected at once share the rest
+    unbatched = Budget(RpcEndpoint(url="http://x", requests_per_second=20, max_batch=1), 2)
+    assert unbatched.own_rps == 5
+    assert unbatched.cryo_kwargs("blocks") == {
+        "max_concurrent_requests": 32,
+        "requests_per_second": 5,
+    }
+    assert unbatched.cryo_kwargs("logs")["inner_request_size"] == DEFAULT_LOGS_RANGE
+    # no limits: cryo's settings as before the profiles, its collects at once
+    open_ = Budget(RpcEndpoint(url="http://x"))
+    assert not open_.sequential_collects and open_.own_rps is None
+    assert open_.cryo_kwargs("logs") == {"max_concurrent_requests": 32}

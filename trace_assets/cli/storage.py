@@ -47,6 +47,7 @@ def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
             settings.chain_id,
             timeout_s=min(settings.rpc_timeout_s, 5.0),
             retry=RetryPolicy(max_attempts=2, budget_s=5.0),
+            endpoints=settings.endpoints(),
         )
         try:
             lags = {lag.dataset: lag for lag in dataset_lags(read, client, block_range)}

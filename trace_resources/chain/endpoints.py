@@ -17,6 +17,7 @@ collects running at once add up. `inner_request_size` sets the blocks per `eth_g
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ T = TypeVar("T")
 FAILOVER_ERRORS = (RpcFaultError, RpcUnreachableError)
 
 
+# blocks per eth_getLogs on a rate-limited endpoint that names no logs range limit (the range
+# bare cryo is given in the ingest benchmark's remote profile; providers allow 1,000 or more)
+DEFAULT_LOGS_RANGE = 100
+
+
 class ForkMismatchError(ChainContinuityError):
     """Two endpoints disagree on the hash of a finalized block: they serve different forks."""
 
@@ -51,8 +57,9 @@ class Budget:
 
     `parallel` is how many ranges are collected at once. With a requests-per-second limit,
     the collects of one range run one after another (the node's rate, not concurrency, bounds
-    them), each with 90% of the rate left after Trace's own tenth, less one request a second
-    for cryo's unthrottled `eth_chainId`.
+    them), each with the rate left after Trace's own share, less one request a second for
+    cryo's unthrottled `eth_chainId` and one for jitter; logs are asked for `max_logs_range`
+    blocks at a time (`DEFAULT_LOGS_RANGE` on a rate-limited endpoint that names none).
     """
 
     endpoint: RpcEndpoint
@@ -66,7 +73,11 @@ class Budget:
     @property
     def own_rps(self) -> int | None:
         rps = self.endpoint.requests_per_second
-        return None if rps is None else max(1, rps // 10)
+        # Trace's own calls are one per block (transaction counts) in batches of max_batch,
+        # where cryo makes about three per block: their share of the rate, at least 1/s
+        if rps is None:
+            return None
+        return max(1, math.ceil(rps / (1 + 3 * self.endpoint.max_batch)))
 
     @property
     def own_concurrency(self) -> int | None:
@@ -80,11 +91,16 @@ class Budget:
         if e.max_concurrent_requests is not None:
             kwargs["max_concurrent_requests"] = max(1, (e.max_concurrent_requests - 1) // collects)
         if e.requests_per_second is not None:
-            # 10% below the rest of the limit: cryo's limiter has no margin for jitter
-            left = int((e.requests_per_second - (self.own_rps or 0)) * 0.9)
-            kwargs["requests_per_second"] = max(1, left // self.parallel - 1)
+            # less cryo's unthrottled eth_chainId and one for the network's jitter (cryo's
+            # limiter keeps to its rate exactly, measured: no margin of its own)
+            left = e.requests_per_second - (self.own_rps or 0)
+            kwargs["requests_per_second"] = max(1, left // self.parallel - 2)
         if dataset == "logs" and e.max_logs_range is not None:
             kwargs["inner_request_size"] = e.max_logs_range
+        elif dataset == "logs" and e.requests_per_second is not None:
+            # cryo asks for one block's logs per request by default: on a rate-limited
+            # endpoint, that is a quarter of the requests of a range spent on logs
+            kwargs["inner_request_size"] = DEFAULT_LOGS_RANGE
         return kwargs
 
 

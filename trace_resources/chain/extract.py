@@ -141,6 +141,10 @@ class ChainClient:
     def close(self) -> None:
         self.rpc.close()
 
+    def serves(self, method: str) -> bool:
+        """Whether the endpoint in use serves `method` (its profile's `unsupported` list)."""
+        return self.endpoints.budgets[self.endpoints.current].endpoint.serves(method)
+
     # -- head and preflight ------------------------------------------------------------
 
     def check_chain_id(self) -> None:
