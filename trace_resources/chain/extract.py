@@ -23,6 +23,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from trace_resources.chain.crosscheck import (
+    Check,
+    CheckStatus,
+    NodeEvidence,
+    check_against_node,
+    fetch_evidence,
+    probe_checks,
+)
 from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
@@ -119,6 +127,8 @@ class ChainClient:
         self.collect_timeout_s = collect_timeout_s
         self.retry = retry or RetryPolicy()
         self.rpc = JsonRpcClient(rpc_url, timeout_s=timeout_s, retry=self.retry)
+        self._checks: dict[Check, CheckStatus] | None = None
+        self._checks_lock = threading.Lock()
 
     def close(self) -> None:
         self.rpc.close()
@@ -197,6 +207,23 @@ class ChainClient:
             )
         return head
 
+    # -- verification against the node's headers (crosscheck.py) ------------------------
+
+    def node_checks(self) -> dict[Check, CheckStatus]:
+        """Which header, receipts and transactions checks the endpoint allows, probed once
+        per client; an unverifiable one is logged with its reason, never skipped silently."""
+        with self._checks_lock:
+            if self._checks is None:
+                self._checks = probe_checks(self.rpc)
+                for status in self._checks.values():
+                    if not status.possible:
+                        log.warning("range verification against %s: %s", self.rpc_url, status)
+            return self._checks
+
+    def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
+        checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+        return fetch_evidence(self.rpc, block_range, checks)
+
     # -- extraction ----------------------------------------------------------------------
 
     def extract_range(self, block_range: BlockRange) -> RangeData:
@@ -260,7 +287,7 @@ class ChainClient:
         self, block_range: BlockRange, collect_slots: threading.Semaphore | None
     ) -> RangeData:
         with collect_slots or contextlib.nullcontext():
-            frames, counts = asyncio.run(self._collect_all(block_range))
+            frames, counts, evidence = asyncio.run(self._collect_all(block_range))
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
                 frames["blocks"], "blocks", {"transaction_count": pa.array(counts, pa.uint32())}
@@ -268,7 +295,9 @@ class ChainClient:
             "transactions": to_schema(frames["transactions"], "transactions", {}),
             "logs": to_schema(frames["logs"], "logs", {}),
         }
-        verify_range(block_range, **tables).raise_if_incomplete()
+        report = verify_range(block_range, **tables)
+        check_against_node(report, tables, evidence)
+        report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
         first, last = (
             blocks.slice(0, 1).to_pylist()[0],
@@ -294,7 +323,7 @@ class ChainClient:
 
     async def _collect_all(
         self, block_range: BlockRange
-    ) -> tuple[dict[RawDataset, pl.DataFrame], np.ndarray]:
+    ) -> tuple[dict[RawDataset, pl.DataFrame], np.ndarray, NodeEvidence]:
         kwargs: dict[str, Any] = {
             "blocks": [block_range.cryo_spec],
             "rpc": self.rpc_url,
@@ -321,9 +350,10 @@ class ChainClient:
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
         counting = asyncio.create_task(asyncio.to_thread(self.transaction_counts, block_range))
+        evidence = asyncio.create_task(asyncio.to_thread(self.node_evidence, block_range))
         collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
         frames: dict[RawDataset, pl.DataFrame] = dict(zip(RAW_DATASETS, collected, strict=True))
         counts_by_block = await counting
         numbers = frames["blocks"]["block_number"].to_numpy()
         counts = np.array([counts_by_block.get(int(n), 0) for n in numbers], dtype=np.uint32)
-        return frames, counts
+        return frames, counts, await evidence
