@@ -28,6 +28,7 @@ from tests.utils.dagster_runs import (
     no_dagster_retry_delay,  # noqa: F401 - fixture
 )
 from tests.utils.fault_proxy import Fault, FaultProxy
+from trace_resources.chain.boundary import judge_boundary
 from trace_resources.chain.crosscheck import probe_checks
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange
@@ -229,3 +230,29 @@ def test_probe_says_which_checks_an_unknown_header_format_makes_impossible(
     assert str(checks["block_hash"]).startswith("block_hash: unverifiable: the hash recomputed")
     assert "is not the endpoint's" in checks["block_hash"].detail
     assert checks["receipts_root"].possible and checks["transactions_root"].possible
+
+
+def test_a_boundary_disagreement_is_judged_by_the_recomputed_header(devnet: Devnet) -> None:
+    """Committed 99 (forged or honest) against the next range's first block 100 (honest or
+    naming a forged parent): the side that differs from the recomputed hash is the wrong one."""
+    honest_99, honest_100 = _hash(devnet, 99), _hash(devnet, 100)
+    forged = _fake(99)
+    client = ChainClient(devnet.url, CHAIN_ID)
+    try:
+        verdicts = {
+            case: judge_boundary(client.rpc, (99, committed), (100, honest_100, parent))
+            for case, committed, parent in [
+                ("committed forged", forged, honest_99),
+                ("new forged", honest_99, forged),
+                ("agree", honest_99, honest_99),
+            ]
+        }
+    finally:
+        client.close()
+    assert {case: v.wrong for case, v in verdicts.items()} == {
+        "committed forged": "committed",
+        "new forged": "new",
+        "agree": "neither",
+    }
+    assert all(v.true_hash == honest_99 for v in verdicts.values())
+    assert "recomputed from its header" in verdicts["committed forged"].detail
