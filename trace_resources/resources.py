@@ -44,6 +44,12 @@ class ChainResource(dg.ConfigurableResource):
         default=120.0, description="Time spent retrying transient faults for one operation."
     )
     max_attempts: int = Field(default=8, description="Attempts per operation before giving up.")
+    verify_transactions_root: bool = Field(
+        default=False,
+        description="Also recompute each block's transactions root from its raw transactions "
+        "(one eth_getRawTransactionByBlockNumberAndIndex call per transaction; block hashes, "
+        "receipts roots and logs are always checked where the endpoint allows).",
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChainResource:
@@ -70,6 +76,7 @@ class ChainResource(dg.ConfigurableResource):
             timeout_s=self.timeout_s,
             collect_timeout_s=self.collect_timeout_s,
             retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
+            verify_transactions_root=self.verify_transactions_root,
         )
 
 

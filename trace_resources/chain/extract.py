@@ -119,8 +119,10 @@ class ChainClient:
         timeout_s: float = 10.0,
         collect_timeout_s: float = 300.0,
         retry: RetryPolicy | None = None,
+        verify_transactions_root: bool = False,
     ) -> None:
         self.rpc_url = rpc_url
+        self.verify_transactions_root = verify_transactions_root
         self.chain_id = chain_id
         self.requests_per_second = requests_per_second
         self.max_concurrent_requests = max_concurrent_requests
@@ -211,17 +213,27 @@ class ChainClient:
 
     def node_checks(self) -> dict[Check, CheckStatus]:
         """Which header, receipts and transactions checks the endpoint allows, probed once
-        per client; an unverifiable one is logged with its reason, never skipped silently."""
+        per client; one it does not allow, or that is off, is logged with why, never skipped
+        silently."""
         with self._checks_lock:
             if self._checks is None:
                 self._checks = probe_checks(self.rpc)
                 for status in self._checks.values():
                     if not status.possible:
                         log.warning("range verification against %s: %s", self.rpc_url, status)
+                if not self.verify_transactions_root:
+                    log.info(
+                        "range verification against %s: transactions roots and hashes are not "
+                        "recomputed (off: one call per transaction; set "
+                        "verify_transactions_root on the chain resource to turn it on)",
+                        self.rpc_url,
+                    )
             return self._checks
 
     def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
         checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+        if not self.verify_transactions_root:
+            checks -= {"transactions_root", "transaction_hashes"}
         return fetch_evidence(self.rpc, block_range, checks)
 
     # -- extraction ----------------------------------------------------------------------
