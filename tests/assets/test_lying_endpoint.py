@@ -256,3 +256,38 @@ def test_a_boundary_disagreement_is_judged_by_the_recomputed_header(devnet: Devn
     }
     assert all(v.true_hash == honest_99 for v in verdicts.values())
     assert "recomputed from its header" in verdicts["committed forged"].detail
+
+
+@pytest.mark.usefixtures("no_dagster_retry_delay")
+def test_a_wrong_committed_range_is_replaced_when_its_honest_neighbour_arrives(
+    devnet: Devnet,
+    test_settings: Settings,
+    state: StateStoreResource,
+    proxy: FaultProxy,
+) -> None:
+    """A range committed wrong where hashes could not be recomputed (the endpoint forged the
+    probe's blocks too, so the hash check was unverifiable): when the honest next range does
+    not link to it, the boundary is judged, the wrong range is extracted again and replaced,
+    and the honest one is committed after it."""
+    honest = _hash(devnet, FIRST.last)
+    top = devnet.finalized
+    forged = {_hash(devnet, n): _fake(n) for n in range(top - 40, top + 1)}
+    proxy.set_faults([Fault("replace_hash", replace={**forged, honest: _fake(FIRST.last)})])
+    settings = test_settings.model_copy(update={"rpc_url": proxy.url, "rpc_max_attempts": 1})
+    result, instance = materialize_keys(settings, [FIRST.key])
+    assert result.success, failure_description(result)
+    wrong = state.versions().read.current_versions("blocks")[FIRST.key]
+    assert wrong.manifest.source is not None
+    assert wrong.manifest.source["last"]["hash"] == _fake(FIRST.last)  # the lie was committed
+
+    proxy.set_faults([])
+    result, _ = materialize_keys(settings, [SECOND.key], instance)
+    assert result.success, failure_description(result)
+    for name in RAW_DATASETS:
+        current = state.versions().read.current_versions(name)
+        assert sorted(current) == [FIRST.key, SECOND.key]
+        first, second = current[FIRST.key], current[SECOND.key]
+        assert first.version == 2 and second.version == 1
+        assert first.manifest.source is not None and second.manifest.source is not None
+        assert first.manifest.source["last"]["hash"] == honest
+        assert second.manifest.source["first"]["parent_hash"] == honest
