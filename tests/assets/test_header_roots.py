@@ -17,6 +17,8 @@ from trie import HexaryTrie
 
 from trace_resources.chain.headers import (
     HeaderFormatError,
+    TransactionContent,
+    decode_transaction,
     header_hash,
     receipts_root,
     transactions_root,
@@ -94,3 +96,13 @@ def test_a_malformed_header_is_refused_with_what_is_wrong(
 ) -> None:
     with pytest.raises(HeaderFormatError, match=says.replace("[", r"\[").replace("]", r"\]")):
         header_hash(header)
+
+
+def test_raw_transactions_decode_by_type_and_unknown_types_say_so() -> None:
+    to, data = b"\x11" * 20, b"\x22\x33"
+    legacy = rlp.encode([5, 7, 21000, to, 10**18, data, 27, 1, 2])
+    dynamic = b"\x02" + rlp.encode([10143, 5, 1, 9, 21000, b"", 0, data, [], 0, 1, 2])
+    assert decode_transaction(legacy) == TransactionContent(0, 5, 21000, to, 10**18, data)
+    created = decode_transaction(dynamic)
+    assert created is not None and (created.type, created.to, created.gas_limit) == (2, b"", 21000)
+    assert decode_transaction(b"\x7e" + rlp.encode([b"deposit"])) is None

@@ -177,6 +177,21 @@ def test_a_consistently_rewritten_block_hash_is_caught_by_its_header(
     assert "parent hash does not link" not in message and "another fork" not in message
 
 
+def test_a_transaction_altered_in_the_block_is_caught_by_its_raw_transaction(
+    devnet: Devnet, proxy: FaultProxy
+) -> None:
+    tx = devnet.node.rpc("eth_getTransactionByBlockNumberAndIndex", [hex(120), "0x0"])
+    altered = tx["input"][:-2] + ("00" if tx["input"][-2:] != "00" else "01")
+    proxy.set_faults(
+        [Fault("replace_hash", methods={"eth_getBlockByNumber"}, replace={tx["input"]: altered})]
+    )
+    message = _refusal(proxy, SECOND)
+    assert "transactions differ from their raw transactions" in message
+    assert "input): blocks 120" in message
+    # the hash, the header and the receipts are all still the honest ones
+    assert HASH_CHECK not in message and RECEIPTS_CHECK not in message
+
+
 @pytest.mark.usefixtures("no_dagster_retry_delay")
 def test_a_hash_forged_at_a_range_boundary_is_never_current(
     devnet: Devnet,

@@ -31,8 +31,9 @@ Fault kinds (see ``Fault``):
   ``log_index`` of each chosen block from an ``eth_getLogs`` result, and from the block's
   receipts when ``eth_getBlockReceipts`` is among ``methods``; the block's later logs are
   renumbered, so the indices stay contiguous), ``replace_hash`` (replace
-  every string equal to a key of ``replace`` by its value, anywhere in any answer: a block's
-  hash rewritten consistently, i.e. also as the next block's parent hash and in its logs).
+  every string equal to a key of ``replace`` by its value, anywhere in any answer of
+  ``methods``: a block's hash rewritten consistently, i.e. also as the next block's parent
+  hash and in its logs; or any other value, such as a transaction's input).
 
 Scheduling: a fault applies to calls whose method is in ``methods`` (``None`` = the kind's
 default methods, i.e. all methods for transport/jsonrpc faults) and, when ``blocks`` is given,

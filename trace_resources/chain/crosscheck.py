@@ -7,8 +7,10 @@ hashes themselves were taken on trust. Here Trace fetches, with its own client a
 each block's header (`eth_getBlockByNumber`), receipts (`eth_getBlockReceipts`) and raw
 transactions (`eth_getRawTransactionByBlockNumberAndIndex`), recomputes the block hash, the
 receipts root and the transactions root from them (`headers.py`), and then requires the
-extracted tables to equal that evidence: header columns, transaction hashes and outcomes, and
-every log (count and content, which catches a log a bloom cannot miss).
+extracted tables to equal that evidence: header columns, transaction hashes and outcomes, every
+log (count and content, which catches a log a bloom cannot miss) and, with the raw
+transactions, each transaction's type, nonce, gas limit, recipient, value and input. (The
+sender is not recovered from the signature: it is the one extracted column left unchecked.)
 
 Which checks an endpoint allows is probed once (`probe_checks`): a chain whose header is not
 Ethereum's RLP form, or an endpoint that does not serve a method, makes a check
@@ -30,6 +32,7 @@ from eth_hash.auto import keccak
 
 from trace_resources.chain.headers import (
     HeaderFormatError,
+    decode_transaction,
     header_hash,
     receipts_root,
     transactions_root,
@@ -258,6 +261,8 @@ def check_against_node(
         _check_raw_transactions(
             report, headers, tx_hashes, evidence.raw_transactions, evidence.checks
         )
+        if "transactions_root" in evidence.checks:
+            _check_transaction_content(report, tables["transactions"], evidence.raw_transactions)
     _check_transaction_hashes(report, tables["transactions"], tx_hashes)
     if evidence.receipts is not None:
         _check_receipts(report, tables, headers, tx_hashes, evidence.receipts)
@@ -325,6 +330,59 @@ def _check_raw_transactions(
         wrong_root,
     )
     report.add("transaction hashes in the header are not the raw transactions' hashes", wrong_hash)
+
+
+_CONTENT_COLUMNS: dict[str, pa.DataType] = {
+    "block_number": pa.uint64(),
+    "transaction_index": pa.uint32(),
+    "transaction_type": pa.uint32(),
+    "nonce": pa.uint64(),
+    "gas_limit": pa.uint64(),
+    "to_address": pa.binary(),
+    "value_binary": pa.binary(),
+    "input": pa.binary(),
+}
+
+
+def _check_transaction_content(
+    report: VerificationReport, transactions: pa.Table, raws: Mapping[int, list[bytes]]
+) -> None:
+    """Each extracted transaction says what its raw transaction (under the header's
+    transactions root) says: type, nonce, gas limit, recipient, value and input."""
+    rows: dict[str, list[Any]] = {c: [] for c in _CONTENT_COLUMNS}
+    unknown = []
+    for number, block in raws.items():
+        for index, raw in enumerate(block):
+            content = decode_transaction(raw)
+            if content is None:
+                unknown.append(number)
+                continue
+            for column, value in zip(
+                _CONTENT_COLUMNS,
+                (number, index, content.type, content.nonce, content.gas_limit, content.to),
+                strict=False,
+            ):
+                rows[column].append(value)
+            rows["value_binary"].append(content.value.to_bytes(32, "big"))
+            rows["input"].append(content.input)
+    report.add("transactions of a type Trace cannot decode (raw transactions)", unknown)
+    node = pa.table({c: pa.array(v, _CONTENT_COLUMNS[c]) for c, v in rows.items()})
+    extracted = transactions.select(list(_CONTENT_COLUMNS)).cast(node.schema)
+    extracted = pa.table(
+        {
+            c: pc.fill_null(extracted[c], b"") if pa.types.is_binary(t) else extracted[c]
+            for c, t in _CONTENT_COLUMNS.items()
+        }
+    )
+    skip = set(unknown)
+    if skip:  # compared only where the raw transactions could be decoded
+        keep = pc.invert(pc.is_in(extracted["block_number"], pa.array(sorted(skip), pa.uint64())))
+        extracted = extracted.filter(keep)
+    report.add(
+        "transactions differ from their raw transactions (type, nonce, gas limit, to, value or "
+        "input)",
+        _differing_blocks(extracted, node, list(_CONTENT_COLUMNS)),
+    )
 
 
 def _check_transaction_hashes(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import rlp
@@ -34,6 +35,8 @@ from trie.utils.nodes import (
 
 __all__ = [
     "HeaderFormatError",
+    "TransactionContent",
+    "decode_transaction",
     "header_hash",
     "receipts_root",
     "transactions_root",
@@ -155,6 +158,47 @@ def transactions_root(raw_transactions: Sequence[bytes]) -> bytes:
     """The transactions root of a block from its transactions' EIP-2718 encodings (as
     `eth_getRawTransactionByBlockNumberAndIndex` serves them)."""
     return _trie_root(raw_transactions)
+
+
+@dataclass(frozen=True)
+class TransactionContent:
+    """What a raw transaction says of itself (the sender needs its signature recovered)."""
+
+    type: int
+    nonce: int
+    gas_limit: int
+    to: bytes  # empty for a contract creation
+    value: int
+    input: bytes
+
+
+# positions of nonce, gas limit, to, value and input in each EIP-2718 type's RLP payload
+_TX_FIELDS: dict[int, tuple[int, int, int, int, int]] = {
+    0: (0, 2, 3, 4, 5),  # legacy: nonce, gasPrice, gas, to, value, data, v, r, s
+    1: (1, 3, 4, 5, 6),  # EIP-2930: chainId, nonce, gasPrice, gas, to, value, data, ...
+    2: (1, 4, 5, 6, 7),  # EIP-1559: chainId, nonce, maxPriorityFee, maxFee, gas, to, ...
+    3: (1, 4, 5, 6, 7),  # EIP-4844: as 1559, then blob fields
+    4: (1, 4, 5, 6, 7),  # EIP-7702: as 1559, then the authorization list
+}
+
+
+def decode_transaction(raw: bytes) -> TransactionContent | None:
+    """The content of a raw transaction; None for a type Trace does not know."""
+    if not raw:
+        return None
+    kind, payload = (0, raw) if raw[0] >= 0xC0 else (raw[0], raw[1:])
+    if kind not in _TX_FIELDS:
+        return None
+    fields = rlp.decode(payload)
+    nonce, gas, to, value, data = (fields[i] for i in _TX_FIELDS[kind])
+    return TransactionContent(
+        kind,
+        big_endian_int.deserialize(nonce),
+        big_endian_int.deserialize(gas),
+        to,
+        big_endian_int.deserialize(value),
+        data,
+    )
 
 
 def receipt_logs(receipt: Mapping[str, Any]) -> list[list[Any]]:
