@@ -50,6 +50,12 @@ class ChainResource(dg.ConfigurableResource):
         "(TRACE_RPC_ENDPOINTS; see trace_resources.settings.RpcEndpoint). Empty: rpc_url "
         "alone, limited by requests_per_second.",
     )
+    verify_transactions_root: bool = Field(
+        default=False,
+        description="Also recompute each block's transactions root from its raw transactions "
+        "(one eth_getRawTransactionByBlockNumberAndIndex call per transaction; block hashes, "
+        "receipts roots and logs are always checked where the endpoint allows).",
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChainResource:
@@ -79,6 +85,7 @@ class ChainResource(dg.ConfigurableResource):
             retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
             endpoints=parse_endpoints(self.endpoints) if self.endpoints.strip() else (),
             parallel=self.extract_concurrency,
+            verify_transactions_root=self.verify_transactions_root,
         )
 
 

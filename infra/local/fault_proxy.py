@@ -28,7 +28,13 @@ Fault kinds (see ``Fault``):
   ``eth_getBlockByNumber``/``eth_getBlockReceipts`` of the chosen blocks), ``missing_logs``
   (remove the chosen blocks' logs from an ``eth_getLogs`` result), ``truncate_txs``
   (remove the last ``drop_txs`` transactions from an ``eth_getBlockByNumber``/``...ByHash``
-  result, or receipts from ``eth_getBlockReceipts``).
+  result, or receipts from ``eth_getBlockReceipts``), ``drop_log`` (remove the log at
+  ``log_index`` of each chosen block from an ``eth_getLogs`` result, and from the block's
+  receipts when ``eth_getBlockReceipts`` is among ``methods``; the block's later logs are
+  renumbered, so the indices stay contiguous), ``replace_hash`` (replace
+  every string equal to a key of ``replace`` by its value, anywhere in any answer of
+  ``methods``: a block's hash rewritten consistently, i.e. also as the next block's parent
+  hash and in its logs; or any other value, such as a transaction's input).
 
 Scheduling: a fault applies to calls whose method is in ``methods`` (``None`` = the kind's
 default methods, i.e. all methods for transport/jsonrpc faults) and, when ``blocks`` is given,
@@ -64,10 +70,14 @@ FaultKind = Literal[
     "missing_block",
     "missing_logs",
     "truncate_txs",
+    "drop_log",
+    "replace_hash",
 ]
 FAULT_KINDS: frozenset[str] = frozenset(FaultKind.__args__)  # type: ignore[attr-defined]
 TRANSPORT_KINDS: frozenset[str] = frozenset({"http_429", "http_5xx", "timeout", "drop"})
-DATA_KINDS: frozenset[str] = frozenset({"missing_block", "missing_logs", "truncate_txs"})
+DATA_KINDS: frozenset[str] = frozenset(
+    {"missing_block", "missing_logs", "truncate_txs", "drop_log", "replace_hash"}
+)
 ERROR_KINDS: frozenset[str] = frozenset({"jsonrpc_error", "method_not_found"})
 _METHOD_NOT_FOUND = (-32601, "the method does not exist/is not available")
 
@@ -78,6 +88,7 @@ _DEFAULT_METHODS: dict[str, frozenset[str]] = {
     "truncate_txs": frozenset(
         {"eth_getBlockByNumber", "eth_getBlockByHash", "eth_getBlockReceipts"}
     ),
+    "drop_log": frozenset({"eth_getLogs"}),
 }
 
 
@@ -99,6 +110,8 @@ class Fault:
     code/message: JSON-RPC error for ``jsonrpc_error`` (and ``json_body`` responses).
     delay:       seconds to hold a ``timeout`` request before closing the connection.
     drop_txs:    number of transactions/receipts removed by ``truncate_txs``.
+    log_index:   block-wide index of the log ``drop_log`` removes.
+    replace:     ``replace_hash``: strings to replace (compared case-insensitively) and by what.
     """
 
     kind: FaultKind
@@ -114,6 +127,8 @@ class Fault:
     message: str = "limit exceeded"
     delay: float = 30.0
     drop_txs: int = 1
+    log_index: int = 0
+    replace: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     matched: int = field(default=0, init=False)
     injected: int = field(default=0, init=False)
@@ -121,10 +136,13 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {FAULT_KINDS}")
-        if self.kind in ("missing_block", "missing_logs") and self.blocks is None:
+        if self.kind in ("missing_block", "missing_logs", "drop_log") and self.blocks is None:
             raise ValueError(f"{self.kind} needs blocks=...")
         if self.kind == "http_5xx" and not 500 <= self.status <= 599:
             raise ValueError("http_5xx needs a 5xx status")
+        if self.kind == "replace_hash" and not self.replace:
+            raise ValueError("replace_hash needs replace={old: new}")
+        self.replace = {k.lower(): v for k, v in self.replace.items()}
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError("probability must be within [0, 1]")
         if self.kind == "method_not_found":
@@ -222,7 +240,50 @@ def _apply_data_fault(fault: Fault, method: str, response: dict[str, Any]) -> di
             result = {**result, "transactions": txs[: max(0, len(txs) - fault.drop_txs)]}
         elif isinstance(result, list) and method == "eth_getBlockReceipts":
             result = result[: max(0, len(result) - fault.drop_txs)]
+    elif fault.kind == "drop_log":
+        result = _drop_log(result, method, blocks, fault.log_index)
+    elif fault.kind == "replace_hash":
+        result = _replace_strings(result, fault.replace)
     return {**response, "result": result}
+
+
+def _drop_from(logs: list[Any], blocks: frozenset[int], log_index: int) -> list[Any]:
+    """`logs` without the chosen one, the later logs of its block renumbered to close the gap
+    (a consistent liar: the log indices stay contiguous)."""
+    kept = []
+    for log in logs:
+        if not isinstance(log, dict) or _to_int(log.get("blockNumber")) not in blocks:
+            kept.append(log)
+            continue
+        index = _to_int(log.get("logIndex"))
+        if index is None or index < log_index:
+            kept.append(log)
+        elif index > log_index:
+            kept.append({**log, "logIndex": hex(index - 1)})
+    return kept
+
+
+def _drop_log(result: Any, method: str, blocks: frozenset[int], log_index: int) -> Any:
+    if method == "eth_getLogs" and isinstance(result, list):
+        return _drop_from(result, blocks, log_index)
+    if method == "eth_getBlockReceipts" and isinstance(result, list):
+        return [
+            {**r, "logs": _drop_from(r.get("logs") or [], blocks, log_index)}
+            if isinstance(r, dict)
+            else r
+            for r in result
+        ]
+    return result
+
+
+def _replace_strings(value: Any, replace: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return replace.get(value.lower(), value)
+    if isinstance(value, list):
+        return [_replace_strings(v, replace) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_strings(v, replace) for k, v in value.items()}
+    return value
 
 
 class _Server(ThreadingHTTPServer):

@@ -29,6 +29,7 @@ from trace_assets.checks import (
 )
 from trace_assets.head.agreement import HeadAgreement, compare_with_head
 from trace_assets.partitions import block_ranges
+from trace_assets.raw.boundary_repair import BoundaryRepair
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
@@ -71,6 +72,7 @@ def _stage_range(
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
+    repair: BoundaryRepair | None = None,
 ) -> dict[str, CommitResult]:
     """Stage the three datasets of one verified range, each under its own new attempt, and
     commit them in one transaction.
@@ -93,9 +95,18 @@ def _stage_range(
         return staged
 
     with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
-        futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
-        staged = [futures[name].result() for name in RAW_DATASETS]
-        results = dict(zip(RAW_DATASETS, staging.commit_together(staged), strict=True))
+
+        def stage_and_commit() -> list[CommitResult]:
+            futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
+            return staging.commit_together([futures[name].result() for name in RAW_DATASETS])
+
+        if repair is None:
+            committed = stage_and_commit()
+        else:  # a disagreement with the previous committed range: the wrong one is replaced
+            committed = repair.commit(
+                stage_and_commit, data, lambda previous: _stage_range(staging, previous)
+            )
+        results = dict(zip(RAW_DATASETS, committed, strict=True))
         if evaluated is not None:
             key = data.block_range.key
 
@@ -306,6 +317,7 @@ def _ingest(
                 reader,
                 agreements,
                 evaluated,
+                BoundaryRepair(client, io.state),
             )
         finally:
             client.close()
@@ -320,6 +332,7 @@ def _extract_and_stage(
     reader: DatasetReader | None = None,
     agreements: list[HeadAgreement] | None = None,
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
+    repair: BoundaryRepair | None = None,
 ) -> None:
     """Extract ranges while verified ones upload and commit, in range order.
 
@@ -363,13 +376,21 @@ def _extract_and_stage(
                             report(wait=False)
                         uploads.append(
                             uploader.submit(
-                                _stage_range, staging, data, reader, agreements, evaluated
+                                _stage_range,
+                                staging,
+                                data,
+                                reader,
+                                agreements,
+                                evaluated,
+                                repair,
                             )
                         )
                 while extracting:
                     data = extracting.popleft().result()
                     uploads.append(
-                        uploader.submit(_stage_range, staging, data, reader, agreements, evaluated)
+                        uploader.submit(
+                            _stage_range, staging, data, reader, agreements, evaluated, repair
+                        )
                     )
                 report(wait=True)
             except BaseException:

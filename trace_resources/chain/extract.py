@@ -23,6 +23,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from trace_resources.chain.crosscheck import (
+    Check,
+    CheckStatus,
+    NodeEvidence,
+    check_against_node,
+    fetch_evidence,
+    probe_checks,
+)
 from trace_resources.chain.endpoints import Endpoints, FailoverRpc
 from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.rpc import RetryPolicy
@@ -115,11 +123,13 @@ class ChainClient:
         retry: RetryPolicy | None = None,
         endpoints: Sequence[RpcEndpoint] = (),
         parallel: int = 1,
+        verify_transactions_root: bool = False,
     ) -> None:
         """`rpc_url` and `requests_per_second` name the one endpoint, unless `endpoints`
         (with their limits, in failover order) are given; `max_concurrent_requests` is cryo's
         cap per collect on an endpoint without a concurrency limit; `parallel` is how many
         ranges the caller extracts at once (the endpoints' budgets are shared among them)."""
+        self.verify_transactions_root = verify_transactions_root
         self.chain_id = chain_id
         self.max_concurrent_requests = max_concurrent_requests
         self.collect_timeout_s = collect_timeout_s
@@ -137,6 +147,8 @@ class ChainClient:
     def rpc_url(self) -> str:
         """The URL of the endpoint in use (the next one after a failover)."""
         return self.endpoints.budgets[self.endpoints.current].endpoint.url
+        self._checks: dict[Check, CheckStatus] | None = None
+        self._checks_lock: threading.Lock = threading.Lock()
 
     def close(self) -> None:
         self.rpc.close()
@@ -218,6 +230,33 @@ class ChainClient:
                 "materialise an earlier range"
             )
         return head
+
+    # -- verification against the node's headers (crosscheck.py) ------------------------
+
+    def node_checks(self) -> dict[Check, CheckStatus]:
+        """Which header, receipts and transactions checks the endpoint allows, probed once
+        per client; one it does not allow, or that is off, is logged with why, never skipped
+        silently."""
+        with self._checks_lock:
+            if self._checks is None:
+                self._checks = probe_checks(self.rpc)
+                for status in self._checks.values():
+                    if not status.possible:
+                        log.warning("range verification against %s: %s", self.rpc_url, status)
+                if not self.verify_transactions_root:
+                    log.info(
+                        "range verification against %s: transactions roots and hashes are not "
+                        "recomputed (off: one call per transaction; set "
+                        "verify_transactions_root on the chain resource to turn it on)",
+                        self.rpc_url,
+                    )
+            return self._checks
+
+    def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
+        checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+        if not self.verify_transactions_root:
+            checks -= {"transactions_root", "transaction_hashes"}
+        return fetch_evidence(self.rpc, block_range, checks)
 
     # -- extraction ----------------------------------------------------------------------
 
@@ -313,7 +352,13 @@ class ChainClient:
             "transactions": to_schema(frames["transactions"], "transactions", {}),
             "logs": to_schema(frames["logs"], "logs", {}),
         }
-        verify_range(block_range, **tables).raise_if_incomplete()
+        report = verify_range(block_range, **tables)
+        if report.ok:
+            # fetched once the tables agree with each other, outside the collection slot: in
+            # a backfill it overlaps the next range's collection, and a faulty extraction
+            # (retried anyway) costs no evidence
+            check_against_node(report, tables, self.node_evidence(block_range))
+        report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
         first, last = (
             blocks.slice(0, 1).to_pylist()[0],

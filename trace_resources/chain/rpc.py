@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 from tenacity import (
@@ -35,7 +36,7 @@ from trace_resources.errors import (
     RpcUnreachableError,
 )
 
-__all__ = ["JsonRpcClient", "JsonRpcError", "Pacer", "RetryPolicy"]
+__all__ = ["JsonRpcClient", "JsonRpcError", "Pacer", "RetryPolicy", "Rpc"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,27 @@ class Pacer:
             time.sleep(at - now)
 
 
+class Rpc(Protocol):
+    """What the checks and traces call: one endpoint's `JsonRpcClient`, or the endpoints'
+    `FailoverRpc` (`trace_resources.chain.endpoints`)."""
+
+    @property
+    def label(self) -> str:
+        """The endpoint as errors name it: never the URL's path, where providers put keys."""
+        ...
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any: ...
+
+    def batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[Any]],
+        size: int = 500,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> list: ...
+
+
 class JsonRpcClient:
     """JSON-RPC over HTTP with keep-alive, batching and retries, within an endpoint's limits:
     at most `requests_per_second` HTTP requests a second (a batch is one), `max_concurrent`
@@ -175,6 +197,11 @@ class JsonRpcClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def label(self) -> str:
+        """The URL's host and port: never its path, where providers put keys."""
+        return urlsplit(self.url).netloc.rpartition("@")[2] or self.url
 
     def call(self, method: str, params: Sequence[Any] = ()) -> Any:
         """One call, retried on transient faults."""

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from trace_resources.chain.ranges import BlockRange
-from trace_resources.chain.rpc import JsonRpcClient, JsonRpcError
+from trace_resources.chain.rpc import JsonRpcError, Rpc
 from trace_resources.chain.schemas import GETH_CALLS
 from trace_resources.chain.verify import VerificationReport
 from trace_resources.errors import (
@@ -126,7 +126,7 @@ def flatten_block_traces(
     return rows
 
 
-def _fetch(rpc: JsonRpcClient, numbers: list[int]) -> tuple[list[Any], list[Any]]:
+def _fetch(rpc: Rpc, numbers: list[int]) -> tuple[list[Any], list[Any]]:
     headers = rpc.batch("eth_getBlockByNumber", [[hex(n), False] for n in numbers])
     try:
         traces = rpc.batch(
@@ -135,7 +135,7 @@ def _fetch(rpc: JsonRpcClient, numbers: list[int]) -> tuple[list[Any], list[Any]
     except RpcRefusedError as exc:
         cause = exc.__cause__
         if isinstance(cause, JsonRpcError) and cause.code == _METHOD_NOT_FOUND:
-            endpoint = getattr(rpc, "label", None) or rpc.url  # never a key in the URL's path
+            endpoint = rpc.label  # never a key in the URL's path
             raise MethodUnsupportedError(
                 f"the endpoint {endpoint} does not serve {TRACE_METHOD} (JSON-RPC -32601, "
                 "method not found): geth_calls needs the debug_* namespace with the "
@@ -147,7 +147,7 @@ def _fetch(rpc: JsonRpcClient, numbers: list[int]) -> tuple[list[Any], list[Any]
     return headers, traces
 
 
-def extract_geth_calls(rpc: JsonRpcClient, chain_id: int, block_range: BlockRange) -> TraceRange:
+def extract_geth_calls(rpc: Rpc, chain_id: int, block_range: BlockRange) -> TraceRange:
     """The call frames of every transaction of `block_range`, verified complete."""
     numbers = list(block_range.blocks())
     headers, traces = _fetch(rpc, numbers)

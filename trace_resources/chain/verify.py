@@ -53,9 +53,9 @@ class VerificationReport:
         )
         raise RangeIncompleteError(
             f"blocks {self.block_range.start}..{self.block_range.last} failed verification and "
-            f"were not committed ({details}). The RPC node returned incomplete data; the range "
-            "is retried automatically, and if this persists check the node's health or use "
-            "another endpoint"
+            f"were not committed ({details}). The RPC node returned incomplete or inconsistent "
+            "data; the range is retried automatically, and if this persists check the node's "
+            "health or use another endpoint"
         )
 
 
