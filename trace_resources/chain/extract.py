@@ -142,13 +142,13 @@ class ChainClient:
             default_cryo_concurrency=max_concurrent_requests,
         )
         self.rpc = FailoverRpc(self.endpoints)
+        self._checks: dict[Check, CheckStatus] | None = None
+        self._checks_lock = threading.Lock()
 
     @property
     def rpc_url(self) -> str:
         """The URL of the endpoint in use (the next one after a failover)."""
         return self.endpoints.budgets[self.endpoints.current].endpoint.url
-        self._checks: dict[Check, CheckStatus] | None = None
-        self._checks_lock: threading.Lock = threading.Lock()
 
     def close(self) -> None:
         self.rpc.close()
