@@ -50,11 +50,16 @@ class ChainResource(dg.ConfigurableResource):
         "(TRACE_RPC_ENDPOINTS; see trace_resources.settings.RpcEndpoint). Empty: rpc_url "
         "alone, limited by requests_per_second.",
     )
+    verify_receipts: bool = Field(
+        default=False,
+        description="Also check each range against the node's receipts: receipts root and every "
+        "log (TRACE_VERIFY_RECEIPTS).",
+    )
     verify_transactions_root: bool = Field(
         default=False,
         description="Also recompute each block's transactions root from its raw transactions "
-        "(one eth_getRawTransactionByBlockNumberAndIndex call per transaction; block hashes, "
-        "receipts roots and logs are always checked where the endpoint allows).",
+        "(one eth_getRawTransactionByBlockNumberAndIndex call per transaction; block hashes "
+        "are always checked where the endpoint allows; TRACE_VERIFY_TRANSACTIONS_ROOT).",
     )
 
     @classmethod
@@ -72,6 +77,8 @@ class ChainResource(dg.ConfigurableResource):
             retry_budget_s=settings.rpc_retry_budget_s,
             max_attempts=settings.rpc_max_attempts,
             endpoints=settings.rpc_endpoints,
+            verify_receipts=settings.verify_receipts,
+            verify_transactions_root=settings.verify_transactions_root,
         )
 
     def client(self) -> ChainClient:
@@ -85,6 +92,7 @@ class ChainResource(dg.ConfigurableResource):
             retry=RetryPolicy(max_attempts=self.max_attempts, budget_s=self.retry_budget_s),
             endpoints=parse_endpoints(self.endpoints) if self.endpoints.strip() else (),
             parallel=self.extract_concurrency,
+            verify_receipts=self.verify_receipts,
             verify_transactions_root=self.verify_transactions_root,
         )
 

@@ -96,7 +96,9 @@ def proxy(devnet: Devnet) -> Iterator[FaultProxy]:
 
 
 def _refusal(proxy: FaultProxy, block_range: BlockRange) -> str:
-    client = ChainClient(proxy.url, CHAIN_ID, retry=ONE_TRY, verify_transactions_root=True)
+    client = ChainClient(
+        proxy.url, CHAIN_ID, retry=ONE_TRY, verify_receipts=True, verify_transactions_root=True
+    )
     try:
         with pytest.raises(RangeIncompleteError) as refused:
             client.extract_range(block_range)
@@ -106,7 +108,7 @@ def _refusal(proxy: FaultProxy, block_range: BlockRange) -> str:
 
 
 def test_honest_devnet_ranges_pass_every_check_the_devnet_allows(devnet: Devnet) -> None:
-    client = ChainClient(devnet.url, CHAIN_ID, verify_transactions_root=True)
+    client = ChainClient(devnet.url, CHAIN_ID, verify_receipts=True, verify_transactions_root=True)
     try:
         checks = client.node_checks()
         # deployments, token and native transfers: every kind of traffic the devnet generates

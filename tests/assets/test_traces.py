@@ -306,7 +306,7 @@ def test_receipts_come_from_one_call_per_block(
     traced: TracedChain, new_database: NewDatabase, s3_server: MotoS3Server
 ) -> None:
     """cryo 0.3.2 takes the transactions' receipt columns from eth_getBlockReceipts, one call
-    per block (and Trace's verification one more); where an endpoint does not serve it
+    per block; where an endpoint does not serve it
     (-32601) it falls back to one eth_getTransactionReceipt per transaction, and the committed
     rows are the same."""
     key = traced.keys[0]
@@ -328,9 +328,8 @@ def test_receipts_come_from_one_call_per_block(
         if faults:
             assert asked["eth_getTransactionReceipt"] == expected.num_rows
         else:
-            # one per block for cryo's receipt columns, one per block for Trace's check of the
-            # receipts (root and logs) against the headers, and one for the probe of which
-            # checks the endpoint allows (on the finalized block)
+            # one per block for cryo's receipt columns (and one for the probe of which checks
+            # the endpoint allows, on the finalized block)
             calls = Counter(per_block)
-            assert min(calls.values()) == 2 and sum(calls.values()) <= 2 * block_range.size + 1
+            assert min(calls.values()) == 1 and sum(calls.values()) <= block_range.size + 1
             assert asked["eth_getTransactionReceipt"] == 0

@@ -123,12 +123,14 @@ class ChainClient:
         retry: RetryPolicy | None = None,
         endpoints: Sequence[RpcEndpoint] = (),
         parallel: int = 1,
+        verify_receipts: bool = False,
         verify_transactions_root: bool = False,
     ) -> None:
         """`rpc_url` and `requests_per_second` name the one endpoint, unless `endpoints`
         (with their limits, in failover order) are given; `max_concurrent_requests` is cryo's
         cap per collect on an endpoint without a concurrency limit; `parallel` is how many
         ranges the caller extracts at once (the endpoints' budgets are shared among them)."""
+        self.verify_receipts = verify_receipts
         self.verify_transactions_root = verify_transactions_root
         self.chain_id = chain_id
         self.max_concurrent_requests = max_concurrent_requests
@@ -243,17 +245,26 @@ class ChainClient:
                 for status in self._checks.values():
                     if not status.possible:
                         log.warning("range verification against %s: %s", self.rpc_url, status)
+                if not self.verify_receipts:
+                    log.info(
+                        "range verification against %s: receipts roots and logs are not "
+                        "checked against eth_getBlockReceipts (off: TRACE_VERIFY_RECEIPTS=true "
+                        "turns it on; the logs bloom and counts are still checked)",
+                        self.rpc_url,
+                    )
                 if not self.verify_transactions_root:
                     log.info(
                         "range verification against %s: transactions roots and hashes are not "
-                        "recomputed (off: one call per transaction; set "
-                        "verify_transactions_root on the chain resource to turn it on)",
+                        "recomputed (off: one call per transaction; "
+                        "TRACE_VERIFY_TRANSACTIONS_ROOT=true turns it on)",
                         self.rpc_url,
                     )
             return self._checks
 
     def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
         checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+        if not self.verify_receipts:
+            checks -= {"receipts_root"}
         if not self.verify_transactions_root:
             checks -= {"transactions_root", "transaction_hashes"}
         return fetch_evidence(self.rpc, block_range, checks)
