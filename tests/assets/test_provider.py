@@ -129,6 +129,8 @@ def test_rows_through_a_limited_endpoint_equal_the_open_node_within_its_limits(
     assert stats.max_logs_range <= 10, stats.max_logs_range
     assert stats.max_concurrent <= 4, stats.max_concurrent
     assert not any(m.startswith("debug_") for m in stats.calls)
+    # cryo's calls went through the batching relay: a few calls per HTTP request
+    assert stats.http_requests * 3 < sum(stats.calls.values()), stats
 
 
 def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(

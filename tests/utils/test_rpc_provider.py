@@ -7,9 +7,11 @@ import threading
 
 import httpx
 
+from infra.local.fault_proxy import Fault
 from infra.local.rpc_provider import ProviderLimits, ProviderProxy
 from tests.conftest import Devnet
 from trace_resources.chain.endpoints import DEFAULT_LOGS_RANGE, Budget
+from trace_resources.chain.relay import BatchingRelay
 from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
 from trace_resources.settings import RpcEndpoint
 
@@ -106,15 +108,17 @@ def test_an_endpoint_s_budget_is_shared_between_trace_s_calls_and_cryo_s() -> No
             max_logs_range=10,
         )
     )
-    assert limited.sequential_collects and limited.own_rps == 1 and limited.own_concurrency == 1
-    assert limited.cryo_kwargs("logs") == {
-        "max_concurrent_requests": 7,
-        "requests_per_second": 22,
-        "inner_request_size": 10,
-    }
+    # batches taken: cryo's calls go through the batching relay, which gets the rate Trace's
+    # own (batched) calls leave, less one; cryo keeps a batch's worth of calls waiting
+    assert limited.relayed and not limited.sequential_collects
+    assert limited.own_rps == 10 and limited.relay_rps == 14
+    assert limited.own_concurrency == 1 and limited.relay_concurrency == 7
+    assert limited.cryo_kwargs("logs") == {"max_concurrent_requests": 100, "inner_request_size": 10}
+    assert limited.cryo_kwargs("blocks") == {"max_concurrent_requests": 100}
     # 20 requests/s without batches (one call per block for Trace too): a quarter for Trace;
     # two ranges collected at once share the rest
     unbatched = Budget(RpcEndpoint(url="http://x", requests_per_second=20, max_batch=1), 2)
+    assert not unbatched.relayed and unbatched.sequential_collects
     assert unbatched.own_rps == 5
     assert unbatched.cryo_kwargs("blocks") == {
         "max_concurrent_requests": 32,
@@ -123,5 +127,45 @@ def test_an_endpoint_s_budget_is_shared_between_trace_s_calls_and_cryo_s() -> No
     assert unbatched.cryo_kwargs("logs")["inner_request_size"] == DEFAULT_LOGS_RANGE
     # no limits: cryo's settings as before the profiles, its collects at once
     open_ = Budget(RpcEndpoint(url="http://x"))
-    assert not open_.sequential_collects and open_.own_rps is None
+    assert not open_.sequential_collects and not open_.relayed and open_.own_rps is None
     assert open_.cryo_kwargs("logs") == {"max_concurrent_requests": 32}
+
+
+def test_the_relay_batches_cryos_calls_and_answers_each_as_the_node_does(devnet: Devnet) -> None:
+    """Calls arriving at once, one per HTTP request as cryo sends them, leave the relay as a
+    few JSON-RPC batches within the endpoint's limits; each answer is the node's, under the
+    caller's own id, a JSON-RPC error included; a failing endpoint fails the calls (HTTP 502),
+    never hangs them; closing the relay stops its threads."""
+    limits = ProviderLimits(requests_per_second=5, max_batch=20, disabled=("debug",))
+    before = {t.ident for t in threading.enumerate()}
+    with ProviderProxy(devnet.url, limits) as proxy:
+        once = RetryPolicy(max_attempts=2, budget_s=3.0)
+        upstream = JsonRpcClient(proxy.url, retry=once, requests_per_second=4, max_batch=20)
+        with upstream, BatchingRelay(upstream, max_batch=20) as relay:
+            answers: dict[int, httpx.Response] = {}
+
+            def ask(n: int) -> None:
+                method = "debug_traceBlockByNumber" if n == 0 else "eth_getBlockByNumber"
+                answers[n] = post(relay.url, call(method, [hex(n), False], 1000 + n))
+
+            threads = [threading.Thread(target=ask, args=(n,)) for n in range(40)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            direct = {
+                n: post(devnet.url, call("eth_getBlockByNumber", [hex(n), False])) for n in (1, 39)
+            }
+            stats = proxy.stats()
+            assert relay.calls == 40 and relay.batches < 10, (relay.calls, relay.batches)
+            assert stats.refused == {"method": 1}  # the debug_* call, refused by the node
+            assert stats.max_rps <= 5 and stats.max_batch <= 20
+            assert answers[0].json()["error"]["code"] == -32601  # the node's refusal, passed on
+            assert answers[0].json()["id"] == 1000
+            for n in (1, 39):
+                assert answers[n].json() == {**direct[n].json(), "id": 1000 + n}
+
+            proxy.set_faults([Fault("http_5xx", status=503)])
+            failed = post(relay.url, call("eth_chainId", [], 7))
+            assert failed.status_code == 502 and "503" in failed.text
+    assert {t.ident for t in threading.enumerate()} <= before | {None}

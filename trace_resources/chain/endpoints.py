@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from trace_resources.chain.relay import BatchingRelay
 from trace_resources.chain.rpc import JsonRpcClient, RetryPolicy
 from trace_resources.errors import (
     ChainContinuityError,
@@ -67,17 +68,38 @@ class Budget:
     default_cryo_concurrency: int = 32  # per collect, for an endpoint without a limit
 
     @property
+    def relayed(self) -> bool:
+        """cryo's calls go through a loopback relay that batches them (`relay.py`): on an
+        endpoint that limits requests per second and takes batches."""
+        return self.endpoint.requests_per_second is not None and self.endpoint.max_batch > 1
+
+    @property
     def sequential_collects(self) -> bool:
-        return self.endpoint.requests_per_second is not None
+        return self.endpoint.requests_per_second is not None and not self.relayed
 
     @property
     def own_rps(self) -> int | None:
         rps = self.endpoint.requests_per_second
-        # Trace's own calls are one per block (transaction counts) in batches of max_batch,
-        # where cryo makes about three per block: their share of the rate, at least 1/s
         if rps is None:
             return None
+        if self.relayed:
+            # batched on both sides: Trace's calls (transaction counts and headers, two per
+            # block) against cryo's three per block
+            return max(1, math.ceil(rps * 2 / 5))
+        # Trace's own calls are one per block (transaction counts) in batches of max_batch,
+        # where cryo makes about three per block: their share of the rate, at least 1/s
         return max(1, math.ceil(rps / (1 + 3 * self.endpoint.max_batch)))
+
+    @property
+    def relay_rps(self) -> int:
+        """The relay's share of the rate: what Trace's own calls leave, less one for jitter."""
+        rps = self.endpoint.requests_per_second or 0
+        return max(1, rps - (self.own_rps or 0) - 1)
+
+    @property
+    def relay_concurrency(self) -> int | None:
+        limit = self.endpoint.max_concurrent_requests
+        return None if limit is None else max(1, limit - 1)
 
     @property
     def own_concurrency(self) -> int | None:
@@ -86,8 +108,14 @@ class Budget:
     def cryo_kwargs(self, dataset: str) -> dict[str, Any]:
         """The limits to pass to `cryo.collect` for `dataset`."""
         e = self.endpoint
+        if self.relayed:
+            # the relay keeps the endpoint's limits; cryo keeps a batch's worth of calls waiting
+            kwargs: dict[str, Any] = {"max_concurrent_requests": min(e.max_batch, 100)}
+            if dataset == "logs":
+                kwargs["inner_request_size"] = e.max_logs_range or DEFAULT_LOGS_RANGE
+            return kwargs
         collects = self.parallel * (1 if self.sequential_collects else 3)
-        kwargs: dict[str, Any] = {"max_concurrent_requests": self.default_cryo_concurrency}
+        kwargs = {"max_concurrent_requests": self.default_cryo_concurrency}
         if e.max_concurrent_requests is not None:
             kwargs["max_concurrent_requests"] = max(1, (e.max_concurrent_requests - 1) // collects)
         if e.requests_per_second is not None:
@@ -130,8 +158,29 @@ class Endpoints:
             )
             for e, b in zip(endpoints, self.budgets, strict=True)
         ]
+        self._timeout_s, self._retry = timeout_s, retry
+        self._relays: dict[int, BatchingRelay] = {}
         self._current = 0
         self._lock = threading.Lock()
+
+    def cryo_url(self, index: int) -> str:
+        """Where cryo sends its calls for endpoint `index`: the endpoint, or its relay."""
+        budget = self.budgets[index]
+        if not budget.relayed:
+            return budget.endpoint.url
+        with self._lock:
+            relay = self._relays.get(index)
+            if relay is None:
+                upstream = JsonRpcClient(
+                    budget.endpoint.url,
+                    timeout_s=max(self._timeout_s, 30.0),  # a batch of full blocks takes longer
+                    retry=self._retry,
+                    requests_per_second=budget.relay_rps,
+                    max_concurrent=budget.relay_concurrency,
+                    max_batch=budget.endpoint.max_batch,
+                )
+                relay = self._relays[index] = BatchingRelay(upstream, budget.endpoint.max_batch)
+            return relay.url
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -146,6 +195,11 @@ class Endpoints:
     def close(self) -> None:
         for client in self.clients:
             client.close()
+        with self._lock:
+            relays, self._relays = list(self._relays.values()), {}
+        for relay in relays:
+            relay.close()
+            relay.upstream.close()
 
     def run(self, operation: Callable[[int], T]) -> T:
         """`operation(endpoint index)` on the current endpoint; if it keeps failing there

@@ -399,7 +399,7 @@ class ChainClient:
         budget = self.endpoints.budgets[index]  # the endpoint's limits, shared (endpoints.py)
         kwargs: dict[str, Any] = {
             "blocks": [block_range.cryo_spec],
-            "rpc": budget.endpoint.url,
+            "rpc": self.endpoints.cryo_url(index),  # the endpoint, or its batching relay
             "include_columns": ["all"],
             "verbose": False,
         }

@@ -14,7 +14,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -225,6 +225,38 @@ class JsonRpcClient:
             chunk = params_list[offset : offset + size]
             results.extend(self._with_retries(method, chunk, retry or self.retry))
         return results
+
+    def forward(self, calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Calls of any methods, as another client sent them, in one JSON-RPC batch (paced and
+        retried like the client's own); each call's answer, result or JSON-RPC error, with the
+        call's own id, in order (`relay.BatchingRelay`)."""
+        try:
+            for attempt in self.retry.retrying(_is_transient):
+                with attempt:
+                    return self._forward_once(calls)
+        except (httpx.TransportError, httpx.HTTPStatusError, _MissingResult) as exc:
+            raise self._fault(f"a batch of {len(calls)} relayed calls", exc) from exc
+        raise AssertionError("unreachable: tenacity reraises")
+
+    def _forward_once(self, calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        ids = [next(self._ids) for _ in calls]
+        body = [{**call, "id": i} for call, i in zip(calls, ids, strict=True)]
+        with self._slots or contextlib.nullcontext():
+            if self._pacer is not None:
+                self._pacer.wait()
+            response = self._http.post(self.url, json=body)
+        response.raise_for_status()
+        answers = response.json()
+        if isinstance(answers, dict):  # a whole-batch error: no answer per call
+            answers = [answers]
+        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        out = []
+        for call, i in zip(calls, ids, strict=True):
+            answer = by_id.get(i)
+            if answer is None:
+                raise _MissingResult(f"the answer to a relayed batch has no result for id {i}")
+            out.append({**answer, "id": call.get("id")})
+        return out
 
     def _with_retries(
         self, method: str, params_list: Sequence[Sequence[Any]], retry: RetryPolicy
