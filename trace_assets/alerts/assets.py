@@ -25,6 +25,7 @@ from trace_assets.alerts.evaluate import (
 )
 from trace_assets.alerts.scope import AlertScope, load_range, referenced
 from trace_assets.automation import on_new_data
+from trace_assets.derived.assets import needs_traces
 from trace_assets.partitions import block_ranges
 from trace_resources.alert_pipeline.resource import (
     AlertsResource,
@@ -53,6 +54,9 @@ EVALUATION_DEPS: list[str] = [
         and decl.partitioning == "block_range"
         and decl.public
         and name not in ALERT_DATASETS
+        # not those from call traces: a deployment without debug_* never has them, and an
+        # evaluation that waited for them would never run (eager() waits for every dependency)
+        and not needs_traces(decl)
     ),
 ]
 

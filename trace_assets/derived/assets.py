@@ -43,6 +43,7 @@ from trace_resources.storage.paths import UNPARTITIONED
 __all__ = [
     "DERIVED_ASSETS",
     "TRACE_DERIVED_ASSETS",
+    "needs_traces",
     "PARTITIONED_TRANSFORMS",
     "build_derived_asset",
     "column_lineage",
@@ -386,14 +387,27 @@ def _unchanged_checks(
         )
 
 
-def _needs_traces(decl: DatasetDeclaration) -> bool:
-    return bool(set(decl.upstream) & set(TRACE_DATASETS))
+def needs_traces(decl: DatasetDeclaration) -> bool:
+    """Whether the dataset is computed from call traces (`geth_calls`), directly or through
+    other datasets: it exists only where an endpoint serves `debug_*`."""
+    known = declarations()
+    seen: set[str] = set()
+    todo = list(decl.upstream)
+    while todo:
+        name = todo.pop()
+        if name in TRACE_DATASETS:
+            return True
+        if name in seen or name not in known:
+            continue
+        seen.add(name)
+        todo.extend(known[name].upstream)
+    return False
 
 
 def _build_all(traced: bool) -> list[dg.AssetsDefinition]:
     assets = []
     for decl in declarations().values():
-        if decl.kind != "derived" or _needs_traces(decl) != traced:
+        if decl.kind != "derived" or needs_traces(decl) != traced:
             continue
         if decl.partitioning == "block_range":
             assets.append(build_derived_asset(decl))
