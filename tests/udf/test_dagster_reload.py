@@ -45,6 +45,17 @@ def dagster(
         yield running
 
 
+def add_partitions(dagster: DagsterDev, keys: list[str]) -> None:
+    """The ranges in block order, as the chain-head sensor adds them (Dagster orders dynamic
+    partitions as added, and a later test module's partition ranges go by that order)."""
+    for each in keys:
+        added = dagster.graphql(ADD_PARTITION, {"key": each})["addDynamicPartition"]
+        assert added["__typename"] in (
+            "AddDynamicPartitionSuccess",
+            "DuplicateDynamicPartitionError",
+        )
+
+
 def _asset_names(dagster: DagsterDev) -> set[str]:
     return {"/".join(n["assetKey"]["path"]) for n in dagster.graphql(ASSETS)["assetNodes"]}
 
@@ -70,14 +81,7 @@ def test_apply_reloads_the_ui_and_the_ui_materialises_the_transform(
     assert UDF in _asset_names(dagster)  # no restart: the same webserver shows it
 
     key = world.keys[1]
-    # the ranges in block order, as the chain-head sensor adds them (Dagster orders dynamic
-    # partitions as added, and a later test module's partition ranges go by that order)
-    for each in world.keys[:2]:
-        added = dagster.graphql(ADD_PARTITION, {"key": each})["addDynamicPartition"]
-        assert added["__typename"] in (
-            "AddDynamicPartitionSuccess",
-            "DuplicateDynamicPartitionError",
-        )
+    add_partitions(dagster, world.keys[:2])
     params = {  # what the asset page's "Materialize" dialog sends for one partition
         "tags": [],
         "assetSelection": [{"path": [UDF]}],

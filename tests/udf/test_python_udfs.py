@@ -31,13 +31,13 @@ import sqlalchemy as sa
 from dagster._core.pipes.utils import extract_message_or_forward_to_stdout
 from polars.testing import assert_frame_equal
 
-from infra.bench.ui_backfill import DONE, LAUNCH, DagsterDev
+from infra.bench.ui_backfill import DagsterDev
 from infra.local.dagster_cli import materialize_command
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import MotoS3Server, PostgresServer, free_port
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
 from tests.query.conftest import keyring_spec
-from tests.udf.test_dagster_reload import ADD_PARTITION, BACKFILL, BACKFILL_LIMIT_S
+from tests.udf.test_dagster_reload import BACKFILL, add_partitions
 from tests.udf.test_sql_udfs import World, _ranged
 from trace_assets.definitions import build_resources
 from trace_assets.derived.assets import DERIVED_ASSETS
@@ -770,31 +770,11 @@ def test_the_ui_materialises_the_python_transform_over_new_labels(
 
     env = {k: v for k, v in world.cli_env.items() if k != "DAGSTER_HOME"}
     with DagsterDev(env, postgres, folder) as dagster:
-        for each in world.keys:  # in block order, as the chain-head sensor adds them
-            added = dagster.graphql(ADD_PARTITION, {"key": each})["addDynamicPartition"]
-            assert added["__typename"] in (
-                "AddDynamicPartitionSuccess",
-                "DuplicateDynamicPartitionError",
-            )
-        params = {  # what the asset page's "Materialize" dialog sends for one partition
-            "tags": [],
-            "assetSelection": [{"path": [UDF]}],
-            "partitionNames": [key],
-            "fromFailure": False,
-        }
-        launched = dagster.graphql(LAUNCH, {"p": params})["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", launched
-        deadline = time.monotonic() + BACKFILL_LIMIT_S
-        while (
-            status := dagster.graphql(BACKFILL, {"id": launched["backfillId"]})[
-                "partitionBackfillOrError"
-            ]
-        )["status"] not in DONE:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.5)
-        runs = status["runs"]
+        add_partitions(dagster, world.keys)
+        # what the asset page's "Materialize" dialog sends for one partition, to completion
+        backfill_id = dagster.backfill([key], [UDF])
+        runs = dagster.graphql(BACKFILL, {"id": backfill_id})["partitionBackfillOrError"]["runs"]
         logs = dagster.graphql(RUN_LOGS, {"id": runs[0]["runId"]})["logsForRun"]
-    assert status["status"] == "COMPLETED_SUCCESS", (status, dagster.log_path.read_text()[-3000:])
     assert [r["status"] for r in runs] == ["SUCCESS"]
     messages = [e.get("message") or "" for e in logs["events"]]
     # the transform's process reported through Pipes in the UI-launched run

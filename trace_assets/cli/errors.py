@@ -20,7 +20,7 @@ __all__ = ["CliError", "explain", "require_dagster_home", "unknown"]
 
 SERVICES_UP = "start the local services with `make services-up` (`make dev` starts them too)"
 # how many names a message lists before it lists only the closest ones
-_LIST_AT_MOST = 12
+_LIST_AT_MOST = 20
 
 
 class CliError(TraceError):
