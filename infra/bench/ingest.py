@@ -35,7 +35,6 @@ ratio=<cryo_s/trace_s>` and `ingest_cpu_per_1000_blocks: ...` for both profiles.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import shutil
@@ -48,7 +47,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cryo
 import dagster as dg
 import yaml
 from dagster._core.storage.tags import (
@@ -57,6 +55,7 @@ from dagster._core.storage.tags import (
 )
 
 from infra.bench.remote import (
+    collect_with_cryo,
     cpu_of,
     cpu_self,
     postgres_and_s3_pids,
@@ -253,17 +252,7 @@ def time_cli(env: dict[str, str], keys: list[str]) -> float:
 
 def time_cryo(rpc_url: str, first: int, last: int, out: Path) -> float:
     started = time.perf_counter()
-    for dataset in RAW_DATASETS:
-        frame = asyncio.run(
-            cryo.async_collect(
-                dataset,
-                blocks=[f"{first}:{last + 1}"],
-                rpc=rpc_url,
-                output_format="polars",
-                include_columns=["all"],
-                verbose=False,
-            )
-        )
+    for dataset, frame in collect_with_cryo(rpc_url, first, last).items():
         frame.write_parquet(out / f"{dataset}.parquet")
     return time.perf_counter() - started
 

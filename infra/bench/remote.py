@@ -197,27 +197,42 @@ def time_trace_remote(
     return seconds, cpu, services_cpu
 
 
-def time_cryo_remote(proxy_url: str, first: int, last: int) -> tuple[float, float]:
-    cpu0 = cpu_self()
-    started = time.perf_counter()
-    rows = 0
+def collect_with_cryo(
+    rpc_url: str, first: int, last: int, options: Callable[[str], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Bare cryo's three datasets of blocks `first`..`last` as polars frames; `options(dataset)`
+    are extra `cryo.collect` settings (the limits it is told by hand)."""
+    frames = {}
     for dataset in RAW_DATASETS:
-        # one below the endpoint's rate: cryo does not throttle its one eth_chainId per collect
-        options: dict[str, Any] = {"requests_per_second": RPS - 1}
-        if dataset == "logs":
-            options["inner_request_size"] = min(LOGS_RANGE, last - first + 1)
-        frame = asyncio.run(
+        frames[dataset] = asyncio.run(
             cryo.async_collect(
                 dataset,
                 blocks=[f"{first}:{last + 1}"],
-                rpc=proxy_url,
+                rpc=rpc_url,
                 output_format="polars",
                 include_columns=["all"],
                 verbose=False,
-                **options,
+                **(options(dataset) if options else {}),
             )
         )
-        rows += len(frame)
+    return frames
+
+
+def _cryo_limits(window: int) -> Callable[[str], dict[str, Any]]:
+    def options(dataset: str) -> dict[str, Any]:
+        # one below the endpoint's rate: cryo does not throttle its one eth_chainId per collect
+        told: dict[str, Any] = {"requests_per_second": RPS - 1}
+        if dataset == "logs":
+            told["inner_request_size"] = min(LOGS_RANGE, window)
+        return told
+
+    return options
+
+
+def time_cryo_remote(proxy_url: str, first: int, last: int) -> tuple[float, float]:
+    cpu0 = cpu_self()
+    started = time.perf_counter()
+    collect_with_cryo(proxy_url, first, last, _cryo_limits(last - first + 1))
     return time.perf_counter() - started, cpu_self() - cpu0
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,6 @@ import dagster as dg
 import kubernetes
 from dagster._core.pipes.client import PipesClientCompletedInvocation
 from dagster._core.pipes.context import PipesSession
-from dagster._core.pipes.utils import open_pipes_session
 from dagster_k8s.client import DagsterK8sError, DagsterKubernetesClient, WaitForPodState
 from dagster_k8s.pipes import (
     PipesK8sClient,
@@ -59,11 +57,10 @@ from dagster_k8s.pipes import (
     get_pod_name,
 )
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR
-from dagster_shared.utils.warnings import PreviewWarning
 
 from trace_resources.udfs.jail import STOPPED_EXIT, JailLimits
 from trace_resources.udfs.jail_exec import messages
-from trace_resources.udfs.python import BASE_ENV
+from trace_resources.udfs.python import BASE_ENV, udf_pipes_session
 from trace_resources.udfs.venvs import checked_requirements
 
 __all__ = [
@@ -304,16 +301,9 @@ class ScopedPipesK8sClient(PipesK8sClient):
         self, context: dg.AssetExecutionContext, pod: UdfPod, extras: Mapping[str, Any]
     ) -> Iterator[tuple[PipesSession, str, Any]]:
         """The Pipes session of one attempt, with its pod's name and the body to submit."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PreviewWarning)  # Dagster's own use of a preview API
-            with open_pipes_session(
-                context=context,
-                context_injector=self.context_injector,
-                message_reader=self.message_reader,
-                extras=dict(extras),
-            ) as session:
-                name = get_pod_name(context.run_id, context.op_execution_context.op.name)
-                yield session, name, udf_pod_body(pod, session.get_bootstrap_env_vars(), name)
+        with udf_pipes_session(self, context, extras) as session:
+            name = get_pod_name(context.run_id, context.op_execution_context.op.name)
+            yield session, name, udf_pod_body(pod, session.get_bootstrap_env_vars(), name)
 
     def _wait(self, context: dg.AssetExecutionContext, client: Any, pod: UdfPod, name: str) -> Any:
         """The pod once it has ended, its log (the process's Pipes messages) read to its end.

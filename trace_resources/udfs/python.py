@@ -22,13 +22,15 @@ import shutil
 import signal
 import subprocess
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster._core.pipes.client import PipesClientCompletedInvocation
+from dagster._core.pipes.context import PipesSession
 from dagster._core.pipes.utils import open_pipes_session
 from dagster_shared.utils.warnings import PreviewWarning
 
@@ -109,6 +111,23 @@ def udf_launch(
     return UdfLaunch(argv, env, str(workdir), {"start_new_session": True})
 
 
+@contextmanager
+def udf_pipes_session(
+    client: Any, context: dg.AssetExecutionContext, extras: Mapping[str, Any]
+) -> Iterator[PipesSession]:
+    """The Pipes session of one attempt with `client`'s context injector and message reader
+    (the subprocess launcher's and the pod launcher's alike)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PreviewWarning)  # Dagster's own use of a preview API
+        with open_pipes_session(
+            context=context,
+            context_injector=client.context_injector,
+            message_reader=client.message_reader,
+            extras=dict(extras),
+        ) as session:
+            yield session
+
+
 class ScopedPipesSubprocessClient(dg.PipesSubprocessClient):
     """Dagster's subprocess Pipes client, started with exactly the launch's environment (plus
     Pipes' bootstrap variables) instead of a copy of the orchestrator's, and killed (its whole
@@ -124,28 +143,21 @@ class ScopedPipesSubprocessClient(dg.PipesSubprocessClient):
     ) -> tuple[PipesClientCompletedInvocation, int]:
         """Run the process to its end; its exit code with the completed invocation (a
         non-zero code is the caller's to report, with what the process said)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PreviewWarning)  # Dagster's own use of a preview API
-            with open_pipes_session(
-                context=context,
-                context_injector=self.context_injector,
-                message_reader=self.message_reader,
-                extras=dict(extras),
-            ) as session:
-                process = subprocess.Popen(
-                    list(launch.argv),
-                    cwd=launch.cwd,
-                    env={**launch.env, **session.get_bootstrap_env_vars()},
-                    **launch.popen,
-                )
-                try:
-                    process.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    _kill_group(process)
-                    raise UdfTimeout(f"ran longer than {timeout_s:g} s") from None
-                except BaseException:  # interrupted (run terminated): stop it, then go on
-                    _kill_group(process)
-                    raise
+        with udf_pipes_session(self, context, extras) as session:
+            process = subprocess.Popen(
+                list(launch.argv),
+                cwd=launch.cwd,
+                env={**launch.env, **session.get_bootstrap_env_vars()},
+                **launch.popen,
+            )
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                raise UdfTimeout(f"ran longer than {timeout_s:g} s") from None
+            except BaseException:  # interrupted (run terminated): stop it, then go on
+                _kill_group(process)
+                raise
         return PipesClientCompletedInvocation(session), int(process.returncode)
 
 
