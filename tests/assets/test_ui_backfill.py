@@ -113,7 +113,9 @@ def _trace_backfill(url: str, env: dict[str, str], proxy: FaultProxy, ranges: li
     assert status == "CANCELED"
     proxy.set_faults([])
 
-    done = _trace(url, env, "--from", str(int(ranges[3][:12])), "--to", ranges[4])
+    # its events are pushed over the webserver's websocket: with reads an hour apart, it
+    # would still be waiting for its second read when the command's timeout ends it
+    done = _trace(url, env, "--from", str(int(ranges[3][:12])), "--to", ranges[4], "--poll", "3600")
     assert done.returncode == 0, done
     assert f"over 2 range(s) {ranges[3]} .. {ranges[4]}" in done.stdout, done.stdout
     assert "0 check(s)" not in done.stdout and "check(s) passed" in done.stdout, done.stdout
