@@ -64,13 +64,24 @@ def test_erc20_transfers_equal_the_generator_record(derived_env: Env, devnet: De
     assert record(devnet, "approval", last_block(derived_env))
 
 
-def test_native_transfers_equal_json_rpc(derived_env: Env, devnet: Devnet) -> None:
+def test_native_transfers_and_fees_equal_json_rpc(derived_env: Env, devnet: Devnet) -> None:
     expected = set()
+    fees = set()
     for number in range(0, last_block(derived_env) + 1):
         block = devnet.node.rpc("eth_getBlockByNumber", [hex(number), True])
         receipts = devnet.node.rpc("eth_getBlockReceipts", [hex(number)])
         status = {r["transactionHash"]: int(r["status"], 16) for r in receipts}
+        by_hash = {r["transactionHash"]: r for r in receipts}
         for tx in block["transactions"]:
+            receipt = by_hash[tx["hash"]]
+            price = int(receipt["effectiveGasPrice"], 16)
+            fees.add(
+                (
+                    tx["hash"],
+                    str(int(tx["gas"], 16) * price),  # Monad charges the limit
+                    str(int(receipt["gasUsed"], 16) * price),
+                )
+            )
             if int(tx["value"], 16) > 0 and status[tx["hash"]] == 1:
                 expected.add(
                     (
@@ -99,6 +110,15 @@ def test_native_transfers_equal_json_rpc(derived_env: Env, devnet: Devnet) -> No
     assert got == expected
     sent = record(devnet, "native_transfer", last_block(derived_env))
     assert {r["tx_hash"] for r in sent} <= {g[2] for g in got}
+
+    # every transaction's fee, on each basis, named by it
+    charged = derived_env.reader.read("transaction_fees")
+    assert len(fees) > 1000 and charged.num_rows == len(fees)
+    assert {
+        (_hex(r["transaction_hash"]), r["fee_on_gas_limit_string"], r["fee_on_gas_used_string"])
+        for r in charged.to_pylist()
+    } == fees
+    assert any(r["fee_on_gas_limit_f64"] > r["fee_on_gas_used_f64"] for r in charged.to_pylist())
 
 
 def test_contracts_equal_the_recorded_deployments(derived_env: Env, devnet: Devnet) -> None:

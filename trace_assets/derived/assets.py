@@ -66,6 +66,7 @@ SCHEMA_CHECK_DESCRIPTION = (
 PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
     "erc20_transfers": transforms.erc20_transfers,
     "native_transfers": transforms.native_transfers,
+    "transaction_fees": transforms.transaction_fees,
     "contracts": transforms.contracts,
     "traced_native_transfers": transforms.traced_native_transfers,
     "traced_contracts": transforms.traced_contracts,

@@ -28,6 +28,7 @@ __all__ = [
     "traced_native_transfers",
     "daily_volume",
     "token_holders",
+    "transaction_fees",
     "uint256_strings",
 ]
 
@@ -98,6 +99,44 @@ def native_transfers(transactions: pa.Table) -> pa.Table:
             "value_binary": t["value_binary"],
             "value_string": t["value_string"],
             "value_f64": t["value_f64"],
+        }
+    ).sort_by([("block_number", "ascending"), ("transaction_index", "ascending")])
+
+
+def _fee(gas: pa.ChunkedArray, price: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """gas x price in wei, exact (decimal strings: the product can pass 2**64) and as a float."""
+    exact = [
+        None if g is None or p is None else g * p
+        for g, p in zip(gas.to_pylist(), price.to_pylist(), strict=True)
+    ]
+    return (
+        pa.array([None if f is None else str(f) for f in exact], pa.string()),
+        pa.array([None if f is None else float(f) for f in exact], pa.float64()),
+    )
+
+
+def transaction_fees(transactions: pa.Table) -> pa.Table:
+    """Every transaction's fee on both bases, named by basis: Monad charges the gas limit,
+    Ethereum-style chains the gas used."""
+    t = transactions
+    on_limit, on_limit_f64 = _fee(t["gas_limit"], t["gas_price"])
+    on_used, on_used_f64 = _fee(t["gas_used"], t["gas_price"])
+    return pa.table(
+        {
+            "chain_id": t["chain_id"],
+            "block_number": t["block_number"],
+            "block_timestamp": t["timestamp"],
+            "transaction_index": t["transaction_index"],
+            "transaction_hash": t["transaction_hash"],
+            "from_address": t["from_address"],
+            "success": t["success"],
+            "gas_limit": t["gas_limit"],
+            "gas_used": t["gas_used"],
+            "gas_price": t["gas_price"],
+            "fee_on_gas_limit_string": on_limit,
+            "fee_on_gas_limit_f64": on_limit_f64,
+            "fee_on_gas_used_string": on_used,
+            "fee_on_gas_used_f64": on_used_f64,
         }
     ).sort_by([("block_number", "ascending"), ("transaction_index", "ascending")])
 
