@@ -182,7 +182,7 @@ class Deployment:
         run_id: str,
         on_event: Callable[[dict[str, Any]], None],
         on_end: Callable[[str], None],
-        idle_s: float = 5.0,
+        idle_s: float = 1.0,
     ) -> str | None:
         """Hand the run's events to `on_event` as the webserver pushes them (GraphQL over its
         websocket), until the run's end event (its status to `on_end`); return the cursor after
@@ -190,8 +190,9 @@ class Deployment:
 
         Returns early (with the cursor reached, None before any event) when the webserver
         serves no websocket or the connection breaks: the caller reads the rest with queries.
-        While no event comes for `idle_s`, the run's status is read, so a run that ended
-        without an end event (its process killed) is not waited on forever.
+        While no event comes for `idle_s`, the run's status is read: the webserver reads new
+        events at a cadence that backs off to 16 s while a run is quiet (Dagster's
+        `SqlPollingEventWatcher`), and a run killed with its process may end with no event.
         """
         from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
