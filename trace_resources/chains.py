@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trace_resources.settings import CHAIN_NAME_PATTERN, ChainConfig, parse_chains
@@ -36,7 +37,9 @@ __all__ = [
     "split_dataset_name",
     "qualified_reference",
     "asset_path",
+    "dataset_for_asset_key",
     "partitions_name",
+    "resource_key",
 ]
 
 SECONDARY_DATASETS: tuple[str, ...] = ("blocks", "transactions", "logs")
@@ -126,3 +129,16 @@ def partitions_name(chain: str, names: ChainNames | None = None) -> str:
     """The Dagster partitions definition of a chain's block ranges."""
     names = names or chain_names()
     return "block_ranges" if chain == names.primary else f"block_ranges__{chain}"
+
+
+def dataset_for_asset_key(path: Sequence[str]) -> str:
+    """The dataset a Dagster asset key stands for: [dataset] -> dataset, [chain, dataset] ->
+    `<chain>.<dataset>` (the inverse of `asset_path`)."""
+    return ".".join(path) if len(path) == 2 else path[-1]
+
+
+def resource_key(chain: str, names: ChainNames | None = None) -> str:
+    """The Dagster resource key of a chain's `ChainResource`: `chain` for the primary,
+    `chain__<name>` for another."""
+    names = names or chain_names()
+    return "chain" if chain == names.primary else f"chain__{chain}"

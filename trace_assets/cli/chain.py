@@ -52,11 +52,32 @@ def cmd_partitions_sync(settings: Settings, args: argparse.Namespace) -> int:
         client.close()
     with dg.DagsterInstance.get() as instance:
         added = add_finalized_partitions(instance, head.finalized, settings.range_size)
-    sys.stdout.write(
-        f"added {len(added)} block range(s) up to finalized block {head.finalized}"
-        + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
-    )
+        sys.stdout.write(
+            f"added {len(added)} block range(s) up to finalized block {head.finalized}"
+            + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
+        )
+        for config in settings.chain_configs()[1:]:
+            _sync_chain(instance, settings, config)
     return 0
+
+
+def _sync_chain(instance, settings: Settings, config) -> None:  # type: ignore[no-untyped-def]
+    """The block ranges of another chain of TRACE_CHAINS (`block_ranges__<chain>`)."""
+    from trace_assets.partitions import add_finalized_partitions
+    from trace_resources.resources import ChainResource
+
+    client = ChainResource.from_settings(settings, config).client()
+    try:
+        head = client.head()
+    finally:
+        client.close()
+    added = add_finalized_partitions(
+        instance, head.finalized, config.range_size, f"block_ranges__{config.name}"
+    )
+    sys.stdout.write(
+        f"{config.name}: added {len(added)} block range(s) up to finalized block "
+        f"{head.finalized}" + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
+    )
 
 
 def cmd_rpc_probe(settings: Settings, args: argparse.Namespace) -> int:
