@@ -14,7 +14,7 @@ from trace_assets.gaps import GAP_SCOPE
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
-from trace_assets.raw.chain import RAW_ASSET_KEYS, raw_chain
+from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain, build_raw_chain, raw_chain
 from trace_assets.raw.traces import geth_calls
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
@@ -70,8 +70,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
             bucket_scratch=settings.bucket_scratch,
         )
     state = StateStoreResource(dsn=settings.state_dsn)
+    # another chain of TRACE_CHAINS: its own ChainResource (trace_resources.chains.resource_key)
+    secondaries = {
+        f"chain__{config.name}": ChainResource.from_settings(settings, config)
+        for config in settings.chain_configs()[1:]
+    }
     return {
         "chain": chain,
+        **secondaries,
         "objects": objects,
         "state": state,
         "dataset_io_manager": DatasetIOManager(objects=objects, state=state),
@@ -103,6 +109,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[
             raw_chain,
+            # the raw datasets of every other chain of TRACE_CHAINS (README: Several chains)
+            *(build_raw_chain(RawChain(c.name)) for c in settings.chain_configs()[1:]),
             geth_calls,
             ingest_audit,
             *DERIVED_ASSETS,

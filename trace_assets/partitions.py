@@ -20,14 +20,18 @@ MAX_PARTITIONS_PER_RUN = 25
 
 
 def add_finalized_partitions(
-    instance: dg.DagsterInstance, finalized: int, range_size: int
+    instance: dg.DagsterInstance,
+    finalized: int,
+    range_size: int,
+    partitions: str = block_ranges.name or "",
 ) -> list[str]:
     """Add every complete range up to `finalized` that the instance lacks; return the new keys.
 
-    What the chain-head sensor does tick by tick, in one call (for the CLI and the demo).
+    What the chain-head sensor does tick by tick, in one call (for the CLI and the demo);
+    `partitions` names another chain's (`block_ranges__<chain>`).
     """
-    existing = set(instance.get_dynamic_partitions(block_ranges.name or ""))
+    existing = set(instance.get_dynamic_partitions(partitions))
     keys = [r.key for r in complete_ranges(-1, finalized, range_size) if r.key not in existing]
     if keys:
-        instance.add_dynamic_partitions(block_ranges.name or "", keys)
+        instance.add_dynamic_partitions(partitions, keys)
     return keys

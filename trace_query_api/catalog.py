@@ -33,6 +33,7 @@ from trace_query_api.errors import (
 )
 from trace_query_api.files import FileCache
 from trace_resources.chain.schemas import RAW_SCHEMAS
+from trace_resources.chains import chain_of, split_dataset_name
 from trace_resources.registry import arrow_schema as declared_schema
 from trace_resources.registry import declarations
 from trace_resources.storage import access, snapshots
@@ -69,6 +70,10 @@ class DatasetInfo:
     visibility: str  # "public" | "org"
     owner: str | None
     partitions: list[PartitionInfo]
+
+    @property
+    def chain(self) -> str | None:
+        return chain_of(self.name)
 
     @property
     def rows(self) -> int:
@@ -166,9 +171,10 @@ class Catalog:
     def arrow_schema(self, name: str) -> pa.Schema | None:
         """The dataset's Arrow schema: raw schemas, the registry's declaration (with its column
         docs), else the newest committed file's footer."""
-        if name in RAW_SCHEMAS:
-            return RAW_SCHEMAS[name]
-        declared = declarations().get(name)
+        base = _chain_dataset(name)
+        if base in RAW_SCHEMAS:
+            return RAW_SCHEMAS[base]
+        declared = declarations().get(base)
         if declared is not None:
             return declared_schema(declared)
         files = self.read.newest_files(name)
@@ -308,8 +314,9 @@ class Catalog:
                 )
 
     def _query_schema(self, name: str, files: list[FileEntry]) -> pa.Schema:
-        if name in RAW_SCHEMAS:
-            return RAW_SCHEMAS[name]
+        base = _chain_dataset(name)
+        if base in RAW_SCHEMAS:
+            return RAW_SCHEMAS[base]
         if files:
             return pa.unify_schemas([self.files.schema(f) for f in files])
         schema = self.arrow_schema(name)
@@ -348,6 +355,11 @@ class Catalog:
                 code="unknown_snapshot",
             )
         return found.versions, found.created_at
+
+
+def _chain_dataset(name: str) -> str:
+    """The dataset a chain's dataset name stands for (`devnet2.blocks` -> `blocks`)."""
+    return split_dataset_name(name)[1] if chain_of(name) is not None else name
 
 
 def _info(readable: access.ReadableDataset, partitions: list[PartitionInfo]) -> DatasetInfo:

@@ -2,7 +2,10 @@
 
 Statements are checked with DuckDB's own parser (on a database that never holds data and never
 runs a query) before anything runs: exactly one statement, of type SELECT; the dataset names it
-reads come from its syntax tree (`json_serialize_sql`), not from pattern matching. The statement
+reads come from its syntax tree (`json_serialize_sql`), not from pattern matching. A chain is a
+schema (`trace_resources.chains`): `devnet2.blocks` is that chain's `blocks`, and `monad.blocks`
+the primary chain's, the dataset `blocks` (an alias the sandbox is given as a view); any other
+qualified name is an unknown dataset. The statement
 itself then runs in a sandbox worker process (`trace_resources.sandbox`): OS-enforced limits on
 memory, CPU and wall time, an empty root, no network, an unprivileged user, and DuckDB locked
 (no file or network access, no extensions, configuration locked).
@@ -13,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import duckdb
 
@@ -25,10 +28,11 @@ from trace_query_api.errors import (
     ResourceLimitError,
     UnknownDatasetError,
 )
-from trace_resources.sandbox import SandboxError
+from trace_resources.chains import qualified_reference
+from trace_resources.sandbox import FileSource, SandboxError
 from trace_resources.sandbox.worker import duckdb_config
 
-__all__ = ["ParsedQuery", "Parser", "api_error", "MAX_SQL_CHARS"]
+__all__ = ["ParsedQuery", "Parser", "api_error", "with_aliases", "MAX_SQL_CHARS"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ MAX_SQL_CHARS = 100_000
 class ParsedQuery:
     sql: str
     datasets: frozenset[str]
+    # (name in the SQL, dataset) where they differ: the primary chain's `monad.blocks`
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 class Parser:
@@ -93,16 +99,30 @@ class Parser:
         except RecursionError:
             raise InvalidSqlError("the SQL is nested too deeply") from None
         names: set[str] = set()
+        aliases: set[tuple[str, str]] = set()
         for catalog, schema, table in tables:
             name = table.lower()
             if catalog or schema:
-                raise UnknownDatasetError(".".join(p for p in (catalog, schema, table) if p))
-            if name not in ctes:
+                written = ".".join(p for p in (catalog, schema, table) if p)
+                dataset = None if catalog else qualified_reference(schema, table)
+                if dataset is None:
+                    raise UnknownDatasetError(written)
+                names.add(dataset)
+                if dataset != written.lower():
+                    aliases.add((written.lower(), dataset))
+            elif name not in ctes:
                 names.add(name)
-        return ParsedQuery(sql, frozenset(names))
+        return ParsedQuery(sql, frozenset(names), tuple(sorted(aliases)))
 
     def close(self) -> None:
         self._db.close()
+
+
+def with_aliases(parsed: ParsedQuery, sources: list[FileSource]) -> list[FileSource]:
+    """The sources, and each alias the statement uses (`monad.blocks` for `blocks`) as the
+    same files under the name it is written with."""
+    by_name = {source.name: source for source in sources}
+    return sources + [replace(by_name[dataset], name=alias) for alias, dataset in parsed.aliases]
 
 
 def _walk(node: object, tables: set[tuple[str, str, str]], ctes: set[str]) -> None:

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 
 from trace_query_api.encode import text_table
-from trace_query_api.engine import api_error
+from trace_query_api.engine import api_error, with_aliases
 from trace_query_api.errors import (
     ApiError,
     ConflictError,
@@ -171,7 +171,7 @@ class Exports:
                     try:
                         batches = worker.stream(
                             plan.parsed.sql,
-                            sources,
+                            with_aliases(plan.parsed, sources),
                             max_batch_bytes=self.settings.query_max_response_bytes,
                             timeout_s=timeout_s,
                         )

@@ -178,6 +178,9 @@ class DatasetSummaryPublic(BaseModel):
     description: str | None
     visibility: Literal["public", "org"]
     owner: str | None
+    chain: str | None = Field(
+        description="The chain the dataset belongs to (None: an organisation's own dataset)."
+    )
     partitions: int
     rows: int
     bytes: int
@@ -215,6 +218,9 @@ class DatasetPublic(BaseModel):
     description: str | None
     visibility: Literal["public", "org"]
     owner: str | None
+    chain: str | None = Field(
+        description="The chain the dataset belongs to (None: an organisation's own dataset)."
+    )
     columns: list[ColumnDocPublic]
     partitions: list[PartitionPublic]
     current_versions: dict[str, int]

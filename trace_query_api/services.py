@@ -22,7 +22,7 @@ from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
 from trace_query_api.current import CurrentFilesCache
 from trace_query_api.encode import Cursor, sql_fingerprint
-from trace_query_api.engine import ParsedQuery, Parser, api_error
+from trace_query_api.engine import ParsedQuery, Parser, api_error, with_aliases
 from trace_query_api.errors import (
     ApiError,
     BadPaginationError,
@@ -309,7 +309,7 @@ class Services:
         except BaseException:
             close_all(handles)
             raise
-        return out, handles
+        return with_aliases(plan.parsed, out), handles
 
     def run_page(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +11,7 @@ from pydantic import Field
 
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.rpc import RetryPolicy
-from trace_resources.settings import Settings, parse_endpoints
+from trace_resources.settings import ChainConfig, Settings, parse_endpoints
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
@@ -61,10 +62,33 @@ class ChainResource(dg.ConfigurableResource):
         "(one eth_getRawTransactionByBlockNumberAndIndex call per transaction; block hashes "
         "are always checked where the endpoint allows; TRACE_VERIFY_TRANSACTIONS_ROOT).",
     )
+    finality: str = Field(
+        default="finalized",
+        description="Which head is final: `finalized`, `safe`, or a depth in blocks below "
+        "`latest` written as digits (ChainConfig.finality in TRACE_CHAINS).",
+    )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ChainResource:
-        """The chain the `TRACE_RPC_*` / `TRACE_CHAIN_ID` / `TRACE_RANGE_SIZE` settings name."""
+    def from_settings(cls, settings: Settings, chain: ChainConfig | None = None) -> ChainResource:
+        """The chain the `TRACE_RPC_*` / `TRACE_CHAIN_ID` / `TRACE_RANGE_SIZE` settings name
+        (the primary chain), or another `chain` of TRACE_CHAINS with the same timeouts,
+        retries and checks."""
+        finality = "finalized"
+        if chain is None and settings.chains.strip():  # the primary of TRACE_CHAINS
+            finality = str(settings.chain_configs()[0].finality)
+        if chain is not None:
+            first = chain.endpoints[0]
+            endpoints = [e.model_dump(exclude_defaults=True) for e in chain.endpoints]
+            settings = settings.model_copy(
+                update={
+                    "rpc_url": first.url,
+                    "chain_id": chain.chain_id,
+                    "range_size": chain.range_size,
+                    "rpc_requests_per_second": first.requests_per_second,
+                    "rpc_endpoints": json.dumps(endpoints),
+                }
+            )
+            finality = str(chain.finality)
         return cls(
             rpc_url=settings.rpc_url,
             chain_id=settings.chain_id,
@@ -79,6 +103,7 @@ class ChainResource(dg.ConfigurableResource):
             endpoints=settings.rpc_endpoints,
             verify_receipts=settings.verify_receipts,
             verify_transactions_root=settings.verify_transactions_root,
+            finality=finality,
         )
 
     def client(self) -> ChainClient:
@@ -94,6 +119,7 @@ class ChainResource(dg.ConfigurableResource):
             parallel=self.extract_concurrency,
             verify_receipts=self.verify_receipts,
             verify_transactions_root=self.verify_transactions_root,
+            finality=int(self.finality) if self.finality.isdigit() else self.finality,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -28,6 +28,9 @@ from trace_resources.sealed import Keyring, SealError
 __all__ = [
     "RpcEndpoint",
     "parse_endpoints",
+    "ChainConfig",
+    "CHAIN_NAME_PATTERN",
+    "parse_chains",
     "Settings",
     "get_settings",
     "QuerySettings",
@@ -130,6 +133,121 @@ def parse_endpoints(text: str) -> list[RpcEndpoint]:
     return endpoints
 
 
+CHAIN_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+# names DuckDB gives its own schemas and catalogs: a chain is a schema in the query sandbox
+RESERVED_CHAIN_NAMES = frozenset(
+    {"main", "temp", "system", "memory", "information_schema", "pg_catalog"}
+)
+Finality = Literal["finalized", "safe"] | int
+
+
+class ChainConfig(BaseModel):
+    """One chain of the deployment: where to read it and how it is partitioned.
+
+    One entry of `TRACE_CHAINS`, e.g. ``{"name": "devnet2", "chain_id": 31337, "endpoints":
+    [{"url": "http://127.0.0.1:18546"}], "range_size": 250, "finality": "finalized"}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        description="Lowercase identifier (a-z, digits, _; up to 31 characters); a secondary "
+        "chain's datasets are named `<name>.<dataset>`."
+    )
+    chain_id: int = Field(gt=0, description="Chain id its endpoints must report.")
+    endpoints: tuple[RpcEndpoint, ...] = Field(
+        min_length=1, description="One or more endpoints (see RpcEndpoint), in failover order."
+    )
+    range_size: int = Field(10_000, gt=0, description="Blocks per partition.")
+    finality: Finality = Field(
+        "finalized",
+        description="Which head counts as final: the `finalized` or `safe` tag, or a depth in "
+        "blocks below `latest`.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not CHAIN_NAME_PATTERN.match(value):
+            raise ValueError(
+                f"{value!r} is not a chain name: a lowercase letter, then up to 30 lowercase "
+                "letters, digits or _ (e.g. monad, devnet2)"
+            )
+        if value in RESERVED_CHAIN_NAMES:
+            raise ValueError(f"{value!r} is reserved by the query engine: choose another name")
+        return value
+
+    @field_validator("finality", mode="wrap")
+    @classmethod
+    def _finality_known(cls, value: object, handler: Any) -> Finality:
+        if value in ("finalized", "safe") or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            return cast(Finality, handler(value))
+        raise ValueError(
+            f'"finalized", "safe" or a depth in blocks (an integer, 0 or more), got {value!r}'
+        )
+
+
+def parse_chains(text: str) -> list[ChainConfig]:
+    """`TRACE_CHAINS` (a JSON list of `ChainConfig` objects, the primary first) with one-line
+    errors naming the entry and the field."""
+    example = (
+        '[{"name": "monad", "chain_id": 10143, "endpoints": [{"url": "https://rpc.example"}]}]'
+    )
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc}); expected a list such as {example}") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"expected a non-empty JSON list of chains such as {example}")
+    chains: list[ChainConfig] = []
+    for position, item in enumerate(raw, start=1):
+        entry = f"chain {position}"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            entry += f" ({item['name']!r})"
+        try:
+            chains.append(ChainConfig.model_validate(item))
+        except ValidationError as exc:
+            errors = exc.errors()
+            # an endpoint's error also fails the list's length: name the endpoint's only
+            deepest = [
+                e
+                for e in errors
+                if not any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors)
+            ]
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'][:3])) or 'entry'}: "
+                + e["msg"].removeprefix("Value error, ")
+                for e in deepest[:3]
+            )
+            raise ValueError(
+                f"{entry}: {problems} (fields: {', '.join(ChainConfig.model_fields)})"
+            ) from None
+    for field in ("name", "chain_id"):
+        values = [getattr(c, field) for c in chains]
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"chains share the {field} {', '.join(twice)}: each must be unique")
+    return chains
+
+
+def _contradicts(field: str, given: object, primary: ChainConfig) -> bool:
+    """Whether a single-chain setting given explicitly says otherwise than the primary chain
+    of TRACE_CHAINS (an empty TRACE_RPC_ENDPOINTS says nothing)."""
+    if field == "rpc_endpoints":
+        text = str(given)
+        return bool(text.strip()) and parse_endpoints(text) != list(primary.endpoints)
+    return bool(
+        given
+        != {
+            "chain_name": primary.name,
+            "chain_id": primary.chain_id,
+            "range_size": primary.range_size,
+        }[field]
+    )
+
+
 class Settings(BaseSettings):
     """Trace's configuration, from `TRACE_*` environment variables."""
 
@@ -148,6 +266,19 @@ class Settings(BaseSettings):
     chain_id: int = Field(MONAD_TESTNET_CHAIN_ID, description="Chain id the endpoint must report.")
     range_size: int = Field(
         10_000, gt=0, description="Blocks per partition (10,000 on Monad; small on the devnet)."
+    )
+    chain_name: str = Field(
+        "monad",
+        description="Name of the chain TRACE_RPC_URL / TRACE_RPC_ENDPOINTS serve when "
+        "TRACE_CHAINS is unset (queries may address its datasets as `<name>.<dataset>`).",
+    )
+    chains: str = Field(
+        "",
+        description="JSON list of the deployment's chains (see ChainConfig), the primary "
+        "first: its datasets keep their plain names, another chain's are `<name>.<dataset>`. "
+        "When set, the primary's entry also sets TRACE_CHAIN_ID, TRACE_CHAIN_NAME, "
+        "TRACE_RANGE_SIZE, TRACE_RPC_ENDPOINTS and TRACE_RPC_URL (its first endpoint); the "
+        "first four may not contradict it. Empty: one chain, from those settings.",
     )
     rpc_requests_per_second: int | None = Field(
         None, gt=0, description="Cap on RPC requests per second passed to cryo (None: no cap)."
@@ -527,6 +658,58 @@ class Settings(BaseSettings):
         return [
             # TRACE_RPC_MAX_CONCURRENT_REQUESTS stays what it was: cryo's cap per collect
             RpcEndpoint(url=self.rpc_url, requests_per_second=self.rpc_requests_per_second)
+        ]
+
+    @field_validator("chain_name")
+    @classmethod
+    def _chain_name_valid(cls, value: str) -> str:
+        return str(ChainConfig._name_is_identifier(value))
+
+    @field_validator("chains")
+    @classmethod
+    def _chains_valid(cls, value: str) -> str:
+        if value.strip():
+            parse_chains(value)
+        return value
+
+    @model_validator(mode="after")
+    def _primary_from_chains(self) -> Settings:
+        """With TRACE_CHAINS, the primary chain's entry is what the single-chain settings mean
+        (code that reads `chain_id`, `range_size` or the endpoints reads the primary)."""
+        if not self.chains.strip():
+            return self
+        primary = parse_chains(self.chains)[0]
+        endpoints = json.dumps([e.model_dump(exclude_defaults=True) for e in primary.endpoints])
+        wanted = {
+            "chain_name": primary.name,
+            "chain_id": primary.chain_id,
+            "range_size": primary.range_size,
+            "rpc_endpoints": endpoints,
+        }
+        for field, value in wanted.items():
+            given = getattr(self, field)
+            if field in self.model_fields_set and _contradicts(field, given, primary):
+                raise ValueError(
+                    f"TRACE_{field.upper()}={given!r} contradicts the primary chain "
+                    f"{primary.name!r} of TRACE_CHAINS ({value!r}): unset it, or change "
+                    "TRACE_CHAINS' first entry"
+                )
+            setattr(self, field, value)
+        self.rpc_url = primary.endpoints[0].url
+        return self
+
+    def chain_configs(self) -> list[ChainConfig]:
+        """The deployment's chains, the primary first (TRACE_CHAINS, else one chain built
+        from TRACE_CHAIN_NAME, TRACE_CHAIN_ID, the RPC settings and TRACE_RANGE_SIZE)."""
+        if self.chains.strip():
+            return parse_chains(self.chains)
+        return [
+            ChainConfig(
+                name=self.chain_name,
+                chain_id=self.chain_id,
+                endpoints=tuple(self.endpoints()),
+                range_size=self.range_size,
+            )
         ]
 
     @field_validator("rpc_url")

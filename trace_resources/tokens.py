@@ -6,13 +6,17 @@
              "scope": {"kind": "org" | "task",
                        "task": "nightly-rollup",                  task tokens only
                        "datasets": ["blocks", ...] | null,        null: all the org may read
+                       "chains": ["monad", ...] | null,           org tokens: null: every chain
                        "partitions": {"blocks": ["000000000000-000000000049"]} | null,
                        "columns": {"blocks": ["number", "hash"]} | null,     task tokens only
                        "writes": ["<object key>", ...] | null,            task tokens only
                        "capabilities": ["alerts:manage"]}}              org tokens only; optional
 
 An *org token* reads the public datasets and its organisation's own (optionally narrowed to
-`datasets`), and its organisation's alert rules and alerts; a *task token* reads only its listed
+`datasets`, and to the datasets of the listed `chains`: another chain's dataset is then as
+absent as one that does not exist, while the organisation's own `org_<org>__<name>` datasets,
+which belong to no chain, stay readable), and its organisation's alert rules and alerts; a
+*task token* reads only its listed
 datasets and, where `partitions` names a dataset, only those partitions of it (and where
 `columns` names one, only those columns); `writes` lists the exact object keys a task may upload
 (`PUT /v1/tasks/uploads/{key}`: a Python transform's staged output). Ownership itself
@@ -60,6 +64,7 @@ __all__ = [
     "ORG_PATTERN",
     "DATASET_PATTERN",
     "PARTITION_PATTERN",
+    "CHAIN_PATTERN",
     "Algorithm",
     "Capability",
     "CAPABILITIES",
@@ -77,7 +82,9 @@ Algorithm = Literal["HS256", "EdDSA"]
 Capability = Literal["alerts:manage", "transforms:manage"]
 CAPABILITIES: tuple[Capability, ...] = ("alerts:manage", "transforms:manage")
 ORG_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
-DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+# a secondary chain's datasets are `<chain>.<dataset>` (trace_resources.chains)
+DATASET_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?$")
+CHAIN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 PARTITION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 COLUMN_PATTERN = re.compile(r"^[a-z_][a-z0-9_]*$")
 OBJECT_KEY_PATTERN = re.compile(
@@ -209,6 +216,7 @@ class Scope(BaseModel):
     kind: Literal["org", "task"]
     task: str | None = Field(None, min_length=1, max_length=200)
     datasets: list[str] | None = Field(None, max_length=200)
+    chains: list[str] | None = Field(None, max_length=50)
     partitions: dict[str, list[str]] | None = None
     columns: dict[str, list[str]] | None = None
     writes: list[str] | None = Field(None, max_length=100)
@@ -239,6 +247,14 @@ class Scope(BaseModel):
         for name in value or []:
             if not DATASET_PATTERN.match(name):
                 raise ValueError(f"not a dataset name: {name!r}")
+        return value
+
+    @field_validator("chains")
+    @classmethod
+    def _chain_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not CHAIN_PATTERN.match(name):
+                raise ValueError(f"not a chain name: {name!r}")
         return value
 
     @field_validator("partitions")
@@ -277,6 +293,7 @@ class Principal:
     expires_at: int
     task: str | None = None
     datasets: frozenset[str] | None = None  # None: everything the org may read
+    chains: frozenset[str] | None = None  # None: every chain's datasets
     partitions: dict[str, frozenset[str]] | None = None
     capabilities: frozenset[str] = frozenset()
     columns: dict[str, tuple[str, ...]] | None = None  # None: every column
@@ -291,6 +308,10 @@ class Principal:
 
     def scope_allows(self, dataset: str) -> bool:
         return self.datasets is None or dataset in self.datasets
+
+    def chain_allows(self, chain: str | None) -> bool:
+        """Whether a dataset of `chain` (None: of no chain, an organisation's) is in scope."""
+        return self.chains is None or chain is None or chain in self.chains
 
     def partitions_for(self, dataset: str) -> frozenset[str] | None:
         """The partitions of `dataset` this token may read (None: all)."""
@@ -318,6 +339,7 @@ class Principal:
             expires_at=claims.exp,
             task=scope.task,
             datasets=None if scope.datasets is None else frozenset(scope.datasets),
+            chains=None if scope.chains is None else frozenset(scope.chains),
             partitions=None
             if scope.partitions is None
             else {k: frozenset(v) for k, v in scope.partitions.items()},
@@ -336,6 +358,7 @@ def issue_token(
     org: str,
     subject: str,
     datasets: list[str] | None = None,
+    chains: list[str] | None = None,
     ttl_s: int | None = None,
     task: str | None = None,
     partitions: dict[str, list[str]] | None = None,
@@ -359,6 +382,8 @@ def issue_token(
         raise ConfigError("--partition narrows a task token: give --task too")
     if partitions and datasets and not set(partitions) <= set(datasets):
         raise ConfigError("--partition DATASET:KEY names a dataset missing from --dataset")
+    if chains and task is not None:
+        raise ConfigError("--chain narrows an org token; a task token lists its datasets")
     for capability in capabilities or ():
         if capability not in CAPABILITIES:
             raise ConfigError(
@@ -375,6 +400,7 @@ def issue_token(
         kind="task" if task is not None else "org",
         task=task,
         datasets=sorted(set(datasets)) if datasets else None,
+        chains=sorted(set(chains)) if chains else None,
         partitions=partitions or None,
         columns=columns or None,
         writes=sorted(set(writes)) if writes else None,

@@ -38,6 +38,10 @@ def _check_token_names(settings: Settings, args: argparse.Namespace) -> None:
             f"--org {args.org!r} is not an org id: lowercase letters and digits in words joined "
             "by single underscores, starting with a letter, e.g. acme or acme_labs"
         )
+    configured = [c.name for c in settings.chain_configs()]
+    for chain in args.chain or ():
+        if chain not in configured:
+            raise unknown("chain", chain, configured, hint="`trace chains` lists them")
     if not args.dataset:
         return
     versions = VersionStore(engine_for(settings.state_dsn))
@@ -58,6 +62,7 @@ def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
         org=args.org,
         subject=args.subject,
         datasets=args.dataset or None,
+        chains=args.chain or None,
         ttl_s=args.ttl,
         task=args.task,
         partitions=_token_partitions(args.partition or [], args.dataset or []) or None,
@@ -183,6 +188,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     issue.add_argument("--org", required=True, help="organisation id, e.g. acme")
     issue.add_argument("--subject", required=True, help="user or task identity (`sub`)")
     issue.add_argument("--dataset", action="append", help="read only this dataset (repeatable)")
+    issue.add_argument(
+        "--chain",
+        action="append",
+        metavar="NAME",
+        help="org tokens: read only this chain's datasets (repeatable; `trace chains` lists "
+        "them); the org's own datasets stay readable",
+    )
     issue.add_argument("--ttl", type=int, help="lifetime in seconds (default: settings)")
     issue.add_argument("--task", help="make a task token for this task")
     issue.add_argument(

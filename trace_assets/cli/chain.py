@@ -1,5 +1,6 @@
 """`trace head` and `trace partitions sync`: the chain head from the RPC node, and the
-block-range partitions of the Dagster instance up to the finalized block."""
+block-range partitions of the Dagster instance up to the finalized block; `trace chains`: the
+deployment's chains; `trace rpc probe`: what each endpoint serves."""
 
 from __future__ import annotations
 
@@ -51,11 +52,32 @@ def cmd_partitions_sync(settings: Settings, args: argparse.Namespace) -> int:
         client.close()
     with dg.DagsterInstance.get() as instance:
         added = add_finalized_partitions(instance, head.finalized, settings.range_size)
-    sys.stdout.write(
-        f"added {len(added)} block range(s) up to finalized block {head.finalized}"
-        + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
-    )
+        sys.stdout.write(
+            f"added {len(added)} block range(s) up to finalized block {head.finalized}"
+            + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
+        )
+        for config in settings.chain_configs()[1:]:
+            _sync_chain(instance, settings, config)
     return 0
+
+
+def _sync_chain(instance, settings: Settings, config) -> None:  # type: ignore[no-untyped-def]
+    """The block ranges of another chain of TRACE_CHAINS (`block_ranges__<chain>`)."""
+    from trace_assets.partitions import add_finalized_partitions
+    from trace_resources.resources import ChainResource
+
+    client = ChainResource.from_settings(settings, config).client()
+    try:
+        head = client.head()
+    finally:
+        client.close()
+    added = add_finalized_partitions(
+        instance, head.finalized, config.range_size, f"block_ranges__{config.name}"
+    )
+    sys.stdout.write(
+        f"{config.name}: added {len(added)} block range(s) up to finalized block "
+        f"{head.finalized}" + (f": {added[0]} .. {added[-1]}\n" if added else "\n")
+    )
 
 
 def cmd_rpc_probe(settings: Settings, args: argparse.Namespace) -> int:
@@ -112,6 +134,39 @@ def _probe_text(endpoint, result) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines) + "\n"
 
 
+def cmd_chains(settings: Settings, args: argparse.Namespace) -> int:
+    """The configured chains (TRACE_CHAINS, else the single chain of the RPC settings)."""
+    import json
+
+    from trace_assets.cli.console import table
+
+    chains = settings.chain_configs()
+    if args.json:
+        rows = [c.model_dump(mode="json", exclude={"endpoints"}) for c in chains]
+        for row, chain in zip(rows, chains, strict=True):
+            row["endpoints"] = [e.label for e in chain.endpoints]
+            row["primary"] = chain is chains[0]
+            row["datasets"] = "plain names" if chain is chains[0] else f"{chain.name}.<dataset>"
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    table(
+        ["chain", "chain id", "endpoints", "range size", "finality", "datasets"],
+        [
+            [
+                c.name + (" (primary)" if i == 0 else ""),
+                c.chain_id,
+                ", ".join(e.label for e in c.endpoints),
+                f"{c.range_size:,}",
+                f"{c.finality} blocks deep" if isinstance(c.finality, int) else c.finality,
+                "blocks, transactions, ..." if i == 0 else f"{c.name}.blocks, ...",
+            ]
+            for i, c in enumerate(chains)
+        ],
+        right=["chain id", "range size"],
+    )
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rpc = commands.add_parser(
         "rpc", help="the JSON-RPC endpoints (TRACE_RPC_ENDPOINTS or TRACE_RPC_URL)"
@@ -123,6 +178,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(func=cmd_rpc_probe)
+    chains = commands.add_parser(
+        "chains",
+        help="the deployment's chains: name, chain id, endpoints, range size, finality",
+        description="The chains of TRACE_CHAINS (the first is the primary, whose datasets keep "
+        "their plain names; another chain's are <chain>.<dataset>), or the one chain of "
+        "TRACE_CHAIN_NAME and the RPC settings when TRACE_CHAINS is unset.",
+    )
+    chains.add_argument("--json", action="store_true", help="print JSON")
+    chains.set_defaults(func=cmd_chains)
     commands.add_parser(
         "head", help="chain id, latest and finalized block of the node at TRACE_RPC_URL"
     ).set_defaults(func=cmd_head)

@@ -40,6 +40,7 @@ class BoundaryRepair:
 
     client: ChainClient
     state: StateStoreResource
+    blocks: str = "blocks"  # the chain's blocks dataset (`<chain>.blocks` on another chain)
 
     def commit(
         self,
@@ -65,7 +66,7 @@ class BoundaryRepair:
         key = block_range.previous_key()
         if key is None:
             return None
-        current = self.state.versions().read.current_versions("blocks", [key]).get(key)
+        current = self.state.versions().read.current_versions(self.blocks, [key]).get(key)
         source = current.manifest.source if current is not None else None
         if not source:
             return None

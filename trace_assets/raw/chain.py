@@ -10,6 +10,13 @@ Their quality rules and schema checks are evaluated in the same step (no process
 their own): each range's row rules on its tables as committed, while the next range is
 extracted; at the end, continuity across the ranges and their neighbours, and the results
 recorded. A range committed by an earlier try, or again since, is read back.
+
+`build_raw_chain(raw)` makes the multi-asset of one chain (`trace_resources.chains`): the
+primary's is `raw_chain` (asset keys `blocks`, `transactions`, `logs`, partitions
+`block_ranges`, resource `chain`, as ever); another chain's is `raw_chain__<chain>` (asset keys
+[<chain>, blocks] ..., datasets `<chain>.blocks` ..., partitions `block_ranges__<chain>`,
+resource `chain__<chain>`). For now only the primary's has quality checks and the head tier's
+agreement (they read the primary's datasets by name).
 """
 
 import threading
@@ -17,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -47,9 +55,44 @@ from trace_resources.storage.io_manager import (
 )
 from trace_resources.storage.records import CommitResult
 
-__all__ = ["raw_chain", "RAW_ASSET_KEYS"]
+__all__ = ["raw_chain", "RAW_ASSET_KEYS", "RawChain", "build_raw_chain", "chain_partitions"]
 
 RAW_ASSET_KEYS = [dg.AssetKey(name) for name in RAW_DATASETS]
+
+
+@dataclass(frozen=True)
+class RawChain:
+    """What one chain's raw multi-asset is called and writes: the primary's (`chain` None)
+    names are today's; another chain's carry its name (`trace_resources.chains`)."""
+
+    chain: str | None = None  # None: the primary chain
+
+    def dataset(self, name: str) -> str:
+        """The registry name of raw dataset `name` of this chain."""
+        return name if self.chain is None else f"{self.chain}.{name}"
+
+    def asset_key(self, name: str) -> dg.AssetKey:
+        return dg.AssetKey(name if self.chain is None else [self.chain, name])
+
+    @property
+    def resource_key(self) -> str:
+        return "chain" if self.chain is None else f"chain__{self.chain}"
+
+    @property
+    def asset_name(self) -> str:
+        return "raw_chain" if self.chain is None else f"raw_chain__{self.chain}"
+
+    @property
+    def partitions(self) -> dg.DynamicPartitionsDefinition:
+        return block_ranges if self.chain is None else chain_partitions(self.chain)
+
+
+def chain_partitions(chain: str) -> dg.DynamicPartitionsDefinition:
+    """The block ranges of a secondary chain (`block_ranges__<chain>`)."""
+    return dg.DynamicPartitionsDefinition(name=f"block_ranges__{chain}")
+
+
+PRIMARY = RawChain()
 
 
 def _column_schema(dataset: str) -> dg.TableSchema:
@@ -73,9 +116,10 @@ def _stage_range(
     agreements: list[HeadAgreement] | None = None,
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
     repair: BoundaryRepair | None = None,
+    raw: RawChain = PRIMARY,
 ) -> dict[str, CommitResult]:
-    """Stage the three datasets of one verified range, each under its own new attempt, and
-    commit them in one transaction.
+    """Stage the three datasets of one verified range (of `raw`'s chain), each under its own
+    new attempt, and commit them in one transaction.
 
     The three upload at once (Parquet encoding and the S3 API calls release the GIL); if any
     fails, the error ends the staging block, which fails the others' attempts too: the range
@@ -91,7 +135,7 @@ def _stage_range(
 
     def stage(name: RawDataset) -> StagedPartition:
         partition = PartitionData(data.tables[name], source=data.source)
-        [staged] = staging.stage(name, {data.block_range.key: partition})
+        [staged] = staging.stage(raw.dataset(name), {data.block_range.key: partition})
         return staged
 
     with ThreadPoolExecutor(len(RAW_DATASETS), thread_name_prefix="stage-dataset") as pool:
@@ -104,7 +148,7 @@ def _stage_range(
             committed = stage_and_commit()
         else:  # a disagreement with the previous committed range: the wrong one is replaced
             committed = repair.commit(
-                stage_and_commit, data, lambda previous: _stage_range(staging, previous)
+                stage_and_commit, data, lambda previous: _stage_range(staging, previous, raw=raw)
             )
         results = dict(zip(RAW_DATASETS, committed, strict=True))
         if evaluated is not None:
@@ -128,44 +172,63 @@ def _stage_range(
 RAW_DECLARATIONS = {name: declarations()[name] for name in RAW_DATASETS}
 
 
-@dg.multi_asset(
-    name="raw_chain",
-    outs={
-        name: dg.AssetOut(
-            io_manager_key="dataset_io_manager",
-            description=RAW_DESCRIPTIONS[name],
-            metadata={
-                "dagster/column_schema": _column_schema(name),
-                COMMIT_MODE_METADATA: "replace",
-            },
-            kinds={"parquet", "s3"},
-            owners=[RAW_DECLARATIONS[name].owner],
-            # a run of the checks alone yields none of them (`can_subset`)
-            is_required=False,
-        )
-        for name in RAW_DATASETS
-    },
-    check_specs=[spec for decl in RAW_DECLARATIONS.values() for spec in raw_check_specs(decl)],
-    partitions_def=block_ranges,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
-    group_name="raw",
-    # the checks alone can run (over what is committed); the datasets always come together
-    can_subset=True,
-)
-def raw_chain(
-    context: dg.AssetExecutionContext,
-    chain: ChainResource,
-    dataset_io_manager: dg.ResourceParam[DatasetIOManager],
-) -> Iterator[dg.Output[Any] | dg.AssetMaterialization | dg.AssetCheckResult]:
-    """Extract, verify and commit the raw datasets of every block range in the run, range by
-    range; then evaluate their checks.
+def build_raw_chain(raw: RawChain = PRIMARY) -> dg.AssetsDefinition:
+    """The raw multi-asset of one chain (see the module's docstring)."""
+    primary = raw.chain is None
 
-    Each verified range is uploaded and committed while the next range is extracted, so
-    memory stays flat however many ranges a backfill run covers, and a failure loses only the
-    range it happened in. Selecting one of the three datasets materialises all three (they
-    are verified together); the others are reported as materialised too.
-    """
+    @dg.multi_asset(
+        name=raw.asset_name,
+        outs={
+            name: dg.AssetOut(
+                key=raw.asset_key(name),
+                io_manager_key="dataset_io_manager",
+                description=RAW_DESCRIPTIONS[name] + ("" if primary else f" (chain {raw.chain})"),
+                metadata={
+                    "dagster/column_schema": _column_schema(name),
+                    COMMIT_MODE_METADATA: "replace",
+                },
+                kinds={"parquet", "s3"},
+                owners=[RAW_DECLARATIONS[name].owner],
+                # a run of the checks alone yields none of them (`can_subset`)
+                is_required=False,
+            )
+            for name in RAW_DATASETS
+        },
+        check_specs=[spec for decl in RAW_DECLARATIONS.values() for spec in raw_check_specs(decl)]
+        if primary
+        else None,
+        partitions_def=raw.partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+        group_name="raw" if primary else f"raw_{raw.chain}",
+        # the checks alone can run (over what is committed); the datasets always come together
+        can_subset=True,
+        required_resource_keys={raw.resource_key, "dataset_io_manager"},
+    )
+    def _raw_chain(
+        context: dg.AssetExecutionContext,
+    ) -> Iterator[dg.Output[Any] | dg.AssetMaterialization | dg.AssetCheckResult]:
+        """Extract, verify and commit the raw datasets of every block range in the run, range
+        by range; then evaluate their checks.
+
+        Each verified range is uploaded and committed while the next range is extracted, so
+        memory stays flat however many ranges a backfill run covers, and a failure loses only
+        the range it happened in. Selecting one of the three datasets materialises all three
+        (they are verified together); the others are reported as materialised too.
+        """
+        chain: ChainResource = getattr(context.resources, raw.resource_key)
+        io: DatasetIOManager = context.resources.dataset_io_manager
+        yield from _raw_chain_step(context, raw, chain, io)
+
+    return _raw_chain
+
+
+def _raw_chain_step(
+    context: dg.AssetExecutionContext,
+    raw: RawChain,
+    chain: ChainResource,
+    dataset_io_manager: DatasetIOManager,
+) -> Iterator[dg.Output[Any] | dg.AssetMaterialization | dg.AssetCheckResult]:
     selected = {key.path[-1] for key in context.selected_asset_keys}
     keys = _run_keys(context)
     evaluated: dict[str, dict[str, EvaluatedRange]] = {name: {} for name in RAW_DATASETS}
@@ -173,7 +236,7 @@ def raw_chain(
         committed: dict[str, dict[str, CommitResult]] = {name: {} for name in RAW_DATASETS}
         agreements: list[HeadAgreement] = []
         try:
-            _ingest(context, chain, dataset_io_manager, committed, agreements, evaluated)
+            _ingest(context, chain, dataset_io_manager, committed, agreements, evaluated, raw)
         except Exception:
             # what was committed stays committed: say so, in the log and in the asset graph
             done = sorted(committed[RAW_DATASETS[0]])
@@ -184,7 +247,7 @@ def raw_chain(
                     f"failure ({done[0]}..{done[-1]}); a retry of this step resumes at "
                     f"{left[0] if left else 'the checks'}"
                 )
-            yield from _materialisations(dataset_io_manager, committed, RAW_DATASETS)
+            yield from _materialisations(dataset_io_manager, committed, RAW_DATASETS, raw)
             raise
         disagreements = [a for a in agreements if not a.ok]
         for agreement in disagreements:
@@ -217,7 +280,7 @@ def raw_chain(
                 f"{', '.join(unselected)} committed with {', '.join(sorted(selected))}: the "
                 "three raw datasets of a range are extracted, verified and committed together"
             )
-            yield from _materialisations(dataset_io_manager, committed, unselected)
+            yield from _materialisations(dataset_io_manager, committed, unselected, raw)
     checks = context.selected_asset_check_keys
     for name, decl in RAW_DECLARATIONS.items():
         names = {c.name for c in checks if c.asset_key.path[-1] == name}
@@ -242,13 +305,16 @@ def _run_keys(context: dg.AssetExecutionContext) -> list[str] | None:
 
 
 def _materialisations(
-    io: DatasetIOManager, committed: dict[str, dict[str, CommitResult]], names: list[str]
+    io: DatasetIOManager,
+    committed: dict[str, dict[str, CommitResult]],
+    names: list[str],
+    raw: RawChain = PRIMARY,
 ) -> Iterator[dg.AssetMaterialization]:
     store = io.objects.datasets()
     for name in names:
         for key, result in sorted(committed[name].items()):
             yield dg.AssetMaterialization(
-                asset_key=name,
+                asset_key=raw.asset_key(name),
                 partition=key,
                 metadata=commit_metadata(result, store),
                 tags=data_version_tags(result.version),
@@ -262,16 +328,18 @@ def _ingest(
     committed: dict[str, dict[str, CommitResult]],
     agreements: list[HeadAgreement],
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
+    raw: RawChain = PRIMARY,
 ) -> None:
     """Commit every range of the run into `committed` (by dataset, by range), in order:
     those an earlier try of this step committed first, then the others as they verify."""
     keys = list(context.partition_keys)
     with as_dagster_failure(), io.staging(context) as staging:
-        before = staging.committed_before(RAW_DATASETS, keys)
-        resumed = [k for k in keys if all((name, k) in before for name in RAW_DATASETS)]
+        datasets = {name: raw.dataset(name) for name in RAW_DATASETS}
+        before = staging.committed_before(list(datasets.values()), keys)
+        resumed = [k for k in keys if all((datasets[n], k) in before for n in RAW_DATASETS)]
         for key in resumed:
             for name in RAW_DATASETS:
-                committed[name][key] = before[(name, key)]
+                committed[name][key] = before[(datasets[name], key)]
         ranges = [parse_partition_key(k) for k in keys if k not in set(resumed)]
         if resumed:
             context.log.info(
@@ -280,7 +348,9 @@ def _ingest(
             )
         if not ranges:
             return
-        reader = io.state.reader(io.objects)
+        # the head tier and the checks are the primary chain's (for now)
+        primary = raw.chain is None
+        reader = io.state.reader(io.objects) if primary else None
         client = chain.client()
         started = time.monotonic()
         total_blocks = sum(r.size for r in ranges)
@@ -315,9 +385,10 @@ def _ingest(
                 chain.extract_concurrency,
                 progress,
                 reader,
-                agreements,
-                evaluated,
-                BoundaryRepair(client, io.state),
+                agreements if primary else None,
+                evaluated if primary else None,
+                BoundaryRepair(client, io.state, raw.dataset("blocks")),
+                raw,
             )
         finally:
             client.close()
@@ -333,6 +404,7 @@ def _extract_and_stage(
     agreements: list[HeadAgreement] | None = None,
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
     repair: BoundaryRepair | None = None,
+    raw: RawChain = PRIMARY,
 ) -> None:
     """Extract ranges while verified ones upload and commit, in range order.
 
@@ -383,13 +455,21 @@ def _extract_and_stage(
                                 agreements,
                                 evaluated,
                                 repair,
+                                raw,
                             )
                         )
                 while extracting:
                     data = extracting.popleft().result()
                     uploads.append(
                         uploader.submit(
-                            _stage_range, staging, data, reader, agreements, evaluated, repair
+                            _stage_range,
+                            staging,
+                            data,
+                            reader,
+                            agreements,
+                            evaluated,
+                            repair,
+                            raw,
                         )
                     )
                 report(wait=True)
@@ -408,3 +488,6 @@ def _extract_and_stage(
             on_committed(reported, future.result())
             reported += 1
         raise
+
+
+raw_chain = build_raw_chain(PRIMARY)

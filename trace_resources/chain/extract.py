@@ -125,11 +125,15 @@ class ChainClient:
         parallel: int = 1,
         verify_receipts: bool = False,
         verify_transactions_root: bool = False,
+        finality: str | int = "finalized",
     ) -> None:
         """`rpc_url` and `requests_per_second` name the one endpoint, unless `endpoints`
         (with their limits, in failover order) are given; `max_concurrent_requests` is cryo's
         cap per collect on an endpoint without a concurrency limit; `parallel` is how many
-        ranges the caller extracts at once (the endpoints' budgets are shared among them)."""
+        ranges the caller extracts at once (the endpoints' budgets are shared among them);
+        `finality` is the head `head()` calls finalized: the `finalized` or `safe` tag, or a
+        depth in blocks below `latest` (ChainConfig.finality)."""
+        self.finality = finality
         self.verify_receipts = verify_receipts
         self.verify_transactions_root = verify_transactions_root
         self.chain_id = chain_id
@@ -173,12 +177,13 @@ class ChainClient:
     def head(self) -> ChainHead:
         """Chain id, latest and finalized block numbers (the chain id is checked)."""
         self.check_chain_id()
+        tag = self.finality if isinstance(self.finality, str) else "latest"
         latest, finalized = (
             int(block["number"], 16)
-            for block in self.rpc.batch(
-                "eth_getBlockByNumber", [["latest", False], ["finalized", False]]
-            )
+            for block in self.rpc.batch("eth_getBlockByNumber", [["latest", False], [tag, False]])
         )
+        if isinstance(self.finality, int):  # a depth: final once that many blocks are above
+            finalized = max(latest - self.finality, -1)
         return ChainHead(chain_id=self.chain_id, latest=latest, finalized=finalized)
 
     def heads(self) -> ChainHead:

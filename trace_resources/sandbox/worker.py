@@ -130,6 +130,7 @@ class Worker:
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()
         self._table_bytes = 0
         self._schemas: dict[str, pa.Schema] = {}
+        self._qualified: set[str] = set()  # this request's `<chain>.<dataset>` views
         # whole datasets as registered last (concatenated decoded files; no copies)
         self._wholes: dict[tuple[tuple[str, ...], pa.Schema], pa.Table] = {}
         self._open_fds: set[int] = set()  # received for the request running now
@@ -283,6 +284,8 @@ class Worker:
                 raise _Failure("memory", _first_line(exc)) from None
             raise _Failure("read_failed", f"reading the data failed: {exc}") from None
         finally:
+            if self._qualified:
+                self._unqualify(conn)
             conn.close()
             for item in keep:
                 try:
@@ -349,6 +352,29 @@ class Worker:
             mine = {j: fd for (si, j), fd in fds.items() if si == i}
             tables = {j: t for (si, j), t in held.items() if si == i}
             conn.register(name, self._files(source, schema, mine, tables, keep))
+        for source in sources:
+            if "." in source["name"]:
+                self._qualify(conn, source["name"])
+
+    def _qualify(self, conn: duckdb.DuckDBPyConnection, name: str) -> None:
+        """Make a chain's dataset `<chain>.<dataset>` readable by that name in SQL: a view in
+        the schema `<chain>` over the request's registration (the temp catalog holds no
+        schemas but `main`). The view is the database's, so it is dropped when the request
+        ends (`_unqualify`); another request's cursor could only reach its own registrations
+        through it anyway."""
+        schema, table = (_quoted(part) for part in name.split(".", 1))
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        conn.execute(
+            f"CREATE OR REPLACE VIEW {schema}.{table} AS SELECT * FROM temp.main.{_quoted(name)}"
+        )
+        self._qualified.add(f"{schema}.{table}")
+
+    def _unqualify(self, conn: duckdb.DuckDBPyConnection) -> None:
+        while self._qualified:
+            try:
+                conn.execute(f"DROP VIEW IF EXISTS {self._qualified.pop()}")
+            except duckdb.Error:  # left behind, it reaches only its own cursor's registrations
+                pass
 
     def _schema(self, text: str) -> pa.Schema:
         schema = self._schemas.get(text)
@@ -568,6 +594,10 @@ class _PreadFile(io.RawIOBase):
             self.owned.discard(self.fd)
             os.close(self.fd)
         super().close()
+
+
+def _quoted(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _fit(batch: pa.RecordBatch, budget: int) -> pa.RecordBatch:

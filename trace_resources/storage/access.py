@@ -19,7 +19,13 @@ The rule. A dataset is readable by organisation `org` when it **exists** and is
 A dataset exists when it is public or committed (it has a row in `trace_datasets`). Names that
 are not dataset names (`DATASET_PATTERN`) are never readable. Everything else is internal to
 the platform. A token (`Principal`) can only narrow this: to its listed datasets and, for a
-task token, to the listed partitions of a dataset (`ReadableDataset.partitions`).
+task token, to the listed partitions of a dataset (`ReadableDataset.partitions`), and an org
+token to the datasets of its listed chains (`Principal.chains`).
+
+Chains (`trace_resources.chains`). The primary chain's datasets have plain names; a secondary
+chain's are `<chain>.<dataset>`, and its raw datasets (`SECONDARY_DATASETS`) are public when the
+primary's are. A name qualified by a chain that is not configured is no dataset. An
+organisation's own datasets belong to no chain, so a token limited to chains still reads them.
 
 A dataset a caller may not read is absent from the answer, exactly like one that does not
 exist, so no caller can tell the two apart.
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from trace_resources.chains import SECONDARY_DATASETS, ChainNames, chain_names, chain_of
 from trace_resources.registry import public_declared
 from trace_resources.storage import state
 from trace_resources.tokens import DATASET_PATTERN, Principal
@@ -149,14 +156,15 @@ def readable_datasets(
     public, or not dataset names) cost no SQL, and given an engine no connection either."""
     if principal is not None and principal.org != org:
         raise ValueError(f"a token of {principal.org!r} does not read for {org!r}")
-    wanted = None if among is None else {n for n in among if _may_name(principal, n)}
-    declared = public_declared()
+    chains = chain_names()
+    wanted = None if among is None else {n for n in among if _may_name(principal, n, chains)}
+    declared = _public_by_chain(public_declared(), chains)
     public, committed = _published_and_committed(db, wanted, declared)
     public = {**public, **declared}
     names = wanted if wanted is not None else set(public) | committed
     readable: dict[str, ReadableDataset] = {}
     for name in sorted(names):
-        if not _may_name(principal, name):
+        if not _may_name(principal, name, chains):
             continue
         partitions = principal.partitions_for(name) if principal is not None else None
         if name in public:
@@ -166,11 +174,24 @@ def readable_datasets(
     return readable
 
 
-def _may_name(principal: Principal | None, name: str) -> bool:
+def _may_name(principal: Principal | None, name: str, chains: ChainNames) -> bool:
     """What the rule and the token decide from the name alone (publishing aside)."""
     if not DATASET_PATTERN.match(name):
         return False
-    return principal is None or principal.scope_allows(name)
+    chain = chain_of(name, chains)
+    if chain is None and "." in name:  # qualified by a chain that is not configured
+        return False
+    return principal is None or (principal.scope_allows(name) and principal.chain_allows(chain))
+
+
+def _public_by_chain(declared: dict[str, str], chains: ChainNames) -> dict[str, str]:
+    """The declared public datasets, and each secondary chain's raw datasets among them."""
+    public = dict(declared)
+    for chain in chains.secondaries:
+        for dataset in SECONDARY_DATASETS:
+            if dataset in declared:
+                public[f"{chain}.{dataset}"] = declared[dataset]
+    return public
 
 
 def _published_and_committed(

@@ -48,6 +48,7 @@ from dagster._core.execution.stats import StepEventStatus
 from dagster_shared.utils.warnings import BetaWarning
 from pydantic import PrivateAttr
 
+from trace_resources.chains import dataset_for_asset_key
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import (
@@ -387,7 +388,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         self._handed_over.update((s.attempt.attempt_id, s) for s in staging.staged)
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
-        dataset = context.asset_key.path[-1]
+        dataset = dataset_for_asset_key(context.asset_key.path)
         mode = (context.definition_metadata or {}).get(COMMIT_MODE_METADATA, "replace")
         commit_mode: CommitMode = "append" if mode == "append" else "replace"
         writer = self._dataset_writer()
@@ -455,7 +456,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         return output
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
-        dataset = context.asset_key.path[-1]
+        dataset = dataset_for_asset_key(context.asset_key.path)
         with as_dagster_failure():
             # a version whose blocking quality rules failed is never read downstream, in this
             # run or any later one (the circuit breaker across runs)

@@ -15,7 +15,7 @@ __all__ = ["UNPARTITIONED", "attempt_prefix", "data_file_key", "dataset_prefix",
 UNPARTITIONED = "__all__"
 
 _DATA_KEY = re.compile(
-    r"^(?P<dataset>[a-z][a-z0-9_]*)/partition=(?P<partition>[^/]+)/attempt=(?P<attempt>[0-9a-f-]{36})/"
+    r"^(?P<dataset>[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)?)/partition=(?P<partition>[^/]+)/attempt=(?P<attempt>[0-9a-f-]{36})/"
 )
 
 

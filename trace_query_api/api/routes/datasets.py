@@ -28,6 +28,7 @@ def _summary(info: DatasetInfo) -> DatasetSummaryPublic:
         description=info.description,
         visibility="public" if info.visibility == "public" else "org",
         owner=info.owner,
+        chain=info.chain,
         partitions=len(info.partitions),
         rows=info.rows,
         bytes=info.bytes,
@@ -69,6 +70,7 @@ def get_dataset(name: str, principal: CurrentPrincipal, services: ServicesDep) -
         description=info.description,
         visibility="public" if info.visibility == "public" else "org",
         owner=info.owner,
+        chain=info.chain,
         columns=[ColumnDocPublic(**c) for c in services.catalog.columns(name)],
         partitions=[
             PartitionPublic(
