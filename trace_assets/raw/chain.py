@@ -336,13 +336,17 @@ def _extract_and_stage(
 ) -> None:
     """Extract ranges while verified ones upload and commit, in range order.
 
-    At most `concurrency` ranges are being collected from the node at any time, one more is
-    verified meanwhile (its extraction thread waits for a collection slot only to collect,
+    The ranges are spread over the chain's healthy endpoints in turn (`Endpoints.assign`), each
+    range's data from one endpoint. At most `concurrency` ranges are being collected from each
+    endpoint at any time (`concurrency` times the endpoints in all), one more is verified
+    meanwhile (its extraction thread waits for a collection slot only to collect,
     so the node is not idle while a range is verified), and one verified range uploads and
     commits: memory does not grow with the number of ranges in the run. `on_committed(index,
     results)` is called in this thread for every committed range, in order, also for those
     that committed before a failure ends the run.
     """
+    # each endpoint collects `concurrency` ranges at once (its slots, in the client)
+    concurrency *= len(client.endpoints.healthy())
     collect_slots = threading.BoundedSemaphore(concurrency)
     extracting: deque[Future[RangeData]] = deque()
     uploads: list[Future[dict[str, CommitResult]]] = []
@@ -365,7 +369,12 @@ def _extract_and_stage(
             try:
                 for block_range in ranges:
                     extracting.append(
-                        extractor.submit(client.extract_verified, block_range, collect_slots)
+                        extractor.submit(
+                            client.extract_verified,
+                            block_range,
+                            collect_slots,
+                            client.endpoints.assign(),
+                        )
                     )
                     while len(extracting) > concurrency:
                         data = extracting.popleft().result()

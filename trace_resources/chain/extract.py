@@ -33,7 +33,7 @@ from trace_resources.chain.crosscheck import (
 )
 from trace_resources.chain.endpoints import Endpoints, FailoverRpc
 from trace_resources.chain.ranges import BlockRange
-from trace_resources.chain.rpc import RetryPolicy
+from trace_resources.chain.rpc import RetryPolicy, Rpc
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
 from trace_resources.chain.verify import VerificationReport, verify_range
 from trace_resources.errors import (
@@ -261,13 +261,14 @@ class ChainClient:
                     )
             return self._checks
 
-    def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
+    def node_evidence(self, block_range: BlockRange, rpc: Rpc | None = None) -> NodeEvidence:
+        """The node's evidence for `block_range`, from `rpc` (default: the endpoint in use)."""
         checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
         if not self.verify_receipts:
             checks -= {"receipts_root"}
         if not self.verify_transactions_root:
             checks -= {"transactions_root", "transaction_hashes"}
-        return fetch_evidence(self.rpc, block_range, checks)
+        return fetch_evidence(rpc or self.rpc, block_range, checks)
 
     # -- extraction ----------------------------------------------------------------------
 
@@ -277,11 +278,16 @@ class ChainClient:
         return self.extract_verified(block_range)
 
     def extract_verified(
-        self, block_range: BlockRange, collect_slots: threading.Semaphore | None = None
+        self,
+        block_range: BlockRange,
+        collect_slots: threading.Semaphore | None = None,
+        endpoint: int | None = None,
     ) -> RangeData:
-        """Extract and verify on the endpoint in use, failing over to the next one when it
-        keeps failing; with several endpoints, the range's first and last block hashes must
-        be the same at every endpoint that answers (`Endpoints.cross_check`)."""
+        """Extract and verify on `endpoint` (default: the one in use; a run's ranges take
+        `self.endpoints.assign()` in turn), failing over to the next one when it keeps
+        failing; every call for the range goes to that one endpoint. With several endpoints,
+        the range's first and last block hashes must be the same at every endpoint that
+        answers (`Endpoints.cross_check`)."""
 
         def on(index: int) -> RangeData:
             data = self._extract_verified_on(index, block_range, collect_slots)
@@ -293,7 +299,7 @@ class ChainClient:
                 )
             return data
 
-        return self.endpoints.run(on)
+        return self.endpoints.run(on, prefer=endpoint)
 
     def _extract_verified_on(
         self,
@@ -318,7 +324,7 @@ class ChainClient:
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
-            self._raise_if_blocks_missing(block_range)
+            self._raise_if_blocks_missing(block_range, index)
             raise RpcFaultError(
                 f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
                 f"{self.endpoints.label(index)} after retrying for "
@@ -329,7 +335,7 @@ class ChainClient:
             ) from exc
         raise AssertionError("unreachable: tenacity reraises")
 
-    def _raise_if_blocks_missing(self, block_range: BlockRange) -> None:
+    def _raise_if_blocks_missing(self, block_range: BlockRange, index: int) -> None:
         """Name the blocks the node does not have: cryo panics on them without detail.
 
         A diagnosis after cryo failed, one attempt without retries: if it fails too, the
@@ -337,7 +343,7 @@ class ChainClient:
         """
         numbers = list(block_range.blocks())
         try:
-            headers = self.rpc.batch(
+            headers = self.endpoints.rpc(index).batch(
                 "eth_getBlockByNumber",
                 [[hex(n), False] for n in numbers],
                 retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
@@ -354,7 +360,8 @@ class ChainClient:
     def _extract_once(
         self, index: int, block_range: BlockRange, collect_slots: threading.Semaphore | None
     ) -> RangeData:
-        with collect_slots or contextlib.nullcontext():
+        # the caller's bound on ranges collected at once, and the endpoint's own
+        with collect_slots or contextlib.nullcontext(), self.endpoints.collect_slots[index]:
             frames, counts = asyncio.run(self._collect_all(index, block_range))
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
@@ -368,7 +375,8 @@ class ChainClient:
             # fetched once the tables agree with each other, outside the collection slot: in
             # a backfill it overlaps the next range's collection, and a faulty extraction
             # (retried anyway) costs no evidence
-            check_against_node(report, tables, self.node_evidence(block_range))
+            evidence = self.node_evidence(block_range, self.endpoints.rpc(index))
+            check_against_node(report, tables, evidence)
         report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
         first, last = (
@@ -386,9 +394,10 @@ class ChainClient:
             ),
         )
 
-    def transaction_counts(self, block_range: BlockRange) -> dict[int, int]:
-        """Transactions per block, from the node's headers (what verification checks against)."""
-        results = self.rpc.batch(
+    def transaction_counts(self, block_range: BlockRange, rpc: Rpc | None = None) -> dict[int, int]:
+        """Transactions per block, from the node's headers (what verification checks against),
+        from `rpc` (default: the endpoint in use)."""
+        results = (rpc or self.rpc).batch(
             "eth_getBlockTransactionCountByNumber", [[hex(n)] for n in block_range.blocks()]
         )
         return {n: int(c, 16) for n, c in zip(block_range.blocks(), results, strict=True) if c}
@@ -421,7 +430,9 @@ class ChainClient:
             except Exception as exc:  # cryo raises pyo3's RustPanic with no detail
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
-        counting = asyncio.create_task(asyncio.to_thread(self.transaction_counts, block_range))
+        counting = asyncio.create_task(
+            asyncio.to_thread(self.transaction_counts, block_range, self.endpoints.rpc(index))
+        )
         if budget.sequential_collects:  # a rate-limited endpoint: one collect at a time
             collected = [await collect(d) for d in RAW_DATASETS]
         else:
