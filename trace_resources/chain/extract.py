@@ -286,16 +286,18 @@ class ChainClient:
         """Extract and verify on `endpoint` (default: the one in use; a run's ranges take
         `self.endpoints.assign()` in turn), failing over to the next one when it keeps
         failing; every call for the range goes to that one endpoint. With several endpoints,
-        the range's first and last block hashes must be the same at every endpoint that
-        answers (`Endpoints.cross_check`)."""
+        the range's first and last block hashes (and the first's parent hash) must be the
+        same at every endpoint that answers (`Endpoints.cross_check`)."""
 
         def on(index: int) -> RangeData:
             data = self._extract_verified_on(index, block_range, collect_slots)
             if len(self.endpoints) > 1:
+                # the first block's parent too: it is what links the range to the one before
+                hashes = {data.first.number: data.first.hash, data.last.number: data.last.hash}
+                if data.first.number > 0:
+                    hashes[data.first.number - 1] = data.first.parent_hash
                 self.endpoints.cross_check(
-                    index,
-                    {data.first.number: data.first.hash, data.last.number: data.last.hash},
-                    f"blocks {block_range.start}..{block_range.last}",
+                    index, hashes, f"blocks {block_range.start}..{block_range.last}"
                 )
             return data
 
