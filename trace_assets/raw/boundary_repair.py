@@ -14,7 +14,8 @@ again, their hashes recomputed; the other configured endpoints asked when the on
 cannot decide) and:
 - the committed neighbour is wrong: it is extracted again, from an endpoint that decided
   (verified like any range), and committed as its new version, which replaces the wrong one
-  as current; the new range is then committed beside it, in the same step;
+  as current; the wrong version is quarantined (`trace quarantine list`, and the step's log)
+  and the new range is then committed beside it, in the same step;
 - the new range is wrong: it is refused as incomplete (retried like any faulty extraction);
 - otherwise (both wrong, neither, or no endpoint can judge): the continuity error stands,
   with the verdict added.
@@ -23,14 +24,17 @@ cannot decide) and:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trace_resources.chain.boundary import Side, judge_boundary
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.errors import ChainContinuityError, RangeIncompleteError
 from trace_resources.resources import StateStoreResource
+from trace_resources.storage.quarantine import QuarantineRecord
 from trace_resources.storage.records import BatchNotCommitted, CommitResult
 
 __all__ = ["BoundaryRepair"]
@@ -55,16 +59,26 @@ class BoundaryRepair:
 
     client: ChainClient
     state: StateStoreResource
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def drain(self) -> list[QuarantineRecord]:
+        """The versions quarantined since the last call (for the step's log)."""
+        with self._lock:
+            records, self.quarantined = self.quarantined, []
+        return records
 
     def commit(
         self,
         commit: Callable[[], list[CommitResult]],
         data: RangeData,
-        recommit: Callable[[RangeData], object],
+        recommit: Callable[[RangeData], dict[str, CommitResult]],
     ) -> list[CommitResult]:
-        """`commit()` (stage and commit) the range `data`; on a disagreement with a committed
-        neighbour, judge it, `recommit` a re-extracted neighbour if that one is wrong, and
+        """`commit()` (stage and commit) the range `data`, unless it repeats a quarantined
+        version's blocks; on a disagreement with a committed neighbour, judge it, `recommit` a
+        re-extracted neighbour if that one is wrong (quarantining the wrong version), and
         stage and commit `data` again (a refused attempt cannot commit later)."""
+        self._refuse_quarantined(data)
         repaired: set[str] = set()
         while True:
             try:
@@ -77,6 +91,18 @@ class BoundaryRepair:
                     raise
                 self._repair(data, boundary, exc.__cause__, recommit)
                 repaired.add(boundary.key)
+
+    def _refuse_quarantined(self, data: RangeData) -> None:
+        key = data.block_range.key
+        record = self.state.versions().quarantine.matches(RAW_DATASETS[0], key, data.source)
+        if record is not None:
+            raise RangeIncompleteError(
+                f"blocks {data.block_range.start}..{data.block_range.last} from endpoint "
+                f"{data.endpoint or self.client.rpc.label} are the blocks of {record.dataset} "
+                f"{key} v{record.version}, quarantined as wrong ({record.check} at block "
+                f"{record.block}). Nothing was committed; the range is retried (remove the "
+                "endpoint from TRACE_RPC_ENDPOINTS if it keeps serving them)"
+            )
 
     def _disagreement(self, data: RangeData) -> _Boundary | None:
         """The committed neighbour `data` does not link to (the previous one first)."""
@@ -120,7 +146,7 @@ class BoundaryRepair:
         data: RangeData,
         boundary: _Boundary,
         error: ChainContinuityError,
-        recommit: Callable[[RangeData], object],
+        recommit: Callable[[RangeData], dict[str, CommitResult]],
     ) -> None:
         checks = self.client.node_checks()
         order = self._judges()
@@ -162,4 +188,29 @@ class BoundaryRepair:
                 f"gave {got[1]} for block {verdict.number}: the endpoint keeps answering "
                 "wrongly; use another endpoint"
             )
-        recommit(repaired)
+        read = self.state.versions().read
+        current = {name: read.current_versions(name, [boundary.key]) for name in RAW_DATASETS}
+        wrong = {name: v[boundary.key] for name, v in current.items() if boundary.key in v}
+        replaced = recommit(repaired)
+        side = "before" if boundary.committed == "after" else "after"
+        detail = f"the range {block_range.key} {side} it did not link to it, and {verdict.detail}"
+        records = [
+            QuarantineRecord(
+                dataset=name,
+                partition_key=boundary.key,
+                version=version.version,
+                replaced_by=replaced[name].version.version,
+                check="boundary_hash",
+                block=verdict.number,
+                endpoint=(version.manifest.source or {}).get("endpoint"),
+                detail=detail,
+                source=version.manifest.source,
+            )
+            for name, version in wrong.items()
+            if replaced[name].version.version != version.version
+        ]
+        self.state.versions().quarantine.record(records)
+        with self._lock:
+            self.quarantined.extend(records)
+        for record in records:
+            log.warning("%s", record.summary())

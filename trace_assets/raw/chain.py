@@ -282,7 +282,13 @@ def _ingest(
             return
         reader = io.state.reader(io.objects)
         client = chain.client()
+        repair = BoundaryRepair(client, io.state)
         started = time.monotonic()
+
+        def log_quarantined() -> None:
+            for record in repair.drain():
+                context.log.warning(record.summary())
+
         total_blocks = sum(r.size for r in ranges)
 
         def progress(index: int, results: dict[str, CommitResult]) -> None:
@@ -296,6 +302,7 @@ def _ingest(
                 f"{name} v{r.version.version} {r.version.manifest.rows:,} rows"
                 for name, r in results.items()
             )
+            log_quarantined()
             context.log.info(
                 f"range {index + 1}/{len(ranges)} {key} committed ({parts}); "
                 f"{blocks:,}/{total_blocks:,} blocks in {seconds:.1f} s "
@@ -317,9 +324,10 @@ def _ingest(
                 reader,
                 agreements,
                 evaluated,
-                BoundaryRepair(client, io.state),
+                repair,
             )
         finally:
+            log_quarantined()
             client.close()
 
 

@@ -78,15 +78,19 @@ class RangeData:
     tables: dict[RawDataset, pa.Table]
     first: BlockRef
     last: BlockRef
+    endpoint: str | None = None  # the endpoint that served it (its name, never its URL)
 
     @property
     def source(self) -> dict[str, Any]:
-        """Source block hashes recorded in each committed manifest."""
-        return {
+        """Source block hashes (and the endpoint) recorded in each committed manifest."""
+        source: dict[str, Any] = {
             "range": self.block_range.key,
             "first": self.first.as_dict(),
             "last": self.last.as_dict(),
         }
+        if self.endpoint is not None:
+            source["endpoint"] = self.endpoint
+        return source
 
 
 class _CryoFailed(Exception):
@@ -291,6 +295,7 @@ class ChainClient:
 
         def on(index: int) -> RangeData:
             data = self._extract_verified_on(index, block_range, collect_slots)
+            data.endpoint = self.endpoints.label(index)
             if len(self.endpoints) > 1:
                 # the first block's parent too: it is what links the range to the one before
                 hashes = {data.first.number: data.first.hash, data.last.number: data.last.hash}
