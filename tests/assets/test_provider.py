@@ -36,7 +36,7 @@ from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.settings import Settings
+from trace_resources.settings import RpcEndpoint, Settings
 
 pytestmark = pytest.mark.usefixtures("no_dagster_retry_delay")
 
@@ -173,6 +173,29 @@ def test_a_backfill_spreads_its_ranges_over_healthy_endpoints_within_their_limit
         assert seen.max_batch <= 10, (name, seen.max_batch)
         assert seen.max_logs_range <= 10, (name, seen.max_logs_range)
         assert seen.max_concurrent <= 4, (name, seen.max_concurrent)
+
+
+def test_each_endpoint_is_verified_with_the_checks_it_allows(devnet: Devnet) -> None:
+    """A range extracted at the second endpoint, which does not serve raw transactions, is
+    verified with what that endpoint allows (the first one allows more)."""
+    raw = "eth_getRawTransactionByBlockNumberAndIndex"
+    with ProviderProxy(devnet.url, ProviderLimits(disabled=(raw,))) as b:
+        endpoints = [RpcEndpoint(url=devnet.url, name="a"), RpcEndpoint(url=b.url, name="b")]
+        client = ChainClient(
+            devnet.url, CHAIN_ID, endpoints=endpoints, verify_transactions_root=True
+        )
+        try:
+            data = client.extract_verified(RANGES[0], endpoint=1)
+            checks = [client.node_checks(0), client.node_checks(1)]
+        finally:
+            client.close()
+        served = b.stats().calls
+    assert data.endpoint == "b" and data.source["endpoint"] == "b"
+    assert data.tables["blocks"].num_rows == RANGES[0].size
+    assert served["eth_getBlockByNumber"] >= RANGES[0].size
+    assert checks[0]["transactions_root"].possible
+    assert not checks[1]["transactions_root"].possible
+    assert "refuses it" in checks[1]["transactions_root"].detail
 
 
 def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(

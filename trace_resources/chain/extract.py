@@ -148,7 +148,7 @@ class ChainClient:
             default_cryo_concurrency=max_concurrent_requests,
         )
         self.rpc = FailoverRpc(self.endpoints)
-        self._checks: dict[Check, CheckStatus] | None = None
+        self._checks: dict[int, dict[Check, CheckStatus]] = {}  # by endpoint
         self._checks_lock = threading.Lock()
 
     @property
@@ -239,40 +239,46 @@ class ChainClient:
 
     # -- verification against the node's headers (crosscheck.py) ------------------------
 
-    def node_checks(self) -> dict[Check, CheckStatus]:
-        """Which header, receipts and transactions checks the endpoint allows, probed once
-        per client; one it does not allow, or that is off, is logged with why, never skipped
-        silently."""
+    def node_checks(self, index: int | None = None) -> dict[Check, CheckStatus]:
+        """Which header, receipts and transactions checks endpoint `index` (default: the one
+        in use) allows, probed once per endpoint and client; one it does not allow, or that is
+        off, is logged with why, never skipped silently."""
+        index = self.endpoints.current if index is None else index
         with self._checks_lock:
-            if self._checks is None:
-                self._checks = probe_checks(self.rpc)
-                for status in self._checks.values():
+            checks = self._checks.get(index)
+            if checks is None:
+                label = self.endpoints.label(index)
+                checks = self._checks[index] = probe_checks(self.endpoints.rpc(index))
+                for status in checks.values():
                     if not status.possible:
-                        log.warning("range verification against %s: %s", self.rpc_url, status)
+                        log.warning("range verification against %s: %s", label, status)
                 if not self.verify_receipts:
                     log.info(
                         "range verification against %s: receipts roots and logs are not "
                         "checked against eth_getBlockReceipts (off: TRACE_VERIFY_RECEIPTS=true "
                         "turns it on; the logs bloom and counts are still checked)",
-                        self.rpc_url,
+                        label,
                     )
                 if not self.verify_transactions_root:
                     log.info(
                         "range verification against %s: transactions roots and hashes are not "
                         "recomputed (off: one call per transaction; "
                         "TRACE_VERIFY_TRANSACTIONS_ROOT=true turns it on)",
-                        self.rpc_url,
+                        label,
                     )
-            return self._checks
+            return checks
 
-    def node_evidence(self, block_range: BlockRange, rpc: Rpc | None = None) -> NodeEvidence:
-        """The node's evidence for `block_range`, from `rpc` (default: the endpoint in use)."""
-        checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+    def node_evidence(self, block_range: BlockRange, index: int | None = None) -> NodeEvidence:
+        """Endpoint `index`'s (default: the one in use) evidence for `block_range`, for the
+        checks it allows."""
+        index = self.endpoints.current if index is None else index
+        allowed = self.node_checks(index).items()
+        checks = frozenset(c for c, status in allowed if status.possible)
         if not self.verify_receipts:
             checks -= {"receipts_root"}
         if not self.verify_transactions_root:
             checks -= {"transactions_root", "transaction_hashes"}
-        return fetch_evidence(rpc or self.rpc, block_range, checks)
+        return fetch_evidence(self.endpoints.rpc(index), block_range, checks)
 
     # -- extraction ----------------------------------------------------------------------
 
@@ -382,7 +388,7 @@ class ChainClient:
             # fetched once the tables agree with each other, outside the collection slot: in
             # a backfill it overlaps the next range's collection, and a faulty extraction
             # (retried anyway) costs no evidence
-            evidence = self.node_evidence(block_range, self.endpoints.rpc(index))
+            evidence = self.node_evidence(block_range, index)
             check_against_node(report, tables, evidence)
         report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
