@@ -88,21 +88,21 @@ def _witness(rpc: Rpc, number: int, recompute: bool) -> _Witness | str:
 
 def judge_boundary(
     rpcs: Rpc | Sequence[Rpc],
-    committed_last: tuple[int, str],
-    new_first: tuple[int, str, str],
+    last_before: tuple[int, str],
+    first_after: tuple[int, str, str],
     *,
     recompute: bool = True,
     committed: Side = "before",
 ) -> BoundaryVerdict:
-    """Judge the boundary between block `number` = (number, hash) and block `number + 1` =
-    (number, hash, parent hash) as two ranges recorded them; the committed range is the one
-    `before` the boundary (its last block: `committed_last`), or, with `committed="after"`,
-    the one after it (its first block: `new_first`, then the new range's last block is
-    `committed_last`). `rpcs`: the endpoint in use first, then the others to ask when it
-    cannot decide; `recompute`: whether the chain's headers can be recomputed."""
+    """Judge the boundary between two ranges as they recorded it: `last_before` = (number,
+    hash) of the earlier range's last block, `first_after` = (number, hash, parent hash) of
+    the later range's first block. The committed range is the earlier one (`committed=
+    "before"`) or the later one (`"after"`: a gap filled out of order). `rpcs`: the endpoint
+    in use first, then the others to ask when it cannot decide; `recompute`: whether the
+    chain's headers can be recomputed."""
     endpoints = [rpcs] if not isinstance(rpcs, Sequence) else list(rpcs)
-    number, before_hash = committed_last
-    first_number, first_hash, first_parent = new_first
+    number, before_hash = last_before
+    first_number, first_hash, first_parent = first_after
     if first_number != number + 1:
         raise ValueError(f"block {first_number} does not follow block {number}")
     said: dict[int, _Witness | str] = {0: _witness(endpoints[0], number, recompute)}

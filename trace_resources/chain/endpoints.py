@@ -136,7 +136,8 @@ class Budget:
 
 
 class Endpoints:
-    """The configured endpoints in failover order, one rate-limited client each."""
+    """The configured endpoints in failover order, one rate-limited client each; a run's
+    ranges are assigned to the healthy ones in turn (`assign`)."""
 
     def __init__(
         self,
