@@ -7,17 +7,22 @@ bloom) cannot see:
   `eth_getLogs` alone, or from the receipts too);
 - a block's hash rewritten consistently (its hash, the next block's parent hash, its logs);
 - the hash of a range's last block rewritten while that range is extracted, the next range
-  extracted honestly afterwards (today the wrong range committed, the honest one was refused).
+  extracted honestly afterwards (today the wrong range committed, the honest one was refused);
+- the same at a range's first block, the range before it filled in afterwards (out of order),
+  and an endpoint in use that cannot judge the boundary (another endpoint decides).
 Each is refused with an error that names the block and the check that caught it, and nothing
 wrong is ever current. Honest devnet ranges pass every check the devnet allows.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
 from Crypto.Hash import keccak
 
@@ -28,6 +33,7 @@ from tests.utils.dagster_runs import (
     no_dagster_retry_delay,  # noqa: F401 - fixture
 )
 from tests.utils.fault_proxy import Fault, FaultProxy
+from trace_assets.cli import main
 from trace_resources.chain.boundary import judge_boundary
 from trace_resources.chain.crosscheck import probe_checks
 from trace_resources.chain.extract import ChainClient
@@ -35,10 +41,10 @@ from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.rpc import RetryPolicy
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.errors import RangeIncompleteError
-from trace_resources.resources import StateStoreResource
-from trace_resources.settings import Settings
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.settings import RpcEndpoint, Settings
 
-FIRST, SECOND = BlockRange(50, 99), BlockRange(100, 149)
+FIRST, SECOND, THIRD = BlockRange(50, 99), BlockRange(100, 149), BlockRange(150, 199)
 HONEST = BlockRange(1, 150)
 ONE_TRY = RetryPolicy(max_attempts=1, budget_s=10)
 
@@ -308,3 +314,146 @@ def test_a_wrong_committed_range_is_replaced_when_its_honest_neighbour_arrives(
         assert first.manifest.source is not None and second.manifest.source is not None
         assert first.manifest.source["last"]["hash"] == honest
         assert second.manifest.source["first"]["parent_hash"] == honest
+
+
+def test_an_endpoint_that_cannot_judge_a_boundary_leaves_it_to_another(
+    devnet: Devnet, proxy: FaultProxy
+) -> None:
+    """The endpoint in use answers block 99 with a hash its header does not hash to: it cannot
+    judge; the honest second endpoint decides, on either side of the boundary."""
+    honest_99, honest_100 = _hash(devnet, 99), _hash(devnet, 100)
+    forged = _fake(99)
+    proxy.set_faults(
+        [
+            Fault(
+                "replace_hash",
+                methods={"eth_getBlockByNumber"},
+                blocks={99},
+                replace={honest_99: forged},
+            )
+        ]
+    )
+    endpoints = [RpcEndpoint(url=proxy.url, name="a"), RpcEndpoint(url=devnet.url, name="b")]
+    client = ChainClient(proxy.url, CHAIN_ID, endpoints=endpoints)
+    try:
+        a, b = client.endpoints.rpc(0), client.endpoints.rpc(1)
+        alone = judge_boundary([a], (99, forged), (100, honest_100, honest_99))
+        before = judge_boundary([a, b], (99, forged), (100, honest_100, honest_99))
+        after = judge_boundary(
+            [a, b], (99, honest_99), (100, honest_100, forged), committed="after"
+        )
+        # a consistent rewrite (block 100 names the forged parent): the headers do not hash
+        proxy.set_faults([Fault("replace_hash", replace={honest_99: forged})])
+        consistent = judge_boundary([a, b], (99, forged), (100, honest_100, honest_99))
+    finally:
+        client.close()
+    assert alone.wrong == "undecided" and alone.true_hash is None
+    assert alone.detail == (
+        "no endpoint could judge; configure another endpoint in TRACE_RPC_ENDPOINTS; "
+        "endpoint a cannot judge: its block 100 does not name its block 99 as parent"
+    )
+    assert "endpoint a cannot judge: its headers of blocks 99..100 do not hash to the hashes" in (
+        consistent.detail
+    )
+    for verdict in (before, after, consistent):
+        assert verdict.wrong == "committed", verdict
+        assert verdict.true_hash == honest_99 and verdict.decided_by == (1,)
+        assert f"block 99's hash is {honest_99} (recomputed from its header, at endpoint b)" in (
+            verdict.detail
+        )
+        assert "endpoint a cannot judge" in verdict.detail
+
+
+def trace(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The real `trace` entry, in this process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.usefixtures("no_dagster_retry_delay")
+def test_a_wrong_committed_range_is_replaced_when_the_gap_before_it_is_filled(
+    devnet: Devnet,
+    test_settings: Settings,
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """THIRD committed first, wrong (its first block names a forged parent, where hashes could
+    not be recomputed); then FIRST and SECOND are ingested, with a second endpoint configured
+    and the one in use (which no longer has block 149) unable to judge: SECOND does not link
+    to THIRD, the honest endpoint judges THIRD wrong, THIRD is extracted again from it and
+    replaced, and SECOND is committed before it. The wrong version is quarantined (the step's
+    log, `trace quarantine list`), and the lie served again is refused."""
+    honest = _hash(devnet, SECOND.last)
+    top = devnet.finalized
+    forged = {_hash(devnet, n): _fake(n) for n in range(top - 40, top + 1)}
+    lie = [Fault("replace_hash", replace={**forged, honest: _fake(SECOND.last)})]
+    proxy.set_faults(lie)
+    settings = test_settings.model_copy(update={"rpc_url": proxy.url, "rpc_max_attempts": 1})
+    result, instance = materialize_keys(settings, [THIRD.key])
+    assert result.success, failure_description(result)
+    wrong = state.versions().read.current_versions("blocks")[THIRD.key]
+    assert wrong.manifest.source is not None
+    assert wrong.manifest.source["first"]["parent_hash"] == _fake(SECOND.last)
+
+    proxy.set_faults([Fault("missing_block", methods={"eth_getBlockByNumber"}, blocks={149})])
+    endpoints = [{"url": proxy.url, "name": "a"}, {"url": devnet.url, "name": "b"}]
+    two = settings.model_copy(update={"rpc_endpoints": json.dumps(endpoints)})
+    result, _ = materialize_keys(two, [FIRST.key, SECOND.key], instance)
+    assert result.success, failure_description(result)
+    for name in RAW_DATASETS:
+        current = state.versions().read.current_versions(name)
+        assert sorted(current) == [FIRST.key, SECOND.key, THIRD.key]
+        second, third = current[SECOND.key], current[THIRD.key]
+        assert (current[FIRST.key].version, second.version, third.version) == (1, 1, 2)
+        assert second.manifest.source is not None and third.manifest.source is not None
+        assert second.manifest.source["last"]["hash"] == honest
+        assert third.manifest.source["first"]["parent_hash"] == honest
+
+    # quarantined: in the step's log, and listed by `trace quarantine list`
+    served_by = proxy.url.split("//")[1]  # the endpoint's host and port (it had no name)
+    logged = [e.message for e in instance.all_logs(result.run_id) if "quarantined" in e.message]
+    assert any(
+        m.startswith(
+            f"blocks {THIRD.key} v1 quarantined (boundary_hash at block 149, served by "
+            f"{served_by}), replaced by v2: the range {SECOND.key} before it"
+        )
+        and "at endpoint b" in m
+        for m in logged
+    ), logged
+    monkeypatch.setenv("TRACE_STATE_DSN", state.dsn)
+    code, out, err = trace(capsys, "quarantine", "list")
+    assert code == 0, err
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["dataset", "partition", "version", "replaced"]
+    assert sorted(r.split()[:7] for r in rows) == [
+        [name, THIRD.key, "v1", "v2", "boundary_hash", "149", served_by]
+        for name in sorted(RAW_DATASETS)
+    ]
+    code, out, err = trace(capsys, "quarantine", "list", "--dataset", "blockz")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("trace: unknown dataset 'blockz'"), err
+    # the replacement is current: `trace versions`, and the reader's rows
+    code, out, _ = trace(capsys, "versions", "blocks", "--partition", THIRD.key)
+    assert [r.split()[:3] for r in out.splitlines()[1:]] == [
+        ["*", THIRD.key, "v2"],
+        [THIRD.key, "v1", "replace"],
+    ]
+    blocks = state.reader(objects).read("blocks")
+    parent = blocks.filter(pa.compute.equal(blocks["block_number"], THIRD.start))["parent_hash"]
+    assert parent.to_pylist() == [bytes.fromhex(honest[2:])]
+
+    # the endpoint serves the quarantined blocks again: refused, the replacement stays current
+    proxy.set_faults(lie)
+    result, _ = materialize_keys(settings, [THIRD.key], instance)
+    assert not result.success
+    message = failure_description(result)
+    assert message.startswith("RangeIncompleteError: "), message
+    assert f"are the blocks of blocks {THIRD.key} v1, quarantined as wrong (boundary_hash at " in (
+        message
+    )
+    assert state.versions().read.current_versions("blocks")[THIRD.key].version == 2

@@ -5,6 +5,8 @@ limits and no `debug_*`, configured through TRACE_RPC_ENDPOINTS.
 What a user relies on, end to end (the `raw_chain` asset, S3 API, Postgres, the `trace` CLI):
 - the rows committed through a limited endpoint equal those of the open node, key for key,
   and the endpoint never saw more than its limits (the proxy counts);
+- with two healthy endpoints, a backfill's ranges are spread over both, each range's data
+  from one of them, and neither saw more than its limits;
 - when the endpoint in use starts failing mid-backfill, the backfill completes on the next;
 - two endpoints that disagree on a finalized block's hash stop the range with an error
   naming the block and both endpoints, and nothing is committed;
@@ -34,7 +36,7 @@ from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.settings import Settings
+from trace_resources.settings import RpcEndpoint, Settings
 
 pytestmark = pytest.mark.usefixtures("no_dagster_retry_delay")
 
@@ -133,6 +135,69 @@ def test_rows_through_a_limited_endpoint_equal_the_open_node_within_its_limits(
     assert stats.http_requests * 3 < sum(stats.calls.values()), stats
 
 
+def _receipt_blocks(proxy: ProviderProxy) -> set[int]:
+    """The blocks whose receipts `proxy` was asked for, inside RANGES (the probe asks too)."""
+    return {
+        n
+        for r in proxy.requests
+        if r.method == "eth_getBlockReceipts"
+        for n in [int(r.params[0], 16)]
+        if RANGES[0].start <= n <= RANGES[-1].last
+    }
+
+
+def test_a_backfill_spreads_its_ranges_over_healthy_endpoints_within_their_limits(
+    devnet: Devnet,
+    test_settings: Settings,
+    objects: ObjectStoreResource,
+    state: StateStoreResource,
+    clean: dict[str, pa.Table],
+) -> None:
+    with ProviderProxy(devnet.url, LIMITS) as a, ProviderProxy(devnet.url, LIMITS) as b:
+        settings = with_endpoints(
+            test_settings,
+            {"url": a.url, "name": "a", **PROFILE},
+            {"url": b.url, "name": "b", **PROFILE},
+        )
+        result, _ = materialize_keys(settings, [r.key for r in RANGES])
+        stats = {"a": a.stats(), "b": b.stats()}
+        served = {"a": _receipt_blocks(a), "b": _receipt_blocks(b)}
+
+    assert result.success, failure_description(result)
+    assert_committed_equal(state, objects, clean, RANGES)
+    # one range from each endpoint, each range's receipts from one endpoint alone
+    assert sorted(served.values(), key=min) == [set(r.blocks()) for r in RANGES], served
+    for name, seen in stats.items():
+        assert seen.refused == {}, (name, seen.refused)
+        assert seen.max_rps <= 25, (name, seen.max_rps)
+        assert seen.max_batch <= 10, (name, seen.max_batch)
+        assert seen.max_logs_range <= 10, (name, seen.max_logs_range)
+        assert seen.max_concurrent <= 4, (name, seen.max_concurrent)
+
+
+def test_each_endpoint_is_verified_with_the_checks_it_allows(devnet: Devnet) -> None:
+    """A range extracted at the second endpoint, which does not serve raw transactions, is
+    verified with what that endpoint allows (the first one allows more)."""
+    raw = "eth_getRawTransactionByBlockNumberAndIndex"
+    with ProviderProxy(devnet.url, ProviderLimits(disabled=(raw,))) as b:
+        endpoints = [RpcEndpoint(url=devnet.url, name="a"), RpcEndpoint(url=b.url, name="b")]
+        client = ChainClient(
+            devnet.url, CHAIN_ID, endpoints=endpoints, verify_transactions_root=True
+        )
+        try:
+            data = client.extract_verified(RANGES[0], endpoint=1)
+            checks = [client.node_checks(0), client.node_checks(1)]
+        finally:
+            client.close()
+        served = b.stats().calls
+    assert data.endpoint == "b" and data.source["endpoint"] == "b"
+    assert data.tables["blocks"].num_rows == RANGES[0].size
+    assert served["eth_getBlockByNumber"] >= RANGES[0].size
+    assert checks[0]["transactions_root"].possible
+    assert not checks[1]["transactions_root"].possible
+    assert "refuses it" in checks[1]["transactions_root"].detail
+
+
 def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(
     devnet: Devnet,
     test_settings: Settings,
@@ -140,8 +205,8 @@ def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(
     state: StateStoreResource,
     clean: dict[str, pa.Table],
 ) -> None:
-    # the first endpoint answers the first range, then fails every call (HTTP 503)
-    failing = Fault(kind="http_5xx", status=503, after=330)
+    # the first endpoint starts failing every call (HTTP 503) while it extracts the first range
+    failing = Fault(kind="http_5xx", status=503, after=100)
     with ProviderProxy(devnet.url, faults=[failing]) as first, ProviderProxy(devnet.url) as second:
         settings = with_endpoints(
             test_settings,
@@ -150,13 +215,13 @@ def test_a_backfill_fails_over_to_the_next_endpoint_and_completes(
         )
         result, instance = materialize_keys(settings, [r.key for r in RANGES])
         served_first = first.method_counts(faulted=False)
-        served_second = second.stats().calls
+        served_second = _receipt_blocks(second)
 
     assert result.success, failure_description(result)
     assert failing.injected > 0
-    # the first range came from the first endpoint; the second range from the second one
-    assert served_first["eth_getBlockReceipts"] >= RANGES[0].size
-    assert served_second["eth_getBlockReceipts"] >= RANGES[1].size
+    # the first range was begun at the first endpoint; both ranges came from the second one
+    assert served_first["eth_getBlockByNumber"] > 0
+    assert served_second == {n for r in RANGES for n in r.blocks()}
     assert step_attempts(result, instance).restarts == 0
     assert_committed_equal(state, objects, clean, RANGES)
 

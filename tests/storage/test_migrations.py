@@ -34,7 +34,13 @@ _counter = itertools.count()
 BASELINES: dict[migrations.Database, str] = {"state": "state_0001", "data": "data_0001"}
 # tables that revisions after the baselines add (a create_all database never had them)
 ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
-    "state": {"trace_segments", "trace_segment_keys", "trace_udf_versions", "trace_enrichments"},
+    "state": {
+        "trace_segments",
+        "trace_segment_keys",
+        "trace_udf_versions",
+        "trace_enrichments",
+        "trace_quarantine",
+    },
     "data": {"trace_alert_delivery_attempts"},
 }
 
@@ -46,6 +52,7 @@ def state_metadata() -> sa.MetaData:
         access,
         enrichments,
         exports,
+        quarantine,
         rate_limits,
         saved_queries,
         snapshots,

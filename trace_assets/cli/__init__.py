@@ -1,7 +1,8 @@
 """The `trace` command (entry point `trace_assets.cli:main`): `build_parser` and `main`, with
 one module per command group: `chain` (head, partitions sync), `backfill` (a backfill on
 the running deployment), `gaps` (missing ranges),
-`storage` (datasets, versions, gc, staging-cleanup), `db` (db upgrade/current), `access`
+`storage` (datasets, versions, gc, staging-cleanup), `quarantine` (versions judged wrong),
+`db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
 `secrets` (secrets rotate) and `udf` (organisations' transforms); `errors` says how a
 command fails and `console` prints its tables and progress.
@@ -32,6 +33,7 @@ from trace_assets.cli import (
     chain,
     db,
     gaps,
+    quarantine,
     secrets,
     storage,
     udf,
@@ -53,7 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the traceback of any failure (also TRACE_DEBUG=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (chain, backfill, gaps, storage, db, access, catalog, alerts, secrets, udf):
+    for group in (
+        chain,
+        backfill,
+        gaps,
+        storage,
+        quarantine,
+        db,
+        access,
+        catalog,
+        alerts,
+        secrets,
+        udf,
+    ):
         group.add_commands(commands)
     return parser
 

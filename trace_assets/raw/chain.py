@@ -352,7 +352,13 @@ def _ingest(
         primary = raw.chain is None
         reader = io.state.reader(io.objects) if primary else None
         client = chain.client()
+        repair = BoundaryRepair(client, io.state, raw.dataset("blocks"))
         started = time.monotonic()
+
+        def log_quarantined() -> None:
+            for record in repair.drain():
+                context.log.warning(record.summary())
+
         total_blocks = sum(r.size for r in ranges)
 
         def progress(index: int, results: dict[str, CommitResult]) -> None:
@@ -366,6 +372,7 @@ def _ingest(
                 f"{name} v{r.version.version} {r.version.manifest.rows:,} rows"
                 for name, r in results.items()
             )
+            log_quarantined()
             context.log.info(
                 f"range {index + 1}/{len(ranges)} {key} committed ({parts}); "
                 f"{blocks:,}/{total_blocks:,} blocks in {seconds:.1f} s "
@@ -387,10 +394,11 @@ def _ingest(
                 reader,
                 agreements if primary else None,
                 evaluated if primary else None,
-                BoundaryRepair(client, io.state, raw.dataset("blocks")),
+                repair,
                 raw,
             )
         finally:
+            log_quarantined()
             client.close()
 
 
@@ -408,13 +416,17 @@ def _extract_and_stage(
 ) -> None:
     """Extract ranges while verified ones upload and commit, in range order.
 
-    At most `concurrency` ranges are being collected from the node at any time, one more is
-    verified meanwhile (its extraction thread waits for a collection slot only to collect,
+    The ranges are spread over the chain's healthy endpoints in turn (`Endpoints.assign`), each
+    range's data from one endpoint. At most `concurrency` ranges are being collected from each
+    endpoint at any time (`concurrency` times the endpoints in all), one more is verified
+    meanwhile (its extraction thread waits for a collection slot only to collect,
     so the node is not idle while a range is verified), and one verified range uploads and
     commits: memory does not grow with the number of ranges in the run. `on_committed(index,
     results)` is called in this thread for every committed range, in order, also for those
     that committed before a failure ends the run.
     """
+    # each endpoint collects `concurrency` ranges at once (its slots, in the client)
+    concurrency *= len(client.endpoints.healthy())
     collect_slots = threading.BoundedSemaphore(concurrency)
     extracting: deque[Future[RangeData]] = deque()
     uploads: list[Future[dict[str, CommitResult]]] = []
@@ -437,7 +449,12 @@ def _extract_and_stage(
             try:
                 for block_range in ranges:
                     extracting.append(
-                        extractor.submit(client.extract_verified, block_range, collect_slots)
+                        extractor.submit(
+                            client.extract_verified,
+                            block_range,
+                            collect_slots,
+                            client.endpoints.assign(),
+                        )
                     )
                     while len(extracting) > concurrency:
                         data = extracting.popleft().result()

@@ -2,10 +2,13 @@
 
 A provider limits requests per second, requests in flight, batch sizes and `eth_getLogs`
 ranges (`RpcEndpoint` in settings). Trace shares each endpoint's budget between its own
-calls and cryo's (`Budget`), fails over to the next endpoint when one keeps failing after
-its retries (`Endpoints.run`), and never commits a range whose first or last block hash
-another endpoint disagrees on (`Endpoints.cross_check`): two endpoints on different forks
-stop the range with an error naming the block and both endpoints.
+calls and cryo's (`Budget`), spreads the ranges of a run over the healthy endpoints in turn
+(`Endpoints.assign`: one range's data always comes from one endpoint, each endpoint collects
+at most `parallel` ranges at once, within its own limits), fails over to the next endpoint
+when one keeps failing after its retries (`Endpoints.run`; a failed endpoint gets no more
+ranges), and never commits a range whose first or last block hash another endpoint disagrees
+on (`Endpoints.cross_check`): two endpoints on different forks stop the range with an error
+naming the block and both endpoints.
 
 How cryo 0.3.2 behaves behind a limited endpoint, measured through
 `infra/local/rpc_provider.py` (30 ms each way): it sends no batches, keeps to its
@@ -33,7 +36,7 @@ from trace_resources.errors import (
 )
 from trace_resources.settings import RpcEndpoint
 
-__all__ = ["Budget", "Endpoints", "FailoverRpc", "ForkMismatchError"]
+__all__ = ["Budget", "EndpointRpc", "Endpoints", "FailoverRpc", "ForkMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,8 @@ class Budget:
 
 
 class Endpoints:
-    """The configured endpoints in failover order, one rate-limited client each."""
+    """The configured endpoints in failover order, one rate-limited client each; a run's
+    ranges are assigned to the healthy ones in turn (`assign`)."""
 
     def __init__(
         self,
@@ -160,7 +164,11 @@ class Endpoints:
         ]
         self._timeout_s, self._retry = timeout_s, retry
         self._relays: dict[int, BatchingRelay] = {}
+        # each endpoint collects at most `parallel` ranges at once: its budget is split so
+        self.collect_slots = [threading.BoundedSemaphore(parallel) for _ in endpoints]
         self._current = 0
+        self._failed: set[int] = set()
+        self._turn = 0
         self._lock = threading.Lock()
 
     def cryo_url(self, index: int) -> str:
@@ -201,35 +209,59 @@ class Endpoints:
             relay.close()
             relay.upstream.close()
 
-    def run(self, operation: Callable[[int], T]) -> T:
-        """`operation(endpoint index)` on the current endpoint; if it keeps failing there
-        (after that endpoint's retries), on the next one, until every endpoint was tried."""
+    def rpc(self, index: int) -> EndpointRpc:
+        """Endpoint `index` alone (its own client and limits), named as configured."""
+        return EndpointRpc(self.clients[index], self.label(index))
+
+    def healthy(self) -> list[int]:
+        """The endpoints that have not failed (all of them, if every one has)."""
+        with self._lock:
+            return [i for i in range(len(self.clients)) if i not in self._failed] or [self._current]
+
+    def assign(self) -> int:
+        """The endpoint for the next range of a run: the healthy ones in turn, so a run's
+        ranges spread over them (each within its own limits)."""
+        healthy = self.healthy()
+        with self._lock:
+            index = healthy[self._turn % len(healthy)]
+            self._turn += 1
+        return index
+
+    def run(self, operation: Callable[[int], T], prefer: int | None = None) -> T:
+        """`operation(endpoint index)` on `prefer` (if it has not failed) or the current
+        endpoint; if it keeps failing there (after that endpoint's retries), on the next one,
+        until every endpoint was tried."""
         tried: set[int] = set()
+        with self._lock:
+            index = prefer if prefer is not None and prefer not in self._failed else self._current
         while True:
-            index = self._current
             try:
                 return operation(index)
             except FAILOVER_ERRORS as exc:
                 tried.add(index)
-                if not self._fail_over(index, tried, exc):
+                following = self._fail_over(index, tried, exc)
+                if following is None:
                     raise
+                index = following
 
-    def _fail_over(self, failed: int, tried: set[int], exc: Exception) -> bool:
+    def _fail_over(self, failed: int, tried: set[int], exc: Exception) -> int | None:
+        """Mark `failed` as failed; the endpoint to try next, or None if all were tried."""
         with self._lock:
-            if self._current != failed and self._current not in tried:
-                return True  # another thread already moved on
+            self._failed.add(failed)
             untried = [i for i in range(len(self.clients)) if i not in tried]
             if not untried:
-                return False
-            following = [i for i in untried if i > failed] or untried
-            self._current = following[0]
+                return None
+            candidates = [i for i in untried if i not in self._failed] or untried
+            following = ([i for i in candidates if i > failed] or candidates)[0]
+            if self._current in self._failed or self._current in tried:
+                self._current = following
         log.warning(
             "RPC endpoint %s keeps failing (%s); failing over to %s",
             self.label(failed),
             exc,
-            self.label(self._current),
+            self.label(following),
         )
-        return True
+        return following
 
     def cross_check(self, source: int, blocks: dict[int, str], what: str) -> None:
         """Every other endpoint that answers must give `blocks` (number: hash) the same hashes.
@@ -265,6 +297,26 @@ class Endpoints:
                         "commits neither; find out which endpoint is wrong and remove it from "
                         "TRACE_RPC_ENDPOINTS (or wait until they agree), then run the range again"
                     )
+
+
+class EndpointRpc:
+    """One endpoint's `JsonRpcClient` under its configured name (`Rpc`)."""
+
+    def __init__(self, client: JsonRpcClient, label: str) -> None:
+        self.client, self.label = client, label
+
+    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
+        return self.client.call(method, params)
+
+    def batch(
+        self,
+        method: str,
+        params_list: Sequence[Sequence[Any]],
+        size: int = 500,
+        *,
+        retry: RetryPolicy | None = None,
+    ) -> list:
+        return self.client.batch(method, params_list, size, retry=retry)
 
 
 class FailoverRpc:

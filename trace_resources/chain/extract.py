@@ -33,7 +33,7 @@ from trace_resources.chain.crosscheck import (
 )
 from trace_resources.chain.endpoints import Endpoints, FailoverRpc
 from trace_resources.chain.ranges import BlockRange
-from trace_resources.chain.rpc import RetryPolicy
+from trace_resources.chain.rpc import RetryPolicy, Rpc
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_SCHEMAS, RawDataset
 from trace_resources.chain.verify import VerificationReport, verify_range
 from trace_resources.errors import (
@@ -78,15 +78,19 @@ class RangeData:
     tables: dict[RawDataset, pa.Table]
     first: BlockRef
     last: BlockRef
+    endpoint: str | None = None  # the endpoint that served it (its name, never its URL)
 
     @property
     def source(self) -> dict[str, Any]:
-        """Source block hashes recorded in each committed manifest."""
-        return {
+        """Source block hashes (and the endpoint) recorded in each committed manifest."""
+        source: dict[str, Any] = {
             "range": self.block_range.key,
             "first": self.first.as_dict(),
             "last": self.last.as_dict(),
         }
+        if self.endpoint is not None:
+            source["endpoint"] = self.endpoint
+        return source
 
 
 class _CryoFailed(Exception):
@@ -148,7 +152,7 @@ class ChainClient:
             default_cryo_concurrency=max_concurrent_requests,
         )
         self.rpc = FailoverRpc(self.endpoints)
-        self._checks: dict[Check, CheckStatus] | None = None
+        self._checks: dict[int, dict[Check, CheckStatus]] = {}  # by endpoint
         self._checks_lock = threading.Lock()
 
     @property
@@ -240,39 +244,46 @@ class ChainClient:
 
     # -- verification against the node's headers (crosscheck.py) ------------------------
 
-    def node_checks(self) -> dict[Check, CheckStatus]:
-        """Which header, receipts and transactions checks the endpoint allows, probed once
-        per client; one it does not allow, or that is off, is logged with why, never skipped
-        silently."""
+    def node_checks(self, index: int | None = None) -> dict[Check, CheckStatus]:
+        """Which header, receipts and transactions checks endpoint `index` (default: the one
+        in use) allows, probed once per endpoint and client; one it does not allow, or that is
+        off, is logged with why, never skipped silently."""
+        index = self.endpoints.current if index is None else index
         with self._checks_lock:
-            if self._checks is None:
-                self._checks = probe_checks(self.rpc)
-                for status in self._checks.values():
+            checks = self._checks.get(index)
+            if checks is None:
+                label = self.endpoints.label(index)
+                checks = self._checks[index] = probe_checks(self.endpoints.rpc(index))
+                for status in checks.values():
                     if not status.possible:
-                        log.warning("range verification against %s: %s", self.rpc_url, status)
+                        log.warning("range verification against %s: %s", label, status)
                 if not self.verify_receipts:
                     log.info(
                         "range verification against %s: receipts roots and logs are not "
                         "checked against eth_getBlockReceipts (off: TRACE_VERIFY_RECEIPTS=true "
                         "turns it on; the logs bloom and counts are still checked)",
-                        self.rpc_url,
+                        label,
                     )
                 if not self.verify_transactions_root:
                     log.info(
                         "range verification against %s: transactions roots and hashes are not "
                         "recomputed (off: one call per transaction; "
                         "TRACE_VERIFY_TRANSACTIONS_ROOT=true turns it on)",
-                        self.rpc_url,
+                        label,
                     )
-            return self._checks
+            return checks
 
-    def node_evidence(self, block_range: BlockRange) -> NodeEvidence:
-        checks = frozenset(c for c, status in self.node_checks().items() if status.possible)
+    def node_evidence(self, block_range: BlockRange, index: int | None = None) -> NodeEvidence:
+        """Endpoint `index`'s (default: the one in use) evidence for `block_range`, for the
+        checks it allows."""
+        index = self.endpoints.current if index is None else index
+        allowed = self.node_checks(index).items()
+        checks = frozenset(c for c, status in allowed if status.possible)
         if not self.verify_receipts:
             checks -= {"receipts_root"}
         if not self.verify_transactions_root:
             checks -= {"transactions_root", "transaction_hashes"}
-        return fetch_evidence(self.rpc, block_range, checks)
+        return fetch_evidence(self.endpoints.rpc(index), block_range, checks)
 
     # -- extraction ----------------------------------------------------------------------
 
@@ -282,23 +293,31 @@ class ChainClient:
         return self.extract_verified(block_range)
 
     def extract_verified(
-        self, block_range: BlockRange, collect_slots: threading.Semaphore | None = None
+        self,
+        block_range: BlockRange,
+        collect_slots: threading.Semaphore | None = None,
+        endpoint: int | None = None,
     ) -> RangeData:
-        """Extract and verify on the endpoint in use, failing over to the next one when it
-        keeps failing; with several endpoints, the range's first and last block hashes must
-        be the same at every endpoint that answers (`Endpoints.cross_check`)."""
+        """Extract and verify on `endpoint` (default: the one in use; a run's ranges take
+        `self.endpoints.assign()` in turn), failing over to the next one when it keeps
+        failing; every call for the range goes to that one endpoint. With several endpoints,
+        the range's first and last block hashes (and the first's parent hash) must be the
+        same at every endpoint that answers (`Endpoints.cross_check`)."""
 
         def on(index: int) -> RangeData:
             data = self._extract_verified_on(index, block_range, collect_slots)
+            data.endpoint = self.endpoints.label(index)
             if len(self.endpoints) > 1:
+                # the first block's parent too: it is what links the range to the one before
+                hashes = {data.first.number: data.first.hash, data.last.number: data.last.hash}
+                if data.first.number > 0:
+                    hashes[data.first.number - 1] = data.first.parent_hash
                 self.endpoints.cross_check(
-                    index,
-                    {data.first.number: data.first.hash, data.last.number: data.last.hash},
-                    f"blocks {block_range.start}..{block_range.last}",
+                    index, hashes, f"blocks {block_range.start}..{block_range.last}"
                 )
             return data
 
-        return self.endpoints.run(on)
+        return self.endpoints.run(on, prefer=endpoint)
 
     def _extract_verified_on(
         self,
@@ -323,7 +342,7 @@ class ChainClient:
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
-            self._raise_if_blocks_missing(block_range)
+            self._raise_if_blocks_missing(block_range, index)
             raise RpcFaultError(
                 f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
                 f"{self.endpoints.label(index)} after retrying for "
@@ -334,7 +353,7 @@ class ChainClient:
             ) from exc
         raise AssertionError("unreachable: tenacity reraises")
 
-    def _raise_if_blocks_missing(self, block_range: BlockRange) -> None:
+    def _raise_if_blocks_missing(self, block_range: BlockRange, index: int) -> None:
         """Name the blocks the node does not have: cryo panics on them without detail.
 
         A diagnosis after cryo failed, one attempt without retries: if it fails too, the
@@ -342,7 +361,7 @@ class ChainClient:
         """
         numbers = list(block_range.blocks())
         try:
-            headers = self.rpc.batch(
+            headers = self.endpoints.rpc(index).batch(
                 "eth_getBlockByNumber",
                 [[hex(n), False] for n in numbers],
                 retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
@@ -359,7 +378,8 @@ class ChainClient:
     def _extract_once(
         self, index: int, block_range: BlockRange, collect_slots: threading.Semaphore | None
     ) -> RangeData:
-        with collect_slots or contextlib.nullcontext():
+        # the caller's bound on ranges collected at once, and the endpoint's own
+        with collect_slots or contextlib.nullcontext(), self.endpoints.collect_slots[index]:
             frames, counts = asyncio.run(self._collect_all(index, block_range))
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
@@ -373,7 +393,8 @@ class ChainClient:
             # fetched once the tables agree with each other, outside the collection slot: in
             # a backfill it overlaps the next range's collection, and a faulty extraction
             # (retried anyway) costs no evidence
-            check_against_node(report, tables, self.node_evidence(block_range))
+            evidence = self.node_evidence(block_range, index)
+            check_against_node(report, tables, evidence)
         report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
         first, last = (
@@ -391,9 +412,10 @@ class ChainClient:
             ),
         )
 
-    def transaction_counts(self, block_range: BlockRange) -> dict[int, int]:
-        """Transactions per block, from the node's headers (what verification checks against)."""
-        results = self.rpc.batch(
+    def transaction_counts(self, block_range: BlockRange, rpc: Rpc | None = None) -> dict[int, int]:
+        """Transactions per block, from the node's headers (what verification checks against),
+        from `rpc` (default: the endpoint in use)."""
+        results = (rpc or self.rpc).batch(
             "eth_getBlockTransactionCountByNumber", [[hex(n)] for n in block_range.blocks()]
         )
         return {n: int(c, 16) for n, c in zip(block_range.blocks(), results, strict=True) if c}
@@ -426,7 +448,9 @@ class ChainClient:
             except Exception as exc:  # cryo raises pyo3's RustPanic with no detail
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
-        counting = asyncio.create_task(asyncio.to_thread(self.transaction_counts, block_range))
+        counting = asyncio.create_task(
+            asyncio.to_thread(self.transaction_counts, block_range, self.endpoints.rpc(index))
+        )
         if budget.sequential_collects:  # a rate-limited endpoint: one collect at a time
             collected = [await collect(d) for d in RAW_DATASETS]
         else:

@@ -8,7 +8,8 @@
 - `pins`: reader pins that keep versions from GC (`pins.py`);
 - `retention`: what GC may remove and the queue of files to delete (`retention.py`);
 - `outbox`: committed-version events to relay (`outbox.py`);
-- `quality`: quality rule outcomes of committed versions (`quality_results.py`).
+- `quality`: quality rule outcomes of committed versions (`quality_results.py`);
+- `quarantine`: committed versions judged wrong and replaced (`quarantine.py`).
 
 The tables themselves are defined in `state.py`, the records in `records.py`.
 """
@@ -22,6 +23,7 @@ from trace_resources.storage.fenced_commit import FencedCommits
 from trace_resources.storage.outbox import Outbox
 from trace_resources.storage.pins import Pins
 from trace_resources.storage.quality_results import QualityResults
+from trace_resources.storage.quarantine import Quarantine
 from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.retention import Retention
 
@@ -41,3 +43,4 @@ class VersionStore:
         self.retention = Retention(engine)
         self.outbox = Outbox(engine)
         self.quality = QualityResults(engine)
+        self.quarantine = Quarantine(engine)
