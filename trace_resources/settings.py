@@ -288,15 +288,18 @@ class Settings(BaseSettings):
     )
     rpc_endpoints: str = Field(
         "",
-        description="JSON list of endpoints with their limits (see RpcEndpoint), tried in "
-        "order: Trace fails over to the next on sustained errors and checks block hashes "
-        "across them. Empty: TRACE_RPC_URL alone, limited by TRACE_RPC_REQUESTS_PER_SECOND "
-        "and TRACE_RPC_MAX_CONCURRENT_REQUESTS.",
+        description="JSON list of endpoints with their limits (see RpcEndpoint): a run's "
+        "ranges are spread over the healthy ones in turn (each range's data from one), an "
+        "endpoint that keeps failing gets no more ranges and its work fails over to the next, "
+        "and block hashes are checked across them. Empty: TRACE_RPC_URL alone, limited by "
+        "TRACE_RPC_REQUESTS_PER_SECOND and TRACE_RPC_MAX_CONCURRENT_REQUESTS.",
     )
     # 1 by default: cryo already runs up to rpc_max_concurrent_requests requests per range, and
     # on a CPU-bound local devnet a second range at once measured slower (BENCHMARKS.md)
     extract_concurrency: int = Field(
-        1, gt=0, description="Block ranges extracted at once within one run."
+        1,
+        gt=0,
+        description="Block ranges extracted at once within one run, per healthy endpoint.",
     )
     rpc_timeout_s: float = Field(10.0, gt=0, description="Timeout of Trace's own RPC calls.")
     rpc_collect_timeout_s: float = Field(
