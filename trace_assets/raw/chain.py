@@ -432,6 +432,9 @@ def _extract_and_stage(
     uploads: list[Future[dict[str, CommitResult]]] = []
     reported = 0
 
+    def stage(data: RangeData) -> dict[str, CommitResult]:
+        return _stage_range(staging, data, reader, agreements, evaluated, repair, raw)
+
     def report(wait: bool) -> None:
         nonlocal reported
         while reported < len(uploads):
@@ -463,32 +466,10 @@ def _extract_and_stage(
                         if len(uploads) - reported > 1:
                             uploads[reported].result()
                             report(wait=False)
-                        uploads.append(
-                            uploader.submit(
-                                _stage_range,
-                                staging,
-                                data,
-                                reader,
-                                agreements,
-                                evaluated,
-                                repair,
-                                raw,
-                            )
-                        )
+                        uploads.append(uploader.submit(stage, data))
                 while extracting:
                     data = extracting.popleft().result()
-                    uploads.append(
-                        uploader.submit(
-                            _stage_range,
-                            staging,
-                            data,
-                            reader,
-                            agreements,
-                            evaluated,
-                            repair,
-                            raw,
-                        )
-                    )
+                    uploads.append(uploader.submit(stage, data))
                 report(wait=True)
             except BaseException:
                 # verified ranges still upload and commit (at most two are queued): the work
