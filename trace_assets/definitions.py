@@ -18,6 +18,7 @@ from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain, build_raw_chain, ra
 from trace_assets.raw.traces import geth_calls
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.processes import exit_with_multiprocessing_parent
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
@@ -32,6 +33,7 @@ __all__ = [
     "build_resources",
     "raw_backfill_job",
     "RANGE_RUNS",
+    "chain_range_runs",
     "chain_head_sensor",
     "gap_repair_sensor",
 ]
@@ -94,6 +96,16 @@ def build_resources(settings: Settings) -> dict[str, object]:
 # what the chain-head sensor needs from the assets (trace_sensors imports no trace_assets)
 RANGE_RUNS = RangeRuns(block_ranges, RAW_ASSET_KEYS, MAX_PARTITIONS_PER_RUN)
 chain_head_sensor = build_chain_head_sensor(RANGE_RUNS)
+
+
+def chain_range_runs(chain: str) -> RangeRuns:
+    """What the chain-head sensor of another chain of TRACE_CHAINS runs: that chain's raw asset,
+    partitions and resource (`RawChain`)."""
+    raw = RawChain(chain)
+    keys = [raw.asset_key(name) for name in RAW_DATASETS]
+    return RangeRuns(raw.partitions, keys, MAX_PARTITIONS_PER_RUN, chain, raw.resource_key)
+
+
 # re-requests ranges a failed or killed run left missing (GAP_SCOPE: what a range must have)
 gap_repair_sensor = build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE)
 
@@ -124,6 +136,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=[raw_backfill_job],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
+            # each other chain follows its own finalized head (`chain_head_sensor__<chain>`)
+            *(
+                build_chain_head_sensor(chain_range_runs(c.name), settings.sensors_running)
+                for c in settings.chain_configs()[1:]
+            ),
             build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),
             build_outbox_relay_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
