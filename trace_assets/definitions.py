@@ -10,7 +10,7 @@ from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS
-from trace_assets.gaps import GAP_SCOPE
+from trace_assets.gaps import GAP_SCOPE, chain_gap_scope
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
@@ -116,6 +116,16 @@ raw_backfill_job = dg.define_asset_job(
 )
 
 
+def _chain_sensors(settings: Settings) -> list[dg.SensorDefinition]:
+    sensors = []
+    for config in settings.chain_configs()[1:]:
+        runs = chain_range_runs(config.name)
+        sensors.append(build_chain_head_sensor(runs, settings.sensors_running))
+        scope = chain_gap_scope(config.name)
+        sensors.append(build_gap_repair_sensor(runs, scope, settings.sensors_running))
+    return sensors
+
+
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or get_settings()
     return dg.Definitions(
@@ -136,12 +146,10 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=[raw_backfill_job],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
-            # each other chain follows its own finalized head (`chain_head_sensor__<chain>`)
-            *(
-                build_chain_head_sensor(chain_range_runs(c.name), settings.sensors_running)
-                for c in settings.chain_configs()[1:]
-            ),
             build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),
+            # each other chain follows its own finalized head and repairs its own gaps
+            # (`chain_head_sensor__<chain>`, `gap_repair_sensor__<chain>`)
+            *_chain_sensors(settings),
             build_outbox_relay_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),

@@ -35,6 +35,7 @@ import inspect
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_RANGES_PER_TICK",
     "IN_PROCESS",
     "range_asset_keys",
+    "resource_signature",
 ]
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
@@ -103,6 +105,17 @@ class RangeRuns:
     def sensor_name(self, base: str) -> str:
         """`base` for the primary chain, `<base>__<chain>` for another."""
         return base if self.chain is None else f"{base}__{self.chain}"
+
+    def selects(self, selection: AbstractSet[dg.AssetKey] | None) -> bool:
+        """Whether a run's asset selection holds assets of this chain: another chain's are
+        keyed [<chain>, <dataset>], the primary's by one name; a run with no selection (a job's
+        whole selection: `raw_chain_job`; or an empty one, as `dg.materialize` records) is the
+        primary's."""
+        if not selection:
+            return self.chain is None
+        if self.chain is None:
+            return any(len(key.path) == 1 for key in selection)
+        return any(len(key.path) == 2 and key.path[0] == self.chain for key in selection)
 
 
 def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list[BlockRange]:

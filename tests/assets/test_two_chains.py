@@ -24,6 +24,7 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
+from dagster._core.utils import make_new_run_id
 
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.query_service import QueryServer, settings_env
@@ -40,6 +41,7 @@ from trace_resources.storage.object_store import s3_store
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.tokens import Keyring, issue_token
+from trace_sensors.gap_repair import ATTEMPT_TAG, REASON_TAG, REPAIR_TAG
 
 DEVNET2_ID = 31337
 RANGES = 2
@@ -376,5 +378,65 @@ def test_the_secondary_chain_follows_its_own_finalized_head(
         again = evaluate(result.cursor)
         assert not again.run_requests and not again.dynamic_partitions_requests
         assert f"no complete range past block {result.cursor}" in (again.skip_message or "")
+    finally:
+        assert devnet2.rpc("evm_revert", [snapshot])
+
+
+def test_the_secondary_chain_repairs_its_own_gaps(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    devnet2: AnvilNode,
+) -> None:
+    settings, committed, _ = two_chains
+    defs = build_definitions(settings)
+    assert defs.resolve_sensor_def("gap_repair_sensor") is not None  # the primary's, as ever
+    sensor = defs.resolve_sensor_def("gap_repair_sensor__devnet2")
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    snapshot = devnet2.rpc("evm_snapshot")
+    try:
+        devnet2.rpc("anvil_mine", [hex(2 * RANGE_SIZE)])
+        finalized = int(devnet2.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        expected = [r.key for r in complete_ranges(-1, finalized, RANGE_SIZE)]
+        # every finalized range registered (as the chain-head sensor does), the same keys for
+        # the primary; only devnet2's first two are committed (as devnet2.blocks ...)
+        instance.add_dynamic_partitions("block_ranges__devnet2", expected)
+        instance.add_dynamic_partitions("block_ranges", expected)
+        # an unfinished run of the primary over the same ranges does not hold devnet2's back
+        primary_run = dg.DagsterRun(
+            job_name="raw_chain_job",  # a job's run: no asset selection, the primary's assets
+            run_id=make_new_run_id(),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: expected[0],
+                ASSET_PARTITION_RANGE_END_TAG: expected[-1],
+            },
+        )
+        instance.add_run(primary_run)
+        # nor does the primary's failed repair of a range with the same key count as devnet2's
+        primary_repair = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id=make_new_run_id(),
+            status=dg.DagsterRunStatus.FAILURE,
+            asset_selection=frozenset({dg.AssetKey("blocks")}),
+            tags={REPAIR_TAG: expected[RANGES], ATTEMPT_TAG: "1"},
+        )
+        instance.add_run(primary_repair)
+        result = sensor(
+            dg.build_sensor_context(
+                instance=instance,
+                resources={
+                    "chain__devnet2": resources["chain__devnet2"],
+                    "state": resources["state"],
+                },
+                repository_def=defs.get_repository_def(),
+            )
+        )
+        assert isinstance(result, dg.SensorResult), result
+        requests = result.run_requests or []
+        assert [r.partition_key for r in requests] == expected[RANGES:] != []
+        devnet2_raw = [dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs")]
+        assert [list(r.asset_selection or []) for r in requests] == [devnet2_raw] * len(requests)
+        assert all("devnet2.blocks: never committed" in r.tags[REASON_TAG] for r in requests)
+        assert [r.tags[ATTEMPT_TAG] for r in requests] == ["1"] * len(requests)
     finally:
         assert devnet2.rpc("evm_revert", [snapshot])
