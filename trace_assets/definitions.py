@@ -10,7 +10,7 @@ from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
 from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS
-from trace_assets.gaps import GAP_SCOPE
+from trace_assets.gaps import GAP_SCOPE, chain_gap_scope
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
@@ -18,6 +18,7 @@ from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain, build_raw_chain, ra
 from trace_assets.raw.traces import geth_calls
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
+from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.processes import exit_with_multiprocessing_parent
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
@@ -32,6 +33,7 @@ __all__ = [
     "build_resources",
     "raw_backfill_job",
     "RANGE_RUNS",
+    "chain_range_runs",
     "chain_head_sensor",
     "gap_repair_sensor",
 ]
@@ -94,6 +96,16 @@ def build_resources(settings: Settings) -> dict[str, object]:
 # what the chain-head sensor needs from the assets (trace_sensors imports no trace_assets)
 RANGE_RUNS = RangeRuns(block_ranges, RAW_ASSET_KEYS, MAX_PARTITIONS_PER_RUN)
 chain_head_sensor = build_chain_head_sensor(RANGE_RUNS)
+
+
+def chain_range_runs(chain: str) -> RangeRuns:
+    """What the chain-head sensor of another chain of TRACE_CHAINS runs: that chain's raw asset,
+    partitions and resource (`RawChain`)."""
+    raw = RawChain(chain)
+    keys = [raw.asset_key(name) for name in RAW_DATASETS]
+    return RangeRuns(raw.partitions, keys, MAX_PARTITIONS_PER_RUN, chain, raw.resource_key)
+
+
 # re-requests ranges a failed or killed run left missing (GAP_SCOPE: what a range must have)
 gap_repair_sensor = build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE)
 
@@ -102,6 +114,16 @@ raw_backfill_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(raw_chain),
     description="Extract, verify and commit blocks, transactions and logs of block ranges.",
 )
+
+
+def _chain_sensors(settings: Settings) -> list[dg.SensorDefinition]:
+    sensors = []
+    for config in settings.chain_configs()[1:]:
+        runs = chain_range_runs(config.name)
+        sensors.append(build_chain_head_sensor(runs, settings.sensors_running))
+        scope = chain_gap_scope(config.name)
+        sensors.append(build_gap_repair_sensor(runs, scope, settings.sensors_running))
+    return sensors
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -125,6 +147,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
             build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),
+            # each other chain follows its own finalized head and repairs its own gaps
+            # (`chain_head_sensor__<chain>`, `gap_repair_sensor__<chain>`)
+            *_chain_sensors(settings),
             build_outbox_relay_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),

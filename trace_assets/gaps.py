@@ -1,16 +1,18 @@
 """What every finalized block range must have: a sealed version of each raw and block-range
 derived dataset, and a successful alert evaluation. `trace gaps` reports the ranges that lack
-one; the gap-repair sensor (`trace_sensors/gap_repair.py`) re-requests them."""
+one; the gap-repair sensor (`trace_sensors/gap_repair.py`) re-requests them. Another chain of
+TRACE_CHAINS carries the raw datasets only, and no alert evaluation (`chain_gap_scope`)."""
 
 from __future__ import annotations
 
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.derived.assets import DERIVED_ASSETS
 from trace_assets.partitions import block_ranges
-from trace_assets.raw.chain import RAW_ASSET_KEYS
+from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain
+from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.gaps import GapScope
 
-__all__ = ["GAP_SCOPE"]
+__all__ = ["GAP_SCOPE", "chain_gap_scope"]
 
 GAP_SCOPE = GapScope(
     partitions=block_ranges.name or "",
@@ -20,3 +22,14 @@ GAP_SCOPE = GapScope(
     ),
     evaluations=(alert_evaluations.key.to_user_string(),),
 )
+
+
+def chain_gap_scope(chain: str) -> GapScope:
+    """What every finalized range of another chain must have: its raw datasets, sealed
+    (`<chain>.blocks` ..., in `block_ranges__<chain>`)."""
+    raw = RawChain(chain)
+    return GapScope(
+        partitions=raw.partitions.name or "",
+        datasets=tuple(raw.dataset(name) for name in RAW_DATASETS),
+        evaluations=(),
+    )

@@ -29,6 +29,7 @@ from dagster._core.storage.tags import (
 )
 
 from trace_resources.chain.ranges import complete_ranges
+from trace_resources.chains import asset_path
 from trace_resources.storage.version_store import VersionStore
 
 __all__ = ["Gap", "GapKind", "GapScope", "find_gaps", "finalized_keys", "range_keys_of_run"]
@@ -46,8 +47,9 @@ class GapKind(StrEnum):
 
 @dataclass(frozen=True)
 class GapScope:
-    """What must be complete for every finalized range: the sealed datasets (asset key ==
-    dataset name) and the evaluation assets, of the dynamic partitions named `partitions`."""
+    """What must be complete for every finalized range: the sealed datasets (by registry name:
+    `blocks`, another chain's `devnet2.blocks`, asset key `trace_resources.chains.asset_path`)
+    and the evaluation assets, of the dynamic partitions named `partitions`."""
 
     partitions: str
     datasets: tuple[str, ...]
@@ -115,7 +117,7 @@ def _failed_attempts(
     for asset in assets:
         attempts = (
             storage.get_latest_asset_partition_materialization_attempts_without_materializations(  # noqa: E501
-                dg.AssetKey(asset)
+                dg.AssetKey(asset_path(asset))
             )
         )
         for key, (run_id, _storage_id) in attempts.items():
@@ -174,7 +176,7 @@ def find_gaps(
                 kind = GapKind.NEVER_COMMITTED
             gaps.append(Gap(asset, key, kind, run_id, status))
     for asset in scope.evaluations:
-        materialized = instance.get_materialized_partitions(dg.AssetKey(asset))
+        materialized = instance.get_materialized_partitions(dg.AssetKey(asset_path(asset)))
         for key in keys:
             run_id, status = attempt(asset, key)
             if run_id is None and key in materialized:

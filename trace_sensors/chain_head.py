@@ -15,6 +15,12 @@ unfinished run, is registered and passed over, not requested.
 What the sensor needs from the assets (the block-range partitions, the raw asset keys, the run
 size) is handed to `build_chain_head_sensor` by `trace_assets.definitions` as a `RangeRuns`.
 
+One sensor per chain (README: Several chains): the primary's `chain_head_sensor` reads the
+`chain` resource, its `block_ranges` and the datasets `blocks` ...; another chain's
+`chain_head_sensor__<chain>` reads `chain__<chain>` (its endpoints, range size and finality),
+adds to `block_ranges__<chain>`, requests `<chain>/blocks` ... and starts from what is committed
+as `<chain>.blocks` ... (`RangeRuns.chain`).
+
 Latency (finalized block -> alert, `make bench-alerts`): one run per tick materialises the raw
 datasets of the new ranges AND everything partitioned by block range downstream of them (the
 derived datasets, the alert evaluations), in process: one run launch instead of three (raw,
@@ -25,10 +31,13 @@ further); an evaluation that finds no new range watches the head for up to
 `TRACE_CHAIN_HEAD_DOWNSTREAM=false` requests the raw datasets alone.
 """
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
@@ -42,6 +51,7 @@ from dagster._core.storage.tags import (
 
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.ranges import BlockRange, complete_ranges, parse_partition_key
+from trace_resources.chains import dataset_for_asset_key
 from trace_resources.errors import MalformedPartitionKeyError
 from trace_resources.failures import as_dagster_failure
 from trace_resources.gaps import SEALED
@@ -59,6 +69,7 @@ __all__ = [
     "MAX_RANGES_PER_TICK",
     "IN_PROCESS",
     "range_asset_keys",
+    "resource_signature",
 ]
 
 # One tick adds at most this many ranges; the next tick continues from the cursor.
@@ -75,11 +86,36 @@ _UNFINISHED = [
 @dataclass(frozen=True)
 class RangeRuns:
     """What the sensor's runs are made of, from the assets: the dynamic partitions of block
-    ranges, the raw assets that extract a range, and how many ranges one run takes."""
+    ranges, the raw assets that extract a range, and how many ranges one run takes; and whose
+    they are: the primary chain's (`chain` None), or another chain's of TRACE_CHAINS, read
+    through the resource `resource_key`."""
 
     partitions: dg.DynamicPartitionsDefinition
     raw_asset_keys: Sequence[dg.AssetKey]
     max_partitions_per_run: int
+    chain: str | None = None
+    resource_key: str = "chain"
+
+    @property
+    def raw_datasets(self) -> list[str]:
+        """The registry names of the raw datasets (`blocks`; `<chain>.blocks` on another
+        chain), as committed in Postgres state."""
+        return [dataset_for_asset_key(key.path) for key in self.raw_asset_keys]
+
+    def sensor_name(self, base: str) -> str:
+        """`base` for the primary chain, `<base>__<chain>` for another."""
+        return base if self.chain is None else f"{base}__{self.chain}"
+
+    def selects(self, selection: AbstractSet[dg.AssetKey] | None) -> bool:
+        """Whether a run's asset selection holds assets of this chain: another chain's are
+        keyed [<chain>, <dataset>], the primary's by one name; a run with no selection (a job's
+        whole selection: `raw_chain_job`; or an empty one, as `dg.materialize` records) is the
+        primary's."""
+        if not selection:
+            return self.chain is None
+        if self.chain is None:
+            return any(len(key.path) == 1 for key in selection)
+        return any(len(key.path) == 2 and key.path[0] == self.chain for key in selection)
 
 
 def plan_new_ranges(cursor: str | None, finalized: int, range_size: int) -> list[BlockRange]:
@@ -103,7 +139,11 @@ def ranges_in_flight(instance: dg.DagsterInstance, runs: RangeRuns) -> dict[str,
     raw = set(runs.raw_asset_keys)
     found: dict[str, str] = {}
     for run in instance.get_runs(dg.RunsFilter(statuses=_UNFINISHED)):
-        if run.asset_selection is not None and not (run.asset_selection & raw):
+        if run.asset_selection is None:
+            # a job's whole selection (`raw_chain_job`): the primary chain's assets
+            if runs.chain is not None:
+                continue
+        elif not (run.asset_selection & raw):
             continue
         tags = run.tags
         first = tags.get(PARTITION_NAME_TAG) or tags.get(ASSET_PARTITION_RANGE_START_TAG)
@@ -258,14 +298,15 @@ def _look(
 ) -> dg.SensorResult | dg.SkipReason:
     instance = context.instance
     waiting = instance.get_run_ids(
-        dg.RunsFilter(tags={SENSOR_NAME_TAG: SENSOR_NAME}, statuses=_WAITING), limit=1
+        dg.RunsFilter(tags={SENSOR_NAME_TAG: runs.sensor_name(SENSOR_NAME)}, statuses=_WAITING),
+        limit=1,
     )
     if waiting:
         # ranges finalized meanwhile go into the next run, requested once this one left the
         # queue: runs never pile up faster than they launch (the cursor has not moved)
         return dg.SkipReason(f"run {waiting[0]} of earlier ranges is still queued")
     head = client.head()
-    raw = [k.to_user_string() for k in runs.raw_asset_keys]
+    raw = runs.raw_datasets
     read = state.versions().read
     start: Start | None = None
     if context.cursor:
@@ -312,21 +353,43 @@ def _look(
     )
 
 
+def resource_signature(chain_key: str) -> inspect.Signature:
+    """The signature of a sensor function `(context, <chain_key>: ChainResource, state:
+    StateStoreResource)`: Dagster hands a sensor the resources its parameters name, and a
+    secondary chain's resource is `chain__<chain>` (a name known when the sensor is built)."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                "context",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=dg.SensorEvaluationContext,
+            ),
+            inspect.Parameter(chain_key, keyword, annotation=ChainResource),
+            inspect.Parameter("state", keyword, annotation=StateStoreResource),
+        ],
+        return_annotation=dg.SensorResult | dg.SkipReason,
+    )
+
+
 def build_chain_head_sensor(
     runs: RangeRuns, running: bool = True, interval_s: int | None = None
 ) -> dg.SensorDefinition:
-    """The sensor, on by default; `TRACE_SENSORS_RUNNING=false` starts it stopped. It ticks
-    every `interval_s` (default `TRACE_CHAIN_HEAD_INTERVAL_S`)."""
+    """The sensor of `runs`' chain, on by default; `TRACE_SENSORS_RUNNING=false` starts it
+    stopped. It ticks every `interval_s` (default `TRACE_CHAIN_HEAD_INTERVAL_S`)."""
 
     def chain_head_sensor(
-        context: dg.SensorEvaluationContext, chain: ChainResource, state: StateStoreResource
+        context: dg.SensorEvaluationContext, **resources: Any
     ) -> dg.SensorResult | dg.SkipReason:
-        return _evaluate(runs, context, chain, state)
+        return _evaluate(runs, context, resources[runs.resource_key], resources["state"])
 
+    chain_head_sensor.__signature__ = resource_signature(runs.resource_key)  # type: ignore[attr-defined]
+    of_chain = "" if runs.chain is None else f" of chain {runs.chain}"
     return dg.sensor(
-        name=SENSOR_NAME,
-        description="Adds block-range partitions up to the finalized head and requests their "
-        "runs: raw datasets, then the derived datasets and alert evaluations of the same ranges.",
+        name=runs.sensor_name(SENSOR_NAME),
+        description=f"Adds block-range partitions{of_chain} up to the finalized head and "
+        "requests their runs: raw datasets, then the derived datasets and alert evaluations of "
+        "the same ranges.",
         asset_selection=dg.AssetSelection.assets(*runs.raw_asset_keys).downstream(),
         minimum_interval_seconds=interval_s or get_settings().chain_head_interval_s,
         default_status=(

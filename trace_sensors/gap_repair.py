@@ -30,18 +30,20 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 from dagster._core.storage.tags import PRIORITY_TAG
 
+from trace_resources.chains import asset_path
 from trace_resources.failures import as_dagster_failure
 from trace_resources.gaps import Gap, GapScope, finalized_keys, find_gaps, range_keys_of_run
 from trace_resources.resources import ChainResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.io_manager import REPAIRS_RUN_TAG
 from trace_resources.storage.state import engine_for
-from trace_sensors.chain_head import IN_PROCESS, RangeRuns, range_asset_keys
+from trace_sensors.chain_head import IN_PROCESS, RangeRuns, range_asset_keys, resource_signature
 
 __all__ = [
     "SENSOR_NAME",
@@ -132,6 +134,8 @@ def plan_repairs(
         return plan
     busy: dict[str, str] = {}
     for run in instance.get_runs(dg.RunsFilter(statuses=_UNFINISHED)):
+        if not runs.selects(run.asset_selection):
+            continue  # another chain's run: its ranges share the keys, not the data
         for key in range_keys_of_run(run, sorted(by_range)):
             busy.setdefault(key, f"run {run.run_id} is {run.status.value}")
     for key, gaps in sorted(by_range.items()):
@@ -141,7 +145,11 @@ def plan_repairs(
             why = busy.get(key) or f"run {in_progress.run_id} is {in_progress.run_status}"  # type: ignore[union-attr]
             plan.waiting.append(f"{key}: {why} ({reasons})")
             continue
-        previous = instance.get_run_records(dg.RunsFilter(tags={REPAIR_TAG: key}))
+        previous = [
+            record
+            for record in instance.get_run_records(dg.RunsFilter(tags={REPAIR_TAG: key}))
+            if runs.selects(record.dagster_run.asset_selection)  # this chain's repairs
+        ]
         if previous:
             last = previous[0]  # newest first
             ended = last.end_time or last.update_timestamp.timestamp()
@@ -158,7 +166,7 @@ def plan_repairs(
             plan.waiting.append(f"{key}: next tick (at most {settings.gap_repair_max_runs} runs)")
             continue
         attempt = len(previous) + 1
-        selection = _selection(runs, graph, {dg.AssetKey(g.asset) for g in gaps})
+        selection = _selection(runs, graph, {dg.AssetKey(asset_path(g.asset)) for g in gaps})
         tags = {
             REPAIR_TAG: key,
             ATTEMPT_TAG: str(attempt),
@@ -228,18 +236,21 @@ def _evaluate(
 def build_gap_repair_sensor(
     runs: RangeRuns, scope: GapScope, running: bool = True, interval_s: int | None = None
 ) -> dg.SensorDefinition:
-    """The sensor, on by default (`TRACE_SENSORS_RUNNING=false` starts it stopped); it ticks
-    every `interval_s` (default `TRACE_GAP_REPAIR_INTERVAL_S`)."""
+    """The sensor of `runs`' chain (`gap_repair_sensor`, another chain's
+    `gap_repair_sensor__<chain>`), on by default (`TRACE_SENSORS_RUNNING=false` starts it
+    stopped); it ticks every `interval_s` (default `TRACE_GAP_REPAIR_INTERVAL_S`)."""
 
     def gap_repair_sensor(
-        context: dg.SensorEvaluationContext, chain: ChainResource, state: StateStoreResource
+        context: dg.SensorEvaluationContext, **resources: Any
     ) -> dg.SensorResult | dg.SkipReason:
-        return _evaluate(runs, scope, context, chain, state)
+        return _evaluate(runs, scope, context, resources[runs.resource_key], resources["state"])
 
+    gap_repair_sensor.__signature__ = resource_signature(runs.resource_key)  # type: ignore[attr-defined]
+    of_chain = "" if runs.chain is None else f" of chain {runs.chain}"
     return dg.sensor(
-        name=SENSOR_NAME,
-        description="Re-requests finalized block ranges that a dataset has no sealed version "
-        "of, or whose alert evaluation failed (a failed or killed run), with backoff.",
+        name=runs.sensor_name(SENSOR_NAME),
+        description=f"Re-requests finalized block ranges{of_chain} that a dataset has no sealed "
+        "version of, or whose alert evaluation failed (a failed or killed run), with backoff.",
         asset_selection=dg.AssetSelection.assets(*runs.raw_asset_keys).downstream(),
         minimum_interval_seconds=interval_s or get_settings().gap_repair_interval_s,
         default_status=(

@@ -4,7 +4,8 @@
 The same two ranges are committed for both through Dagster (`raw_chain` and the factory's
 `raw_chain__devnet2`, each with its own ChainResource and partitions); each chain's rows equal
 its own node's; the query service reads each only as its own chain (`monad.blocks`,
-`devnet2.blocks`), and a token limited to one chain cannot see the other's.
+`devnet2.blocks`), and a token limited to one chain cannot see the other's. The secondary
+chain follows its own finalized head (`chain_head_sensor__devnet2`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import dagster as dg
 import httpx
 import pyarrow as pa
 import pytest
+from dagster._core.definitions.sensor_definition import SensorExecutionData
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
+from dagster._core.utils import make_new_run_id
 
 from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.query_service import QueryServer, settings_env
@@ -30,6 +33,7 @@ from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
 from trace_assets.cli.chain import _sync_chain
 from trace_assets.definitions import build_definitions, build_resources
 from trace_assets.raw.chain import RawChain, build_raw_chain, raw_chain
+from trace_resources.chain.ranges import complete_ranges
 from trace_resources.resources import ChainResource
 from trace_resources.settings import QuerySettings, Settings
 from trace_resources.storage.commit import DatasetReader
@@ -37,6 +41,7 @@ from trace_resources.storage.object_store import s3_store
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.tokens import Keyring, issue_token
+from trace_sensors.gap_repair import ATTEMPT_TAG, REASON_TAG, REPAIR_TAG
 
 DEVNET2_ID = 31337
 RANGES = 2
@@ -306,3 +311,132 @@ def test_a_chains_finality_decides_its_finalized_head(
     assert added[:RANGES] == two_chains[1] and len(added) == (tagged + 1) // RANGE_SIZE
     assert instance.get_dynamic_partitions("block_ranges") == []
     assert f"devnet2: added {len(added)} block range(s)" in capsys.readouterr().out
+
+
+def _covered(result: SensorExecutionData, keys: list[str]) -> list[str]:
+    """Every range of `keys` the result's runs cover, in order."""
+    covered = []
+    for request in result.run_requests or []:
+        if request.partition_key is not None:
+            covered.append(request.partition_key)
+        else:
+            first = request.tags[ASSET_PARTITION_RANGE_START_TAG]
+            last = request.tags[ASSET_PARTITION_RANGE_END_TAG]
+            covered += [k for k in keys if first <= k <= last]  # zero-padded: block order
+    return covered
+
+
+def test_the_secondary_chain_follows_its_own_finalized_head(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    devnet2: AnvilNode,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, committed, _ = two_chains
+    monkeypatch.setenv("TRACE_CHAIN_HEAD_WATCH_S", "0")  # look once: nothing to wait for here
+    defs = build_definitions(settings)
+    assert defs.resolve_sensor_def("chain_head_sensor") is not None  # the primary's, as ever
+    sensor = defs.resolve_sensor_def("chain_head_sensor__devnet2")
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def evaluate(cursor: str | None) -> SensorExecutionData:
+        context = dg.build_sensor_context(
+            instance=instance,
+            cursor=cursor,
+            resources={"chain__devnet2": resources["chain__devnet2"], "state": resources["state"]},
+            repository_def=defs.get_repository_def(),
+        )
+        return sensor.evaluate_tick(context)  # as the daemon does: resources by parameter name
+
+    snapshot = devnet2.rpc("evm_snapshot")
+    try:
+        # devnet2's finalized head moves two ranges past the two committed ones
+        devnet2.rpc("anvil_mine", [hex(2 * RANGE_SIZE)])
+        finalized = int(devnet2.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        expected = [r.key for r in complete_ranges(-1, finalized, RANGE_SIZE)]
+        assert expected[:RANGES] == committed and len(expected) > RANGES
+
+        result = evaluate(None)
+        assert result.skip_message is None, result.skip_message
+        requests = result.dynamic_partitions_requests or []
+        assert {r.partitions_def_name for r in requests} == {"block_ranges__devnet2"}
+        assert [k for r in requests for k in r.partition_keys or []] == expected
+        # the ranges committed as devnet2.blocks ... are registered, not requested again
+        assert _covered(result, expected) == expected[RANGES:]
+        devnet2_raw = [dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs")]
+        assert [list(r.asset_selection or []) for r in result.run_requests or []] == [
+            devnet2_raw
+        ] * len(result.run_requests or [])
+        assert result.cursor == str(int(expected[-1][13:]))
+
+        for request in requests:  # as the daemon applies them
+            instance.add_dynamic_partitions(request.partitions_def_name, request.partition_keys)
+        assert instance.get_dynamic_partitions("block_ranges__devnet2") == expected
+        assert instance.get_dynamic_partitions("block_ranges") == []
+
+        # nothing new finalized: nothing requested
+        again = evaluate(result.cursor)
+        assert not again.run_requests and not again.dynamic_partitions_requests
+        assert f"no complete range past block {result.cursor}" in (again.skip_message or "")
+    finally:
+        assert devnet2.rpc("evm_revert", [snapshot])
+
+
+def test_the_secondary_chain_repairs_its_own_gaps(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    devnet2: AnvilNode,
+) -> None:
+    settings, committed, _ = two_chains
+    defs = build_definitions(settings)
+    assert defs.resolve_sensor_def("gap_repair_sensor") is not None  # the primary's, as ever
+    sensor = defs.resolve_sensor_def("gap_repair_sensor__devnet2")
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    snapshot = devnet2.rpc("evm_snapshot")
+    try:
+        devnet2.rpc("anvil_mine", [hex(2 * RANGE_SIZE)])
+        finalized = int(devnet2.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
+        expected = [r.key for r in complete_ranges(-1, finalized, RANGE_SIZE)]
+        # every finalized range registered (as the chain-head sensor does), the same keys for
+        # the primary; only devnet2's first two are committed (as devnet2.blocks ...)
+        instance.add_dynamic_partitions("block_ranges__devnet2", expected)
+        instance.add_dynamic_partitions("block_ranges", expected)
+        # an unfinished run of the primary over the same ranges does not hold devnet2's back
+        primary_run = dg.DagsterRun(
+            job_name="raw_chain_job",  # a job's run: no asset selection, the primary's assets
+            run_id=make_new_run_id(),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: expected[0],
+                ASSET_PARTITION_RANGE_END_TAG: expected[-1],
+            },
+        )
+        instance.add_run(primary_run)
+        # nor does the primary's failed repair of a range with the same key count as devnet2's
+        primary_repair = dg.DagsterRun(
+            job_name="__ASSET_JOB",
+            run_id=make_new_run_id(),
+            status=dg.DagsterRunStatus.FAILURE,
+            asset_selection=frozenset({dg.AssetKey("blocks")}),
+            tags={REPAIR_TAG: expected[RANGES], ATTEMPT_TAG: "1"},
+        )
+        instance.add_run(primary_repair)
+        result = sensor(
+            dg.build_sensor_context(
+                instance=instance,
+                resources={
+                    "chain__devnet2": resources["chain__devnet2"],
+                    "state": resources["state"],
+                },
+                repository_def=defs.get_repository_def(),
+            )
+        )
+        assert isinstance(result, dg.SensorResult), result
+        requests = result.run_requests or []
+        assert [r.partition_key for r in requests] == expected[RANGES:] != []
+        devnet2_raw = [dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs")]
+        assert [list(r.asset_selection or []) for r in requests] == [devnet2_raw] * len(requests)
+        assert all("devnet2.blocks: never committed" in r.tags[REASON_TAG] for r in requests)
+        assert [r.tags[ATTEMPT_TAG] for r in requests] == ["1"] * len(requests)
+    finally:
+        assert devnet2.rpc("evm_revert", [snapshot])
