@@ -111,6 +111,8 @@ class Fault:
     delay:       seconds to hold a ``timeout`` request before closing the connection.
     drop_txs:    number of transactions/receipts removed by ``truncate_txs``.
     log_index:   block-wide index of the log ``drop_log`` removes.
+    batch:       True: only calls sent inside a JSON-RPC batch (Trace's own header batches);
+                 False: only single calls (cryo's, which never batches); None: both.
     replace:     ``replace_hash``: strings to replace (compared case-insensitively) and by what.
     """
 
@@ -129,6 +131,7 @@ class Fault:
     drop_txs: int = 1
     log_index: int = 0
     replace: dict[str, str] = field(default_factory=dict)
+    batch: bool | None = None
     seed: int = 0
     matched: int = field(default=0, init=False)
     injected: int = field(default=0, init=False)
@@ -158,7 +161,9 @@ class Fault:
     def exhausted(self) -> bool:
         return self.count is not None and self.injected >= self.count
 
-    def _applies_to(self, method: str, params: Any) -> bool:
+    def _applies_to(self, method: str, params: Any, is_batch: bool = False) -> bool:
+        if self.batch is not None and self.batch != is_batch:
+            return False
         if self.kind == "method_not_found" and self.methods is None:
             return method.startswith("debug_")  # the namespace a provider leaves out
         if self.methods is not None and method not in self.methods:  # type: ignore[operator]
@@ -171,9 +176,9 @@ class Fault:
             return any(lo <= b <= hi for b in self.blocks)  # type: ignore[union-attr]
         return True
 
-    def _should_fire(self, method: str, params: Any) -> bool:
+    def _should_fire(self, method: str, params: Any, is_batch: bool = False) -> bool:
         """Called under the proxy lock for every call; updates counters."""
-        if not self._applies_to(method, params):
+        if not self._applies_to(method, params, is_batch):
             return False
         self.matched += 1
         if self.matched <= self.after or self.exhausted:
@@ -644,7 +649,7 @@ class FaultProxy:
                 params = call.get("params") if isinstance(call, dict) else None
                 chosen = None
                 for fault in self._faults:
-                    if fault._should_fire(method, params):
+                    if fault._should_fire(method, params, is_batch):
                         chosen = fault
                         break
                 plan.append(chosen)

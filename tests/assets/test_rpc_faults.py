@@ -111,14 +111,15 @@ def clean(devnet: Devnet) -> dict[str, pa.Table]:
 
 def extraction_attempts(proxy: FaultProxy, block_range: BlockRange) -> int:
     """Extractions of a range that ran to the end: each makes one answered batch of
-    eth_getBlockTransactionCountByNumber (Trace's own call) for the range."""
+    eth_getBlockByNumber (Trace's own call: the range's headers; cryo sends no batches)."""
     return len(
         {
             r.seq
             for r in proxy.requests
-            if r.method == "eth_getBlockTransactionCountByNumber"
+            if r.method == "eth_getBlockByNumber"
+            and r.batch
             and r.fault is None
-            and r.params == [hex(block_range.start)]
+            and r.params == [hex(block_range.start), False]
         }
     )
 
@@ -207,19 +208,27 @@ TRANSIENT = [
         id="rpc-32603-head",
     ),
     pytest.param(
-        dict(kind="drop", methods={"eth_getBlockTransactionCountByNumber"}, count=2),
+        dict(
+            kind="drop",
+            methods={"eth_getBlockByNumber"},
+            blocks={RANGES[0].start},
+            batch=True,
+            count=2,
+        ),
         RPC_RETRY,
-        id="drop-txcount",
+        id="drop-headers",
     ),
     pytest.param(
         dict(
             kind="timeout",
             delay=RPC_TIMEOUT_S + 2,
-            methods={"eth_getBlockTransactionCountByNumber"},
+            methods={"eth_getBlockByNumber"},
+            blocks={RANGES[0].start},
+            batch=True,
             count=1,
         ),
         RPC_RETRY,
-        id="held-txcount",
+        id="held-headers",
     ),
 ]
 
@@ -314,13 +323,15 @@ FAILING = [
             kind="jsonrpc_error",
             code=-32603,
             message="internal error",
-            methods={"eth_getBlockTransactionCountByNumber"},
+            methods={"eth_getBlockByNumber"},
+            blocks={RANGES[0].start},
+            batch=True,
         ),
         RANGES[:1],
-        False,  # cryo runs, but Trace's own count batch never gets an answer
+        False,  # cryo runs, but Trace's own header batch never gets an answer
         "RpcFaultError",
-        ["kept failing eth_getBlockTransactionCountByNumber", "-32603: internal error"],
-        id="persistent-32603-txcount",
+        ["kept failing eth_getBlockByNumber", "-32603: internal error"],
+        id="persistent-32603-headers",
     ),
     # data faults: RangeIncompleteError naming the blocks. Missing logs hit the second range
     # of a two-range run: the first range, verified and already staged, is not committed either
@@ -333,7 +344,8 @@ FAILING = [
         id="missing-logs",
     ),
     pytest.param(
-        dict(kind="truncate_txs", methods={"eth_getBlockByNumber"}, blocks={130}),
+        # cryo's answer only: Trace's own headers (one batch) still list every transaction
+        dict(kind="truncate_txs", methods={"eth_getBlockByNumber"}, blocks={130}, batch=False),
         RANGES[1:],
         True,
         "RangeIncompleteError",

@@ -111,7 +111,7 @@ def test_an_endpoint_s_budget_is_shared_between_trace_s_calls_and_cryo_s() -> No
     # batches taken: cryo's calls go through the batching relay, which gets the rate Trace's
     # own (batched) calls leave, less one; cryo keeps a batch's worth of calls waiting
     assert limited.relayed and not limited.sequential_collects
-    assert limited.own_rps == 10 and limited.relay_rps == 14
+    assert limited.own_rps == 7 and limited.relay_rps == 17
     assert limited.own_concurrency == 1 and limited.relay_concurrency == 7
     assert limited.cryo_kwargs("logs") == {"max_concurrent_requests": 100, "inner_request_size": 10}
     assert limited.cryo_kwargs("blocks") == {"max_concurrent_requests": 100}

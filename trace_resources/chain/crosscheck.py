@@ -192,11 +192,20 @@ class NodeEvidence:
     raw_transactions: dict[int, list[bytes]] | None = None
 
 
-def fetch_evidence(rpc: Rpc, block_range: BlockRange, checks: frozenset[Check]) -> NodeEvidence:
-    """Headers of the range, and the receipts and raw transactions the checks need, batched."""
+def fetch_evidence(
+    rpc: Rpc,
+    block_range: BlockRange,
+    checks: frozenset[Check],
+    headers: Mapping[int, dict[str, Any] | None] | None = None,
+) -> NodeEvidence:
+    """Headers of the range (unless given, fetched from `rpc` already), and the receipts and
+    raw transactions the checks need, batched."""
     numbers = list(block_range.blocks())
-    answers = rpc.batch("eth_getBlockByNumber", [[hex(n), False] for n in numbers])
-    headers = dict(zip(numbers, answers, strict=True))
+    if headers is None:
+        answers = rpc.batch("eth_getBlockByNumber", [[hex(n), False] for n in numbers])
+        headers = dict(zip(numbers, answers, strict=True))
+    else:
+        headers = {n: headers.get(n) for n in numbers}
     evidence = NodeEvidence(block_range, checks, headers)
     if "receipts_root" in checks:
         answers = rpc.batch("eth_getBlockReceipts", [[hex(n)] for n in numbers])

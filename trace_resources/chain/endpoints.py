@@ -86,10 +86,10 @@ class Budget:
         if rps is None:
             return None
         if self.relayed:
-            # batched on both sides: Trace's calls (transaction counts and headers, two per
-            # block) against cryo's three per block
-            return max(1, math.ceil(rps * 2 / 5))
-        # Trace's own calls are one per block (transaction counts) in batches of max_batch,
+            # batched on both sides: Trace's calls (the headers, one per block; the optional
+            # checks' receipts and raw transactions aside) against cryo's three per block
+            return max(1, math.ceil(rps / 4))
+        # Trace's own calls are one per block (the headers) in batches of max_batch,
         # where cryo makes about three per block: their share of the rate, at least 1/s
         return max(1, math.ceil(rps / (1 + 3 * self.endpoint.max_batch)))
 

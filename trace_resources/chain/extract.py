@@ -94,7 +94,10 @@ class RangeData:
 
 
 class _CryoFailed(Exception):
-    """cryo panicked; the cause is on stderr."""
+    """cryo panicked; the cause is on stderr. `headers`: the range's headers, if Trace's own
+    batch of them was answered meanwhile (what the diagnosis reads)."""
+
+    headers: dict[int, Any] | None = None
 
 
 def _hex(value: bytes) -> str:
@@ -273,9 +276,14 @@ class ChainClient:
                     )
             return checks
 
-    def node_evidence(self, block_range: BlockRange, index: int | None = None) -> NodeEvidence:
+    def node_evidence(
+        self,
+        block_range: BlockRange,
+        index: int | None = None,
+        headers: dict[int, dict[str, Any] | None] | None = None,
+    ) -> NodeEvidence:
         """Endpoint `index`'s (default: the one in use) evidence for `block_range`, for the
-        checks it allows."""
+        checks it allows (with the range's `headers`, if already fetched from it)."""
         index = self.endpoints.current if index is None else index
         allowed = self.node_checks(index).items()
         checks = frozenset(c for c, status in allowed if status.possible)
@@ -283,7 +291,7 @@ class ChainClient:
             checks -= {"receipts_root"}
         if not self.verify_transactions_root:
             checks -= {"transactions_root", "transaction_hashes"}
-        return fetch_evidence(self.endpoints.rpc(index), block_range, checks)
+        return fetch_evidence(self.endpoints.rpc(index), block_range, checks, headers)
 
     # -- extraction ----------------------------------------------------------------------
 
@@ -342,7 +350,7 @@ class ChainClient:
                     return data
         except _CryoFailed as exc:
             self.check_chain_id()  # a clear error if the endpoint went away or changed
-            self._raise_if_blocks_missing(block_range, index)
+            self._raise_if_blocks_missing(block_range, index, exc.headers)
             raise RpcFaultError(
                 f"cryo could not extract blocks {block_range.start}..{block_range.last} from "
                 f"{self.endpoints.label(index)} after retrying for "
@@ -353,25 +361,30 @@ class ChainClient:
             ) from exc
         raise AssertionError("unreachable: tenacity reraises")
 
-    def _raise_if_blocks_missing(self, block_range: BlockRange, index: int) -> None:
+    def _raise_if_blocks_missing(
+        self, block_range: BlockRange, index: int, headers: dict[int, Any] | None = None
+    ) -> None:
         """Name the blocks the node does not have: cryo panics on them without detail.
 
-        A diagnosis after cryo failed, one attempt without retries: if it fails too, the
-        caller's RpcFaultError still says what failed.
+        A diagnosis after cryo failed, from the headers the failed attempt fetched, or else
+        one attempt without retries: if it fails too, the caller's RpcFaultError still says
+        what failed.
         """
         numbers = list(block_range.blocks())
-        try:
-            headers = self.endpoints.rpc(index).batch(
-                "eth_getBlockByNumber",
-                [[hex(n), False] for n in numbers],
-                retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
-            )
-        except (RpcFaultError, RpcRefusedError, RpcUnreachableError):
-            return
+        if headers is None:
+            try:
+                answers = self.endpoints.rpc(index).batch(
+                    "eth_getBlockByNumber",
+                    [[hex(n), False] for n in numbers],
+                    retry=RetryPolicy(max_attempts=1, budget_s=self.retry.budget_s),
+                )
+            except (RpcFaultError, RpcRefusedError, RpcUnreachableError):
+                return
+            headers = dict(zip(numbers, answers, strict=True))
         report = VerificationReport(block_range)
         report.add(
             "missing blocks (the node returned no block for them)",
-            [n for n, header in zip(numbers, headers, strict=True) if header is None],
+            [n for n in numbers if headers.get(n) is None],
         )
         report.raise_if_incomplete()
 
@@ -380,7 +393,12 @@ class ChainClient:
     ) -> RangeData:
         # the caller's bound on ranges collected at once, and the endpoint's own
         with collect_slots or contextlib.nullcontext(), self.endpoints.collect_slots[index]:
-            frames, counts = asyncio.run(self._collect_all(index, block_range))
+            frames, headers = asyncio.run(self._collect_all(index, block_range))
+        numbers = frames["blocks"]["block_number"].to_numpy()
+        counts = np.array(
+            [len((headers.get(int(n)) or {}).get("transactions") or ()) for n in numbers],
+            dtype=np.uint32,
+        )
         tables: dict[RawDataset, pa.Table] = {
             "blocks": to_schema(
                 frames["blocks"], "blocks", {"transaction_count": pa.array(counts, pa.uint32())}
@@ -393,7 +411,7 @@ class ChainClient:
             # fetched once the tables agree with each other, outside the collection slot: in
             # a backfill it overlaps the next range's collection, and a faulty extraction
             # (retried anyway) costs no evidence
-            evidence = self.node_evidence(block_range, index)
+            evidence = self.node_evidence(block_range, index, headers)
             check_against_node(report, tables, evidence)
         report.raise_if_incomplete()
         blocks = tables["blocks"].sort_by("block_number")
@@ -412,17 +430,19 @@ class ChainClient:
             ),
         )
 
-    def transaction_counts(self, block_range: BlockRange, rpc: Rpc | None = None) -> dict[int, int]:
-        """Transactions per block, from the node's headers (what verification checks against),
-        from `rpc` (default: the endpoint in use)."""
-        results = (rpc or self.rpc).batch(
-            "eth_getBlockTransactionCountByNumber", [[hex(n)] for n in block_range.blocks()]
+    def headers(self, block_range: BlockRange, rpc: Rpc | None = None) -> dict[int, Any]:
+        """The range's headers (`eth_getBlockByNumber` without transaction bodies), in one
+        batch from `rpc` (default: the endpoint in use): the transaction counts the blocks
+        dataset carries, and what verification checks the extracted data against."""
+        numbers = list(block_range.blocks())
+        answers = (rpc or self.rpc).batch(
+            "eth_getBlockByNumber", [[hex(n), False] for n in numbers]
         )
-        return {n: int(c, 16) for n, c in zip(block_range.blocks(), results, strict=True) if c}
+        return dict(zip(numbers, answers, strict=True))
 
     async def _collect_all(
         self, index: int, block_range: BlockRange
-    ) -> tuple[dict[RawDataset, pl.DataFrame], np.ndarray]:
+    ) -> tuple[dict[RawDataset, pl.DataFrame], dict[int, Any]]:
         budget = self.endpoints.budgets[index]  # the endpoint's limits, shared (endpoints.py)
         kwargs: dict[str, Any] = {
             "blocks": [block_range.cryo_spec],
@@ -448,15 +468,19 @@ class ChainClient:
             except Exception as exc:  # cryo raises pyo3's RustPanic with no detail
                 raise _CryoFailed(f"cryo.collect({dataset!r}) failed: {exc}") from None
 
-        counting = asyncio.create_task(
-            asyncio.to_thread(self.transaction_counts, block_range, self.endpoints.rpc(index))
+        heading = asyncio.create_task(
+            asyncio.to_thread(self.headers, block_range, self.endpoints.rpc(index))
         )
-        if budget.sequential_collects:  # a rate-limited endpoint: one collect at a time
-            collected = [await collect(d) for d in RAW_DATASETS]
-        else:
-            collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
+        try:
+            if budget.sequential_collects:  # a rate-limited endpoint: one collect at a time
+                collected = [await collect(d) for d in RAW_DATASETS]
+            else:
+                collected = await asyncio.gather(*(collect(d) for d in RAW_DATASETS))
+        except _CryoFailed as exc:
+            try:  # for the diagnosis: which blocks the node lacks
+                exc.headers = await heading
+            except Exception:  # noqa: BLE001 (the diagnosis then asks again)
+                pass
+            raise
         frames: dict[RawDataset, pl.DataFrame] = dict(zip(RAW_DATASETS, collected, strict=True))
-        counts_by_block = await counting
-        numbers = frames["blocks"]["block_number"].to_numpy()
-        counts = np.array([counts_by_block.get(int(n), 0) for n in numbers], dtype=np.uint32)
-        return frames, counts
+        return frames, await heading
