@@ -9,7 +9,7 @@ import dagster as dg
 from trace_assets.alerts.assets import alert_evaluations
 from trace_assets.audit import ingest_audit
 from trace_assets.checks import DATASET_CHECKS
-from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS
+from trace_assets.derived.assets import DERIVED_ASSETS, TRACE_DERIVED_ASSETS, build_chain_derived
 from trace_assets.gaps import GAP_SCOPE, chain_gap_scope
 from trace_assets.head.checks import head_freshness_checks
 from trace_assets.head.follower import HEAD_DATASETS
@@ -137,6 +137,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             ingest_audit,
             *DERIVED_ASSETS,
             *TRACE_DERIVED_ASSETS,
+            # ... and the datasets each other chain derives from its raw ones, as the primary
+            *(a for c in settings.chain_configs()[1:] for a in build_chain_derived(c.name)),
             alert_evaluations,
             # organisations' transforms, as applied when the code location (re)loads
             *load_udf_assets(settings.state_dsn),

@@ -1,7 +1,8 @@
 """What every finalized block range must have: a sealed version of each raw and block-range
 derived dataset, and a successful alert evaluation. `trace gaps` reports the ranges that lack
-one; the gap-repair sensor (`trace_sensors/gap_repair.py`) re-requests them. Another chain of
-TRACE_CHAINS carries the raw datasets only, and no alert evaluation (`chain_gap_scope`)."""
+one; the gap-repair sensor (`trace_sensors/gap_repair.py`) re-requests them. For another chain
+of TRACE_CHAINS a range must have its raw datasets (`chain_gap_scope`): it has no alert
+evaluation, and its derived datasets are not in its scope yet (the automation requests them)."""
 
 from __future__ import annotations
 

@@ -9,9 +9,16 @@ import dagster as dg
 
 from trace_resources.chain.ranges import complete_ranges
 
-__all__ = ["block_ranges", "MAX_PARTITIONS_PER_RUN", "add_finalized_partitions"]
+__all__ = ["block_ranges", "chain_partitions", "MAX_PARTITIONS_PER_RUN", "add_finalized_partitions"]
 
 block_ranges = dg.DynamicPartitionsDefinition(name="block_ranges")
+
+
+def chain_partitions(chain: str) -> dg.DynamicPartitionsDefinition:
+    """The block ranges of a secondary chain (`block_ranges__<chain>`), shared by its raw and
+    derived assets."""
+    return dg.DynamicPartitionsDefinition(name=f"block_ranges__{chain}")
+
 
 # The raw assets run any number of ranges in one run (a single-run backfill policy, which the
 # dagster CLI needs for --partition-range); the chain-head sensor still requests runs of at

@@ -4,14 +4,15 @@ A deployment reads one or more chains (`TRACE_CHAINS`, `ChainConfig` in settings
 is the primary. Dataset names carry the chain:
 
     primary chain "monad"      blocks, transactions, erc20_transfers, ...  (names as ever)
-    secondary chain "devnet2"  devnet2.blocks, devnet2.transactions, devnet2.logs
+    secondary chain "devnet2"  devnet2.blocks, devnet2.transactions, devnet2.erc20_transfers, ...
     no chain                   org_<org>__<name>  (an organisation's enrichments and transforms)
 
 That one name is the registry row, the object-path prefix and the query API's name. In SQL a
 chain is a schema: `monad.blocks` is the primary's `blocks`, `devnet2.blocks` the secondary's.
 In Dagster a secondary chain's dataset is the asset key [<chain>, <dataset>] with partitions of
-its own (`block_ranges__<chain>`). Secondary chains carry the raw datasets only
-(`SECONDARY_DATASETS`); derived datasets, traces, the head tier and alerts are the primary's.
+its own (`block_ranges__<chain>`). Secondary chains carry the raw datasets and the derived
+datasets computed from them (`SECONDARY_DATASETS`); call traces and what is derived from them,
+the head tier, the quality checks and alerts are the primary's.
 
 The chain names are read from the environment when asked (`TRACE_CHAINS`, else
 `TRACE_CHAIN_NAME`), remembered per value, so the access rule and the SQL parser pay nothing per
@@ -31,6 +32,7 @@ from trace_resources.settings import CHAIN_NAME_PATTERN, ChainConfig, parse_chai
 __all__ = [
     "ChainNames",
     "SECONDARY_DATASETS",
+    "SECONDARY_DERIVED_DATASETS",
     "chain_names",
     "chain_of",
     "dataset_name",
@@ -42,7 +44,22 @@ __all__ = [
     "resource_key",
 ]
 
-SECONDARY_DATASETS: tuple[str, ...] = ("blocks", "transactions", "logs")
+# what a secondary chain derives from its raw datasets, as the primary does (not from call
+# traces: `geth_calls` and what is derived from it are the primary's)
+SECONDARY_DERIVED_DATASETS: tuple[str, ...] = (
+    "erc20_transfers",
+    "native_transfers",
+    "transaction_fees",
+    "contracts",
+    "token_daily_volume",
+    "token_holders",
+)
+SECONDARY_DATASETS: tuple[str, ...] = (
+    "blocks",
+    "transactions",
+    "logs",
+    *SECONDARY_DERIVED_DATASETS,
+)
 _OWNED = re.compile(r"^org_[a-z0-9_]+__[a-z0-9_]+$")
 _BARE = re.compile(r"^[a-z][a-z0-9_]*$")
 

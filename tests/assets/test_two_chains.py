@@ -5,13 +5,17 @@ The same two ranges are committed for both through Dagster (`raw_chain` and the 
 `raw_chain__devnet2`, each with its own ChainResource and partitions); each chain's rows equal
 its own node's; the query service reads each only as its own chain (`monad.blocks`,
 `devnet2.blocks`), and a token limited to one chain cannot see the other's. The secondary
-chain follows its own finalized head (`chain_head_sensor__devnet2`).
+chain follows its own finalized head (`chain_head_sensor__devnet2`), and derives the primary's
+datasets from its own raw ones (`devnet2.erc20_transfers` ..., requested by the same
+automation conditions).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,11 @@ from infra.local.services import AnvilNode, MotoS3Server, free_port
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
 from trace_assets.cli.chain import _sync_chain
 from trace_assets.definitions import build_definitions, build_resources
+from trace_assets.derived import transforms
+from trace_assets.derived.assets import DERIVED_ASSETS, build_chain_derived
 from trace_assets.raw.chain import RawChain, build_raw_chain, raw_chain
 from trace_resources.chain.ranges import complete_ranges
+from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ChainResource
 from trace_resources.settings import QuerySettings, Settings
 from trace_resources.storage.commit import DatasetReader
@@ -46,6 +53,20 @@ from trace_sensors.gap_repair import ATTEMPT_TAG, REASON_TAG, REPAIR_TAG
 DEVNET2_ID = 31337
 RANGES = 2
 BLOCKS = RANGES * RANGE_SIZE
+PARTITIONED_DERIVED = ("erc20_transfers", "native_transfers", "transaction_fees", "contracts")
+ROLLUPS = ("token_daily_volume", "token_holders")
+DEVNET2_RANGE_ASSETS = {
+    dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs", *PARTITIONED_DERIVED)
+}
+
+
+@dataclass
+class Automation:
+    """The module's Dagster instance and the automation's cursor (its baseline tick taken
+    before anything was committed, so the raw commits count as new upstream data)."""
+
+    instance: dg.DagsterInstance
+    cursor: Any = None
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +117,22 @@ def _chains(devnet: Devnet, devnet2: AnvilNode) -> str:
 
 
 @pytest.fixture(scope="module")
+def automation() -> Iterator[Automation]:
+    instance = dg.DagsterInstance.ephemeral()
+    try:
+        yield Automation(instance)
+    finally:
+        instance.dispose()
+
+
+@pytest.fixture(scope="module")
 def two_chains(
     devnet: Devnet,
     devnet2: AnvilNode,
     postgres: Any,
     new_database: Any,
     s3_server: MotoS3Server,
+    automation: Automation,
 ) -> Iterator[tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]]]:
     """Both chains' first two ranges committed, each by its own asset, in one instance."""
     chains = _chains(devnet, devnet2)
@@ -122,12 +153,13 @@ def two_chains(
             rpc_max_attempts=5,
         )
         keys = [f"{i * RANGE_SIZE:012d}-{(i + 1) * RANGE_SIZE - 1:012d}" for i in range(RANGES)]
-        instance = dg.DagsterInstance.ephemeral()
+        instance = automation.instance
         resources = build_resources(settings)
         results = {}
+        for name in ("block_ranges", "block_ranges__devnet2"):
+            instance.add_dynamic_partitions(name, keys)
+        automation.cursor = _tick(settings, automation).cursor  # the baseline: nothing yet
         for asset in (raw_chain, build_raw_chain(RawChain("devnet2"))):
-            assert asset.partitions_def is not None
-            instance.add_dynamic_partitions(asset.partitions_def.name, keys)  # type: ignore[attr-defined]
             results[asset.node_def.name] = dg.materialize(
                 [asset],
                 instance=instance,
@@ -139,7 +171,17 @@ def two_chains(
                 },
             )
         yield settings, keys, results
-        instance.dispose()
+
+
+def _tick(settings: Settings, automation: Automation) -> dg.EvaluateAutomationConditionsResult:
+    """One evaluation of the automation conditions, as the daemon's tick does."""
+    with warnings.catch_warnings():  # dagster 1.13.27 selects with its own beta parameter
+        warnings.filterwarnings("ignore", message="Parameter `include_sources`")
+        result = dg.evaluate_automation_conditions(
+            defs=build_definitions(settings), instance=automation.instance, cursor=automation.cursor
+        )
+    automation.cursor = result.cursor
+    return result
 
 
 def _node_blocks(node_rpc: Any) -> list[dict[str, Any]]:
@@ -170,6 +212,24 @@ def test_the_definitions_carry_each_chain_with_its_own_resource_and_partitions(
     primary = defs.resolve_assets_def(dg.AssetKey("blocks"))
     assert primary.node_def.name == "raw_chain" and "chain" in primary.required_resource_keys
     assert primary.partitions_def.name == "block_ranges"  # type: ignore[union-attr]
+    # devnet2 derives the primary's datasets from its own raw ones, with the same automation;
+    # the asset checks and what is derived from call traces stay the primary's
+    for name in (*PARTITIONED_DERIVED, *ROLLUPS):
+        mine, theirs = dg.AssetKey(["devnet2", name]), dg.AssetKey(name)
+        assert {tuple(p.path) for p in graph.get(mine).parent_keys} == {
+            ("devnet2", *p.path) for p in graph.get(theirs).parent_keys
+        }
+        assert str(graph.get(mine).automation_condition) == str(
+            graph.get(theirs).automation_condition
+        )
+        derived = defs.resolve_assets_def(mine)
+        assert derived.partitions_def == (
+            secondary.partitions_def if name in PARTITIONED_DERIVED else None
+        )
+        assert not list(derived.check_specs) and list(defs.resolve_assets_def(theirs).check_specs)
+    assert not {"devnet2/geth_calls", "devnet2/traced_native_transfers"} & {
+        key.to_user_string() for key in graph.get_all_asset_keys()
+    }
 
 
 @pytest.mark.parametrize(
@@ -363,9 +423,9 @@ def test_the_secondary_chain_follows_its_own_finalized_head(
         assert [k for r in requests for k in r.partition_keys or []] == expected
         # the ranges committed as devnet2.blocks ... are registered, not requested again
         assert _covered(result, expected) == expected[RANGES:]
-        devnet2_raw = [dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs")]
-        assert [list(r.asset_selection or []) for r in result.run_requests or []] == [
-            devnet2_raw
+        # its runs hold devnet2's raw datasets and its block-range datasets derived from them
+        assert [set(r.asset_selection or []) for r in result.run_requests or []] == [
+            DEVNET2_RANGE_ASSETS
         ] * len(result.run_requests or [])
         assert result.cursor == str(int(expected[-1][13:]))
 
@@ -434,9 +494,138 @@ def test_the_secondary_chain_repairs_its_own_gaps(
         assert isinstance(result, dg.SensorResult), result
         requests = result.run_requests or []
         assert [r.partition_key for r in requests] == expected[RANGES:] != []
-        devnet2_raw = [dg.AssetKey(["devnet2", n]) for n in ("blocks", "transactions", "logs")]
-        assert [list(r.asset_selection or []) for r in requests] == [devnet2_raw] * len(requests)
+        assert [set(r.asset_selection or []) for r in requests] == [DEVNET2_RANGE_ASSETS] * len(
+            requests
+        )
         assert all("devnet2.blocks: never committed" in r.tags[REASON_TAG] for r in requests)
         assert [r.tags[ATTEMPT_TAG] for r in requests] == ["1"] * len(requests)
     finally:
         assert devnet2.rpc("evm_revert", [snapshot])
+
+
+def _requested(tick: dg.EvaluateAutomationConditionsResult, path: list[str]) -> list[str]:
+    return sorted(str(k) for k in tick.get_requested_partitions(dg.AssetKey(path)))
+
+
+@pytest.fixture(scope="module")
+def two_chains_derived(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    automation: Automation,
+) -> dict[str, Any]:
+    """Both chains' derived datasets, materialised as the automation requests them: the
+    block-range ones once the raw ranges are committed, then the rollups (what each tick
+    requested is returned, by asset key)."""
+    settings, keys, results = two_chains
+    assert all(r.success for r in results.values())
+    chains = {
+        "": [raw_chain, *DERIVED_ASSETS],
+        "devnet2": [build_raw_chain(RawChain("devnet2")), *build_chain_derived("devnet2")],
+    }
+    assets = [a for group in chains.values() for a in group]
+    requested: dict[str, list[str]] = {}
+    resources = build_resources(settings)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRACE_CHAINS", settings.chains or "")
+        tick = _tick(settings, automation)
+        for prefix, group in chains.items():
+            paths = [[prefix, n] if prefix else [n] for n in PARTITIONED_DERIVED]
+            requested |= {"/".join(p): _requested(tick, p) for p in paths}
+            partitioned = [a for a in group[1:] if a.partitions_def is not None]
+            result = dg.materialize(
+                assets,
+                instance=automation.instance,
+                resources=resources,
+                selection=dg.AssetSelection.assets(*partitioned),
+                tags={
+                    ASSET_PARTITION_RANGE_START_TAG: keys[0],
+                    ASSET_PARTITION_RANGE_END_TAG: keys[-1],
+                },
+            )
+            assert result.success
+        tick = _tick(settings, automation)
+        rollups = [a for group in chains.values() for a in group[1:] if a.partitions_def is None]
+        requested |= {
+            a.key.to_user_string(): ["*"] for a in rollups if tick.get_num_requested(a.key)
+        }
+        result = dg.materialize(
+            assets,
+            instance=automation.instance,
+            resources=resources,
+            selection=dg.AssetSelection.assets(*rollups),
+        )
+        assert result.success
+    return requested
+
+
+def test_each_chain_derives_its_datasets_when_its_raw_ranges_commit(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    two_chains_derived: dict[str, Any],
+) -> None:
+    settings, keys, _ = two_chains
+    # the same automation (eager on new upstream data) requested both chains' datasets
+    for name in PARTITIONED_DERIVED:
+        assert two_chains_derived[name] == keys
+        assert two_chains_derived[f"devnet2/{name}"] == keys
+    for name in ROLLUPS:
+        assert two_chains_derived[name] == two_chains_derived[f"devnet2/{name}"] == ["*"]
+
+    versions = VersionStore(engine_for(settings.state_dsn)).read
+    by_chain: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for prefix, chain_id in (("", CHAIN_ID), ("devnet2.", DEVNET2_ID)):
+        raw = {n: _committed(settings, f"{prefix}{n}") for n in ("blocks", "transactions", "logs")}
+        rows = by_chain.setdefault(prefix, {})
+        for name in PARTITIONED_DERIVED:
+            decl = declarations()[name]
+            # the primary's transform over this chain's own committed raw tables
+            expected = getattr(transforms, name)(**{up: raw[up] for up in decl.upstream})
+            rows[name] = _sorted_rows(_committed(settings, f"{prefix}{name}"), decl)
+            assert rows[name] == _sorted_rows(expected, decl), f"{prefix}{name}"
+            assert {r["chain_id"] for r in rows[name]} == {chain_id}
+            current = versions.current_versions(f"{prefix}{name}")
+            assert sorted(current) == keys
+            for record in current.values():  # registry rows and object paths carry the chain
+                assert all(f.key.startswith(f"{prefix}{name}/") for f in record.manifest.files)
+        # the rollups fold in this chain's erc20_transfers only
+        transfers = _committed(settings, f"{prefix}erc20_transfers")
+        tags = {
+            k: f"{k}@v{r.version}"
+            for k, r in versions.current_versions(f"{prefix}erc20_transfers").items()
+        }
+        for name in ROLLUPS:
+            decl = declarations()[name]
+            expected = getattr(transforms, _ROLLUP_TRANSFORMS[name])(transfers, tags)
+            rows[name] = _sorted_rows(_committed(settings, f"{prefix}{name}"), decl)
+            assert rows[name] == _sorted_rows(expected, decl) != [], f"{prefix}{name}"
+    for name in (*PARTITIONED_DERIVED, *ROLLUPS):
+        if name != "contracts":  # the same deployments on both chains' genesis might agree
+            assert by_chain[""][name] != by_chain["devnet2."][name], name
+
+
+_ROLLUP_TRANSFORMS = {"token_daily_volume": "daily_volume", "token_holders": "token_holders"}
+
+
+def _sorted_rows(table: pa.Table, decl: Any) -> list[dict[str, Any]]:
+    table = table.select(decl.column_names).cast(arrow_schema(decl))
+    sortable = [
+        f.name for f in table.schema if not pa.types.is_list(f.type) and f.name != "value_f64"
+    ]
+    return table.sort_by([(c, "ascending") for c in sortable]).to_pylist()
+
+
+def test_each_chains_derived_datasets_are_read_only_as_itself(
+    two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
+    two_chains_derived: dict[str, Any],
+    chains_query: httpx.Client,
+) -> None:
+    settings, _, _ = two_chains
+    for chain, other, prefix, chain_id in (
+        ("monad", "devnet2", "", CHAIN_ID),
+        ("devnet2", "monad", "devnet2.", DEVNET2_ID),
+    ):
+        for name in (*PARTITIONED_DERIVED, *ROLLUPS):
+            rows = _committed(settings, f"{prefix}{name}").num_rows
+            sql = f"SELECT count(*), min(chain_id), max(chain_id) FROM {chain}.{name}"
+            assert _rows(_ask(chains_query, sql, [chain])) == [[rows, chain_id, chain_id]], sql
+            response = _ask(chains_query, sql, [other])
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "unknown_dataset"

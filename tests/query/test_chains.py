@@ -155,7 +155,8 @@ def test_an_unknown_chain_is_an_unknown_dataset(
         ("SELECT * FROM main.blocks", "main.blocks"),
         ("SELECT * FROM memory.monad.blocks", "memory.monad.blocks"),
         ("SELECT * FROM monad.org_acme__labels", "monad.org_acme__labels"),
-        ("SELECT * FROM devnet2.erc20_transfers", "devnet2.erc20_transfers"),
+        # derived from call traces: the primary's only
+        ("SELECT * FROM devnet2.traced_native_transfers", "devnet2.traced_native_transfers"),
     ]:
         error = _unknown(_query(chains_client, token, sql))
         assert error["message"] == unknown["message"].replace("no_such_dataset", name)
@@ -169,6 +170,9 @@ def test_the_catalogue_names_each_datasets_chain(
     chains = {d["name"]: d["chain"] for d in listed}
     assert chains["blocks"] == "monad" and chains["erc20_transfers"] == "monad"
     assert chains["devnet2.blocks"] == "devnet2"
+    # a secondary chain's derived datasets are public as the primary's; its traces are not its
+    assert chains["devnet2.erc20_transfers"] == chains["devnet2.token_holders"] == "devnet2"
+    assert not {"devnet2.geth_calls", "devnet2.traced_contracts"} & set(chains)
     assert chains["org_acme__labels"] is None
     detail = chains_client.get("/v1/datasets/devnet2.blocks", headers=bearer(token)).json()
     assert detail["chain"] == "devnet2" and detail["visibility"] == "public"

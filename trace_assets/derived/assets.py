@@ -7,10 +7,19 @@ Each declaration gives the asset its description, `dagster/column_schema`,
 Partitioned datasets read the committed upstream ranges of the run (any number at once, one
 run per backfill), transform them together, cut the result by range, evaluate the quality
 rules of every range and commit only when no blocking rule tripped (the circuit breaker).
+
+Every chain of TRACE_CHAINS derives the same datasets from its own raw ones (`DerivedChain`):
+the primary's are `DERIVED_ASSETS` (asset keys `erc20_transfers` ..., partitions
+`block_ranges`, as ever); another chain's (`build_chain_derived`) are [<chain>, <dataset>]
+over `block_ranges__<chain>`, read [<chain>, transactions] ..., and are committed as
+`<chain>.<dataset>`, with the same transforms, commit modes, gate and automation. Their blocking
+rules still stop a commit; the Dagster asset checks, and the datasets derived from call traces
+(`TRACE_DERIVED_ASSETS`), are the primary's.
 """
 
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -20,7 +29,7 @@ from dagster_shared.utils.warnings import BetaWarning
 
 from trace_assets.automation import on_new_data
 from trace_assets.derived import transforms
-from trace_assets.partitions import block_ranges
+from trace_assets.partitions import block_ranges, chain_partitions
 from trace_assets.quality import (
     QualityGateError,
     check_results,
@@ -29,6 +38,7 @@ from trace_assets.quality import (
     rule_check_specs,
 )
 from trace_resources.chain.schemas import TRACE_DATASETS
+from trace_resources.chains import SECONDARY_DERIVED_DATASETS
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -43,6 +53,8 @@ from trace_resources.storage.paths import UNPARTITIONED
 __all__ = [
     "DERIVED_ASSETS",
     "TRACE_DERIVED_ASSETS",
+    "DerivedChain",
+    "build_chain_derived",
     "needs_traces",
     "PARTITIONED_TRANSFORMS",
     "build_derived_asset",
@@ -73,6 +85,35 @@ PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
 }
 
 
+@dataclass(frozen=True)
+class DerivedChain:
+    """What one chain's derived assets are called and read: the primary's (`chain` None) names
+    are today's; another chain's carry its name (`trace_resources.chains`)."""
+
+    chain: str | None = None  # None: the primary chain
+
+    def dataset(self, name: str) -> str:
+        """The registry name of dataset `name` of this chain."""
+        return name if self.chain is None else f"{self.chain}.{name}"
+
+    def asset_key(self, name: str) -> dg.AssetKey:
+        return dg.AssetKey(name if self.chain is None else [self.chain, name])
+
+    @property
+    def partitions(self) -> dg.DynamicPartitionsDefinition:
+        return block_ranges if self.chain is None else chain_partitions(self.chain)
+
+    @property
+    def group(self) -> str:
+        return "derived" if self.chain is None else f"derived_{self.chain}"
+
+    def describe(self, description: str) -> str:
+        return description if self.chain is None else f"{description} (chain {self.chain})"
+
+
+PRIMARY = DerivedChain()
+
+
 def column_schema(decl: DatasetDeclaration) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[
@@ -87,19 +128,21 @@ def column_schema(decl: DatasetDeclaration) -> dg.TableSchema:
     )
 
 
-def column_lineage(decl: DatasetDeclaration) -> dg.TableColumnLineage:
+def column_lineage(
+    decl: DatasetDeclaration, chain: DerivedChain = PRIMARY
+) -> dg.TableColumnLineage:
     deps: dict[str, list[dg.TableColumnDep]] = {}
     for column in decl.column_names:
         deps[column] = [
             dg.TableColumnDep(
-                asset_key=dg.AssetKey(ref.split(".")[0]), column_name=ref.split(".")[1]
+                asset_key=chain.asset_key(ref.split(".")[0]), column_name=ref.split(".")[1]
             )
             for ref in decl.column_deps(column)
         ]
     return dg.TableColumnLineage(deps_by_column=deps)
 
 
-def dataset_metadata(decl: DatasetDeclaration) -> dict[str, Any]:
+def dataset_metadata(decl: DatasetDeclaration, chain: DerivedChain = PRIMARY) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "dagster/column_schema": column_schema(decl),
         COMMIT_MODE_METADATA: decl.commit_mode,
@@ -109,7 +152,9 @@ def dataset_metadata(decl: DatasetDeclaration) -> dict[str, Any]:
         ),
     }
     if decl.kind == "derived":
-        metadata["dagster/column_lineage"] = column_lineage(decl)
+        metadata["dagster/column_lineage"] = column_lineage(decl, chain)
+    if chain.chain is not None:
+        metadata["trace/chain"] = chain.chain
     return metadata
 
 
@@ -150,8 +195,31 @@ def _gated(
         raise _quality_failure(exc, outcomes) from exc
 
 
-def build_derived_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
-    """A block-range partitioned derived asset from its declaration and its transform."""
+def _gate_only(decl: DatasetDeclaration, tables: dict[str | None, pa.Table]) -> None:
+    """A secondary chain's circuit breaker: raise if a blocking rule tripped (it has no asset
+    checks to report the results on)."""
+    outcomes = evaluate_rules(decl, tables)
+    try:
+        gate(decl.name, outcomes)
+    except QualityGateError as exc:
+        raise _quality_failure(exc, outcomes) from exc
+
+
+def _checked(
+    decl: DatasetDeclaration, chain: DerivedChain, tables: dict[str | None, pa.Table]
+) -> Iterator[dg.AssetCheckResult]:
+    """The primary's check results and gate; another chain's gate alone."""
+    if chain.chain is None:
+        yield from _gated(decl, tables)
+    else:
+        _gate_only(decl, tables)
+
+
+def build_derived_asset(
+    decl: DatasetDeclaration, chain: DerivedChain = PRIMARY
+) -> dg.AssetsDefinition:
+    """A block-range partitioned derived asset of `chain` from its declaration and its
+    transform."""
     transform = PARTITIONED_TRANSFORMS[decl.name]
     schema = arrow_schema(decl)
 
@@ -159,24 +227,29 @@ def build_derived_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
     # is not); a single-run backfill is what lets one run transform many ranges at once.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BetaWarning)
-        return _decorate(decl, transform, schema)
+        return _decorate(decl, transform, schema, chain)
 
 
 def _decorate(
-    decl: DatasetDeclaration, transform: Callable[..., pa.Table], schema: pa.Schema
+    decl: DatasetDeclaration,
+    transform: Callable[..., pa.Table],
+    schema: pa.Schema,
+    chain: DerivedChain,
 ) -> dg.AssetsDefinition:
+    dataset = chain.dataset(decl.name)
+
     @dg.asset(
-        name=decl.name,
-        description=decl.description,
-        ins={up: dg.AssetIn(key=up) for up in decl.upstream},
-        partitions_def=block_ranges,
+        key=chain.asset_key(decl.name),
+        description=chain.describe(decl.description),
+        ins={up: dg.AssetIn(key=chain.asset_key(up)) for up in decl.upstream},
+        partitions_def=chain.partitions,
         backfill_policy=dg.BackfillPolicy.single_run(),
         io_manager_key="dataset_io_manager",
-        metadata=dataset_metadata(decl),
-        check_specs=rule_check_specs(decl),
+        metadata=dataset_metadata(decl, chain),
+        check_specs=rule_check_specs(decl) if chain.chain is None else None,
         owners=[decl.owner],
         automation_condition=on_new_data(),
-        group_name="derived",
+        group_name=chain.group,
         kinds={"parquet", "s3"},
     )
     def _derived(
@@ -188,12 +261,12 @@ def _decorate(
         derived = transform(**upstream).cast(schema)
         parts = transforms.split_by_range(derived, keys)
         tables: dict[str | None, pa.Table] = {k: t for k, t in parts.items()}
-        yield from _gated(decl, tables)
+        yield from _checked(decl, chain, tables)
         # committed here, so the output carries the committed content's data version: a range
         # re-derived identical (kept as it was) does not re-trigger alert evaluation
         with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
             staged = staging.stage(
-                decl.name, {k: PartitionData(t) for k, t in parts.items()}, mode=decl.commit_mode
+                dataset, {k: PartitionData(t) for k, t in parts.items()}, mode=decl.commit_mode
             )
             results = staging.commit(staged)
         yield versioned_output(
@@ -203,21 +276,22 @@ def _decorate(
     return _derived
 
 
-def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table | None:
-    """The new token_daily_volume table, or None when no erc20_transfers range changed.
+def rollup_update(
+    reader: DatasetReader, decl: DatasetDeclaration, chain: DerivedChain = PRIMARY
+) -> pa.Table | None:
+    """The new token_daily_volume table (of `chain`), or None when no erc20_transfers range
+    changed.
 
     Recomputes only the days touched by ranges committed (or re-committed) since the current
     rollup version was made, from every range that holds those days; other rows are kept.
     """
     schema = arrow_schema(decl)
     versions = reader.versions
-    upstream = decl.upstream[0]
+    name, upstream = chain.dataset(decl.name), chain.dataset(decl.upstream[0])
     current = versions.read.current_versions(upstream)
     tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
-    if decl.name in versions.retention.known_datasets() and versions.read.current_versions(
-        decl.name
-    ):
-        previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
+    if name in versions.retention.known_datasets() and versions.read.current_versions(name):
+        previous = reader.read(name, [UNPARTITIONED], schema=schema)
     else:
         previous = schema.empty_table()
     sources_by_day: dict[Any, set[str]] = {}
@@ -229,7 +303,7 @@ def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table |
     changed = sorted(k for k, tag in tags.items() if tag not in included)
     if not changed:
         return None
-    upstream_schema = arrow_schema(declarations()[upstream])
+    upstream_schema = arrow_schema(declarations()[decl.upstream[0]])
     stale_days = {
         day
         for day, sources in sources_by_day.items()
@@ -265,8 +339,10 @@ def rollup_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table |
     )
 
 
-def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table | None:
-    """The new token_holders table, or None when no erc20_transfers range changed.
+def holders_update(
+    reader: DatasetReader, decl: DatasetDeclaration, chain: DerivedChain = PRIMARY
+) -> pa.Table | None:
+    """The new token_holders table (of `chain`), or None when no erc20_transfers range changed.
 
     Recomputes only the tokens with transfers in ranges committed (or re-committed) since the
     current token_holders version was made, or in the superseded versions of those ranges,
@@ -274,14 +350,13 @@ def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table 
     re-committed range is read in its new version only, so its old contribution is replaced.
     """
     schema = arrow_schema(decl)
-    upstream = decl.upstream[0]
+    name, upstream = chain.dataset(decl.name), chain.dataset(decl.upstream[0])
     current = reader.versions.read.current_versions(upstream)
     tags = {key: f"{key}@v{record.version}" for key, record in current.items()}
-    if (
-        decl.name in reader.versions.retention.known_datasets()
-        and reader.versions.read.current_versions(decl.name)
+    if name in reader.versions.retention.known_datasets() and reader.versions.read.current_versions(
+        name
     ):
-        previous = reader.read(decl.name, [UNPARTITIONED], schema=schema)
+        previous = reader.read(name, [UNPARTITIONED], schema=schema)
     else:
         previous = schema.empty_table()
     sources_by_token: dict[bytes, set[str]] = {}
@@ -299,7 +374,7 @@ def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table 
         for token, sources in sources_by_token.items()
         if any(s.split("@")[0] in changed and s not in current_tags for s in sources)
     }
-    upstream_schema = arrow_schema(declarations()[upstream])
+    upstream_schema = arrow_schema(declarations()[decl.upstream[0]])
     with reader.pinned(upstream, changed) as records:
         fresh = reader.read_versions(records.values(), upstream_schema)
     affected = stale | set(pc.unique(fresh["token"]).to_pylist())
@@ -323,7 +398,9 @@ def holders_update(reader: DatasetReader, decl: DatasetDeclaration) -> pa.Table 
 
 
 # how each unpartitioned (rollup) dataset folds in the ranges committed since its last run
-ROLLUP_UPDATES: dict[str, Callable[[DatasetReader, DatasetDeclaration], pa.Table | None]] = {
+ROLLUP_UPDATES: dict[
+    str, Callable[[DatasetReader, DatasetDeclaration, DerivedChain], pa.Table | None]
+] = {
     "token_daily_volume": rollup_update,
     "token_holders": holders_update,
 }
@@ -333,16 +410,19 @@ def _day(days_since_epoch: int) -> Any:
     return pa.scalar(int(days_since_epoch), pa.int32()).cast(pa.date32()).as_py()
 
 
-def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
+def build_rollup_asset(
+    decl: DatasetDeclaration, chain: DerivedChain = PRIMARY
+) -> dg.AssetsDefinition:
     update = ROLLUP_UPDATES[decl.name]
+    primary = chain.chain is None
 
     @dg.asset(
-        name=decl.name,
-        description=decl.description,
-        deps=decl.upstream,
+        key=chain.asset_key(decl.name),
+        description=chain.describe(decl.description),
+        deps=[chain.asset_key(up) for up in decl.upstream],
         io_manager_key="dataset_io_manager",
-        metadata=dataset_metadata(decl),
-        check_specs=rule_check_specs(decl),
+        metadata=dataset_metadata(decl, chain),
+        check_specs=rule_check_specs(decl) if primary else None,
         owners=[decl.owner],
         # catch-up by design: whatever changed upstream since the last run is folded in
         automation_condition=(
@@ -350,7 +430,7 @@ def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
             & ~dg.AutomationCondition.in_progress()
         ),
         output_required=False,
-        group_name="derived",
+        group_name=chain.group,
         kinds={"parquet", "s3"},
     )
     def _rollup(
@@ -358,13 +438,16 @@ def build_rollup_asset(decl: DatasetDeclaration) -> dg.AssetsDefinition:
     ) -> Iterator[Any]:
         reader = state.reader(objects)
         with as_dagster_failure():
-            table = update(reader, decl)
+            table = update(reader, decl, chain)
         if table is None:
-            context.log.info(f"no {decl.upstream[0]} range changed since the last {decl.name}")
-            # nothing committed: the checks report on the version that stands
-            yield from _unchanged_checks(decl, reader)
+            context.log.info(
+                f"no {chain.dataset(decl.upstream[0])} range changed since the last "
+                f"{chain.dataset(decl.name)}"
+            )
+            if primary:  # nothing committed: the checks report on the version that stands
+                yield from _unchanged_checks(decl, reader)
             return
-        yield from _gated(decl, {None: table})
+        yield from _checked(decl, chain, {None: table})
         yield dg.Output(table, metadata={"dagster/row_count": table.num_rows})
 
     return _rollup
@@ -405,16 +488,32 @@ def needs_traces(decl: DatasetDeclaration) -> bool:
     return False
 
 
+def _build(decl: DatasetDeclaration, chain: DerivedChain) -> dg.AssetsDefinition:
+    if decl.partitioning == "block_range":
+        return build_derived_asset(decl, chain)
+    return build_rollup_asset(decl, chain)
+
+
 def _build_all(traced: bool) -> list[dg.AssetsDefinition]:
-    assets = []
-    for decl in declarations().values():
-        if decl.kind != "derived" or needs_traces(decl) != traced:
-            continue
-        if decl.partitioning == "block_range":
-            assets.append(build_derived_asset(decl))
-        else:
-            assets.append(build_rollup_asset(decl))
-    return assets
+    return [
+        _build(decl, PRIMARY)
+        for decl in declarations().values()
+        if decl.kind == "derived" and needs_traces(decl) == traced
+    ]
+
+
+def build_chain_derived(chain: str) -> list[dg.AssetsDefinition]:
+    """The derived assets of another chain of TRACE_CHAINS (`SECONDARY_DERIVED_DATASETS`):
+    the primary's transforms and declarations over that chain's own raw datasets."""
+    known = declarations()
+    decls = [known[name] for name in SECONDARY_DERIVED_DATASETS]
+    traced = [d.name for d in decls if d.kind != "derived" or needs_traces(d)]
+    if traced:  # the two lists disagree: a change to the declarations must say which it is
+        raise ValueError(
+            f"SECONDARY_DERIVED_DATASETS lists {', '.join(traced)}, which a secondary chain "
+            "cannot derive (not derived, or derived from call traces): remove them there"
+        )
+    return [_build(decl, DerivedChain(chain)) for decl in decls]
 
 
 # The derived datasets every endpoint can feed (blocks, transactions and logs); every range

@@ -36,7 +36,7 @@ from trace_assets.checks import (
     raw_check_specs,
 )
 from trace_assets.head.agreement import HeadAgreement, compare_with_head
-from trace_assets.partitions import block_ranges
+from trace_assets.partitions import block_ranges, chain_partitions
 from trace_assets.raw.boundary_repair import BoundaryRepair
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
@@ -85,11 +85,6 @@ class RawChain:
     @property
     def partitions(self) -> dg.DynamicPartitionsDefinition:
         return block_ranges if self.chain is None else chain_partitions(self.chain)
-
-
-def chain_partitions(chain: str) -> dg.DynamicPartitionsDefinition:
-    """The block ranges of a secondary chain (`block_ranges__<chain>`)."""
-    return dg.DynamicPartitionsDefinition(name=f"block_ranges__{chain}")
 
 
 PRIMARY = RawChain()

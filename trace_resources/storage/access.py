@@ -23,8 +23,8 @@ task token, to the listed partitions of a dataset (`ReadableDataset.partitions`)
 token to the datasets of its listed chains (`Principal.chains`).
 
 Chains (`trace_resources.chains`). The primary chain's datasets have plain names; a secondary
-chain's are `<chain>.<dataset>`, and its raw datasets (`SECONDARY_DATASETS`) are public when the
-primary's are. A name qualified by a chain that is not configured is no dataset. An
+chain's are `<chain>.<dataset>`, and its datasets (`SECONDARY_DATASETS`: raw and derived) are
+public when the primary's are. A name qualified by a chain that is not configured is no dataset. An
 organisation's own datasets belong to no chain, so a token limited to chains still reads them.
 
 A dataset a caller may not read is absent from the answer, exactly like one that does not
@@ -185,7 +185,7 @@ def _may_name(principal: Principal | None, name: str, chains: ChainNames) -> boo
 
 
 def _public_by_chain(declared: dict[str, str], chains: ChainNames) -> dict[str, str]:
-    """The declared public datasets, and each secondary chain's raw datasets among them."""
+    """The declared public datasets, and each secondary chain's datasets among them."""
     public = dict(declared)
     for chain in chains.secondaries:
         for dataset in SECONDARY_DATASETS:
