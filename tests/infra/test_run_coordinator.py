@@ -102,10 +102,10 @@ def test_backfill_interval_is_set_from_the_config(
     monkeypatch.setattr(controller, "DEFAULT_DAEMON_INTERVAL_SECONDS", 30)  # restored after
     deployed = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
     config = deployed["run_coordinator"]
-    assert config["config"]["backfill_interval_seconds"] == 2
+    assert config["config"]["backfill_interval_seconds"] == 1
     (tmp_path / "dagster.yaml").write_text(
         yaml.safe_dump({"run_coordinator": config, "telemetry": {"enabled": False}})
     )
     with dg.DagsterInstance.from_config(str(tmp_path)) as inst:
         assert isinstance(inst.run_coordinator, TraceRunCoordinator)
-    assert controller.DEFAULT_DAEMON_INTERVAL_SECONDS == 2
+    assert controller.DEFAULT_DAEMON_INTERVAL_SECONDS == 1
