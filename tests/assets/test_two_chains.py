@@ -354,16 +354,22 @@ def test_a_chains_finality_decides_its_finalized_head(
     devnet2_config = settings.chain_configs()[1]
     latest = int(devnet2.rpc("eth_blockNumber"), 16)
     tagged = int(devnet2.rpc("eth_getBlockByNumber", ["finalized", False])["number"], 16)
-    heads = {}
-    for finality in ("finalized", 10):
+    safe = int(devnet2.rpc("eth_getBlockByNumber", ["safe", False])["number"], 16)
+    heads, followed = {}, {}
+    for finality in ("finalized", "safe", 10):
         config = devnet2_config.model_copy(update={"finality": finality})
         client = ChainResource.from_settings(settings, config).client()
         try:
             heads[finality] = client.head()
+            followed[finality] = client.heads()  # what the head follower reads
         finally:
             client.close()
-    assert heads["finalized"].finalized == tagged < latest - 10
+    assert heads["finalized"].finalized == tagged < safe < latest - 10
+    assert heads["safe"].finalized == safe
     assert heads[10].finalized == latest - 10 and heads[10].chain_id == DEVNET2_ID
+    assert {f: h.finalized for f, h in followed.items()} == {
+        f: h.finalized for f, h in heads.items()
+    }
     # `trace partitions sync` adds each chain's ranges to its own partitions
     instance = dg.DagsterInstance.ephemeral()
     _sync_chain(instance, settings, devnet2_config)

@@ -199,12 +199,14 @@ class ChainClient:
         latest, safe, finalized = self.rpc.batch(
             "eth_getBlockByNumber", [["latest", False], ["safe", False], ["finalized", False]]
         )
-        return ChainHead(
-            chain_id=self.chain_id,
-            latest=int(latest["number"], 16),
-            finalized=int(finalized["number"], 16),
-            safe=int(safe["number"], 16) if safe else None,
-        )
+        head = int(latest["number"], 16)
+        safe_number = int(safe["number"], 16) if safe else None
+        final = int(finalized["number"], 16)
+        if self.finality == "safe" and safe_number is not None:  # the chain's finality
+            final = safe_number
+        elif isinstance(self.finality, int):
+            final = max(head - self.finality, -1)
+        return ChainHead(chain_id=self.chain_id, latest=head, finalized=final, safe=safe_number)
 
     def block_ref(self, number: int) -> tuple[BlockRef, int] | None:
         """(number, hash, parent hash) and timestamp of one block, or None if the node lacks it."""
