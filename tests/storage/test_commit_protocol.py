@@ -116,3 +116,32 @@ def test_incompatible_schema_is_refused_naming_columns(
     added = table(2).append_column("extra", pa.array([None, None], pa.string()))
     result = writer.write("blocks", KEY, PartitionData(added))
     assert result.schema_version == 2 and result.drift and result.drift["added"] == ["extra"]
+
+
+def test_what_commits_with_a_batch_is_in_its_transaction(
+    objects: ObjectStoreResource, state: StateStoreResource
+) -> None:
+    """`commit_together(within=...)` writes in the batch's own transaction: if it fails, the
+    batch commits nothing; if it succeeds, it sees the batch's results (a quarantine record of
+    the versions a replacement supersedes is written this way)."""
+    import sqlalchemy as sa
+
+    writer = state.writer(objects)
+    key = "000000000100-000000000149"
+    first = writer.write("blocks", key, PartitionData(table(10, 100)))
+    staged = [stage_one(writer, "blocks", key, PartitionData(table(8, 100)))]
+
+    def fails(conn: sa.Connection, results: list) -> None:
+        raise RuntimeError("the record could not be written")
+
+    with pytest.raises(RuntimeError, match="could not be written"):
+        writer.commit_together(staged, within=fails)
+    assert state.reader(objects).resolve("blocks")[key].version == first.version.version
+
+    seen: list[int] = []
+    retried = [stage_one(writer, "blocks", key, PartitionData(table(8, 100)))]
+    [result] = writer.commit_together(
+        retried, within=lambda conn, results: seen.extend(r.version.version for r in results)
+    )
+    assert seen == [result.version.version] == [first.version.version + 1]
+    assert state.reader(objects).read("blocks", [key]).num_rows == 8

@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import sqlalchemy as sa
+
 from trace_resources.chain.boundary import Side, judge_boundary
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import parse_partition_key
@@ -35,7 +37,7 @@ from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.errors import ChainContinuityError, RangeIncompleteError
 from trace_resources.resources import StateStoreResource
 from trace_resources.storage.quarantine import QuarantineRecord
-from trace_resources.storage.records import BatchNotCommitted, CommitResult
+from trace_resources.storage.records import BatchNotCommitted, CommitHook, CommitResult
 
 __all__ = ["BoundaryRepair"]
 
@@ -73,7 +75,7 @@ class BoundaryRepair:
         self,
         commit: Callable[[], list[CommitResult]],
         data: RangeData,
-        recommit: Callable[[RangeData], dict[str, CommitResult]],
+        recommit: Callable[[RangeData, CommitHook], dict[str, CommitResult]],
     ) -> list[CommitResult]:
         """`commit()` (stage and commit) the range `data`, unless it repeats a quarantined
         version's blocks; on a disagreement with a committed neighbour, judge it, `recommit` a
@@ -147,7 +149,7 @@ class BoundaryRepair:
         data: RangeData,
         boundary: _Boundary,
         error: ChainContinuityError,
-        recommit: Callable[[RangeData], dict[str, CommitResult]],
+        recommit: Callable[[RangeData, CommitHook], dict[str, CommitResult]],
     ) -> None:
         checks = self.client.node_checks()
         order = self._judges()
@@ -195,25 +197,31 @@ class BoundaryRepair:
             name: read.current_versions(prefix + name, [boundary.key]) for name in RAW_DATASETS
         }
         wrong = {name: v[boundary.key] for name, v in current.items() if boundary.key in v}
-        replaced = recommit(repaired)
         side = "before" if boundary.committed == "after" else "after"
         detail = f"the range {block_range.key} {side} it did not link to it, and {verdict.detail}"
-        records = [
-            QuarantineRecord(
-                dataset=prefix + name,
-                partition_key=boundary.key,
-                version=version.version,
-                replaced_by=replaced[name].version.version,
-                check="boundary_hash",
-                block=verdict.number,
-                endpoint=(version.manifest.source or {}).get("endpoint"),
-                detail=detail,
-                source=version.manifest.source,
-            )
-            for name, version in wrong.items()
-            if replaced[name].version.version != version.version
-        ]
-        self.state.versions().quarantine.record(records)
+        records: list[QuarantineRecord] = []
+
+        def quarantine(conn: sa.Connection, results: list[CommitResult]) -> None:
+            """In the replacement's own transaction: the wrong versions it supersedes."""
+            replaced = dict(zip(RAW_DATASETS, results, strict=True))
+            records[:] = [
+                QuarantineRecord(
+                    dataset=prefix + name,
+                    partition_key=boundary.key,
+                    version=version.version,
+                    replaced_by=replaced[name].version.version,
+                    check="boundary_hash",
+                    block=verdict.number,
+                    endpoint=(version.manifest.source or {}).get("endpoint"),
+                    detail=detail,
+                    source=version.manifest.source,
+                )
+                for name, version in wrong.items()
+                if replaced[name].version.version != version.version
+            ]
+            self.state.versions().quarantine.record(records, conn)
+
+        recommit(repaired, quarantine)
         with self._lock:
             self.quarantined.extend(records)
         for record in records:

@@ -53,7 +53,7 @@ from trace_resources.storage.io_manager import (
     data_version_tags,
     versioned_output,
 )
-from trace_resources.storage.records import CommitResult
+from trace_resources.storage.records import CommitHook, CommitResult
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS", "RawChain", "build_raw_chain", "chain_partitions"]
 
@@ -112,6 +112,7 @@ def _stage_range(
     evaluated: dict[str, dict[str, EvaluatedRange]] | None = None,
     repair: BoundaryRepair | None = None,
     raw: RawChain = PRIMARY,
+    within: CommitHook | None = None,
 ) -> dict[str, CommitResult]:
     """Stage the three datasets of one verified range (of `raw`'s chain), each under its own
     new attempt, and commit them in one transaction.
@@ -137,13 +138,17 @@ def _stage_range(
 
         def stage_and_commit() -> list[CommitResult]:
             futures = {name: pool.submit(stage, name) for name in RAW_DATASETS}
-            return staging.commit_together([futures[name].result() for name in RAW_DATASETS])
+            return staging.commit_together(
+                [futures[name].result() for name in RAW_DATASETS], within
+            )
 
         if repair is None:
             committed = stage_and_commit()
         else:  # a disagreement with the previous committed range: the wrong one is replaced
             committed = repair.commit(
-                stage_and_commit, data, lambda previous: _stage_range(staging, previous, raw=raw)
+                stage_and_commit,
+                data,
+                lambda previous, hook: _stage_range(staging, previous, raw=raw, within=hook),
             )
         results = dict(zip(RAW_DATASETS, committed, strict=True))
         if evaluated is not None:

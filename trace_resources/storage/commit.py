@@ -36,6 +36,7 @@ from trace_resources.storage.records import (
     Attempt,
     BatchItem,
     BatchNotCommitted,
+    CommitHook,
     CommitMode,
     CommitResult,
     FileEntry,
@@ -287,21 +288,28 @@ class DatasetWriter:
         return {s.attempt.partition_key: r for s, r in zip(ordered, results, strict=True)}
 
     def commit_together(
-        self, staged: Sequence[StagedPartition], *, commit_key: str | None = None
+        self,
+        staged: Sequence[StagedPartition],
+        *,
+        commit_key: str | None = None,
+        within: CommitHook | None = None,
     ) -> list[CommitResult]:
         """Commit staged partitions of several datasets in ONE transaction, all or nothing
         (a block's segment of every head dataset, a range of every raw dataset). A refusal of
         any of them raises `BatchNotCommitted` (its cause: the refusal) and fails every
         attempt; an unknown outcome is retried by the same attempt ids. With `commit_key`, a
         partition that writer already committed keeps that version (`already_committed`).
-        Results in the order given."""
+        `within` writes what commits with them, in their transaction (`commit_many`). Results
+        in the order given."""
         attempts = [s.attempt for s in staged]
         try:
             mode = _one_mode(attempts)
             items = [s.batch_item() for s in staged]
             results = self._retrying(
                 f"commit of {len(items)} attempts together",
-                lambda: self.versions.commits.commit_many(items, mode=mode, commit_key=commit_key),
+                lambda: self.versions.commits.commit_many(
+                    items, mode=mode, commit_key=commit_key, within=within
+                ),
             )
         except BaseException as exc:
             self._give_up(attempts, exc)

@@ -40,6 +40,7 @@ from trace_resources.storage.records import (
     Attempt,
     BatchItem,
     BatchNotCommitted,
+    CommitHook,
     CommitMode,
     CommitResult,
     CompactionPlan,
@@ -99,8 +100,12 @@ class FencedCommits:
         *,
         mode: CommitMode = "replace",
         commit_key: str | None = None,
+        within: CommitHook | None = None,
     ) -> list[CommitResult]:
         """Commit many staged attempts in ONE transaction, each exactly as `commit` would.
+
+        `within(conn, results)` (results in the order given) writes what must commit with them,
+        in the same transaction (a quarantine record of the versions they replace).
 
         Every attempt goes through the same steps as a single commit (its attempt row and fence
         row locked, commit key, fence, schema registry, continuity, version, pointer, its own
@@ -128,6 +133,8 @@ class FencedCommits:
                     if isinstance(outcome, CommitError):
                         raise BatchNotCommitted(str(outcome)) from outcome
                     results[item.attempt.attempt_id] = outcome
+                if within is not None:
+                    within(conn, [results[i.attempt.attempt_id] for i in items])
         except (CommitError, ChainContinuityError) as exc:
             if isinstance(exc, BatchNotCommitted):
                 raise

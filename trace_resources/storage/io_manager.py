@@ -61,6 +61,7 @@ from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
 from trace_resources.storage.records import (
     Attempt,
+    CommitHook,
     CommitMode,
     CommitResult,
     FileEntry,
@@ -171,10 +172,15 @@ class Staging:
         )
         return {k: CommitResult(r, True, r.schema_version, None) for k, r in records.items()}
 
-    def commit_together(self, staged: Sequence[StagedPartition]) -> list[CommitResult]:
+    def commit_together(
+        self,
+        staged: Sequence[StagedPartition],
+        within: CommitHook | None = None,
+    ) -> list[CommitResult]:
         """Commit staged partitions (of several datasets) in one transaction, all or nothing,
-        under the step's commit key; they are no longer this block's to fail."""
-        results = self._writer.commit_together(staged, commit_key=self.commit_key)
+        under the step's commit key (with what `within` writes in it); they are no longer this
+        block's to fail."""
+        results = self._writer.commit_together(staged, commit_key=self.commit_key, within=within)
         done = {s.attempt.attempt_id for s in staged}
         with self._lock:
             self.staged = [s for s in self.staged if s.attempt.attempt_id not in done]

@@ -79,8 +79,11 @@ class Quarantine:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def record(self, records: Sequence[QuarantineRecord]) -> None:
-        """Record `records` (again: nothing changes; a version is quarantined once)."""
+    def record(
+        self, records: Sequence[QuarantineRecord], conn: sa.Connection | None = None
+    ) -> None:
+        """Record `records` (again: nothing changes; a version is quarantined once), in the
+        transaction of `conn` if given (the replacement's commit)."""
         if not records:
             return
         rows = [
@@ -97,8 +100,12 @@ class Quarantine:
             }
             for r in records
         ]
-        with self.engine.begin() as conn:
-            conn.execute(pg_insert(quarantine).values(rows).on_conflict_do_nothing())
+        insert = pg_insert(quarantine).values(rows).on_conflict_do_nothing()
+        if conn is not None:
+            conn.execute(insert)
+            return
+        with self.engine.begin() as own:
+            own.execute(insert)
 
     def listed(
         self, datasets: Sequence[str] | None = None, partition_key: str | None = None

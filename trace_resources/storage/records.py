@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -19,6 +19,7 @@ from trace_resources.errors import CommitError
 
 __all__ = [
     "COMMITTED_EVENT",
+    "CommitHook",
     "Attempt",
     "AttemptRow",
     "BatchItem",
@@ -211,6 +212,11 @@ class CommitResult:
     # rows, schema, source): recorded on the attempt as 'unchanged', `version` is the one kept
     # (no new version, no outbox event)
     unchanged: bool = False
+
+
+# what must commit with a batch of attempts, written in their transaction: (the connection,
+# their results in the order given) -> None (`FencedCommits.commit_many(within=...)`)
+CommitHook = Callable[[sa.Connection, list[CommitResult]], None]
 
 
 @dataclass(frozen=True)
