@@ -15,10 +15,12 @@ import pytest
 from tests.utils.invariants import InvariantReport, table_of, visible_ids
 from trace_assets.definitions import build_definitions
 from trace_assets.retention import build_retention_schedule, retention_gc_job
+from trace_resources import auto_gc
 from trace_resources.registry import DATASETS_DIR, DeclarationError, load_declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
 from trace_resources.storage.commit import DatasetReader, PartitionData
+from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.version_store import VersionStore
 
@@ -95,6 +97,28 @@ def test_schedule_job_removes_beyond_the_policy_never_current_or_pinned(
         assert [v["version"] for v in versions.read.version_history("blocks", A)] == [3, 2]
         assert len(versions.read.version_history("logs", A)) == 2
     invariants()
+
+
+def test_apply_removes_only_the_reviewed_plan_when_versions_land_in_between(
+    tmp_path: Path,
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    store: ObjectStore,
+    versions: VersionStore,
+) -> None:
+    declared, _ = declarations_with(tmp_path, "blocks", POLICY)
+    decls = load_declarations(declared.parent)
+    collector = GarbageCollector(store, versions)
+    with state.writer(objects) as writer:
+        for n in range(2):
+            writer.write("blocks", A, PartitionData(table_of([n])))
+        planned = auto_gc.plan(collector, decls)
+        assert [p.report.planned for p in planned] == [[("blocks", A, 1)]]
+        writer.write("blocks", A, PartitionData(table_of([2])))  # v2 now beyond the policy too
+    done = auto_gc.apply_plan(collector, planned)
+    assert [p.report.planned for p in done] == [[("blocks", A, 1)]]
+    assert [v["version"] for v in versions.read.version_history("blocks", A)] == [3, 2]
+    assert [p.report.planned for p in auto_gc.plan(collector, decls)] == [[("blocks", A, 2)]]
 
 
 def test_a_bad_policy_is_refused_naming_file_line_and_field(tmp_path: Path) -> None:
