@@ -16,6 +16,7 @@ from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain, build_raw_chain, raw_chain
 from trace_assets.raw.traces import geth_calls
+from trace_assets.retention import build_retention_schedule, retention_gc_job
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.chain.schemas import RAW_DATASETS
@@ -145,7 +146,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             *load_enrichment_specs(settings.state_dsn),  # the uploads they may join
         ],
         asset_checks=[*DATASET_CHECKS, head_freshness_checks],
-        jobs=[raw_backfill_job],
+        jobs=[raw_backfill_job, retention_gc_job],
+        # automatic GC under the declared retention policies (trace_assets/retention.py)
+        schedules=[build_retention_schedule(settings.sensors_running)],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
             build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),

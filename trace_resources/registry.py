@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -37,8 +38,10 @@ __all__ = [
     "DEFAULT_OWNER",
     "DatasetDeclaration",
     "DeclarationError",
+    "RetentionPolicy",
     "Rule",
     "arrow_schema",
+    "parse_duration",
     "catalogue",
     "declarations",
     "load_declarations",
@@ -189,6 +192,44 @@ Rule = Annotated[
 ]
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `30m`, `12h`, `7d` (or plain seconds) as a timedelta; ValueError says how to fix."""
+    value = text.strip()
+    try:
+        if value and value[-1] in _DURATION_UNITS:
+            seconds = float(value[:-1]) * _DURATION_UNITS[value[-1]]
+        else:
+            seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 90s, 30m, 12h or 7d") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} is not a finite duration of at least 0s; use e.g. 30d")
+    return timedelta(seconds=seconds)
+
+
+class RetentionPolicy(_Strict):
+    """Which superseded versions the retention schedule removes: those beyond the newest
+    `keep_last` of their partition (the current one included) AND superseded more than
+    `older_than` ago. Never a current version, one a reader pinned, or a live attempt's files."""
+
+    keep_last: int = Field(ge=1, description="versions kept per partition, the current included")
+    older_than: timedelta = Field(
+        description="remove only versions superseded longer ago than this, e.g. 30d, 12h"
+    )
+
+    @field_validator("older_than", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"{value!r} is not a duration; use e.g. 90s, 30m, 12h or 7d")
+        return parse_duration(str(value))
+
+
 class DatasetDeclaration(_Strict):
     format_version: Literal[1] = Field(description="version of the declaration format")
     name: Annotated[str, Field(pattern=_NAME)]
@@ -217,6 +258,11 @@ class DatasetDeclaration(_Strict):
         default=True,
         description="served by the query service to every organisation (false: internal to "
         "the platform)",
+    )
+    retention: RetentionPolicy | None = Field(
+        default=None,
+        description="automatic GC of superseded versions (`retention_gc_schedule`, `trace gc "
+        "--policy`); without it every version is kept",
     )
     # where it came from, for error messages (not part of the YAML)
     source_file: str = Field(default="", exclude=True)

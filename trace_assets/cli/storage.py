@@ -222,13 +222,40 @@ def cmd_compact(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_gc(settings: Settings, args: argparse.Namespace) -> int:
     from trace_resources.storage.gc import GcPolicy
 
-    policy = GcPolicy(keep_last=args.keep_last, older_than=args.older_than)
+    if args.policy:
+        return _gc_by_policy(settings, args)
+    policy = GcPolicy(
+        keep_last=2 if args.keep_last is None else args.keep_last,
+        older_than=timedelta(days=1) if args.older_than is None else args.older_than,
+    )
     collector = garbage_collector(settings)
     check_datasets(args.dataset, collector.versions)
     names = collector.datasets(args.dataset or None)
     with progress("gc", len(names)) as bar:
         report = collector.collect(policy, apply=args.apply, datasets=names, progress=bar.advance)
     for line in report.lines():
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def _gc_by_policy(settings: Settings, args: argparse.Namespace) -> int:
+    """`trace gc --policy`: each dataset under its declared retention policy, as the
+    `retention_gc_schedule` applies it (the same plan, then the same removal)."""
+    from trace_resources import auto_gc
+    from trace_resources.registry import load_declarations
+
+    if args.keep_last is not None or args.older_than is not None:
+        raise CliError(
+            "--policy applies each dataset's declared `retention:`; drop --keep-last and "
+            "--older-than (or drop --policy to give one policy for all datasets)"
+        )
+    collector = garbage_collector(settings)
+    check_datasets(args.dataset, collector.versions)
+    decls = load_declarations(args.declarations) if args.declarations else None
+    plans = auto_gc.plan(collector, decls, datasets=args.dataset or None)
+    if args.apply:
+        plans = auto_gc.apply_plan(collector, plans)
+    for line in auto_gc.lines(plans):
         sys.stdout.write(line + "\n")
     return 0
 
@@ -271,16 +298,28 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gc.add_argument(
         "--keep-last",
         type=_positive,
-        default=2,
+        default=None,
         metavar="N",
         help="versions kept per partition, the current one included (default 2)",
     )
     gc.add_argument(
         "--older-than",
         type=_duration,
-        default=timedelta(days=1),
+        default=None,
         metavar="AGE",
         help="remove only versions superseded more than AGE ago, e.g. 12h, 7d (default 1d)",
+    )
+    gc.add_argument(
+        "--policy",
+        action="store_true",
+        help="use each dataset's declared `retention:` policy instead (what the daily "
+        "retention_gc_schedule applies); datasets without one are kept whole",
+    )
+    gc.add_argument(
+        "--declarations",
+        metavar="DIR",
+        help="with --policy: read the policies from the declarations (*.yaml) in DIR, e.g. to "
+        "see what a policy change would remove before shipping it (default: the shipped ones)",
     )
     gc.add_argument("--dataset", action="append", help="only this dataset (repeatable)")
     gc.set_defaults(func=cmd_gc)

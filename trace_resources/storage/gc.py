@@ -23,7 +23,7 @@ period) are the models; the logic is here, the SQL in `retention.py`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -62,6 +62,11 @@ class GcReport:
     @property
     def bytes(self) -> int:
         return sum(v.bytes for v in self.versions)
+
+    @property
+    def planned(self) -> list[tuple[str, str, int]]:
+        """(dataset, partition, version) of the versions removed (or to remove)."""
+        return [(v.dataset, v.partition_key, v.version) for v in self.versions]
 
     def lines(self) -> Iterator[str]:
         verb = "removed" if self.applied else "would remove"
@@ -146,8 +151,11 @@ class GarbageCollector:
         apply: bool = False,
         datasets: Sequence[str] | None = None,
         progress: Callable[[str], None] | None = None,
+        only: Collection[tuple[str, str, int]] | None = None,
     ) -> GcReport:
-        """`progress(dataset)` is called after each dataset (the CLI's progress bar)."""
+        """`progress(dataset)` is called after each dataset (the CLI's progress bar). `only`
+        ((dataset, partition, version) triples, e.g. a dry run's `GcReport.planned`) limits
+        the removal to those versions: what was reviewed is an upper bound of what goes."""
         names = self.datasets(datasets)
         removed: list[RemovedVersion] = []
         for name in names:
@@ -156,6 +164,7 @@ class GarbageCollector:
                 keep_last=policy.keep_last,
                 older_than_s=policy.older_than.total_seconds(),
                 apply=apply,
+                only=None if only is None else [(p, v) for d, p, v in only if d == name],
             )
             if progress is not None:
                 progress(name)

@@ -7,7 +7,7 @@ The order of GC's steps (choose, remove, delete objects) lives in `gc.py`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,7 +72,13 @@ class Retention:
             return sorted(names)
 
     def remove_versions(
-        self, dataset: str, *, keep_last: int, older_than_s: float, apply: bool
+        self,
+        dataset: str,
+        *,
+        keep_last: int,
+        older_than_s: float,
+        apply: bool,
+        only: Collection[tuple[str, int]] | None = None,
     ) -> list[RemovedVersion]:
         """Superseded versions to remove under the policy, and the files only they reference.
 
@@ -81,13 +87,17 @@ class Retention:
         With `apply`, one transaction holding the dataset's GC lock (so no reader pins a
         version while it is chosen) deletes the version rows and their commit keys and queues
         the files for deletion (`trace_gc_queue`); the caller deletes the objects afterwards.
-        Without `apply` nothing changes.
+        Without `apply` nothing changes. `only` ((partition, version) pairs, e.g. a dry run's
+        plan) narrows the choice further: nothing outside it is removed.
         """
         keep_last = max(keep_last, 1)
         with self.engine.begin() as conn:
             if apply:
                 gc_lock(conn, dataset, shared=False)
             chosen = conn.execute(self._removable_query(dataset, keep_last, older_than_s)).all()
+            if only is not None:
+                allowed = set(only)
+                chosen = [r for r in chosen if (r.partition_key, r.version) in allowed]
             if not chosen:
                 return []
             partitions = sorted({r.partition_key for r in chosen})
