@@ -14,7 +14,6 @@ import re
 import secrets
 import tomllib
 from base64 import b64encode
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import dagster as dg
 import kubernetes
 import pytest
 import yaml
-from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_pipes import (
     DAGSTER_PIPES_CONTEXT_ENV_VAR,
     DAGSTER_PIPES_MESSAGES_ENV_VAR,
@@ -31,6 +29,7 @@ from dagster_pipes import (
 )
 from kubernetes.utils import parse_quantity
 
+from tests.deploy.manifests import KINDS, as_model, manifests
 from tests.udf.test_python_udfs import MODULE, UDF, YAML
 from trace_assets.udf_python import _extras, _task_token, pod_launch
 from trace_resources.registry import arrow_schema
@@ -53,30 +52,7 @@ from trace_resources.udfs.python import BASE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "infra" / "deploy" / "k8s"
-KINDS = {
-    "Namespace": kubernetes.client.V1Namespace,
-    "ConfigMap": kubernetes.client.V1ConfigMap,
-    "NetworkPolicy": kubernetes.client.V1NetworkPolicy,
-    "ServiceAccount": kubernetes.client.V1ServiceAccount,
-    "Role": kubernetes.client.V1Role,
-    "RoleBinding": kubernetes.client.V1RoleBinding,
-}
 PARTITION = "0-99"
-
-
-def as_model(model: type, doc: dict[str, Any]) -> Any:
-    """A manifest as a kubernetes model; an unknown field anywhere raises."""
-    return k8s_model_from_dict(model, k8s_snake_case_dict(model, doc))
-
-
-def manifests() -> Iterator[tuple[str, Any]]:
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is None:
-                continue
-            kind = doc.get("kind")
-            assert kind in KINDS, f"{path.name}: no model for kind {kind!r}"
-            yield path.name, as_model(KINDS[kind], doc)
 
 
 @pytest.fixture(scope="module")
@@ -268,10 +244,12 @@ def test_the_pod_holds_the_jails_limits_and_no_platform_secret(
 def test_the_role_allows_what_pipes_k8s_client_calls_and_no_more(
     deployed: dict[str, list[Any]], configmap: dict[str, str]
 ) -> None:
-    (role,) = deployed["Role"]
-    (binding,) = deployed["RoleBinding"]
-    (account,) = deployed["ServiceAccount"]
-    assert role.metadata.namespace == configmap["TRACE_UDF_K8S_NAMESPACE"]
+    # the UDF namespace's Role, its binding, and the run pods' account (dagster.yaml's
+    # K8sRunLauncher service_account_name)
+    namespace = configmap["TRACE_UDF_K8S_NAMESPACE"]
+    (role,) = [r for r in deployed["Role"] if r.metadata.namespace == namespace]
+    (binding,) = [b for b in deployed["RoleBinding"] if b.role_ref.name == role.metadata.name]
+    (account,) = [a for a in deployed["ServiceAccount"] if a.metadata.name == "trace-dagster-run"]
     granted = {
         (resource, verb)
         for rule in role.rules
