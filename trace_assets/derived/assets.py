@@ -29,7 +29,7 @@ from dagster_shared.utils.warnings import BetaWarning
 
 from trace_assets.automation import on_new_data
 from trace_assets.derived import transforms
-from trace_assets.partitions import block_ranges, chain_partitions
+from trace_assets.partitions import ChainAssets
 from trace_assets.quality import (
     QualityGateError,
     check_results,
@@ -86,22 +86,8 @@ PARTITIONED_TRANSFORMS: dict[str, Callable[..., pa.Table]] = {
 
 
 @dataclass(frozen=True)
-class DerivedChain:
-    """What one chain's derived assets are called and read: the primary's (`chain` None) names
-    are today's; another chain's carry its name (`trace_resources.chains`)."""
-
-    chain: str | None = None  # None: the primary chain
-
-    def dataset(self, name: str) -> str:
-        """The registry name of dataset `name` of this chain."""
-        return name if self.chain is None else f"{self.chain}.{name}"
-
-    def asset_key(self, name: str) -> dg.AssetKey:
-        return dg.AssetKey(name if self.chain is None else [self.chain, name])
-
-    @property
-    def partitions(self) -> dg.DynamicPartitionsDefinition:
-        return block_ranges if self.chain is None else chain_partitions(self.chain)
+class DerivedChain(ChainAssets):
+    """What one chain's derived assets are called and read (`ChainAssets`), and their group."""
 
     @property
     def group(self) -> str:

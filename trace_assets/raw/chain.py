@@ -36,7 +36,7 @@ from trace_assets.checks import (
     raw_check_specs,
 )
 from trace_assets.head.agreement import HeadAgreement, compare_with_head
-from trace_assets.partitions import block_ranges, chain_partitions
+from trace_assets.partitions import ChainAssets, chain_partitions
 from trace_assets.raw.boundary_repair import BoundaryRepair
 from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
@@ -61,18 +61,8 @@ RAW_ASSET_KEYS = [dg.AssetKey(name) for name in RAW_DATASETS]
 
 
 @dataclass(frozen=True)
-class RawChain:
-    """What one chain's raw multi-asset is called and writes: the primary's (`chain` None)
-    names are today's; another chain's carry its name (`trace_resources.chains`)."""
-
-    chain: str | None = None  # None: the primary chain
-
-    def dataset(self, name: str) -> str:
-        """The registry name of raw dataset `name` of this chain."""
-        return name if self.chain is None else f"{self.chain}.{name}"
-
-    def asset_key(self, name: str) -> dg.AssetKey:
-        return dg.AssetKey(name if self.chain is None else [self.chain, name])
+class RawChain(ChainAssets):
+    """What one chain's raw multi-asset is called and writes (`ChainAssets`), and its resource."""
 
     @property
     def resource_key(self) -> str:
@@ -81,10 +71,6 @@ class RawChain:
     @property
     def asset_name(self) -> str:
         return "raw_chain" if self.chain is None else f"raw_chain__{self.chain}"
-
-    @property
-    def partitions(self) -> dg.DynamicPartitionsDefinition:
-        return block_ranges if self.chain is None else chain_partitions(self.chain)
 
 
 PRIMARY = RawChain()
