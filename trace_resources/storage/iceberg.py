@@ -1,0 +1,431 @@
+"""Open tables: every committed version of a dataset is also an Apache Iceberg snapshot of the
+dataset's table in a SQL catalog (pyiceberg's `SqlCatalog`) on the state PostgreSQL, so Spark,
+Trino, DuckDB, polars and pyiceberg read Trace's datasets as tables, with Trace's versions as
+Iceberg time travel.
+
+The publisher is driven by the outbox: it reads the committed-version events (only commits
+write them: an uncommitted, fenced or unchanged attempt never does) that it has not published
+yet, oldest first, and turns each into ONE snapshot that makes the partition's files in the
+table exactly the version's files (the version's Parquet files are added as they are, never
+rewritten): a version that only adds files (a first commit, an append) is an Iceberg append; one
+that drops files (a replace of a range, a compaction) is an overwrite that deletes the range's
+old data files and adds the new ones. Each snapshot carries `trace.outbox-id`, and what was
+published is recorded in `trace_iceberg_published`; a publisher killed between the Iceberg
+commit and its record finds its snapshot by that property on the next pass and only records
+it, so no version is published twice. One publisher runs at a time (an advisory lock).
+
+Types: Iceberg has no unsigned integers. uint8/uint16 columns are `int`, uint32 columns `long`
+(lossless widening on read); uint64 columns are `long` with a range check: a file whose uint64
+column holds a value above 2**63-1 is refused with an error (EVM block numbers, gas, nonces and
+timestamps are far below). 256-bit values are stored by Trace as decimal strings or binary
+already and map as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from trace_resources.errors import CommitError
+from trace_resources.storage import state as t
+from trace_resources.storage.crash import crash_point
+from trace_resources.storage.object_store import ObjectStore
+from trace_resources.storage.paths import parse_data_key
+from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent
+from trace_resources.storage.version_store import VersionStore
+
+__all__ = [
+    "NAMESPACE",
+    "IcebergPublisher",
+    "PublishOutcome",
+    "TableInfo",
+    "UnsignedRangeError",
+    "iceberg_arrow_schema",
+    "open_catalog",
+    "published",
+    "table_identifier",
+]
+
+NAMESPACE = "trace"
+OUTBOX_ID = "trace.outbox-id"
+LONG_MAX = 2**63 - 1
+_LOCK = 7260119001  # advisory lock: one publisher at a time
+
+published = sa.Table(
+    "trace_iceberg_published",
+    t.metadata,
+    sa.Column("outbox_id", sa.BigInteger, primary_key=True),
+    sa.Column("dataset", sa.Text, nullable=False),
+    sa.Column("partition_key", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("snapshot_id", sa.BigInteger, nullable=True),
+    sa.Column("operation", sa.Text, nullable=False),
+    sa.Column(
+        "published_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+    ),
+    sa.Index("trace_iceberg_published_dataset", "dataset", "outbox_id"),
+)
+
+
+def _column_max(parquet: pq.ParquetFile, name: str) -> int | None:
+    metadata = parquet.metadata
+    # the leaf column (a top-level uint64 column is one leaf, named by its path)
+    index = next(i for i in range(metadata.num_columns) if metadata.schema.column(i).path == name)
+    top: int | None = None
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            values = parquet.read(columns=[name]).column(name)
+            found = pc.max(values).as_py()
+        else:
+            found = stats.max
+        if found is not None and (top is None or int(found) > top):
+            top = int(found)
+    return top
+
+
+class UnsignedRangeError(CommitError):
+    """A uint64 value does not fit Iceberg's `long`."""
+
+
+def table_identifier(dataset: str) -> tuple[str, str]:
+    """The Iceberg table of a dataset: namespace `trace`, its name with `.` as `__`."""
+    return NAMESPACE, dataset.replace(".", "__")
+
+
+def open_catalog(
+    dsn: str,
+    warehouse: str,
+    *,
+    endpoint_url: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    region: str = "us-east-1",
+) -> Any:
+    """The SQL catalog on the state database; its tables' metadata under `warehouse`."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    properties = {"uri": dsn, "warehouse": warehouse, "s3.region": region}
+    if endpoint_url:
+        properties["s3.endpoint"] = endpoint_url
+    if access_key and secret_key:
+        properties["s3.access-key-id"] = access_key
+        properties["s3.secret-access-key"] = secret_key
+    return SqlCatalog("trace", **properties)
+
+
+def _iceberg_type(kind: pa.DataType) -> pa.DataType:
+    if pa.types.is_unsigned_integer(kind):
+        return pa.int32() if kind.bit_width <= 16 else pa.int64()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(_iceberg_type(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_iceberg_type(f.type)) for f in kind])
+    return kind
+
+
+def iceberg_arrow_schema(schema: pa.Schema) -> pa.Schema:
+    """The table schema of Trace's Parquet schema: unsigned integers as signed (see above)."""
+    return pa.schema([f.with_type(_iceberg_type(f.type)) for f in schema])
+
+
+@dataclass(frozen=True)
+class Published:
+    outbox_id: int
+    dataset: str
+    partition_key: str
+    version: int
+    snapshot_id: int | None
+    operation: str  # append | overwrite | recovered | skipped
+
+
+@dataclass
+class PublishOutcome:
+    published: list[Published] = field(default_factory=list)
+    busy: bool = False  # another publisher holds the lock
+
+    def summary(self) -> str:
+        if self.busy:
+            return "another publisher is running; nothing published"
+        counts: dict[str, int] = {}
+        for p in self.published:
+            counts[p.operation] = counts.get(p.operation, 0) + 1
+        detail = ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) or "nothing new"
+        return f"published {len(self.published)} committed version(s) to Iceberg: {detail}"
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    dataset: str
+    identifier: str
+    metadata_location: str | None
+    last_partition: str | None
+    last_version: int | None
+    snapshot_id: int | None
+    published: int
+
+
+class IcebergPublisher:
+    """Publishes committed versions (outbox events) as snapshots of the datasets' tables."""
+
+    def __init__(self, versions: VersionStore, store: ObjectStore, catalog: Any) -> None:
+        self.versions = versions
+        self.store = store
+        self.catalog = catalog
+
+    # -- what is left to publish ----------------------------------------------------------
+
+    def pending(self, limit: int = 500) -> list[OutboxEvent]:
+        """Committed-version events not published yet, oldest first (an anti-join, not a
+        cursor: outbox ids become visible out of order)."""
+        o = t.outbox
+        query = (
+            sa.select(o)
+            .where(o.c.event_type == COMMITTED_EVENT)
+            .where(~sa.exists().where(published.c.outbox_id == o.c.id))
+            .order_by(o.c.id)
+            .limit(limit)
+        )
+        with self.versions.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            OutboxEvent(
+                r.id, r.event_type, r.dataset, r.partition_key, r.version, r.payload, r.created_at
+            )
+            for r in rows
+        ]
+
+    # -- publishing -----------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[bool]:
+        with self.versions.engine.connect() as conn:
+            got = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(_LOCK))).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(_LOCK)))
+                    conn.commit()
+
+    def publish(self, limit: int = 500, *, record: bool = True) -> PublishOutcome:
+        """One pass: publish the pending events in commit order. `record=False` publishes
+        without recording (what a publisher killed before its record leaves; tests)."""
+        outcome = PublishOutcome()
+        with self._locked() as got:
+            if not got:
+                outcome.busy = True
+                return outcome
+            events = self.pending(limit)
+            if events:
+                self.catalog.create_namespace_if_not_exists(NAMESPACE)
+            landed: dict[str, dict[int, int]] = {}
+            for event in events:
+                if event.dataset not in landed:
+                    landed[event.dataset] = self._landed(event.dataset)
+                done = self._publish_one(event, landed[event.dataset])
+                if record:
+                    self._record(done)
+                outcome.published.append(done)
+        return outcome
+
+    def _landed(self, dataset: str) -> dict[int, int]:
+        """{outbox id: snapshot id} of the snapshots already in the dataset's table."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            table = self.catalog.load_table(table_identifier(dataset))
+        except NoSuchTableError:
+            return {}
+        found = {}
+        for snapshot in table.snapshots():
+            value = snapshot.summary[OUTBOX_ID] if snapshot.summary is not None else None
+            if value is not None:
+                found[int(value)] = snapshot.snapshot_id
+        return found
+
+    def _publish_one(self, event: OutboxEvent, landed: dict[int, int]) -> Published:
+        def done(snapshot_id: int | None, operation: str) -> Published:
+            return Published(
+                event.id,
+                event.dataset,
+                event.partition_key,
+                event.version,
+                snapshot_id,
+                operation,
+            )
+
+        if event.id in landed:  # published by a pass killed before it recorded it
+            return done(landed[event.id], "recovered")
+        try:
+            record = self.versions.read.version(event.dataset, event.partition_key, event.version)
+        except (LookupError, CommitError):
+            return done(None, "skipped")  # GC removed the version before it was published
+        keys = [f.key for f in record.manifest.files]
+        if not keys:
+            return done(None, "skipped")
+        schema = self._schema(keys[0])
+        self._check_unsigned(schema, keys)
+        table = self._table(event.dataset, schema)
+        target = {self.store.uri(k) for k in keys}
+        prefix = self.store.uri_prefix + "/"
+        current = {}
+        if table.current_snapshot() is not None:
+            for task in table.scan().plan_files():
+                path = task.file.file_path
+                parsed = parse_data_key(path[len(prefix) :]) if path.startswith(prefix) else None
+                if parsed is not None and parsed[1] == event.partition_key:
+                    current[path] = task.file
+        removed = [f for p, f in current.items() if p not in target]
+        added = [p for p in (self.store.uri(k) for k in keys) if p not in current]
+        properties = {
+            OUTBOX_ID: str(event.id),
+            "trace.dataset": event.dataset,
+            "trace.partition": event.partition_key,
+            "trace.version": str(event.version),
+            "trace.mode": str(event.payload.get("mode") or ""),
+        }
+        operation = self._commit(table, schema, removed, added, properties)
+        crash_point("iceberg.after_publish")
+        snapshot = table.current_snapshot()
+        landed[event.id] = snapshot.snapshot_id
+        return done(snapshot.snapshot_id, operation)
+
+    def _commit(
+        self,
+        table: Any,
+        schema: pa.Schema,
+        removed: Sequence[Any],
+        added: Sequence[str],
+        properties: dict[str, str],
+    ) -> str:
+        from pyiceberg.table import TableProperties, _parquet_files_to_data_files
+
+        with table.transaction() as tx:
+            if {f.name for f in schema} - set(tx.table_metadata.schema().column_names):
+                with tx.update_schema() as update:
+                    update.union_by_name(schema)
+            tx.set_properties(
+                **{
+                    TableProperties.DEFAULT_NAME_MAPPING: (
+                        tx.table_metadata.schema().name_mapping.model_dump_json()
+                    )
+                }
+            )
+            data_files = list(
+                _parquet_files_to_data_files(tx.table_metadata, list(added), tx._table.io)
+            )
+            snapshot = tx.update_snapshot(snapshot_properties=properties)
+            if removed:
+                with snapshot.overwrite() as overwrite:
+                    for data_file in removed:
+                        overwrite.delete_data_file(data_file)
+                    for data_file in data_files:
+                        overwrite.append_data_file(data_file)
+                return "overwrite"
+            with snapshot.fast_append() as append:
+                for data_file in data_files:
+                    append.append_data_file(data_file)
+            return "append"
+
+    def _schema(self, key: str) -> pa.Schema:
+        with self.store.fs.open_input_file(self.store.path(key)) as f:
+            return pq.read_schema(f)
+
+    def _check_unsigned(self, schema: pa.Schema, keys: Sequence[str]) -> None:
+        """Every uint64 value fits a long: from the files' column statistics (their footers),
+        or the column itself where a row group has none."""
+        columns = [f.name for f in schema if pa.types.is_uint64(f.type)]
+        for key in keys if columns else ():
+            with self.store.fs.open_input_file(self.store.path(key)) as f:
+                parquet = pq.ParquetFile(f)
+                for name in columns:
+                    top = _column_max(parquet, name)
+                    if top is not None and top > LONG_MAX:
+                        raise UnsignedRangeError(
+                            f"{key}: uint64 column {name!r} holds {top}, above 2**63-1, which "
+                            "Iceberg's long (the column's open-table type) can not hold; "
+                            "nothing was published. Store the column as a decimal string to "
+                            "publish it"
+                        )
+
+    def _table(self, dataset: str, schema: pa.Schema) -> Any:
+        identifier = table_identifier(dataset)
+        return self.catalog.create_table_if_not_exists(
+            identifier, schema=iceberg_arrow_schema(schema)
+        )
+
+    def _record(self, done: Published) -> None:
+        with self.versions.engine.begin() as conn:
+            conn.execute(
+                pg_insert(published)
+                .values(
+                    outbox_id=done.outbox_id,
+                    dataset=done.dataset,
+                    partition_key=done.partition_key,
+                    version=done.version,
+                    snapshot_id=done.snapshot_id,
+                    operation=done.operation,
+                )
+                .on_conflict_do_nothing()
+            )
+
+    # -- listing --------------------------------------------------------------------------
+
+    def snapshot_of(self, dataset: str, partition_key: str, version: int) -> int | None:
+        """The snapshot that published this version (Iceberg time travel to it)."""
+        p = published.c
+        with self.versions.engine.connect() as conn:
+            return conn.execute(
+                sa.select(p.snapshot_id)
+                .where(p.dataset == dataset, p.partition_key == partition_key, p.version == version)
+                .order_by(p.outbox_id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+
+    def tables(self) -> list[TableInfo]:
+        """Each published dataset's table, its catalog location and last published version."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        p = published.c
+        last = (
+            sa.select(p.dataset, sa.func.max(p.outbox_id).label("last"), sa.func.count().label("n"))
+            .where(p.snapshot_id.is_not(None))
+            .group_by(p.dataset)
+            .subquery()
+        )
+        query = (
+            sa.select(published, last.c.n)
+            .join(last, published.c.outbox_id == last.c.last)
+            .order_by(published.c.dataset)
+        )
+        with self.versions.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        infos = []
+        for row in rows:
+            identifier = table_identifier(row.dataset)
+            try:
+                location = self.catalog.load_table(identifier).metadata_location
+            except NoSuchTableError:
+                location = None
+            infos.append(
+                TableInfo(
+                    row.dataset,
+                    ".".join(identifier),
+                    location,
+                    row.partition_key,
+                    row.version,
+                    row.snapshot_id,
+                    int(row.n),
+                )
+            )
+        return infos
