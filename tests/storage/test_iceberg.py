@@ -156,3 +156,33 @@ def test_a_uint64_above_the_long_range_is_refused_clearly(
     ):
         publisher.publish()
     assert publisher.pending() != []  # nothing recorded: it is published once fixed
+
+
+def test_the_sensor_publishes_what_was_committed_since_its_last_tick(
+    state: StateStoreResource, objects: ObjectStoreResource
+) -> None:
+    import dagster as dg
+
+    from trace_sensors.iceberg import build_iceberg_publish_sensor
+
+    sensor = build_iceberg_publish_sensor()
+
+    def tick() -> Any:
+        resources = {"state": state, "objects": objects}
+        with dg.build_sensor_context(resources=resources) as context:
+            return sensor(context)
+
+    assert isinstance(tick(), dg.SkipReason)  # nothing committed: nothing to publish
+    with state.writer(objects) as writer:
+        committed = writer.write("blocks", A, data(0, 5, "a"))
+    result = tick()
+    assert isinstance(result, dg.SensorResult)
+    assert result.cursor is not None and int(result.cursor) >= 1
+    assert "published 1 committed version(s) to Iceberg: 1 append" in str(result.skip_reason)
+    publisher = state.iceberg(objects)
+    assert publisher.pending() == []
+    snapshot_id = publisher.snapshot_of("blocks", A, committed.version.version)
+    table = publisher.catalog.load_table(table_identifier("blocks"))
+    assert rows(table.scan(snapshot_id=snapshot_id).to_arrow()) == rows(
+        state.reader(objects).read("blocks")
+    )
