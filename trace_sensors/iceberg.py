@@ -5,7 +5,8 @@ Every tick publishes the committed-version events not yet published, in commit o
 as one snapshot of its dataset's table in the SQL catalog on the state database; what it
 published is recorded in `trace_iceberg_published`, so a tick killed half way resumes where it
 stopped without a second snapshot. Only commits write outbox events: an uncommitted or fenced
-attempt is never published. The cursor is the highest outbox id published (for the UI).
+attempt is never published. Then it expires the snapshots that show a version GC has removed.
+The cursor is the highest outbox id published (for the UI).
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ def _evaluate(
     context: dg.SensorEvaluationContext, state: StateStoreResource, objects: ObjectStoreResource
 ) -> dg.SensorResult | dg.SkipReason:
     with as_dagster_failure():
-        outcome = state.iceberg(objects).publish()
+        publisher = state.iceberg(objects)
+        outcome = publisher.publish()
+        expired = {} if outcome.busy else publisher.expire_unservable()
+    summary = outcome.summary()
+    if expired:
+        summary += f"; expired {sum(map(len, expired.values()))} snapshot(s) of removed versions"
     if not outcome.published:
-        return dg.SkipReason(outcome.summary())
+        return dg.SkipReason(summary)
     cursor = max(max(p.outbox_id for p in outcome.published), int(context.cursor or 0))
-    return dg.SensorResult(cursor=str(cursor), skip_reason=outcome.summary())
+    return dg.SensorResult(cursor=str(cursor), skip_reason=summary)
 
 
 def build_iceberg_publish_sensor(running: bool = True) -> dg.SensorDefinition:

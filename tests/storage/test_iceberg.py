@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import duckdb
@@ -20,6 +21,7 @@ from tests.utils.writes import commit_one, stage_one
 from trace_resources.errors import AttemptFencedError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import PartitionData
+from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.iceberg import (
     IcebergPublisher,
     UnsignedRangeError,
@@ -138,6 +140,19 @@ def test_external_readers_see_exactly_the_committed_versions(
     [info] = publisher.tables()
     assert (info.identifier, info.last_partition, info.last_version) == ("trace.blocks", A, 2)
     assert info.metadata_location is not None and info.metadata_location.startswith("s3://")
+    # GC removes the superseded versions: the snapshots showing them expire, the current
+    # one stays and still reads what Trace serves
+    GarbageCollector(objects.datasets(), state.versions()).collect(
+        GcPolicy(keep_last=1, older_than=timedelta(0)), apply=True
+    )
+    assert publisher.expire_unservable() == {
+        "blocks": [s.snapshot_id for s in snapshots[:-1]]  # each showed A v1 or OPEN v1
+    }
+    table = publisher.catalog.load_table(table_identifier("blocks"))
+    assert [s.snapshot_id for s in table.snapshots()] == [snapshots[-1].snapshot_id]
+    assert rows(table.scan().to_arrow()) == current
+    assert publisher.expire_unservable() == {}
+
     listed = json.loads(cli("tables", "--json"))
     assert listed["pending"] == 0
     assert [(t["identifier"], t["last_version"], t["published"]) for t in listed["tables"]] == [

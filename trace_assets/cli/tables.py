@@ -83,9 +83,14 @@ def cmd_tables(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_tables_publish(settings: Settings, args: argparse.Namespace) -> int:
-    outcome = _publisher(settings).publish(limit=args.limit)
+    publisher = _publisher(settings)
+    outcome = publisher.publish(limit=args.limit)
     sys.stdout.write(outcome.summary() + "\n")
-    return 1 if outcome.busy else 0
+    if outcome.busy:
+        return 1
+    for dataset, ids in publisher.expire_unservable().items():
+        sys.stdout.write(f"{dataset}: expired {len(ids)} snapshot(s) of versions GC removed\n")
+    return 0
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,7 +102,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     actions = tables.add_subparsers(dest="action")
     publish = actions.add_parser(
         "publish",
-        help="publish committed versions not yet published as Iceberg snapshots, in commit order",
+        help="publish committed versions not yet published as Iceberg snapshots, in commit "
+        "order; expire the snapshots of versions GC removed",
     )
     publish.add_argument(
         "--limit", type=int, default=500, help="at most this many versions (default 500)"

@@ -379,6 +379,54 @@ class IcebergPublisher:
                 .on_conflict_do_nothing()
             )
 
+    # -- expiring what Trace no longer serves ---------------------------------------------
+
+    def expire_unservable(self) -> dict[str, list[int]]:
+        """Expire the snapshots that show a version GC has removed, per dataset.
+
+        A snapshot holds, for each range, the version published last before it; once GC
+        removed one of those versions (its row first, then the files only it had), the
+        snapshot would show data Trace no longer serves, or fail to read, so it goes. The
+        current snapshot is never expired (it holds current versions, which GC keeps). What
+        is published stays recorded, so nothing is published again."""
+        p, v = published.c, t.versions.c
+        with self.versions.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(p.dataset, p.partition_key, p.version, p.snapshot_id)
+                .where(p.snapshot_id.is_not(None))
+                .order_by(p.dataset, p.outbox_id)
+            ).all()
+            datasets = sorted({r.dataset for r in rows})
+            live = {
+                (r.dataset, r.partition_key, r.version)
+                for r in conn.execute(
+                    sa.select(v.dataset, v.partition_key, v.version).where(v.dataset.in_(datasets))
+                )
+            }
+        expired: dict[str, list[int]] = {}
+        for dataset in datasets:
+            dead: set[str] = set()  # ranges whose version, as the snapshot shows it, is gone
+            doomed: list[int] = []
+            for row in (r for r in rows if r.dataset == dataset):
+                if (dataset, row.partition_key, row.version) in live:
+                    dead.discard(row.partition_key)
+                else:
+                    dead.add(row.partition_key)
+                if dead:
+                    doomed.append(row.snapshot_id)
+            if not doomed:
+                continue
+            table = self.catalog.load_table(table_identifier(dataset))
+            current = table.current_snapshot()
+            existing = {s.snapshot_id for s in table.snapshots()}
+            if current is not None:
+                existing.discard(current.snapshot_id)
+            ids = [i for i in dict.fromkeys(doomed) if i in existing]
+            if ids:
+                table.maintenance.expire_snapshots().by_ids(ids).commit()
+                expired[dataset] = ids
+        return expired
+
     # -- listing --------------------------------------------------------------------------
 
     def snapshot_of(self, dataset: str, partition_key: str, version: int) -> int | None:
