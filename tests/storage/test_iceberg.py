@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -201,3 +202,23 @@ def test_the_sensor_publishes_what_was_committed_since_its_last_tick(
     assert rows(table.scan(snapshot_id=snapshot_id).to_arrow()) == rows(
         state.reader(objects).read("blocks")
     )
+
+
+def test_a_local_store_publishes_file_uris_and_a_new_column_evolves_the_table(
+    state: StateStoreResource, tmp_path: Path
+) -> None:
+    """The local default (a folder for a bucket): the table's metadata and data are file://
+    URIs; a column the dataset gains is added to the table with the same type mapping."""
+    objects = ObjectStoreResource(kind="local", local_root=str(tmp_path))
+    publisher = state.iceberg(objects)
+    with state.writer(objects) as writer:
+        writer.write("blocks", A, data(0, 5, "a"))
+        wider = data(50, 5, "b").table.append_column("nonce", pa.array(range(5), pa.uint32()))
+        writer.write("blocks", B, PartitionData(wider))
+    assert [p.operation for p in publisher.publish().published] == ["append", "append"]
+    table = publisher.catalog.load_table(table_identifier("blocks"))
+    assert table.metadata_location.startswith("file://")
+    assert str(table.schema().find_field("nonce").field_type) == "long"
+    scanned = table.scan().to_arrow()
+    assert rows(scanned) == rows(state.reader(objects).read("blocks", [A, B]))
+    assert sorted(scanned.column("nonce").to_pylist(), key=str) == [0, 1, 2, 3, 4, *[None] * 5]

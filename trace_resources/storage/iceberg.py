@@ -312,8 +312,8 @@ class IcebergPublisher:
 
         with table.transaction() as tx:
             if {f.name for f in schema} - set(tx.table_metadata.schema().column_names):
-                with tx.update_schema() as update:
-                    update.union_by_name(schema)
+                with tx.update_schema() as update:  # a column the dataset gained
+                    update.union_by_name(iceberg_arrow_schema(schema))
             tx.set_properties(
                 **{
                     TableProperties.DEFAULT_NAME_MAPPING: (
