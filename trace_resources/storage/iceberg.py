@@ -58,6 +58,8 @@ NAMESPACE = "trace"
 OUTBOX_ID = "trace.outbox-id"
 LONG_MAX = 2**63 - 1
 _LOCK = 7260119001  # advisory lock: one publisher at a time
+BATCH = 100  # snapshots per Iceberg commit
+MERGE_MANIFESTS_AT = 16
 
 published = sa.Table(
     "trace_iceberg_published",
@@ -217,8 +219,12 @@ class IcebergPublisher:
                     conn.execute(sa.select(sa.func.pg_advisory_unlock(_LOCK)))
                     conn.commit()
 
-    def publish(self, limit: int = 500, *, record: bool = True) -> PublishOutcome:
-        """One pass: publish the pending events in commit order. `record=False` publishes
+    def publish(
+        self, limit: int = 500, *, record: bool = True, batch: int = BATCH
+    ) -> PublishOutcome:
+        """One pass: publish the pending events in commit order, each as one snapshot. The
+        snapshots of up to `batch` events of a dataset are committed in ONE Iceberg commit
+        (one catalog update, one metadata file), then recorded. `record=False` publishes
         without recording (what a publisher killed before its record leaves; tests)."""
         outcome = PublishOutcome()
         with self._locked() as got:
@@ -228,65 +234,109 @@ class IcebergPublisher:
             events = self.pending(limit)
             if events:
                 self.catalog.create_namespace_if_not_exists(NAMESPACE)
-            landed: dict[str, dict[int, int]] = {}
+            by_dataset: dict[str, list[OutboxEvent]] = {}
             for event in events:
-                if event.dataset not in landed:
-                    landed[event.dataset] = self._landed(event.dataset)
-                done = self._publish_one(event, landed[event.dataset])
-                if record:
-                    self._record(done)
-                outcome.published.append(done)
+                by_dataset.setdefault(event.dataset, []).append(event)
+            for dataset, of_dataset in by_dataset.items():
+                for start in range(0, len(of_dataset), batch):
+                    done = self._publish_batch(dataset, of_dataset[start : start + batch])
+                    if record:
+                        self._record(done)
+                    outcome.published += done
         return outcome
 
-    def _landed(self, dataset: str) -> dict[int, int]:
-        """{outbox id: snapshot id} of the snapshots already in the dataset's table."""
-        from pyiceberg.exceptions import NoSuchTableError
-
-        try:
-            table = self.catalog.load_table(table_identifier(dataset))
-        except NoSuchTableError:
-            return {}
+    def _landed(self, table: Any) -> dict[int, int]:
+        """{outbox id: snapshot id} of the snapshots in the table."""
         found = {}
-        for snapshot in table.snapshots():
+        for snapshot in table.snapshots() if table is not None else ():
             value = snapshot.summary[OUTBOX_ID] if snapshot.summary is not None else None
             if value is not None:
                 found[int(value)] = snapshot.snapshot_id
         return found
 
-    def _publish_one(self, event: OutboxEvent, landed: dict[int, int]) -> Published:
-        def done(snapshot_id: int | None, operation: str) -> Published:
+    def _load(self, dataset: str) -> Any:
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog.load_table(table_identifier(dataset))
+        except NoSuchTableError:
+            return None
+
+    def _publish_batch(self, dataset: str, events: Sequence[OutboxEvent]) -> list[Published]:
+        def done(event: OutboxEvent, snapshot_id: int | None, operation: str) -> Published:
             return Published(
-                event.id,
-                event.dataset,
-                event.partition_key,
-                event.version,
-                snapshot_id,
-                operation,
+                event.id, dataset, event.partition_key, event.version, snapshot_id, operation
             )
 
-        if event.id in landed:  # published by a pass killed before it recorded it
-            return done(landed[event.id], "recovered")
-        try:
-            record = self.versions.read.version(event.dataset, event.partition_key, event.version)
-        except (LookupError, CommitError):
-            return done(None, "skipped")  # GC removed the version before it was published
-        keys = [f.key for f in record.manifest.files]
-        if not keys:
-            return done(None, "skipped")
-        schema = self._schema(keys[0])
-        self._check_unsigned(schema, keys)
-        table = self._table(event.dataset, schema)
-        target = {self.store.uri(k) for k in keys}
+        table = self._load(dataset)
+        landed = self._landed(table)
+        results: dict[int, Published] = {}
+        plans: list[tuple[OutboxEvent, list[str], pa.Schema]] = []
+        for event in events:
+            if event.id in landed:  # published by a pass killed before it recorded it
+                results[event.id] = done(event, landed[event.id], "recovered")
+                continue
+            try:
+                version = self.versions.read.version(dataset, event.partition_key, event.version)
+            except LookupError:  # GC removed the version before it was published
+                results[event.id] = done(event, None, "skipped")
+                continue
+            keys = [f.key for f in version.manifest.files]
+            if not keys:
+                results[event.id] = done(event, None, "skipped")
+                continue
+            plans.append((event, keys, self._inspect(keys)))
+        if plans:
+            if table is None:
+                table = self._create(dataset, plans[0][2])
+            files = self._files_by_partition(table)
+            operations: dict[int, str] = {}
+            with table.transaction() as tx:
+                for event, keys, schema in plans:
+                    operations[event.id] = self._stage(tx, files, event, keys, schema)
+            crash_point("iceberg.after_publish")
+            landed = self._landed(table)
+            for event, _, _ in plans:
+                results[event.id] = done(event, landed[event.id], operations[event.id])
+        return [results[e.id] for e in events]
+
+    def _files_by_partition(self, table: Any) -> dict[str, dict[str, Any]]:
+        """The current snapshot's data files by Trace partition (their keys name it)."""
+        found: dict[str, dict[str, Any]] = {}
+        snapshot = table.current_snapshot()
+        if snapshot is None:
+            return found
         prefix = self.store.uri_prefix + "/"
-        current = {}
-        if table.current_snapshot() is not None:
-            for task in table.scan().plan_files():
-                path = task.file.file_path
+        for manifest in snapshot.manifests(table.io):
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                path = entry.data_file.file_path
                 parsed = parse_data_key(path[len(prefix) :]) if path.startswith(prefix) else None
-                if parsed is not None and parsed[1] == event.partition_key:
-                    current[path] = task.file
-        removed = [f for p, f in current.items() if p not in target]
-        added = [p for p in (self.store.uri(k) for k in keys) if p not in current]
+                if parsed is not None:
+                    found.setdefault(parsed[1], {})[path] = entry.data_file
+        return found
+
+    def _stage(
+        self,
+        tx: Any,
+        files: dict[str, dict[str, Any]],
+        event: OutboxEvent,
+        keys: Sequence[str],
+        schema: pa.Schema,
+    ) -> str:
+        """One event's snapshot in the batch's transaction: the range's files in the table
+        become exactly the version's files. `files` follows the transaction."""
+        from pyiceberg.table import TableProperties, _parquet_files_to_data_files
+
+        if {f.name for f in schema} - set(tx.table_metadata.schema().column_names):
+            with tx.update_schema() as update:  # a column the dataset gained
+                update.union_by_name(iceberg_arrow_schema(schema))
+            mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
+            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        of_range = files.setdefault(event.partition_key, {})
+        target = [self.store.uri(k) for k in keys]
+        removed = [f for path, f in of_range.items() if path not in set(target)]
+        added = [path for path in target if path not in of_range]
+        data_files = list(_parquet_files_to_data_files(tx.table_metadata, added, tx._table.io))
         properties = {
             OUTBOX_ID: str(event.id),
             "trace.dataset": event.dataset,
@@ -294,61 +344,34 @@ class IcebergPublisher:
             "trace.version": str(event.version),
             "trace.mode": str(event.payload.get("mode") or ""),
         }
-        operation = self._commit(table, schema, removed, added, properties)
-        crash_point("iceberg.after_publish")
-        snapshot = table.current_snapshot()
-        landed[event.id] = snapshot.snapshot_id
-        return done(snapshot.snapshot_id, operation)
-
-    def _commit(
-        self,
-        table: Any,
-        schema: pa.Schema,
-        removed: Sequence[Any],
-        added: Sequence[str],
-        properties: dict[str, str],
-    ) -> str:
-        from pyiceberg.table import TableProperties, _parquet_files_to_data_files
-
-        with table.transaction() as tx:
-            if {f.name for f in schema} - set(tx.table_metadata.schema().column_names):
-                with tx.update_schema() as update:  # a column the dataset gained
-                    update.union_by_name(iceberg_arrow_schema(schema))
-            tx.set_properties(
-                **{
-                    TableProperties.DEFAULT_NAME_MAPPING: (
-                        tx.table_metadata.schema().name_mapping.model_dump_json()
-                    )
-                }
-            )
-            data_files = list(
-                _parquet_files_to_data_files(tx.table_metadata, list(added), tx._table.io)
-            )
-            snapshot = tx.update_snapshot(snapshot_properties=properties)
-            if removed:
-                with snapshot.overwrite() as overwrite:
-                    for data_file in removed:
-                        overwrite.delete_data_file(data_file)
-                    for data_file in data_files:
-                        overwrite.append_data_file(data_file)
-                return "overwrite"
-            with snapshot.fast_append() as append:
+        snapshot = tx.update_snapshot(snapshot_properties=properties)
+        if removed:
+            with snapshot.overwrite() as overwrite:
+                for data_file in removed:
+                    overwrite.delete_data_file(data_file)
+                for data_file in data_files:
+                    overwrite.append_data_file(data_file)
+            operation = "overwrite"
+        else:
+            with snapshot.merge_append() as append:
                 for data_file in data_files:
                     append.append_data_file(data_file)
-            return "append"
+            operation = "append"
+        for data_file in removed:
+            del of_range[data_file.file_path]
+        of_range.update({f.file_path: f for f in data_files})
+        return operation
 
-    def _schema(self, key: str) -> pa.Schema:
-        with self.store.fs.open_input_file(self.store.path(key)) as f:
-            return pq.read_schema(f)
-
-    def _check_unsigned(self, schema: pa.Schema, keys: Sequence[str]) -> None:
-        """Every uint64 value fits a long: from the files' column statistics (their footers),
-        or the column itself where a row group has none."""
-        columns = [f.name for f in schema if pa.types.is_uint64(f.type)]
-        for key in keys if columns else ():
+    def _inspect(self, keys: Sequence[str]) -> pa.Schema:
+        """The version's Parquet schema (its first file's), after checking that every uint64
+        value of its files fits a long (from the column statistics in their footers)."""
+        schema: pa.Schema | None = None
+        for key in keys:
             with self.store.fs.open_input_file(self.store.path(key)) as f:
                 parquet = pq.ParquetFile(f)
-                for name in columns:
+                if schema is None:
+                    schema = parquet.schema_arrow
+                for name in [n.name for n in schema if pa.types.is_uint64(n.type)]:
                     top = _column_max(parquet, name)
                     if top is not None and top > LONG_MAX:
                         raise UnsignedRangeError(
@@ -357,24 +380,46 @@ class IcebergPublisher:
                             "nothing was published. Store the column as a decimal string to "
                             "publish it"
                         )
+        assert schema is not None
+        return schema
 
-    def _table(self, dataset: str, schema: pa.Schema) -> Any:
-        identifier = table_identifier(dataset)
-        return self.catalog.create_table_if_not_exists(
-            identifier, schema=iceberg_arrow_schema(schema)
+    def _create(self, dataset: str, schema: pa.Schema) -> Any:
+        from pyiceberg.table import TableProperties
+
+        merging = {
+            # appends merge small manifests, so a scan or an overwrite reads a few manifests
+            # rather than one per version published
+            TableProperties.MANIFEST_MERGE_ENABLED: "true",
+            TableProperties.MANIFEST_MIN_MERGE_COUNT: str(MERGE_MANIFESTS_AT),
+        }
+        table = self.catalog.create_table_if_not_exists(
+            table_identifier(dataset),
+            schema=iceberg_arrow_schema(schema),
+            properties=merging,
         )
+        mapping = table.schema().name_mapping.model_dump_json()
+        with table.transaction() as tx:  # Trace's files carry no Iceberg field ids
+            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        return table
 
-    def _record(self, done: Published) -> None:
+    def _record(self, done: Sequence[Published]) -> None:
+        if not done:
+            return
         with self.versions.engine.begin() as conn:
             conn.execute(
                 pg_insert(published)
                 .values(
-                    outbox_id=done.outbox_id,
-                    dataset=done.dataset,
-                    partition_key=done.partition_key,
-                    version=done.version,
-                    snapshot_id=done.snapshot_id,
-                    operation=done.operation,
+                    [
+                        {
+                            "outbox_id": d.outbox_id,
+                            "dataset": d.dataset,
+                            "partition_key": d.partition_key,
+                            "version": d.version,
+                            "snapshot_id": d.snapshot_id,
+                            "operation": d.operation,
+                        }
+                        for d in done
+                    ]
                 )
                 .on_conflict_do_nothing()
             )
