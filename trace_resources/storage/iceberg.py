@@ -12,7 +12,9 @@ that drops files (a replace of a range, a compaction) is an overwrite that delet
 old data files and adds the new ones. Each snapshot carries `trace.outbox-id`, and what was
 published is recorded in `trace_iceberg_published`; a publisher killed between the Iceberg
 commit and its record finds its snapshot by that property on the next pass and only records
-it, so no version is published twice. One publisher runs at a time (an advisory lock).
+it, so no version is published twice. The snapshots of up to `BATCH` versions of a dataset go
+in one Iceberg commit (one catalog update), all or none. One publisher runs at a time (an
+advisory lock, which snapshot expiry takes too).
 
 Types: Iceberg has no unsigned integers. uint8/uint16 columns are `int`, uint32 columns `long`
 (lossless widening on read); uint64 columns are `long` with a range check: a file whose uint64
@@ -434,6 +436,10 @@ class IcebergPublisher:
         snapshot would show data Trace no longer serves, or fail to read, so it goes. The
         current snapshot is never expired (it holds current versions, which GC keeps). What
         is published stays recorded, so nothing is published again."""
+        with self._locked() as got:
+            return self._expire_unservable() if got else {}
+
+    def _expire_unservable(self) -> dict[str, list[int]]:
         p, v = published.c, t.versions.c
         with self.versions.engine.connect() as conn:
             rows = conn.execute(
