@@ -27,6 +27,7 @@ from trace_resources.storage.io_manager import DatasetIOManager
 from trace_sensors.chain_head import RangeRuns, build_chain_head_sensor
 from trace_sensors.freshness import build_head_freshness_sensor
 from trace_sensors.gap_repair import build_gap_repair_sensor
+from trace_sensors.iceberg import build_iceberg_publish_sensor
 from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
 
 __all__ = [
@@ -156,6 +157,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             # (`chain_head_sensor__<chain>`, `gap_repair_sensor__<chain>`)
             *_chain_sensors(settings),
             build_outbox_relay_sensor(settings.sensors_running),
+            build_iceberg_publish_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),
         ],

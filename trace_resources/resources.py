@@ -13,6 +13,7 @@ from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.rpc import RetryPolicy
 from trace_resources.settings import ChainConfig, Settings, parse_endpoints
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
+from trace_resources.storage.iceberg import IcebergPublisher, open_catalog
 from trace_resources.storage.object_store import ObjectStore, local_store, s3_store
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
@@ -183,3 +184,17 @@ class StateStoreResource(dg.ConfigurableResource):
 
     def reader(self, objects: ObjectStoreResource) -> DatasetReader:
         return DatasetReader(objects.datasets(), self.versions(), pin_ttl_s=self.pin_ttl_s)
+
+    def iceberg(self, objects: ObjectStoreResource) -> IcebergPublisher:
+        """The open-tables publisher: the SQL catalog on this database, the tables' metadata
+        under `_iceberg/` of the datasets bucket, their data the committed Parquet files."""
+        store = objects.datasets()
+        catalog = open_catalog(
+            self.dsn,
+            f"{store.uri_prefix}/_iceberg",
+            endpoint_url=objects.endpoint_url if objects.kind == "s3" else None,
+            access_key=objects.access_key_id,
+            secret_key=objects.secret_access_key,
+            region=objects.region,
+        )
+        return IcebergPublisher(self.versions(), store, catalog)

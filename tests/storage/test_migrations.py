@@ -40,6 +40,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_udf_versions",
         "trace_enrichments",
         "trace_quarantine",
+        "trace_iceberg_published",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
@@ -52,6 +53,7 @@ def state_metadata() -> sa.MetaData:
         access,
         enrichments,
         exports,
+        iceberg,
         quarantine,
         rate_limits,
         saved_queries,

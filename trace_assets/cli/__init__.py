@@ -36,6 +36,7 @@ from trace_assets.cli import (
     quarantine,
     secrets,
     storage,
+    tables,
     udf,
 )
 from trace_assets.cli.errors import explain
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         backfill,
         gaps,
         storage,
+        tables,
         quarantine,
         db,
         access,
