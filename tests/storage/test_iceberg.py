@@ -87,11 +87,12 @@ def test_external_readers_see_exactly_the_committed_versions(
         writer.write("blocks", OPEN, data(100, 3, "h1"), mode="append")
         writer.write("blocks", OPEN, data(103, 3, "h2"), mode="append")
         first = publisher.publish()
+        # the open range's appends (the head tier's) wait for the range's sealed version
         assert [(p.partition_key, p.version, p.operation) for p in first.published] == [
             (A, 1, "append"),
             (B, 1, "append"),
-            (OPEN, 1, "append"),
-            (OPEN, 2, "append"),
+            (OPEN, 1, "open"),
+            (OPEN, 2, "open"),
         ]
         # a re-commit of range A, and a fenced attempt of it that must never appear
         stale = stage_one(writer, "blocks", A, data(0, 50, "fenced"))
@@ -110,22 +111,16 @@ def test_external_readers_see_exactly_the_committed_versions(
     table = publisher.catalog.load_table(table_identifier("blocks"))
     snapshots = table.snapshots()
     # one snapshot per committed version, none twice
-    assert [s.summary["trace.version"] for s in snapshots] == ["1", "1", "1", "2", "2"]
+    assert [s.summary["trace.version"] for s in snapshots] == ["1", "1", "2"]
     assert snapshots[-1].summary.operation.value == "overwrite"
 
-    current = rows(reader.read("blocks"))
+    current = rows(reader.read("blocks", [A, B]))  # the sealed ranges
     previous = rows(
-        pa.concat_tables(
-            [
-                reader.read_version("blocks", A, 1),
-                reader.read_version("blocks", B, 1),
-                reader.read_version("blocks", OPEN, 2),
-            ]
-        )
+        pa.concat_tables([reader.read_version("blocks", A, 1), reader.read_version("blocks", B, 1)])
     )
-    assert len(current) == len(previous) == 106
+    assert len(current) == len(previous) == 100
     assert "fenced" not in {r[4] for r in current + previous}
-    previous_id = publisher.snapshot_of("blocks", OPEN, 2)
+    previous_id = publisher.snapshot_of("blocks", B, 1)
     assert previous_id == snapshots[-2].snapshot_id
     for snapshot_id, expected in [(None, current), (previous_id, previous)]:
         scanned = table.scan(snapshot_id=snapshot_id).to_arrow()
@@ -147,7 +142,7 @@ def test_external_readers_see_exactly_the_committed_versions(
         GcPolicy(keep_last=1, older_than=timedelta(0)), apply=True
     )
     assert publisher.expire_unservable() == {
-        "blocks": [s.snapshot_id for s in snapshots[:-1]]  # each showed A v1 or OPEN v1
+        "blocks": [s.snapshot_id for s in snapshots[:-1]]  # each showed A v1
     }
     table = publisher.catalog.load_table(table_identifier("blocks"))
     assert [s.snapshot_id for s in table.snapshots()] == [snapshots[-1].snapshot_id]
@@ -157,7 +152,7 @@ def test_external_readers_see_exactly_the_committed_versions(
     listed = json.loads(cli("tables", "--json"))
     assert listed["pending"] == 0
     assert [(t["identifier"], t["last_version"], t["published"]) for t in listed["tables"]] == [
-        ("trace.blocks", 2, 5)
+        ("trace.blocks", 2, 3)
     ]
     assert listed["tables"][0]["metadata_location"] == table.metadata_location
 
@@ -222,3 +217,20 @@ def test_a_local_store_publishes_file_uris_and_a_new_column_evolves_the_table(
     scanned = table.scan().to_arrow()
     assert rows(scanned) == rows(state.reader(objects).read("blocks", [A, B]))
     assert sorted(scanned.column("nonce").to_pylist(), key=str) == [0, 1, 2, 3, 4, *[None] * 5]
+
+
+def test_an_open_range_reaches_the_table_once_sealed(
+    state: StateStoreResource, objects: ObjectStoreResource, publisher: IcebergPublisher
+) -> None:
+    """The head tier's appends are not snapshots; the range's sealed version is one."""
+    with state.writer(objects) as writer:
+        writer.write("blocks", OPEN, data(100, 3, "h1"), mode="append")
+        writer.write("blocks", OPEN, data(103, 3, "h2"), mode="append")
+        assert [p.operation for p in publisher.publish().published] == ["open", "open"]
+        assert publisher.snapshot_of("blocks", OPEN, 2) is None
+        sealed = writer.write("blocks", OPEN, data(100, 50, "sealed"))
+    [done] = publisher.publish().published
+    assert (done.version, done.operation) == (sealed.version.version, "append")
+    table = publisher.catalog.load_table(table_identifier("blocks"))
+    assert len(table.snapshots()) == 1
+    assert rows(table.scan().to_arrow()) == rows(state.reader(objects).read("blocks", [OPEN]))

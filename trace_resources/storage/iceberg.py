@@ -1,4 +1,4 @@
-"""Open tables: every committed version of a dataset is also an Apache Iceberg snapshot of the
+"""Open tables: every committed version of a sealed range is also an Apache Iceberg snapshot of the
 dataset's table in a SQL catalog (pyiceberg's `SqlCatalog`) on the state PostgreSQL, so Spark,
 Trino, DuckDB, polars and pyiceberg read Trace's datasets as tables, with Trace's versions as
 Iceberg time travel.
@@ -12,8 +12,11 @@ that drops files (a replace of a range, a compaction) is an overwrite that delet
 old data files and adds the new ones. Each snapshot carries `trace.outbox-id`, and what was
 published is recorded in `trace_iceberg_published`; a publisher killed between the Iceberg
 commit and its record finds its snapshot by that property on the next pass and only records
-it, so no version is published twice. The snapshots of up to `BATCH` versions of a dataset go
-in one Iceberg commit (one catalog update), all or none. One publisher runs at a time (an
+it, so no version is published twice. The versions of an open range (the head tier's appends,
+a block at a time) are recorded as `open` and not published: the range's rows reach the table
+with its sealed version, one snapshot per range rather than one per block and dataset. The
+snapshots of up to `BATCH` versions of a dataset go in one Iceberg commit (one catalog update),
+all or none. One publisher runs at a time (an
 advisory lock, which snapshot expiry takes too).
 
 Types: Iceberg has no unsigned integers. uint8/uint16 columns are `int`, uint32 columns `long`
@@ -41,7 +44,7 @@ from trace_resources.storage import state as t
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import parse_data_key
-from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent
+from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 
 __all__ = [
@@ -148,7 +151,7 @@ class Published:
     partition_key: str
     version: int
     snapshot_id: int | None
-    operation: str  # append | overwrite | recovered | skipped
+    operation: str  # append | overwrite | recovered | skipped | open (left for the sealed version)
 
 
 @dataclass
@@ -270,18 +273,29 @@ class IcebergPublisher:
                 event.id, dataset, event.partition_key, event.version, snapshot_id, operation
             )
 
-        table = self._load(dataset)
-        landed = self._landed(table)
         results: dict[int, Published] = {}
-        plans: list[tuple[OutboxEvent, list[str], pa.Schema]] = []
+        sealed: list[tuple[OutboxEvent, VersionRecord]] = []
         for event in events:
-            if event.id in landed:  # published by a pass killed before it recorded it
-                results[event.id] = done(event, landed[event.id], "recovered")
-                continue
             try:
                 version = self.versions.read.version(dataset, event.partition_key, event.version)
             except LookupError:  # GC removed the version before it was published
                 results[event.id] = done(event, None, "skipped")
+                continue
+            if version.manifest.is_open:
+                # an open range's append (the head tier, a block at a time): its rows reach
+                # the table with the range's sealed version, one snapshot per range, not per
+                # block (23 versions a second at Monad's pace would outrun any catalog)
+                results[event.id] = done(event, None, "open")
+                continue
+            sealed.append((event, version))
+        if not sealed:
+            return [results[e.id] for e in events]
+        table = self._load(dataset)
+        landed = self._landed(table)
+        plans: list[tuple[OutboxEvent, list[str], pa.Schema]] = []
+        for event, version in sealed:
+            if event.id in landed:  # published by a pass killed before it recorded it
+                results[event.id] = done(event, landed[event.id], "recovered")
                 continue
             keys = [f.key for f in version.manifest.files]
             if not keys:
