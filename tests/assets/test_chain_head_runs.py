@@ -16,6 +16,7 @@ from dagster._core.storage.tags import (
 from dagster._core.utils import make_new_run_id
 
 from tests.conftest import RANGE_SIZE, Devnet
+from tests.utils.dagster_runs import requested_ranges
 from trace_assets.definitions import (
     build_definitions,
     build_resources,
@@ -44,19 +45,6 @@ def _context(
         resources={"chain": resources["chain"], "state": resources["state"]},
         repository_def=defs.get_repository_def(),
     )
-
-
-def _requested(result: dg.SensorResult, keys: list[str]) -> list[str]:
-    """Every range of `keys` the result's runs cover, in order."""
-    covered = []
-    for request in result.run_requests or []:
-        if request.partition_key is not None:
-            covered.append(request.partition_key)
-        else:
-            first = request.tags[ASSET_PARTITION_RANGE_START_TAG]
-            last = request.tags[ASSET_PARTITION_RANGE_END_TAG]
-            covered += [k for k in keys if first <= k <= last]  # zero-padded: block order
-    return covered
 
 
 def test_one_run_materialises_raw_derived_and_alerts_of_the_new_ranges(
@@ -118,7 +106,7 @@ def test_without_a_cursor_it_starts_after_what_is_committed_or_in_flight(
 
     result = chain_head_sensor(_context(instance, test_settings, defs))
     assert isinstance(result, dg.SensorResult)
-    assert _requested(result, keys) == keys[4:]  # neither the committed ranges nor the gap
+    assert requested_ranges(result, keys) == keys[4:]  # neither the committed ranges nor the gap
     assert result.cursor == str(int(keys[-1][13:]))
     added = [k for r in result.dynamic_partitions_requests for k in r.partition_keys]
     assert added == [keys[2], *keys[4:]]  # the gap is registered for the gap-repair sensor
@@ -146,12 +134,12 @@ def test_without_a_cursor_it_starts_after_what_is_committed_or_in_flight(
     )
     after_run = chain_head_sensor(_context(instance, test_settings, defs))
     assert isinstance(after_run, dg.SensorResult)
-    assert _requested(after_run, keys) == keys[5:]
+    assert requested_ranges(after_run, keys) == keys[5:]
 
     # past a cursor too: from range 3 on, the committed range 3 and the range in flight are
     # passed over
     cursor = str(int(keys[2][13:]))
     ticked = chain_head_sensor(_context(instance, test_settings, defs, cursor=cursor))
     assert isinstance(ticked, dg.SensorResult)
-    assert _requested(ticked, keys) == keys[5:]
+    assert requested_ranges(ticked, keys) == keys[5:]
     assert ticked.cursor == result.cursor and not ticked.dynamic_partitions_requests

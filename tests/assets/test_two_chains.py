@@ -34,6 +34,7 @@ from infra.devnet.generate import GENESIS_TIMESTAMP, generate
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import AnvilNode, MotoS3Server, free_port
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
+from tests.utils.dagster_runs import requested_ranges
 from trace_assets.cli.chain import _sync_chain
 from trace_assets.definitions import build_definitions, build_resources
 from trace_assets.derived import transforms
@@ -379,19 +380,6 @@ def test_a_chains_finality_decides_its_finalized_head(
     assert f"devnet2: added {len(added)} block range(s)" in capsys.readouterr().out
 
 
-def _covered(result: SensorExecutionData, keys: list[str]) -> list[str]:
-    """Every range of `keys` the result's runs cover, in order."""
-    covered = []
-    for request in result.run_requests or []:
-        if request.partition_key is not None:
-            covered.append(request.partition_key)
-        else:
-            first = request.tags[ASSET_PARTITION_RANGE_START_TAG]
-            last = request.tags[ASSET_PARTITION_RANGE_END_TAG]
-            covered += [k for k in keys if first <= k <= last]  # zero-padded: block order
-    return covered
-
-
 def test_the_secondary_chain_follows_its_own_finalized_head(
     two_chains: tuple[Settings, list[str], dict[str, dg.ExecuteInProcessResult]],
     devnet2: AnvilNode,
@@ -428,7 +416,7 @@ def test_the_secondary_chain_follows_its_own_finalized_head(
         assert {r.partitions_def_name for r in requests} == {"block_ranges__devnet2"}
         assert [k for r in requests for k in r.partition_keys or []] == expected
         # the ranges committed as devnet2.blocks ... are registered, not requested again
-        assert _covered(result, expected) == expected[RANGES:]
+        assert requested_ranges(result, expected) == expected[RANGES:]
         # its runs hold devnet2's raw datasets and its block-range datasets derived from them
         assert [set(r.asset_selection or []) for r in result.run_requests or []] == [
             DEVNET2_RANGE_ASSETS
@@ -509,7 +497,9 @@ def test_the_secondary_chain_repairs_its_own_gaps(
         assert devnet2.rpc("evm_revert", [snapshot])
 
 
-def _requested(tick: dg.EvaluateAutomationConditionsResult, path: list[str]) -> list[str]:
+def _automation_requested(
+    tick: dg.EvaluateAutomationConditionsResult, path: list[str]
+) -> list[str]:
     return sorted(str(k) for k in tick.get_requested_partitions(dg.AssetKey(path)))
 
 
@@ -535,7 +525,7 @@ def two_chains_derived(
         tick = _tick(settings, automation)
         for prefix, group in chains.items():
             paths = [[prefix, n] if prefix else [n] for n in PARTITIONED_DERIVED]
-            requested |= {"/".join(p): _requested(tick, p) for p in paths}
+            requested |= {"/".join(p): _automation_requested(tick, p) for p in paths}
             partitioned = [a for a in group[1:] if a.partitions_def is not None]
             result = dg.materialize(
                 assets,

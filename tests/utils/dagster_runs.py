@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -147,3 +148,17 @@ def no_dagster_retry_delay(monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.Retry
     assert (policy.max_retries, policy.delay, policy.backoff) == (2, 5, dg.Backoff.EXPONENTIAL)
     monkeypatch.setattr(dg.RetryPolicy, "calculate_delay", lambda self, attempt_num: 0)
     yield policy
+
+
+def requested_ranges(result: dg.SensorResult | Any, keys: list[str]) -> list[str]:
+    """Every range of `keys` a sensor result's runs cover, in order (a run of one partition,
+    or of a range of them by the range tags)."""
+    covered = []
+    for request in result.run_requests or []:
+        if request.partition_key is not None:
+            covered.append(request.partition_key)
+        else:
+            first = request.tags[ASSET_PARTITION_RANGE_START_TAG]
+            last = request.tags[ASSET_PARTITION_RANGE_END_TAG]
+            covered += [k for k in keys if first <= k <= last]  # zero-padded: block order
+    return covered
