@@ -36,7 +36,7 @@ from trace_resources.errors import (
 )
 from trace_resources.settings import RpcEndpoint
 
-__all__ = ["Budget", "EndpointRpc", "Endpoints", "FailoverRpc", "ForkMismatchError"]
+__all__ = ["Budget", "Endpoints", "FailoverRpc", "ForkMismatchError"]
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class Endpoints:
                 requests_per_second=b.own_rps,
                 max_concurrent=b.own_concurrency,
                 max_batch=e.max_batch,
+                name=e.label,
             )
             for e, b in zip(endpoints, self.budgets, strict=True)
         ]
@@ -209,9 +210,9 @@ class Endpoints:
             relay.close()
             relay.upstream.close()
 
-    def rpc(self, index: int) -> EndpointRpc:
+    def rpc(self, index: int) -> JsonRpcClient:
         """Endpoint `index` alone (its own client and limits), named as configured."""
-        return EndpointRpc(self.clients[index], self.label(index))
+        return self.clients[index]
 
     def healthy(self) -> list[int]:
         """The endpoints that have not failed (all of them, if every one has)."""
@@ -297,26 +298,6 @@ class Endpoints:
                         "commits neither; find out which endpoint is wrong and remove it from "
                         "TRACE_RPC_ENDPOINTS (or wait until they agree), then run the range again"
                     )
-
-
-class EndpointRpc:
-    """One endpoint's `JsonRpcClient` under its configured name (`Rpc`)."""
-
-    def __init__(self, client: JsonRpcClient, label: str) -> None:
-        self.client, self.label = client, label
-
-    def call(self, method: str, params: Sequence[Any] = ()) -> Any:
-        return self.client.call(method, params)
-
-    def batch(
-        self,
-        method: str,
-        params_list: Sequence[Sequence[Any]],
-        size: int = 500,
-        *,
-        retry: RetryPolicy | None = None,
-    ) -> list:
-        return self.client.batch(method, params_list, size, retry=retry)
 
 
 class FailoverRpc:

@@ -180,8 +180,10 @@ class JsonRpcClient:
         requests_per_second: float | None = None,
         max_concurrent: int | None = None,
         max_batch: int = 500,
+        name: str | None = None,
     ) -> None:
         self.url = url
+        self.name = name  # the endpoint's configured name, if it has one
         self.retry = retry or RetryPolicy()
         self.max_batch = max_batch
         self._pacer = Pacer(requests_per_second) if requests_per_second else None
@@ -200,8 +202,9 @@ class JsonRpcClient:
 
     @property
     def label(self) -> str:
-        """The URL's host and port: never its path, where providers put keys."""
-        return urlsplit(self.url).netloc.rpartition("@")[2] or self.url
+        """The endpoint's configured name, else the URL's host and port: never its path,
+        where providers put keys."""
+        return self.name or urlsplit(self.url).netloc.rpartition("@")[2] or self.url
 
     def call(self, method: str, params: Sequence[Any] = ()) -> Any:
         """One call, retried on transient faults."""
