@@ -11,6 +11,9 @@ rather than a failed statement; one returned moments ago is not (`pool_pre_ping`
 round trip on each of the hundreds of statements a run makes: its events, partition lookups).
 The webserver still installs its own pool over this one (`optimize_for_webserver`).
 
+Its run storage also keeps a backfill launched moments after a reload from being failed by a
+daemon that has not yet re-read the definitions (`waits_for_new_definitions`).
+
 Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes:
 
     storage:
@@ -23,6 +26,7 @@ Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +34,7 @@ import sqlalchemy as sa
 from dagster import DagsterEventType
 from dagster._core.event_api import EventLogEntry
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres.event_log import PostgresEventLogStorage
@@ -89,10 +94,45 @@ class _PooledEngine:
         self._engine.dispose()  # close the pooled connections with the instance
 
 
+# How long a new backfill waits for the daemon to see definitions the webserver already has.
+# The daemon re-reads a code location ~1 s after the code server changes (its watch thread),
+# and every 60 s regardless (RELOAD_WORKSPACE_INTERVAL); past 90 s the asset really is gone.
+NEW_DEFINITIONS_GRACE_S = 90.0
+_DEFINITIONS_CHANGED = "DagsterAssetBackfillDataLoadError"
+
+
+def waits_for_new_definitions(backfill: PartitionBackfill, now: float) -> bool:
+    """A backfill the daemon is about to fail only because its own copy of the definitions is
+    older than the webserver's: launched moments after a reload (`trace udf apply`, a
+    deployment) for an asset the reload added, before the daemon re-read the code location.
+    Dagster fails it for good ("Asset ... existed at storage-time, but no longer does",
+    dagster-io/dagster#28204), so the user's first Materialize after adding a transform
+    would fail. Such a backfill has requested nothing yet and is young; it stays requested and
+    the daemon's next tick, with the new definitions, runs it."""
+    data = backfill.asset_backfill_data
+    return (
+        backfill.status == BulkActionStatus.FAILING
+        and backfill.error is not None
+        and backfill.error.cls_name == _DEFINITIONS_CHANGED
+        and data is not None
+        and data.requested_subset.is_empty
+        and now - backfill.backfill_timestamp < NEW_DEFINITIONS_GRACE_S
+    )
+
+
 class PooledPostgresRunStorage(_PooledEngine, PostgresRunStorage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._use_pool()
+
+    def update_backfill(self, partition_backfill: PartitionBackfill) -> None:
+        if waits_for_new_definitions(partition_backfill, time.time()):
+            partition_backfill = (  # as it was: requested, no error, no failure counted
+                partition_backfill.with_status(BulkActionStatus.REQUESTED)
+                .with_error(None)
+                .with_failure_count(max(0, partition_backfill.failure_count - 1))
+            )
+        super().update_backfill(partition_backfill)
 
 
 class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
