@@ -3,6 +3,8 @@ seen the table, but never remembers a missing one (a migration may create it mea
 stores a run's planned events as one batch that leaves Dagster's tables as dagster-postgres's
 one-at-a-time path does."""
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +12,13 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 import yaml
+from dagster._core.errors import DagsterAssetBackfillDataLoadError
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
 )
+from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 
 from infra.local.services import PostgresServer
 from trace_resources.instance.storage import PooledPostgresEventLogStorage
@@ -40,6 +45,7 @@ def test_has_table_remembers_present_tables_only(state_dsn: str) -> None:
 PARTITIONS = "storage_test_ranges"
 PARTS = dg.DynamicPartitionsDefinition(name=PARTITIONS)
 KEYS = ["r1", "r2", "r3"]
+POOLED = "trace_resources.instance.storage.PooledPostgresStorage"
 
 
 @dg.asset(
@@ -167,3 +173,77 @@ def test_planned_events_batch_leaves_what_dagster_postgres_leaves(
         if name == "pooled":
             assert 4 in batches  # 3 partitions + 1 check planned in one batch, per run
     assert stored["pooled"] == stored["plain"]
+
+
+# -- a backfill launched before the daemon re-read the definitions ----------------------------
+
+
+def _definitions_changed_error() -> SerializableErrorInfo:
+    """What the backfill daemon records when its copy of the definitions lacks the asset."""
+    try:
+        raise DagsterAssetBackfillDataLoadError(
+            "Asset AssetKey(['ranged']) existed at storage-time, but no longer does. "
+        )
+    except DagsterAssetBackfillDataLoadError:
+        return serializable_error_info_from_exc_info(sys.exc_info())
+
+
+# raised inside dagster 1.13.27's own AssetBackfillData.from_asset_partitions
+@pytest.mark.filterwarnings("ignore:Function `AssetSelection.sources` is deprecated")
+def test_a_new_backfill_waits_for_the_daemon_to_see_a_reloaded_asset(
+    state_dsn: str, tmp_path: Path
+) -> None:
+    """The daemon's "existed at storage-time, but no longer does" on a backfill launched moments
+    after a reload leaves it requested, so its next tick runs it; an old backfill, one that has
+    already requested runs, or any other error still fails as Dagster fails it."""
+    url = state_dsn.replace("postgresql://", "postgresql+psycopg2://", 1)
+    graph = dg.Definitions(assets=[ranged]).get_repository_def().asset_graph
+    now = time.time()
+    with _instance(tmp_path / "home", url, POOLED) as instance:
+        instance.add_dynamic_partitions(PARTITIONS, KEYS)
+
+        def launched(backfill_id: str, at: float) -> PartitionBackfill:
+            backfill = PartitionBackfill.from_asset_partitions(
+                backfill_id=backfill_id,
+                asset_graph=graph,
+                partition_names=KEYS[:1],
+                asset_selection=[dg.AssetKey("ranged")],
+                backfill_timestamp=at,
+                tags={},
+                dynamic_partitions_store=instance,
+                all_partitions=False,
+                title=None,
+                description=None,
+                run_config=None,
+            )
+            instance.add_backfill(backfill)
+            return backfill
+
+        def daemon_fails(backfill: PartitionBackfill, error: SerializableErrorInfo) -> str:
+            instance.update_backfill(  # as dagster._daemon.backfill does on an iteration's error
+                backfill.with_status(BulkActionStatus.FAILING)
+                .with_error(error)
+                .with_failure_count(backfill.failure_count + 1)
+            )
+            stored = instance.get_backfill(backfill.backfill_id)
+            assert stored is not None
+            return stored.status.value
+
+        stale = _definitions_changed_error()
+        young = launched("young", now)
+        assert daemon_fails(young, stale) == "REQUESTED"
+        kept = instance.get_backfill("young")
+        assert kept is not None and kept.error is None and kept.failure_count == 0
+
+        assert daemon_fails(launched("old", now - 600), stale) == "FAILING"
+        other = _definitions_changed_error()._replace(cls_name="DagsterInvariantViolationError")
+        assert daemon_fails(launched("other", now), other) == "FAILING"
+        started = launched("started", now)
+        data = started.asset_backfill_data
+        assert data is not None
+        started = started.with_asset_backfill_data(
+            data._replace(requested_subset=data.target_subset),
+            dynamic_partitions_store=instance,
+            asset_graph=graph,
+        )
+        assert daemon_fails(started, stale) == "FAILING"
