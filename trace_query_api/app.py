@@ -36,6 +36,7 @@ from trace_query_api.metrics import MetricsMiddleware
 from trace_query_api.secure import refuse_insecure_settings
 from trace_query_api.services import Services
 from trace_resources.settings import QuerySettings, get_query_settings
+from trace_resources.telemetry import Tracing
 
 __all__ = ["create_app", "app"]
 
@@ -64,10 +65,12 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     settings = settings or get_query_settings()
     refuse_insecure_settings(settings)
     holder: dict[str, Services] = {}
+    # one tracer per app: each uvicorn worker process exports its own spans
+    tracing = Tracing.configured("trace-query", settings.otlp_endpoint)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings)
+        services = Services(settings, tracing)
         # serve only once the sandbox workers are up (a second or so), so that the first
         # queries do not queue behind their start
         for pool in (services.sandbox, services.exports.sandbox):
@@ -113,6 +116,12 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
         max_task_upload_bytes=settings.query_max_upload_bytes,
     )
     app.add_middleware(_LazyMetricsMiddleware, holder=holder)
+    if tracing.enabled:  # nothing is added when tracing is off
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=tracing.provider, excluded_urls="/healthz$,/readyz$,/metrics$"
+        )
     return app
 
 

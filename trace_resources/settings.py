@@ -442,6 +442,25 @@ class Settings(BaseSettings):
     alerts_sink_batch: int = Field(
         100, gt=0, description="Messages the sink upserts in one Postgres transaction."
     )
+    sink_metrics_port: int | None = Field(
+        None, gt=0, lt=65536, description="Port of the alert sink's Prometheus /metrics (None: off)"
+    )
+    deliverer_metrics_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Port of the alert deliverer's Prometheus /metrics (None: off).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the workers' /metrics listen on (0.0.0.0 inside a container whose "
+        "port the scraper reaches).",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector base URL for traces over OTLP/HTTP, e.g. "
+        "http://localhost:4318 (None: the standard OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off).",
+    )
     # delivery retries: an exponential schedule for a retry period, then the dead letters
     alert_retry_period_s: float = Field(
         86_400.0,

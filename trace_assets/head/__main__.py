@@ -25,6 +25,7 @@ from trace_resources.alert_pipeline.sink import buffer_from_settings
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.compaction import Compactor
+from trace_resources.telemetry import Tracing
 
 log = logging.getLogger("trace_assets.head")
 
@@ -40,7 +41,9 @@ def objects_from(settings: Settings) -> ObjectStoreResource:
     )
 
 
-def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> HeadFollower:
+def build_follower(
+    settings: Settings, metrics: HeadMetrics | None = None, tracing: Tracing | None = None
+) -> HeadFollower:
     """A follower wired to the services the settings name (chain, object store, Postgres
     state and data, the alert buffer)."""
     chain = ChainResource.from_settings(settings)
@@ -58,6 +61,7 @@ def build_follower(settings: Settings, metrics: HeadMetrics | None = None) -> He
         scope=AlertScope(settings.state_dsn),
         max_batch_blocks=settings.head_max_batch_blocks,
         metrics=metrics,
+        tracing=tracing,
     )
 
 
@@ -76,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     metrics = HeadMetrics(settings.head_metrics_port)
-    follower = build_follower(settings, metrics)
+    tracing = Tracing.configured("trace-head-follower", settings.otlp_endpoint)
+    follower = build_follower(settings, metrics, tracing)
     objects = objects_from(settings)
     leader = Leadership(follower.versions.engine, settings.chain_id, stop)
     try:
@@ -102,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         leader.release()
         follower.close()
         metrics.close()
+        tracing.shutdown()
     log.info("follower stopped")
     return 0
 

@@ -27,6 +27,8 @@ evaluation retracts any alert it no longer raises (an orphaned block).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -43,7 +45,7 @@ from trace_assets.alerts.evaluate import RangeData, evaluate_rules, reconcile
 from trace_assets.alerts.scope import AlertScope
 from trace_assets.derived.assets import PARTITIONED_TRANSFORMS
 from trace_assets.head.metrics import HeadMetrics
-from trace_resources.alert_pipeline.queue import SqsBuffer
+from trace_resources.alert_pipeline.queue import BufferMessage, SqsBuffer
 from trace_resources.alert_pipeline.resource import evaluation_lock, load_ledger, save_ledger
 from trace_resources.alert_pipeline.rules import RuleStore, StoredRule
 from trace_resources.chain.extract import BlockRef, ChainClient, ChainHead
@@ -56,6 +58,7 @@ from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedP
 from trace_resources.storage.compaction import Compactor
 from trace_resources.storage.records import BatchNotCommitted, VersionRecord
 from trace_resources.storage.version_store import VersionStore
+from trace_resources.telemetry import TRACEPARENT, Tracing
 
 __all__ = ["HEAD_DATASETS", "HeadFollower", "CycleOutcome", "derived_head_datasets"]
 
@@ -156,6 +159,7 @@ class HeadFollower:
         max_batch_blocks: int = 100,
         metrics: HeadMetrics | None = None,
         on_append: Callable[[CycleOutcome], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.versions = versions
@@ -168,6 +172,7 @@ class HeadFollower:
         self.max_batch_blocks = max(1, max_batch_blocks)
         self.metrics = metrics or HeadMetrics(None)
         self.on_append = on_append
+        self.tracing = tracing or Tracing("trace-head-follower")
         self.derived = derived_head_datasets()
         self.finalized_seen = _FinalizedSeen()
         # the newest committed block and the first block of its partition (None: reload)
@@ -293,12 +298,32 @@ class HeadFollower:
         self._report_lag(head, now)  # the blocks this cycle is about to append are lag too
         partition = range_containing(start, self.range_size)
         last = min(head.finalized, partition.last, start + self.max_batch_blocks - 1)
+        # the trace of these finalized blocks: the run that appends them, its commit, the
+        # alerts it publishes (and, in the sink and deliverer, their delivery)
+        attributes = {
+            "chain.block.first": start,
+            "chain.block.last": last,
+            "partition": partition.key,
+        }
+        with self.tracing.span("finalized_blocks", attributes):
+            return self._append(head, now, partition, start, last, outcome)
+
+    def _append(
+        self,
+        head: ChainHead,
+        now: float,
+        partition: BlockRange,
+        start: int,
+        last: int,
+        outcome: CycleOutcome,
+    ) -> CycleOutcome:
         segment = self._extract(partition, BlockRange(start, last))
         staged: list[StagedPartition] = []
         try:
             source = self._source(segment)
             with ThreadPoolExecutor(1, thread_name_prefix="head-alerts") as pool:
-                alerting = pool.submit(self._evaluate, segment, "finalized")
+                context = contextvars.copy_context()  # the alerts' spans join this trace
+                alerting = pool.submit(context.run, self._evaluate, segment, "finalized")
                 staged = self._stage(segment, source)
                 outcome.alerts = alerting.result()
             started = time.perf_counter()
@@ -436,7 +461,10 @@ class HeadFollower:
     def _commit(self, staged: Sequence[StagedPartition]) -> dict[str, VersionRecord]:
         """Every head dataset's segment in one transaction: all or nothing."""
         try:
-            results = self.writer.commit_together(staged)
+            with self.tracing.span(
+                "head.commit", {"datasets": [s.attempt.dataset for s in staged]}
+            ):
+                results = self.writer.commit_together(staged)
         except BatchNotCommitted as exc:
             if isinstance(exc.__cause__, PartitionSealedError):
                 raise exc.__cause__ from None
@@ -481,10 +509,22 @@ class HeadFollower:
         with evaluation_lock(self.data_engine, key):
             previous = load_ledger(self.data_engine, key, in_force, blocks=blocks)
             plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
-            self.buffer.send(plan.messages)
+            with self.tracing.span("alert.publish", {"alert.messages": len(plan.messages)}):
+                self.buffer.send(self._traced(plan.messages))
             save_ledger(self.data_engine, key, plan.ledger)
         self.metrics.alerts(confirmation, len(plan.messages))
         return len(plan.messages)
+
+    def _traced(self, messages: Sequence[BufferMessage]) -> Sequence[BufferMessage]:
+        """The messages carrying the publishing span's traceparent to the sink (and through
+        the alert's row to the deliverer); unchanged when tracing is off."""
+        parent = self.tracing.traceparent()
+        if parent is None:
+            return messages
+        return [
+            dataclasses.replace(m, destination={**m.destination, TRACEPARENT: parent})
+            for m in messages
+        ]
 
     def _evaluate_safe(self, head: ChainHead) -> int:
         """Rules with `confirmation: safe`: evaluate the blocks above `finalized` up to `safe`

@@ -77,6 +77,7 @@ from typing import Any
 import httpcore
 import httpx
 import sqlalchemy as sa
+from opentelemetry.trace import StatusCode
 from pydantic import ValidationError
 
 from trace_resources.alert_pipeline import tables as t
@@ -95,6 +96,8 @@ from trace_resources.alert_pipeline.rules import (
 from trace_resources.sealed import Keyring, SealError, is_sealed, secret_context
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
+from trace_resources.telemetry import TRACEPARENT, Tracing
+from trace_resources.worker_metrics import DelivererMetrics
 
 __all__ = [
     "Claim",
@@ -439,8 +442,12 @@ class Deliverer:
         rng: random.Random | None = None,
         outbound: OutboundPolicy | None = None,
         keyring: Keyring | None = None,
+        metrics: DelivererMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics
+        self.tracing = tracing or Tracing("trace-alert-deliverer")
         self.policy = policy or DeliveryPolicy()
         if outbound is None or keyring is None:
             settings = get_settings()
@@ -545,6 +552,8 @@ class Deliverer:
                 )
         with self._stats_lock:
             self.stats.rate_limited += len(deferred)
+        if self.metrics is not None and deferred:
+            self.metrics.rate_limited.inc(len(deferred))
         return [
             Claim(c.dedupe_key, c.channel, c.attempts + 1, c.payload, c.destination, c.replays)
             for c in allowed
@@ -751,20 +760,41 @@ class Deliverer:
 
     def deliver(self, claim: Claim) -> bool:
         """Send one claimed row and record the outcome; True when delivered."""
-        failure: DeliveryError | None
+        parent = claim.destination.get(TRACEPARENT)
+        attributes = {
+            "alert.dedupe_key": claim.dedupe_key,
+            "alert.channel": claim.channel,
+            "alert.attempt": claim.attempts,
+        }
+        with self.tracing.span(
+            "alert.deliver", attributes, parent=parent if isinstance(parent, str) else None
+        ) as span:
+            failure = self._send_measured(claim)
+            crash_point("deliver.after_send")
+            outcome = self._record(claim, failure)
+            span.set_attribute("alert.outcome", outcome)
+            if failure is not None:
+                span.set_status(StatusCode.ERROR, str(failure))
+        return failure is None
+
+    def _send_measured(self, claim: Claim) -> DeliveryError | None:
+        started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
             self.send(claim)
-            failure = None
+            return None
         except DeliveryError as exc:
-            failure = exc
+            return exc
         except Exception:  # a poison alert must not take the worker down
             log.exception(
                 "delivery %s -> %s: unexpected error", claim.dedupe_key[:16], claim.channel
             )
-            failure = DeliveryError("internal error (see the deliverer's log)")
-        crash_point("deliver.after_send")
-        self._record(claim, failure)
-        return failure is None
+            return DeliveryError("internal error (see the deliverer's log)")
+        finally:
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
+                self.metrics.seconds.observe(time.perf_counter() - started)
 
     def retry_schedule(
         self,
@@ -800,7 +830,7 @@ class Deliverer:
             retry_until=retry_until,
         )
 
-    def _record(self, claim: Claim, failure: DeliveryError | None) -> None:
+    def _record(self, claim: Claim, failure: DeliveryError | None) -> str:
         d, at = t.deliveries, t.delivery_attempts
         where = (
             (d.c.dedupe_key == claim.dedupe_key)
@@ -841,6 +871,8 @@ class Deliverer:
                 )
             )
         self._count(claim, decision.outcome)
+        if self.metrics is not None:
+            self.metrics.attempts.labels(decision.outcome).inc()
         if failure is not None:
             log.warning(
                 "delivery %s -> %s attempt %d %s: %s%s",
@@ -851,6 +883,7 @@ class Deliverer:
                 error,
                 f" ({decision.reason})" if decision.reason else "",
             )
+        return decision.outcome
 
     @staticmethod
     def _row_values(decision: _Decision, error: str | None) -> dict[str, Any]:
@@ -923,7 +956,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         sys.stderr.write(f"deliverer: invalid settings: {problems}\n")
         return 2
-    deliverer = Deliverer(t.data_engine(settings.data_dsn), DeliveryPolicy.from_settings(settings))
+    metrics = DelivererMetrics(settings.deliverer_metrics_port, settings.metrics_host)
+    deliverer = Deliverer(
+        t.data_engine(settings.data_dsn),
+        DeliveryPolicy.from_settings(settings),
+        metrics=metrics,
+        tracing=Tracing.configured("trace-alert-deliverer", settings.otlp_endpoint),
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         deliverer.stopping.set()
@@ -952,6 +991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = deliverer.run(poll_s=args.poll)
     finally:
         deliverer.close()
+        deliverer.tracing.shutdown()
+        metrics.close()
     log.info("deliverer stopped: %s", stats)
     return 0
 

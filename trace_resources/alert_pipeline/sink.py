@@ -31,6 +31,8 @@ from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.queue import BufferMessage, Received, SqsBuffer
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
+from trace_resources.telemetry import TRACEPARENT, Tracing
+from trace_resources.worker_metrics import SinkMetrics
 
 __all__ = ["Sink", "SinkStats", "dedupe_batch", "upsert_messages", "main"]
 
@@ -121,12 +123,16 @@ class Sink:
         *,
         batch: int = 100,
         dead_letters: SqsBuffer | None = None,
+        metrics: SinkMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.buffer = buffer
         self.engine = engine
         self.batch = batch
         self.dead_letters = dead_letters
         self.stats = SinkStats()
+        self.metrics = metrics
+        self.tracing = tracing
         self.stopping = threading.Event()
 
     def cycle(self, wait_s: int = 1) -> int:
@@ -144,14 +150,51 @@ class Sink:
         if poison:
             self._dead_letter(poison)
         messages = [m for r in good for m in r.messages]
-        inserted = upsert_messages(self.engine, messages)
-        crash_point("sink.after_upsert")
-        self.buffer.delete([r.receipt for r in good])
+        started = time.perf_counter()
+        spans, messages = self._traced(messages)
+        try:
+            inserted = upsert_messages(self.engine, messages)
+            crash_point("sink.after_upsert")
+            self.buffer.delete([r.receipt for r in good])
+        finally:
+            for span in spans:
+                span.end()
+        if self.metrics is not None:
+            self.metrics.received.inc(len(messages))
+            self.metrics.inserted.inc(inserted)
+            self.metrics.duplicates.inc(len(messages) - inserted)
+            self.metrics.poison.inc(len(poison))
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
         self.stats.received += len(messages) + len(poison)
         self.stats.inserted += inserted
         self.stats.duplicates += len(messages) - inserted
         self.stats.poison += len(poison)
         self.stats.batches += 1
+
+    def _traced(self, messages: list[BufferMessage]) -> tuple[list[Any], list[BufferMessage]]:
+        """One `alert.sink` span per trace the batch's messages came with (the child of the
+        span that published them); each message then carries its sink span's traceparent
+        into the alert's row, where the deliverer picks it up."""
+        if self.tracing is None or not self.tracing.enabled:
+            return [], messages
+        spans: dict[str, Any] = {}
+        handed_on: dict[str, str | None] = {}
+        counts: dict[str, int] = {}
+        out = []
+        for message in messages:
+            parent = message.destination.get(TRACEPARENT)
+            if not isinstance(parent, str):
+                out.append(message)
+                continue
+            if parent not in spans:
+                spans[parent] = self.tracing.start("alert.sink", parent=parent)
+                handed_on[parent] = self.tracing.traceparent(spans[parent])
+            destination = {**message.destination, TRACEPARENT: handed_on[parent]}
+            out.append(BufferMessage(message.dedupe_key, message.payload, destination))
+            counts[parent] = counts.get(parent, 0) + 1
+        for parent, span in spans.items():
+            span.set_attribute("alert.messages", counts[parent])
+        return list(spans.values()), out
 
     def _dead_letter(self, poison: list[Received]) -> None:
         if self.dead_letters is None:
@@ -199,11 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sink %(levelname)s %(message)s")
     settings = get_settings()
     queue = args.queue or settings.alerts_queue
+    metrics = SinkMetrics(settings.sink_metrics_port, settings.metrics_host)
+    tracing = Tracing.configured("trace-alert-sink", settings.otlp_endpoint)
     sink = Sink(
         buffer_from_settings(settings, queue),
         t.data_engine(settings.data_dsn),
         batch=settings.alerts_sink_batch,
         dead_letters=buffer_from_settings(settings, f"{queue}-dlq"),
+        metrics=metrics,
+        tracing=tracing,
     )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -213,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     log.info("sink ready on queue %s", queue)  # from here on SIGTERM drains and flushes
     started = time.monotonic()
-    stats = sink.run(idle_wait_s=args.idle_wait)
+    try:
+        stats = sink.run(idle_wait_s=args.idle_wait)
+    finally:
+        tracing.shutdown()
+        metrics.close()
     log.info("sink ran %.1fs, %d batches", time.monotonic() - started, stats.batches)
     return 0
 
