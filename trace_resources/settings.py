@@ -456,6 +456,11 @@ class Settings(BaseSettings):
         description="Address the workers' /metrics listen on (0.0.0.0 inside a container whose "
         "port the scraper reaches).",
     )
+    metrics_pushgateway: str | None = Field(
+        None,
+        description="Prometheus Pushgateway URL that ingest runs push their metrics to when their "
+        "step ends, e.g. http://localhost:9091 (None: not pushed).",
+    )
     otlp_endpoint: str | None = Field(
         None,
         description="OpenTelemetry collector base URL for traces over OTLP/HTTP, e.g. "

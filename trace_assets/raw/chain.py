@@ -42,8 +42,10 @@ from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
+from trace_resources.ingest_metrics import push_ingest_metrics
 from trace_resources.registry import declarations
 from trace_resources.resources import ChainResource
+from trace_resources.settings import get_settings
 from trace_resources.storage.commit import DatasetReader, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import (
     COMMIT_MODE_METADATA,
@@ -54,6 +56,7 @@ from trace_resources.storage.io_manager import (
     versioned_output,
 )
 from trace_resources.storage.records import CommitHook, CommitResult
+from trace_resources.telemetry import Tracing
 
 __all__ = ["raw_chain", "RAW_ASSET_KEYS", "RawChain", "build_raw_chain", "chain_partitions"]
 
@@ -221,8 +224,15 @@ def _raw_chain_step(
     if selected:
         committed: dict[str, dict[str, CommitResult]] = {name: {} for name in RAW_DATASETS}
         agreements: list[HeadAgreement] = []
+        settings = get_settings()
+        tracing = Tracing.configured("trace-ingest", settings.otlp_endpoint)
+        started, succeeded = time.perf_counter(), False
         try:
-            _ingest(context, chain, dataset_io_manager, committed, agreements, evaluated, raw)
+            attributes = {"dagster.run_id": context.run.run_id, "partitions": keys}
+            with tracing.span("ingest.run", attributes) as span:
+                _ingest(context, chain, dataset_io_manager, committed, agreements, evaluated, raw)
+                span.set_attribute("ranges", len(committed[RAW_DATASETS[0]]))
+            succeeded = True
         except Exception:
             # what was committed stays committed: say so, in the log and in the asset graph
             done = sorted(committed[RAW_DATASETS[0]])
@@ -235,6 +245,16 @@ def _raw_chain_step(
                 )
             yield from _materialisations(dataset_io_manager, committed, RAW_DATASETS, raw)
             raise
+        finally:
+            tracing.shutdown()
+            push_ingest_metrics(
+                settings.metrics_pushgateway,
+                chain.chain_id,
+                ranges=len(committed[RAW_DATASETS[0]]),
+                rows=sum(r.version.manifest.rows for c in committed.values() for r in c.values()),
+                seconds=time.perf_counter() - started,
+                succeeded=succeeded,
+            )
         disagreements = [a for a in agreements if not a.ok]
         for agreement in disagreements:
             context.log.error(agreement.summary())

@@ -1,0 +1,67 @@
+"""Prometheus metrics of ingest runs, pushed to a Pushgateway when the run's step ends.
+
+A raw ingest run is a batch job (a Dagster run process that lives for one step), gone before
+Prometheus could scrape it, so it pushes instead (`TRACE_METRICS_PUSHGATEWAY`, e.g.
+`http://pushgateway:9091`; unset: nothing is pushed and prometheus-client is not imported).
+One group per chain (`job="trace_ingest", chain="<id>"`): each push replaces the group, so
+the gauges read "the last run", and `trace_ingest_last_success_timestamp_seconds` only moves
+on success (alert on `time() - it` to catch ingest that stopped, the Pushgateway's own advice
+for batch jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+__all__ = ["push_ingest_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+def push_ingest_metrics(
+    gateway: str | None,
+    chain_id: int,
+    *,
+    ranges: int,
+    rows: int,
+    seconds: float,
+    succeeded: bool,
+    last_success: float | None = None,
+) -> bool:
+    """Push the run's metrics; False (logged, never raised) when the gateway does not take them:
+    a monitoring outage must not fail an ingest run that committed."""
+    if not gateway:
+        return False
+    from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, registry=registry).set(value)
+
+    gauge("trace_ingest_last_run_ranges", "Block ranges the last ingest run committed.", ranges)
+    gauge("trace_ingest_last_run_rows", "Rows (all raw datasets) the last run committed.", rows)
+    gauge("trace_ingest_last_run_seconds", "Wall time of the last ingest run's step.", seconds)
+    gauge(
+        "trace_ingest_last_run_failed", "1 when the last ingest run failed.", 0 if succeeded else 1
+    )
+    if succeeded:
+        gauge(
+            "trace_ingest_last_success_timestamp_seconds",
+            "Unix time the last successful ingest run ended.",
+            last_success or time.time(),
+        )
+    try:
+        # pushadd (POST): a failed run keeps the group's last success timestamp
+        pushadd_to_gateway(
+            gateway,
+            job="trace_ingest",
+            grouping_key={"chain": str(chain_id)},
+            registry=registry,
+            timeout=5,
+        )
+    except OSError as exc:
+        log.warning("ingest metrics not pushed to %s: %s", gateway, exc)
+        return False
+    return True
