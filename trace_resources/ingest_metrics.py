@@ -13,10 +13,35 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-__all__ = ["push_ingest_metrics"]
+__all__ = ["push_ingest_metrics", "ingest_registry"]
 
 log = logging.getLogger(__name__)
+
+
+def ingest_registry(
+    ranges: int, rows: int, seconds: float, succeeded: bool, last_success: float | None = None
+) -> Any:
+    """The metrics of one ingest run, on a registry of their own."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, registry=registry).set(value)
+
+    gauge("trace_ingest_last_run_ranges", "Block ranges the last ingest run committed.", ranges)
+    gauge("trace_ingest_last_run_rows", "Rows (all raw datasets) the last run committed.", rows)
+    gauge("trace_ingest_last_run_seconds", "Wall time of the last ingest run's step.", seconds)
+    gauge("trace_ingest_last_run_failed", "1 when the last ingest run failed.", int(not succeeded))
+    if succeeded:
+        gauge(
+            "trace_ingest_last_success_timestamp_seconds",
+            "Unix time the last successful ingest run ended.",
+            last_success or time.time(),
+        )
+    return registry
 
 
 def push_ingest_metrics(
@@ -33,25 +58,9 @@ def push_ingest_metrics(
     a monitoring outage must not fail an ingest run that committed."""
     if not gateway:
         return False
-    from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+    from prometheus_client import pushadd_to_gateway
 
-    registry = CollectorRegistry()
-
-    def gauge(name: str, doc: str, value: float) -> None:
-        Gauge(name, doc, registry=registry).set(value)
-
-    gauge("trace_ingest_last_run_ranges", "Block ranges the last ingest run committed.", ranges)
-    gauge("trace_ingest_last_run_rows", "Rows (all raw datasets) the last run committed.", rows)
-    gauge("trace_ingest_last_run_seconds", "Wall time of the last ingest run's step.", seconds)
-    gauge(
-        "trace_ingest_last_run_failed", "1 when the last ingest run failed.", 0 if succeeded else 1
-    )
-    if succeeded:
-        gauge(
-            "trace_ingest_last_success_timestamp_seconds",
-            "Unix time the last successful ingest run ended.",
-            last_success or time.time(),
-        )
+    registry = ingest_registry(ranges, rows, seconds, succeeded, last_success)
     try:
         # pushadd (POST): a failed run keeps the group's last success timestamp
         pushadd_to_gateway(
