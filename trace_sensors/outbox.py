@@ -32,7 +32,9 @@ from typing import Any
 import dagster as dg
 
 from trace_resources.failures import as_dagster_failure
+from trace_resources.pushed_metrics import push_relay_metrics
 from trace_resources.resources import StateStoreResource
+from trace_resources.settings import get_settings
 from trace_resources.storage.io_manager import data_version_tags
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.records import COMMITTED_EVENT, OutboxEvent, VersionRecord
@@ -61,6 +63,16 @@ class RelayOutcome:
     deferred: int = 0  # its run is still in progress: next tick
     appended: int = 0  # the head follower's appends to open ranges: not relayed
     cursor: int | None = None
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "relayed": len(self.relayed),
+            "recorded": self.recorded,
+            "superseded": self.superseded,
+            "not_assets": self.not_assets,
+            "deferred": self.deferred,
+            "appended": self.appended,
+        }
 
     def summary(self) -> str:
         return (
@@ -211,6 +223,7 @@ def _evaluate(
         outcome = relay_outbox(
             context.instance, state.versions(), known_assets=known, settle_s=state.outbox_settle_s
         )
+    push_relay_metrics(get_settings().metrics_pushgateway, outcome.counts())
     if outcome.cursor is None:
         return dg.SkipReason(f"nothing to relay: {outcome.summary()}")
     cursor = max(outcome.cursor, int(context.cursor or 0))

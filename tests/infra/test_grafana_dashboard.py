@@ -1,6 +1,7 @@
 """The Grafana dashboard (infra/grafana/trace.json) parses, and every panel's expression names
 only metrics that Trace's processes export: the query service, the head follower, the alert
-sink and deliverer (all scraped), and the ingest runs (pushed). A renamed metric breaks this."""
+sink and deliverer (all scraped), the ingest runs and the outbox relay (pushed). A renamed
+metric breaks this."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from trace_assets.head.metrics import HeadMetrics
 from trace_query_api.metrics import Metrics
-from trace_resources.ingest_metrics import ingest_registry
+from trace_resources.pushed_metrics import ingest_registry, relay_registry
 from trace_resources.worker_metrics import DelivererMetrics, SinkMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "trace.json"
@@ -42,6 +43,7 @@ def all_exported() -> set[str]:
         sink.registry,
         deliverer.registry,
         ingest_registry(ranges=1, rows=1, seconds=1.0, succeeded=True),
+        relay_registry({}),
     ]
     return set().union(*(exported(r) for r in registries))
 
@@ -77,6 +79,7 @@ def test_the_dashboard_parses_and_every_expression_names_an_exported_metric() ->
         "trace_sink_",
         "trace_delivery_",
         "trace_ingest_",
+        "trace_relay_",
     ):
         assert any(m.startswith(prefix) for m in used), prefix
     ids = [p["id"] for p in panels(dashboard)]

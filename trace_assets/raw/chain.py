@@ -42,7 +42,7 @@ from trace_resources.chain.extract import ChainClient, RangeData
 from trace_resources.chain.ranges import BlockRange, parse_partition_key
 from trace_resources.chain.schemas import RAW_DATASETS, RAW_DESCRIPTIONS, RAW_SCHEMAS, RawDataset
 from trace_resources.failures import as_dagster_failure
-from trace_resources.ingest_metrics import push_ingest_metrics
+from trace_resources.pushed_metrics import push_ingest_metrics
 from trace_resources.registry import declarations
 from trace_resources.resources import ChainResource
 from trace_resources.settings import get_settings

@@ -1,6 +1,6 @@
-"""An ingest run (a batch job, gone before any scrape) pushes its metrics to a Pushgateway when
-its step ends, and traces itself (`ingest.run`) to the OTLP collector; a gateway that is down
-fails nothing."""
+"""What is too short-lived to scrape pushes its metrics to a Pushgateway: an ingest run (a batch
+job) when its step ends, and traces itself (`ingest.run`) to the OTLP collector; the outbox
+relay (a sensor) after each tick. A gateway that is down fails nothing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import dagster as dg
+import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +19,11 @@ from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet
 from tests.utils.dagster_runs import materialize_keys
 from tests.utils.otlp_collector import OtlpCollector
 from trace_resources.chain.ranges import complete_ranges
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
+from trace_resources.storage.commit import PartitionData
+from trace_resources.storage.paths import UNPARTITIONED
+from trace_sensors.outbox import build_outbox_relay_sensor
 
 
 class Pushgateway:
@@ -32,7 +37,7 @@ class Pushgateway:
             def _take(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
                 samples = {
-                    s.name: s.value
+                    s.name + "".join(f'{{{k}="{v}"}}' for k, v in s.labels.items()): s.value
                     for family in text_string_to_metric_families(body)
                     for s in family.samples
                 }
@@ -101,3 +106,23 @@ def test_a_pushgateway_that_is_down_fails_no_ingest_run(
     result, instance = materialize_keys(test_settings, [key], dg.DagsterInstance.ephemeral())
     instance.dispose()
     assert result.success
+
+
+def test_each_relay_tick_pushes_what_became_of_the_outbox_events(
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    pushgateway: Pushgateway,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRACE_METRICS_PUSHGATEWAY", pushgateway.url)
+    with state.writer(objects) as writer:  # a commit Dagster never heard of
+        writer.write("relayed_table", UNPARTITIONED, PartitionData(pa.table({"n": [1, 2]})))
+    sensor = build_outbox_relay_sensor()
+    with dg.DagsterInstance.ephemeral() as instance:
+        for _ in range(2):
+            sensor(dg.build_sensor_context(instance=instance, resources={"state": state}))
+    first, second = pushgateway.pushes
+    assert first[:2] == ("PUT", "/metrics/job/trace_outbox_relay")
+    assert first[2]['trace_relay_last_tick_events{outcome="relayed"}'] == 1
+    assert second[2]['trace_relay_last_tick_events{outcome="relayed"}'] == 0  # the last tick's
+    assert second[2]["trace_relay_last_tick_timestamp_seconds"] > 0

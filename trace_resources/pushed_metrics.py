@@ -1,4 +1,8 @@
-"""Prometheus metrics of ingest runs, pushed to a Pushgateway when the run's step ends.
+"""Prometheus metrics of the processes too short-lived to scrape, pushed to a Pushgateway.
+
+Ingest runs push when the run's step ends; the outbox relay (a Dagster sensor, evaluated
+tick by tick in whichever code-server process Dagster runs it) pushes after each tick, as
+`job="trace_outbox_relay"`: its last tick's counts and when it ran.
 
 A raw ingest run is a batch job (a Dagster run process that lives for one step), gone before
 Prometheus could scrape it, so it pushes instead (`TRACE_METRICS_PUSHGATEWAY`, e.g.
@@ -15,7 +19,12 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["push_ingest_metrics", "ingest_registry"]
+__all__ = [
+    "push_ingest_metrics",
+    "ingest_registry",
+    "push_relay_metrics",
+    "relay_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,5 +81,47 @@ def push_ingest_metrics(
         )
     except OSError as exc:
         log.warning("ingest metrics not pushed to %s: %s", gateway, exc)
+        return False
+    return True
+
+
+RELAY_COUNTS = ("relayed", "recorded", "superseded", "not_assets", "deferred", "appended")
+
+
+def relay_registry(counts: dict[str, int], at: float | None = None) -> Any:
+    """The outbox relay's last tick: events by what became of them, and when it ran."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    events = Gauge(
+        "trace_relay_last_tick_events",
+        "Outbox events of the relay's last tick by what became of them (relayed to Dagster, "
+        "already recorded, superseded, not assets, deferred while their run is in progress, "
+        "head appends).",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in RELAY_COUNTS:
+        events.labels(outcome).set(counts.get(outcome, 0))
+    Gauge(
+        "trace_relay_last_tick_timestamp_seconds",
+        "Unix time of the relay's last tick.",
+        registry=registry,
+    ).set(at or time.time())
+    return registry
+
+
+def push_relay_metrics(gateway: str | None, counts: dict[str, int]) -> bool:
+    """Push the tick's counts (PUT: the group is the last tick's); False when not taken."""
+    if not gateway:
+        return False
+    from prometheus_client import push_to_gateway
+
+    try:
+        push_to_gateway(
+            gateway, job="trace_outbox_relay", registry=relay_registry(counts), timeout=5
+        )
+    except OSError as exc:
+        log.warning("relay metrics not pushed to %s: %s", gateway, exc)
         return False
     return True
