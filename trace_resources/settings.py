@@ -466,6 +466,18 @@ class Settings(BaseSettings):
         description="OpenTelemetry collector base URL for traces over OTLP/HTTP, e.g. "
         "http://localhost:4318 (None: the standard OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off).",
     )
+
+    @field_validator("otlp_endpoint", "metrics_pushgateway")
+    @classmethod
+    def _observability_url_is_http(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"TRACE_{str(info.field_name).upper()} must be an http(s) URL such as "
+                f"http://localhost:{4318 if info.field_name == 'otlp_endpoint' else 9091}: "
+                f"{value!r}"
+            )
+        return value
+
     # delivery retries: an exponential schedule for a retry period, then the dead letters
     alert_retry_period_s: float = Field(
         86_400.0,

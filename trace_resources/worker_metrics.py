@@ -20,13 +20,21 @@ _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class WorkerMetrics:
     """A registry, and its HTTP server when `port` is set; `close()` stops the server."""
 
+    setting = "the metrics port"
+
     def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
         # imported by the workers that keep metrics, not with the module
         from prometheus_client import CollectorRegistry, start_http_server
 
         self.registry = CollectorRegistry()
         self._define(self.registry)
-        self.server = start_http_server(port, host, registry=self.registry) if port else None
+        try:
+            self.server = start_http_server(port, host, registry=self.registry) if port else None
+        except OSError as exc:
+            raise OSError(
+                f"can not serve /metrics on {host}:{port} ({exc.strerror or exc}): set "
+                f"{self.setting} to a free port, or unset it"
+            ) from None
 
     def _define(self, registry: Any) -> None:
         raise NotImplementedError
@@ -46,6 +54,8 @@ class WorkerMetrics:
 
 class SinkMetrics(WorkerMetrics):
     """The alert sink: buffer messages drained into Postgres data."""
+
+    setting = "TRACE_SINK_METRICS_PORT"
 
     def _define(self, registry: Any) -> None:
         from prometheus_client import Counter, Histogram
@@ -77,7 +87,9 @@ class SinkMetrics(WorkerMetrics):
 
 
 class DelivererMetrics(WorkerMetrics):
-    """The alert deliverer: attempts and their outcomes, per channel kind."""
+    """The alert deliverer: attempts and their outcomes."""
+
+    setting = "TRACE_DELIVERER_METRICS_PORT"
 
     def _define(self, registry: Any) -> None:
         from prometheus_client import Counter, Gauge, Histogram

@@ -79,3 +79,23 @@ def test_an_endpoint_that_is_not_a_url_is_refused_with_how_to_fix_it(
             otlp_endpoint("collector:4318")
         else:
             otlp_endpoint(None)
+
+
+def test_bad_observability_settings_are_refused_in_one_line_that_says_how_to_fix_them() -> None:
+    import socket
+
+    from pydantic import ValidationError
+
+    from trace_resources.settings import Settings
+    from trace_resources.worker_metrics import SinkMetrics
+
+    with pytest.raises(ValidationError, match=r"TRACE_OTLP_ENDPOINT must be an http\(s\) URL"):
+        Settings(otlp_endpoint="localhost:4318")
+    with pytest.raises(ValidationError, match="TRACE_METRICS_PUSHGATEWAY must be an http"):
+        Settings(metrics_pushgateway="pushgateway:9091")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"127.0.0.1:{port} .*TRACE_SINK_METRICS_PORT to a free"):
+            SinkMetrics(port)
