@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from trace_resources.settings import Settings, TapConfig, TapSource
 
-__all__ = ["Hub", "Tap", "configure", "hub", "offer", "reset", "EXIT_FLUSH_S"]
+__all__ = ["Hub", "Tap", "configure", "hub", "offer", "reset", "tap_metric", "EXIT_FLUSH_S"]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,10 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _metric() -> Any:
-    """`trace_tap_events_total{tap, outcome}` in the default Prometheus registry (created once
-    per process; None without prometheus_client)."""
+def tap_metric() -> Any:
+    """`trace_tap_events_total{tap, outcome}`, created once per process in the default
+    Prometheus registry; a process serving its own registry registers it there too
+    (`registry.register(tap_metric())`). None without prometheus_client."""
     global _COUNTER
     if _COUNTER is None:
         try:
@@ -190,7 +191,7 @@ class Tap:
             except queue.Full:
                 self.dropped += 1
                 accepted = False
-        counter = _metric()
+        counter = tap_metric()
         if counter is not None:
             counter.labels(self.config.name, "offered").inc()
             if not accepted:
@@ -250,7 +251,7 @@ class Tap:
                     self.last_error = None
                 else:
                     self.failed += len(batch)
-            counter = _metric()
+            counter = tap_metric()
             if counter is not None:
                 counter.labels(self.config.name, "written" if sent else "failed").inc(len(batch))
             self._save_counters()
