@@ -327,6 +327,41 @@ def test_replay_redrives_a_consumer_to_the_same_result(
     replayed.dispose()
 
 
+def test_a_forked_process_taps_as_its_own_producer(
+    tap_env: Any,
+    s3_bucket: str,
+    objects: ObjectStoreResource,
+    state: StateStoreResource,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Dagster run is a fork of a warm worker (threads do not survive a fork): the child
+    starts its own taps, numbers its own events from 1 and sends them before it exits."""
+    tap_env([{"name": "commits", "source": "commits", "to": f"s3://{s3_bucket}/taps/commits"}])
+    writer = state.writer(objects)
+    writer.write("blocks", KEYS[0], PartitionData(_table(3)))
+    assert taps.hub().get("commits").flush(20)  # the parent's writer idle before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: what the run worker's child does around its run
+        code = 1
+        try:
+            for version in (1, 2):
+                taps.offer("commits", {"dataset": "blocks", "version": version}, selector="blocks")
+            code = 0
+        finally:
+            taps.reset()
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    writer.write("blocks", KEYS[0], PartitionData(_table(4)))  # the parent's taps still run
+    assert taps.hub().get("commits").flush(20)
+    settings = get_settings()
+    by_producer: dict[str, list[tuple[int, int]]] = {}
+    for r in read_records(settings, settings.tap_configs()[0]):
+        by_producer.setdefault(r["producer"], []).append((r["seq"], r["event"]["version"]))
+    assert sorted(by_producer.values()) == [[(1, 1), (2, 2)], [(1, 1), (2, 2)]]
+    [row] = _cli_json(capsys, "taps", "--json")
+    assert (row["producers"], row["offered"], row["written"]) == (2, 4, 4)
+
+
 @pytest.fixture
 def hanging_endpoint() -> Iterator[str]:
     """A TCP server that accepts connections and never answers (a stalled destination)."""

@@ -163,6 +163,7 @@ class Tap:
         self.failed = 0
         self.last_error: str | None = None
         self._abandoned = False
+        self._hurry = threading.Event()
         self._stopping = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -207,16 +208,19 @@ class Tap:
             return []
         batch = [first]
         deadline = time.monotonic() + self.config.flush_s
-        while len(batch) < self.config.batch and not self._stopping.is_set():
-            wait = deadline - time.monotonic()
+        while len(batch) < self.config.batch:
             try:
-                batch.append(
-                    self._buffer.get(timeout=max(wait, 0))
-                    if wait > 0
-                    else self._buffer.get_nowait()
-                )
+                batch.append(self._buffer.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            wait = min(deadline - time.monotonic(), 0.05)
+            if wait <= 0 or self._stopping.is_set() or self._hurry.is_set():
                 break
+            try:
+                batch.append(self._buffer.get(timeout=wait))
+            except queue.Empty:
+                continue
         return batch
 
     def _deliver(self, batch: list[Record]) -> bool:
@@ -289,13 +293,17 @@ class Tap:
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything offered so far was written (True) or timeout_s passed."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                done = self.written + self.dropped + self.failed >= self.offered
-            if done:
-                return True
-            time.sleep(0.02)
-        return False
+        self._hurry.set()  # the writer sends what it holds without waiting to fill a batch
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    done = self.written + self.dropped + self.failed >= self.offered
+                if done:
+                    return True
+                time.sleep(0.01)
+            return False
+        finally:
+            self._hurry.clear()
 
     def stop(self, timeout_s: float = EXIT_FLUSH_S) -> None:
         """Send what is buffered (up to timeout_s), then stop the writer; the rest counts as
@@ -318,6 +326,24 @@ class Hub:
     def __init__(self, taps: Sequence[Tap] = ()) -> None:
         self.taps = list(taps)
         self.pid = os.getpid()
+        self._engine: Any = None
+        self._engine_lock = threading.Lock()
+
+    def engine(self, dsn: str) -> Any:
+        """This hub's own pool on the state database (its counters), never shared with a
+        forked child (`forget_connections`)."""
+        with self._engine_lock:
+            if self._engine is None:
+                from trace_resources.storage.migrations import open_engine
+
+                self._engine = open_engine(dsn, "state")
+            return self._engine
+
+    def forget_connections(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them
+        (closing would end the parent's sessions)."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
 
     def for_source(self, source: TapSource) -> list[Tap]:
         return [t for t in self.taps if t.config.source == source]
@@ -330,9 +356,8 @@ class Hub:
             tap.stop(timeout_s)
 
 
-def _saver(state_dsn: str) -> Callable[[Tap], None]:
+def _saver(owner: Hub, state_dsn: str) -> Callable[[Tap], None]:
     def save(tap: Tap) -> None:
-        from trace_resources.storage.state import engine_for
         from trace_resources.storage.taps import TapCounters, save_counters
 
         with tap._lock:
@@ -346,7 +371,7 @@ def _saver(state_dsn: str) -> Callable[[Tap], None]:
                 tap.seq,
                 tap.last_error,
             )
-        save_counters(engine_for(state_dsn), counters)
+        save_counters(owner.engine(state_dsn), counters)
 
     return save
 
@@ -358,6 +383,7 @@ def configure(configs: Sequence[TapConfig], settings: Settings) -> Hub:
         if _HUB is not None and _HUB.pid == os.getpid():
             _HUB.stop()
         producer = producer_id()
+        owner = Hub()
         taps = []
         for config in configs:
             if config.to.startswith("s3://"):
@@ -371,8 +397,11 @@ def configure(configs: Sequence[TapConfig], settings: Settings) -> Hub:
                 send = sqs_sender(
                     config, endpoint_url=settings.sqs_endpoint_url, region=settings.s3_region
                 )
-            taps.append(Tap(config, send, producer=producer, save=_saver(settings.state_dsn)))
-        _HUB = Hub(taps)
+            taps.append(
+                Tap(config, send, producer=producer, save=_saver(owner, settings.state_dsn))
+            )
+        owner.taps = taps
+        _HUB = owner
         return _HUB
 
 
@@ -430,8 +459,16 @@ _HUB: Hub | None = None
 _HUB_LOCK = threading.RLock()
 
 
+# hubs inherited over a fork: kept referenced so their pooled connections (the parent's) are
+# never closed by garbage collection in the child
+_INHERITED: list[Hub] = []
+
+
 def _forget_in_child() -> None:
     global _HUB, _HUB_LOCK
+    if _HUB is not None:
+        _HUB.forget_connections()
+        _INHERITED.append(_HUB)
     _HUB = None
     _HUB_LOCK = threading.RLock()
 
