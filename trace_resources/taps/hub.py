@@ -82,43 +82,44 @@ def tap_metric() -> Any:
 _COUNTER: Any = None
 
 
-def s3_sender(config: TapConfig, producer: str, *, endpoint_url: str | None, region: str) -> Sender:
+def _client(service: str, endpoint_url: str | None, region: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    parts = urlsplit(config.to)
-    bucket, prefix = parts.netloc, parts.path.strip("/")
-    client = boto3.client(
-        "s3",
+    return boto3.client(
+        service,
         endpoint_url=endpoint_url,
         region_name=region,
         config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}),
     )
 
+
+def s3_sender(config: TapConfig, producer: str, *, endpoint_url: str | None, region: str) -> Sender:
+    parts = urlsplit(config.to)
+    bucket, prefix = parts.netloc, parts.path.strip("/")
+    clients: list[Any] = []
+
     def send(records: Sequence[Record]) -> None:
+        if not clients:  # in the writer thread: boto3's import and client cost ~0.3 s
+            clients.append(_client("s3", endpoint_url, region))
         first, last = records[0]["seq"], records[-1]["seq"]
         key = f"{prefix}/{producer}/{first:012d}-{last:012d}.ndjson".lstrip("/")
         body = "".join(_dumps(r) + "\n" for r in records).encode()
-        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson")
+        clients[0].put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson")
 
     return send
 
 
 def sqs_sender(config: TapConfig, *, endpoint_url: str | None, region: str) -> Sender:
-    import boto3
-    from botocore.config import Config
-
     name = urlsplit(config.to).netloc
-    client = boto3.client(
-        "sqs",
-        endpoint_url=endpoint_url,
-        region_name=region,
-        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}),
-    )
     fifo = name.endswith(".fifo")
     url: list[str] = []
+    clients: list[Any] = []
 
     def send(records: Sequence[Record]) -> None:
+        if not clients:  # in the writer thread, as for S3
+            clients.append(_client("sqs", endpoint_url, region))
+        client = clients[0]
         if not url:
             url.append(client.get_queue_url(QueueName=name)["QueueUrl"])
         for start in range(0, len(records), _SQS_BATCH):
@@ -233,6 +234,8 @@ class Tap:
             except Exception as exc:  # noqa: BLE001 - any destination failure is retried
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                 log.warning("tap %s: write failed (%s); retrying", self.config.name, exc)
+                if not self._abandoned:
+                    self._save_counters()  # `trace taps` shows the error while it retries
                 if self._stopping.wait(wait):
                     return False
                 wait = min(wait * 2, _BACKOFF_MAX_S)
@@ -354,6 +357,10 @@ class Hub:
     def stop(self, timeout_s: float = EXIT_FLUSH_S) -> None:
         for tap in self.taps:
             tap.stop(timeout_s)
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
 
 
 def _saver(owner: Hub, state_dsn: str) -> Callable[[Tap], None]:
