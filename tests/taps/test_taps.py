@@ -9,8 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +26,7 @@ import sqlalchemy as sa
 import yaml
 
 from infra.local.services import MotoS3Server
+from tests.alerts.conftest import ROOT, Workers
 from tests.conftest import NewDatabase
 from tests.utils.writes import commit_one, stage_one
 from trace_assets.cli import main as trace_main
@@ -360,6 +363,70 @@ def test_a_forked_process_taps_as_its_own_producer(
     assert sorted(by_producer.values()) == [[(1, 1), (2, 2)], [(1, 1), (2, 2)]]
     [row] = _cli_json(capsys, "taps", "--json")
     assert (row["producers"], row["offered"], row["written"]) == (2, 4, 4)
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    started = Workers()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def test_a_sink_process_sends_its_tap_before_it_exits(
+    s3_server: MotoS3Server,
+    s3_bucket: str,
+    state_dsn: str,
+    new_database: NewDatabase,
+    workers: Workers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The alert sink as its own process, its tap declared in its environment: SIGTERM drains
+    the queue, and the tap's writer sends every accepted alert before the process exits."""
+    data_dsn = new_database(f"data_proc_{os.getpid()}_{next(_counter)}", "data")
+    engine = alert_tables.data_engine(data_dsn)
+    queue_name = f"alerts-{os.getpid()}-{next(_counter)}"
+    declared = [
+        {"name": "alerts", "source": "alerts", "to": f"s3://{s3_bucket}/taps/alerts", "flush_s": 5}
+    ]  # a batch still filling when SIGTERM comes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACE_")}
+    env.update(s3_server.env())
+    env.update(
+        {
+            "TRACE_DATA_DSN": data_dsn,
+            "TRACE_STATE_DSN": state_dsn,
+            "TRACE_SQS_ENDPOINT_URL": s3_server.endpoint_url,
+            "TRACE_ALERTS_QUEUE": queue_name,
+            "TRACE_ALERTS_VISIBILITY_TIMEOUT_S": "5",
+            "TRACE_TAPS": json.dumps(declared),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    sink = workers.start("trace_resources.alert_pipeline.sink", env, "--idle-wait", "1")
+    workers.wait_for_log(sink, "sink ready")
+    messages = _alert_messages(engine, "acme", 7)
+    SqsBuffer(queue_name, endpoint_url=s3_server.endpoint_url, visibility_timeout_s=5).send(
+        messages + messages[:2]
+    )
+
+    def accepted() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM trace_alerts")).scalar_one())
+
+    for _ in range(300):
+        if accepted() == 7:
+            break
+        time.sleep(0.05)
+    Workers.signal(sink, signal.SIGTERM)
+    assert sink.wait(timeout=30) == 0, workers.log(sink)[-2000:]
+    monkeypatch.setenv("TRACE_TAPS", json.dumps(declared))
+    monkeypatch.setenv("TRACE_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    settings = get_settings()
+    records = list(read_records(settings, settings.tap_configs()[0]))
+    assert [r["seq"] for r in records] == list(range(1, 8))
+    assert [BufferMessage.from_dict(r["event"]) for r in records] == messages
+    engine.dispose()
 
 
 @pytest.fixture
