@@ -166,8 +166,6 @@ class Tap:
         self._abandoned = False
         self._hurry = threading.Event()
         self._stopping = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self._thread = threading.Thread(target=self._run, name=f"tap-{config.name}", daemon=True)
         self._thread.start()
 
@@ -188,7 +186,6 @@ class Tap:
             }
             try:
                 self._buffer.put_nowait(record)
-                self._idle.clear()
                 accepted = True
             except queue.Full:
                 self.dropped += 1
@@ -244,8 +241,6 @@ class Tap:
         while True:
             batch = self._next_batch()
             if not batch:
-                if self._buffer.empty():
-                    self._idle.set()
                 if self._stopping.is_set():
                     break
                 continue
@@ -268,7 +263,6 @@ class Tap:
             return
         self._drain_as_failed()
         self._save_counters()
-        self._idle.set()
 
     def _drain_as_failed(self) -> None:
         lost = 0
