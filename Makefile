@@ -21,7 +21,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness bench-udf
+BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness bench-udf bench-taps
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -82,6 +82,9 @@ bench-ingest: install ## ingest benchmark
 
 bench-commit: install ## commit latency/throughput on Postgres, commit share of the ingest
 	$(PYTHON) -m infra.bench.commit
+
+bench-taps: install ## what a wire tap costs a commit (none, healthy tap, stalled tap)
+	$(PYTHON) -m infra.bench.taps
 
 bench-derived: install ## derived datasets: Dagster materialisation vs the same transforms direct
 	$(PYTHON) -m infra.bench.derived

@@ -31,6 +31,8 @@ __all__ = [
     "ChainConfig",
     "CHAIN_NAME_PATTERN",
     "parse_chains",
+    "TapConfig",
+    "parse_taps",
     "Settings",
     "get_settings",
     "QuerySettings",
@@ -232,6 +234,99 @@ def parse_chains(text: str) -> list[ChainConfig]:
     return chains
 
 
+TAP_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+TapSource = Literal["commits", "alerts", "runs"]
+
+
+class TapConfig(BaseModel):
+    """One wire tap (an entry of `TRACE_TAPS`): a copy of one event stream, sent to a
+    secondary destination off the primary path (`trace_resources.taps`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Lowercase identifier (a-z, digits, _ or -): the tap's name.")
+    source: TapSource = Field(
+        description="`commits` (every committed dataset version), `alerts` (every new alert "
+        "the sink accepts) or `runs` (every event of a Dagster run)."
+    )
+    to: str = Field(
+        description="`s3://<bucket>/<prefix>` (newline-delimited JSON objects under the "
+        "prefix) or `sqs://<queue name>` (one message per event)."
+    )
+    select: tuple[str, ...] = Field(
+        (),
+        description="Only these: datasets (commits), organisations (alerts) or jobs (runs); "
+        "empty: all.",
+    )
+    buffer: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Events held in memory per process before new ones are dropped (and counted).",
+    )
+    batch: int = Field(500, ge=1, le=10_000, description="Events per object (s3) at most.")
+    flush_s: float = Field(
+        0.5, gt=0, le=60, description="Seconds the writer waits to fill a batch before writing."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not TAP_NAME_PATTERN.match(value):
+            raise ValueError(
+                f"{value!r} is not a tap name: a lowercase letter, then up to 62 lowercase "
+                "letters, digits, _ or - (e.g. commits-audit)"
+            )
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _destination_known(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        if parts.scheme == "sqs" and parts.netloc and parts.path in ("", "/"):
+            return value
+        raise ValueError(
+            f"{value!r} is no tap destination: use s3://<bucket>/<prefix> or sqs://<queue name>"
+        )
+
+
+def parse_taps(text: str) -> list[TapConfig]:
+    """`TRACE_TAPS` (a JSON list of `TapConfig` objects) with one-line errors naming the entry
+    and the field."""
+    example = '[{"name": "commits-audit", "source": "commits", "to": "s3://audit/taps/commits"}]'
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"TRACE_TAPS is not JSON ({exc}); expected a list such as {example}"
+        ) from None
+    if not isinstance(raw, list):
+        raise ValueError(f"TRACE_TAPS must be a JSON list of taps such as {example}")
+    taps: list[TapConfig] = []
+    for position, item in enumerate(raw, start=1):
+        entry = f"TRACE_TAPS entry {position}"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            entry += f" ({item['name']!r})"
+        try:
+            taps.append(TapConfig.model_validate(item))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'][:2])) or 'entry'}: "
+                + e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()[:3]
+            )
+            raise ValueError(
+                f"{entry}: {problems} (fields: {', '.join(TapConfig.model_fields)})"
+            ) from None
+    names = [t.name for t in taps]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"TRACE_TAPS names {', '.join(twice)} twice: each tap needs its own name")
+    return taps
+
+
 def _contradicts(field: str, given: object, primary: ChainConfig) -> bool:
     """Whether a single-chain setting given explicitly says otherwise than the primary chain
     of TRACE_CHAINS (an empty TRACE_RPC_ENDPOINTS says nothing)."""
@@ -282,6 +377,11 @@ class Settings(BaseSettings):
     )
     rpc_requests_per_second: int | None = Field(
         None, gt=0, description="Cap on RPC requests per second passed to cryo (None: no cap)."
+    )
+    taps: str = Field(
+        "",
+        description="JSON list of wire taps (see TapConfig): copies of the commits, alerts or "
+        "run events to an object-store prefix or a second queue. Empty: no taps.",
     )
     rpc_max_concurrent_requests: int = Field(
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
@@ -703,6 +803,17 @@ class Settings(BaseSettings):
     @classmethod
     def _chain_name_valid(cls, value: str) -> str:
         return str(ChainConfig._name_is_identifier(value))
+
+    @field_validator("taps")
+    @classmethod
+    def _taps_valid(cls, value: str) -> str:
+        if value.strip():
+            parse_taps(value)
+        return value
+
+    def tap_configs(self) -> list[TapConfig]:
+        """The declared wire taps (TRACE_TAPS), in order."""
+        return parse_taps(self.taps) if self.taps.strip() else []
 
     @field_validator("chains")
     @classmethod

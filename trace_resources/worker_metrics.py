@@ -26,8 +26,11 @@ class WorkerMetrics:
         # imported by the workers that keep metrics, not with the module
         from prometheus_client import CollectorRegistry, start_http_server
 
+        from trace_resources.taps.hub import tap_metric
+
         self.registry = CollectorRegistry()
         self._define(self.registry)
+        self.registry.register(tap_metric())  # its wire taps' counters (trace_tap_events_total)
         try:
             self.server = start_http_server(port, host, registry=self.registry) if port else None
         except OSError as exc:

@@ -41,6 +41,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_enrichments",
         "trace_quarantine",
         "trace_iceberg_published",
+        "trace_tap_producers",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
@@ -59,6 +60,7 @@ def state_metadata() -> sa.MetaData:
         saved_queries,
         snapshots,
         state,
+        taps,
         udfs,
     )
 

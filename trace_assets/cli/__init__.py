@@ -4,8 +4,8 @@ the running deployment), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `quarantine` (versions judged wrong),
 `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
-`secrets` (secrets rotate) and `udf` (organisations' transforms); `errors` says how a
-command fails and `console` prints its tables and progress.
+`secrets` (secrets rotate), `taps` (wire taps, replay) and `udf` (organisations'
+transforms); `errors` says how a command fails and `console` prints its tables and progress.
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
 or trace_sensors (the contracts in pyproject.toml). The command modules import their heavy
@@ -37,6 +37,7 @@ from trace_assets.cli import (
     secrets,
     storage,
     tables,
+    taps,
     udf,
 )
 from trace_assets.cli.errors import explain
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         gaps,
         storage,
         tables,
+        taps,
         quarantine,
         db,
         access,

@@ -29,8 +29,11 @@ class HeadMetrics:
             start_http_server,
         )
 
+        from trace_resources.taps.hub import tap_metric
+
         self.registry = CollectorRegistry()
         r = self.registry
+        r.register(tap_metric())  # the commit taps' counters (`trace_tap_events_total`)
         self.finalized = Gauge(
             "trace_chain_finalized_block", "The chain's finalized head.", registry=r
         )

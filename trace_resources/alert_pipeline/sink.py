@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from trace_resources import taps
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.queue import BufferMessage, Received, SqsBuffer
 from trace_resources.settings import Settings, get_settings
@@ -34,7 +35,7 @@ from trace_resources.storage.crash import crash_point
 from trace_resources.telemetry import TRACEPARENT, Tracing
 from trace_resources.worker_metrics import SinkMetrics
 
-__all__ = ["Sink", "SinkStats", "dedupe_batch", "upsert_messages", "main"]
+__all__ = ["Sink", "SinkStats", "dedupe_batch", "insert_new", "upsert_messages", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,20 @@ _INSERT_DELIVERIES = (
 
 
 def upsert_messages(engine: sa.Engine, messages: Sequence[BufferMessage]) -> int:
-    """Upsert alerts and their delivery rows in one transaction; returns rows inserted.
+    """Upsert alerts and their delivery rows in one transaction; returns rows inserted."""
+    return len(insert_new(engine, messages))
+
+
+def insert_new(engine: sa.Engine, messages: Sequence[BufferMessage]) -> list[BufferMessage]:
+    """Upsert alerts and their delivery rows in one transaction; returns the messages whose
+    rows were new, in the batch's order.
 
     One cached statement executed over the batch (SQLAlchemy's insertmanyvalues: multi-row
     INSERTs of up to 1,000 rows), not a statement compiled anew for every batch.
     """
     unique = dedupe_batch(messages)
     if not unique:
-        return 0
+        return []
     with engine.begin() as conn:
         inserted = (
             conn.execute(
@@ -112,7 +119,7 @@ def upsert_messages(engine: sa.Engine, messages: Sequence[BufferMessage]) -> int
         rows = [r for m in unique if m.dedupe_key in new for r in _delivery_rows(m)]
         if rows:
             conn.execute(_INSERT_DELIVERIES, rows).all()
-    return len(new)
+    return [m for m in unique if m.dedupe_key in new]
 
 
 class Sink:
@@ -153,7 +160,12 @@ class Sink:
         started = time.perf_counter()
         spans, messages = self._traced(messages)
         try:
-            inserted = upsert_messages(self.engine, messages)
+            accepted = insert_new(self.engine, messages)
+            inserted = len(accepted)
+            for message in accepted:  # the alert stream's wire taps (non-blocking)
+                taps.offer(
+                    "alerts", message.as_dict(), selector=str(message.destination.get("org"))
+                )
             crash_point("sink.after_upsert")
             self.buffer.delete([r.receipt for r in good])
         finally:
@@ -244,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue = args.queue or settings.alerts_queue
     metrics = SinkMetrics(settings.sink_metrics_port, settings.metrics_host)
     tracing = Tracing.configured("trace-alert-sink", settings.otlp_endpoint)
+    taps.configure(settings.tap_configs(), settings)  # a bad TRACE_TAPS stops it here
     sink = Sink(
         buffer_from_settings(settings, queue),
         t.data_engine(settings.data_dsn),

@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 
+from trace_resources import taps
 from trace_resources.processes import die_with_parent, watch_parent
 
 STOP_GRACE_S = 5.0  # a run still going this long after its SIGTERM is killed
@@ -79,6 +80,8 @@ def _fork_run(
 
         traceback.print_exc()
     finally:
+        # os._exit skips atexit: the run's wire taps send what they hold first (up to 5 s)
+        taps.reset()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -26,6 +26,7 @@ Configure it in dagster.yaml with the `postgres_db` block dagster-postgres takes
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ from dagster_postgres.utils import (
     pg_url_from_config,
 )
 
+from trace_resources import taps
 from trace_resources.storage.pool_ping import ping_when_idle
 
 __all__ = ["PooledPostgresStorage", "POOL_OPTIONS"]
@@ -153,7 +155,21 @@ class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
             self._tables_present = self._tables_present | {table_name}
         return present
 
+    def store_event(self, event: EventLogEntry) -> None:
+        super().store_event(event)
+        if not getattr(_batching, "active", False):
+            _tap_run_events([event])
+
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        # a batch stored through `store_event` one at a time is offered to the taps once, here
+        _batching.active = True
+        try:
+            self._store_event_batch(events)
+        finally:
+            _batching.active = False
+        _tap_run_events(events)
+
+    def _store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
         # A run's planned events (one per asset partition and per check, written when the run
         # is created: 50 for a 12-range derived run) reach dagster-postgres as one batch, which
         # it stores one event at a time (insert, NOTIFY, index transaction each). Stored here
@@ -185,6 +201,30 @@ class PooledPostgresEventLogStorage(_PooledEngine, PostgresEventLogStorage):
         for event, event_id in zip(events, ids, strict=True):
             if event.dagster_event_type in ASSET_CHECK_EVENTS:
                 self.store_asset_check_event(event, event_id)
+
+
+_batching = threading.local()
+
+
+def _tap_run_events(events: Sequence[EventLogEntry]) -> None:
+    """Offer stored run events to the `runs` wire taps (non-blocking; selected by job)."""
+    for entry in events:
+        if not entry.run_id:
+            continue
+        dagster_event = entry.dagster_event
+        taps.offer(
+            "runs",
+            {
+                "run_id": entry.run_id,
+                "job_name": entry.job_name,
+                "timestamp": entry.timestamp,
+                "level": entry.level,
+                "event_type": dagster_event.event_type.name if dagster_event else None,
+                "step_key": entry.step_key,
+                "message": entry.user_message or (dagster_event.message if dagster_event else ""),
+            },
+            selector=entry.job_name,
+        )
 
 
 _PLANNED = {

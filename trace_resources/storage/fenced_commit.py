@@ -16,6 +16,7 @@ The protocol's order of steps (stage, verify, commit) lives in `commit.py`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import pyarrow as pa
@@ -58,6 +59,24 @@ UNCHANGED = "unchanged"
 _ENDED_WITH_A_VERSION = ("committed", UNCHANGED)
 
 
+# the outbox events of the commit under way (this thread's), offered to the wire taps once its
+# transaction has committed (a rolled-back one's are never offered)
+_committed_events: ContextVar[list[dict[str, Any]] | None] = ContextVar(
+    "trace_committed_events", default=None
+)
+
+
+def _tap_committed() -> None:
+    """Offer the committed transaction's outbox events to the `commits` taps (non-blocking)."""
+    events = _committed_events.get() or []
+    if not events:
+        return
+    from trace_resources import taps  # not at import: taps imports this package's tables
+
+    for event in events:
+        taps.offer("commits", event, selector=event["dataset"])
+
+
 class FencedCommits:
     """Commit staged attempts: fenced, idempotent by attempt id and by commit key."""
 
@@ -88,8 +107,15 @@ class FencedCommits:
         keys = list(segment_keys) if segment_keys is not None else None
         if keys is None and segment_key is not None:
             keys = [segment_key]
-        with self.engine.begin() as conn:
-            outcome = self._commit_one(conn, attempt, manifest, schema, mode, keys, commit_key, {})
+        token = _committed_events.set([])
+        try:
+            with self.engine.begin() as conn:
+                outcome = self._commit_one(
+                    conn, attempt, manifest, schema, mode, keys, commit_key, {}
+                )
+            _tap_committed()
+        finally:
+            _committed_events.reset(token)
         if isinstance(outcome, CommitError):
             raise outcome  # its refusal was recorded on the attempt by the transaction
         return outcome
@@ -117,6 +143,7 @@ class FencedCommits:
         ordered = sorted(items, key=lambda i: (i.attempt.dataset, i.attempt.partition_key))
         registered: dict[str, tuple[str, int]] = {}
         results: dict[str, CommitResult] = {}
+        token = _committed_events.set([])
         try:
             with self.engine.begin() as conn:
                 for item in ordered:
@@ -135,10 +162,13 @@ class FencedCommits:
                     results[item.attempt.attempt_id] = outcome
                 if within is not None:
                     within(conn, [results[i.attempt.attempt_id] for i in items])
+            _tap_committed()
         except (CommitError, ChainContinuityError) as exc:
             if isinstance(exc, BatchNotCommitted):
                 raise
             raise BatchNotCommitted(str(exc)) from exc
+        finally:
+            _committed_events.reset(token)
         return [results[i.attempt.attempt_id] for i in items]
 
     def commit_compaction(
@@ -557,21 +587,37 @@ class FencedCommits:
         )
         announce(conn, attempt.dataset)  # delivered when the transaction commits
         self._set_state(conn, attempt, "committed", number)
-        conn.execute(
-            t.outbox.insert().values(
+        event_payload = {
+            "attempt_id": attempt.attempt_id,
+            "run_id": attempt.run_id,
+            "step_key": attempt.step_key,
+            "schema_version": schema_version,
+            **payload,
+        }
+        outbox_id, created_at = conn.execute(
+            t.outbox.insert()
+            .values(
                 event_type=COMMITTED_EVENT,
                 dataset=attempt.dataset,
                 partition_key=attempt.partition_key,
                 version=number,
-                payload={
-                    "attempt_id": attempt.attempt_id,
-                    "run_id": attempt.run_id,
-                    "step_key": attempt.step_key,
-                    "schema_version": schema_version,
-                    **payload,
-                },
+                payload=event_payload,
             )
-        )
+            .returning(t.outbox.c.id, t.outbox.c.created_at)
+        ).one()
+        pending = _committed_events.get()
+        if pending is not None:
+            pending.append(
+                {
+                    "event_type": COMMITTED_EVENT,
+                    "outbox_id": outbox_id,
+                    "dataset": attempt.dataset,
+                    "partition_key": attempt.partition_key,
+                    "version": number,
+                    "payload": event_payload,
+                    "created_at": created_at.isoformat(),
+                }
+            )
         return number
 
     @staticmethod
