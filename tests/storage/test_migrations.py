@@ -54,6 +54,7 @@ def state_metadata() -> sa.MetaData:
         enrichments,
         exports,
         iceberg,
+        promotions,
         quarantine,
         rate_limits,
         saved_queries,

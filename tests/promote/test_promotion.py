@@ -1,0 +1,281 @@
+"""Environment promotion (`trace promote`) between two environments on the test cluster: dev
+and staging, each with its own state and data databases and declarations directory.
+
+dev differs from staging in every kind: a dataset description and a retention policy changed,
+a dataset staging lacks, a transform, an alert rule staging lacks (and one only staging has),
+saved queries added, changed and removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from infra.local.services import MotoS3Server, PostgresServer
+from tests.conftest import NewDatabase
+from trace_assets.alerts.scope import scope_check
+from trace_resources import promotion
+from trace_resources.alert_pipeline.rules import RuleStore, parse_rule
+from trace_resources.alert_pipeline.tables import data_engine
+from trace_resources.environments import Environment, load_environments
+from trace_resources.registry import DATASETS_DIR, arrow_schema, load_declarations
+from trace_resources.resources import ObjectStoreResource
+from trace_resources.storage import saved_queries
+from trace_resources.storage.commit import DatasetWriter, PartitionData
+from trace_resources.storage.state import dispose_engine, engine_for
+from trace_resources.storage.version_store import VersionStore
+from trace_resources.udfs.registry import apply as apply_udf
+
+UDF = """\
+format_version: 1
+name: org_acme__token_counts
+description: ERC-20 transfers per token and block range
+inputs:
+  - dataset: erc20_transfers
+    columns: [token]
+partitioning: block_range
+mode: replace
+schema:
+  - {name: token, type: binary, doc: ERC-20 contract (20 bytes)}
+  - {name: transfers, type: int64, doc: Transfer events of the token in the range}
+code:
+  kind: sql
+  sql: SELECT token, count(*) AS transfers FROM erc20_transfers GROUP BY token
+"""
+
+
+def rule(rule_id: str, threshold: str) -> dict[str, Any]:
+    return {
+        "org": "acme",
+        "id": rule_id,
+        "condition": {
+            "kind": "erc20_transfer_above",
+            "token": "0x" + "11" * 20,
+            "threshold": threshold,
+        },
+        "channels": [
+            {
+                "kind": "webhook",
+                "name": "ops",
+                "url": "http://127.0.0.1:9/hook",
+                "secret": "s" * 32,
+            }
+        ],
+    }
+
+
+@dataclass
+class World:
+    dev: Environment
+    staging: Environment
+    file: Path
+    leaf: str  # a dataset only dev declares
+    committed: str  # a dataset staging holds a committed version of
+
+
+def _leaf(directory: Path) -> str:
+    decls = load_declarations(directory)
+    read = {up for d in decls.values() for up in d.upstream}
+    return sorted(n for n, d in decls.items() if d.kind == "derived" and n not in read)[0]
+
+
+def _edit(path: Path, **fields: Any) -> None:
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, **fields}, sort_keys=False))
+
+
+_VALUES = {
+    "bool": True,
+    "uint8": 1,
+    "uint32": 1,
+    "uint64": 1,
+    "int32": 1,
+    "int64": 1,
+    "double": 1.0,
+    "string": "x",
+    "binary": b"x",
+    "date32[day]": date(2026, 1, 1),
+    "timestamp[us, tz=UTC]": datetime(2026, 1, 1, tzinfo=UTC),
+    "list<item: string>": ["x"],
+}
+
+
+def _commit_one_row(state_dsn: str, objects: ObjectStoreResource, dataset: str) -> None:
+    schema = arrow_schema(load_declarations()[dataset])
+    table = pa.table({f.name: [_VALUES[str(f.type)]] for f in schema}, schema=schema)
+    with DatasetWriter(objects.datasets(), VersionStore(engine_for(state_dsn))) as writer:
+        writer.write(dataset, "000000000000-000000000049", PartitionData(table))
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresServer,
+    new_database: NewDatabase,
+    s3_server: MotoS3Server,
+) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("environments")
+    envs: dict[str, dict[str, str]] = {}
+    for name in ("dev", "staging"):
+        shutil.copytree(DATASETS_DIR, root / name)
+        envs[name] = {
+            "state_dsn": new_database(f"promote_{name}_state_{os.getpid()}", "state"),
+            "data_dsn": new_database(f"promote_{name}_data_{os.getpid()}", "data"),
+            "datasets_dir": name,
+        }
+    file = root / "environments.yaml"
+    file.write_text(yaml.safe_dump({"format_version": 1, "environments": envs}))
+    found = load_environments(file)
+    dev, staging = found["dev"], found["staging"]
+
+    leaf = _leaf(DATASETS_DIR)
+    (staging.datasets_dir / f"{leaf}.yaml").unlink()
+    _edit(dev.datasets_dir / "blocks.yaml", description="Blocks, as promoted from dev.")
+    _edit(dev.datasets_dir / "logs.yaml", retention={"keep_last": 3, "older_than": "30d"})
+
+    # the dataset staging has committed: its schema is what a promotion must not break
+    bucket = f"promote-{os.getpid()}"
+    s3_server.s3_client().create_bucket(Bucket=bucket)
+    objects = ObjectStoreResource(
+        kind="s3",
+        endpoint_url=s3_server.endpoint_url,
+        access_key_id="testing",
+        secret_access_key="testing",
+        bucket_datasets=bucket,
+    )
+    _commit_one_row(staging.state_dsn, objects, "native_transfers")
+
+    apply_udf(engine_for(dev.state_dsn), UDF, "token_counts.yaml", "alice")
+    dev_rules = RuleStore(data_engine(dev.data_dsn))
+    dev_rules.create(parse_rule(rule("big-moves", "1000")))
+    RuleStore(data_engine(staging.data_dsn)).create(parse_rule(rule("staging-only", "5")))
+    for env, queries in (
+        (dev, {"top-tokens": "SELECT 1", "daily": "SELECT 2 AS daily"}),
+        (staging, {"top-tokens": "SELECT 0", "old-report": "SELECT 3"}),
+    ):
+        for name, sql in queries.items():
+            saved_queries.create_saved_query(
+                engine_for(env.state_dsn),
+                org="acme",
+                name=name,
+                sql=sql,
+                description=None,
+                created_by="bob",
+            )
+    yield World(dev, staging, file, leaf, "native_transfers")
+    for env in (dev, staging):
+        dispose_engine(env.state_dsn)
+        data_engine(env.data_dsn).dispose()
+
+
+def dump(env: Environment) -> dict[str, Any]:
+    """Everything promotion may touch in `env`, every column of every row, and every file of
+    its declarations directory (leftover temporary files included)."""
+    out: dict[str, Any] = {
+        "files": {p.name: p.read_text() for p in sorted(env.datasets_dir.iterdir())}
+    }
+    for dsn, tables in (
+        (env.state_dsn, ("trace_udf_versions", "trace_query_saved_queries")),
+        (env.data_dsn, ("trace_alert_rules",)),
+    ):
+        engine = sa.create_engine(dsn)
+        try:
+            with engine.connect() as conn:
+                for table in tables:
+                    rows = conn.execute(sa.text(f"SELECT * FROM {table}")).mappings().all()
+                    out[table] = sorted((dict(r) for r in rows), key=repr)
+        finally:
+            engine.dispose()
+    return out
+
+
+def test_dry_run_shows_the_diff_and_changes_nothing(world: World) -> None:
+    before = dump(world.staging)
+    env = {**os.environ, "TRACE_ENVIRONMENTS_FILE": str(world.file)}
+    done = subprocess.run(
+        [sys.executable, "-m", "trace_assets.cli", "promote", "--from", "dev", "--to", "staging"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "datasets: 1 added, 2 changed, 0 removed" in out
+    assert f"+ {world.leaf}" in out and "~ blocks" in out and "~ logs" in out
+    assert "+description: Blocks, as promoted from dev." in out
+    assert "+retention:" in out and "+  keep_last: 3" in out
+    assert "udfs: 1 added, 0 changed, 0 removed" in out and "+ org_acme__token_counts" in out
+    assert "alert_rules: 1 added, 0 changed, 1 removed" in out
+    assert "+ acme/big-moves" in out and "- acme/staging-only" in out
+    assert "saved_queries: 1 added, 1 changed, 1 removed" in out
+    assert "-sql: SELECT 0" in out and "+sql: SELECT 1" in out
+    assert "dry run: nothing written; add --apply" in out
+    assert dump(world.staging) == before
+
+
+def test_an_incompatible_schema_change_is_refused_and_nothing_applied(world: World) -> None:
+    before = dump(world.staging)
+    path = world.dev.datasets_dir / f"{world.committed}.yaml"
+    original = path.read_text()
+    data = yaml.safe_load(original)
+    retyped = data["schema"][0]["name"]
+    data["schema"][0]["type"] = "string" if data["schema"][0]["type"] != "string" else "int64"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        with pytest.raises(promotion.PromotionError) as refused:
+            promotion.apply(world.dev, world.staging, "carol")
+    finally:
+        path.write_text(original)
+    message = str(refused.value)
+    assert "refused, nothing applied" in message
+    assert f"dataset {world.committed}:" in message
+    assert f"retyped ['{retyped}']" in message
+    assert dump(world.staging) == before
+    assert promotion.promotion_log(world.staging) == []
+
+
+def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> None:
+    before = dump(world.staging)
+    planned, entry = promotion.apply(
+        world.dev, world.staging, "carol", rule_check=scope_check(world.staging.state_dsn)
+    )
+    assert entry is not None and entry.actor == "carol"
+    assert planned.of("udfs", "added") == ["org_acme__token_counts"]
+
+    # staging now holds what dev holds: a second promotion finds nothing to do
+    again = promotion.plan(world.dev, world.staging)
+    assert again.changes == []
+    assert promotion.apply(world.dev, world.staging, "carol")[1] is None
+    files = dump(world.staging)["files"]
+    assert files == dump(world.dev)["files"]
+    rules = {
+        s.rule.id: s.rule.enabled for s in RuleStore(data_engine(world.staging.data_dsn)).latest()
+    }
+    assert rules == {"big-moves": True, "staging-only": False}
+    queries = saved_queries.org_saved_queries(engine_for(world.staging.state_dsn), "acme")
+    assert {q["name"]: q["sql"] for q in queries} == {
+        "daily": "SELECT 2 AS daily",
+        "top-tokens": "SELECT 1",
+    }
+    [logged] = promotion.promotion_log(world.staging)
+    assert (logged.id, logged.source_env, logged.actor) == (entry.id, "dev", "carol")
+
+    promotion.rollback(world.staging, entry.id, "dave")
+    assert dump(world.staging) == before
+    [logged] = promotion.promotion_log(world.staging)
+    assert logged.rolled_back_by == "dave"
+    with pytest.raises(promotion.PromotionError, match="already rolled back by dave"):
+        promotion.rollback(world.staging, entry.id, "dave")
