@@ -105,6 +105,7 @@ class Plan:
     target: str
     changes: list[Change]
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what `apply` would refuse
 
     def of(self, kind: Kind, action: Action) -> list[str]:
         return [c.key for c in self.changes if c.kind == kind and c.action == action]
@@ -122,6 +123,9 @@ class Plan:
             if change.action == "changed":
                 out += [f"--- {change.kind} {change.key}", change.diff().rstrip("\n")]
         out += [f"  note: {n}" for n in self.notes]
+        if self.problems:
+            out.append("refused (apply would change nothing):")
+            out += [f"  {p}" for p in self.problems]
         if not self.changes:
             out.append(
                 f"  nothing to promote: {self.target} already holds what {self.source} holds"
@@ -232,12 +236,15 @@ def _compare(source: str, target: str, src: _Items, dst: _Items) -> Plan:
 
 
 def plan(source: Environment, target: Environment) -> Plan:
-    """What promoting `source` into `target` would change (nothing is checked or written)."""
+    """What promoting `source` into `target` would change, and what `apply` would refuse
+    (`Plan.problems`); nothing is written."""
     _refuse_same(source, target)
     with _connections(source) as (s_state, s_data), _connections(target) as (t_state, t_data):
-        return _compare(
+        found = _compare(
             source.name, target.name, _read(source, s_state, s_data), _read(target, t_state, t_data)
         )
+        found.problems = _problems(found, source, target, t_state)
+    return found
 
 
 def _refuse_same(source: Environment, target: Environment) -> None:
@@ -268,17 +275,17 @@ def _schema_problem(
     )
 
 
-def _check(plan_: Plan, source: Environment, target: Environment, state: sa.Connection) -> None:
-    """Every reason the target would break, all at once; PromotionError lists them."""
+def _problems(
+    plan_: Plan, source: Environment, target: Environment, state: sa.Connection
+) -> list[str]:
+    """Every reason the target would break, each naming the item and the change."""
     problems: list[str] = []
     read = ReadModel(state.engine)
     writes = plan_.of("datasets", "added") + plan_.of("datasets", "changed")
     try:
         decls = load_declarations(source.datasets_dir) if writes else {}
     except DeclarationError as exc:
-        raise PromotionError(
-            f"dataset declarations of {source.name} are invalid, nothing promoted:\n{exc}"
-        ) from None
+        return [f"dataset declarations of {source.name} are invalid: {exc}"]
     for change in plan_.changes:
         if change.kind == "datasets" and change.action != "removed":
             problem = _schema_problem(read, change.key, decls[change.key], target.name)
@@ -293,6 +300,11 @@ def _check(plan_: Plan, source: Environment, target: Environment, state: sa.Conn
                 )
         elif change.kind == "udfs":
             problems += _udf_problems(change, target, state)
+    return problems
+
+
+def _check(plan_: Plan, source: Environment, target: Environment, state: sa.Connection) -> None:
+    problems = _problems(plan_, source, target, state)
     if problems:
         raise PromotionError(
             f"promotion {source.name} -> {target.name} refused, nothing applied:\n  "
@@ -381,7 +393,7 @@ def _apply_change(
             done_rule = rules.put_in(data, parse_rule(change.source, f"rule {change.key}"))
         except RuleError as exc:
             raise PromotionError(
-                f"alert rule {change.key}: refused by {data.engine.url.database}: {exc}"
+                f"alert rule {change.key}: refused by the target, nothing applied: {exc}"
             ) from None
         before_rule = prior.rules.get(change.key)
         entry |= {"before": before_rule[0] if before_rule else 0, "after": done_rule.version}
@@ -569,4 +581,5 @@ def as_json(plan_: Plan) -> dict[str, Any]:
         "target": plan_.target,
         "kinds": {kind: {a: plan_.of(kind, a) for a, _ in _MARKS} for kind in KINDS},
         "notes": plan_.notes,
+        "refused": plan_.problems,
     }

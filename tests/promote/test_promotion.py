@@ -27,12 +27,13 @@ from infra.local.services import MotoS3Server, PostgresServer
 from tests.conftest import NewDatabase
 from trace_assets.alerts.scope import scope_check
 from trace_resources import promotion
-from trace_resources.alert_pipeline.rules import RuleStore, parse_rule
+from trace_resources.alert_pipeline.rules import AlertRule, RuleError, RuleStore, parse_rule
 from trace_resources.alert_pipeline.tables import data_engine
 from trace_resources.environments import Environment, load_environments
 from trace_resources.registry import DATASETS_DIR, arrow_schema, load_declarations
 from trace_resources.resources import ObjectStoreResource
 from trace_resources.storage import saved_queries
+from trace_resources.storage import udfs as udf_store
 from trace_resources.storage.commit import DatasetWriter, PartitionData
 from trace_resources.storage.state import dispose_engine, engine_for
 from trace_resources.storage.version_store import VersionStore
@@ -83,6 +84,7 @@ class World:
     file: Path
     leaf: str  # a dataset only dev declares
     committed: str  # a dataset staging holds a committed version of
+    objects: ObjectStoreResource
 
 
 def _leaf(directory: Path) -> str:
@@ -174,7 +176,7 @@ def world(
                 description=None,
                 created_by="bob",
             )
-    yield World(dev, staging, file, leaf, "native_transfers")
+    yield World(dev, staging, file, leaf, "native_transfers", objects)
     for env in (dev, staging):
         dispose_engine(env.state_dsn)
         data_engine(env.data_dsn).dispose()
@@ -222,11 +224,23 @@ def test_dry_run_shows_the_diff_and_changes_nothing(world: World) -> None:
     assert "+ acme/big-moves" in out and "- acme/staging-only" in out
     assert "saved_queries: 1 added, 1 changed, 1 removed" in out
     assert "-sql: SELECT 0" in out and "+sql: SELECT 1" in out
-    assert "dry run: nothing written; add --apply" in out
+    assert "dry run: nothing written; add --apply" in out and "refused" not in out
     assert dump(world.staging) == before
 
 
+WIDE = "org_acme__wide_counts"
+
+
 def test_an_incompatible_schema_change_is_refused_and_nothing_applied(world: World) -> None:
+    # staging committed a version of the transform WIDE with `transfers` as a string; dev's
+    # declaration of WIDE makes it int64
+    table = pa.table({"token": [b"x"], "transfers": ["1"]})
+    with DatasetWriter(
+        world.objects.datasets(), VersionStore(engine_for(world.staging.state_dsn))
+    ) as w:
+        w.write(WIDE, "000000000000-000000000049", PartitionData(table))
+    dev_state = engine_for(world.dev.state_dsn)
+    apply_udf(dev_state, UDF.replace("org_acme__token_counts", WIDE), "wide.yaml", "alice")
     before = dump(world.staging)
     path = world.dev.datasets_dir / f"{world.committed}.yaml"
     original = path.read_text()
@@ -235,14 +249,33 @@ def test_an_incompatible_schema_change_is_refused_and_nothing_applied(world: Wor
     data["schema"][0]["type"] = "string" if data["schema"][0]["type"] != "string" else "int64"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
+        planned = promotion.plan(world.dev, world.staging)
         with pytest.raises(promotion.PromotionError) as refused:
             promotion.apply(world.dev, world.staging, "carol")
     finally:
         path.write_text(original)
+        with dev_state.begin() as conn:
+            udf_store.undo_versions_after(conn, WIDE, 0)
     message = str(refused.value)
     assert "refused, nothing applied" in message
-    assert f"dataset {world.committed}:" in message
+    assert f"dataset {world.committed}: its new schema breaks" in message
     assert f"retyped ['{retyped}']" in message
+    assert f"transform {WIDE}: its new schema breaks" in message
+    assert "retyped ['transfers']" in message
+    assert len(planned.problems) == 2 and "refused (apply would change nothing)" in planned.report()
+    assert dump(world.staging) == before
+    assert promotion.promotion_log(world.staging) == []
+
+
+def test_an_item_its_store_refuses_midway_leaves_nothing_applied(world: World) -> None:
+    """The UDF and the declaration files are written before the alert rule is refused."""
+    before = dump(world.staging)
+
+    def refuse(rule: AlertRule) -> None:
+        raise RuleError(f"rule {rule.id} reads a dataset acme may not read")
+
+    with pytest.raises(promotion.PromotionError, match="alert rule acme/big-moves: refused"):
+        promotion.apply(world.dev, world.staging, "carol", rule_check=refuse)
     assert dump(world.staging) == before
     assert promotion.promotion_log(world.staging) == []
 

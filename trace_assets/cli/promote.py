@@ -41,8 +41,10 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
         found = promotion.plan(source, target)
         if args.json:
             sys.stdout.write(json.dumps(promotion.as_json(found), indent=2) + "\n")
-            return 0
+            return 1 if found.problems else 0
         sys.stdout.write(found.report() + "\n")
+        if found.problems:
+            return 1
         if found.changes:
             sys.stdout.write("dry run: nothing written; add --apply to apply it\n")
         return 0
