@@ -27,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trace_resources.errors import ConfigError
 
-__all__ = ["Environment", "EnvironmentError_", "load_environments", "environment"]
+__all__ = ["Environment", "EnvironmentsError", "load_environments", "environment"]
 
 _NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class EnvironmentError_(ConfigError):  # noqa: N801  (the builtin EnvironmentError is OSError)
+class EnvironmentsError(ConfigError):
     """The environments file is missing or invalid, or names no such environment."""
 
 
@@ -60,41 +60,45 @@ def _expand(value: Any, where: str) -> Any:
     def lookup(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise EnvironmentError_(f"{where}: ${{{name}}} is not set; export {name}")
+            raise EnvironmentsError(f"{where}: ${{{name}}} is not set; export {name}")
         return os.environ[name]
 
     return _VAR.sub(lookup, value)
 
 
 def load_environments(path: Path | str) -> dict[str, Environment]:
-    """Every environment of the file, by name; EnvironmentError_ says what to fix."""
+    """Every environment of the file, by name; EnvironmentsError says what to fix."""
     path = Path(path)
     if not path.is_file():
-        raise EnvironmentError_(
+        raise EnvironmentsError(
             f"{path}: no environments file; write one (see README, 'Environment promotion') or "
             "point TRACE_ENVIRONMENTS_FILE at it"
         )
     try:
         raw = yaml.safe_load(path.read_text())
         parsed = _File.model_validate(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise EnvironmentsError(f"{path}: line {line}: not valid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise EnvironmentError_(f"{path}: not valid YAML: {exc}") from None
+        raise EnvironmentsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<document>"
-        raise EnvironmentError_(f"{path}: {where}: {first['msg']}") from None
+        raise EnvironmentsError(f"{path}: {where}: {first['msg']}") from None
     out: dict[str, Environment] = {}
     for name, fields in parsed.environments.items():
         where = f"{path}: environments.{name}"
         if not isinstance(fields, dict):
-            raise EnvironmentError_(f"{where}: give state_dsn, data_dsn and datasets_dir")
+            raise EnvironmentsError(f"{where}: give state_dsn, data_dsn and datasets_dir")
         values = {k: _expand(v, f"{where}.{k}") for k, v in fields.items()}
         try:
             env = Environment.model_validate({"name": name, **values})
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            raise EnvironmentError_(f"{where}.{field}: {first['msg']}") from None
+            raise EnvironmentsError(f"{where}.{field}: {first['msg']}") from None
         if not env.datasets_dir.is_absolute():
             env = env.model_copy(update={"datasets_dir": path.parent / env.datasets_dir})
         out[name] = env
@@ -102,10 +106,10 @@ def load_environments(path: Path | str) -> dict[str, Environment]:
 
 
 def environment(path: Path | str, name: str) -> Environment:
-    """One environment of the file; EnvironmentError_ lists the known names."""
+    """One environment of the file; EnvironmentsError lists the known names."""
     found = load_environments(path)
     if name not in found:
-        raise EnvironmentError_(
+        raise EnvironmentsError(
             f"unknown environment {name!r}; {path} declares {', '.join(sorted(found))}"
         )
     return found[name]

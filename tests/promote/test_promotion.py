@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -26,10 +24,16 @@ import yaml
 from infra.local.services import MotoS3Server, PostgresServer
 from tests.conftest import NewDatabase
 from trace_assets.alerts.scope import scope_check
+from trace_assets.cli import main
 from trace_resources import promotion
 from trace_resources.alert_pipeline.rules import AlertRule, RuleError, RuleStore, parse_rule
 from trace_resources.alert_pipeline.tables import data_engine
-from trace_resources.environments import Environment, load_environments
+from trace_resources.environments import (
+    Environment,
+    EnvironmentsError,
+    environment,
+    load_environments,
+)
 from trace_resources.registry import DATASETS_DIR, arrow_schema, load_declarations
 from trace_resources.resources import ObjectStoreResource
 from trace_resources.storage import saved_queries
@@ -203,18 +207,13 @@ def dump(env: Environment) -> dict[str, Any]:
     return out
 
 
-def test_dry_run_shows_the_diff_and_changes_nothing(world: World) -> None:
+def test_dry_run_shows_the_diff_and_changes_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = dump(world.staging)
-    env = {**os.environ, "TRACE_ENVIRONMENTS_FILE": str(world.file)}
-    done = subprocess.run(
-        [sys.executable, "-m", "trace_assets.cli", "promote", "--from", "dev", "--to", "staging"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+    monkeypatch.setenv("TRACE_ENVIRONMENTS_FILE", str(world.file))
+    assert main(["promote", "--from", "dev", "--to", "staging"]) == 0
+    out = capsys.readouterr().out
     assert "datasets: 1 added, 2 changed, 0 removed" in out
     assert f"+ {world.leaf}" in out and "~ blocks" in out and "~ logs" in out
     assert "+description: Blocks, as promoted from dev." in out
@@ -312,3 +311,34 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> N
     assert logged.rolled_back_by == "dave"
     with pytest.raises(promotion.PromotionError, match="already rolled back by dave"):
         promotion.rollback(world.staging, entry.id, "dave")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("environments: {}", "environments: Dictionary should have at least 1 item"),
+        (
+            "environments: {dev: {state_dsn: x, data_dsn: y}}",
+            "environments.dev.datasets_dir: Field required",
+        ),
+        (
+            "environments: {dev: {state_dsn: '${PROMOTE_TEST_UNSET}', data_dsn: y, "
+            "datasets_dir: d}}",
+            "environments.dev.state_dsn: ${PROMOTE_TEST_UNSET} is not set; export",
+        ),
+        ("environments: {Dev!: {state_dsn: x, data_dsn: y, datasets_dir: d}}", "name: String"),
+        ("environments: [dev", "not valid YAML"),
+    ],
+)
+def test_a_bad_environments_file_says_what_to_fix(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "environments.yaml"
+    path.write_text(text)
+    with pytest.raises(EnvironmentsError) as bad:
+        load_environments(path)
+    assert str(bad.value).startswith(f"{path}: ") and message in str(bad.value)
+    assert "\n" not in str(bad.value)
+
+
+def test_an_unknown_environment_is_named_with_the_known_ones(world: World) -> None:
+    with pytest.raises(EnvironmentsError, match=r"unknown environment 'prod'; .* dev, staging"):
+        environment(world.file, "prod")
