@@ -25,6 +25,7 @@ commits leaves the target's files untouched.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from trace_resources.registry import (
     arrow_schema,
     load_declarations,
 )
+from trace_resources.sealed import SECRET_FIELDS
 from trace_resources.storage import promotions as log
 from trace_resources.storage import saved_queries as query_store
 from trace_resources.storage import udfs as udf_store
@@ -93,8 +95,9 @@ class Change:
     source: Any = None
 
     def diff(self) -> str:
-        before = _shown(self.old).splitlines(keepends=True)
-        after = _shown(self.new).splitlines(keepends=True)
+        """A unified diff, target to source (channel secrets shown as fingerprints)."""
+        before = _shown(_redacted(self.old)).splitlines(keepends=True)
+        after = _shown(_redacted(self.new)).splitlines(keepends=True)
         lines = difflib.unified_diff(before, after, "target", "source", n=2)
         return "".join(lines)
 
@@ -112,7 +115,7 @@ class Plan:
 
     def report(self) -> str:
         """The diff as an operator reads it: per kind, the keys added, changed and removed,
-        then the diff of every changed item."""
+        then the diff of every item changed (or, for an alert rule, disabled)."""
         out = [f"promotion {self.source} -> {self.target}:"]
         for kind in KINDS:
             counts = ", ".join(f"{len(self.of(kind, a))} {a}" for a, _ in _MARKS)
@@ -120,7 +123,7 @@ class Plan:
             for action, mark in _MARKS:
                 out += [f"    {mark} {key}" for key in self.of(kind, action)]
         for change in self.changes:
-            if change.action == "changed":
+            if change.old is not None and change.new is not None:
                 out += [f"--- {change.kind} {change.key}", change.diff().rstrip("\n")]
         out += [f"  note: {n}" for n in self.notes]
         if self.problems:
@@ -131,6 +134,22 @@ class Plan:
                 f"  nothing to promote: {self.target} already holds what {self.source} holds"
             )
         return "\n".join(out)
+
+
+def _redacted(value: Any) -> Any:
+    """An alert rule's spec with each channel secret replaced by a fingerprint of it, so a
+    diff shows that a secret changed without showing it."""
+    if not isinstance(value, dict) or not isinstance(value.get("channels"), list):
+        return value
+    channels = []
+    for channel in value["channels"]:
+        channel = dict(channel)
+        for name in SECRET_FIELDS:
+            if isinstance(channel.get(name), str):
+                digest = hashlib.sha256(channel[name].encode()).hexdigest()[:12]
+                channel[name] = f"<secret sha256:{digest}>"
+        channels.append(channel)
+    return {**value, "channels": channels}
 
 
 def _shown(value: Any) -> str:

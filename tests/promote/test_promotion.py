@@ -220,6 +220,7 @@ def test_dry_run_shows_the_diff_and_changes_nothing(
     assert "+retention:" in out and "+  keep_last: 3" in out
     assert "udfs: 1 added, 0 changed, 0 removed" in out and "+ org_acme__token_counts" in out
     assert "alert_rules: 1 added, 0 changed, 1 removed" in out
+    assert "--- alert_rules acme/staging-only" in out and "+enabled: false" in out
     assert "+ acme/big-moves" in out and "- acme/staging-only" in out
     assert "saved_queries: 1 added, 1 changed, 1 removed" in out
     assert "-sql: SELECT 0" in out and "+sql: SELECT 1" in out
@@ -305,6 +306,16 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> N
     [logged] = promotion.promotion_log(world.staging)
     assert (logged.id, logged.source_env, logged.actor) == (entry.id, "dev", "carol")
 
+    # an item edited in staging since is not silently overwritten by the rollback
+    staging_state = engine_for(world.staging.state_dsn)
+    edit = {"org": "acme", "name": "daily", "description": None, "created_by": "erin"}
+    with staging_state.begin() as conn:
+        saved_queries.put_saved_query(conn, sql="SELECT 22", **edit)
+    with pytest.raises(promotion.PromotionError, match="changed in staging since: saved_queries"):
+        promotion.rollback(world.staging, entry.id, "dave")
+    with staging_state.begin() as conn:
+        saved_queries.put_saved_query(conn, sql="SELECT 2 AS daily", **edit)
+
     promotion.rollback(world.staging, entry.id, "dave")
     assert dump(world.staging) == before
     [logged] = promotion.promotion_log(world.staging)
@@ -342,3 +353,11 @@ def test_a_bad_environments_file_says_what_to_fix(tmp_path: Path, text: str, mes
 def test_an_unknown_environment_is_named_with_the_known_ones(world: World) -> None:
     with pytest.raises(EnvironmentsError, match=r"unknown environment 'prod'; .* dev, staging"):
         environment(world.file, "prod")
+
+
+def test_a_diff_shows_that_a_channel_secret_changed_but_not_the_secret() -> None:
+    old, new = rule("r", "1"), rule("r", "1")
+    new["channels"][0]["secret"] = "t" * 32
+    shown = promotion.Change("alert_rules", "acme/r", "changed", old, new).diff()
+    assert "-  secret: <secret sha256:" in shown and "+  secret: <secret sha256:" in shown
+    assert "s" * 32 not in shown and "t" * 32 not in shown
