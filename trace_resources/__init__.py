@@ -1,6 +1,7 @@
 """Trace's resources and state: settings, the chain (RPC, cryo extraction, verification), the
 storage (object store, Postgres state, the commit protocol, the read model, the access rule),
-capability tokens, the dataset registry, the alert pipeline and the Dagster instance plug-ins.
+capability tokens, the dataset registry, the alert pipeline, the Dagster instance plug-ins, and
+the environments that `trace promote` copies configuration between (`environments`, `promotion`).
 
 The bottom layer: imports no other trace_* package (checked by import-linter, `make lint`).
 """

@@ -254,16 +254,30 @@ def _compare(source: str, target: str, src: _Items, dst: _Items) -> Plan:
     return Plan(source, target, changes, notes)
 
 
-def plan(source: Environment, target: Environment) -> Plan:
+def plan(source: Environment, target: Environment, rule_check: RuleCheck | None = None) -> Plan:
     """What promoting `source` into `target` would change, and what `apply` would refuse
-    (`Plan.problems`); nothing is written."""
+    (`Plan.problems`, alert rules checked as the target's rule store checks them, with
+    `rule_check` as its scope check); nothing is written."""
     _refuse_same(source, target)
     with _connections(source) as (s_state, s_data), _connections(target) as (t_state, t_data):
         found = _compare(
             source.name, target.name, _read(source, s_state, s_data), _read(target, t_state, t_data)
         )
         found.problems = _problems(found, source, target, t_state)
+    rules = RuleStore(data_engine(target.data_dsn), check=rule_check)
+    found.problems += [p for c in found.changes if (p := _rule_problem(c, rules))]
     return found
+
+
+def _rule_problem(change: Change, rules: RuleStore) -> str | None:
+    """Why the target's rule store would refuse the rule (None: it would not, or no rule)."""
+    if change.kind != "alert_rules":
+        return None
+    try:
+        rules.validate(parse_rule(change.source, f"rule {change.key}"))
+    except RuleError as exc:
+        return f"alert rule {change.key}: {exc}"
+    return None
 
 
 def _refuse_same(source: Environment, target: Environment) -> None:

@@ -274,6 +274,10 @@ def test_an_item_its_store_refuses_midway_leaves_nothing_applied(world: World) -
     def refuse(rule: AlertRule) -> None:
         raise RuleError(f"rule {rule.id} reads a dataset acme may not read")
 
+    planned = promotion.plan(world.dev, world.staging, rule_check=refuse)
+    assert planned.problems == [
+        "alert rule acme/big-moves: rule big-moves reads a dataset acme may not read"
+    ]
     with pytest.raises(promotion.PromotionError, match="alert rule acme/big-moves: refused"):
         promotion.apply(world.dev, world.staging, "carol", rule_check=refuse)
     assert dump(world.staging) == before

@@ -37,8 +37,10 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
             "say which environments: trace promote --from dev --to staging [--apply]"
         )
     source, target = _env(settings, args.source), _env(settings, args.target)
+    # a custom SQL rule may read only datasets its organisation may read in the target
+    check = scope_check(target.state_dsn)
     if not args.apply:
-        found = promotion.plan(source, target)
+        found = promotion.plan(source, target, rule_check=check)
         if args.json:
             sys.stdout.write(json.dumps(promotion.as_json(found), indent=2) + "\n")
             return 1 if found.problems else 0
@@ -49,7 +51,7 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
             sys.stdout.write("dry run: nothing written; add --apply to apply it\n")
         return 0
     actor = args.actor or getpass.getuser()
-    done, entry = promotion.apply(source, target, actor, rule_check=scope_check(target.state_dsn))
+    done, entry = promotion.apply(source, target, actor, rule_check=check)
     sys.stdout.write(done.report() + "\n")
     if entry is None:
         sys.stdout.write("nothing applied\n")

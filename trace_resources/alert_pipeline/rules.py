@@ -439,12 +439,8 @@ class RuleStore:
     ) -> StoredRule:
         """Check and store the rule's next version (must_exist None: create or update);
         inside `conn`'s transaction when given."""
-        outbound, keyring = self._policies()
-        if self.check is not None and rule.enabled:
-            self.check(rule)
-        if rule.enabled:
-            check_channels(rule, outbound)
-            check_retry_periods(rule, *self._periods())
+        self.validate(rule)
+        _, keyring = self._policies()
         try:
             spec = rule.stored_json(keyring)
         except SealError as exc:
@@ -483,6 +479,16 @@ class RuleStore:
             )
         )
         return StoredRule(rule, version)
+
+    def validate(self, rule: AlertRule) -> None:
+        """Every check a write makes of an enabled rule (its scope, its channels' receivers
+        and retry periods), without writing: RuleError says what is refused."""
+        outbound, _ = self._policies()
+        if self.check is not None and rule.enabled:
+            self.check(rule)
+        if rule.enabled:
+            check_channels(rule, outbound)
+            check_retry_periods(rule, *self._periods())
 
     def put_in(self, conn: sa.Connection, rule: AlertRule) -> StoredRule:
         """Create or update the rule inside `conn`'s transaction, with every check of
