@@ -8,6 +8,7 @@ saved queries added, changed and removed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -284,7 +285,10 @@ def test_an_item_its_store_refuses_midway_leaves_nothing_applied(world: World) -
     assert promotion.promotion_log(world.staging) == []
 
 
-def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> None:
+def test_apply_then_rollback_leaves_staging_exactly_as_it_was(
+    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRACE_ENVIRONMENTS_FILE", str(world.file))
     before = dump(world.staging)
     planned, entry = promotion.apply(
         world.dev, world.staging, "carol", rule_check=scope_check(world.staging.state_dsn)
@@ -309,6 +313,16 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> N
     }
     [logged] = promotion.promotion_log(world.staging)
     assert (logged.id, logged.source_env, logged.actor) == (entry.id, "dev", "carol")
+    capsys.readouterr()
+    assert main(["promote", "log", "--env", "staging", "--json"]) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert (listed["id"], listed["from"], listed["to"], listed["actor"]) == (
+        entry.id,
+        "dev",
+        "staging",
+        "carol",
+    )
+    assert {"kind": "udfs", "key": "org_acme__token_counts", "action": "added"} in listed["changes"]
 
     # an item edited in staging since is not silently overwritten by the rollback
     staging_state = engine_for(world.staging.state_dsn)
@@ -320,7 +334,8 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(world: World) -> N
     with staging_state.begin() as conn:
         saved_queries.put_saved_query(conn, sql="SELECT 2 AS daily", **edit)
 
-    promotion.rollback(world.staging, entry.id, "dave")
+    assert main(["promote", "rollback", str(entry.id), "--env", "staging", "--actor", "dave"]) == 0
+    assert f"rolled back promotion {entry.id} (dev -> staging" in capsys.readouterr().out
     assert dump(world.staging) == before
     [logged] = promotion.promotion_log(world.staging)
     assert logged.rolled_back_by == "dave"
