@@ -8,6 +8,7 @@ setting TRACE_ENVIRONMENTS_FILE, default `trace-environments.yaml`):
         state_dsn: postgresql+psycopg2://trace:${DEV_PG_PASSWORD}@dev-db/trace_state
         data_dsn: postgresql+psycopg2://trace:${DEV_PG_PASSWORD}@dev-db/trace_data
         datasets_dir: dev/datasets        # relative to this file
+        dagster_url: http://dev-dagster:3000   # optional: reloaded after a promotion
       staging: {...}
 
 `${NAME}` in a value is read from the environment when the file is loaded, so passwords stay
@@ -44,6 +45,12 @@ class Environment(BaseModel):
     state_dsn: str = Field(min_length=1, description="SQLAlchemy URL of its state database")
     data_dsn: str = Field(min_length=1, description="SQLAlchemy URL of its data database")
     datasets_dir: Path = Field(description="the directory of its dataset declarations (*.yaml)")
+    dagster_url: str | None = Field(
+        default=None,
+        description="its Dagster webserver, told to reload the code location after a promotion "
+        "or rollback changed transforms or declarations (unset: reload by hand)",
+    )
+    dagster_location: str = Field(default="trace", description="the code location to reload")
 
 
 class _File(BaseModel):

@@ -335,7 +335,9 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(
         saved_queries.put_saved_query(conn, sql="SELECT 2 AS daily", **edit)
 
     assert main(["promote", "rollback", str(entry.id), "--env", "staging", "--actor", "dave"]) == 0
-    assert f"rolled back promotion {entry.id} (dev -> staging" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"rolled back promotion {entry.id} (dev -> staging" in out
+    assert "staging: reload its code location" in out
     assert dump(world.staging) == before
     [logged] = promotion.promotion_log(world.staging)
     assert logged.rolled_back_by == "dave"

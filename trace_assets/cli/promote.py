@@ -55,12 +55,29 @@ def cmd_promote(settings: Settings, args: argparse.Namespace) -> int:
     sys.stdout.write(done.report() + "\n")
     if entry is None:
         sys.stdout.write("nothing applied\n")
-    else:
-        sys.stdout.write(
-            f"applied as promotion {entry.id} by {entry.actor} "
-            f"(undo: trace promote rollback {entry.id} --env {target.name})\n"
-        )
+        return 0
+    sys.stdout.write(
+        f"applied as promotion {entry.id} by {entry.actor} "
+        f"(undo: trace promote rollback {entry.id} --env {target.name})\n"
+    )
+    _reload(target, [c.kind for c in done.changes])
     return 0
+
+
+def _reload(target: Environment, kinds: list[str]) -> None:
+    """The code location builds assets from transforms and declarations: reload it."""
+    from trace_resources.udfs.reload import reload_code_location
+
+    if "udfs" not in kinds and "datasets" not in kinds:
+        return
+    if not target.dagster_url:
+        sys.stdout.write(
+            f"{target.name}: reload its code location to build the changed transforms and "
+            "declarations (or give it a dagster_url in the environments file)\n"
+        )
+        return
+    outcome = reload_code_location(target.dagster_url, target.dagster_location)
+    sys.stdout.write(f"{target.name}: {outcome.message}\n")
 
 
 def _required_env(args: argparse.Namespace) -> str:
@@ -123,6 +140,7 @@ def cmd_rollback(settings: Settings, args: argparse.Namespace) -> int:
         f"rolled back promotion {done.id} ({done.source_env} -> {done.target_env}, "
         f"{promotion.summary(done)}): {target.name} is as it was before it\n"
     )
+    _reload(target, [e["kind"] for e in done.changes])
     return 0
 
 
