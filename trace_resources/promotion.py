@@ -152,6 +152,11 @@ def _redacted(value: Any) -> Any:
     return {**value, "channels": channels}
 
 
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (its lines joined by "; ")."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def _shown(value: Any) -> str:
     if value is None:
         return ""
@@ -276,7 +281,7 @@ def _rule_problem(change: Change, rules: RuleStore) -> str | None:
     try:
         rules.validate(parse_rule(change.source, f"rule {change.key}"))
     except RuleError as exc:
-        return f"alert rule {change.key}: {exc}"
+        return f"alert rule {change.key}: {_one_line(exc)}"
     return None
 
 
@@ -318,7 +323,7 @@ def _problems(
     try:
         decls = load_declarations(source.datasets_dir) if writes else {}
     except DeclarationError as exc:
-        return [f"dataset declarations of {source.name} are invalid: {exc}"]
+        return [f"dataset declarations of {source.name} are invalid: {_one_line(exc)}"]
     for change in plan_.changes:
         if change.kind == "datasets" and change.action != "removed":
             problem = _schema_problem(read, change.key, decls[change.key], target.name)
@@ -340,8 +345,8 @@ def _check(plan_: Plan, source: Environment, target: Environment, state: sa.Conn
     problems = _problems(plan_, source, target, state)
     if problems:
         raise PromotionError(
-            f"promotion {source.name} -> {target.name} refused, nothing applied:\n  "
-            + "\n  ".join(problems)
+            f"promotion {source.name} -> {target.name} refused, nothing applied: "
+            + "; ".join(problems)
         )
 
 
@@ -351,8 +356,7 @@ def _udf_problems(change: Change, target: Environment, state: sa.Connection) -> 
     try:
         decl = validate_udf(state.engine, text, f"{stored.name} (from {stored.source_file})")
     except (UdfError, DeclarationError) as exc:
-        first = str(exc).splitlines()[0]
-        return [f"transform {change.key}: not valid in {target.name}: {first}"]
+        return [f"transform {change.key}: not valid in {target.name}: {_one_line(exc)}"]
     problem = _schema_problem(
         ReadModel(state.engine), decl.name, as_dataset_declaration(decl), target.name
     )
@@ -426,7 +430,7 @@ def _apply_change(
             done_rule = rules.put_in(data, parse_rule(change.source, f"rule {change.key}"))
         except RuleError as exc:
             raise PromotionError(
-                f"alert rule {change.key}: refused by the target, nothing applied: {exc}"
+                f"alert rule {change.key}: refused by the target, nothing applied: {_one_line(exc)}"
             ) from None
         before_rule = prior.rules.get(change.key)
         entry |= {"before": before_rule[0] if before_rule else 0, "after": done_rule.version}
