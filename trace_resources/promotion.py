@@ -15,11 +15,12 @@ target holds committed versions of it); an alert rule is disabled (a new version
 `trace alerts rule disable`); a saved query is deleted; a transform is kept, since Trace has
 no way to retire one (the plan says so in its notes).
 
-Atomicity: the target's state database (UDFs, saved queries, the log) and data database (alert
-rules) are each written in one transaction; the data transaction commits just before the state
-one, and is undone if the state commit fails. Declaration files are written beside their
-final names before either commit and renamed into place after both, so a failure before the
-commits leaves the target's files untouched.
+Atomicity: the state commit decides. One transaction of the target's state database writes
+the UDFs, the saved queries and the log entry; the alert rules (data database, a transaction
+held open until then) and the declaration files (staged beside their final names, tagged with
+the step) are written after it, and the entry is marked complete. A step killed in between is
+finished by the next promotion or rollback into the target (`_finish`), before it does
+anything else; files staged by a step killed before its state commit are deleted then.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ from trace_resources.sealed import SECRET_FIELDS
 from trace_resources.storage import promotions as log
 from trace_resources.storage import saved_queries as query_store
 from trace_resources.storage import udfs as udf_store
+from trace_resources.storage.crash import crash_point
 from trace_resources.storage.read_model import ReadModel
 from trace_resources.storage.schemas import breaking_change, schema_fields
 from trace_resources.storage.state import engine_for
@@ -366,36 +369,49 @@ def _udf_problems(change: Change, target: Environment, state: sa.Connection) -> 
 # ---- applying ----------------------------------------------------------------------------
 
 
-class _Files:
-    """Declaration files written beside their final names, renamed into place after the
-    databases commit (or removed if they do not)."""
+_STAGED = re.compile(
+    r"^\.(?P<name>[a-z][a-z0-9_]*)\.yaml\.(?P<tag>(promotion|rollback)-\d+)(?P<remove>\.remove)?$"
+)
 
-    def __init__(self, directory: Path, tag: str) -> None:
+
+class _Files:
+    """Declaration files staged beside their final names (a removal as an empty `.remove`
+    marker), tagged with the promotion and step, and published (renamed into place) once the
+    step's state commit decided it."""
+
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.tag = tag
         self.pending: dict[str, str | None] = {}
 
     def put(self, name: str, text: str | None) -> None:
-        if text is not None:
-            (self.directory / f".{name}.yaml.{self.tag}").write_text(text)
         self.pending[name] = text
 
-    def current(self, name: str) -> str | None:
-        path = self.directory / f"{name}.yaml"
-        return path.read_text() if path.exists() else None
-
-    def publish(self) -> None:
+    def stage(self, tag: str) -> None:
         for name, text in self.pending.items():
-            final = self.directory / f"{name}.yaml"
+            staged = self.directory / f".{name}.yaml.{tag}"
             if text is None:
-                final.unlink(missing_ok=True)
+                staged.with_name(staged.name + ".remove").write_text("")
             else:
-                os.replace(self.directory / f".{name}.yaml.{self.tag}", final)
+                staged.write_text(text)
 
     def discard(self) -> None:
-        for name, text in self.pending.items():
-            if text is not None:
-                (self.directory / f".{name}.yaml.{self.tag}").unlink(missing_ok=True)
+        self.finish(None)
+
+    def finish(self, decided: str | None) -> None:
+        """Publish what the step tagged `decided` staged; delete anything else staged (what
+        an undecided step, killed before its state commit, left behind)."""
+        for staged in sorted(self.directory.iterdir()):
+            match = _STAGED.match(staged.name)
+            if match is None:
+                continue
+            final = self.directory / f"{match['name']}.yaml"
+            if match["tag"] != decided:
+                staged.unlink(missing_ok=True)
+            elif match["remove"]:
+                final.unlink(missing_ok=True)
+                staged.unlink()
+            else:
+                os.replace(staged, final)
 
 
 def _apply_change(
@@ -433,7 +449,11 @@ def _apply_change(
                 f"alert rule {change.key}: refused by the target, nothing applied: {_one_line(exc)}"
             ) from None
         before_rule = prior.rules.get(change.key)
-        entry |= {"before": before_rule[0] if before_rule else 0, "after": done_rule.version}
+        entry |= {
+            "before": before_rule[0] if before_rule else 0,
+            "after": done_rule.version,
+            "spec": change.source,  # what a stopped promotion's finish writes again
+        }
     else:
         org, name = change.key.split("/", 1)
         old = prior.queries.get(change.key)
@@ -458,16 +478,20 @@ def apply(
     rule_check: RuleCheck | None = None,
 ) -> tuple[Plan, log.Promotion | None]:
     """Check and apply the promotion all or nothing; returns the plan and the log entry
-    (None when there was nothing to promote). PromotionError names every item refused."""
+    (None when there was nothing to promote). PromotionError names every item refused.
+
+    The state commit (transforms, saved queries, the log entry) decides the promotion; the
+    alert rules (data database) and declaration files follow it. A process stopped between
+    the two leaves the entry unfinished, and the next promotion or rollback into the target
+    finishes it first (`_finish`)."""
     _refuse_same(source, target)
     with _connections(source) as (s_state, s_data):
         src = _read(source, s_state, s_data)
-    files = _Files(target.datasets_dir, f"promote-{os.getpid()}")
     rules = RuleStore(data_engine(target.data_dsn), check=rule_check)
-    with _connections(target) as (state, data):
+    with _connections(target) as (state, data), _locked(target, state, data, rules):
+        files = _Files(target.datasets_dir)
         state_tx, data_tx = state.begin(), data.begin()
         try:
-            log.lock(state)
             prior = _read(target, state, data)
             found = _compare(source.name, target.name, src, prior)
             if not found.changes:
@@ -485,28 +509,81 @@ def apply(
                 actor=actor,
                 changes=entries,
             )
-            data_tx.commit()
+            files.stage(f"promotion-{promotion.id}")
+            state_tx.commit()
         except BaseException:
             files.discard()
             data_tx.rollback()
             state_tx.rollback()
             raise
-        try:
-            state_tx.commit()
-        except BaseException:
-            files.discard()
-            _undo_rules(target, entries)
-            raise
-    files.publish()
+        crash_point("promote.after_state_commit")
+        _complete(target, state, data_tx, files, promotion, rollback=False)
     return found, promotion
 
 
-def _undo_rules(target: Environment, entries: list[dict[str, Any]]) -> None:
-    with data_engine(target.data_dsn).begin() as data:
-        for e in entries:
-            if e["kind"] == "alert_rules":
-                org, rule_id = e["key"].split("/", 1)
-                rule_store.undo_rule_versions_after(data, org, rule_id, e["before"])
+def _complete(
+    target: Environment,
+    state: sa.Connection,
+    data_tx: sa.RootTransaction,
+    files: _Files,
+    promotion: log.Promotion,
+    *,
+    rollback: bool,
+) -> None:
+    """The writes after a decided step: commit the rules, publish the files, mark it done."""
+    step = "rollback" if rollback else "promotion"
+    try:
+        data_tx.commit()
+    except sa.exc.SQLAlchemyError as exc:
+        raise PromotionError(
+            f"{step} {promotion.id} is recorded in {target.name} but its alert rules did not "
+            f"commit ({_one_line(exc)}); the next `trace promote` into {target.name} finishes it"
+        ) from None
+    files.finish(f"{step}-{promotion.id}")
+    with state.begin():
+        log.mark_completed(state, promotion.id, rollback)
+
+
+@contextmanager
+def _locked(
+    target: Environment, state: sa.Connection, data: sa.Connection, rules: RuleStore
+) -> Iterator[None]:
+    """Hold the target's promotion lock, having first finished a step a stopped process left
+    unfinished."""
+    log.lock(state)
+    try:
+        _finish(target, state, data, rules)
+        yield
+    finally:
+        log.unlock(state)
+
+
+def _finish(
+    target: Environment, state: sa.Connection, data: sa.Connection, rules: RuleStore
+) -> None:
+    """Finish the one step (apply or rollback) whose state commit happened but whose rules or
+    files were not written, and delete what undecided steps staged."""
+    with state.begin():
+        found = log.latest_unfinished(state)
+    files = _Files(target.datasets_dir)
+    if found is None:
+        files.discard()
+        return
+    promotion, rollback = found
+    with data.begin():
+        for entry in promotion.changes:
+            if entry["kind"] != "alert_rules":
+                continue
+            org, rule_id = entry["key"].split("/", 1)
+            version = rule_store.rules_in_force(data).get((org, rule_id), (0, None))[0]
+            if rollback and version > entry["before"]:
+                rule_store.undo_rule_versions_after(data, org, rule_id, entry["before"])
+            elif not rollback and version < entry["after"]:
+                rules.put_in(data, parse_rule(entry["spec"], f"rule {entry['key']}"))
+    step = "rollback" if rollback else "promotion"
+    files.finish(f"{step}-{promotion.id}")
+    with state.begin():
+        log.mark_completed(state, promotion.id, rollback)
 
 
 # ---- rollback ----------------------------------------------------------------------------
@@ -529,12 +606,13 @@ def _drifted(entry: dict[str, Any], now: _Items) -> bool:
 
 def rollback(target: Environment, promotion_id: int, actor: str) -> log.Promotion:
     """Restore every item promotion `promotion_id` touched to its state before it, all or
-    nothing; refused if a later promotion is still applied or an item changed since."""
-    files = _Files(target.datasets_dir, f"rollback-{os.getpid()}")
-    with _connections(target) as (state, data):
+    nothing (decided by the state commit, as `apply`); refused if a later promotion is still
+    applied or an item changed since."""
+    rules = RuleStore(data_engine(target.data_dsn))
+    with _connections(target) as (state, data), _locked(target, state, data, rules):
+        files = _Files(target.datasets_dir)
         state_tx, data_tx = state.begin(), data.begin()
         try:
-            log.lock(state)
             promotion = _rollbackable(state, promotion_id, target)
             now = _read(target, state, data)
             drifted = [f"{e['kind']} {e['key']}" for e in promotion.changes if _drifted(e, now)]
@@ -546,15 +624,14 @@ def rollback(target: Environment, promotion_id: int, actor: str) -> log.Promotio
             for entry in promotion.changes:
                 _restore(entry, state, data, files)
             log.mark_rolled_back(state, promotion_id, actor)
-            data_tx.commit()
+            files.stage(f"rollback-{promotion_id}")
             state_tx.commit()
         except BaseException:
             files.discard()
-            if data_tx.is_active:
-                data_tx.rollback()
+            data_tx.rollback()
             state_tx.rollback()
             raise
-    files.publish()
+        _complete(target, state, data_tx, files, promotion, rollback=True)
     return promotion
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -44,6 +46,7 @@ from trace_resources.storage.state import dispose_engine, engine_for
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.udfs.registry import apply as apply_udf
 
+SIGKILLED = -9
 UDF = """\
 format_version: 1
 name: org_acme__token_counts
@@ -322,6 +325,7 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(
         "staging",
         "carol",
     )
+    assert listed["completed"] is True
     assert {"kind": "udfs", "key": "org_acme__token_counts", "action": "added"} in listed["changes"]
 
     # an item edited in staging since is not silently overwritten by the rollback
@@ -343,6 +347,46 @@ def test_apply_then_rollback_leaves_staging_exactly_as_it_was(
     assert logged.rolled_back_by == "dave"
     with pytest.raises(promotion.PromotionError, match="already rolled back by dave"):
         promotion.rollback(world.staging, entry.id, "dave")
+
+
+def test_a_promotion_killed_after_its_state_commit_is_finished_by_the_next_one(
+    world: World,
+) -> None:
+    """SIGKILLed between the state commit (transforms, saved queries, the log) and the alert
+    rules and files: the next promotion into staging finishes it; its rollback undoes it all."""
+    before = dump(world.staging)
+    env = {
+        **os.environ,
+        "TRACE_ENVIRONMENTS_FILE": str(world.file),
+        "TRACE_CRASH_POINT": "promote.after_state_commit",
+    }
+    args = ["promote", "--from", "dev", "--to", "staging", "--apply", "--actor", "frank"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "trace_assets.cli", *args], env=env, capture_output=True, timeout=120
+    )
+    assert killed.returncode == SIGKILLED, killed.stderr
+    [unfinished] = [p for p in promotion.promotion_log(world.staging) if p.rolled_back_at is None]
+    assert unfinished.actor == "frank" and not unfinished.completed
+    halfway = dump(world.staging)
+    assert halfway["trace_udf_versions"] != before["trace_udf_versions"]  # committed
+    assert halfway["trace_alert_rules"] == before["trace_alert_rules"]  # not yet written
+    assert {n for n in halfway["files"] if n.startswith(".")} == {
+        f".{world.leaf}.yaml.promotion-{unfinished.id}",
+        f".blocks.yaml.promotion-{unfinished.id}",
+        f".logs.yaml.promotion-{unfinished.id}",
+    }
+
+    # the next promotion finishes it first, then finds nothing left to promote
+    assert promotion.apply(world.dev, world.staging, "carol")[1] is None
+    finished = dump(world.staging)
+    assert finished["files"] == dump(world.dev)["files"]
+    rules = RuleStore(data_engine(world.staging.data_dsn)).latest()
+    assert {s.rule.id: s.rule.enabled for s in rules} == {"big-moves": True, "staging-only": False}
+    [done] = [p for p in promotion.promotion_log(world.staging) if p.id == unfinished.id]
+    assert done.completed
+
+    promotion.rollback(world.staging, unfinished.id, "frank")
+    assert dump(world.staging) == before
 
 
 @pytest.mark.parametrize(

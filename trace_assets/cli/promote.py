@@ -104,6 +104,7 @@ def cmd_log(settings: Settings, args: argparse.Namespace) -> int:
                 "changes": [{k: e[k] for k in ("kind", "key", "action")} for e in p.changes],
                 "rolled_back_by": p.rolled_back_by,
                 "rolled_back_at": p.rolled_back_at.isoformat() if p.rolled_back_at else None,
+                "completed": p.completed,
             }
             for p in found
         ]
@@ -119,9 +120,12 @@ def cmd_log(settings: Settings, args: argparse.Namespace) -> int:
                 p.actor,
                 f"{p.created_at:%Y-%m-%d %H:%M:%S}",
                 promotion.summary(p),
-                f"{p.rolled_back_at:%Y-%m-%d %H:%M:%S} by {p.rolled_back_by}"
-                if p.rolled_back_at
-                else "—",
+                (
+                    f"{p.rolled_back_at:%Y-%m-%d %H:%M:%S} by {p.rolled_back_by}"
+                    if p.rolled_back_at
+                    else "—"
+                )
+                + ("" if p.completed else " (unfinished: the next promote finishes it)"),
             ]
             for p in found
         ],

@@ -16,7 +16,19 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from trace_resources.storage.state import metadata
 
-__all__ = ["Promotion", "promotions", "record", "listed", "get", "lock", "mark_rolled_back"]
+__all__ = [
+    "Promotion",
+    "promotions",
+    "record",
+    "listed",
+    "get",
+    "lock",
+    "unlock",
+    "latest_unfinished",
+    "later_than",
+    "mark_completed",
+    "mark_rolled_back",
+]
 
 promotions = sa.Table(
     "trace_promotions",
@@ -30,8 +42,12 @@ promotions = sa.Table(
     ),
     # [{kind, key, action, before, after}]: before/after are the item's stored state, or null
     sa.Column("changes", JSONB, nullable=False),
+    # the promotion is decided by its state commit; the writes that follow it (alert rules in
+    # the data database, declaration files) are marked complete here when done
+    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("rolled_back_by", sa.Text, nullable=True),
     sa.Column("rolled_back_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("rollback_completed_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 # serialises promotions into (and rollbacks of) one environment
@@ -48,6 +64,7 @@ class Promotion:
     changes: list[dict[str, Any]]
     rolled_back_by: str | None
     rolled_back_at: datetime | None
+    completed: bool  # its last step's rules and files are written (see `latest_unfinished`)
 
 
 def _promotion(row: Any) -> Promotion:
@@ -60,12 +77,45 @@ def _promotion(row: Any) -> Promotion:
         row.changes,
         row.rolled_back_by,
         row.rolled_back_at,
+        (row.completed_at if row.rolled_back_at is None else row.rollback_completed_at) is not None,
     )
 
 
 def lock(conn: sa.Connection) -> None:
-    """Hold the environment's promotion lock until the transaction ends."""
-    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK})
+    """Take the environment's promotion lock for this session (`unlock` releases it): held
+    from before a promotion's state commit until its rules and files are written."""
+    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK})
+    conn.commit()
+
+
+def unlock(conn: sa.Connection) -> None:
+    conn.rollback()
+    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK})
+    conn.commit()
+
+
+def latest_unfinished(conn: sa.Connection) -> tuple[Promotion, bool] | None:
+    """The promotion whose last step (apply: False, rollback: True) was decided but not
+    completed, if any: a process stopped between the state commit and the writes after it."""
+    p = promotions.c
+    row = conn.execute(
+        sa.select(promotions).where(
+            sa.or_(
+                sa.and_(p.rolled_back_at.is_(None), p.completed_at.is_(None)),
+                sa.and_(p.rolled_back_at.is_not(None), p.rollback_completed_at.is_(None)),
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    return _promotion(row), row.rolled_back_at is not None
+
+
+def mark_completed(conn: sa.Connection, promotion_id: int, rollback: bool) -> None:
+    column = "rollback_completed_at" if rollback else "completed_at"
+    conn.execute(
+        promotions.update().where(promotions.c.id == promotion_id).values({column: sa.func.now()})
+    )
 
 
 def record(

@@ -1,6 +1,7 @@
 """Environment promotion: `trace_promotions`, one row per `trace promote --apply` into this
 environment: from which environment, by whom and when, and every item it touched with its
-state before and after (so `trace promote rollback` can restore the prior state exactly).
+state before and after (so `trace promote rollback` can restore the prior state exactly), and
+when the writes that follow the state commit (alert rules, declaration files) were completed.
 
 Revision ID: state_0007
 """
@@ -28,6 +29,8 @@ def upgrade() -> None:
         sa.Column("actor", sa.Text, nullable=False),
         _created_at(),
         sa.Column("changes", JSONB, nullable=False),
+        sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("rolled_back_by", sa.Text, nullable=True),
         sa.Column("rolled_back_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("rollback_completed_at", sa.DateTime(timezone=True), nullable=True),
     )
