@@ -541,7 +541,13 @@ def _complete(
         ) from None
     files.finish(f"{step}-{promotion.id}")
     with state.begin():
-        log.mark_completed(state, promotion.id, rollback)
+        log.mark_completed(state, promotion.id, rollback, _without_specs(promotion.changes))
+
+
+def _without_specs(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log entries without the rules' specs (their sealed channel secrets): only
+    finishing a stopped promotion needs them, and the data database keeps the rules."""
+    return [{k: v for k, v in entry.items() if k != "spec"} for entry in changes]
 
 
 @contextmanager
@@ -583,7 +589,7 @@ def _finish(
     step = "rollback" if rollback else "promotion"
     files.finish(f"{step}-{promotion.id}")
     with state.begin():
-        log.mark_completed(state, promotion.id, rollback)
+        log.mark_completed(state, promotion.id, rollback, _without_specs(promotion.changes))
 
 
 # ---- rollback ----------------------------------------------------------------------------

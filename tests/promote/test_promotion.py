@@ -384,6 +384,9 @@ def test_a_promotion_killed_after_its_state_commit_is_finished_by_the_next_one(
     assert {s.rule.id: s.rule.enabled for s in rules} == {"big-moves": True, "staging-only": False}
     [done] = [p for p in promotion.promotion_log(world.staging) if p.id == unfinished.id]
     assert done.completed
+    # the rules' specs (sealed channel secrets) were kept only until it was finished
+    assert any("spec" in e for e in unfinished.changes)
+    assert not any("spec" in e for e in done.changes)
 
     promotion.rollback(world.staging, unfinished.id, "frank")
     assert dump(world.staging) == before

@@ -111,11 +111,16 @@ def latest_unfinished(conn: sa.Connection) -> tuple[Promotion, bool] | None:
     return _promotion(row), row.rolled_back_at is not None
 
 
-def mark_completed(conn: sa.Connection, promotion_id: int, rollback: bool) -> None:
+def mark_completed(
+    conn: sa.Connection, promotion_id: int, rollback: bool, changes: list[Any] | None = None
+) -> None:
+    """Mark the step complete (and store `changes`, e.g. without what only finishing it
+    needed)."""
     column = "rollback_completed_at" if rollback else "completed_at"
-    conn.execute(
-        promotions.update().where(promotions.c.id == promotion_id).values({column: sa.func.now()})
-    )
+    values: dict[str, Any] = {column: sa.func.now()}
+    if changes is not None:
+        values["changes"] = sa.cast(changes, JSONB)
+    conn.execute(promotions.update().where(promotions.c.id == promotion_id).values(values))
 
 
 def record(
