@@ -734,6 +734,13 @@ class Settings(BaseSettings):
         64, gt=0, description="Columns an enrichment upload may hold."
     )
 
+    # environments (dev, staging, prod) that `trace promote` copies configuration between
+    environments_file: Path = Field(
+        Path("trace-environments.yaml"),
+        description="YAML file naming each environment's state and data databases and its "
+        "dataset declarations directory (`trace promote`; trace_resources.environments).",
+    )
+
     # the running Dagster deployment, told to reload its code location when a transform is
     # applied (unset: nothing is reloaded, and the apply says how to reload by hand)
     dagster_url: str | None = Field(

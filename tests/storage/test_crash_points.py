@@ -211,7 +211,13 @@ def test_staging_cleanup_killed_after_abandoning_finishes_on_its_next_run(
     invariants()
 
 
+# crash points whose SIGKILL is exercised by another module, and where
+EXERCISED_ELSEWHERE = {"promote.after_state_commit": "tests/promote/test_promotion.py"}
+
+
 def test_every_crash_point_was_exercised() -> None:
-    """Runs last in this module: every named crash point took a SIGKILL above."""
-    if len(exercised) < len(CRASH_POINTS):
-        pytest.fail(f"crash points never exercised: {sorted(set(CRASH_POINTS) - exercised)}")
+    """Runs last in this module: every named crash point took a SIGKILL above (or in the
+    module EXERCISED_ELSEWHERE names)."""
+    missing = set(CRASH_POINTS) - exercised - set(EXERCISED_ELSEWHERE)
+    if missing:
+        pytest.fail(f"crash points never exercised: {sorted(missing)}")

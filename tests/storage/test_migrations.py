@@ -42,6 +42,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_quarantine",
         "trace_iceberg_published",
         "trace_tap_producers",
+        "trace_promotions",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
@@ -55,6 +56,7 @@ def state_metadata() -> sa.MetaData:
         enrichments,
         exports,
         iceberg,
+        promotions,
         quarantine,
         rate_limits,
         saved_queries,

@@ -70,6 +70,8 @@ __all__ = [
     "check_retry_periods",
     "parse_rule",
     "load_rule_file",
+    "rules_in_force",
+    "undo_rule_versions_after",
 ]
 
 # the datasets alert conditions read: the decoded transfers of each committed block range
@@ -432,44 +434,66 @@ class RuleStore:
             .with_for_update()
         ).one_or_none()
 
-    def _write(self, rule: AlertRule, *, must_exist: bool) -> StoredRule:
-        outbound, keyring = self._policies()
+    def _write(
+        self, rule: AlertRule, *, must_exist: bool | None, conn: sa.Connection | None = None
+    ) -> StoredRule:
+        """Check and store the rule's next version (must_exist None: create or update);
+        inside `conn`'s transaction when given."""
+        self.validate(rule)
+        _, keyring = self._policies()
+        try:
+            spec = rule.stored_json(keyring)
+        except SealError as exc:
+            raise ChannelRefused(f"a channel secret is not usable: {exc}") from None
+        if conn is not None:
+            return self._insert(conn, rule, spec, must_exist)
+        with self.engine.begin() as conn:
+            return self._insert(conn, rule, spec, must_exist)
+
+    def _insert(
+        self, conn: sa.Connection, rule: AlertRule, spec: dict[str, Any], must_exist: bool | None
+    ) -> StoredRule:
+        # serialise writers of one rule so versions never collide
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+            {"k": f"rule:{rule.org}/{rule.id}"},
+        )
+        latest = self._latest(conn, rule.org, rule.id)
+        if must_exist and latest is None:
+            raise RuleError(
+                f"no rule {rule.org}/{rule.id}: create it first (`trace alerts rule create`)"
+            )
+        if must_exist is False and latest is not None:
+            raise RuleError(
+                f"rule {rule.org}/{rule.id} exists (version {latest.version}): use "
+                "`trace alerts rule update`"
+            )
+        version = 1 if latest is None else latest.version + 1
+        conn.execute(
+            t.rules.insert().values(
+                org=rule.org,
+                rule_id=rule.id,
+                version=version,
+                spec=spec,
+                enabled=rule.enabled,
+            )
+        )
+        return StoredRule(rule, version)
+
+    def validate(self, rule: AlertRule) -> None:
+        """Every check a write makes of an enabled rule (its scope, its channels' receivers
+        and retry periods), without writing: RuleError says what is refused."""
+        outbound, _ = self._policies()
         if self.check is not None and rule.enabled:
             self.check(rule)
         if rule.enabled:
             check_channels(rule, outbound)
             check_retry_periods(rule, *self._periods())
-        try:
-            spec = rule.stored_json(keyring)
-        except SealError as exc:
-            raise ChannelRefused(f"a channel secret is not usable: {exc}") from None
-        with self.engine.begin() as conn:
-            # serialise writers of one rule so versions never collide
-            conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
-                {"k": f"rule:{rule.org}/{rule.id}"},
-            )
-            latest = self._latest(conn, rule.org, rule.id)
-            if must_exist and latest is None:
-                raise RuleError(
-                    f"no rule {rule.org}/{rule.id}: create it first (`trace alerts rule create`)"
-                )
-            if not must_exist and latest is not None:
-                raise RuleError(
-                    f"rule {rule.org}/{rule.id} exists (version {latest.version}): use "
-                    "`trace alerts rule update`"
-                )
-            version = 1 if latest is None else latest.version + 1
-            conn.execute(
-                t.rules.insert().values(
-                    org=rule.org,
-                    rule_id=rule.id,
-                    version=version,
-                    spec=spec,
-                    enabled=rule.enabled,
-                )
-            )
-        return StoredRule(rule, version)
+
+    def put_in(self, conn: sa.Connection, rule: AlertRule) -> StoredRule:
+        """Create or update the rule inside `conn`'s transaction, with every check of
+        `create`/`update` (environment promotion applies many rules at once)."""
+        return self._write(rule, must_exist=None, conn=conn)
 
     def reseal_secrets(self, keyring: Keyring) -> tuple[int, int]:
         """Seal every stored secret (every version of every rule: alerts are delivered with
@@ -541,6 +565,37 @@ class RuleStore:
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(r.c.org, r.c.rule_id)).all()
         return [_rule_version(row) for row in rows]
+
+
+def rules_in_force(conn: sa.Connection) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
+    """Every rule's version in force and its stored spec, by (org, rule id)."""
+    r = t.rules
+    newest = (
+        sa.select(r.c.org, r.c.rule_id, sa.func.max(r.c.version).label("version"))
+        .group_by(r.c.org, r.c.rule_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(r.c.org, r.c.rule_id, r.c.version, r.c.spec).join(
+            newest,
+            (newest.c.org == r.c.org)
+            & (newest.c.rule_id == r.c.rule_id)
+            & (newest.c.version == r.c.version),
+        )
+    ).all()
+    return {(row.org, row.rule_id): (row.version, row.spec) for row in rows}
+
+
+def undo_rule_versions_after(conn: sa.Connection, org: str, rule_id: str, version: int) -> int:
+    """Remove a rule's versions newer than `version` (0: all), for `trace promote rollback`,
+    which restores an environment exactly as it was before a promotion. Alerts raised under a
+    removed version keep their rows, but the deliverer no longer finds their channel settings.
+    Returns how many versions were removed."""
+    r = t.rules
+    done = conn.execute(
+        r.delete().where(r.c.org == org, r.c.rule_id == rule_id, r.c.version > version)
+    )
+    return int(done.rowcount)
 
 
 def reseal_rule_specs(engine: sa.Engine, keyring: Keyring) -> tuple[int, int]:

@@ -5,8 +5,8 @@ one module per concern (`version_store.py` builds them: `attempts.py`, `fenced_c
 `records.py`, the schema registry in `schemas.py`), the write path (`commit.py`, the IO manager
 `io_manager.py`), the access rule and its tables (`access.py`), the query service's records
 (`snapshots.py`, `saved_queries.py`, `exports.py`, `rate_limits.py`), leases, crash points and
-GC (`lease.py`, `crash.py`, `gc.py`), and the compaction of open append partitions
-(`compaction.py`).
+GC (`lease.py`, `crash.py`, `gc.py`), the compaction of open append partitions
+(`compaction.py`), and the log of environment promotions (`promotions.py`).
 
 The only code that speaks SQL to Trace's state tables. May import other `trace_resources`
 modules except `alert_pipeline` and `instance`; no other trace_* package.

@@ -14,6 +14,8 @@ The points, in the order a write reaches them:
 - `gc.after_versions_deleted`  GC removed version rows and queued their files, none deleted
 - `gc.during_file_delete`  GC deleted one queued file, the others not yet
 - `cleanup.after_abandon`  staging cleanup marked expired attempts abandoned, files not deleted
+- `promote.after_state_commit`  a promotion decided (state committed), its alert rules and
+  declaration files not yet written
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CRASH_POINTS = (
     "gc.after_versions_deleted",
     "gc.during_file_delete",
     "cleanup.after_abandon",
+    "promote.after_state_commit",
 )
 
 _hits: dict[str, int] = {}

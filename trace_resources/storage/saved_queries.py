@@ -12,6 +12,7 @@ from typing import TypedDict, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.storage.state import metadata
 
@@ -23,6 +24,9 @@ __all__ = [
     "org_saved_queries",
     "org_saved_query",
     "delete_saved_query",
+    "every_saved_query",
+    "put_saved_query",
+    "restore_saved_query",
 ]
 
 saved_queries = sa.Table(
@@ -116,3 +120,49 @@ def delete_saved_query(engine: sa.Engine, org: str, query_id: uuid.UUID) -> None
             .where(saved_queries.c.id == str(query_id))
             .where(saved_queries.c.org == org)
         )
+
+
+# Environment promotion (`trace_resources.promotion`) copies every organisation's saved
+# queries between environments inside one transaction of the target; by (org, name), since ids
+# are per environment.
+
+
+def every_saved_query(conn: sa.Connection) -> list[SavedQuery]:
+    """Every organisation's saved queries, by org and name."""
+    rows = (
+        conn.execute(sa.select(saved_queries).order_by(saved_queries.c.org, saved_queries.c.name))
+        .mappings()
+        .all()
+    )
+    return [cast(SavedQuery, dict(r)) for r in rows]
+
+
+def put_saved_query(
+    conn: sa.Connection, *, org: str, name: str, sql: str, description: str | None, created_by: str
+) -> None:
+    """Create the organisation's saved query `name`, or change its SQL and description (its
+    id, author and creation time stay)."""
+    conn.execute(
+        pg_insert(saved_queries)
+        .values(
+            id=str(uuid.uuid4()),
+            org=org,
+            name=name,
+            sql=sql,
+            description=description,
+            created_by=created_by,
+        )
+        .on_conflict_do_update(
+            constraint="trace_query_saved_queries_org_name",
+            set_={"sql": sql, "description": description},
+        )
+    )
+
+
+def restore_saved_query(conn: sa.Connection, org: str, name: str, row: SavedQuery | None) -> None:
+    """Make (org, name) exactly `row` again (None: absent), id and creation time included."""
+    conn.execute(
+        saved_queries.delete().where(saved_queries.c.org == org, saved_queries.c.name == name)
+    )
+    if row is not None:
+        conn.execute(saved_queries.insert().values(**row))

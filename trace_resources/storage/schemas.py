@@ -20,7 +20,7 @@ from trace_resources.errors import SchemaIncompatibleError
 from trace_resources.storage import state as t
 from trace_resources.storage.records import CommitMode
 
-__all__ = ["register_schema", "schema_drift", "schema_fingerprint"]
+__all__ = ["breaking_change", "register_schema", "schema_drift", "schema_fingerprint"]
 
 
 def schema_fields(schema: pa.Schema) -> list[dict[str, Any]]:
@@ -49,6 +49,21 @@ def schema_drift(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[s
             n for n in after if n in before and before[n]["nullable"] != after[n]["nullable"]
         ],
     }
+
+
+def breaking_change(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str | None:
+    """What makes `new` unreadable beside versions committed under `old` (removed or retyped
+    columns, a new non-nullable column, changed nullability), in words; None if compatible."""
+    drift = schema_drift(old, new)
+    breaking = drift["removed"] + [r["column"] for r in drift["retyped"]]
+    added_required = [f["name"] for f in new if f["name"] in drift["added"] and not f["nullable"]]
+    if not (breaking or added_required or drift["nullability"]):
+        return None
+    return (
+        f"removed columns {drift['removed'] or 'none'}, retyped "
+        f"{[r['column'] for r in drift['retyped']] or 'none'}, new non-nullable "
+        f"{added_required or 'none'}, nullability changed {drift['nullability'] or 'none'}"
+    )
 
 
 def _registered(
@@ -102,17 +117,11 @@ def register_schema(
     if registered.schema_hash == fingerprint:
         return current_version, None
     drift = schema_drift(registered.schema_json, fields)
-    breaking = drift["removed"] + [r["column"] for r in drift["retyped"]]
-    added_required = [
-        f["name"] for f in fields if f["name"] in drift["added"] and not f["nullable"]
-    ]
-    if breaking or added_required or drift["nullability"]:
+    problem = breaking_change(registered.schema_json, fields)
+    if problem is not None:
         raise SchemaIncompatibleError(
             f"the data staged for {dataset} does not match its registered schema "
-            f"v{current_version}: removed columns {drift['removed'] or 'none'}, retyped "
-            f"{[r['column'] for r in drift['retyped']] or 'none'}, new non-nullable "
-            f"{added_required or 'none'}, nullability changed "
-            f"{drift['nullability'] or 'none'}. "
+            f"v{current_version}: {problem}. "
             "Keep the old columns and types (new columns must be nullable), or declare a "
             "new dataset"
         )

@@ -3,7 +3,8 @@
 Every `trace udf apply` (or `POST /v1/transforms`) of a declaration that differs from the
 transform's newest version stores a new version: the YAML as written and the validated
 declaration (JSON). The Dagster code location builds one asset per transform from the newest
-versions (`latest`); nothing is ever updated or deleted here.
+versions (`latest`); nothing is ever updated, and versions are deleted only by a promotion's
+rollback (`undo_versions_after`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from trace_resources.storage.state import metadata
 
-__all__ = ["StoredUdf", "udf_versions", "apply_version", "latest", "history", "version_count"]
+__all__ = [
+    "StoredUdf",
+    "udf_versions",
+    "apply_version",
+    "undo_versions_after",
+    "latest",
+    "history",
+    "version_count",
+]
 
 udf_versions = sa.Table(
     "trace_udf_versions",
@@ -70,7 +79,7 @@ def _stored(row: Any, changed: bool = True) -> StoredUdf:
 
 
 def apply_version(
-    engine: sa.Engine,
+    engine: sa.Engine | sa.Connection,
     *,
     name: str,
     org: str,
@@ -80,34 +89,57 @@ def apply_version(
     applied_by: str,
 ) -> StoredUdf:
     """Store `declaration` as the transform's next version, unless its newest version holds
-    the same declaration (then that version is returned with `changed=False`)."""
+    the same declaration (then that version is returned with `changed=False`). Given a
+    connection, inside its transaction (a promotion applies many items at once)."""
+    values: dict[str, Any] = {
+        "name": name,
+        "org": org,
+        "source_file": source_file,
+        "source": source,
+        "declaration": declaration,
+        "applied_by": applied_by,
+    }
+    if isinstance(engine, sa.Connection):
+        return _apply(engine, **values)
+    with engine.begin() as conn:
+        return _apply(conn, **values)
+
+
+def _apply(
+    conn: sa.Connection, *, name: str, declaration: dict[str, Any], **values: Any
+) -> StoredUdf:
     t = udf_versions
     digest = hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:n, :k))"),
-            {"k": _LOCK, "n": name},
+    conn.execute(
+        sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:n, :k))"),
+        {"k": _LOCK, "n": name},
+    )
+    newest = conn.execute(
+        sa.select(t).where(t.c.name == name).order_by(t.c.version.desc()).limit(1)
+    ).first()
+    if newest is not None and newest.sha256 == digest:
+        return _stored(newest, changed=False)
+    row = conn.execute(
+        t.insert()
+        .values(
+            name=name,
+            version=(newest.version + 1) if newest is not None else 1,
+            declaration=sa.cast(declaration, JSONB),
+            sha256=digest,
+            **values,
         )
-        newest = conn.execute(
-            sa.select(t).where(t.c.name == name).order_by(t.c.version.desc()).limit(1)
-        ).first()
-        if newest is not None and newest.sha256 == digest:
-            return _stored(newest, changed=False)
-        row = conn.execute(
-            t.insert()
-            .values(
-                name=name,
-                version=(newest.version + 1) if newest is not None else 1,
-                org=org,
-                source_file=source_file,
-                source=source,
-                declaration=sa.cast(declaration, JSONB),
-                sha256=digest,
-                applied_by=applied_by,
-            )
-            .returning(*t.c)
-        ).one()
+        .returning(*t.c)
+    ).one()
     return _stored(row)
+
+
+def undo_versions_after(conn: sa.Connection, name: str, version: int) -> int:
+    """Remove the transform's versions newer than `version` (0: every version): the one
+    exception to "versions are only added", for `trace promote rollback`, which restores an
+    environment exactly as it was before a promotion. Returns how many were removed."""
+    t = udf_versions
+    done = conn.execute(t.delete().where(t.c.name == name, t.c.version > version))
+    return int(done.rowcount)
 
 
 def latest(engine: sa.Engine | sa.Connection, org: str | None = None) -> list[StoredUdf]:
