@@ -54,6 +54,7 @@ from infra.bench.ingest import dagster_instance, range_tags
 from infra.bench.synthetic import MONAD_BLOCK_S, ChainShape, generate_range
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.services import REPO_ROOT, PostgresServer, free_port
+from trace_assets.derived.assets import PARTITIONED_TRANSFORMS
 from trace_assets.partitions import add_finalized_partitions
 from trace_assets.raw.chain import _stage_range
 from trace_resources.chain.ranges import BlockRange
@@ -61,7 +62,7 @@ from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.chain.verify import verify_range
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.settings import QuerySettings
-from trace_resources.storage.commit import DatasetReader, StepIdentity
+from trace_resources.storage.commit import DatasetReader, DatasetWriter, StepIdentity
 from trace_resources.storage.io_manager import Staging
 from trace_resources.storage.object_store import ObjectStore, local_store
 from trace_resources.storage.state import engine_for
@@ -163,16 +164,16 @@ class Bench:
         self.versions = VersionStore(engine_for(self.settings.state_dsn))
         self.reader = DatasetReader(self.store, self.versions)
         self.instance = dagster_instance(work / "dagster_home", pg)
-        self.writer = self.versions_writer()
+        # the ingest step's staging, under a step identity of the benchmark's own
+        self.writer = DatasetWriter(self.store, self.versions)
         self.staging = Staging(self.writer, StepIdentity("bench-scale", "raw_chain"))
         self.committed: list[str] = []
         self.raw_rows_by_range: dict[str, int] = {}
         self.direct_root = work / "direct"
 
-    def versions_writer(self) -> Any:
-        from trace_resources.storage.commit import DatasetWriter
-
-        return DatasetWriter(self.store, self.versions)
+    def close(self) -> None:
+        self.writer.close()
+        self.instance.dispose()
 
     # ingest side -----------------------------------------------------------------------
     def commit_ranges(self, upto: int) -> tuple[float, float]:
@@ -222,8 +223,6 @@ class Bench:
     def time_direct(self, keys: list[str], round_number: int) -> tuple[float, int]:
         """The same transforms over the same committed files (resolved before the clock
         starts), read with pyarrow, written as one Parquet file per dataset."""
-        from trace_assets.derived.assets import PARTITIONED_TRANSFORMS
-
         inputs = {name: self.files(name, keys) for name in ("blocks", "transactions", "logs")}
         rows = 0
         started = time.perf_counter()
@@ -301,6 +300,7 @@ def run(args: argparse.Namespace) -> list[Point]:
     work = Path(tempfile.mkdtemp(prefix="trace-bench-scale-"))
     pg = PostgresServer(work / "pg", free_port())
     server: QueryServer | None = None
+    bench: Bench | None = None
     points: list[Point] = []
     try:
         pg.start()
@@ -369,6 +369,8 @@ def run(args: argparse.Namespace) -> list[Point]:
     finally:
         if server is not None:
             server.stop()
+        if bench is not None:
+            bench.close()
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     return points
