@@ -21,7 +21,7 @@ VENV_STAMP  := .venv/.trace-synced
 NODE_STAMP  := node_modules/.trace-installed
 
 # Benchmarks: add each new bench-* target here and `make bench` runs it.
-BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness bench-udf bench-taps
+BENCHES := bench-ingest bench-query bench-derived bench-commit bench-alerts bench-freshness bench-udf bench-taps bench-scale
 
 .PHONY: help install services-up services-down demo dev test bench $(BENCHES) lint clean-local
 
@@ -91,6 +91,9 @@ bench-derived: install ## derived datasets: Dagster materialisation vs the same 
 
 bench-udf: install ## Python UDF through Pipes vs the same function direct; fixed cost per range
 	$(PYTHON) -m infra.bench.udf
+
+bench-scale: install ## cost curve: generated raw data 0.2M-20M rows; commit, derived, query vs direct; fits, PNG
+	$(PYTHON) -m infra.bench.scale
 
 bench-query: install ## query service (uvicorn) vs DuckDB directly on the same files
 	$(PYTHON) -m infra.bench.query

@@ -15,10 +15,12 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -53,6 +55,7 @@ __all__ = [
     "StepIdentity",
     "DatasetWriter",
     "DatasetReader",
+    "ReadCache",
     "UpstreamQualityError",
 ]
 
@@ -457,6 +460,32 @@ class UpstreamQualityError(DatasetError):
         )
 
 
+class ReadCache:
+    """Tables read by version, up to `max_bytes` in all (the oldest dropped first): one run's
+    steps that read the same upstream versions read their files once. Safe across threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._tables: OrderedDict[Hashable, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, versions: Hashable) -> pa.Table | None:
+        with self._lock:
+            return self._tables.get(versions)
+
+    def put(self, versions: Hashable, table: pa.Table) -> None:
+        if table.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._tables[versions] = table
+            while sum(t.nbytes for t in self._tables.values()) > self.max_bytes:
+                self._tables.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+
 class DatasetReader:
     """Reads only what committed manifests reference, never by listing prefixes.
 
@@ -512,11 +541,14 @@ class DatasetReader:
         schema: pa.Schema | None = None,
         *,
         refuse_failed_checks: bool = False,
+        cache: ReadCache | None = None,
     ) -> pa.Table:
         """The current versions of the partitions (all if None) as one table.
 
         With `refuse_failed_checks`, raise `UpstreamQualityError` instead if a blocking
         quality rule failed on any of those versions (what derived datasets read with).
+        With a `cache`, a read of exactly the versions of an earlier read returns that read's
+        table (versions are immutable: the same bytes) instead of reading the files again.
         """
         with self.pinned(dataset, partition_keys) as records:
             if partition_keys is not None:
@@ -529,7 +561,14 @@ class DatasetReader:
                     )
             if refuse_failed_checks:
                 self.refuse_failed(dataset, records)
-            return self.read_versions(records.values(), schema)
+            if cache is None or schema is not None:
+                return self.read_versions(records.values(), schema)
+            versions = (dataset, tuple(sorted((k, r.version) for k, r in records.items())))
+            table = cache.get(versions)
+            if table is None:
+                table = self.read_versions(records.values())
+                cache.put(versions, table)
+            return table
 
     def refuse_failed(self, dataset: str, records: Mapping[str, VersionRecord]) -> None:
         """Raise `UpstreamQualityError` if a blocking rule failed on any of these versions."""

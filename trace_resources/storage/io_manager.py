@@ -46,7 +46,7 @@ import pyarrow as pa
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster._core.execution.stats import StepEventStatus
 from dagster_shared.utils.warnings import BetaWarning
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from trace_resources.chains import dataset_for_asset_key
 from trace_resources.failures import as_dagster_failure
@@ -54,6 +54,7 @@ from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import (
     DatasetWriter,
     PartitionData,
+    ReadCache,
     StagedPartition,
     StepIdentity,
 )
@@ -370,12 +371,26 @@ def _partition_metadata(
         )
 
 
+# a run's upstream tables kept between its steps (`DatasetIOManager.input_cache_bytes`),
+# within a worker pod's memory; a table past it (a 100-range run's) is read again
+INPUT_CACHE_BYTES = 1024**3
+
+
 class DatasetIOManager(dg.ConfigurableIOManager):
     """Commits asset outputs as versioned Parquet datasets (staged, fenced, pointer swap)."""
 
     objects: ObjectStoreResource
     state: StateStoreResource
+    input_cache_bytes: int = Field(
+        default=INPUT_CACHE_BYTES,
+        ge=0,
+        description="Upstream tables a run keeps in memory between its steps, by committed "
+        "version, so that steps reading the same versions (three derived datasets read "
+        "`transactions`) read their files once; the oldest go first beyond this many bytes. "
+        "0: every step reads its inputs from the object store.",
+    )
     _writer: DatasetWriter | None = PrivateAttr(default=None)
+    _inputs: ReadCache | None = PrivateAttr(default=None)
     # staged by an asset's `staging` block and not yet committed, by attempt id
     _handed_over: dict[str, StagedPartition] = PrivateAttr(default_factory=dict)
 
@@ -421,6 +436,8 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             self._writer.abort(self._handed_over.values())
             self._handed_over.clear()
             self._writer.close()
+        if self._inputs is not None:
+            self._inputs.clear()
 
     def _dataset_writer(self) -> DatasetWriter:
         if self._writer is None:
@@ -467,5 +484,12 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             # a version whose blocking quality rules failed is never read downstream, in this
             # run or any later one (the circuit breaker across runs)
             return self.state.reader(self.objects).read(
-                dataset, _expected_keys(context), refuse_failed_checks=True
+                dataset, _expected_keys(context), refuse_failed_checks=True, cache=self._cache()
             )
+
+    def _cache(self) -> ReadCache | None:
+        if self.input_cache_bytes <= 0:
+            return None
+        if self._inputs is None:
+            self._inputs = ReadCache(self.input_cache_bytes)
+        return self._inputs
