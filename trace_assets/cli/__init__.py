@@ -4,7 +4,8 @@ the running deployment), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `quarantine` (versions judged wrong),
 `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
-`secrets` (secrets rotate) and `udf` (organisations' transforms); `errors` says how a
+`secrets` (secrets rotate), `udf` (organisations' transforms) and `leases` (the singletons'
+leader leases); `errors` says how a
 command fails and `console` prints its tables and progress.
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
@@ -33,6 +34,7 @@ from trace_assets.cli import (
     chain,
     db,
     gaps,
+    leases,
     quarantine,
     secrets,
     storage,
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         alerts,
         secrets,
         udf,
+        leases,
     ):
         group.add_commands(commands)
     return parser

@@ -3,7 +3,9 @@
 `TRACE_CRASH_POINT=name` (or `name@N`: on the N-th time the point is reached) makes the process
 that reaches `crash_point("name")` kill itself with SIGKILL at once: no `finally`, no atexit, no
 flushing, no rollback by the client, exactly as if the machine had lost power for that process.
-Unset (always, outside the tests) a crash point costs one dictionary lookup.
+`name@N:stop` sends SIGSTOP instead, once (the process is paused there until a SIGCONT: a
+stalled leader that wakes up late, for the leader-lease tests). Unset (always, outside the
+tests) a crash point costs one dictionary lookup.
 
 The points, in the order a write reaches them:
 
@@ -43,15 +45,20 @@ _lock = threading.Lock()
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process if `TRACE_CRASH_POINT` names this point (and its hit count)."""
+    """SIGKILL (or SIGSTOP) this process if `TRACE_CRASH_POINT` names this point (and its hit
+    count)."""
     wanted = os.environ.get(CRASH_POINT_ENV)
     if not wanted:
         return
+    wanted, _, action = wanted.partition(":")
     point, _, nth = wanted.partition("@")
     if point != name:
         return
     with _lock:
         _hits[name] = _hits.get(name, 0) + 1
         hit = _hits[name]
-    if hit >= int(nth or 1):
+    if action == "stop":
+        if hit == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGSTOP)
+    elif hit >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
