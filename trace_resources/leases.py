@@ -10,14 +10,14 @@ it expire, and a standby copy takes over within about `lease_s`.
 
 An expired lease alone does not stop a paused holder that wakes up: it still believes it leads.
 So every write of a singleton checks its token IN THE SAME TRANSACTION as the write
-(`LeaderLease.check`, e.g. as the commit's `within` hook): the lease row is read `FOR SHARE`,
-which a takeover (an UPDATE of that row) waits for, and the write is refused with
-`LeaseLostError`, rolling back everything the transaction did, unless the row still carries
-this holder's token and has not expired. The same check bounds how long that transaction may
-sit idle (`idle_in_transaction_session_timeout`): a holder paused between the check and its
-COMMIT has its session ended by Postgres, releasing its row locks, instead of blocking the
+(`LeaderLease.check`, first thing in the transaction, e.g. as the commit's `guard`): the lease
+row is read `FOR SHARE`, which a takeover (an UPDATE of that row) waits for, and the write is
+refused with `LeaseLostError`, rolling back everything the transaction did, unless the row
+still carries this holder's token and has not expired. The same check bounds how long that
+transaction may sit idle (`idle_in_transaction_session_timeout`, one lease): a holder paused
+inside it has its session ended by Postgres, releasing its row locks, instead of blocking the
 new holder for ever. `bounded_transactions(dsn, seconds)` applies the same bound to every
-transaction of an engine (the follower's), so a pause anywhere inside a commit is bounded too.
+transaction of an engine (the follower's).
 
 Anchors: Kleppmann's fencing tokens ("How to do distributed locking"), Chubby's sequencers, and
 the attempt fences of the commit protocol (`storage/attempts.py`), whose style this follows.

@@ -55,6 +55,7 @@ from trace_resources.leases import LeaderLease
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.compaction import Compactor
+from trace_resources.storage.crash import crash_point
 from trace_resources.storage.records import BatchNotCommitted, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 
@@ -318,6 +319,7 @@ class HeadFollower:
                 alerting = pool.submit(self._evaluate, segment, "finalized")
                 staged = self._stage(segment, source)
                 outcome.alerts = alerting.result()
+            crash_point("head.before_commit")
             started = time.perf_counter()
             self._commit(staged)
             self.metrics.appended(segment.blocks.size, time.perf_counter() - started)
@@ -452,10 +454,11 @@ class HeadFollower:
 
     def _commit(self, staged: Sequence[StagedPartition]) -> dict[str, VersionRecord]:
         """Every head dataset's segment in one transaction: all or nothing."""
-        leader = self.leader
-        within = (lambda conn, _results: leader.check(conn)) if leader is not None else None
+        # the lease's fence first in the transaction: a late append of a copy that lost the
+        # lease is refused as such, before the segments are even looked at
+        guard = self.leader.check if self.leader is not None else None
         try:
-            results = self.writer.commit_together(staged, within=within)
+            results = self.writer.commit_together(staged, guard=guard)
         except BatchNotCommitted as exc:
             if isinstance(exc.__cause__, PartitionSealedError):
                 raise exc.__cause__ from None

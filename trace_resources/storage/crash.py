@@ -16,6 +16,11 @@ The points, in the order a write reaches them:
 - `gc.after_versions_deleted`  GC removed version rows and queued their files, none deleted
 - `gc.during_file_delete`  GC deleted one queued file, the others not yet
 - `cleanup.after_abandon`  staging cleanup marked expired attempts abandoned, files not deleted
+
+Points of other processes (not in `CRASH_POINTS`, which tests/storage/test_crash_points.py
+exercises): `head.before_commit` (the head follower staged a segment of every head dataset and
+has not committed it; the leader-lease test pauses it there), `iceberg.after_publish`,
+`sink.after_upsert`, `deliver.after_send`.
 """
 
 from __future__ import annotations
