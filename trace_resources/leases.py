@@ -105,9 +105,10 @@ class LeaderLease:
     """One copy's hold on the lease `name`; see the module docstring.
 
     `acquire(stop)` waits as a standby until it holds the lease; a thread then renews it every
-    `renew_s`. `held()` says whether it still does (as far as the last renewal knows);
-    `check(conn)` is the authoritative test, in the caller's write transaction. `step_down()`
-    forgets a lease lost to another copy; `release()` gives up a lease still held, so a standby
+    `renew_s` (with `background=False` the caller renews, e.g. a sensor at each tick).
+    `held()` says whether it still does (as far as the last renewal knows); `check(conn)` is
+    the authoritative test, in the caller's write transaction. `step_down()` forgets a lease
+    lost to another copy; `release()` gives up a lease still held, so a standby
     takes over at once.
     """
 
@@ -119,6 +120,7 @@ class LeaderLease:
         lease_s: float = 15.0,
         renew_s: float | None = None,
         holder: str | None = None,
+        background: bool = True,
     ) -> None:
         renew = renew_s if renew_s is not None else lease_s / 3
         if lease_s <= 0 or renew <= 0 or renew >= lease_s:
@@ -132,6 +134,7 @@ class LeaderLease:
         self.lease_s = lease_s
         self.renew_s = renew
         self.holder = holder or default_holder()
+        self.background = background  # renew from a thread (else the caller calls `renew`)
         self.token: int | None = None
         self._lost = threading.Event()
         self._stop_renewing = threading.Event()
@@ -176,7 +179,8 @@ class LeaderLease:
             return None
         self.token = int(token)
         self._lost.clear()
-        self._start_renewing()
+        if self.background:
+            self._start_renewing()
         return self.token
 
     def acquire(self, stop: threading.Event, poll_s: float | None = None) -> bool:

@@ -175,6 +175,14 @@ class StateStoreResource(dg.ConfigurableResource):
         "its run has finished, or after this many seconds if the run still looks in progress "
         "(a killed run process).",
     )
+    relay_lease_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="Leader lease of the outbox relay, seconds (longer than a few of its 30 s "
+        "ticks): of several copies of the relay (Dagster daemons on one state database) only "
+        "the holder relays; a standby takes over this long after the holder's last tick, and "
+        "a late tick of the old holder has its marking refused.",
+    )
 
     def versions(self) -> VersionStore:
         return VersionStore(engine_for(self.dsn), lease_s=self.lease_s)

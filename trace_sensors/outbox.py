@@ -19,10 +19,20 @@ recorded before reporting, make a relay killed half way harmless: the next tick 
 report and only marks the event. So downstream automation sees each committed version once.
 The cursor is the highest outbox id relayed (for the UI); the events are selected by
 `relayed_at IS NULL`, because outbox ids become visible out of order.
+
+The relay is a singleton: where several Dagster daemons share one state database, only the
+copy holding the `outbox-relay` leader lease (`trace_resources/leases.py`, renewed at each
+tick, `relay_lease_s` long) relays; the others skip their ticks as standbys and take over once
+it expires. Marking events relayed checks the lease's token in its own transaction, so a copy
+that lost the lease (paused past it) has its late marking refused. Its reports to Dagster can
+not be fenced (Dagster's event log is another database), but a relay reports only what Dagster
+has not recorded, so the new holder finds them recorded and only marks them.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,7 +41,9 @@ from typing import Any
 
 import dagster as dg
 
+from trace_resources.errors import LeaseLostError
 from trace_resources.failures import as_dagster_failure
+from trace_resources.leases import LeaderLease, default_holder
 from trace_resources.resources import StateStoreResource
 from trace_resources.storage.io_manager import data_version_tags
 from trace_resources.storage.paths import UNPARTITIONED
@@ -44,9 +56,13 @@ __all__ = [
     "build_outbox_relay_sensor",
     "outbox_relay_sensor",
     "relay_outbox",
+    "relay_lease",
 ]
 
+log = logging.getLogger(__name__)
+
 BATCH = 500
+LEASE_NAME = "outbox-relay"
 # materializations recorded before an event's commit can not be of its version; the margin
 # covers clock differences between Postgres and the Dagster instance
 _CLOCK_MARGIN_S = 600.0
@@ -150,8 +166,11 @@ def relay_outbox(
     known_assets: Iterable[dg.AssetKey] | None = None,
     settle_s: float = 300.0,
     limit: int = BATCH,
+    lease: LeaderLease | None = None,
 ) -> RelayOutcome:
-    """One relay pass over the unrelayed outbox events (what one sensor tick does)."""
+    """One relay pass over the unrelayed outbox events (what one sensor tick does). With a
+    `lease`, the events are marked relayed only if it still holds (else `LeaseLostError`,
+    nothing marked), and no dataset is reported once it is known to be lost."""
     outcome = RelayOutcome()
     events = [e for e in versions.outbox.unrelayed(limit) if e.event_type == COMMITTED_EVENT]
     known = set(known_assets) if known_assets is not None else None
@@ -171,6 +190,8 @@ def relay_outbox(
         batch = [e for e in events_of_dataset if not _head_append(e)]
         if not batch:
             continue
+        if lease is not None and not lease.held():
+            break  # lost meanwhile: report nothing more (the marking below is refused)
         key = dg.AssetKey(dataset)
         if known is not None and key not in known:
             outcome.not_assets += len(batch)
@@ -197,9 +218,43 @@ def relay_outbox(
                 recorded.add((event.partition_key, event.version))
                 outcome.relayed.append(event)
             done.append(event.id)
-    versions.outbox.mark_relayed(done)
+    versions.outbox.mark_relayed(done, guard=lease.check if lease is not None else None)
     outcome.cursor = max(done) if done else None
     return outcome
+
+
+_leases: dict[str, LeaderLease] = {}
+_leases_lock = threading.Lock()
+
+
+def relay_lease(state: StateStoreResource) -> LeaderLease:
+    """This process's copy of the relay's leader lease on the state database (renewed by the
+    ticks themselves, not by a thread)."""
+    with _leases_lock:
+        lease = _leases.get(state.dsn)
+        if lease is None or lease.lease_s != state.relay_lease_s:
+            lease = LeaderLease(
+                state.versions().engine,
+                LEASE_NAME,
+                lease_s=state.relay_lease_s,
+                holder=default_holder(LEASE_NAME),
+                background=False,
+            )
+            _leases[state.dsn] = lease
+        return lease
+
+
+def lead(lease: LeaderLease) -> str | None:
+    """Renew the lease or take it; None while leading, else why this copy stands by."""
+    if lease.held() and lease.renew():
+        return None
+    lease.step_down()
+    if lease.try_acquire() is not None:
+        log.info("outbox relay: leader lease taken by %s, token %d", lease.holder, lease.token)
+        return None
+    current = lease.current()
+    holder = f"{current.holder} (token {current.token})" if current else "another copy"
+    return f"standing by: the outbox relay's leader lease is held by {holder}"
 
 
 def _evaluate(
@@ -208,9 +263,22 @@ def _evaluate(
     repository = context.repository_def
     known = repository.asset_graph.get_all_asset_keys() if repository is not None else None
     with as_dagster_failure():
-        outcome = relay_outbox(
-            context.instance, state.versions(), known_assets=known, settle_s=state.outbox_settle_s
-        )
+        lease = relay_lease(state)
+        standby = lead(lease)
+        if standby is not None:
+            return dg.SkipReason(standby)
+        try:
+            outcome = relay_outbox(
+                context.instance,
+                state.versions(),
+                known_assets=known,
+                settle_s=state.outbox_settle_s,
+                lease=lease,
+            )
+        except LeaseLostError as exc:
+            lease.step_down()
+            context.log.warning(f"fenced: {exc}")
+            return dg.SkipReason(f"fenced: {exc}")
     if outcome.cursor is None:
         return dg.SkipReason(f"nothing to relay: {outcome.summary()}")
     cursor = max(outcome.cursor, int(context.cursor or 0))
