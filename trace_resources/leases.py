@@ -5,8 +5,11 @@ A lease is one row of `trace_leases` per singleton name: who holds it, a fencing
 it expires, by the clock of Postgres state (never the holders' clocks). A copy that finds the
 lease expired takes it in one statement that also increments the token, so tokens only grow per
 name and each holder has its own. The holder renews the lease from a background thread every
-`renew_s`; a copy that stops renewing (killed, paused with SIGSTOP, cut off from Postgres) lets
-it expire, and a standby copy takes over within about `lease_s`.
+`renew_s`; a copy that stops renewing (paused with SIGSTOP, hung, cut off from Postgres) lets
+it expire, and a standby copy takes over within about `lease_s`. A holder that renews from a
+thread also keeps a session of its own open and records its backend pid: once that session
+has ended (its process died: the kernel closed its socket), a standby takes over at once
+instead of waiting out the lease. A paused process keeps its session, so only expiry frees it.
 
 An expired lease alone does not stop a paused holder that wakes up: it still believes it leads.
 So every write of a singleton checks its token IN THE SAME TRANSACTION as the write
@@ -25,11 +28,14 @@ the attempt fences of the commit protocol (`storage/attempts.py`), whose style t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -44,8 +50,10 @@ __all__ = [
     "LeaderLease",
     "LeaseRow",
     "bounded_transactions",
+    "default_holder",
     "lease_rows",
     "leases",
+    "process_lease",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,8 @@ leases = sa.Table(
     sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    # the Postgres backend of the holder's own session (None: it keeps none, e.g. a sensor)
+    sa.Column("holder_pid", sa.Integer, nullable=True),
 )
 
 # a standby's takeover waits at most this long for a holder's commit that has the row locked
@@ -80,6 +90,14 @@ class LeaseRow:
     @property
     def live(self) -> bool:
         return self.expires_in_s > 0
+
+
+def _holder_session_ended() -> sa.TextClause:
+    """The holder kept a session and it has ended (its process died or was cut off)."""
+    return sa.text(
+        "trace_leases.holder_pid IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM pg_stat_activity a WHERE a.pid = trace_leases.holder_pid)"
+    )
 
 
 def default_holder(role: str = "") -> str:
@@ -139,6 +157,8 @@ class LeaderLease:
         self._lost = threading.Event()
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._conn: sa.Connection | None = None  # the holder's own session (background only)
+        self._conn_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LeaderLease({self.name!r}, holder={self.holder!r}, token={self.token})"
@@ -155,6 +175,7 @@ class LeaderLease:
             acquired_at=sa.func.now(),
             renewed_at=sa.func.now(),
             expires_at=sa.func.now() + interval(self.lease_s),
+            holder_pid=sa.func.pg_backend_pid() if self.background else None,
         )
         statement = new.on_conflict_do_update(
             index_elements=["name"],
@@ -164,11 +185,12 @@ class LeaderLease:
                 "acquired_at": new.excluded.acquired_at,
                 "renewed_at": new.excluded.renewed_at,
                 "expires_at": new.excluded.expires_at,
+                "holder_pid": new.excluded.holder_pid,
             },
-            where=leases.c.expires_at <= sa.func.clock_timestamp(),
+            where=sa.or_(leases.c.expires_at <= sa.func.clock_timestamp(), _holder_session_ended()),
         ).returning(leases.c.token)
         try:
-            with self.engine.begin() as conn:
+            with self._session() as conn:
                 conn.execute(sa.text(f"SET LOCAL lock_timeout = {_LOCK_TIMEOUT_MS}"))
                 token = conn.execute(statement).scalar_one_or_none()
         except sa.exc.OperationalError as exc:
@@ -219,13 +241,17 @@ class LeaderLease:
         it meanwhile); False, and `held()` turns False, once another copy has taken it."""
         if self.token is None:
             return False
-        with self.engine.begin() as conn:
+        with self._session() as conn:
             renewed = conn.execute(
                 leases.update()
                 .where(leases.c.name == self.name)
                 .where(leases.c.token == self.token)
                 .where(leases.c.holder == self.holder)
-                .values(renewed_at=sa.func.now(), expires_at=sa.func.now() + interval(self.lease_s))
+                .values(
+                    renewed_at=sa.func.now(),
+                    expires_at=sa.func.now() + interval(self.lease_s),
+                    holder_pid=sa.func.pg_backend_pid() if self.background else None,
+                )
                 .returning(leases.c.token)
             ).scalar_one_or_none()
         if renewed is None:
@@ -244,6 +270,19 @@ class LeaderLease:
 
     def held(self) -> bool:
         return self.token is not None and not self._lost.is_set()
+
+    def lead(self) -> str | None:
+        """One step of a singleton that runs in ticks (a sensor): renew the lease, or take it
+        if it is free. None while this copy leads, else why it stands by."""
+        if self.held() and self.renew():
+            return None
+        self.step_down()
+        if self.try_acquire() is not None:
+            log.info("leader lease %s taken by %s, token %d", self.name, self.holder, self.token)
+            return None
+        current = self.current()
+        holder = f"{current.holder} (token {current.token})" if current else "another copy"
+        return f"standing by: the leader lease {self.name!r} is held by {holder}"
 
     def check(self, conn: sa.Connection) -> None:
         """The fence, inside the caller's write transaction: raise `LeaseLostError` (the caller's
@@ -303,6 +342,35 @@ class LeaderLease:
                 )
         except sa.exc.SQLAlchemyError as exc:  # it runs out by itself
             log.warning("leader lease %s not released (%s); it expires by itself", self.name, exc)
+        with self._conn_lock:
+            self._close_session()
+
+    @contextmanager
+    def _session(self) -> Iterator[sa.Connection]:
+        """A transaction on the holder's own session: with `background`, one connection kept
+        open while it leads, whose backend pid the lease records, so that a holder whose
+        process died (its session ended) is taken over at once, not after the lease; a paused
+        holder's session lives on, so it is taken over only once the lease expires."""
+        if not self.background:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self._conn_lock:
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            conn = self._conn
+            try:
+                with conn.begin():
+                    yield conn
+            except sa.exc.OperationalError:
+                self._close_session()
+                raise
+
+    def _close_session(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def current(self) -> LeaseRow | None:
         rows = lease_rows(self.engine, [self.name])
@@ -334,6 +402,24 @@ class LeaderLease:
                     return
             except sa.exc.SQLAlchemyError as exc:  # keep trying: the writes are fenced anyway
                 log.warning("leader lease %s not renewed (%s); retrying", self.name, exc)
+
+
+_process_leases: dict[tuple[str, str], LeaderLease] = {}
+_process_leases_lock = threading.Lock()
+
+
+def process_lease(engine: sa.Engine, name: str, lease_s: float) -> LeaderLease:
+    """This process's copy of the lease `name` on `engine`'s database, kept across calls (a
+    sensor's ticks: each one `lead()`s, so no renewal thread)."""
+    key = (engine.url.render_as_string(hide_password=True), name)
+    with _process_leases_lock:
+        lease = _process_leases.get(key)
+        if lease is None or lease.lease_s != lease_s:
+            lease = LeaderLease(
+                engine, name, lease_s=lease_s, holder=default_holder(name), background=False
+            )
+            _process_leases[key] = lease
+        return lease
 
 
 def lease_rows(engine: sa.Engine, names: list[str] | None = None) -> list[LeaseRow]:

@@ -22,7 +22,7 @@ The cursor is the highest outbox id relayed (for the UI); the events are selecte
 
 The relay is a singleton: where several Dagster daemons share one state database, only the
 copy holding the `outbox-relay` leader lease (`trace_resources/leases.py`, renewed at each
-tick, `relay_lease_s` long) relays; the others skip their ticks as standbys and take over once
+tick, `sensor_lease_s` long) relays; the others skip their ticks as standbys and take over once
 it expires. Marking events relayed checks the lease's token in its own transaction, so a copy
 that lost the lease (paused past it) has its late marking refused. Its reports to Dagster can
 not be fenced (Dagster's event log is another database), but a relay reports only what Dagster
@@ -31,8 +31,6 @@ has not recorded, so the new holder finds them recorded and only marks them.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -43,7 +41,7 @@ import dagster as dg
 
 from trace_resources.errors import LeaseLostError
 from trace_resources.failures import as_dagster_failure
-from trace_resources.leases import LeaderLease, default_holder
+from trace_resources.leases import LeaderLease, process_lease
 from trace_resources.resources import StateStoreResource
 from trace_resources.storage.io_manager import data_version_tags
 from trace_resources.storage.paths import UNPARTITIONED
@@ -58,8 +56,6 @@ __all__ = [
     "relay_outbox",
     "relay_lease",
 ]
-
-log = logging.getLogger(__name__)
 
 BATCH = 500
 LEASE_NAME = "outbox-relay"
@@ -223,38 +219,9 @@ def relay_outbox(
     return outcome
 
 
-_leases: dict[str, LeaderLease] = {}
-_leases_lock = threading.Lock()
-
-
 def relay_lease(state: StateStoreResource) -> LeaderLease:
-    """This process's copy of the relay's leader lease on the state database (renewed by the
-    ticks themselves, not by a thread)."""
-    with _leases_lock:
-        lease = _leases.get(state.dsn)
-        if lease is None or lease.lease_s != state.relay_lease_s:
-            lease = LeaderLease(
-                state.versions().engine,
-                LEASE_NAME,
-                lease_s=state.relay_lease_s,
-                holder=default_holder(LEASE_NAME),
-                background=False,
-            )
-            _leases[state.dsn] = lease
-        return lease
-
-
-def lead(lease: LeaderLease) -> str | None:
-    """Renew the lease or take it; None while leading, else why this copy stands by."""
-    if lease.held() and lease.renew():
-        return None
-    lease.step_down()
-    if lease.try_acquire() is not None:
-        log.info("outbox relay: leader lease taken by %s, token %d", lease.holder, lease.token)
-        return None
-    current = lease.current()
-    holder = f"{current.holder} (token {current.token})" if current else "another copy"
-    return f"standing by: the outbox relay's leader lease is held by {holder}"
+    """This process's copy of the relay's leader lease on the state database."""
+    return process_lease(state.versions().engine, LEASE_NAME, state.sensor_lease_s)
 
 
 def _evaluate(
@@ -264,7 +231,7 @@ def _evaluate(
     known = repository.asset_graph.get_all_asset_keys() if repository is not None else None
     with as_dagster_failure():
         lease = relay_lease(state)
-        standby = lead(lease)
+        standby = lease.lead()
         if standby is not None:
             return dg.SkipReason(standby)
         try:

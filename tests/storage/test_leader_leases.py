@@ -126,6 +126,25 @@ def test_a_holder_paused_inside_its_write_transaction_does_not_block_the_next_on
         second.release()
 
 
+def test_a_holder_whose_process_died_is_taken_over_at_once(state_dsn: str) -> None:
+    """Its session ended (as when the kernel closes a killed process's socket): no need to wait
+    for the lease (a minute here) to expire."""
+    engine = engine_for(state_dsn)
+    first = LeaderLease(engine, NAME, lease_s=60, renew_s=20, holder="copy-a")
+    second = LeaderLease(engine, NAME, lease_s=60, renew_s=20, holder="copy-b")
+    try:
+        assert first.try_acquire() == 1
+        assert second.try_acquire() is None
+        first._stop_renewer()
+        assert first._conn is not None
+        first._conn.invalidate()  # its connection closed: the backend ends
+        wait_for(lambda: second.try_acquire() is not None, "the takeover")
+        [row] = lease_rows(engine)
+        assert (row.holder, row.token, row.live) == ("copy-b", 2, True)
+    finally:
+        second.release()
+
+
 def test_a_renew_interval_not_below_the_lease_is_refused() -> None:
     engine = sa.create_engine("postgresql+psycopg2://trace@127.0.0.1/unused")  # never connects
     with pytest.raises(ConfigError, match="must be above 0 and below the lease length"):

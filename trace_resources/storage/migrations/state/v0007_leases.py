@@ -1,6 +1,7 @@
 """Leader leases: `trace_leases`, one row per singleton (the head follower of a chain, the
-outbox relay, ...) with its holder, a fencing token that only grows, and its expiry by the
-database clock (`trace_resources/leases.py`).
+outbox relay, ...) with its holder, a fencing token that only grows, its expiry by the
+database clock, and the holder's Postgres backend pid (a holder whose session ended is taken
+over at once) (`trace_resources/leases.py`).
 
 Revision ID: state_0007
 """
@@ -26,4 +27,5 @@ def upgrade() -> None:
         sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("renewed_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("holder_pid", sa.Integer, nullable=True),
     )
