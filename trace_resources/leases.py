@@ -220,17 +220,17 @@ class LeaderLease:
                         self.token,
                     )
                     return True
+                if not announced:
+                    current = self.current()
+                    log.info(
+                        "leader lease %s held by %s (token %s); standing by",
+                        self.name,
+                        current.holder if current else "?",
+                        current.token if current else "?",
+                    )
+                    announced = True
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("leader lease %s: Postgres unreachable (%s); retrying", self.name, exc)
-            if not announced:
-                current = self.current()
-                log.info(
-                    "leader lease %s held by %s (token %s); standing by",
-                    self.name,
-                    current.holder if current else "?",
-                    current.token if current else "?",
-                )
-                announced = True
             stop.wait(poll)
         return False
 
