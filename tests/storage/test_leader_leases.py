@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from trace_assets.cli import main as trace_cli
 from trace_resources.errors import ConfigError, LeaseLostError
 from trace_resources.leases import LeaderLease, bounded_transactions, lease_rows
+from trace_resources.settings import Settings
 from trace_resources.storage.state import engine_for
 
 NAME = "test-singleton"
@@ -149,3 +150,7 @@ def test_a_renew_interval_not_below_the_lease_is_refused() -> None:
     engine = sa.create_engine("postgresql+psycopg2://trace@127.0.0.1/unused")  # never connects
     with pytest.raises(ConfigError, match="must be above 0 and below the lease length"):
         LeaderLease(engine, NAME, lease_s=2.0, renew_s=2.0)
+    with pytest.raises(
+        ValueError, match="TRACE_LEADER_RENEW_S=20 must be below TRACE_LEADER_LEASE"
+    ):
+        Settings(leader_lease_s=15, leader_renew_s=20)

@@ -41,6 +41,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_enrichments",
         "trace_quarantine",
         "trace_iceberg_published",
+        "trace_leases",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
