@@ -139,11 +139,11 @@ def test_postgres_killed_mid_append_the_follower_recovers_by_itself(
             behind = chain.head("finalized")
             seen = len(follower.log())
             kill_postgres(pg)
-            # a cycle fails, or the leader-lock check finds its session gone first
+            # a cycle fails, or the lease renewal finds the database gone first
             wait_for(
                 lambda seen=seen: any(
                     sign in follower.log()[seen:]
-                    for sign in ("cycle failed", "lost the leader lock")
+                    for sign in ("cycle failed", "lost the leader lease", "not renewed")
                 ),
                 "the follower to see the database gone",
                 60,

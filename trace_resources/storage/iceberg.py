@@ -246,6 +246,7 @@ class IcebergPublisher:
         lease = LeaderLease(self.versions.engine, LEASE_NAME, lease_s=self.lease_s)
         if lease.try_acquire() is None:
             current = lease.current()
+            lease.release()  # closes the session it opened to try
             yield f"held by {current.holder if current else 'another publisher'}"
             return
         self._leading = lease
