@@ -8,6 +8,12 @@ then applies exactly that plan through `GarbageCollector` (the code of `trace gc
 current version, one a reader has pinned, or a live attempt's files. A dataset without a policy
 is not touched.
 
+The GC is a singleton: where several deployments (Dagster daemons) share one state database,
+each launches the daily run, but only the run that takes the `retention-gc` leader lease
+(`trace_resources/leases.py`, renewed from a thread while it runs) applies its plan; the others
+log who holds it and remove nothing. Each removal checks the lease's token in its own
+transaction, so a run paused past its lease removes nothing more once it wakes up.
+
 The schedule is on by default: it only acts on datasets whose declaration opts in with a policy
 (none of the shipped ones does), so turning Trace on deletes nothing until a dataset's owner
 writes one down; `TRACE_SENSORS_RUNNING=false` starts it stopped, as the sensors.
@@ -19,13 +25,15 @@ import dagster as dg
 from pydantic import Field
 
 from trace_resources.auto_gc import DatasetPlan, apply_plan, plan, policy_text
+from trace_resources.leases import LeaderLease, default_holder
 from trace_resources.registry import load_declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.gc import GarbageCollector
 
-__all__ = ["RETENTION_CRON", "build_retention_schedule", "retention_gc_job"]
+__all__ = ["LEASE_NAME", "RETENTION_CRON", "build_retention_schedule", "retention_gc_job"]
 
 RETENTION_CRON = "0 3 * * *"  # daily, at a quiet hour (UTC)
+LEASE_NAME = "retention-gc"
 
 
 def _table(plans: list[DatasetPlan]) -> str:
@@ -72,12 +80,30 @@ def apply_retention_policies(
     state: StateStoreResource,
 ) -> dg.Output[dict[str, Any]]:
     decls = load_declarations(config.declarations_dir) if config.declarations_dir else None
-    collector = GarbageCollector(objects.datasets(), state.versions())
-    planned = plan(collector, decls)
-    for p in planned:
-        for line in p.report.lines():
-            context.log.info(f"plan {p.dataset}: {line}")
-    done = apply_plan(collector, planned)
+    versions = state.versions()
+    lease = LeaderLease(
+        versions.engine, LEASE_NAME, lease_s=state.sensor_lease_s, holder=default_holder(LEASE_NAME)
+    )
+    if lease.try_acquire() is None:
+        current = lease.current()
+        holder = f"{current.holder} (token {current.token})" if current else "another run"
+        context.log.warning(
+            f"another copy of the retention GC is running (the {LEASE_NAME!r} leader lease is "
+            f"held by {holder}); this run removes nothing"
+        )
+        return dg.Output(
+            {"plan": [], "applied": [], "standby": holder},
+            metadata={"standby": f"the {LEASE_NAME!r} lease is held by {holder}"},
+        )
+    try:
+        collector = GarbageCollector(objects.datasets(), versions, guard=lease.check)
+        planned = plan(collector, decls)
+        for p in planned:
+            for line in p.report.lines():
+                context.log.info(f"plan {p.dataset}: {line}")
+        done = apply_plan(collector, planned)
+    finally:
+        lease.release()
     for p in done:
         context.log.info(
             f"applied {p.dataset}: {len(p.report.versions)} version(s), "

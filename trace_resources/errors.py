@@ -32,6 +32,7 @@ __all__ = [
     "SegmentConflictError",
     "PartitionSealedError",
     "VersionRemovedError",
+    "LeaseLostError",
 ]
 
 
@@ -150,3 +151,10 @@ class PartitionSealedError(CommitError):
 
 class VersionRemovedError(CommitError):
     """A retried commit had landed, but its version was superseded and removed by GC since."""
+
+
+class LeaseLostError(TraceError):
+    """A singleton's write was refused: its copy no longer holds the leader lease (another copy
+    took over while it was paused or cut off). Nothing was written; the copy steps down."""
+
+    permanent = True

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from trace_resources.chain.extract import ChainClient
 from trace_resources.chain.rpc import RetryPolicy
+from trace_resources.leases import LeaderLease
 from trace_resources.settings import ChainConfig, Settings, parse_endpoints
 from trace_resources.storage.commit import DatasetReader, DatasetWriter
 from trace_resources.storage.iceberg import IcebergPublisher, open_catalog
@@ -175,6 +176,15 @@ class StateStoreResource(dg.ConfigurableResource):
         "its run has finished, or after this many seconds if the run still looks in progress "
         "(a killed run process).",
     )
+    sensor_lease_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="Leader lease of the singletons that run as sensors (the outbox relay, the "
+        "Iceberg publisher), seconds, longer than a few of their 30 s ticks: of several copies "
+        "(Dagster daemons on one state database) only the holder acts, renewing it at each "
+        "tick; a standby takes over this long after the holder's last tick, and a late tick "
+        "of the old holder has its writes refused.",
+    )
 
     def versions(self) -> VersionStore:
         return VersionStore(engine_for(self.dsn), lease_s=self.lease_s)
@@ -185,9 +195,12 @@ class StateStoreResource(dg.ConfigurableResource):
     def reader(self, objects: ObjectStoreResource) -> DatasetReader:
         return DatasetReader(objects.datasets(), self.versions(), pin_ttl_s=self.pin_ttl_s)
 
-    def iceberg(self, objects: ObjectStoreResource) -> IcebergPublisher:
+    def iceberg(
+        self, objects: ObjectStoreResource, lease: LeaderLease | None = None
+    ) -> IcebergPublisher:
         """The open-tables publisher: the SQL catalog on this database, the tables' metadata
-        under `_iceberg/` of the datasets bucket, their data the committed Parquet files."""
+        under `_iceberg/` of the datasets bucket, their data the committed Parquet files.
+        `lease`: the publisher's leader lease, kept across passes (else one per pass)."""
         store = objects.datasets()
         catalog = open_catalog(
             self.dsn,
@@ -197,4 +210,4 @@ class StateStoreResource(dg.ConfigurableResource):
             secret_key=objects.secret_access_key,
             region=objects.region,
         )
-        return IcebergPublisher(self.versions(), store, catalog)
+        return IcebergPublisher(self.versions(), store, catalog, lease=lease)

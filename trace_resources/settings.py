@@ -503,6 +503,21 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds between the follower's compaction checks."
     )
 
+    # leader leases of the singletons (trace_resources/leases.py)
+    leader_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="Seconds a singleton's leader lease (the head follower, the outbox relay) "
+        "lasts without renewal: a standby copy takes over this long after the leader stopped "
+        "renewing (killed, paused, cut off), and the old leader's later writes are refused.",
+    )
+    leader_renew_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds between the leader's renewals of its lease (None: a third of "
+        "TRACE_LEADER_LEASE_S); standbys try to take it as often. Must be below the lease.",
+    )
+
     # postgres
     state_dsn: str = Field(
         "postgresql+psycopg2://trace:trace@127.0.0.1:54329/trace_state",
@@ -786,8 +801,9 @@ class Settings(BaseSettings):
     # fault injection (tests only): read by trace_resources.storage.crash at each crash point
     crash_point: str | None = Field(
         None,
-        description="TRACE_CRASH_POINT=name[@N]: SIGKILL the process the N-th time it reaches "
-        "the named crash point (see trace_resources/storage/crash.py). Never set in production.",
+        description="TRACE_CRASH_POINT=name[@N][:stop]: SIGKILL (with `:stop`, SIGSTOP) the "
+        "process the N-th time it reaches the named crash point (see "
+        "trace_resources/storage/crash.py). Never set in production.",
     )
 
     @field_validator("rpc_endpoints")
@@ -868,6 +884,16 @@ class Settings(BaseSettings):
                 range_size=self.range_size,
             )
         ]
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> Settings:
+        if self.leader_renew_s is not None and self.leader_renew_s >= self.leader_lease_s:
+            raise ValueError(
+                f"TRACE_LEADER_RENEW_S={self.leader_renew_s:g} must be below "
+                f"TRACE_LEADER_LEASE_S={self.leader_lease_s:g} (the leader renews several times "
+                "per lease), e.g. TRACE_LEADER_LEASE_S=15 TRACE_LEADER_RENEW_S=5"
+            )
+        return self
 
     @field_validator("rpc_url")
     @classmethod

@@ -7,14 +7,23 @@ published is recorded in `trace_iceberg_published`, so a tick killed half way re
 stopped without a second snapshot. Only commits write outbox events: an uncommitted or fenced
 attempt is never published. Then it expires the snapshots that show a version GC has removed.
 The cursor is the highest outbox id published (for the UI).
+
+The publisher is a singleton: of several copies (Dagster daemons on one state database) only
+the holder of the `iceberg-publisher` leader lease publishes, renewing it at each tick
+(`sensor_lease_s`); the others skip their ticks as standbys and take over once it expires. A
+late tick of a copy that lost the lease has its record refused (and its Iceberg commit by the
+catalog's compare-and-swap, see `trace_resources/storage/iceberg.py`).
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
+from trace_resources.errors import LeaseLostError
 from trace_resources.failures import as_dagster_failure
+from trace_resources.leases import process_lease
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.storage.iceberg import LEASE_NAME
 
 __all__ = ["build_iceberg_publish_sensor"]
 
@@ -23,9 +32,15 @@ def _evaluate(
     context: dg.SensorEvaluationContext, state: StateStoreResource, objects: ObjectStoreResource
 ) -> dg.SensorResult | dg.SkipReason:
     with as_dagster_failure():
-        publisher = state.iceberg(objects)
-        outcome = publisher.publish()
-        expired = {} if outcome.busy else publisher.expire_unservable()
+        lease = process_lease(state.versions().engine, LEASE_NAME, state.sensor_lease_s)
+        publisher = state.iceberg(objects, lease=lease)
+        try:
+            outcome = publisher.publish()
+            expired = {} if outcome.busy else publisher.expire_unservable()
+        except LeaseLostError as exc:
+            lease.step_down()
+            context.log.warning(f"fenced: {exc}")
+            return dg.SkipReason(f"fenced: {exc}")
     summary = outcome.summary()
     if expired:
         summary += f"; expired {sum(map(len, expired.values()))} snapshot(s) of removed versions"

@@ -19,6 +19,14 @@ recorded before reporting, make a relay killed half way harmless: the next tick 
 report and only marks the event. So downstream automation sees each committed version once.
 The cursor is the highest outbox id relayed (for the UI); the events are selected by
 `relayed_at IS NULL`, because outbox ids become visible out of order.
+
+The relay is a singleton: where several Dagster daemons share one state database, only the
+copy holding the `outbox-relay` leader lease (`trace_resources/leases.py`, renewed at each
+tick, `sensor_lease_s` long) relays; the others skip their ticks as standbys and take over once
+it expires. Marking events relayed checks the lease's token in its own transaction, so a copy
+that lost the lease (paused past it) has its late marking refused. Its reports to Dagster can
+not be fenced (Dagster's event log is another database), but a relay reports only what Dagster
+has not recorded, so the new holder finds them recorded and only marks them.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from typing import Any
 
 import dagster as dg
 
+from trace_resources.errors import LeaseLostError
 from trace_resources.failures import as_dagster_failure
+from trace_resources.leases import LeaderLease, process_lease
 from trace_resources.pushed_metrics import push_relay_metrics
 from trace_resources.resources import StateStoreResource
 from trace_resources.settings import get_settings
@@ -46,9 +56,11 @@ __all__ = [
     "build_outbox_relay_sensor",
     "outbox_relay_sensor",
     "relay_outbox",
+    "relay_lease",
 ]
 
 BATCH = 500
+LEASE_NAME = "outbox-relay"
 # materializations recorded before an event's commit can not be of its version; the margin
 # covers clock differences between Postgres and the Dagster instance
 _CLOCK_MARGIN_S = 600.0
@@ -162,8 +174,11 @@ def relay_outbox(
     known_assets: Iterable[dg.AssetKey] | None = None,
     settle_s: float = 300.0,
     limit: int = BATCH,
+    lease: LeaderLease | None = None,
 ) -> RelayOutcome:
-    """One relay pass over the unrelayed outbox events (what one sensor tick does)."""
+    """One relay pass over the unrelayed outbox events (what one sensor tick does). With a
+    `lease`, the events are marked relayed only if it still holds (else `LeaseLostError`,
+    nothing marked), and no dataset is reported once it is known to be lost."""
     outcome = RelayOutcome()
     events = [e for e in versions.outbox.unrelayed(limit) if e.event_type == COMMITTED_EVENT]
     known = set(known_assets) if known_assets is not None else None
@@ -183,6 +198,8 @@ def relay_outbox(
         batch = [e for e in events_of_dataset if not _head_append(e)]
         if not batch:
             continue
+        if lease is not None and not lease.held():
+            break  # lost meanwhile: report nothing more (the marking below is refused)
         key = dg.AssetKey(dataset)
         if known is not None and key not in known:
             outcome.not_assets += len(batch)
@@ -209,9 +226,14 @@ def relay_outbox(
                 recorded.add((event.partition_key, event.version))
                 outcome.relayed.append(event)
             done.append(event.id)
-    versions.outbox.mark_relayed(done)
+    versions.outbox.mark_relayed(done, guard=lease.check if lease is not None else None)
     outcome.cursor = max(done) if done else None
     return outcome
+
+
+def relay_lease(state: StateStoreResource) -> LeaderLease:
+    """This process's copy of the relay's leader lease on the state database."""
+    return process_lease(state.versions().engine, LEASE_NAME, state.sensor_lease_s)
 
 
 def _evaluate(
@@ -220,9 +242,22 @@ def _evaluate(
     repository = context.repository_def
     known = repository.asset_graph.get_all_asset_keys() if repository is not None else None
     with as_dagster_failure():
-        outcome = relay_outbox(
-            context.instance, state.versions(), known_assets=known, settle_s=state.outbox_settle_s
-        )
+        lease = relay_lease(state)
+        standby = lease.lead()
+        if standby is not None:
+            return dg.SkipReason(standby)
+        try:
+            outcome = relay_outbox(
+                context.instance,
+                state.versions(),
+                known_assets=known,
+                settle_s=state.outbox_settle_s,
+                lease=lease,
+            )
+        except LeaseLostError as exc:
+            lease.step_down()
+            context.log.warning(f"fenced: {exc}")
+            return dg.SkipReason(f"fenced: {exc}")
     push_relay_metrics(get_settings().metrics_pushgateway, outcome.counts())
     if outcome.cursor is None:
         return dg.SkipReason(f"nothing to relay: {outcome.summary()}")

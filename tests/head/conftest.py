@@ -280,7 +280,7 @@ class FollowerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self) -> None:
-        """Until this start logged that it leads (it holds the leader lock)."""
+        """Until this start logged that it leads (it holds the leader lease)."""
         assert self.proc is not None
         proc = self.proc
         wait_for(

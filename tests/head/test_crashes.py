@@ -1,10 +1,16 @@
 """The follower loses nothing and duplicates nothing when it, or PostgreSQL under it, dies at
 any point: each cycle is all or nothing, and a restart resumes after the newest committed
-block."""
+block. Two copies, one leader lease: a leader paused (a real SIGSTOP, mid-append: its segments
+staged, not committed) beyond its lease is taken over by the standby, the blocks keep coming,
+and the old leader, woken with SIGCONT, has its late append refused (logged), writes nothing,
+and stands by. (Same chain fixture: one anvil per module.)"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +21,7 @@ from infra.local.services import PostgresServer, free_port
 from tests.head.conftest import (
     FINALITY,
     Chain,
+    FollowerProcess,
     Lake,
     MakeLake,
     assert_range_matches_chain,
@@ -22,7 +29,8 @@ from tests.head.conftest import (
     wait_for,
 )
 from trace_resources.chain.ranges import BlockRange, range_containing
-from trace_resources.storage.state import dispose_engine
+from trace_resources.leases import lease_rows
+from trace_resources.storage.state import dispose_engine, engine_for
 
 RANGE = 50
 
@@ -139,11 +147,11 @@ def test_postgres_killed_mid_append_the_follower_recovers_by_itself(
             behind = chain.head("finalized")
             seen = len(follower.log())
             kill_postgres(pg)
-            # a cycle fails, or the leader-lock check finds its session gone first
+            # a cycle fails, or the lease renewal finds the database gone first
             wait_for(
                 lambda seen=seen: any(
                     sign in follower.log()[seen:]
-                    for sign in ("cycle failed", "lost the leader lock")
+                    for sign in ("cycle failed", "lost the leader lease", "not renewed")
                 ),
                 "the follower to see the database gone",
                 60,
@@ -155,3 +163,88 @@ def test_postgres_killed_mid_append_the_follower_recovers_by_itself(
             lake.wait_committed(range_containing(behind, RANGE).key, behind)
         assert follower.proc is not None and follower.proc.poll() is None  # never restarted
     check_and_seal(lake, chain)
+
+
+# -- two copies, one leader lease --------------------------------------------------------
+
+LEASE_S = 2.0
+
+
+def newest_committed(lake: Lake) -> int:
+    """The newest block appended to any range (-1: none yet)."""
+    keys = lake.versions().read.current_versions("blocks")
+    return max((lake.last_committed(k) or -1 for k in keys), default=-1)
+
+
+def paused(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_paused_leader_is_fenced_and_the_standby_keeps_the_blocks_flowing(
+    chain: Chain, make_lake: MakeLake
+) -> None:
+    # batches of up to 100 blocks: the leader's first append catches up with the whole range
+    lake = make_lake(
+        RANGE, head_max_batch_blocks=100, leader_lease_s=LEASE_S, leader_renew_s=LEASE_S / 4
+    )
+    # the leader stops itself (SIGSTOP) in its third append, its segments staged and not
+    # committed: its first append catches up while the chain stands still, the next two follow
+    env = {**lake.env, "TRACE_CRASH_POINT": "head.before_commit@3:stop"}
+    leader = FollowerProcess(env, lake.root / "leader.log")
+    lake.followers.append(leader)
+    standby = lake.process("standby")
+    with chain.paused():
+        leader.start()
+        leader.wait_ready()
+        finalized = chain.head("finalized")
+        wait_for(lambda: newest_committed(lake) >= finalized, "the leader to catch up", 60)
+        standby.start()
+        wait_for(lambda: "standing by" in standby.log(), "the standby", 60, standby.log)
+    assert leader.proc is not None
+    pid = leader.proc.pid
+    try:
+        wait_for(lambda: paused(pid), "the leader to pause mid-append", 60, leader.log)
+        at_pause = newest_committed(lake)
+        assert at_pause >= 0, "the leader appended before it paused"
+
+        # the lease runs out; the standby takes it, with the next token, and appends on
+        standby.wait_ready()
+        wait_for(
+            lambda: newest_committed(lake) >= at_pause + 8,
+            "the standby to append after the paused leader",
+            60,
+            lambda: standby.log()[-2000:],
+        )
+        [lease] = lease_rows(engine_for(lake.settings.state_dsn))
+        assert lease.name == f"head-follower:{lake.settings.chain_id}"
+        assert lease.token == 2 and lease.holder.startswith("head-follower@")
+        assert str(standby.proc.pid if standby.proc else "") in lease.holder
+
+        seen = len(leader.log())
+        os.kill(pid, signal.SIGCONT)  # the old leader wakes up and goes on with its append
+        wait_for(
+            lambda: "standing by" in leader.log()[seen:],
+            "the old leader to step down",
+            60,
+            lambda: leader.log()[-3000:],
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    late = leader.log()[seen:]
+    assert "fenced: write refused, nothing written" in late, late[-3000:]
+    assert "now held by head-follower@" in late and "with token 2" in late
+    [lease] = lease_rows(engine_for(lake.settings.state_dsn))
+    assert lease.token == 2  # the old leader did not take the lease back
+
+    with chain.paused():  # the standby (now leader) catches up; both stop
+        target = chain.head("finalized")
+        lake.wait_committed(range_containing(target, RANGE).key, target)
+        assert leader.stop() == 0
+        assert standby.stop() == 0
+    for block_range in followed_ranges(lake):  # every block once, as the chain has it
+        last = lake.last_committed(block_range.key)
+        assert last is not None  # (a fresh follower starts at its range's first block)
+        assert_range_matches_chain(lake, chain, block_range.key, block_range.start, last)

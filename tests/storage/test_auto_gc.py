@@ -1,11 +1,14 @@
 """Automatic GC (B11) on the real Postgres and S3 API: the retention policies declared per
 dataset, applied by the `retention_gc_job` of the daily schedule (run in process) and shown by
-`trace gc --policy`; a bad policy is refused naming the file, line and field."""
+`trace gc --policy`; a bad policy is refused naming the file, line and field; of two runs only
+the holder of the GC's leader lease removes anything."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,15 @@ import pytest
 
 from tests.utils.invariants import InvariantReport, table_of, visible_ids
 from trace_assets.definitions import build_definitions
-from trace_assets.retention import build_retention_schedule, retention_gc_job
+from trace_assets.retention import LEASE_NAME, build_retention_schedule, retention_gc_job
 from trace_resources import auto_gc
+from trace_resources.errors import LeaseLostError
+from trace_resources.leases import LeaderLease
 from trace_resources.registry import DATASETS_DIR, DeclarationError, load_declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings
 from trace_resources.storage.commit import DatasetReader, PartitionData
-from trace_resources.storage.gc import GarbageCollector
+from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.version_store import VersionStore
 
@@ -145,3 +150,48 @@ def test_the_schedule_is_declared_daily_and_its_job_is_in_the_definitions() -> N
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     assert build_retention_schedule().default_status == dg.DefaultScheduleStatus.RUNNING
     assert defs.resolve_job_def("retention_gc_job").name == "retention_gc_job"
+
+
+def test_of_two_retention_runs_only_the_lease_holder_removes_anything(
+    tmp_path: Path,
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    store: ObjectStore,
+    versions: VersionStore,
+) -> None:
+    declared, _ = declarations_with(tmp_path, "blocks", POLICY)
+    with state.writer(objects) as writer:
+        writer.write("blocks", A, PartitionData(table_of([1])))
+        writer.write("blocks", A, PartitionData(table_of([2])))
+
+    def copy(holder: str, lease_s: float = 60.0) -> LeaderLease:
+        return LeaderLease(versions.engine, LEASE_NAME, lease_s=lease_s, holder=holder)
+
+    elsewhere = copy("gc-elsewhere")  # another deployment's run is removing
+    assert elsewhere.try_acquire() == 1
+    result = retention_gc_job.execute_in_process(
+        resources={"objects": objects, "state": state},
+        run_config={
+            "ops": {
+                "apply_retention_policies": {"config": {"declarations_dir": str(declared.parent)}}
+            }
+        },
+    )
+    assert result.success
+    out = result.output_for_node("apply_retention_policies")
+    assert out["applied"] == [] and "gc-elsewhere (token 1)" in out["standby"]
+    assert len(versions.read.version_history("blocks", A)) == 2
+
+    # that run stalls past its lease and another takes over: it removes nothing more
+    elsewhere._stop_renewer()
+    elsewhere.lease_s = 0.5
+    elsewhere.renew()  # its last renewal: half a second left
+    taker = copy("gc-taker")
+    while taker.try_acquire() is None:
+        time.sleep(0.05)
+    stalled = GarbageCollector(store, versions, guard=elsewhere.check)
+    with pytest.raises(LeaseLostError, match="now held by gc-taker with token 2"):
+        stalled.collect(GcPolicy(keep_last=1, older_than=timedelta(0)), apply=True)
+    assert len(versions.read.version_history("blocks", A)) == 2
+    taker.release()
+    elsewhere.release()  # closes its session (its stale token changes nothing)

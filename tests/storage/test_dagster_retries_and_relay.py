@@ -1,13 +1,14 @@
 """Through Dagster, on the real Postgres and S3 API: a step whose output commits and which then
 fails, retried by its retry policy (same run id) and by a re-execution (new run id), commits
 that output once; the outbox relay reports what a killed run committed but never recorded,
-and nothing twice."""
+and nothing twice; of two relays only the leader-lease holder marks events relayed."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,8 @@ from tests.storage.dagster_jobs import (
     resources,
 )
 from tests.utils.invariants import InvariantReport, table_of
+from trace_resources.errors import LeaseLostError
+from trace_resources.leases import LeaderLease
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import state as t
 from trace_resources.storage.commit import PartitionData
@@ -34,7 +37,7 @@ from trace_resources.storage.gc import GarbageCollector
 from trace_resources.storage.object_store import ObjectStore
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.version_store import VersionStore
-from trace_sensors.outbox import build_outbox_relay_sensor, relay_outbox
+from trace_sensors.outbox import LEASE_NAME, build_outbox_relay_sensor, relay_outbox
 
 ALL = UNPARTITIONED
 
@@ -226,3 +229,58 @@ def test_the_relay_skips_recorded_superseded_and_non_asset_versions(
             sa.select(sa.func.count()).select_from(t.outbox).where(t.outbox.c.relayed_at.is_(None))
         ).scalar()
     assert unrelayed == 0
+
+
+def unrelayed(versions: VersionStore) -> int:
+    with versions.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(t.outbox)
+                .where(t.outbox.c.relayed_at.is_(None))
+            ).scalar_one()
+        )
+
+
+def test_of_two_relays_only_the_lease_holder_marks_and_a_late_one_is_refused(
+    job_env: None,
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    versions: VersionStore,
+) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    with state.writer(objects) as writer:  # a commit Dagster never hears of
+        writer.write(FIRST, ALL, PartitionData(table_of([7])))
+    keys = definitions().resolve_asset_graph().get_all_asset_keys()
+
+    # another copy of the relay holds the lease: this process's sensor stands by
+    other = LeaderLease(versions.engine, LEASE_NAME, lease_s=60, holder="relay-a", background=False)
+    assert other.try_acquire() == 1
+    context = dg.build_sensor_context(
+        instance=instance, resources={"state": state}, definitions=definitions()
+    )
+    standby = build_outbox_relay_sensor()(context)
+    assert isinstance(standby, dg.SkipReason)
+    assert "standing by" in (standby.skip_message or "")
+    assert "relay-a (token 1)" in (standby.skip_message or "")
+    assert unrelayed(versions) == 1 and recorded_versions(instance, FIRST) == []
+
+    # it stops; a second copy leads, stalls past its lease; a third takes over; the second
+    # wakes up for a late tick
+    other.release()
+    late = LeaderLease(versions.engine, LEASE_NAME, lease_s=0.5, holder="relay-b", background=False)
+    assert late.try_acquire() == 2
+    taker = LeaderLease(versions.engine, LEASE_NAME, lease_s=60, holder="relay-c", background=False)
+    deadline = time.monotonic() + 30  # against hangs only
+    while taker.try_acquire() is None:
+        assert time.monotonic() < deadline, "the stalled lease never expired"
+        time.sleep(0.1)
+    assert taker.token == 3
+    with pytest.raises(LeaseLostError, match="now held by relay-c with token 3"):
+        relay_outbox(instance, versions, known_assets=keys, lease=late)
+    assert unrelayed(versions) == 1  # its marking was refused
+    outcome = relay_outbox(instance, versions, known_assets=keys, lease=taker)
+    # the late copy's report (Dagster's event log can not be fenced) is found, only marked
+    assert (len(outcome.relayed), outcome.recorded) == (0, 1)
+    assert unrelayed(versions) == 0
+    assert recorded_versions(instance, FIRST) == [1]  # reported once

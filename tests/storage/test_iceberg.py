@@ -2,11 +2,14 @@
 Iceberg snapshots (pyiceberg's SQL catalog on the state database) read, through pyiceberg,
 polars (over pyiceberg's arrow scan) and DuckDB (over that arrow), exactly the rows Trace's own
 reader returns, now and at the previous snapshot; a fenced attempt never appears; a publisher
-killed between its Iceberg commit and its record publishes no second snapshot."""
+killed between its Iceberg commit and its record publishes no second snapshot; of two
+publishers only the leader-lease holder publishes, and one that lost the lease mid-pass records
+nothing (the next holder finds its snapshot and publishes none twice)."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +22,13 @@ import pytest
 
 from infra.local.services import MotoS3Server
 from tests.utils.writes import commit_one, stage_one
-from trace_resources.errors import AttemptFencedError
+from trace_resources.errors import AttemptFencedError, LeaseLostError
+from trace_resources.leases import LeaderLease
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import PartitionData
 from trace_resources.storage.gc import GarbageCollector, GcPolicy
 from trace_resources.storage.iceberg import (
+    LEASE_NAME,
     IcebergPublisher,
     UnsignedRangeError,
     open_catalog,
@@ -234,3 +239,42 @@ def test_an_open_range_reaches_the_table_once_sealed(
     table = publisher.catalog.load_table(table_identifier("blocks"))
     assert len(table.snapshots()) == 1
     assert rows(table.scan().to_arrow()) == rows(state.reader(objects).read("blocks", [OPEN]))
+
+
+def test_of_two_publishers_only_the_lease_holder_publishes_and_a_late_one_records_nothing(
+    state: StateStoreResource,
+    objects: ObjectStoreResource,
+    publisher: IcebergPublisher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with state.writer(objects) as writer:
+        writer.write("blocks", A, data(0, 5, "a"))
+    engine = state.versions().engine
+
+    def copy(holder: str, lease_s: float = 60.0) -> LeaderLease:
+        return LeaderLease(engine, LEASE_NAME, lease_s=lease_s, holder=holder, background=False)
+
+    first = copy("publisher-a")
+    assert first.try_acquire() == 1
+    standby = publisher.publish()  # a pass without a lease of its own: it takes one, or waits
+    assert standby.busy and "publisher-a" in standby.summary()
+    assert len(publisher.pending()) == 1
+
+    # the leader stops; a second copy leads and stalls past its lease mid-pass; a third takes over
+    first.release()
+    late = copy("publisher-b", lease_s=0.5)
+    assert late.try_acquire() == 2
+    taker = copy("publisher-c")
+    while taker.try_acquire() is None:  # until the stalled lease expires (half a second)
+        time.sleep(0.05)
+    monkeypatch.setattr(late, "lead", lambda: None)  # its pass began while it still led
+    stalled = IcebergPublisher(publisher.versions, publisher.store, publisher.catalog, lease=late)
+    with pytest.raises(LeaseLostError, match="now held by publisher-c with token 3"):
+        stalled.publish()
+    assert len(publisher.pending()) == 1  # its record was refused
+    leader = IcebergPublisher(publisher.versions, publisher.store, publisher.catalog, lease=taker)
+    outcome = leader.publish()
+    assert [p.operation for p in outcome.published] == ["recovered"]  # no second snapshot
+    assert publisher.pending() == []
+    table = publisher.catalog.load_table(table_identifier("blocks"))
+    assert len(table.snapshots()) == 1

@@ -43,6 +43,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_iceberg_published",
         "trace_tap_producers",
         "trace_promotions",
+        "trace_leases",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
@@ -51,6 +52,7 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
 def state_metadata() -> sa.MetaData:
     """Every table of Postgres state, from the modules that own them (each defines its tables
     on `state.metadata`; a module left out here fails the comparison below)."""
+    from trace_resources import leases  # noqa: F401  (the singletons' leader leases)
     from trace_resources.storage import (  # noqa: F401
         access,
         enrichments,

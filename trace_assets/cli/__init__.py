@@ -4,9 +4,9 @@ the running deployment), `gaps` (missing ranges),
 `storage` (datasets, versions, gc, staging-cleanup), `quarantine` (versions judged wrong),
 `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
-`secrets` (secrets rotate), `taps` (wire taps, replay), `udf` (organisations' transforms)
-and `promote` (environment promotion); `errors` says how a command fails and `console`
-prints its tables and progress.
+`secrets` (secrets rotate), `taps` (wire taps, replay), `udf` (organisations' transforms),
+`promote` (environment promotion) and `leases` (the singletons' leader leases); `errors` says
+how a command fails and `console` prints its tables and progress.
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
 or trace_sensors (the contracts in pyproject.toml). The command modules import their heavy
@@ -34,6 +34,7 @@ from trace_assets.cli import (
     chain,
     db,
     gaps,
+    leases,
     promote,
     quarantine,
     secrets,
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         secrets,
         udf,
         promote,
+        leases,
     ):
         group.add_commands(commands)
     return parser

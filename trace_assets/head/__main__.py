@@ -1,10 +1,12 @@
 """`python -m trace_assets.head`: the head follower as a long-running worker.
 
 Configured by the same `TRACE_*` settings as the rest of Trace (`TRACE_HEAD_*` for its own).
-One follower per chain appends: it holds a leader lock in Postgres state, and a second
-process waits as a standby. SIGTERM or SIGINT stops it after the cycle in hand (a cycle is
-all or nothing, so a SIGKILL loses nothing either: the next start resumes after the newest
-committed block).
+One follower per chain appends: it holds the chain's leader lease in Postgres state
+(`head-follower:<chain id>`, `trace leases` shows it), and a second process waits as a standby
+that takes over once the lease expires (TRACE_LEADER_LEASE_S after the leader stopped renewing
+it); a leader paused for longer has its late appends refused and stands by. SIGTERM or
+SIGINT stops it after the cycle in hand (a cycle is all or nothing, so a SIGKILL loses nothing
+either: the next start resumes after the newest committed block).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Sequence
 from types import FrameType
 
 from trace_assets.alerts.scope import AlertScope
-from trace_assets.head.follower import HEAD_DATASETS, HeadFollower, Leadership
+from trace_assets.head.follower import HEAD_DATASETS, HeadFollower
 from trace_assets.head.metrics import HeadMetrics
 from trace_resources.alert_pipeline import tables as alert_tables
 from trace_resources.alert_pipeline.rules import RuleStore
 from trace_resources.alert_pipeline.sink import buffer_from_settings
+from trace_resources.leases import LeaderLease, bounded_transactions, default_holder
 from trace_resources.resources import ChainResource, ObjectStoreResource, StateStoreResource
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.compaction import Compactor
@@ -48,7 +51,11 @@ def build_follower(
     state and data, the alert buffer)."""
     chain = ChainResource.from_settings(settings)
     objects = objects_from(settings)
-    state = StateStoreResource(dsn=settings.state_dsn)
+    # a follower paused inside a commit has its session ended (its row locks released) once
+    # it has been idle in that transaction for a lease: the standby's appends never wait on it
+    state = StateStoreResource(
+        dsn=bounded_transactions(settings.state_dsn, settings.leader_lease_s)
+    )
     data_engine = alert_tables.data_engine(settings.data_dsn)
     return HeadFollower(
         chain.client(),
@@ -83,9 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracing = Tracing.configured("trace-head-follower", settings.otlp_endpoint)
     follower = build_follower(settings, metrics, tracing)
     objects = objects_from(settings)
-    leader = Leadership(follower.versions.engine, settings.chain_id, stop)
+    leader = LeaderLease(
+        follower.versions.engine,
+        f"head-follower:{settings.chain_id}",
+        lease_s=settings.leader_lease_s,
+        renew_s=settings.leader_renew_s,
+        holder=default_holder("head-follower"),
+    )
     try:
-        if not leader.acquire():
+        if not leader.acquire(stop):
             return 0
         log.info(
             "follower ready: chain %s, ranges of %d blocks, datasets %s%s",

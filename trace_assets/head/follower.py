@@ -52,10 +52,12 @@ from trace_resources.chain.extract import BlockRef, ChainClient, ChainHead
 from trace_resources.chain.extract import RangeData as ChainData
 from trace_resources.chain.ranges import BlockRange, range_containing
 from trace_resources.chain.schemas import RAW_DATASETS
-from trace_resources.errors import ChainContinuityError, PartitionSealedError
+from trace_resources.errors import ChainContinuityError, LeaseLostError, PartitionSealedError
+from trace_resources.leases import LeaderLease
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.compaction import Compactor
+from trace_resources.storage.crash import crash_point
 from trace_resources.storage.records import BatchNotCommitted, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.telemetry import TRACEPARENT, Tracing
@@ -183,6 +185,7 @@ class HeadFollower:
         # safe blocks evaluated for `confirmation: safe` rules: number -> hash
         self._safe_done: dict[int, str] = {}
         self._rules_cache: tuple[float, list[StoredRule]] | None = None
+        self.leader: LeaderLease | None = None  # set by `run`: appends check its token
 
     def close(self) -> None:
         self.client.close()
@@ -198,7 +201,7 @@ class HeadFollower:
         compactor: Compactor | None = None,
         compact_every_s: float = 5.0,
         compact_min_segments: int = 64,
-        leader: Leadership | None = None,
+        leader: LeaderLease | None = None,
     ) -> None:
         """Cycle until `stop` is set: immediately again while behind, else after `poll_s`
         (default: a third of the chain's observed block time, between 50 ms and 1 s). An
@@ -206,7 +209,9 @@ class HeadFollower:
         `compactor`, a background thread compacts the open range's segments of every head
         dataset every `compact_every_s` once `compact_min_segments` have accumulated, so a
         query of the open range reads a few files however many blocks it holds. With a
-        `leader` lock, it appends only while it holds the lock (won again after losing it)."""
+        `leader` lease, it appends only while it holds the lease, and every append checks the
+        lease's token in its own transaction: a copy that lost the lease (paused beyond it)
+        has its late append refused, steps down and stands by until it wins the lease again."""
         backoff = 0.5
         self.client.check_chain_id()
         compacting = None
@@ -249,21 +254,28 @@ class HeadFollower:
         stop: threading.Event,
         poll_s: float | None,
         backoff: float,
-        leader: Leadership | None,
+        leader: LeaderLease | None,
     ) -> None:
+        self.leader = leader
         while not stop.is_set():
             if leader is not None and not leader.held():
                 log.warning(
-                    "lost the leader lock (its Postgres session ended); winning it again "
-                    "before appending"
+                    "lost the leader lease %s; standing by until it is won again",
+                    leader.name,
                 )
-                self._reset()
-                if not leader.acquire():
+                self._step_down(leader)
+                if not leader.acquire(stop):
                     return
-                log.info("leader lock won again; resuming after the newest committed block")
+                log.info("leader lease won again; resuming after the newest committed block")
             try:
                 outcome = self.cycle()
                 backoff = 0.5
+            except LeaseLostError as exc:  # a late append of a copy that was paused: refused
+                assert leader is not None
+                self.metrics.error(type(exc).__name__)
+                log.error("fenced: %s", exc)
+                self._step_down(leader)
+                continue
             except Exception as exc:  # any fault: reload the committed state and retry
                 self.metrics.error(type(exc).__name__)
                 log.error("head follower cycle failed (retrying in %.1f s): %s", backoff, exc)
@@ -273,6 +285,12 @@ class HeadFollower:
                 continue
             if outcome.idle:
                 stop.wait(poll_s if poll_s is not None else self._poll_s())
+
+    def _step_down(self, leader: LeaderLease) -> None:
+        """Forget the lost lease and everything read while leading (the new leader moved on)."""
+        leader.step_down()
+        self._reset()
+        self._safe_done.clear()
 
     def _poll_s(self) -> float:
         block_time = self.finalized_seen.block_time_s()
@@ -326,6 +344,7 @@ class HeadFollower:
                 alerting = pool.submit(context.run, self._evaluate, segment, "finalized")
                 staged = self._stage(segment, source)
                 outcome.alerts = alerting.result()
+            crash_point("head.before_commit")
             started = time.perf_counter()
             self._commit(staged)
             self.metrics.appended(segment.blocks.size, time.perf_counter() - started)
@@ -460,11 +479,14 @@ class HeadFollower:
 
     def _commit(self, staged: Sequence[StagedPartition]) -> dict[str, VersionRecord]:
         """Every head dataset's segment in one transaction: all or nothing."""
+        # the lease's fence first in the transaction: a late append of a copy that lost the
+        # lease is refused as such, before the segments are even looked at
+        guard = self.leader.check if self.leader is not None else None
         try:
             with self.tracing.span(
                 "head.commit", {"datasets": [s.attempt.dataset for s in staged]}
             ):
-                results = self.writer.commit_together(staged)
+                results = self.writer.commit_together(staged, guard=guard)
         except BatchNotCommitted as exc:
             if isinstance(exc.__cause__, PartitionSealedError):
                 raise exc.__cause__ from None
@@ -576,81 +598,3 @@ def _unavailable(rules: Sequence[StoredRule], available: set[str]) -> set[str]:
     from trace_assets.alerts.scope import referenced
 
     return {name for r in rules for name in referenced(r.rule)} - available
-
-
-class Leadership:
-    """The follower's leader lock: a session-level advisory lock on Postgres state. One
-    follower per chain appends; a second one waits as a standby and takes over when the
-    first one's session ends (its process died or its connection dropped). `held()` checks,
-    at most every `check_s`, that the session holding the lock is still alive: after a
-    PostgreSQL restart it is not, and the follower must win the lock again before appending
-    (another standby may have won it meanwhile)."""
-
-    def __init__(
-        self, engine: sa.Engine, chain_id: int, stop: threading.Event, check_s: float = 2.0
-    ) -> None:
-        self.engine = engine
-        self.key = {"k": f"trace-head-follower:{chain_id}"}
-        self.chain_id = chain_id
-        self.stop = stop
-        self.check_s = check_s
-        self._conn: sa.Connection | None = None
-        self._checked = 0.0
-
-    def acquire(self) -> bool:
-        """Wait until this process holds the lock (True) or `stop` is set (False)."""
-        waiting_logged = False
-        while not self.stop.is_set():
-            try:
-                if self._conn is None:
-                    self._conn = self.engine.connect()
-                won = self._conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), self.key
-                ).scalar()
-                self._conn.commit()
-            except sa.exc.SQLAlchemyError as exc:
-                log.warning("leader lock: Postgres state unreachable (%s); retrying", exc)
-                self._drop()
-                self.stop.wait(2.0)
-                continue
-            if won:
-                self._checked = time.monotonic()
-                return True
-            if not waiting_logged:
-                log.info("another head follower of chain %s leads; standing by", self.chain_id)
-                waiting_logged = True
-            self.stop.wait(2.0)
-        return False
-
-    def held(self) -> bool:
-        """Whether the lock's session is still alive (checked at most every `check_s`)."""
-        if self._conn is None:
-            return False
-        now = time.monotonic()
-        if now - self._checked < self.check_s:
-            return True
-        try:
-            self._conn.execute(sa.text("SELECT 1"))
-            self._conn.commit()
-        except sa.exc.SQLAlchemyError:
-            self._drop()
-            return False
-        self._checked = now
-        return True
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.invalidate()
-            with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = None
-
-    def release(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), self.key
-                )
-                self._conn.commit()
-        self._drop()

@@ -296,14 +296,16 @@ class DatasetWriter:
         *,
         commit_key: str | None = None,
         within: CommitHook | None = None,
+        guard: Callable[[sa.Connection], None] | None = None,
     ) -> list[CommitResult]:
         """Commit staged partitions of several datasets in ONE transaction, all or nothing
         (a block's segment of every head dataset, a range of every raw dataset). A refusal of
         any of them raises `BatchNotCommitted` (its cause: the refusal) and fails every
         attempt; an unknown outcome is retried by the same attempt ids. With `commit_key`, a
         partition that writer already committed keeps that version (`already_committed`).
-        `within` writes what commits with them, in their transaction (`commit_many`). Results
-        in the order given."""
+        `within` writes what commits with them, in their transaction (`commit_many`); `guard`
+        runs first in it and may refuse it (a leader lease's fence). Results in the order
+        given."""
         attempts = [s.attempt for s in staged]
         try:
             mode = _one_mode(attempts)
@@ -311,7 +313,7 @@ class DatasetWriter:
             results = self._retrying(
                 f"commit of {len(items)} attempts together",
                 lambda: self.versions.commits.commit_many(
-                    items, mode=mode, commit_key=commit_key, within=within
+                    items, mode=mode, commit_key=commit_key, within=within, guard=guard
                 ),
             )
         except BaseException as exc:

@@ -3,7 +3,9 @@
 `TRACE_CRASH_POINT=name` (or `name@N`: on the N-th time the point is reached) makes the process
 that reaches `crash_point("name")` kill itself with SIGKILL at once: no `finally`, no atexit, no
 flushing, no rollback by the client, exactly as if the machine had lost power for that process.
-Unset (always, outside the tests) a crash point costs one dictionary lookup.
+`name@N:stop` sends SIGSTOP instead, once (the process is paused there until a SIGCONT: a
+stalled leader that wakes up late, for the leader-lease tests). Unset (always, outside the
+tests) a crash point costs one dictionary lookup.
 
 The points, in the order a write reaches them:
 
@@ -16,6 +18,11 @@ The points, in the order a write reaches them:
 - `cleanup.after_abandon`  staging cleanup marked expired attempts abandoned, files not deleted
 - `promote.after_state_commit`  a promotion decided (state committed), its alert rules and
   declaration files not yet written
+
+Points of other processes (not in `CRASH_POINTS`, which tests/storage/test_crash_points.py
+exercises): `head.before_commit` (the head follower staged a segment of every head dataset and
+has not committed it; the leader-lease test pauses it there), `iceberg.after_publish`,
+`sink.after_upsert`, `deliver.after_send`.
 """
 
 from __future__ import annotations
@@ -46,15 +53,20 @@ _lock = threading.Lock()
 
 
 def crash_point(name: str) -> None:
-    """SIGKILL this process if `TRACE_CRASH_POINT` names this point (and its hit count)."""
+    """SIGKILL (or SIGSTOP) this process if `TRACE_CRASH_POINT` names this point (and its hit
+    count)."""
     wanted = os.environ.get(CRASH_POINT_ENV)
     if not wanted:
         return
+    wanted, _, action = wanted.partition(":")
     point, _, nth = wanted.partition("@")
     if point != name:
         return
     with _lock:
         _hits[name] = _hits.get(name, 0) + 1
         hit = _hits[name]
-    if hit >= int(nth or 1):
+    if action == "stop":
+        if hit == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGSTOP)
+    elif hit >= int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

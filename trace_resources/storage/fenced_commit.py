@@ -15,7 +15,7 @@ The protocol's order of steps (stage, verify, commit) lives in `commit.py`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -127,11 +127,14 @@ class FencedCommits:
         mode: CommitMode = "replace",
         commit_key: str | None = None,
         within: CommitHook | None = None,
+        guard: Callable[[sa.Connection], None] | None = None,
     ) -> list[CommitResult]:
         """Commit many staged attempts in ONE transaction, each exactly as `commit` would.
 
         `within(conn, results)` (results in the order given) writes what must commit with them,
         in the same transaction (a quarantine record of the versions they replace).
+        `guard(conn)` runs first in the transaction and may refuse the whole commit by raising
+        (a singleton's leader-lease fence, `LeaderLease.check`): nothing is written then.
 
         Every attempt goes through the same steps as a single commit (its attempt row and fence
         row locked, commit key, fence, schema registry, continuity, version, pointer, its own
@@ -146,6 +149,8 @@ class FencedCommits:
         token = _committed_events.set([])
         try:
             with self.engine.begin() as conn:
+                if guard is not None:
+                    guard(conn)
                 for item in ordered:
                     outcome = self._commit_one(
                         conn,

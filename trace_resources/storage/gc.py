@@ -27,6 +27,8 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy as sa
+
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.object_store import ObjectInfo, ObjectStore
 from trace_resources.storage.paths import dataset_prefix, parse_data_key
@@ -134,9 +136,17 @@ def _is_uuid(value: str) -> bool:
 class GarbageCollector:
     """`trace gc` and `trace staging-cleanup` over one bucket and its version store."""
 
-    def __init__(self, store: ObjectStore, versions: VersionStore) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        versions: VersionStore,
+        guard: Callable[[sa.Connection], None] | None = None,
+    ) -> None:
+        """`guard(conn)` runs first in each transaction that removes versions and may refuse
+        it (a GC run's leader lease: a run that lost it removes nothing more)."""
         self.store = store
         self.versions = versions
+        self.guard = guard
 
     # -- superseded versions ---------------------------------------------------------------
 
@@ -165,6 +175,7 @@ class GarbageCollector:
                 older_than_s=policy.older_than.total_seconds(),
                 apply=apply,
                 only=None if only is None else [(p, v) for d, p, v in only if d == name],
+                guard=self.guard,
             )
             if progress is not None:
                 progress(name)

@@ -16,8 +16,12 @@ it, so no version is published twice. The versions of an open range (the head ti
 a block at a time) are recorded as `open` and not published: the range's rows reach the table
 with its sealed version, one snapshot per range rather than one per block and dataset. The
 snapshots of up to `BATCH` versions of a dataset go in one Iceberg commit (one catalog update),
-all or none. One publisher runs at a time (an
-advisory lock, which snapshot expiry takes too).
+all or none. One publisher acts at a time: it holds the `iceberg-publisher` leader lease
+(`trace_resources/leases.py`; snapshot expiry takes it too), and records what it published only
+if its token still holds, in the same transaction. A publisher paused past its lease is taken
+over; its late Iceberg commit is refused by the catalog's own compare-and-swap of the table's
+metadata pointer if the new publisher committed to that table meanwhile (else it published
+nothing the new one did), and its late record is refused by the lease.
 
 Types: Iceberg has no unsigned integers. uint8/uint16 columns are `int`, uint32 columns `long`
 (lossless widening on read); uint64 columns are `long` with a range check: a file whose uint64
@@ -40,6 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from trace_resources.errors import CommitError
+from trace_resources.leases import LeaderLease
 from trace_resources.storage import state as t
 from trace_resources.storage.crash import crash_point
 from trace_resources.storage.object_store import ObjectStore
@@ -62,7 +67,7 @@ __all__ = [
 NAMESPACE = "trace"
 OUTBOX_ID = "trace.outbox-id"
 LONG_MAX = 2**63 - 1
-_LOCK = 7260119001  # advisory lock: one publisher at a time
+LEASE_NAME = "iceberg-publisher"
 BATCH = 100  # snapshots per Iceberg commit
 MERGE_MANIFESTS_AT = 16
 
@@ -157,11 +162,12 @@ class Published:
 @dataclass
 class PublishOutcome:
     published: list[Published] = field(default_factory=list)
-    busy: bool = False  # another publisher holds the lock
+    busy: bool = False  # another publisher holds the lease
+    standby: str = ""  # who holds it
 
     def summary(self) -> str:
         if self.busy:
-            return "another publisher is running; nothing published"
+            return f"another publisher leads; nothing published ({self.standby})"
         counts: dict[str, int] = {}
         for p in self.published:
             counts[p.operation] = counts.get(p.operation, 0) + 1
@@ -183,10 +189,24 @@ class TableInfo:
 class IcebergPublisher:
     """Publishes committed versions (outbox events) as snapshots of the datasets' tables."""
 
-    def __init__(self, versions: VersionStore, store: ObjectStore, catalog: Any) -> None:
+    def __init__(
+        self,
+        versions: VersionStore,
+        store: ObjectStore,
+        catalog: Any,
+        *,
+        lease: LeaderLease | None = None,
+        lease_s: float = 90.0,
+    ) -> None:
+        """`lease`: the leader lease, kept by the caller across passes (a sensor's ticks);
+        without one, each pass takes the lease (`lease_s` long, renewed meanwhile) and gives
+        it up at its end."""
         self.versions = versions
         self.store = store
         self.catalog = catalog
+        self.lease = lease
+        self.lease_s = lease_s
+        self._leading: LeaderLease | None = None
 
     # -- what is left to publish ----------------------------------------------------------
 
@@ -213,16 +233,28 @@ class IcebergPublisher:
     # -- publishing -----------------------------------------------------------------------
 
     @contextmanager
-    def _locked(self) -> Iterator[bool]:
-        with self.versions.engine.connect() as conn:
-            got = bool(conn.execute(sa.select(sa.func.pg_try_advisory_lock(_LOCK))).scalar())
-            conn.commit()
+    def _led(self) -> Iterator[str | None]:
+        """Lead for one pass: yields None while this publisher holds the lease, else why not."""
+        if self.lease is not None:
+            standby = self.lease.lead()
+            self._leading = self.lease if standby is None else None
             try:
-                yield got
+                yield standby
             finally:
-                if got:
-                    conn.execute(sa.select(sa.func.pg_advisory_unlock(_LOCK)))
-                    conn.commit()
+                self._leading = None
+            return
+        lease = LeaderLease(self.versions.engine, LEASE_NAME, lease_s=self.lease_s)
+        if lease.try_acquire() is None:
+            current = lease.current()
+            lease.release()  # closes the session it opened to try
+            yield f"held by {current.holder if current else 'another publisher'}"
+            return
+        self._leading = lease
+        try:
+            yield None
+        finally:
+            self._leading = None
+            lease.release()
 
     def publish(
         self, limit: int = 500, *, record: bool = True, batch: int = BATCH
@@ -232,9 +264,9 @@ class IcebergPublisher:
         (one catalog update, one metadata file), then recorded. `record=False` publishes
         without recording (what a publisher killed before its record leaves; tests)."""
         outcome = PublishOutcome()
-        with self._locked() as got:
-            if not got:
-                outcome.busy = True
+        with self._led() as standby:
+            if standby is not None:
+                outcome.busy, outcome.standby = True, standby
                 return outcome
             events = self.pending(limit)
             if events:
@@ -422,6 +454,8 @@ class IcebergPublisher:
         if not done:
             return
         with self.versions.engine.begin() as conn:
+            if self._leading is not None:  # a late publisher records nothing
+                self._leading.check(conn)
             conn.execute(
                 pg_insert(published)
                 .values(
@@ -450,8 +484,8 @@ class IcebergPublisher:
         snapshot would show data Trace no longer serves, or fail to read, so it goes. The
         current snapshot is never expired (it holds current versions, which GC keeps). What
         is published stays recorded, so nothing is published again."""
-        with self._locked() as got:
-            return self._expire_unservable() if got else {}
+        with self._led() as standby:
+            return self._expire_unservable() if standby is None else {}
 
     def _expire_unservable(self) -> dict[str, list[int]]:
         p, v = published.c, t.versions.c

@@ -4,7 +4,7 @@ relayed afterwards (to Dagster, by the outbox sensor).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 
@@ -39,10 +39,16 @@ class Outbox:
             for r in rows
         ]
 
-    def mark_relayed(self, ids: Sequence[int]) -> None:
+    def mark_relayed(
+        self, ids: Sequence[int], guard: Callable[[sa.Connection], None] | None = None
+    ) -> None:
+        """Mark events relayed; `guard(conn)` runs first in the transaction and may refuse it
+        by raising (the relay's leader-lease fence): nothing is marked then."""
         if not ids:
             return
         with self.engine.begin() as conn:
+            if guard is not None:
+                guard(conn)
             conn.execute(
                 t.outbox.update()
                 .where(t.outbox.c.id.in_(list(ids)))

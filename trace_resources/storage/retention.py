@@ -7,7 +7,7 @@ The order of GC's steps (choose, remove, delete objects) lives in `gc.py`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -79,6 +79,7 @@ class Retention:
         older_than_s: float,
         apply: bool,
         only: Collection[tuple[str, int]] | None = None,
+        guard: Callable[[sa.Connection], None] | None = None,
     ) -> list[RemovedVersion]:
         """Superseded versions to remove under the policy, and the files only they reference.
 
@@ -88,10 +89,13 @@ class Retention:
         version while it is chosen) deletes the version rows and their commit keys and queues
         the files for deletion (`trace_gc_queue`); the caller deletes the objects afterwards.
         Without `apply` nothing changes. `only` ((partition, version) pairs, e.g. a dry run's
-        plan) narrows the choice further: nothing outside it is removed.
+        plan) narrows the choice further: nothing outside it is removed. `guard(conn)` runs
+        first in an applying transaction and may refuse it by raising (the GC's leader lease).
         """
         keep_last = max(keep_last, 1)
         with self.engine.begin() as conn:
+            if apply and guard is not None:
+                guard(conn)
             if apply:
                 gc_lock(conn, dataset, shared=False)
             chosen = conn.execute(self._removable_query(dataset, keep_last, older_than_s)).all()
