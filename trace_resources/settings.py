@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -191,28 +191,33 @@ class ChainConfig(BaseModel):
         )
 
 
-def parse_chains(text: str) -> list[ChainConfig]:
-    """`TRACE_CHAINS` (a JSON list of `ChainConfig` objects, the primary first) with one-line
-    errors naming the entry and the field."""
-    example = (
-        '[{"name": "monad", "chain_id": 10143, "endpoints": [{"url": "https://rpc.example"}]}]'
-    )
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _entries(
+    text: str, model: type[_M], *, setting: str, entry: str, example: str, empty_ok: bool
+) -> list[_M]:
+    """A setting's JSON list of `model` objects, each validated, with one-line errors naming
+    the entry (`<entry> <position> ('<its name>')`) and the field."""
     try:
         raw = json.loads(text)
     except ValueError as exc:
-        raise ValueError(f"not JSON ({exc}); expected a list such as {example}") from None
-    if not isinstance(raw, list) or not raw:
-        raise ValueError(f"expected a non-empty JSON list of chains such as {example}")
-    chains: list[ChainConfig] = []
+        raise ValueError(
+            f"{setting} is not JSON ({exc}); expected a list such as {example}"
+        ) from None
+    if not isinstance(raw, list) or not (raw or empty_ok):
+        kind = "a JSON list" if empty_ok else "a non-empty JSON list"
+        raise ValueError(f"{setting} must be {kind} such as {example}")
+    parsed: list[_M] = []
     for position, item in enumerate(raw, start=1):
-        entry = f"chain {position}"
+        where = f"{entry} {position}"
         if isinstance(item, dict) and isinstance(item.get("name"), str):
-            entry += f" ({item['name']!r})"
+            where += f" ({item['name']!r})"
         try:
-            chains.append(ChainConfig.model_validate(item))
+            parsed.append(model.model_validate(item))
         except ValidationError as exc:
             errors = exc.errors()
-            # an endpoint's error also fails the list's length: name the endpoint's only
+            # a nested item's error also fails its list's length: name the nested one only
             deepest = [
                 e
                 for e in errors
@@ -224,8 +229,23 @@ def parse_chains(text: str) -> list[ChainConfig]:
                 for e in deepest[:3]
             )
             raise ValueError(
-                f"{entry}: {problems} (fields: {', '.join(ChainConfig.model_fields)})"
+                f"{where}: {problems} (fields: {', '.join(model.model_fields)})"
             ) from None
+    return parsed
+
+
+def parse_chains(text: str) -> list[ChainConfig]:
+    """`TRACE_CHAINS` (a JSON list of `ChainConfig` objects, the primary first) with one-line
+    errors naming the entry and the field."""
+    chains = _entries(
+        text,
+        ChainConfig,
+        setting="TRACE_CHAINS",
+        entry="chain",
+        example='[{"name": "monad", "chain_id": 10143, '
+        '"endpoints": [{"url": "https://rpc.example"}]}]',
+        empty_ok=False,
+    )
     for field in ("name", "chain_id"):
         values = [getattr(c, field) for c in chains]
         twice = sorted({str(v) for v in values if values.count(v) > 1})
@@ -295,31 +315,14 @@ class TapConfig(BaseModel):
 def parse_taps(text: str) -> list[TapConfig]:
     """`TRACE_TAPS` (a JSON list of `TapConfig` objects) with one-line errors naming the entry
     and the field."""
-    example = '[{"name": "commits-audit", "source": "commits", "to": "s3://audit/taps/commits"}]'
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(
-            f"TRACE_TAPS is not JSON ({exc}); expected a list such as {example}"
-        ) from None
-    if not isinstance(raw, list):
-        raise ValueError(f"TRACE_TAPS must be a JSON list of taps such as {example}")
-    taps: list[TapConfig] = []
-    for position, item in enumerate(raw, start=1):
-        entry = f"TRACE_TAPS entry {position}"
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            entry += f" ({item['name']!r})"
-        try:
-            taps.append(TapConfig.model_validate(item))
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'][:2])) or 'entry'}: "
-                + e["msg"].removeprefix("Value error, ")
-                for e in exc.errors()[:3]
-            )
-            raise ValueError(
-                f"{entry}: {problems} (fields: {', '.join(TapConfig.model_fields)})"
-            ) from None
+    taps = _entries(
+        text,
+        TapConfig,
+        setting="TRACE_TAPS",
+        entry="TRACE_TAPS entry",
+        example='[{"name": "commits-audit", "source": "commits", "to": "s3://audit/taps/commits"}]',
+        empty_ok=True,
+    )
     names = [t.name for t in taps]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
