@@ -11,6 +11,7 @@
                        "columns": {"blocks": ["number", "hash"]} | null,     task tokens only
                        "writes": ["<object key>", ...] | null,            task tokens only
                        "capabilities": ["alerts:manage"]}}              org tokens only; optional
+             (or "triggers": ["rebuild"]: a trigger token, which only fires those webhooks)
 
 An *org token* reads the public datasets and its organisation's own (optionally narrowed to
 `datasets`, and to the datasets of the listed `chains`: another chain's dataset is then as

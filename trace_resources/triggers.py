@@ -204,8 +204,11 @@ def parse_triggers(text: str) -> list[FileTrigger | WebhookTrigger | ScheduleTri
             triggers.append(_ADAPTER.validate_python(item))
         except ValidationError as exc:
             raise ValueError(f"{entry}: {_problem(exc)}") from None
-    names = [t.name for t in triggers]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    # Dagster names them `trigger__<name>` with `-` as `_`: labels-drop and labels_drop clash
+    names = [t.name.replace("-", "_") for t in triggers]
+    twice = sorted({t.name for t in triggers if names.count(t.name.replace("-", "_")) > 1})
     if twice:
-        raise ValueError(f"TRACE_TRIGGERS names {', '.join(twice)} twice: names are unique")
+        raise ValueError(
+            f"TRACE_TRIGGERS names {' and '.join(twice)}: names are unique, `-` and `_` alike"
+        )
     return triggers

@@ -90,16 +90,23 @@ def _tick(sensor: dg.SensorDefinition, resources: dict[str, object], cursor: str
             "give exactly one of enrichment (a dataset name) or job",
         ),
         (
+            [
+                {"name": "a-b", "kind": "webhook", "org": "acme", "job": "j"},
+                {"name": "a_b", "kind": "webhook", "org": "acme", "job": "j"},
+            ],
+            "names a-b and a_b: names are unique, `-` and `_` alike",
+        ),
+        (
             {"name": "Bad Name", "kind": "webhook", "org": "acme", "job": "j"},
             "name: 'Bad Name' is not a trigger name",
         ),
     ],
 )
 def test_a_bad_trigger_declaration_is_refused_in_one_line(
-    entry: dict[str, str], message: str
+    entry: dict[str, str] | list[dict[str, str]], message: str
 ) -> None:
     with pytest.raises(ValueError, match="TRACE_TRIGGERS") as caught:
-        parse_triggers(json.dumps([entry]))
+        parse_triggers(json.dumps(entry if isinstance(entry, list) else [entry]))
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
