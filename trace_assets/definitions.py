@@ -29,6 +29,7 @@ from trace_sensors.freshness import build_head_freshness_sensor
 from trace_sensors.gap_repair import build_gap_repair_sensor
 from trace_sensors.iceberg import build_iceberg_publish_sensor
 from trace_sensors.outbox import build_automation_sensor, build_outbox_relay_sensor
+from trace_sensors.triggers import build_triggers
 
 __all__ = [
     "defs",
@@ -130,6 +131,11 @@ def _chain_sensors(settings: Settings) -> list[dg.SensorDefinition]:
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or get_settings()
+    jobs = [raw_backfill_job, retention_gc_job]
+    # TRACE_TRIGGERS: file arrival and webhook sensors, schedules (trace_sensors/triggers.py)
+    trigger_sensors, trigger_schedules = build_triggers(
+        settings.trigger_configs(), [j.name for j in jobs], settings.sensors_running
+    )
     return dg.Definitions(
         assets=[
             raw_chain,
@@ -147,9 +153,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             *load_enrichment_specs(settings.state_dsn),  # the uploads they may join
         ],
         asset_checks=[*DATASET_CHECKS, head_freshness_checks],
-        jobs=[raw_backfill_job, retention_gc_job],
+        jobs=jobs,
         # automatic GC under the declared retention policies (trace_assets/retention.py)
-        schedules=[build_retention_schedule(settings.sensors_running)],
+        schedules=[build_retention_schedule(settings.sensors_running), *trigger_schedules],
         sensors=[
             build_chain_head_sensor(RANGE_RUNS, settings.sensors_running),
             build_gap_repair_sensor(RANGE_RUNS, GAP_SCOPE, settings.sensors_running),
@@ -160,6 +166,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             build_iceberg_publish_sensor(settings.sensors_running),
             build_automation_sensor(settings.sensors_running),
             build_head_freshness_sensor(HEAD_DATASETS, settings.sensors_running),
+            *trigger_sensors,
         ],
         resources=build_resources(settings),
         # every step of a run in the run's own process: no interpreter started per step (a

@@ -29,6 +29,7 @@ from trace_query_api.api.routes import (
     saved_queries,
     tasks,
     transforms,
+    triggers,
 )
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
@@ -101,6 +102,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(transforms.router)
     app.include_router(enrichments.router)
     app.include_router(tasks.router)
+    app.include_router(triggers.router)
     _add_error_handlers(app)
 
     def count_refusal(code: str) -> None:

@@ -376,3 +376,16 @@ class EnrichmentPublic(BaseModel):
 class EnrichmentsPublic(BaseModel):
     data: list[EnrichmentPublic]
     count: int
+
+
+class TriggerCallPublic(BaseModel):
+    """An accepted webhook call: the same Idempotency-Key answers the same call."""
+
+    trigger: str
+    call_id: int = Field(description="The call's id; a sensor requests one run per call.")
+    idempotency_key: str
+    fired: bool = Field(
+        description="True: this request recorded the call; False: the key had fired already "
+        "and nothing new happens."
+    )
+    received_at: datetime

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trace_resources.sealed import Keyring, SealError
+from trace_resources.triggers import FileTrigger, ScheduleTrigger, WebhookTrigger, parse_triggers
 
 __all__ = [
     "RpcEndpoint",
@@ -385,6 +386,12 @@ class Settings(BaseSettings):
         "",
         description="JSON list of wire taps (see TapConfig): copies of the commits, alerts or "
         "run events to an object-store prefix or a second queue. Empty: no taps.",
+    )
+    triggers: str = Field(
+        "",
+        description="JSON list of declared triggers (trace_resources.triggers): file arrival "
+        "under an object-store prefix, webhooks (`POST /v1/triggers/{name}`) and cron "
+        "schedules. Empty: none.",
     )
     rpc_max_concurrent_requests: int = Field(
         32, gt=0, description="Cap on concurrent RPC requests passed to cryo."
@@ -840,6 +847,16 @@ class Settings(BaseSettings):
     def tap_configs(self) -> list[TapConfig]:
         """The declared wire taps (TRACE_TAPS), in order."""
         return parse_taps(self.taps) if self.taps.strip() else []
+
+    @field_validator("triggers")
+    @classmethod
+    def _triggers_valid(cls, value: str) -> str:
+        parse_triggers(value)
+        return value
+
+    def trigger_configs(self) -> list[FileTrigger | WebhookTrigger | ScheduleTrigger]:
+        """The declared triggers (TRACE_TRIGGERS), in order."""
+        return parse_triggers(self.triggers)
 
     @field_validator("chains")
     @classmethod

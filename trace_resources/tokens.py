@@ -11,6 +11,7 @@
                        "columns": {"blocks": ["number", "hash"]} | null,     task tokens only
                        "writes": ["<object key>", ...] | null,            task tokens only
                        "capabilities": ["alerts:manage"]}}              org tokens only; optional
+             (or "triggers": ["rebuild"]: a trigger token, which only fires those webhooks)
 
 An *org token* reads the public datasets and its organisation's own (optionally narrowed to
 `datasets`, and to the datasets of the listed `chains`: another chain's dataset is then as
@@ -28,6 +29,10 @@ disables the organisation's alert rules through the service (`trace token issue 
 alerts:manage`); a token without it reads rules and alerts but changes nothing.
 `transforms:manage` applies the organisation's own transforms (`POST /v1/transforms`)
 and uploads its enrichment datasets (`PUT /v1/enrichments/{name}`).
+
+A *trigger token* (an org token with `"triggers": ["rebuild"]`, `trace token issue --trigger
+rebuild`) fires only the listed webhook triggers (`POST /v1/triggers/{name}`); every other
+route refuses it, so a caller outside holding it can start that work and read nothing.
 
 Keys live in a keyring (`TRACE_QUERY_TOKEN_KEYS`): each has a key id written into the token
 header, so a new key can sign while the old one still verifies the tokens it signed (rotation).
@@ -51,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trace_resources.errors import ConfigError
 from trace_resources.settings import QuerySettings
+from trace_resources.triggers import TRIGGER_NAME_PATTERN
 
 # jwt and cryptography (~0.15 s) are imported where keys are parsed and tokens issued, not with
 # the module: the Dagster code location imports it (through dataset access) for every run
@@ -221,6 +227,15 @@ class Scope(BaseModel):
     columns: dict[str, list[str]] | None = None
     writes: list[str] | None = Field(None, max_length=100)
     capabilities: list[Capability] | None = Field(None, max_length=len(CAPABILITIES))
+    triggers: list[str] | None = Field(None, max_length=50)
+
+    @field_validator("triggers")
+    @classmethod
+    def _trigger_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not TRIGGER_NAME_PATTERN.match(name):
+                raise ValueError(f"not a trigger name: {name!r}")
+        return value
 
     @field_validator("columns")
     @classmethod
@@ -298,6 +313,11 @@ class Principal:
     capabilities: frozenset[str] = frozenset()
     columns: dict[str, tuple[str, ...]] | None = None  # None: every column
     writes: frozenset[str] = frozenset()  # object keys a task may upload
+    triggers: frozenset[str] = frozenset()  # a trigger token fires these, and does nothing else
+
+    @property
+    def is_trigger(self) -> bool:
+        return bool(self.triggers)
 
     @property
     def is_task(self) -> bool:
@@ -348,6 +368,7 @@ class Principal:
             if scope.columns is None
             else {k: tuple(v) for k, v in scope.columns.items()},
             writes=frozenset(scope.writes or ()),
+            triggers=frozenset(scope.triggers or ()),
         )
 
 
@@ -365,6 +386,7 @@ def issue_token(
     capabilities: list[str] | None = None,
     columns: dict[str, list[str]] | None = None,
     writes: list[str] | None = None,
+    triggers: list[str] | None = None,
     now: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Sign a token; returns it and its claims. Task tokens must list their datasets and carry
@@ -395,6 +417,11 @@ def issue_token(
         raise ConfigError("columns and writes narrow a task token: give --task too")
     if columns and datasets and not set(columns) <= set(datasets):
         raise ConfigError("columns name a dataset missing from --dataset")
+    if triggers and (task is not None or capabilities or datasets or chains):
+        raise ConfigError(
+            "a trigger token only fires its triggers: give --trigger with --org and --subject "
+            "alone (no --task, --dataset, --chain or --capability)"
+        )
     issued = int(time.time()) if now is None else now
     scope = Scope(
         kind="task" if task is not None else "org",
@@ -405,6 +432,7 @@ def issue_token(
         columns=columns or None,
         writes=sorted(set(writes)) if writes else None,
         capabilities=sorted(set(capabilities)) if capabilities else None,
+        triggers=sorted(set(triggers)) if triggers else None,
     )
     claims: dict[str, Any] = {
         "iss": settings.query_token_issuer,

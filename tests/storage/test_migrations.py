@@ -44,6 +44,8 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_tap_producers",
         "trace_promotions",
         "trace_leases",
+        "trace_trigger_calls",
+        "trace_trigger_objects",
     },
     "data": {"trace_alert_delivery_attempts"},
 }
@@ -65,6 +67,7 @@ def state_metadata() -> sa.MetaData:
         snapshots,
         state,
         taps,
+        triggers,
         udfs,
     )
 

@@ -42,6 +42,10 @@ def _check_token_names(settings: Settings, args: argparse.Namespace) -> None:
     for chain in args.chain or ():
         if chain not in configured:
             raise unknown("chain", chain, configured, hint="`trace chains` lists them")
+    hooks = [t.name for t in settings.trigger_configs() if t.kind == "webhook"]
+    for trigger in getattr(args, "trigger", None) or ():
+        if trigger not in hooks:
+            raise unknown("webhook trigger", trigger, hooks, hint="declare it in TRACE_TRIGGERS")
     if not args.dataset:
         return
     versions = VersionStore(engine_for(settings.state_dsn))
@@ -67,6 +71,7 @@ def cmd_token_issue(settings: Settings, args: argparse.Namespace) -> int:
         task=args.task,
         partitions=_token_partitions(args.partition or [], args.dataset or []) or None,
         capabilities=args.capability or None,
+        triggers=args.trigger or None,
     )
     sys.stdout.write(token + "\n")
     sys.stderr.write(
@@ -209,6 +214,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=["alerts:manage", "transforms:manage"],
         help="org tokens: also change the org's alert rules (alerts:manage) or apply its "
         "transforms and upload its enrichment datasets (transforms:manage)",
+    )
+    issue.add_argument(
+        "--trigger",
+        action="append",
+        metavar="NAME",
+        help="a trigger token: fires only this webhook trigger of TRACE_TRIGGERS "
+        "(`POST /v1/triggers/NAME`) and reads nothing",
     )
     issue.set_defaults(func=cmd_token_issue)
     revoke = token.add_parser("revoke", help="refuse a token id (jti) from now on")

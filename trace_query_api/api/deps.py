@@ -67,9 +67,16 @@ async def get_verified(
 VerifiedPrincipal = Annotated[Principal, Depends(get_verified)]
 
 
-def admit(services: Services, principal: Principal) -> None:
-    """Refuse a revoked token or a request over its rate limits (blocking: one round trip)."""
+def admit(services: Services, principal: Principal, *, firing: bool = False) -> None:
+    """Refuse a revoked token or a request over its rate limits (blocking: one round trip);
+    and a trigger token anywhere but where a trigger is fired (`firing`)."""
     try:
+        if principal.is_trigger and not firing:
+            raise ForbiddenError(
+                "a trigger token only fires its triggers (`POST /v1/triggers/{name}`); "
+                "everything else takes an org or task token",
+                code="trigger_token_not_allowed",
+            )
         with services.autocommit.connect() as conn:  # one statement: no BEGIN, no COMMIT
             services.limits.admit(conn, principal)
     except ApiError as exc:

@@ -1,0 +1,214 @@
+"""Declared triggers in Dagster (`TRACE_TRIGGERS`, `trace_resources.triggers`):
+
+    file      `trigger__<name>` sensor: each object landing under the prefix, once, becomes the
+              next version of the organisation's enrichment dataset (`trace enrich upload`'s
+              commit) or a run request of the job (run key: trigger, key and object version)
+    webhook   `trigger__<name>` sensor: each call `POST /v1/triggers/{name}` recorded, once,
+              becomes a run request of the job (cursor: the last call id)
+    schedule  `trigger__<name>` ScheduleDefinition of the job at the cron expression
+
+Each object once, across restarts: an object acted on is a row of `trace_trigger_objects`. A
+run request is recorded there one tick later, when its tick (cursor and run request, which
+Dagster stores together) has been stored: a tick lost in between is requested again under the
+same run key, which Dagster runs once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+
+from trace_resources.errors import ConfigError
+from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.settings import get_settings
+from trace_resources.storage import triggers as table
+from trace_resources.storage.object_store import ObjectInfo, ObjectStore
+from trace_resources.storage.state import engine_for
+from trace_resources.triggers import FileTrigger, ScheduleTrigger, WebhookTrigger, split_prefix
+
+__all__ = [
+    "definition_name",
+    "object_version",
+    "build_file_arrival_sensor",
+    "build_webhook_sensor",
+    "build_trigger_schedule",
+    "build_triggers",
+]
+
+PER_TICK = 50  # objects or calls acted on per tick; the rest wait for the next one
+_STATUS = {True: dg.DefaultSensorStatus.RUNNING, False: dg.DefaultSensorStatus.STOPPED}
+
+
+def definition_name(trigger_name: str) -> str:
+    """The sensor's or schedule's name: `trigger__labels_drop` for `labels-drop`."""
+    return "trigger__" + trigger_name.replace("-", "_")
+
+
+def object_version(info: ObjectInfo) -> str:
+    """What tells a rewritten object from the one acted on: its size and last-modified time."""
+    modified = info.modified.isoformat() if info.modified is not None else "-"
+    return f"{info.size}@{modified}"
+
+
+def _commit_enrichment(
+    trigger: FileTrigger, source: ObjectStore, objects: ObjectStoreResource, dsn: str, key: str
+) -> str:
+    """The object's rows as the enrichment's next version; the outcome to record."""
+    from trace_resources.udfs.enrichments import (
+        EnrichmentError,
+        Limits,
+        detect_format,
+        parse_schema,
+        upload,
+    )
+
+    assert trigger.enrichment is not None
+    limits = Limits.from_settings(get_settings())
+    data = source.get_bytes(key)
+    try:
+        done = upload(
+            engine_for(dsn),
+            objects.datasets(),
+            org=trigger.org,
+            name=trigger.enrichment,
+            data=data,
+            fmt=detect_format(data, "parquet" if key.endswith(".parquet") else None),
+            schema=parse_schema(trigger.schema_, limits) if trigger.schema_ else None,
+            uploaded_by=f"trigger:{trigger.name}",
+            limits=limits,
+        )
+    except EnrichmentError as exc:  # a bad file is refused once, not retried every tick
+        return f"refused: {exc}"
+    return f"committed {done.dataset} version {done.version} ({done.rows} rows)"
+
+
+def build_file_arrival_sensor(
+    trigger: FileTrigger, running: bool = True, interval_s: int = 30
+) -> dg.SensorDefinition:
+    """Objects landing under `trigger.prefix`: enrichment commits or run requests, each once."""
+    bucket, prefix = split_prefix(trigger.prefix)
+
+    def file_arrival(
+        context: dg.SensorEvaluationContext, objects: ObjectStoreResource, state: StateStoreResource
+    ) -> dg.SensorResult:
+        engine = engine_for(state.dsn)
+        requested: list[list[str]] = json.loads(context.cursor or "[]")
+        for key, version in requested:  # their tick was stored: now they are acted on
+            table.record_object(engine, trigger.name, key, version, "run requested")
+        seen = table.seen_objects(engine, trigger.name)
+        source = objects.bucket(bucket)
+        arrived = [
+            (info.key, object_version(info))
+            for info in source.list_objects(prefix)
+            if (info.key, object_version(info)) not in seen
+        ][:PER_TICK]
+        if trigger.job is not None:
+            runs = [
+                dg.RunRequest(
+                    run_key=f"{trigger.name}:{key}:{version}",
+                    job_name=trigger.job,
+                    tags={"trace/trigger": trigger.name, "trace/object_key": key},
+                )
+                for key, version in arrived
+            ]
+            return dg.SensorResult(run_requests=runs, cursor=json.dumps(arrived))
+        for key, version in arrived:
+            outcome = _commit_enrichment(trigger, source, objects, state.dsn, key)
+            table.record_object(engine, trigger.name, key, version, outcome)
+            context.log.info(f"{trigger.prefix}{key[len(prefix) :]}: {outcome}")
+        return dg.SensorResult(cursor="[]")
+
+    return dg.sensor(
+        name=definition_name(trigger.name),
+        description=f"File arrival under {trigger.prefix}: "
+        + (
+            f"each object becomes the next version of org_{trigger.org}__{trigger.enrichment}"
+            if trigger.enrichment
+            else f"each object requests a run of {trigger.job}"
+        ),
+        job_name=trigger.job,
+        minimum_interval_seconds=interval_s,
+        default_status=_STATUS[running],
+    )(file_arrival)
+
+
+def _call_tags(call: table.TriggerCall) -> dict[str, str]:
+    tags = {
+        "trace/trigger": call.trigger,
+        "trace/trigger_call": str(call.id),
+        "trace/idempotency_key": call.idempotency_key,
+        "trace/requested_by": f"{call.org}/{call.subject}",
+    }
+    payload = json.dumps(call.payload, sort_keys=True)
+    if call.payload and len(payload) <= 4096:
+        tags["trace/trigger_payload"] = payload
+    return tags
+
+
+def build_webhook_sensor(
+    trigger: WebhookTrigger, running: bool = True, interval_s: int = 10
+) -> dg.SensorDefinition:
+    """Each recorded call of the webhook trigger, once, as a run request of its job."""
+
+    def webhook(context: dg.SensorEvaluationContext, state: StateStoreResource) -> dg.SensorResult:
+        after = int(context.cursor or 0)
+        found = table.calls_after(engine_for(state.dsn), trigger.name, after, PER_TICK)
+        runs = [
+            dg.RunRequest(
+                run_key=f"{trigger.name}:call:{call.id}",
+                job_name=trigger.job,
+                tags=_call_tags(call),
+            )
+            for call in found
+        ]
+        last = found[-1].id if found else after
+        return dg.SensorResult(run_requests=runs, cursor=str(last))
+
+    return dg.sensor(
+        name=definition_name(trigger.name),
+        description=f"Webhook POST /v1/triggers/{trigger.name}: each call requests a run of "
+        f"{trigger.job}",
+        job_name=trigger.job,
+        minimum_interval_seconds=interval_s,
+        default_status=_STATUS[running],
+    )(webhook)
+
+
+def build_trigger_schedule(trigger: ScheduleTrigger, running: bool = True) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name=definition_name(trigger.name),
+        job_name=trigger.job,
+        cron_schedule=trigger.cron,
+        execution_timezone=trigger.timezone,
+        description=f"Declared in TRACE_TRIGGERS: {trigger.job} at {trigger.cron!r}",
+        default_status=(
+            dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED
+        ),
+        tags={"trace/trigger": trigger.name},
+    )
+
+
+def build_triggers(
+    triggers: Sequence[Any], jobs: Sequence[str], running: bool = True
+) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """The sensors and schedules of the declared triggers; a job that the Definitions do not
+    hold is refused with its name and the jobs there are."""
+    sensors: list[dg.SensorDefinition] = []
+    schedules: list[dg.ScheduleDefinition] = []
+    for trigger in triggers:
+        job = getattr(trigger, "job", None)
+        if job is not None and job not in jobs:
+            raise ConfigError(
+                f"TRACE_TRIGGERS entry {trigger.name!r} runs job {job!r}, which is not a job of "
+                f"Trace; jobs: {', '.join(sorted(jobs))}"
+            )
+        if isinstance(trigger, FileTrigger):
+            sensors.append(build_file_arrival_sensor(trigger, running))
+        elif isinstance(trigger, WebhookTrigger):
+            sensors.append(build_webhook_sensor(trigger, running))
+        else:
+            schedules.append(build_trigger_schedule(trigger, running))
+    return sensors, schedules
