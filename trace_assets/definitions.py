@@ -59,6 +59,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
     """Resources for the environment the settings describe (local, test or prod).
 
     Secrets come from `dg.EnvVar` so that they are read when a run starts, never at import.
+    Without AWS_ACCESS_KEY_ID in the environment, S3 credentials come from boto3's own chain
+    (an IAM role: the pod's service account, the ECS task role, the instance profile).
     """
     chain = ChainResource.from_settings(settings)
     if settings.object_store == "local":
@@ -68,8 +70,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
             kind="s3",
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
-            access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID"),
-            secret_access_key=dg.EnvVar("AWS_SECRET_ACCESS_KEY"),
+            **(
+                {
+                    "access_key_id": dg.EnvVar("AWS_ACCESS_KEY_ID"),
+                    "secret_access_key": dg.EnvVar("AWS_SECRET_ACCESS_KEY"),
+                }
+                if "AWS_ACCESS_KEY_ID" in os.environ
+                else {}  # boto3's credential chain
+            ),
             bucket_datasets=settings.bucket_datasets,
             bucket_results=settings.bucket_results,
             bucket_scratch=settings.bucket_scratch,
