@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trace_resources.config_entries import validated_entries
 from trace_resources.sealed import Keyring, SealError
 from trace_resources.triggers import FileTrigger, ScheduleTrigger, WebhookTrigger, parse_triggers
 
@@ -192,55 +193,13 @@ class ChainConfig(BaseModel):
         )
 
 
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def _entries(
-    text: str, model: type[_M], *, setting: str, entry: str, example: str, empty_ok: bool
-) -> list[_M]:
-    """A setting's JSON list of `model` objects, each validated, with one-line errors naming
-    the entry (`<entry> <position> ('<its name>')`) and the field."""
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(
-            f"{setting} is not JSON ({exc}); expected a list such as {example}"
-        ) from None
-    if not isinstance(raw, list) or not (raw or empty_ok):
-        kind = "a JSON list" if empty_ok else "a non-empty JSON list"
-        raise ValueError(f"{setting} must be {kind} such as {example}")
-    parsed: list[_M] = []
-    for position, item in enumerate(raw, start=1):
-        where = f"{entry} {position}"
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            where += f" ({item['name']!r})"
-        try:
-            parsed.append(model.model_validate(item))
-        except ValidationError as exc:
-            errors = exc.errors()
-            # a nested item's error also fails its list's length: name the nested one only
-            deepest = [
-                e
-                for e in errors
-                if not any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors)
-            ]
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'][:3])) or 'entry'}: "
-                + e["msg"].removeprefix("Value error, ")
-                for e in deepest[:3]
-            )
-            raise ValueError(
-                f"{where}: {problems} (fields: {', '.join(model.model_fields)})"
-            ) from None
-    return parsed
-
-
 def parse_chains(text: str) -> list[ChainConfig]:
     """`TRACE_CHAINS` (a JSON list of `ChainConfig` objects, the primary first) with one-line
     errors naming the entry and the field."""
-    chains = _entries(
+    chains = validated_entries(
         text,
-        ChainConfig,
+        ChainConfig.model_validate,
+        fields=ChainConfig.model_fields,
         setting="TRACE_CHAINS",
         entry="chain",
         example='[{"name": "monad", "chain_id": 10143, '
@@ -316,9 +275,10 @@ class TapConfig(BaseModel):
 def parse_taps(text: str) -> list[TapConfig]:
     """`TRACE_TAPS` (a JSON list of `TapConfig` objects) with one-line errors naming the entry
     and the field."""
-    taps = _entries(
+    taps = validated_entries(
         text,
-        TapConfig,
+        TapConfig.model_validate,
+        fields=TapConfig.model_fields,
         setting="TRACE_TAPS",
         entry="TRACE_TAPS entry",
         example='[{"name": "commits-audit", "source": "commits", "to": "s3://audit/taps/commits"}]',

@@ -17,9 +17,8 @@ The models and their one-line validation live here; the tables of calls and seen
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -27,10 +26,11 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
+
+from trace_resources.config_entries import validated_entries
 
 __all__ = [
     "TRIGGER_NAME_PATTERN",
@@ -175,35 +175,26 @@ def split_prefix(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
-def _problem(exc: ValidationError) -> str:
-    found = []
-    for error in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in error["loc"][1:2]) or "entry"
-        found.append(f"{loc}: " + error["msg"].removeprefix("Value error, "))
-    return "; ".join(found)
+def _validate(item: Any) -> FileTrigger | WebhookTrigger | ScheduleTrigger:
+    if not isinstance(item, dict) or item.get("kind") not in ("file", "webhook", "schedule"):
+        raise ValueError("kind must be one of file, webhook or schedule")
+    return _ADAPTER.validate_python(item)
 
 
 def parse_triggers(text: str) -> list[FileTrigger | WebhookTrigger | ScheduleTrigger]:
     """`TRACE_TRIGGERS` (a JSON list) with one-line errors naming the entry and the field."""
     if not text.strip():
         return []
-    try:
-        raw = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"TRACE_TRIGGERS is not JSON ({exc}); expected e.g. {_EXAMPLE}") from None
-    if not isinstance(raw, list):
-        raise ValueError(f"TRACE_TRIGGERS must be a JSON list of triggers such as {_EXAMPLE}")
-    triggers = []
-    for position, item in enumerate(raw, start=1):
-        entry = f"TRACE_TRIGGERS entry {position}"
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            entry += f" ({item['name']!r})"
-        if not isinstance(item, dict) or item.get("kind") not in ("file", "webhook", "schedule"):
-            raise ValueError(f"{entry}: kind must be one of file, webhook or schedule")
-        try:
-            triggers.append(_ADAPTER.validate_python(item))
-        except ValidationError as exc:
-            raise ValueError(f"{entry}: {_problem(exc)}") from None
+    triggers = validated_entries(
+        text,
+        _validate,
+        setting="TRACE_TRIGGERS",
+        entry="TRACE_TRIGGERS entry",
+        example=_EXAMPLE,
+        fields=(),
+        empty_ok=True,
+        skip_loc=1,  # the union's tag (its kind)
+    )
     # Dagster names them `trigger__<name>` with `-` as `_`: labels-drop and labels_drop clash
     names = [t.name.replace("-", "_") for t in triggers]
     twice = sorted({t.name for t in triggers if names.count(t.name.replace("-", "_")) > 1})
