@@ -1,0 +1,125 @@
+"""Message history (correlation id): one finalized block followed from the head follower (the
+block seen finalized, its commit) through the alert sink (the alert raised) to the webhook
+delivery, each hop in its own process, read back with `trace history` and through the query
+service's `GET /v1/history/{id}`, where another organisation's token gets the 404 of an unknown
+id."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+
+from infra.local.alert_workers import AlertWorkers
+from infra.local.query_service import QueryServer, settings_env
+from infra.local.webhook_receiver import WebhookReceiver
+from tests.head.conftest import FINALITY, ROOT, SECRET, WATCHED, Chain, Lake, MakeLake, wait_for
+from trace_resources.settings import QuerySettings
+from trace_resources.tokens import Keyring, generate_key, issue_token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def trace_cli(lake: Lake, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trace_assets.cli", *args],
+        env=lake.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def delivered(lake: Lake, correlation_id: str) -> bool:
+    result = trace_cli(lake, "history", correlation_id, "--json")
+    return result.returncode == 0 and any(
+        h["hop"] == "alert.delivered" for h in json.loads(result.stdout)["hops"]
+    )
+
+
+def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_delivery(
+    chain: Chain, make_lake: MakeLake
+) -> None:
+    lake = make_lake(10_000)
+    follower = lake.process()
+    with WebhookReceiver(SECRET) as hook:
+        lake.rule("acme", "watch", f"{hook.url}/acme")
+        follower.start()
+        with AlertWorkers(lake.env, lake.root):
+            follower.wait_ready()
+            tx = chain.send(WATCHED, 515_151)
+            block = int(chain.receipt(tx)["blockNumber"], 16)
+            chain.mine(FINALITY)  # finalized now
+            wait_for(lambda: len(hook.snapshot()) >= 1, "the alert at the webhook", 120)
+            [delivery] = hook.snapshot()
+            assert delivery.alert["row"]["transaction_hash"] == tx
+            with lake.data_engine().connect() as conn:
+                correlation_id = conn.exec_driver_sql(
+                    "SELECT destination->>'correlation_id' FROM trace_alerts WHERE dedupe_key = %s",
+                    (delivery.dedupe_key,),
+                ).scalar_one()
+            assert correlation_id
+            # the deliverer records its hop just after the receiver answered
+            wait_for(lambda: delivered(lake, correlation_id), "the delivery's hop", 60)
+        assert follower.stop() == 0
+
+    # `trace history --json`: the path, in time order, each hop from its own process
+    result = trace_cli(lake, "history", correlation_id, "--json")
+    assert result.returncode == 0, result.stderr
+    history = json.loads(result.stdout)
+    hops: list[dict[str, Any]] = history["hops"]
+    # the alert is published before the commit (a crash between them never loses it), so the
+    # sink may store it before the blocks commit: both lie between the block and the delivery
+    names = [h["hop"] for h in hops]
+    assert names[0] == "block.finalized" and names[-1] == "alert.delivered", names
+    assert sorted(names[1:3]) == ["alert.raised", "commit"], names
+    assert [h["at"] for h in hops] == sorted(h["at"] for h in hops)
+    by_name = {h["hop"]: h for h in hops}
+    finalized, commit = by_name["block.finalized"], by_name["commit"]
+    raised, sent = by_name["alert.raised"], by_name["alert.delivered"]
+    assert finalized["details"]["first"] <= block <= finalized["details"]["last"]
+    assert finalized["org"] is None and commit["org"] is None
+    assert commit["details"]["versions"]["native_transfers"] >= 1
+    assert raised["org"] == sent["org"] == "acme"
+    assert raised["details"]["dedupe_key"] == sent["details"]["dedupe_key"] == delivery.dedupe_key
+    assert sent["details"]["channel"] == "acme/hook"
+    assert finalized["process"].startswith("trace-head-follower@")
+    assert raised["process"].startswith("trace-alert-sink@")
+    assert sent["process"].startswith("trace-alert-deliverer@")
+
+    # the table prints the same path; an unknown id and a malformed one are one-line errors
+    table = trace_cli(lake, "history", correlation_id)
+    assert table.returncode == 0, table.stderr
+    for name in ("block.finalized", "commit", "alert.raised", "alert.delivered"):
+        assert name in table.stdout
+    unknown = trace_cli(lake, "history", "f" * 32)
+    assert unknown.returncode == 1 and "no history for correlation id" in unknown.stderr
+    bad = trace_cli(lake, "history", "../etc; drop")
+    assert bad.returncode == 2 and "is not a correlation id" in bad.stderr
+
+    # the query service: acme finds the id on its alert and reads the same path; globex's
+    # token gets exactly the 404 of an id that does not exist
+    settings = QuerySettings(
+        **lake.settings.model_dump(exclude={"query_token_keys", "query_token_signing_kid"}),
+        query_token_keys=generate_key("k-history", "EdDSA")[0],
+    )
+    keyring = Keyring.from_settings(settings)
+    acme = issue_token(keyring, settings, org="acme", subject="alice")[0]
+    globex = issue_token(keyring, settings, org="globex", subject="bob")[0]
+    server = QueryServer({**lake.env, **settings_env(settings)}, log_file=lake.root / "q.log")
+    with server, httpx.Client(base_url=server.url, timeout=30) as http:
+        alerts = http.get("/v1/alerts", headers=bearer(acme)).json()["data"]
+        assert [a["correlation_id"] for a in alerts] == [correlation_id]
+        answer = http.get(f"/v1/history/{correlation_id}", headers=bearer(acme))
+        assert answer.status_code == 200, answer.text
+        assert [h["hop"] for h in answer.json()["hops"]] == [h["hop"] for h in hops]
+        foreign = http.get(f"/v1/history/{correlation_id}", headers=bearer(globex))
+        missing = http.get(f"/v1/history/{'0' * 32}", headers=bearer(globex))
+        assert foreign.status_code == missing.status_code == 404
+        assert foreign.json()["error"]["code"] == missing.json()["error"]["code"]
