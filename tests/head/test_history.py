@@ -7,16 +7,17 @@ id."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import httpx
+import pytest
 
 from infra.local.alert_workers import AlertWorkers
 from infra.local.query_service import QueryServer, settings_env
 from infra.local.webhook_receiver import WebhookReceiver
-from tests.head.conftest import FINALITY, ROOT, SECRET, WATCHED, Chain, Lake, MakeLake, wait_for
+from tests.head.conftest import FINALITY, SECRET, WATCHED, Chain, Lake, MakeLake, wait_for
+from trace_assets.cli import main as trace
+from trace_resources import event_history
 from trace_resources.settings import QuerySettings
 from trace_resources.tokens import Keyring, generate_key, issue_token
 
@@ -25,26 +26,16 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def trace_cli(lake: Lake, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trace_assets.cli", *args],
-        env=lake.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def delivered(lake: Lake, correlation_id: str) -> bool:
-    result = trace_cli(lake, "history", correlation_id, "--json")
-    return result.returncode == 0 and any(
-        h["hop"] == "alert.delivered" for h in json.loads(result.stdout)["hops"]
-    )
+    engines = [lake.versions().engine, lake.data_engine()]
+    return any(h.hop == "alert.delivered" for h in event_history.read_hops(engines, correlation_id))
 
 
 def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_delivery(
-    chain: Chain, make_lake: MakeLake
+    chain: Chain,
+    make_lake: MakeLake,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     lake = make_lake(10_000)
     follower = lake.process()
@@ -69,10 +60,14 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
             wait_for(lambda: delivered(lake, correlation_id), "the delivery's hop", 60)
         assert follower.stop() == 0
 
-    # `trace history --json`: the path, in time order, each hop from its own process
-    result = trace_cli(lake, "history", correlation_id, "--json")
-    assert result.returncode == 0, result.stderr
-    history = json.loads(result.stdout)
+    # `trace history --json` (the command in process, with the follower's settings): the
+    # path, in time order, each hop from its own process
+    for name, value in lake.env.items():
+        if name.startswith("TRACE_"):
+            monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert trace(["history", correlation_id, "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)
     hops: list[dict[str, Any]] = history["hops"]
     # the alert is published before the commit (a crash between them never loses it), so the
     # sink may store it before the blocks commit: both lie between the block and the delivery
@@ -94,14 +89,15 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
     assert sent["process"].startswith("trace-alert-deliverer@")
 
     # the table prints the same path; an unknown id and a malformed one are one-line errors
-    table = trace_cli(lake, "history", correlation_id)
-    assert table.returncode == 0, table.stderr
+    assert trace(["history", correlation_id]) == 0
+    table = capsys.readouterr().out
     for name in ("block.finalized", "commit", "alert.raised", "alert.delivered"):
-        assert name in table.stdout
-    unknown = trace_cli(lake, "history", "f" * 32)
-    assert unknown.returncode == 1 and "no history for correlation id" in unknown.stderr
-    bad = trace_cli(lake, "history", "../etc; drop")
-    assert bad.returncode == 2 and "is not a correlation id" in bad.stderr
+        assert name in table
+    assert trace(["history", "f" * 32]) == 1
+    assert "no history for correlation id" in capsys.readouterr().err
+    assert trace(["history", "../etc; drop"]) == 2
+    assert "is not a correlation id" in capsys.readouterr().err
+    assert trace(["history", correlation_id, "--org", "globex"]) == 1
 
     # the query service: acme finds the id on its alert and reads the same path; globex's
     # token gets exactly the 404 of an id that does not exist
