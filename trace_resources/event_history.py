@@ -31,6 +31,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
+from trace_resources.alert_pipeline import tables as alert_tables
+from trace_resources.storage import state
+
 __all__ = [
     "CORRELATION_ID",
     "Hop",
@@ -46,20 +49,26 @@ __all__ = [
 CORRELATION_ID = "correlation_id"  # the key in a buffer message's destination
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
-metadata = sa.MetaData()
 
-event_history = sa.Table(
-    "trace_event_history",
-    metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("correlation_id", sa.Text, nullable=False),
-    sa.Column("hop", sa.Text, nullable=False),
-    sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
-    sa.Column("process", sa.Text, nullable=False),
-    sa.Column("org", sa.Text, nullable=True),  # NULL: a public (chain) hop
-    sa.Column("details", JSONB, nullable=False),
-    sa.Index("trace_event_history_by_id", "correlation_id", "at"),
-)
+def _define(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "trace_event_history",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("correlation_id", sa.Text, nullable=False),
+        sa.Column("hop", sa.Text, nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.Column("process", sa.Text, nullable=False),
+        sa.Column("org", sa.Text, nullable=True),  # NULL: a public (chain) hop
+        sa.Column("details", JSONB, nullable=False),
+        sa.Index("trace_event_history_by_id", "correlation_id", "at"),
+    )
+
+
+# the same table in both databases (each database's metadata declares it); statements built
+# on one run on either
+event_history = _define(state.metadata)
+_define(alert_tables.metadata)
 
 
 @dataclass(frozen=True)
