@@ -81,6 +81,14 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
     assert finalized["details"]["first"] <= block <= finalized["details"]["last"]
     assert finalized["org"] is None and commit["org"] is None
     assert commit["details"]["versions"]["native_transfers"] >= 1
+    # the committed version's outbox event carries the id too
+    with lake.versions().engine.connect() as conn:
+        stamped = conn.exec_driver_sql(
+            "SELECT correlation_id FROM trace_outbox WHERE dataset = 'native_transfers' "
+            "AND partition_key = %s AND version = %s",
+            (finalized["details"]["partition"], commit["details"]["versions"]["native_transfers"]),
+        ).scalar_one()
+    assert stamped == correlation_id
     assert raised["org"] == sent["org"] == "acme"
     assert raised["details"]["dedupe_key"] == sent["details"]["dedupe_key"] == delivery.dedupe_key
     assert sent["details"]["channel"] == "acme/hook"

@@ -65,6 +65,7 @@ from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.compaction import Compactor
 from trace_resources.storage.crash import crash_point
+from trace_resources.storage.outbox import correlate
 from trace_resources.storage.records import BatchNotCommitted, CommitResult, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.telemetry import TRACEPARENT, Tracing
@@ -524,6 +525,11 @@ class HeadFollower:
                 "details": {"partition": finalized["details"]["partition"], "versions": versions},
             }
             record_hops(conn, [finalized, commit])
+            correlate(
+                conn,
+                finalized["correlation_id"],
+                [(r.version.dataset, r.version.partition_key, r.version.version) for r in results],
+            )
 
         # the lease's fence first in the transaction: a late append of a copy that lost the
         # lease is refused as such, before the segments are even looked at

@@ -1,6 +1,7 @@
 """Message history: `trace_event_history`, one row per hop of a unit of work under its
 correlation id (the chain's hops: a finalized block range and its commit, written in the
-commit's transaction) (`trace_resources/event_history.py`).
+commit's transaction) (`trace_resources/event_history.py`); and `trace_outbox.correlation_id`,
+the unit of work that committed the version.
 
 Revision ID: state_0010
 """
@@ -33,7 +34,9 @@ def upgrade() -> None:
         op.create_index(
             "trace_event_history_by_id", "trace_event_history", ["correlation_id", "at"]
         )
+    op.add_column("trace_outbox", sa.Column("correlation_id", sa.Text, nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("trace_outbox", "correlation_id")
     op.drop_table("trace_event_history")
