@@ -7,6 +7,7 @@ id."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -127,3 +128,16 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
         missing = http.get(f"/v1/history/{'0' * 32}", headers=bearer(globex))
         assert foreign.status_code == missing.status_code == 404
         assert foreign.json()["error"]["code"] == missing.json()["error"]["code"]
+
+
+def test_an_org_sees_the_public_hops_and_its_own_and_never_another_orgs() -> None:
+    def hop(name: str, org: str | None) -> event_history.Hop:
+        return event_history.Hop("c1", name, datetime(2026, 1, 1, tzinfo=UTC), "p", org, {})
+
+    public = [hop("block.finalized", None), hop("commit", None)]
+    both = [*public, hop("alert.raised", "acme"), hop("alert.raised", "globex")]
+    assert [h.org for h in event_history.visible_to(both, "acme") or []] == [None, None, "acme"]
+    assert event_history.visible_to([*public, hop("alert.raised", "acme")], "globex") is None
+    assert event_history.visible_to(public, "globex") == public  # a block without alerts
+    assert event_history.visible_to([], "acme") is None
+    assert event_history.visible_to(both, None) == both  # the operator's `trace history`
