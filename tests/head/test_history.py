@@ -51,11 +51,7 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
             wait_for(lambda: len(hook.snapshot()) >= 1, "the alert at the webhook", 120)
             [delivery] = hook.snapshot()
             assert delivery.alert["row"]["transaction_hash"] == tx
-            with lake.data_engine().connect() as conn:
-                correlation_id = conn.exec_driver_sql(
-                    "SELECT destination->>'correlation_id' FROM trace_alerts WHERE dedupe_key = %s",
-                    (delivery.dedupe_key,),
-                ).scalar_one()
+            correlation_id = delivery.correlation_id  # the webhook's X-Trace-Correlation-Id
             assert correlation_id
             # the deliverer records its hop just after the receiver answered
             wait_for(lambda: delivered(lake, correlation_id), "the delivery's hop", 60)

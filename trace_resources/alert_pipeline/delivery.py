@@ -666,6 +666,9 @@ class Deliverer:
                 ),
                 "X-Trace-Dedupe-Key": claim.dedupe_key,
             }
+            correlation_id = claim.destination.get(CORRELATION_ID)
+            if isinstance(correlation_id, str):  # the receiver can ask for its history
+                headers["X-Trace-Correlation-Id"] = correlation_id
             self._post(channel.url, body, headers)
         elif isinstance(channel, EmailChannel):
             password = channel.password
