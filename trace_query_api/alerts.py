@@ -314,6 +314,7 @@ def _public_alert(alert: StoredAlert) -> dict[str, Any]:
         "partition_key": payload.get("partition_key"),
         "text": payload.get("text"),
         "created_at": alert.created_at,
+        "correlation_id": destination.get("correlation_id"),
         "payload": payload,
         "deliveries": [
             {

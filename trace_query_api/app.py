@@ -25,6 +25,7 @@ from trace_query_api.api.routes import (
     enrichments,
     exports,
     health,
+    history,
     query,
     saved_queries,
     tasks,
@@ -99,6 +100,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(saved_queries.router)
     app.include_router(alerts.router)
+    app.include_router(history.router)
     app.include_router(transforms.router)
     app.include_router(enrichments.router)
     app.include_router(tasks.router)

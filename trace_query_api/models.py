@@ -15,6 +15,8 @@ __all__ = [
     "DatasetName",
     "PinMap",
     "QueryRequest",
+    "HistoryPublic",
+    "HopPublic",
     "SavedQueryRunRequest",
     "ExportRequest",
     "SavedQueryCreate",
@@ -355,8 +357,24 @@ class AlertPublic(BaseModel):
     partition_key: str | None = Field(description="The block range the alert was raised on.")
     text: str | None
     created_at: datetime = Field(description="When the sink stored it.")
+    correlation_id: str | None = Field(
+        default=None, description="Its unit of work's id: GET /v1/history/{id} shows the path."
+    )
     payload: dict[str, Any] = Field(description="The alert as delivered to the channels.")
     deliveries: list[DeliveryPublic]
+
+
+class HopPublic(BaseModel):
+    hop: str = Field(description="block.finalized, commit, alert.raised, alert.delivered, ...")
+    at: datetime
+    process: str = Field(description="The service (and host:pid) that made the hop.")
+    org: str | None = Field(description="Your organisation; null: a public (chain) hop.")
+    details: dict[str, Any]
+
+
+class HistoryPublic(BaseModel):
+    correlation_id: str
+    hops: list[HopPublic] = Field(description="In time order.")
 
 
 class AlertsPublic(BaseModel):

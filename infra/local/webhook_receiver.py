@@ -28,6 +28,7 @@ class Delivery:
     dedupe_key: str
     alert: dict[str, Any]
     received_at: float  # time.time()
+    correlation_id: str | None = None  # the X-Trace-Correlation-Id header (`trace history`)
 
 
 class WebhookReceiver:
@@ -61,7 +62,13 @@ class WebhookReceiver:
                 data = json.loads(body)
                 with receiver._lock:
                     receiver.deliveries.append(
-                        Delivery(self.path, data["dedupe_key"], data["alert"], time.time())
+                        Delivery(
+                            self.path,
+                            data["dedupe_key"],
+                            data["alert"],
+                            time.time(),
+                            self.headers.get("X-Trace-Correlation-Id"),
+                        )
                     )
                 self.send_response(204)
                 self.end_headers()

@@ -46,15 +46,16 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_leases",
         "trace_trigger_calls",
         "trace_trigger_objects",
+        "trace_event_history",
     },
-    "data": {"trace_alert_delivery_attempts"},
+    "data": {"trace_alert_delivery_attempts", "trace_event_history"},
 }
 
 
 def state_metadata() -> sa.MetaData:
     """Every table of Postgres state, from the modules that own them (each defines its tables
     on `state.metadata`; a module left out here fails the comparison below)."""
-    from trace_resources import leases  # noqa: F401  (the singletons' leader leases)
+    from trace_resources import event_history, leases  # noqa: F401  (history; leader leases)
     from trace_resources.storage import (  # noqa: F401
         access,
         enrichments,
@@ -76,6 +77,7 @@ def state_metadata() -> sa.MetaData:
 
 def data_metadata() -> sa.MetaData:
     """Every table of Postgres data, from the modules that own them."""
+    from trace_resources import event_history  # noqa: F401  (the alerts' hops)
     from trace_resources.alert_pipeline import resource  # noqa: F401  (the evaluation ledger)
 
     return alert_tables.metadata

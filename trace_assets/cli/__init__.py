@@ -5,8 +5,9 @@ the running deployment), `gaps` (missing ranges),
 `db` (db upgrade/current), `access`
 (token, public), `catalog` (docs, lineage), `alerts` (alerts rule/backtest, dlq),
 `secrets` (secrets rotate), `taps` (wire taps, replay), `udf` (organisations' transforms),
-`promote` (environment promotion) and `leases` (the singletons' leader leases); `errors` says
-how a command fails and `console` prints its tables and progress.
+`promote` (environment promotion), `leases` (the singletons' leader leases) and `history`
+(a correlation id's message history); `errors` says how a command fails and `console`
+prints its tables and progress.
 
 The package may import trace_resources (and the rest of trace_assets), never trace_query_api
 or trace_sensors (the contracts in pyproject.toml). The command modules import their heavy
@@ -34,6 +35,7 @@ from trace_assets.cli import (
     chain,
     db,
     gaps,
+    history,
     leases,
     promote,
     quarantine,
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         udf,
         promote,
         leases,
+        history,
     ):
         group.add_commands(commands)
     return parser

@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -53,12 +54,19 @@ from trace_resources.chain.extract import RangeData as ChainData
 from trace_resources.chain.ranges import BlockRange, range_containing
 from trace_resources.chain.schemas import RAW_DATASETS
 from trace_resources.errors import ChainContinuityError, LeaseLostError, PartitionSealedError
+from trace_resources.event_history import (
+    CORRELATION_ID,
+    new_correlation_id,
+    process_name,
+    record_hops,
+)
 from trace_resources.leases import LeaderLease
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.storage.commit import DatasetWriter, PartitionData, StagedPartition
 from trace_resources.storage.compaction import Compactor
 from trace_resources.storage.crash import crash_point
-from trace_resources.storage.records import BatchNotCommitted, VersionRecord
+from trace_resources.storage.outbox import correlate
+from trace_resources.storage.records import BatchNotCommitted, CommitResult, VersionRecord
 from trace_resources.storage.version_store import VersionStore
 from trace_resources.telemetry import TRACEPARENT, Tracing
 
@@ -100,6 +108,7 @@ class CycleOutcome:
     alerts: int = 0
     safe_alerts: int = 0
     idle: bool = False
+    correlation_id: str | None = None  # of the finalized blocks this cycle appended
 
 
 @dataclass
@@ -323,6 +332,9 @@ class HeadFollower:
             "chain.block.last": last,
             "partition": partition.key,
         }
+        # the same blocks' correlation id: their history (`trace history`) from the commit
+        # to the alerts' deliveries
+        outcome.correlation_id = new_correlation_id()
         with self.tracing.span("finalized_blocks", attributes):
             return self._append(head, now, partition, start, last, outcome)
 
@@ -341,12 +353,14 @@ class HeadFollower:
             source = self._source(segment)
             with ThreadPoolExecutor(1, thread_name_prefix="head-alerts") as pool:
                 context = contextvars.copy_context()  # the alerts' spans join this trace
-                alerting = pool.submit(context.run, self._evaluate, segment, "finalized")
+                alerting = pool.submit(
+                    context.run, self._evaluate, segment, "finalized", outcome.correlation_id
+                )
                 staged = self._stage(segment, source)
                 outcome.alerts = alerting.result()
             crash_point("head.before_commit")
             started = time.perf_counter()
-            self._commit(staged)
+            self._commit(staged, self._finalized_hop(segment, head, now, outcome))
             self.metrics.appended(segment.blocks.size, time.perf_counter() - started)
             seen = self.finalized_seen.finalized_at(segment.blocks.start)
             if seen is not None:  # the oldest block of the segment: the longest wait
@@ -477,8 +491,46 @@ class HeadFollower:
             raise
         return staged
 
-    def _commit(self, staged: Sequence[StagedPartition]) -> dict[str, VersionRecord]:
-        """Every head dataset's segment in one transaction: all or nothing."""
+    def _finalized_hop(
+        self, segment: _Segment, head: ChainHead, now: float, outcome: CycleOutcome
+    ) -> dict[str, Any]:
+        """The `block.finalized` hop: when the follower saw the finalized head."""
+        return {
+            "correlation_id": outcome.correlation_id,
+            "hop": "block.finalized",
+            "at": datetime.fromtimestamp(now, UTC),
+            "process": process_name(self.tracing.service),
+            "details": {
+                "first": segment.blocks.start,
+                "last": segment.blocks.last,
+                "partition": segment.block_range.key,
+                "finalized_head": head.finalized,
+            },
+        }
+
+    def _commit(
+        self, staged: Sequence[StagedPartition], finalized: Mapping[str, Any] | None = None
+    ) -> dict[str, VersionRecord]:
+        """Every head dataset's segment in one transaction: all or nothing; with the blocks'
+        `block.finalized` hop and the `commit` hop (the versions) in that transaction."""
+
+        def history(conn: sa.Connection, results: Sequence[CommitResult]) -> None:
+            if finalized is None:
+                return
+            versions = {r.version.dataset: r.version.version for r in results}
+            commit = {
+                "correlation_id": finalized["correlation_id"],
+                "hop": "commit",
+                "process": finalized["process"],
+                "details": {"partition": finalized["details"]["partition"], "versions": versions},
+            }
+            record_hops(conn, [finalized, commit])
+            correlate(
+                conn,
+                finalized["correlation_id"],
+                [(r.version.dataset, r.version.partition_key, r.version.version) for r in results],
+            )
+
         # the lease's fence first in the transaction: a late append of a copy that lost the
         # lease is refused as such, before the segments are even looked at
         guard = self.leader.check if self.leader is not None else None
@@ -486,7 +538,7 @@ class HeadFollower:
             with self.tracing.span(
                 "head.commit", {"datasets": [s.attempt.dataset for s in staged]}
             ):
-                results = self.writer.commit_together(staged, guard=guard)
+                results = self.writer.commit_together(staged, guard=guard, within=history)
         except BatchNotCommitted as exc:
             if isinstance(exc.__cause__, PartitionSealedError):
                 raise exc.__cause__ from None
@@ -504,7 +556,9 @@ class HeadFollower:
             self._rules_cache = (now, self.rules.latest(enabled_only=True))
         return self._rules_cache[1]
 
-    def _evaluate(self, segment: _Segment, confirmation: str) -> int:
+    def _evaluate(
+        self, segment: _Segment, confirmation: str, correlation_id: str | None = None
+    ) -> int:
         """Evaluate the rules on one segment, publish, record; the number of alerts sent.
 
         At `finalized` every rule is evaluated (a `safe` rule's alerts of a block seen at
@@ -532,21 +586,25 @@ class HeadFollower:
             previous = load_ledger(self.data_engine, key, in_force, blocks=blocks)
             plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
             with self.tracing.span("alert.publish", {"alert.messages": len(plan.messages)}):
-                self.buffer.send(self._traced(plan.messages))
+                self.buffer.send(self._traced(plan.messages, correlation_id))
             save_ledger(self.data_engine, key, plan.ledger)
         self.metrics.alerts(confirmation, len(plan.messages))
         return len(plan.messages)
 
-    def _traced(self, messages: Sequence[BufferMessage]) -> Sequence[BufferMessage]:
-        """The messages carrying the publishing span's traceparent to the sink (and through
-        the alert's row to the deliverer); unchanged when tracing is off."""
+    def _traced(
+        self, messages: Sequence[BufferMessage], correlation_id: str | None = None
+    ) -> Sequence[BufferMessage]:
+        """The messages carrying the publishing span's traceparent and the blocks'
+        correlation id to the sink (and through the alert's row to the deliverer)."""
+        carried: dict[str, str] = {}
         parent = self.tracing.traceparent()
-        if parent is None:
+        if parent is not None:
+            carried[TRACEPARENT] = parent
+        if correlation_id is not None:
+            carried[CORRELATION_ID] = correlation_id
+        if not carried:
             return messages
-        return [
-            dataclasses.replace(m, destination={**m.destination, TRACEPARENT: parent})
-            for m in messages
-        ]
+        return [dataclasses.replace(m, destination={**m.destination, **carried}) for m in messages]
 
     def _evaluate_safe(self, head: ChainHead) -> int:
         """Rules with `confirmation: safe`: evaluate the blocks above `finalized` up to `safe`

@@ -93,6 +93,7 @@ from trace_resources.alert_pipeline.rules import (
     RuleStore,
     WebhookChannel,
 )
+from trace_resources.event_history import CORRELATION_ID, process_name, record_hops
 from trace_resources.sealed import Keyring, SealError, is_sealed, secret_context
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
@@ -384,6 +385,24 @@ class Claim:
     replays: int = 0
 
 
+def _attempted(claim: Claim, outcome: str, error: str | None) -> dict[str, Any]:
+    """The hop of a delivery attempt's outcome (`alert.delivered`, `alert.retry`,
+    `alert.dead`), recorded with the attempt when the alert carries a correlation id."""
+    return {
+        "correlation_id": claim.destination.get(CORRELATION_ID),
+        "hop": f"alert.{outcome}",
+        "process": process_name("trace-alert-deliverer"),
+        "org": str(claim.destination.get("org", "")),
+        "details": {
+            "dedupe_key": claim.dedupe_key,
+            "channel": claim.channel,
+            "attempt": claim.attempts,
+            "replay": claim.replays,
+            "error": error,
+        },
+    }
+
+
 @dataclass
 class DelivererStats:
     delivered: int = 0
@@ -647,6 +666,9 @@ class Deliverer:
                 ),
                 "X-Trace-Dedupe-Key": claim.dedupe_key,
             }
+            correlation_id = claim.destination.get(CORRELATION_ID)
+            if isinstance(correlation_id, str):  # the receiver can ask for its history
+                headers["X-Trace-Correlation-Id"] = correlation_id
             self._post(channel.url, body, headers)
         elif isinstance(channel, EmailChannel):
             password = channel.password
@@ -859,6 +881,7 @@ class Deliverer:
                 decision = self.retry_schedule(claim, failure, row.now, row.retry_until)
             if row is not None:
                 conn.execute(d.update().where(where).values(**self._row_values(decision, error)))
+                record_hops(conn, [_attempted(claim, decision.outcome, error)])
             conn.execute(
                 at.update()
                 .where(attempt)

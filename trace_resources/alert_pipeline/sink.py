@@ -2,10 +2,11 @@
 
 One cycle: receive up to `batch` messages, drop repeated dedupe_keys within the batch, then in
 ONE transaction `INSERT … ON CONFLICT (dedupe_key) DO NOTHING` the alerts and their pending
-per-channel delivery rows, commit, and only then delete the messages from the queue. A sink
-killed anywhere in between loses nothing (the messages reappear after the visibility timeout)
-and duplicates nothing (the repeat hits the conflict). Bodies that do not parse go to the
-buffer's dead-letter queue (`<queue>-dlq`) so they never block the others.
+per-channel delivery rows (and the `alert.raised` hop of each new alert that carries a
+correlation id, `trace_resources.event_history`), commit, and only then delete the messages
+from the queue. A sink killed anywhere in between loses nothing (the messages reappear after
+the visibility timeout) and duplicates nothing (the repeat hits the conflict). Bodies that do
+not parse go to the buffer's dead-letter queue (`<queue>-dlq`) so they never block the others.
 
 Run as a long-lived worker: `python -m trace_resources.alert_pipeline.sink`. On SIGTERM (or
 SIGINT) it stops receiving new long-polls, finishes the batch in hand, drains what is left in
@@ -30,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from trace_resources import taps
 from trace_resources.alert_pipeline import tables as t
 from trace_resources.alert_pipeline.queue import BufferMessage, Received, SqsBuffer
+from trace_resources.event_history import CORRELATION_ID, process_name, record_hops
 from trace_resources.settings import Settings, get_settings
 from trace_resources.storage.crash import crash_point
 from trace_resources.telemetry import TRACEPARENT, Tracing
@@ -67,6 +69,24 @@ def _delivery_rows(message: BufferMessage) -> list[dict[str, Any]]:
         {"dedupe_key": message.dedupe_key, "channel": f"{org}/{name}", "state": "pending"}
         for name in message.destination.get("channels", [])
     ]
+
+
+def _raised(message: BufferMessage) -> dict[str, Any]:
+    """The `alert.raised` hop of a new alert (recorded only if it carries a correlation id)."""
+    dest = message.destination
+    return {
+        "correlation_id": dest.get(CORRELATION_ID),
+        "hop": "alert.raised",
+        "process": process_name("trace-alert-sink"),
+        "org": str(dest.get("org", "")),
+        "details": {
+            "dedupe_key": message.dedupe_key,
+            "kind": str(message.payload.get("type", "alert")),
+            "rule_id": dest.get("rule_id"),
+            "rule_version": dest.get("rule_version"),
+            "channels": list(dest.get("channels", [])),
+        },
+    }
 
 
 _INSERT_ALERTS = (
@@ -119,6 +139,7 @@ def insert_new(engine: sa.Engine, messages: Sequence[BufferMessage]) -> list[Buf
         rows = [r for m in unique if m.dedupe_key in new for r in _delivery_rows(m)]
         if rows:
             conn.execute(_INSERT_DELIVERIES, rows).all()
+        record_hops(conn, [_raised(m) for m in unique if m.dedupe_key in new])
     return [m for m in unique if m.dedupe_key in new]
 
 

@@ -11,7 +11,24 @@ import sqlalchemy as sa
 from trace_resources.storage import state as t
 from trace_resources.storage.records import OutboxEvent
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "correlate"]
+
+
+def correlate(
+    conn: sa.Connection, correlation_id: str, versions: Sequence[tuple[str, str, int]]
+) -> None:
+    """Stamp the committed versions' events (dataset, partition key, version) with the unit
+    of work that committed them, in the commit's own transaction (`within`)."""
+    o = t.outbox
+    for dataset, partition_key, version in versions:
+        conn.execute(
+            o.update()
+            .where(o.c.dataset == dataset)
+            .where(o.c.partition_key == partition_key)
+            .where(o.c.version == version)
+            .where(o.c.correlation_id.is_(None))
+            .values(correlation_id=correlation_id)
+        )
 
 
 class Outbox:

@@ -128,6 +128,8 @@ outbox = sa.Table(
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=_now, nullable=False),
     sa.Column("relayed_at", sa.DateTime(timezone=True), nullable=True),
+    # the unit of work that committed it (`trace history`; state_0010), NULL: none carried
+    sa.Column("correlation_id", sa.Text, nullable=True),
     # the relay looks only at what it has not relayed yet
     sa.Index("trace_outbox_unrelayed", "id", postgresql_where=sa.text("relayed_at IS NULL")),
 )
