@@ -39,7 +39,7 @@ stands with.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,7 +301,10 @@ def evaluate_composite(engine: Any, stored: StoredRule, data: RangeData) -> Plan
 
 
 def backtest_composite(
-    reader: DatasetReader, stored: StoredRule, partitions: Iterable[str]
+    reader: DatasetReader,
+    stored: StoredRule,
+    partitions: Iterable[str],
+    progress: Callable[[str], None] | None = None,
 ) -> list[BufferMessage]:
     """Every firing of a composite rule over the committed ranges given (read afresh; no
     state is written): what the live evaluation stands with after evaluating them."""
@@ -312,4 +315,6 @@ def backtest_composite(
         data = RangeData(loaded.partition_key, loaded.tables, loaded.missing)
         events += member_events(stored, data)
         ranges.append(_span(key))
+        if progress is not None:
+            progress(key)
     return aggregate(stored, events, ranges)
