@@ -27,6 +27,7 @@ from tests.alerts.conftest import webhook
 from tests.conftest import MotoS3Server, NewDatabase
 from tests.derived.conftest import aws_env  # noqa: F401
 from trace_assets.alerts.assets import evaluate_partition
+from trace_assets.alerts.backtest import backtest
 from trace_assets.alerts.composite import backtest_composite
 from trace_assets.alerts.scope import AlertScope
 from trace_resources.alert_pipeline.queue import SqsBuffer
@@ -266,6 +267,17 @@ def test_sequence_timeout_fires_when_b_never_follows_within_the_window(
     assert by_key(pipeline.standing()) == {ALICE: 1, CAROL: 1}
     expected = {**pipeline.standing(), **timeouts}
     assert {m.dedupe_key for m in backtest_composite(chain.reader, stored, KEYS)} == set(expected)
+    # `trace alerts backtest` reports the same firings
+    report = backtest(
+        stored.rule,
+        chain.reader,
+        AlertScope(chain.state.dsn),
+        KEYS,
+        default_rate_per_s=10,
+        version=stored.version,
+    )
+    assert (report.alerts_raised, report.distinct_alerts) == (3, 3)
+    assert {e["dedupe_key"] for e in report.examples} == set(expected)
 
 
 @pytest.mark.parametrize(
