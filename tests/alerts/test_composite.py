@@ -28,11 +28,12 @@ from tests.conftest import MotoS3Server, NewDatabase
 from tests.derived.conftest import aws_env  # noqa: F401
 from trace_assets.alerts.assets import evaluate_partition
 from trace_assets.alerts.backtest import backtest
-from trace_assets.alerts.composite import backtest_composite
+from trace_assets.alerts.composite import aggregate, backtest_composite
 from trace_assets.alerts.scope import AlertScope
+from trace_resources.alert_pipeline.composite import CompositeEvent, EvaluatedRange
 from trace_resources.alert_pipeline.queue import SqsBuffer
 from trace_resources.alert_pipeline.resource import AlertsResource
-from trace_resources.alert_pipeline.rules import RuleError, RuleStore, parse_rule
+from trace_resources.alert_pipeline.rules import RuleError, RuleStore, StoredRule, parse_rule
 from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -296,3 +297,43 @@ def test_bad_composite_rules_are_refused_with_the_field(
     data["condition"] = {**data["condition"], **change}
     with pytest.raises(RuleError, match=message.replace("`", ".")):
         parse_rule(data)
+
+
+def _event(block: int, member: str, index: int, key: str, ts: int) -> CompositeEvent:
+    event = {
+        "member": member,
+        "member_index": index,
+        "key": key,
+        "block_number": block,
+        "transaction_index": 0,
+        "log_index": 0,
+        "timestamp": ts,
+    }
+    return CompositeEvent(KEYS[0], f"{member}@{block}", member, block, event)
+
+
+def test_n_of_m_counts_distinct_members_and_a_seconds_window_narrows_it() -> None:
+    """The aggregation alone (a pure function): 2 of 3 members within 5 blocks and 20 s."""
+    rule = composite_rule("two", "n_of_m", n=2, window_blocks=5, window_s=20, timeout=True)
+    third = {"name": "c", "condition": {"kind": "watched_addresses", "addresses": [OTHER]}}
+    rule["condition"]["members"].append(third)
+    stored = StoredRule(parse_rule(rule), 1)
+    events = [
+        _event(1, "big", 0, ALICE, 100),
+        _event(2, "big", 0, ALICE, 101),  # the same member again: still one of two
+        _event(3, "c", 2, ALICE, 102),  # second distinct member: fires
+        _event(1, "big", 0, BOB, 100),
+        _event(4, "c", 2, BOB, 130),  # within 5 blocks but 30 s later: times out instead
+    ]
+    ranges = [EvaluatedRange(KEYS[0], 0, 9)]
+    out = aggregate(stored, events, ranges)
+    assert [(m.payload["correlation_key"], m.payload["outcome"]) for m in out] == [
+        (ALICE, "fired"),
+        (BOB, "timeout"),  # big at 1: nothing else within 20 s
+        (BOB, "timeout"),  # c at 4 opened a window of its own; blocks 4..8 passed alone
+    ]
+    assert [m.payload["window"] for m in out] == [[1, 5], [1, 5], [4, 8]]
+    # deterministic: the same events in another order give the same keys
+    assert [m.dedupe_key for m in aggregate(stored, events[::-1], ranges)] == [
+        m.dedupe_key for m in out
+    ]
