@@ -333,6 +333,8 @@ def test_n_of_m_counts_distinct_members_and_a_seconds_window_narrows_it() -> Non
         (BOB, "timeout"),  # c at 4 opened a window of its own; blocks 4..8 passed alone
     ]
     assert [m.payload["window"] for m in out] == [[1, 5], [1, 5], [4, 8]]
+    # decided at: the completing event, the event past 20 s, the window's last block
+    assert [m.payload["row"]["block_number"] for m in out] == [3, 4, 8]
     # deterministic: the same events in another order give the same keys
     assert [m.dedupe_key for m in aggregate(stored, events[::-1], ranges)] == [
         m.dedupe_key for m in out

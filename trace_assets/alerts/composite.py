@@ -191,7 +191,7 @@ def aggregate(
         if window is not None and _expired(
             cond, window, event.block_number, event.event.get("timestamp")
         ):
-            out += _timeout(stored, cond, window, key, ranges)
+            out += _timeout(stored, cond, window, key, ranges, event.block_number)
             del open_[key]
             window = None
         if window is None:
@@ -218,11 +218,16 @@ def _timeout(
     window: _Window,
     key: str,
     ranges: Sequence[EvaluatedRange],
+    seen_at: int | None = None,
 ) -> list[BufferMessage]:
+    """The timeout of an incomplete window (if the rule asks for one), decided at the window's
+    last block, or earlier at `seen_at`, the block of an event past its seconds."""
     if not cond.timeout:
         return []
     missing = [m.name for m in cond.members if m.name not in window.seen]
     closes = window.first_block + cond.window_blocks - 1
+    if seen_at is not None:
+        closes = min(closes, seen_at)
     within = f"{cond.window_blocks} blocks" + (f" / {cond.window_s} s" if cond.window_s else "")
     text = (
         f"[{stored.rule.org}/{stored.rule.id}] TIMEOUT: {', '.join(missing)} did not follow "
