@@ -48,7 +48,13 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_trigger_objects",
         "trace_event_history",
     },
-    "data": {"trace_alert_delivery_attempts", "trace_event_history"},
+    "data": {
+        "trace_alert_delivery_attempts",
+        "trace_event_history",
+        "trace_alert_composite_events",
+        "trace_alert_composite_ranges",
+        "trace_alert_composite_firings",
+    },
 }
 
 
@@ -78,7 +84,10 @@ def state_metadata() -> sa.MetaData:
 def data_metadata() -> sa.MetaData:
     """Every table of Postgres data, from the modules that own them."""
     from trace_resources import event_history  # noqa: F401  (the alerts' hops)
-    from trace_resources.alert_pipeline import resource  # noqa: F401  (the evaluation ledger)
+    from trace_resources.alert_pipeline import (  # noqa: F401
+        composite,  # correlation state of composite rules
+        resource,  # the evaluation ledger
+    )
 
     return alert_tables.metadata
 

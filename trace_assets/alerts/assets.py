@@ -16,7 +16,9 @@ import json
 from collections.abc import Iterable
 
 import dagster as dg
+import sqlalchemy as sa
 
+from trace_assets.alerts.composite import evaluate_composite
 from trace_assets.alerts.evaluate import (
     Plan,
     RangeData,
@@ -27,13 +29,19 @@ from trace_assets.alerts.scope import AlertScope, load_range, referenced
 from trace_assets.automation import on_new_data
 from trace_assets.derived.assets import needs_traces
 from trace_assets.partitions import block_ranges
+from trace_resources.alert_pipeline.composite import RuleRef, composite_lock, save_firings
 from trace_resources.alert_pipeline.resource import (
     AlertsResource,
     evaluation_lock,
     load_ledger,
     save_ledger,
 )
-from trace_resources.alert_pipeline.rules import ALERT_DATASETS, CustomSql, StoredRule
+from trace_resources.alert_pipeline.rules import (
+    ALERT_DATASETS,
+    Composite,
+    CustomSql,
+    StoredRule,
+)
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DEFAULT_OWNER, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
@@ -91,7 +99,33 @@ def evaluate_partition(
         plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
         alerts.buffer().send(plan.messages)
         save_ledger(engine, key, plan.ledger)
+        for stored in rules:
+            if stored.rule.enabled and isinstance(stored.rule.condition, Composite):
+                plan = _merged(plan, _composite(engine, stored, data, alerts))
     return data, plan, evaluation.errors
+
+
+def _composite(
+    engine: sa.Engine, stored: StoredRule, data: RangeData, alerts: AlertsResource
+) -> Plan:
+    """Evaluate one composite rule with this range, publish, record (under the rule's lock:
+    its firings span ranges)."""
+    ref = RuleRef(stored.rule.org, stored.rule.id, stored.version)
+    with composite_lock(engine, ref):
+        plan = evaluate_composite(engine, stored, data)
+        alerts.buffer().send(plan.messages)
+        save_firings(engine, plan.ledger)
+    return plan
+
+
+def _merged(a: Plan, b: Plan) -> Plan:
+    return Plan(
+        [*a.alerts, *b.alerts],
+        [*a.retractions, *b.retractions],
+        [*a.ledger, *b.ledger],
+        a.new + b.new,
+        a.standing | b.standing,
+    )
 
 
 @dg.multi_asset(

@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trace_assets.alerts.composite import backtest_composite
 from trace_assets.alerts.evaluate import RangeData, evaluate_rules
 from trace_assets.alerts.scope import AlertScope, load_range, referenced
 from trace_resources.alert_pipeline.queue import BufferMessage
-from trace_resources.alert_pipeline.rules import ALERT_DATASETS, AlertRule, StoredRule
+from trace_resources.alert_pipeline.rules import ALERT_DATASETS, AlertRule, Composite, StoredRule
 from trace_resources.errors import TraceError
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.paths import UNPARTITIONED
@@ -205,7 +206,22 @@ def backtest(
     distinct: dict[str, tuple[float | None, BufferMessage]] = {}
     errors: dict[str, str] = {}
     keys = list(partitions)
-    for key in keys:
+    if isinstance(rule.condition, Composite):
+        # aggregated across ranges: every firing over the whole window, as the live evaluation
+        firings = backtest_composite(reader, stored, keys, progress)
+        for message in firings:
+            events = message.payload["row"]["events"]
+            at = max(
+                (e["timestamp"] for e in events if isinstance(e.get("timestamp"), int)),
+                default=None,
+            )
+            distinct.setdefault(message.dedupe_key, (None if at is None else float(at), message))
+        raised = len(firings)
+        ranges_with_alerts = len({m.payload["partition_key"] for m in firings})
+        keys_to_scan: list[str] = []
+    else:
+        keys_to_scan = keys
+    for key in keys_to_scan:
         loaded = load_range(reader, key, [*ALERT_DATASETS, *extra])
         data = RangeData(loaded.partition_key, loaded.tables, loaded.missing)
         evaluation = evaluate_rules([stored], data, scope.refusals)

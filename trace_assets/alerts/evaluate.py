@@ -47,6 +47,7 @@ from trace_resources.alert_pipeline.resource import LedgerEntry
 from trace_resources.alert_pipeline.rules import (
     ALERT_DATASETS,
     AlertRule,
+    Composite,
     CustomSql,
     Erc20TransferAbove,
     StoredRule,
@@ -298,6 +299,11 @@ def evaluate_rules(
         if not rule.rule.enabled:
             continue
         cond = rule.rule.condition
+        if isinstance(cond, Composite):
+            # aggregated over committed history (trace_assets.alerts.composite): its alerts
+            # are not this range's to retract
+            out.skipped.add((rule.rule.org, rule.rule.id))
+            continue
         try:
             if isinstance(cond, Erc20TransferAbove):
                 out.messages += _above(rule, cond, data)

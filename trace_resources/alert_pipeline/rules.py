@@ -59,6 +59,8 @@ __all__ = [
     "AlertRule",
     "AnyChannel",
     "ChannelRefused",
+    "Composite",
+    "CompositeMember",
     "EmailChannel",
     "SlackChannel",
     "WebhookChannel",
@@ -166,8 +168,72 @@ def _referenced_tables(sql: str) -> list[str]:
         conn.close()
 
 
+MemberCondition = Annotated[Erc20TransferAbove | WatchedAddresses, Field(discriminator="kind")]
+
+
+class CompositeMember(_Strict):
+    name: str = Field(pattern=_NAME, description="Member name, used in texts and `sequence` order.")
+    condition: MemberCondition = Field(description="A simple condition (its rows are the events).")
+    key: Literal["from_address", "to_address", "transaction_hash", "token"] | None = Field(
+        None,
+        description="The event column that correlates this member (default: the rule's `key`).",
+    )
+
+
+class Composite(_Strict):
+    """A composite trigger over member conditions, correlated by a key and bounded by a window
+    (evaluated over committed ranges in block order: `trace_assets.alerts.composite`)."""
+
+    kind: Literal["composite"]
+    op: Literal["all_of", "n_of_m", "sequence"] = Field(
+        description="`all_of`: every member within the window; `n_of_m`: at least `n` distinct "
+        "members; `sequence`: the members in the order given."
+    )
+    members: list[CompositeMember] = Field(min_length=2, max_length=10)
+    key: Literal["from_address", "to_address", "transaction_hash", "token"] = Field(
+        description="The event column whose equal values correlate events (e.g. the same "
+        "sender); a member may name its own with `members[].key`."
+    )
+    window_blocks: int = Field(gt=0, le=1_000_000, description="Window length in blocks.")
+    window_s: int | None = Field(
+        None, gt=0, description="Optionally also a window in seconds (block timestamps)."
+    )
+    n: int | None = Field(None, ge=1, description="For `n_of_m`: how many distinct members.")
+    timeout: bool = Field(
+        False,
+        description="Raise a timeout event when a window closes incomplete (e.g. B did not "
+        "follow A within `window_blocks`).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Composite:
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        if self.op == "n_of_m":
+            if self.n is None or not 1 <= self.n <= len(self.members):
+                raise ValueError(
+                    f"`n_of_m` needs `n` between 1 and the number of members "
+                    f"({len(self.members)}), e.g. n: 2"
+                )
+        elif self.n is not None:
+            raise ValueError(f"`n` applies to op `n_of_m` only (op is {self.op!r}): remove it")
+        for member in self.members:
+            key = member.key or self.key
+            if key == "token" and not _only_erc20(member.condition):
+                raise ValueError(
+                    f"member {member.name}: key `token` exists only on erc20_transfers; "
+                    "correlate on from_address, to_address or transaction_hash"
+                )
+        return self
+
+
+def _only_erc20(cond: Erc20TransferAbove | WatchedAddresses) -> bool:
+    return isinstance(cond, Erc20TransferAbove) or cond.datasets == ["erc20_transfers"]
+
+
 Condition = Annotated[
-    Erc20TransferAbove | WatchedAddresses | CustomSql, Field(discriminator="kind")
+    Erc20TransferAbove | WatchedAddresses | CustomSql | Composite, Field(discriminator="kind")
 ]
 
 
