@@ -32,6 +32,8 @@ STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
 RUN = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status tags { key value } } } }"""
 TERMINATE = """mutation($id: String!) { terminateRun(runId: $id) { __typename
   ... on TerminateRunFailure { message } ... on PythonError { message } } }"""
+EVENTS = """query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection {
+  events { __typename } } } }"""
 ADD_PARTITION = """mutation($key: String!) { addDynamicPartition(partitionsDefName: "block_ranges",
   partitionKey: $key, repositorySelector: {repositoryName: "__repository__",
   repositoryLocationName: "trace"}) { __typename } }"""
@@ -64,6 +66,12 @@ def _backfill(url: str, keys: list[str]) -> str:
 def _run(url: str, run_id: str) -> tuple[str, dict[str, str]]:
     run = _graphql(url, RUN, {"id": run_id})["runOrError"]
     return run["status"], {t["key"]: t["value"] for t in run["tags"]}
+
+
+def _retried(url: str, run_id: str) -> bool:
+    """Whether a step of the run was started again (a terminated run's must not be)."""
+    events = _graphql(url, EVENTS, {"id": run_id})["logsForRun"]["events"]
+    return any(e["__typename"] == "ExecutionStepUpForRetryEvent" for e in events)
 
 
 def _trace(url: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -103,14 +111,19 @@ def _trace_backfill(url: str, env: dict[str, str], proxy: FaultProxy, ranges: li
         assert command.poll() is None and time.monotonic() < deadline, command.communicate()
         time.sleep(0.2)
     command.send_signal(signal.SIGINT)
-    out, err = command.communicate(timeout=60)
+    try:
+        out, err = command.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        command.kill()  # not left running (nor its pipes open) for the tests after this one
+        out, err = command.communicate()
+        raise AssertionError(f"`trace backfill` did not stop on SIGINT: {out} {err}") from None
     assert command.returncode == 130, (out, err)
     assert "interrupted; run" in err and "is stopping" in err, err
     run_id = err.split("launched run ", 1)[1].split(":", 1)[0]
     while (status := _run(url, run_id)[0]) not in ("CANCELED", "FAILURE", "SUCCESS"):
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
-    assert status == "CANCELED"
+    assert status == "CANCELED" and not _retried(url, run_id)
     proxy.set_faults([])
 
     # its events are pushed over the webserver's websocket: with reads an hour apart, it
@@ -243,7 +256,7 @@ def _ui_backfill_and_terminate(
         while (status := _run(url, run_id)[0]) not in ("CANCELED", "FAILURE", "SUCCESS"):
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
-        assert status == "CANCELED"
+        assert status == "CANCELED" and not _retried(url, run_id)  # stopped, not retried
         proxy.set_faults([])
         logs = {
             s.dataset: s for s in ReadModel(engine_for(test_settings.state_dsn)).dataset_summaries()
