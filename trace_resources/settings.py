@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trace_resources.config_entries import validated_entries
 from trace_resources.sealed import Keyring, SealError
-from trace_resources.triggers import FileTrigger, ScheduleTrigger, WebhookTrigger, parse_triggers
+from trace_resources.triggers import AnyTrigger, parse_triggers
 
 __all__ = [
     "RpcEndpoint",
@@ -814,7 +814,7 @@ class Settings(BaseSettings):
         parse_triggers(value)
         return value
 
-    def trigger_configs(self) -> list[FileTrigger | WebhookTrigger | ScheduleTrigger]:
+    def trigger_configs(self) -> list[AnyTrigger]:
         """The declared triggers (TRACE_TRIGGERS), in order."""
         return parse_triggers(self.triggers)
 

@@ -10,6 +10,11 @@ starts work.
         --trigger rebuild`) records a call; a sensor turns each call into a run request
     {"name": "nightly-gc", "kind": "schedule", "cron": "30 2 * * *", "job": "retention_gc_job"}
         a Dagster schedule
+    {"name": "whale-exit", "kind": "composite", "org": "acme", "rule": "big-then-exchange",
+     "job": "retention_gc_job", "outcome": "fired"}
+        each firing of acme's composite alert rule (`all_of`, `n_of_m`, `sequence`: the
+        Aggregator, `trace_assets.alerts.composite`) that stands, once, becomes a run request
+        of the job (outcome `timeout`: each timeout; `any`: both)
 
 The models and their one-line validation live here; the tables of calls and seen objects are
 `trace_resources.storage.triggers`, the sensors and schedules `trace_sensors.triggers`.
@@ -37,6 +42,8 @@ __all__ = [
     "FileTrigger",
     "WebhookTrigger",
     "ScheduleTrigger",
+    "CompositeTrigger",
+    "AnyTrigger",
     "TriggerConfig",
     "parse_triggers",
     "split_prefix",
@@ -45,6 +52,7 @@ __all__ = [
 TRIGGER_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _ORG = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 _JOB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # an alert rule's id (alert_pipeline.rules)
 _EXAMPLE = '[{"name": "rebuild", "kind": "webhook", "org": "acme", "job": "retention_gc_job"}]'
 
 
@@ -161,10 +169,44 @@ class ScheduleTrigger(_Trigger):
         return value
 
 
-TriggerConfig = Annotated[
-    FileTrigger | WebhookTrigger | ScheduleTrigger, Field(discriminator="kind")
-]
-_ADAPTER: TypeAdapter[FileTrigger | WebhookTrigger | ScheduleTrigger] = TypeAdapter(TriggerConfig)
+class CompositeTrigger(_Trigger):
+    """Each standing firing of an organisation's composite alert rule requests a run, once.
+
+    The rule is evaluated as an alert rule is (over committed, finalized ranges, in block
+    order); the trigger acts on what it raised. A firing retracted before the sensor saw it
+    (its range re-committed without an input event) requests nothing; a run already requested
+    is not undone: the retraction is logged on the sensor's tick."""
+
+    kind: Literal["composite"]
+    org: str = Field(description="The organisation owning the rule.")
+    rule: str = Field(description="Id of the organisation's composite alert rule.")
+    job: str = Field(description="Job to request a run of, per firing.")
+    outcome: Literal["fired", "timeout", "any"] = Field(
+        "fired", description="Which firings: the completed windows, the timeouts, or both."
+    )
+
+    @field_validator("org")
+    @classmethod
+    def _org_valid(cls, value: str) -> str:
+        return _org_name(value)
+
+    @field_validator("rule")
+    @classmethod
+    def _rule_valid(cls, value: str) -> str:
+        if not _RULE.match(value):
+            raise ValueError(f"{value!r} is not an alert rule id (e.g. big-then-exchange)")
+        return value
+
+    @field_validator("job")
+    @classmethod
+    def _job_valid(cls, value: str) -> str | None:
+        return _job_name(value)
+
+
+AnyTrigger = FileTrigger | WebhookTrigger | ScheduleTrigger | CompositeTrigger
+TriggerConfig = Annotated[AnyTrigger, Field(discriminator="kind")]
+_ADAPTER: TypeAdapter[AnyTrigger] = TypeAdapter(TriggerConfig)
+_KINDS = ("file", "webhook", "schedule", "composite")
 
 
 def split_prefix(uri: str) -> tuple[str, str]:
@@ -175,13 +217,13 @@ def split_prefix(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.lstrip("/")
 
 
-def _validate(item: Any) -> FileTrigger | WebhookTrigger | ScheduleTrigger:
-    if not isinstance(item, dict) or item.get("kind") not in ("file", "webhook", "schedule"):
-        raise ValueError("kind must be one of file, webhook or schedule")
+def _validate(item: Any) -> AnyTrigger:
+    if not isinstance(item, dict) or item.get("kind") not in _KINDS:
+        raise ValueError("kind must be one of file, webhook, schedule or composite")
     return _ADAPTER.validate_python(item)
 
 
-def parse_triggers(text: str) -> list[FileTrigger | WebhookTrigger | ScheduleTrigger]:
+def parse_triggers(text: str) -> list[AnyTrigger]:
     """`TRACE_TRIGGERS` (a JSON list) with one-line errors naming the entry and the field."""
     if not text.strip():
         return []

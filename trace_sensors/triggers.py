@@ -6,8 +6,12 @@
     webhook   `trigger__<name>` sensor: each call `POST /v1/triggers/{name}` recorded, once,
               becomes a run request of the job (cursor: the last call id)
     schedule  `trigger__<name>` ScheduleDefinition of the job at the cron expression
+    composite `trigger__<name>` sensor: each standing firing of the organisation's composite
+              alert rule (its version in force), once, becomes a run request of the job (run
+              key: trigger and the firing's dedupe key; tags: the correlation key, window and
+              rule version)
 
-Each object once, across restarts: an object acted on is a row of `trace_trigger_objects`. A
+Each object (or firing) once, across restarts: one acted on is a row of `trace_trigger_objects`. A
 run request is recorded there one tick later, when its tick (cursor and run request, which
 Dagster stores together) has been stored: a tick lost in between is requested again under the
 same run key, which Dagster runs once.
@@ -21,13 +25,21 @@ from typing import Any
 
 import dagster as dg
 
+from trace_resources.alert_pipeline.composite import RuleRef, load_firings
+from trace_resources.alert_pipeline.resource import AlertsResource
 from trace_resources.errors import ConfigError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import get_settings
 from trace_resources.storage import triggers as table
 from trace_resources.storage.object_store import ObjectInfo, ObjectStore
 from trace_resources.storage.state import engine_for
-from trace_resources.triggers import FileTrigger, ScheduleTrigger, WebhookTrigger, split_prefix
+from trace_resources.triggers import (
+    CompositeTrigger,
+    FileTrigger,
+    ScheduleTrigger,
+    WebhookTrigger,
+    split_prefix,
+)
 
 __all__ = [
     "definition_name",
@@ -35,6 +47,7 @@ __all__ = [
     "build_file_arrival_sensor",
     "build_webhook_sensor",
     "build_trigger_schedule",
+    "build_composite_sensor",
     "build_triggers",
 ]
 
@@ -177,6 +190,75 @@ def build_webhook_sensor(
     )(webhook)
 
 
+def build_composite_sensor(
+    trigger: CompositeTrigger, running: bool = True, interval_s: int = 30
+) -> dg.SensorDefinition:
+    """Each standing firing of the composite rule's version in force, once, as a run request."""
+
+    def composite(
+        context: dg.SensorEvaluationContext, state: StateStoreResource, alerts: AlertsResource
+    ) -> dg.SensorResult:
+        engine = engine_for(state.dsn)
+        requested: list[list[str]] = json.loads(context.cursor or "[]")
+        for key, version in requested:  # their tick was stored: now they are acted on
+            table.record_object(engine, trigger.name, key, version, "run requested")
+        stored = alerts.rules().get(trigger.org, trigger.rule)
+        if stored is None or stored.rule.condition.kind != "composite":
+            what = "no alert rule" if stored is None else "no composite alert rule"
+            return dg.SensorResult(
+                skip_reason=f"{trigger.org} has {what} {trigger.rule!r}: create it with "
+                "`trace alerts create` (a condition of kind composite) or fix the "
+                f"TRACE_TRIGGERS entry {trigger.name!r}",
+                cursor="[]",
+            )
+        seen = table.seen_objects(engine, trigger.name)
+        firings = load_firings(alerts.engine(), RuleRef(trigger.org, trigger.rule, stored.version))
+        retracted = [f for f in firings if not f.standing and (f.key, "fired") in seen]
+        for firing in retracted:  # logged, not undone: the run was requested and may have run
+            if table.record_object(engine, trigger.name, firing.key, "retracted", "retracted"):
+                context.log.warning(
+                    f"{trigger.name}: firing {firing.key[:12]} (key "
+                    f"{firing.payload.get('correlation_key')}) was retracted after its run was "
+                    "requested: its range was re-committed without an input event"
+                )
+        wanted = [
+            f
+            for f in firings
+            if f.standing
+            and (trigger.outcome == "any" or f.payload.get("outcome") == trigger.outcome)
+            and (f.key, "fired") not in seen
+        ]
+        wanted.sort(key=lambda f: (f.payload.get("window", [0])[0], f.key))  # block order
+        wanted = wanted[:PER_TICK]
+        runs = [
+            dg.RunRequest(
+                run_key=f"{trigger.name}:{f.key}",
+                job_name=trigger.job,
+                tags={
+                    "trace/trigger": trigger.name,
+                    "trace/composite_rule": f"{trigger.org}/{trigger.rule}/v{stored.version}",
+                    "trace/composite_outcome": str(f.payload.get("outcome")),
+                    "trace/correlation_key": str(f.payload.get("correlation_key"))[:200],
+                    "trace/window": "-".join(str(b) for b in f.payload.get("window", [])),
+                    "trace/firing": f.key,
+                },
+            )
+            for f in wanted
+        ]
+        return dg.SensorResult(
+            run_requests=runs, cursor=json.dumps([[f.key, "fired"] for f in wanted])
+        )
+
+    return dg.sensor(
+        name=definition_name(trigger.name),
+        description=f"Composite rule {trigger.org}/{trigger.rule}: each {trigger.outcome} "
+        f"firing requests a run of {trigger.job}",
+        job_name=trigger.job,
+        minimum_interval_seconds=interval_s,
+        default_status=_STATUS[running],
+    )(composite)
+
+
 def build_trigger_schedule(trigger: ScheduleTrigger, running: bool = True) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
         name=definition_name(trigger.name),
@@ -209,6 +291,8 @@ def build_triggers(
             sensors.append(build_file_arrival_sensor(trigger, running))
         elif isinstance(trigger, WebhookTrigger):
             sensors.append(build_webhook_sensor(trigger, running))
+        elif isinstance(trigger, CompositeTrigger):
+            sensors.append(build_composite_sensor(trigger, running))
         else:
             schedules.append(build_trigger_schedule(trigger, running))
     return sensors, schedules

@@ -15,10 +15,12 @@ and `to_exchange` (a transfer to EXCHANGE), correlated by the sender, within 10 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
+import dagster as dg
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
@@ -37,7 +39,11 @@ from trace_resources.alert_pipeline.rules import RuleError, RuleStore, StoredRul
 from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.storage import triggers as trigger_table
 from trace_resources.storage.commit import DatasetReader, PartitionData
+from trace_resources.storage.state import engine_for
+from trace_resources.triggers import CompositeTrigger, parse_triggers
+from trace_sensors.triggers import build_composite_sensor
 
 SCHEMA = arrow_schema(declarations()["erc20_transfers"])
 TOKEN = "0x" + "70" * 20
@@ -279,6 +285,81 @@ def test_sequence_timeout_fires_when_b_never_follows_within_the_window(
     )
     assert (report.alerts_raised, report.distinct_alerts) == (3, 3)
     assert {e["dedupe_key"] for e in report.examples} == set(expected)
+
+
+def _tick(
+    trigger: CompositeTrigger, chain: Chain, pipeline: Pipeline, cursor: str | None
+) -> dg.SensorResult:
+    """One tick of the trigger's sensor, as Dagster's daemon runs it, on the real state."""
+    context = dg.build_sensor_context(
+        instance=dg.DagsterInstance.ephemeral(),
+        cursor=cursor,
+        resources={"state": chain.state, "alerts": pipeline.resource},
+    )
+    result = build_composite_sensor(trigger)(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+def test_a_composite_rule_as_a_run_trigger_requests_one_run_per_firing(
+    pipeline: Pipeline, chain: Chain
+) -> None:
+    def declared(name: str, rule: str, **extra: str) -> dict[str, str]:
+        entry = {"name": name, "kind": "composite", "org": "acme", "rule": rule}
+        return {**entry, "job": "retention_gc_job", **extra}
+
+    pair, timeouts, absent = parse_triggers(
+        json.dumps(
+            [
+                declared("pair-run", "pair-run"),
+                declared("follow-timeout", "follow-run", outcome="timeout"),
+                declared("nothing", "absent"),
+            ]
+        )
+    )
+    assert isinstance(pair, CompositeTrigger) and isinstance(timeouts, CompositeTrigger)
+    assert isinstance(absent, CompositeTrigger)
+    # a rule that does not exist: the tick says so and what to do, and requests nothing
+    skipped = _tick(absent, chain, pipeline, None)
+    assert not skipped.run_requests
+    assert "acme has no alert rule 'absent'" in str(skipped.skip_reason)
+
+    store = RuleStore(pipeline.engine)
+    store.create(parse_rule(composite_rule("pair-run", "all_of")))
+    store.create(parse_rule(composite_rule("follow-run", "sequence", timeout=True)))
+    pipeline.evaluate(*KEYS)
+
+    first = _tick(pair, chain, pipeline, None)
+    assert [
+        (r.job_name, r.tags["trace/correlation_key"], r.tags["trace/window"])
+        for r in first.run_requests
+    ] == [("retention_gc_job", ALICE, "2-11"), ("retention_gc_job", CAROL, "14-23")]
+    fired = {p["correlation_key"]: k for k, p in pipeline.standing().items()}
+    assert [r.tags["trace/firing"] for r in first.run_requests] == [fired[ALICE], fired[CAROL]]
+    # the tick was lost (its cursor not stored): the same run keys, which Dagster runs once
+    again = _tick(pair, chain, pipeline, None)
+    assert [r.run_key for r in again.run_requests] == [r.run_key for r in first.run_requests]
+    # stored: the next tick records them; a restarted sensor requests nothing more
+    assert _tick(pair, chain, pipeline, first.cursor).run_requests == []
+    assert _tick(pair, chain, pipeline, None).run_requests == []
+
+    # outcome timeout: bob's big transfer that no transfer to the exchange followed
+    late = _tick(timeouts, chain, pipeline, None)
+    assert [
+        (r.tags["trace/composite_outcome"], r.tags["trace/correlation_key"], r.tags["trace/window"])
+        for r in late.run_requests
+    ] == [("timeout", BOB, "5-14")]
+
+    # range 0 re-committed without alice's big transfers: her firing is retracted; the run
+    # requested for it is not undone, the retraction is recorded once, nothing new requested
+    chain.commit(KEYS[0], [t for t in in_range(KEYS[0]) if t[1] != ALICE])
+    try:
+        pipeline.evaluate(KEYS[0])
+        assert _tick(pair, chain, pipeline, None).run_requests == []
+        seen = trigger_table.seen_objects(engine_for(chain.state.dsn), "pair-run")
+        assert {key for key, version in seen if version == "retracted"} == {fired[ALICE]}
+    finally:
+        chain.commit(KEYS[0], in_range(KEYS[0]))  # the module's other tests see the original
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,13 @@ def _triggers(bucket: str) -> list[dict[str, str]]:
             "cron": "30 2 * * 1-5",
             "job": "retention_gc_job",
         },
+        {  # fired by a composite alert rule (tests/alerts/test_composite.py)
+            "name": "whale-exit",
+            "kind": "composite",
+            "org": "acme",
+            "rule": "big-then-exchange",
+            "job": "retention_gc_job",
+        },
     ]
 
 
@@ -76,7 +83,25 @@ def _tick(sensor: dg.SensorDefinition, resources: dict[str, object], cursor: str
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"name": "x", "kind": "cron"}, "entry 1 ('x'): kind must be one of file, webhook or"),
+        (
+            {"name": "x", "kind": "cron"},
+            "entry 1 ('x'): kind must be one of file, webhook, schedule or composite",
+        ),
+        (
+            {
+                "name": "x",
+                "kind": "composite",
+                "org": "acme",
+                "rule": "r",
+                "job": "j",
+                "outcome": "?",
+            },
+            "outcome: Input should be 'fired', 'timeout' or 'any'",
+        ),
+        (
+            {"name": "x", "kind": "composite", "org": "acme", "rule": "Big Rule", "job": "j"},
+            "rule: 'Big Rule' is not an alert rule id",
+        ),
         (
             {"name": "x", "kind": "schedule", "cron": "61 * * * *", "job": "j"},
             "entry 1 ('x'): cron: '61 * * * *' is not a cron expression",
@@ -122,6 +147,7 @@ def test_declared_triggers_are_in_the_definitions_and_an_unknown_job_is_refused(
     assert schedule.job_name == "retention_gc_job"
     names = {s.name for s in defs.sensor_defs}
     assert {"trigger__labels_drop", "trigger__files_run", "trigger__rebuild"} <= names
+    assert defs.get_sensor_def("trigger__whale_exit").job_name == "retention_gc_job"
 
     wrong = [{"name": "w", "kind": "webhook", "org": "acme", "job": "no_such_job"}]
     with pytest.raises(Exception, match="runs job 'no_such_job', which is not a job of Trace"):
