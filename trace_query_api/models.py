@@ -401,6 +401,10 @@ class TriggerCallPublic(BaseModel):
 
     trigger: str
     call_id: int = Field(description="The call's id; a sensor requests one run per call.")
+    correlation_id: str = Field(
+        description="The id the run it requests and what that run commits carry: "
+        "GET /v1/history/{correlation_id} follows them."
+    )
     idempotency_key: str
     fired: bool = Field(
         description="True: this request recorded the call; False: the key had fired already "

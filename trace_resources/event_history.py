@@ -19,20 +19,22 @@ its own is unknown to it (`visible_to` returns None, exactly as for an id that d
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 
 from trace_resources.alert_pipeline import tables as alert_tables
-from trace_resources.storage import state
+from trace_resources.storage.history import (
+    CORRELATION_ID_PATTERN,
+    define_event_history,
+    event_history,
+    process_name,
+    record_hops,
+)
 
 __all__ = [
     "CORRELATION_ID",
@@ -47,28 +49,12 @@ __all__ = [
 ]
 
 CORRELATION_ID = "correlation_id"  # the key in a buffer message's destination
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-def _define(metadata: sa.MetaData) -> sa.Table:
-    return sa.Table(
-        "trace_event_history",
-        metadata,
-        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-        sa.Column("correlation_id", sa.Text, nullable=False),
-        sa.Column("hop", sa.Text, nullable=False),
-        sa.Column("at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
-        sa.Column("process", sa.Text, nullable=False),
-        sa.Column("org", sa.Text, nullable=True),  # NULL: a public (chain) hop
-        sa.Column("details", JSONB, nullable=False),
-        sa.Index("trace_event_history_by_id", "correlation_id", "at"),
-    )
+_ID = CORRELATION_ID_PATTERN
 
 
 # the same table in both databases (each database's metadata declares it); statements built
-# on one run on either
-event_history = _define(state.metadata)
-_define(alert_tables.metadata)
+# on one run on either. Defined in storage (`storage.history`), which writes commit hops.
+define_event_history(alert_tables.metadata)
 
 
 @dataclass(frozen=True)
@@ -104,27 +90,6 @@ def check_correlation_id(value: str) -> str:
             "destination's correlation_id), 1-128 letters, digits, '.', '_', ':' or '-'"
         )
     return value
-
-
-def process_name(service: str) -> str:
-    """Where a hop happened: the service and its host:pid."""
-    return f"{service}@{socket.gethostname()}:{os.getpid()}"
-
-
-def record_hops(conn: sa.Connection, hops: Iterable[Mapping[str, Any]]) -> None:
-    """Insert hops (dicts of the table's columns; `at` defaults to now) in the caller's
-    transaction: the transaction of the write each hop reports."""
-    rows = [
-        {"org": None, "details": {}, **h}
-        for h in hops
-        if h.get("correlation_id")  # work that carries no id leaves no history
-    ]
-    # one executemany per set of columns given (a hop without `at` takes the database's now)
-    by_columns: dict[frozenset[str], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_columns.setdefault(frozenset(row), []).append(row)
-    for group in by_columns.values():
-        conn.execute(event_history.insert(), group)
 
 
 def read_hops(engines: Iterable[sa.Engine], correlation_id: str) -> list[Hop]:

@@ -19,6 +19,7 @@ same run key, which Dagster runs once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from trace_resources.errors import ConfigError
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import get_settings
 from trace_resources.storage import triggers as table
+from trace_resources.storage.history import CORRELATION_TAG, process_name
 from trace_resources.storage.object_store import ObjectInfo, ObjectStore
 from trace_resources.storage.state import engine_for
 from trace_resources.triggers import (
@@ -64,6 +66,25 @@ def object_version(info: ObjectInfo) -> str:
     """What tells a rewritten object from the one acted on: its size and last-modified time."""
     modified = info.modified.isoformat() if info.modified is not None else "-"
     return f"{info.size}@{modified}"
+
+
+def origin_id(trigger_name: str, what: str) -> str:
+    """The correlation id of the work a trigger requested for one object or firing:
+    `trigger:<name>:<digest>`, the same on every tick (message history)."""
+    return f"trigger:{trigger_name}:{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+
+
+def _origin_hop(
+    trigger_name: str, hop: str, org: str, what: str, details: dict[str, Any]
+) -> dict[str, Any]:
+    """The origin hop of a requested run, recorded with the object it was requested for."""
+    return {
+        "correlation_id": origin_id(trigger_name, what),
+        "hop": hop,
+        "process": process_name("sensor"),
+        "org": org,
+        "details": {"trigger": trigger_name, **details},
+    }
 
 
 def _commit_enrichment(
@@ -110,7 +131,14 @@ def build_file_arrival_sensor(
         engine = engine_for(state.dsn)
         requested: list[list[str]] = json.loads(context.cursor or "[]")
         for key, version in requested:  # their tick was stored: now they are acted on
-            table.record_object(engine, trigger.name, key, version, "run requested")
+            hop = _origin_hop(
+                trigger.name,
+                "file.arrived",
+                trigger.org,
+                f"{key}@{version}",
+                {"prefix": trigger.prefix, "key": key, "version": version},
+            )
+            table.record_object(engine, trigger.name, key, version, "run requested", hop)
         seen = table.seen_objects(engine, trigger.name)
         source = objects.bucket(bucket)
         arrived = [
@@ -123,7 +151,11 @@ def build_file_arrival_sensor(
                 dg.RunRequest(
                     run_key=f"{trigger.name}:{key}:{version}",
                     job_name=trigger.job,
-                    tags={"trace/trigger": trigger.name, "trace/object_key": key},
+                    tags={
+                        "trace/trigger": trigger.name,
+                        "trace/object_key": key,
+                        CORRELATION_TAG: origin_id(trigger.name, f"{key}@{version}"),
+                    },
                 )
                 for key, version in arrived
             ]
@@ -154,6 +186,7 @@ def _call_tags(call: table.TriggerCall) -> dict[str, str]:
         "trace/trigger_call": str(call.id),
         "trace/idempotency_key": call.idempotency_key,
         "trace/requested_by": f"{call.org}/{call.subject}",
+        CORRELATION_TAG: table.call_correlation_id(call),  # its `trigger.called` hop's id
     }
     payload = json.dumps(call.payload, sort_keys=True)
     if call.payload and len(payload) <= 4096:
@@ -201,7 +234,14 @@ def build_composite_sensor(
         engine = engine_for(state.dsn)
         requested: list[list[str]] = json.loads(context.cursor or "[]")
         for key, version in requested:  # their tick was stored: now they are acted on
-            table.record_object(engine, trigger.name, key, version, "run requested")
+            hop = _origin_hop(
+                trigger.name,
+                "composite.fired",
+                trigger.org,
+                key,
+                {"rule": trigger.rule, "firing": key},
+            )
+            table.record_object(engine, trigger.name, key, version, "run requested", hop)
         stored = alerts.rules().get(trigger.org, trigger.rule)
         if stored is None or stored.rule.condition.kind != "composite":
             what = "no alert rule" if stored is None else "no composite alert rule"
@@ -241,6 +281,7 @@ def build_composite_sensor(
                     "trace/correlation_key": str(f.payload.get("correlation_key"))[:200],
                     "trace/window": "-".join(str(b) for b in f.payload.get("window", [])),
                     "trace/firing": f.key,
+                    CORRELATION_TAG: origin_id(trigger.name, f.key),
                 },
             )
             for f in wanted

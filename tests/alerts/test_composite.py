@@ -32,6 +32,7 @@ from trace_assets.alerts.assets import evaluate_partition
 from trace_assets.alerts.backtest import backtest
 from trace_assets.alerts.composite import aggregate, backtest_composite
 from trace_assets.alerts.scope import AlertScope
+from trace_resources import event_history
 from trace_resources.alert_pipeline.composite import CompositeEvent, EvaluatedRange
 from trace_resources.alert_pipeline.queue import SqsBuffer
 from trace_resources.alert_pipeline.resource import AlertsResource
@@ -41,6 +42,7 @@ from trace_resources.registry import arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage import triggers as trigger_table
 from trace_resources.storage.commit import DatasetReader, PartitionData
+from trace_resources.storage.history import CORRELATION_TAG
 from trace_resources.storage.state import engine_for
 from trace_resources.triggers import CompositeTrigger, parse_triggers
 from trace_sensors.triggers import build_composite_sensor
@@ -342,6 +344,12 @@ def test_a_composite_rule_as_a_run_trigger_requests_one_run_per_firing(
     # stored: the next tick records them; a restarted sensor requests nothing more
     assert _tick(pair, chain, pipeline, first.cursor).run_requests == []
     assert _tick(pair, chain, pipeline, None).run_requests == []
+    # each firing is the origin of its run's work (message history), recorded once
+    correlation_id = first.run_requests[0].tags[CORRELATION_TAG]
+    hops = event_history.read_hops([engine_for(chain.state.dsn)], correlation_id)
+    assert [(h.hop, h.org, h.details["firing"]) for h in hops] == [
+        ("composite.fired", "acme", fired[ALICE])
+    ]
 
     # outcome timeout: bob's big transfer that no transfer to the exchange followed
     late = _tick(timeouts, chain, pipeline, None)

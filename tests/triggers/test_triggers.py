@@ -19,10 +19,12 @@ import sqlalchemy as sa
 from infra.local.query_service import QueryServer, settings_env
 from tests.conftest import NewDatabase
 from trace_assets.definitions import build_definitions
+from trace_resources import event_history
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.settings import QuerySettings, Settings
 from trace_resources.storage import triggers as table
 from trace_resources.storage.commit import DatasetReader
+from trace_resources.storage.history import CORRELATION_TAG
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
 from trace_resources.storage.version_store import VersionStore
@@ -212,12 +214,20 @@ def test_each_object_landing_requests_one_run_across_restarts(
     assert [(r.job_name, r.tags["trace/object_key"]) for r in first.run_requests] == [
         ("retention_gc_job", "runs/one.json")
     ]
+    correlation_id = first.run_requests[0].tags[CORRELATION_TAG]
+    assert correlation_id.startswith("trigger:files-run:")
     # the tick was lost (its cursor not stored): the same run key again, which Dagster runs once
     again = _tick(build_file_arrival_sensor(trigger), resources, None)
     assert [r.run_key for r in again.run_requests] == [first.run_requests[0].run_key]
     # stored: the next tick records it; a restarted sensor requests nothing more
     assert _tick(build_file_arrival_sensor(trigger), resources, first.cursor).run_requests == []
     assert _tick(build_file_arrival_sensor(trigger), resources, None).run_requests == []
+    # the arrival is the origin hop of the run's work, recorded once with the object
+    _tick(build_file_arrival_sensor(trigger), resources, first.cursor)  # recorded already
+    hops = event_history.read_hops([engine_for(state.dsn)], correlation_id)
+    assert [(h.hop, h.org, h.details["key"]) for h in hops] == [
+        ("file.arrived", "acme", "runs/one.json")
+    ]
 
 
 # -- webhooks ----------------------------------------------------------------------------------
@@ -229,6 +239,7 @@ def hook_settings(new_database: NewDatabase, tmp_path_factory: pytest.TempPathFa
     return QuerySettings(
         environment="test",
         state_dsn=new_database(f"trig_{os.getpid()}_state", "state"),
+        data_dsn=new_database(f"trig_{os.getpid()}_data", "data"),  # the history reads both
         object_store="local",
         local_store_root=tmp_path_factory.mktemp("trig-store"),
         query_token_keys=key,
@@ -287,6 +298,21 @@ def test_a_webhook_fires_once_per_idempotency_key_and_requests_one_run(
     assert json.loads(result.run_requests[0].tags["trace/trigger_payload"]) == {"ref": "main"}
     assert all(r.job_name == "retention_gc_job" for r in result.run_requests)
     assert _tick(sensor, resources, result.cursor).run_requests == []
+
+    # the call is the origin of its run's work: the run carries the id the answer named, and
+    # the call's hop is in the history, once, as acme's (`GET /v1/history/{id}`)
+    correlation_id = first.json()["correlation_id"]
+    assert correlation_id == f"trigger:rebuild:{first.json()['call_id']}"
+    assert result.run_requests[0].tags[CORRELATION_TAG] == correlation_id
+    hops = event_history.read_hops([engine_for(hook_settings.state_dsn)], correlation_id)
+    assert [(h.hop, h.org, h.details["idempotency_key"]) for h in hops] == [
+        ("trigger.called", "acme", "deploy-41")
+    ]
+    reader = {"Authorization": _token(hook_settings)["Authorization"]}
+    with httpx.Client(base_url=hook_server.url, timeout=30) as http:
+        history = http.get(f"/v1/history/{correlation_id}", headers=reader)
+    assert history.status_code == 200, history.text
+    assert [h["hop"] for h in history.json()["hops"]] == ["trigger.called"]
 
 
 def test_a_webhook_refuses_other_tokens_and_bad_input_in_one_line(

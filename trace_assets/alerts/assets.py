@@ -12,8 +12,9 @@ again (`evaluate.reconcile`). Publishing twice (a retried step) is harmless: the
 one row per dedupe_key, and the ledger is written only after the messages were published.
 """
 
+import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import dagster as dg
 import sqlalchemy as sa
@@ -30,6 +31,7 @@ from trace_assets.automation import on_new_data
 from trace_assets.derived.assets import needs_traces
 from trace_assets.partitions import block_ranges
 from trace_resources.alert_pipeline.composite import RuleRef, composite_lock, save_firings
+from trace_resources.alert_pipeline.queue import BufferMessage
 from trace_resources.alert_pipeline.resource import (
     AlertsResource,
     evaluation_lock,
@@ -42,10 +44,12 @@ from trace_resources.alert_pipeline.rules import (
     CustomSql,
     StoredRule,
 )
+from trace_resources.event_history import CORRELATION_ID
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DEFAULT_OWNER, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
 from trace_resources.storage.commit import DatasetReader
+from trace_resources.storage.outbox import correlations
 
 __all__ = ["EVALUATION_DEPS", "alert_evaluations", "evaluate_partition", "read_range"]
 
@@ -94,26 +98,64 @@ def evaluate_partition(
     in_force = {(r.rule.org, r.rule.id): r.version for r in rules}
     with evaluation_lock(engine, key):
         data = read_range(reader, key, extra)
+        correlated = _correlation_of(reader, data)
         evaluation = evaluate_rules(rules, data, scope.refusals)
         previous = load_ledger(engine, key, in_force)
         plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
-        alerts.buffer().send(plan.messages)
+        alerts.buffer().send(correlated(plan.messages))
         save_ledger(engine, key, plan.ledger)
         for stored in rules:
             if stored.rule.enabled and isinstance(stored.rule.condition, Composite):
-                plan = _merged(plan, _composite(engine, stored, data, alerts))
+                plan = _merged(plan, _composite(engine, stored, data, alerts, correlated))
     return data, plan, evaluation.errors
 
 
+def _correlation_of(
+    reader: DatasetReader, data: RangeData
+) -> Callable[[Sequence[BufferMessage]], list[BufferMessage]]:
+    """What carries the unit of work that committed the range's versions to the alerts raised
+    from them (message history): each message gets the correlation id its dataset's version
+    was committed under or, for a message of no one dataset (a composite firing), the one id
+    all the range's versions share; none if they carry none."""
+    versions = {name: version for name, (version, _) in data.tables.items()}
+    found = correlations(
+        reader.versions.engine, [(n, data.partition_key, v) for n, v in versions.items()]
+    )
+    by_dataset = {
+        n: found[(n, data.partition_key, v)]
+        for n, v in versions.items()
+        if (n, data.partition_key, v) in found
+    }
+    shared = set(by_dataset.values())
+    fallback = shared.pop() if len(shared) == 1 else None
+
+    def carry(messages: Sequence[BufferMessage]) -> list[BufferMessage]:
+        out = []
+        for message in messages:
+            correlation_id = by_dataset.get(str(message.payload.get("dataset")), fallback)
+            if correlation_id is None or CORRELATION_ID in message.destination:
+                out.append(message)
+                continue
+            destination = {**message.destination, CORRELATION_ID: correlation_id}
+            out.append(dataclasses.replace(message, destination=destination))
+        return out
+
+    return carry
+
+
 def _composite(
-    engine: sa.Engine, stored: StoredRule, data: RangeData, alerts: AlertsResource
+    engine: sa.Engine,
+    stored: StoredRule,
+    data: RangeData,
+    alerts: AlertsResource,
+    correlated: Callable[[Sequence[BufferMessage]], list[BufferMessage]],
 ) -> Plan:
     """Evaluate one composite rule with this range, publish, record (under the rule's lock:
     its firings span ranges)."""
     ref = RuleRef(stored.rule.org, stored.rule.id, stored.version)
     with composite_lock(engine, ref):
         plan = evaluate_composite(engine, stored, data)
-        alerts.buffer().send(plan.messages)
+        alerts.buffer().send(correlated(plan.messages))
         save_firings(engine, plan.ledger)
     return plan
 

@@ -149,6 +149,14 @@ class DatasetWriter:
     def close(self) -> None:
         self.leases.close()
 
+    def correlate(self, correlation_id: str | None, process: str = "writer") -> None:
+        """Commit the versions of this writer under a unit of work's correlation id: each one's
+        outbox event carries it and a `commit` hop is recorded in its transaction (message
+        history, `trace_resources.event_history`). None: no history."""
+        self.versions.commits.correlation = (
+            None if correlation_id is None else (correlation_id, process)
+        )
+
     def __enter__(self) -> DatasetWriter:
         return self
 
@@ -544,8 +552,10 @@ class DatasetReader:
         *,
         refuse_failed_checks: bool = False,
         cache: ReadCache | None = None,
+        read: dict[tuple[str, str], int] | None = None,
     ) -> pa.Table:
-        """The current versions of the partitions (all if None) as one table.
+        """The current versions of the partitions (all if None) as one table; `read`, if
+        given, gets the version read of each (dataset, partition key).
 
         With `refuse_failed_checks`, raise `UpstreamQualityError` instead if a blocking
         quality rule failed on any of those versions (what derived datasets read with).
@@ -563,6 +573,8 @@ class DatasetReader:
                     )
             if refuse_failed_checks:
                 self.refuse_failed(dataset, records)
+            if read is not None:
+                read.update({(dataset, k): r.version for k, r in records.items()})
             if cache is None or schema is not None:
                 return self.read_versions(records.values(), schema)
             versions = (dataset, tuple(sorted((k, r.version) for k, r in records.items())))

@@ -34,6 +34,7 @@ from trace_resources.errors import (
     VersionRemovedError,
 )
 from trace_resources.storage import state as t
+from trace_resources.storage.history import record_hops
 from trace_resources.storage.pointer_events import announce
 from trace_resources.storage.read_model import current_query, expand, find_version
 from trace_resources.storage.records import (
@@ -82,6 +83,9 @@ class FencedCommits:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        # (correlation id, process) of the unit of work committing: each version it commits
+        # carries the id on its outbox event and records a `commit` hop (message history)
+        self.correlation: tuple[str, str] | None = None
 
     def commit(
         self,
@@ -599,6 +603,7 @@ class FencedCommits:
             "schema_version": schema_version,
             **payload,
         }
+        correlation_id = self.correlation[0] if self.correlation is not None else None
         outbox_id, created_at = conn.execute(
             t.outbox.insert()
             .values(
@@ -607,9 +612,28 @@ class FencedCommits:
                 partition_key=attempt.partition_key,
                 version=number,
                 payload=event_payload,
+                correlation_id=correlation_id,
             )
             .returning(t.outbox.c.id, t.outbox.c.created_at)
         ).one()
+        if self.correlation is not None:
+            record_hops(
+                conn,
+                [
+                    {
+                        "correlation_id": correlation_id,
+                        "hop": "commit",
+                        "process": self.correlation[1],
+                        "details": {
+                            "dataset": attempt.dataset,
+                            "partition": attempt.partition_key,
+                            "version": number,
+                            "run_id": attempt.run_id,
+                            "step_key": attempt.step_key,
+                        },
+                    }
+                ],
+            )
         pending = _committed_events.get()
         if pending is not None:
             pending.append(

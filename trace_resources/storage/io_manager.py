@@ -58,7 +58,9 @@ from trace_resources.storage.commit import (
     StagedPartition,
     StepIdentity,
 )
+from trace_resources.storage.history import CORRELATION_TAG, process_name, run_correlation_id
 from trace_resources.storage.object_store import ObjectStore
+from trace_resources.storage.outbox import correlations
 from trace_resources.storage.paths import UNPARTITIONED, attempt_prefix
 from trace_resources.storage.records import (
     Attempt,
@@ -393,11 +395,14 @@ class DatasetIOManager(dg.ConfigurableIOManager):
     _inputs: ReadCache | None = PrivateAttr(default=None)
     # staged by an asset's `staging` block and not yet committed, by attempt id
     _handed_over: dict[str, StagedPartition] = PrivateAttr(default_factory=dict)
+    # the version of each (dataset, partition key) this run's steps read (message history)
+    _read: dict[tuple[str, str], int] = PrivateAttr(default_factory=dict)
 
     @contextlib.contextmanager
     def staging(self, context: dg.AssetExecutionContext) -> Iterator[Staging]:
         """Stage partitions while the asset runs: the one call for assets that stream (see
         the module docstring). If the block raises, every attempt it began is failed."""
+        self._correlate(context.run.run_id, context.run.tags)
         staging = Staging(self._dataset_writer(), _asset_step(context), _asset_commit_key(context))
         try:
             yield staging
@@ -413,6 +418,9 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         mode = (context.definition_metadata or {}).get(COMMIT_MODE_METADATA, "replace")
         commit_mode: CommitMode = "append" if mode == "append" else "replace"
         writer = self._dataset_writer()
+        with contextlib.suppress(Exception):  # outside a run (direct invocation): no history
+            run = context.step_context.dagster_run
+            self._correlate(run.run_id, run.tags)
         with as_dagster_failure():
             output = self._split_output(context, dataset, commit_mode, obj)
             try:
@@ -438,6 +446,23 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             self._writer.close()
         if self._inputs is not None:
             self._inputs.clear()
+
+    def _correlate(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """The run's versions commit under its unit of work's correlation id (message
+        history): the run's `trace/correlation_id` tag (a trigger's); else, when every input
+        version it read was committed under one id, that id (a derived range continues the
+        work that committed its raw range); else its own, `run:<run id>`."""
+        correlation_id = run_correlation_id(run_id, tags)
+        if CORRELATION_TAG not in tags and self._read:
+            inherited = set(
+                correlations(
+                    self.state.versions().engine,
+                    [(d, k, v) for (d, k), v in self._read.items()],
+                ).values()
+            )
+            if len(inherited) == 1 and len(self._read) > 0:
+                correlation_id = inherited.pop()
+        self._dataset_writer().correlate(correlation_id, process_name("run"))
 
     def _dataset_writer(self) -> DatasetWriter:
         if self._writer is None:
@@ -484,7 +509,11 @@ class DatasetIOManager(dg.ConfigurableIOManager):
             # a version whose blocking quality rules failed is never read downstream, in this
             # run or any later one (the circuit breaker across runs)
             return self.state.reader(self.objects).read(
-                dataset, _expected_keys(context), refuse_failed_checks=True, cache=self._cache()
+                dataset,
+                _expected_keys(context),
+                refuse_failed_checks=True,
+                cache=self._cache(),
+                read=self._read,
             )
 
     def _cache(self) -> ReadCache | None:

@@ -4,14 +4,14 @@ relayed afterwards (to Dagster, by the outbox sensor).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
 from trace_resources.storage import state as t
 from trace_resources.storage.records import OutboxEvent
 
-__all__ = ["Outbox", "correlate"]
+__all__ = ["Outbox", "correlate", "correlations"]
 
 
 def correlate(
@@ -29,6 +29,31 @@ def correlate(
             .where(o.c.correlation_id.is_(None))
             .values(correlation_id=correlation_id)
         )
+
+
+def correlations(
+    engine: sa.Engine, versions: Iterable[tuple[str, str, int]]
+) -> dict[tuple[str, str, int], str]:
+    """The correlation id each committed version (dataset, partition key, version) was
+    committed under, for those that carry one."""
+    wanted = sorted(set(versions))
+    if not wanted:
+        return {}
+    o = t.outbox
+    found: dict[tuple[str, str, int], str] = {}
+    with engine.connect() as conn:
+        for start in range(0, len(wanted), 500):
+            rows = conn.execute(
+                sa.select(o.c.dataset, o.c.partition_key, o.c.version, o.c.correlation_id)
+                .where(
+                    sa.tuple_(o.c.dataset, o.c.partition_key, o.c.version).in_(
+                        wanted[start : start + 500]
+                    )
+                )
+                .where(o.c.correlation_id.is_not(None))
+            ).all()
+            found.update({(r.dataset, r.partition_key, r.version): r.correlation_id for r in rows})
+    return found
 
 
 class Outbox:

@@ -132,6 +132,8 @@ outbox = sa.Table(
     sa.Column("correlation_id", sa.Text, nullable=True),
     # the relay looks only at what it has not relayed yet
     sa.Index("trace_outbox_unrelayed", "id", postgresql_where=sa.text("relayed_at IS NULL")),
+    # a version's event (its correlation id: `outbox.correlations`; state_0012)
+    sa.Index("trace_outbox_by_version", "dataset", "partition_key", "version"),
 )
 
 # Which version a logical writer committed: a Dagster step and its retries (see

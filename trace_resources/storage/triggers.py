@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from trace_resources.storage.history import process_name, record_hops
 from trace_resources.storage.state import metadata
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "calls_after",
     "seen_objects",
     "record_object",
+    "call_correlation_id",
 ]
 
 trigger_calls = sa.Table(
@@ -105,7 +107,25 @@ def record_call(
             .returning(*trigger_calls.c)
         ).first()
         if inserted is not None:
-            return _call(inserted), True
+            call = _call(inserted)
+            record_hops(  # the origin of the work the call requests (message history)
+                conn,
+                [
+                    {
+                        "correlation_id": call_correlation_id(call),
+                        "hop": "trigger.called",
+                        "process": process_name("query"),
+                        "org": org,
+                        "details": {
+                            "trigger": trigger,
+                            "call_id": call.id,
+                            "idempotency_key": idempotency_key,
+                            "subject": subject,
+                        },
+                    }
+                ],
+            )
+            return call, True
         found = conn.execute(
             sa.select(trigger_calls).where(
                 trigger_calls.c.trigger == trigger,
@@ -140,8 +160,16 @@ def seen_objects(engine: sa.Engine, trigger: str) -> set[tuple[str, str]]:
     return {(r.object_key, r.object_version) for r in rows}
 
 
-def record_object(engine: sa.Engine, trigger: str, key: str, version: str, outcome: str) -> bool:
-    """Record that the trigger acted on an object; False when it was recorded already."""
+def record_object(
+    engine: sa.Engine,
+    trigger: str,
+    key: str,
+    version: str,
+    outcome: str,
+    hop: dict[str, Any] | None = None,
+) -> bool:
+    """Record that the trigger acted on an object; False when it was recorded already.
+    `hop`: the origin hop of the work it requested, recorded with it (message history)."""
     with engine.begin() as conn:
         done = conn.execute(
             pg_insert(trigger_objects)
@@ -149,4 +177,11 @@ def record_object(engine: sa.Engine, trigger: str, key: str, version: str, outco
             .on_conflict_do_nothing()
             .returning(trigger_objects.c.trigger)
         ).first()
+        if done is not None and hop is not None:
+            record_hops(conn, [hop])
     return done is not None
+
+
+def call_correlation_id(call: TriggerCall) -> str:
+    """The correlation id of the work a webhook call requests: `trigger:<name>:<call id>`."""
+    return f"trigger:{call.trigger}:{call.id}"

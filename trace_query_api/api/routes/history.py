@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Path
 
 from trace_query_api.api.deps import CurrentUser, ServicesDep
 from trace_query_api.api.docs import AUTH_ERRORS, errors
-from trace_query_api.errors import NotFoundError
+from trace_query_api.errors import NotFoundError, UnavailableError
 from trace_query_api.models import HistoryPublic, HopPublic
 from trace_resources import event_history
 from trace_resources.alert_pipeline import tables as alert_tables
@@ -38,7 +39,15 @@ def get_history(
     """The public chain hops (finalized blocks, their commit) and your organisation's own
     (its alerts and their deliveries). An id that is not yours answers 404, as an unknown one."""
     engines = [services.engine, alert_tables.data_engine(services.settings.data_dsn)]
-    hops = event_history.visible_to(event_history.read_hops(engines, correlation_id), principal.org)
+    try:
+        found = event_history.read_hops(engines, correlation_id)
+    except sa.exc.OperationalError as exc:  # half a path would mislead: none, and say why
+        raise UnavailableError(
+            "the history is kept in the state and the alerts databases and one of them is "
+            "unavailable right now; retry shortly",
+            code="history_unavailable",
+        ) from exc
+    hops = event_history.visible_to(found, principal.org)
     if hops is None:
         raise NotFoundError(
             f"no history for correlation id {correlation_id!r} in your organisation; an "

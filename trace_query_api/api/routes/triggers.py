@@ -121,6 +121,7 @@ async def fire(
     return TriggerCallPublic(
         trigger=call.trigger,
         call_id=call.id,
+        correlation_id=calls.call_correlation_id(call),
         idempotency_key=call.idempotency_key,
         fired=new,
         received_at=call.received_at,
