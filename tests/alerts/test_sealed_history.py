@@ -2,7 +2,8 @@
 (`trace/correlation_id`) to every version it commits (a `commit` hop in the commit's
 transaction, the id on the version's outbox event); a derived run of its own, untagged,
 continues the id of the inputs it read; the alert raised from those versions carries it through
-the buffer (SQS on moto) to the sink's `alert.raised` hop. An untagged run with nothing
+the buffer (SQS on moto) to the sink's `alert.raised` hop, and the evaluation's span (OTLP to an
+in-process collector) is the parent of the sink's. An untagged run with nothing
 upstream is its own origin, `run:<run id>`. Real devnet (anvil), S3 API, PostgreSQL, Dagster's
 in-process materialisation with the real IO manager."""
 
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from tests.alerts.conftest import webhook
 from tests.conftest import Devnet, MotoS3Server, NewDatabase
 from tests.derived.conftest import ALL_ASSETS, PARTITIONED, Env, aws_env, make_env  # noqa: F401
+from tests.utils.otlp_collector import OtlpCollector
 from trace_assets.alerts.assets import evaluate_partition
 from trace_assets.alerts.scope import AlertScope
 from trace_assets.checks import DATASET_CHECKS
@@ -28,6 +30,7 @@ from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.storage import state as state_tables
 from trace_resources.storage.history import CORRELATION_TAG
 from trace_resources.storage.state import engine_for
+from trace_resources.telemetry import Tracing
 
 RAW = {"blocks", "transactions", "logs"}
 ORIGIN = "trigger:rebuild:7"  # what a webhook trigger's run carries
@@ -105,13 +108,28 @@ def test_a_triggered_runs_id_follows_its_commits_through_a_derived_run_to_its_al
     alerts = AlertsResource(
         data_dsn=data_dsn, sqs_endpoint_url=s3_server.endpoint_url, queue=queue_name
     )
-    _, plan, errors = evaluate_partition(
-        key, [stored], env.reader, AlertScope(env.state.dsn), alerts
+    with OtlpCollector() as collector:
+        evaluating = Tracing("trace-alert-evaluations", collector.url)
+        sinking = Tracing("trace-alert-sink", collector.url)
+        _, plan, errors = evaluate_partition(
+            key, [stored], env.reader, AlertScope(env.state.dsn), alerts, evaluating
+        )
+        assert not errors and plan.alerts
+        sink = Sink(alerts.buffer(), engine, batch=100, tracing=sinking)
+        while sink.cycle(wait_s=1):
+            pass
+        evaluating.shutdown()
+        sinking.shutdown()
+        spans = collector.snapshot()
+    # traced too: the range's evaluation, naming the work it continues, is the sink's parent
+    [evaluate] = [s for s in spans if s.name == "alerts.evaluate"]
+    assert evaluate.attributes["partition"] == key
+    assert list(evaluate.attributes["trace.correlation_ids"]) == [ORIGIN]
+    assert evaluate.attributes["alert.messages"] == len(plan.messages)
+    sunk = [s for s in spans if s.name == "alert.sink"]
+    assert sunk and all(
+        (s.trace_id, s.parent_span_id) == (evaluate.trace_id, evaluate.span_id) for s in sunk
     )
-    assert not errors and plan.alerts
-    sink = Sink(alerts.buffer(), engine, batch=100)
-    while sink.cycle(wait_s=1):
-        pass
     hops = event_history.read_hops([engine_for(env.state.dsn), engine], ORIGIN)
     raised = [h for h in hops if h.hop == "alert.raised"]
     assert len(raised) == len(plan.alerts) and {h.org for h in raised} == {"acme"}

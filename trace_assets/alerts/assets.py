@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import dagster as dg
 import sqlalchemy as sa
+from opentelemetry import trace
 
 from trace_assets.alerts.composite import evaluate_composite
 from trace_assets.alerts.evaluate import (
@@ -48,8 +49,10 @@ from trace_resources.event_history import CORRELATION_ID
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DEFAULT_OWNER, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
+from trace_resources.settings import get_settings
 from trace_resources.storage.commit import DatasetReader
 from trace_resources.storage.outbox import correlations
+from trace_resources.telemetry import TRACEPARENT, Tracing
 
 __all__ = ["EVALUATION_DEPS", "alert_evaluations", "evaluate_partition", "read_range"]
 
@@ -85,8 +88,26 @@ def evaluate_partition(
     reader: DatasetReader,
     scope: AlertScope,
     alerts: AlertsResource,
+    tracing: Tracing | None = None,
 ) -> tuple[RangeData, Plan, dict[str, str]]:
-    """Evaluate, publish and record one range (the asset's work, without Dagster)."""
+    """Evaluate, publish and record one range (the asset's work, without Dagster). With
+    `tracing` on, the range's evaluation is a span (`alerts.evaluate`, with the correlation id
+    of the versions it read) whose traceparent the messages carry to the sink and deliverer."""
+    tracing = tracing or Tracing("trace-alert-evaluations")  # off: the no-op tracer
+    with tracing.span("alerts.evaluate", {"partition": key, "rules": len(rules)}) as span:
+        data, plan, errors = _evaluate(key, rules, reader, scope, alerts, tracing)
+        span.set_attribute("alert.messages", len(plan.messages))
+    return data, plan, errors
+
+
+def _evaluate(
+    key: str,
+    rules: list[StoredRule],
+    reader: DatasetReader,
+    scope: AlertScope,
+    alerts: AlertsResource,
+    tracing: Tracing,
+) -> tuple[RangeData, Plan, dict[str, str]]:
     extra = {  # the datasets custom SQL conditions read, where their org may read them
         name
         for stored in rules
@@ -98,7 +119,7 @@ def evaluate_partition(
     in_force = {(r.rule.org, r.rule.id): r.version for r in rules}
     with evaluation_lock(engine, key):
         data = read_range(reader, key, extra)
-        correlated = _correlation_of(reader, data)
+        correlated = _correlation_of(reader, data, tracing)
         evaluation = evaluate_rules(rules, data, scope.refusals)
         previous = load_ledger(engine, key, in_force)
         plan = reconcile(previous, evaluation.messages, data, evaluation.skipped)
@@ -111,12 +132,13 @@ def evaluate_partition(
 
 
 def _correlation_of(
-    reader: DatasetReader, data: RangeData
+    reader: DatasetReader, data: RangeData, tracing: Tracing
 ) -> Callable[[Sequence[BufferMessage]], list[BufferMessage]]:
     """What carries the unit of work that committed the range's versions to the alerts raised
     from them (message history): each message gets the correlation id its dataset's version
     was committed under or, for a message of no one dataset (a composite firing), the one id
-    all the range's versions share; none if they carry none."""
+    all the range's versions share; none if they carry none. And the evaluation span's
+    traceparent, when tracing is on."""
     versions = {name: version for name, (version, _) in data.tables.items()}
     found = correlations(
         reader.versions.engine, [(n, data.partition_key, v) for n, v in versions.items()]
@@ -128,15 +150,24 @@ def _correlation_of(
     }
     shared = set(by_dataset.values())
     fallback = shared.pop() if len(shared) == 1 else None
+    if by_dataset:  # the evaluation's span names the work it continues
+        ids = sorted(set(by_dataset.values()))
+        trace.get_current_span().set_attribute("trace.correlation_ids", ids)
+    parent = tracing.traceparent()
 
     def carry(messages: Sequence[BufferMessage]) -> list[BufferMessage]:
         out = []
         for message in messages:
+            carried: dict[str, str] = {}
             correlation_id = by_dataset.get(str(message.payload.get("dataset")), fallback)
-            if correlation_id is None or CORRELATION_ID in message.destination:
+            if correlation_id is not None and CORRELATION_ID not in message.destination:
+                carried[CORRELATION_ID] = correlation_id
+            if parent is not None and TRACEPARENT not in message.destination:
+                carried[TRACEPARENT] = parent
+            if not carried:
                 out.append(message)
                 continue
-            destination = {**message.destination, CORRELATION_ID: correlation_id}
+            destination = {**message.destination, **carried}
             out.append(dataclasses.replace(message, destination=destination))
         return out
 
@@ -200,24 +231,28 @@ def alert_evaluations(
     totals = {"alerts": 0, "new": 0, "retractions": 0, "sent": 0}
     versions: dict[str, dict[str, int]] = {}
     all_errors: dict[str, dict[str, str]] = {}
-    with as_dagster_failure():
-        rules = alerts.rules().latest(enabled_only=True)
-        scope = AlertScope(state.dsn)
-        reader = state.reader(objects)
-        for key in keys:
-            data, plan, errors = evaluate_partition(key, rules, reader, scope, alerts)
-            for rule_key, error in sorted(errors.items()):
-                context.log.warning(f"{key}: rule {rule_key} not evaluated: {error}")
-                all_errors.setdefault(key, {})[rule_key] = error
-            context.log.info(
-                f"{key}: {len(plan.alerts)} alert(s) ({plan.new} new), "
-                f"{len(plan.retractions)} retraction(s), from versions {data.versions}"
-            )
-            totals["alerts"] += len(plan.alerts)
-            totals["new"] += plan.new
-            totals["retractions"] += len(plan.retractions)
-            totals["sent"] += len(plan.messages)
-            versions[key] = data.versions
+    tracing = Tracing.configured("trace-alert-evaluations", get_settings().otlp_endpoint)
+    try:
+        with as_dagster_failure():
+            rules = alerts.rules().latest(enabled_only=True)
+            scope = AlertScope(state.dsn)
+            reader = state.reader(objects)
+            for key in keys:
+                data, plan, errors = evaluate_partition(key, rules, reader, scope, alerts, tracing)
+                for rule_key, error in sorted(errors.items()):
+                    context.log.warning(f"{key}: rule {rule_key} not evaluated: {error}")
+                    all_errors.setdefault(key, {})[rule_key] = error
+                context.log.info(
+                    f"{key}: {len(plan.alerts)} alert(s) ({plan.new} new), "
+                    f"{len(plan.retractions)} retraction(s), from versions {data.versions}"
+                )
+                totals["alerts"] += len(plan.alerts)
+                totals["new"] += plan.new
+                totals["retractions"] += len(plan.retractions)
+                totals["sent"] += len(plan.messages)
+                versions[key] = data.versions
+    finally:
+        tracing.shutdown()  # the step's spans exported, the exporter's thread stopped
     return dg.MaterializeResult(
         metadata={
             "trace/alerts": totals["alerts"],
