@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -328,6 +330,89 @@ def test_replay_redrives_a_consumer_to_the_same_result(
     assert len(_alert_rows(original)) == 2 * len(messages)
     original.dispose()
     replayed.dispose()
+
+
+class _SlowConsumer(BaseHTTPRequestHandler):
+    """Takes 0.3 s per record on `/slow` (a replay then runs for seconds), none elsewhere."""
+
+    received: list[tuple[str, int]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/slow":
+            time.sleep(0.3)
+        type(self).received.append((self.path, int(self.headers["X-Trace-Tap-Seq"])))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_one_replay_of_a_tap_at_a_time_and_a_paused_one_stops_when_it_wakes(
+    tap_env: Any,
+    s3_server: MotoS3Server,
+    s3_bucket: str,
+    new_database: NewDatabase,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tap_env([{"name": "alerts", "source": "alerts", "to": f"s3://{s3_bucket}/taps/lease"}])
+    dsn = new_database(f"data_l_{os.getpid()}_{next(_counter)}", "data")
+    engine = alert_tables.data_engine(dsn)
+    messages = _alert_messages(engine, "acme", 12)
+    source = SqsBuffer(
+        f"tap-lease-{os.getpid()}-{next(_counter)}", endpoint_url=s3_server.endpoint_url
+    )
+    source.send(messages)
+    _drain(Sink(source, engine, batch=50), len(messages))
+    assert taps.hub().get("alerts").flush(20)
+    monkeypatch.setenv("TRACE_LEADER_LEASE_S", "2")
+    monkeypatch.setenv("TRACE_LEADER_RENEW_S", "0.5")
+
+    _SlowConsumer.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowConsumer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    first = subprocess.Popen(
+        [str(Path(sys.executable).with_name("trace")), "taps", "replay", "alerts"]
+        + ["--to", f"{url}/slow"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _SlowConsumer.received:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        # a second replay while the first runs is refused: it would send every record twice
+        capsys.readouterr()
+        assert trace_main(["taps", "replay", "alerts", "--to", f"{url}/fast"]) == 2
+        assert "another replay of tap alerts is running (" in capsys.readouterr().err
+        # the first paused past its lease: another replay takes over and re-drives it all
+        os.killpg(first.pid, signal.SIGSTOP)
+        before = len(_SlowConsumer.received)
+        time.sleep(3)
+        assert trace_main(["taps", "replay", "alerts", "--to", f"{url}/fast"]) == 0
+        assert [q for path, q in _SlowConsumer.received if path == "/fast"] == list(range(1, 13))
+        # woken, the paused one stops at its next record: at most the one it was sending
+        os.killpg(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate()
+        server.shutdown()
+        server.server_close()
+    assert first.returncode == 2, (out, err)
+    assert "replay of tap alerts stopped after" in err and "it lost its lease" in err, err
+    slow = [q for path, q in _SlowConsumer.received if path == "/slow"]
+    assert before <= len(slow) <= before + 1 and len(slow) < 12
+    engine.dispose()
 
 
 def test_a_forked_process_taps_as_its_own_producer(

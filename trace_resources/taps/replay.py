@@ -9,21 +9,24 @@ tap, producer and sequence number go along as message attributes or `X-Trace-Tap
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from trace_resources.errors import TraceError
+from trace_resources.errors import LeaseLostError, TraceError
 from trace_resources.settings import Settings, TapConfig
 
 __all__ = ["ReplayError", "ReplayOutcome", "read_records", "replay", "parse_since"]
 
 Record = dict[str, Any]
 _SQS_BATCH = 10
+_CHECK_S = 1.0  # the replay's lease is checked in Postgres at least this often
 
 
 class ReplayError(TraceError):
@@ -188,10 +191,17 @@ def _to_webhook(url: str, records: Iterable[Record]) -> int:
 def replay(
     settings: Settings, tap: TapConfig, destination: str, *, since: float | None = None
 ) -> ReplayOutcome:
-    """Re-send the tap's records (offered at `since` or later) to `destination`."""
+    """Re-send the tap's records (offered at `since` or later) to `destination`.
+
+    One replay of a tap at a time: it holds the leader lease `tap-replay:<tap>` (renewed by a
+    thread) and checks it before each send, so a second replay is refused while one runs and a
+    replay paused past its lease (another has taken over since) stops at its next send instead
+    of re-driving the consumer a second time."""
     parts = urlsplit(destination)
     if parts.scheme == "sqs" and parts.netloc:
-        send = lambda records: _to_sqs(settings, parts.netloc, records)  # noqa: E731
+        send: Callable[[Iterable[Record]], int] = lambda records: _to_sqs(  # noqa: E731
+            settings, parts.netloc, records
+        )
     elif parts.scheme in ("http", "https") and parts.netloc:
         send = lambda records: _to_webhook(destination, records)  # noqa: E731
     else:
@@ -200,5 +210,60 @@ def replay(
             "http(s):// URL of the consumer"
         )
     outcome = ReplayOutcome()
-    outcome.sent = send(read_records(settings, tap, since=since, outcome=outcome))
+    with _replay_lease(settings, tap) as fenced:
+        outcome.sent = send(fenced(read_records(settings, tap, since=since, outcome=outcome)))
     return outcome
+
+
+@contextlib.contextmanager
+def _replay_lease(
+    settings: Settings, tap: TapConfig
+) -> Iterator[Callable[[Iterable[Record]], Iterator[Record]]]:
+    """Hold the tap's replay lease for the block; what it yields passes records on only while
+    the lease is still this replay's (checked before each record is handed to the sender)."""
+    from trace_resources.leases import LeaderLease, default_holder
+    from trace_resources.storage.state import engine_for
+
+    engine = engine_for(settings.state_dsn)
+    lease = LeaderLease(
+        engine,
+        f"tap-replay:{tap.name}",
+        lease_s=settings.leader_lease_s,
+        renew_s=settings.leader_renew_s,
+        holder=default_holder("tap-replay"),
+    )
+    if lease.try_acquire() is None:
+        current = lease.current()
+        holder = f"{current.holder}, token {current.token}" if current else "another process"
+        raise ReplayError(
+            f"another replay of tap {tap.name} is running ({holder}): wait for it to end "
+            "(`trace leases` shows it) or stop it; two would send every record twice"
+        )
+    sent = 0
+
+    def fenced(records: Iterable[Record]) -> Iterator[Record]:
+        """The records, checked against the lease in Postgres at least once a second (a
+        pause longer than that, such as one past the lease, is always checked on waking)."""
+        nonlocal sent
+        checked = float("-inf")
+        for record in records:
+            try:
+                if not lease.held():
+                    raise LeaseLostError("the renewals found it taken")
+                if time.monotonic() - checked >= _CHECK_S:
+                    with engine.begin() as conn:
+                        lease.check(conn)
+                    checked = time.monotonic()
+            except LeaseLostError as exc:
+                raise ReplayError(
+                    f"replay of tap {tap.name} stopped after {sent} record(s): it lost its lease "
+                    f"(paused or cut off longer than {settings.leader_lease_s:g} s) and another "
+                    f"replay has taken over; nothing more is sent from here ({exc})"
+                ) from None
+            sent += 1
+            yield record
+
+    try:
+        yield fenced
+    finally:
+        lease.release()
