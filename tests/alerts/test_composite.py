@@ -377,6 +377,11 @@ def test_a_composite_rule_as_a_run_trigger_requests_one_run_per_firing(
         ({"op": "all_of", "n": 2}, "`n` applies to op `n_of_m` only"),
         ({"key": "block_number"}, "condition.composite.key"),
         ({"window_blocks": 0}, "condition.composite.window_blocks"),
+        ({"key": ["from_address", "from_address"]}, "a key is 1 to 4 different columns"),
+        (
+            {"key": ["token", "from_address"]},  # the watched member keeps one column
+            "keys of different widths never correlate",
+        ),
     ],
 )
 def test_bad_composite_rules_are_refused_with_the_field(
@@ -386,6 +391,18 @@ def test_bad_composite_rules_are_refused_with_the_field(
     data["condition"] = {**data["condition"], **change}
     with pytest.raises(RuleError, match=message.replace("`", ".")):
         parse_rule(data)
+
+
+def test_a_compound_key_correlates_on_every_column_of_it(pipeline: Pipeline) -> None:
+    """[token, from_address]: the same sender of the same token (all transfers here are of
+    TOKEN, so the same firings as by sender, under keys that name both)."""
+    rule = composite_rule("pair-token", "all_of", key=["token", "from_address"])
+    rule["condition"]["members"][1]["key"] = ["token", "from_address"]
+    RuleStore(pipeline.engine).create(parse_rule(rule))
+    pipeline.evaluate(KEYS[0], KEYS[1])
+    fired = pipeline.standing()
+    assert by_key(fired) == {f"{TOKEN}|{ALICE}": 1, f"{TOKEN}|{CAROL}": 1}
+    assert all(f"for token+from_address {TOKEN}|" in p["text"] for p in fired.values())
 
 
 def _event(block: int, member: str, index: int, key: str, ts: int) -> CompositeEvent:

@@ -4,8 +4,8 @@ conditions, correlated by a key, within a window of blocks (and optionally secon
 Events. Each member is a simple condition (`erc20_transfer_above`, `watched_addresses`); every
 row it matches in a committed range is one event of that member, with the row's block,
 position (transaction and log index), timestamp and correlation key (the column the rule
-names, e.g. `from_address`). Events with no key value (a contract creation's `to_address`) are
-left out.
+names, e.g. `from_address`, or the values of several joined by `|`, e.g. `[token,
+from_address]`). Events with no key value (a contract creation's `to_address`) are left out.
 
 Aggregation (`aggregate`, a pure function). Events are taken in block order — (block,
 transaction index, log index, member, identity), never wall-clock order — and only up to the
@@ -55,7 +55,13 @@ from trace_resources.alert_pipeline.composite import (
     record_range,
 )
 from trace_resources.alert_pipeline.queue import BufferMessage
-from trace_resources.alert_pipeline.rules import ALERT_DATASETS, Composite, StoredRule
+from trace_resources.alert_pipeline.rules import (
+    ALERT_DATASETS,
+    Composite,
+    StoredRule,
+    describe_key,
+    key_columns,
+)
 from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.storage.commit import DatasetReader
 
@@ -87,16 +93,16 @@ def member_events(stored: StoredRule, data: RangeData) -> list[CompositeEvent]:
     for index, member in enumerate(cond.members):
         as_rule = stored.rule.model_copy(update={"condition": member.condition})
         evaluation = evaluate_rules([StoredRule(as_rule, stored.version)], data)
-        column = member.key or cond.key
+        columns = key_columns(member.key or cond.key)
         for message in evaluation.messages:
             row = message.payload["row"]
-            key = row.get(column)
-            if key is None:
+            values = [row.get(column) for column in columns]
+            if any(value is None for value in values):
                 continue
             event = {
                 "member": member.name,
                 "member_index": index,
-                "key": str(key),
+                "key": "|".join(str(value) for value in values),
                 "block_number": int(row["block_number"]),
                 "transaction_index": int(row.get("transaction_index") or 0),
                 "log_index": int(row.get("log_index") or 0),
@@ -231,7 +237,7 @@ def _timeout(
     within = f"{cond.window_blocks} blocks" + (f" / {cond.window_s} s" if cond.window_s else "")
     text = (
         f"[{stored.rule.org}/{stored.rule.id}] TIMEOUT: {', '.join(missing)} did not follow "
-        f"{_describe(window)} within {within} for {cond.key} {key}"
+        f"{_describe(window)} within {within} for {describe_key(cond.key)} {key}"
     )
     return [_message(stored, cond, "timeout", window, key, closes, ranges, text)]
 
@@ -245,7 +251,8 @@ def _firing(
     ranges: Sequence[EvaluatedRange],
 ) -> BufferMessage:
     text = (
-        f"[{stored.rule.org}/{stored.rule.id}] {cond.op}: {_describe(window)} for {cond.key} "
+        f"[{stored.rule.org}/{stored.rule.id}] {cond.op}: {_describe(window)} for "
+        f"{describe_key(cond.key)} "
         f"{key} within {cond.window_blocks} blocks"
     )
     return _message(stored, cond, "fired", window, key, block, ranges, text)

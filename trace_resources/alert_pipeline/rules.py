@@ -171,12 +171,16 @@ def _referenced_tables(sql: str) -> list[str]:
 MemberCondition = Annotated[Erc20TransferAbove | WatchedAddresses, Field(discriminator="kind")]
 
 
+KeyColumn = Literal["from_address", "to_address", "transaction_hash", "token"]
+
+
 class CompositeMember(_Strict):
     name: str = Field(pattern=_NAME, description="Member name, used in texts and `sequence` order.")
     condition: MemberCondition = Field(description="A simple condition (its rows are the events).")
-    key: Literal["from_address", "to_address", "transaction_hash", "token"] | None = Field(
+    key: KeyColumn | list[KeyColumn] | None = Field(
         None,
-        description="The event column that correlates this member (default: the rule's `key`).",
+        description="The event column (or columns) that correlate this member (default: the "
+        "rule's `key`).",
     )
 
 
@@ -190,9 +194,11 @@ class Composite(_Strict):
         "members; `sequence`: the members in the order given."
     )
     members: list[CompositeMember] = Field(min_length=2, max_length=10)
-    key: Literal["from_address", "to_address", "transaction_hash", "token"] = Field(
+    key: KeyColumn | list[KeyColumn] = Field(
         description="The event column whose equal values correlate events (e.g. the same "
-        "sender); a member may name its own with `members[].key`."
+        "sender), or a list of columns whose values together do (e.g. [token, from_address]: "
+        "the same sender of the same token); a member may name its own with `members[].key`, "
+        "with as many columns."
     )
     window_blocks: int = Field(gt=0, le=1_000_000, description="Window length in blocks.")
     window_s: int | None = Field(
@@ -218,14 +224,34 @@ class Composite(_Strict):
                 )
         elif self.n is not None:
             raise ValueError(f"`n` applies to op `n_of_m` only (op is {self.op!r}): remove it")
+        width = len(key_columns(self.key))
         for member in self.members:
-            key = member.key or self.key
-            if key == "token" and not _only_erc20(member.condition):
+            columns = key_columns(member.key or self.key)
+            if len(set(columns)) != len(columns) or not 1 <= len(columns) <= 4:
+                raise ValueError(
+                    f"member {member.name}: a key is 1 to 4 different columns, got {columns}"
+                )
+            if len(columns) != width:
+                raise ValueError(
+                    f"member {member.name}: its key {columns} has {len(columns)} column(s) and "
+                    f"the rule's {width}: keys of different widths never correlate"
+                )
+            if "token" in columns and not _only_erc20(member.condition):
                 raise ValueError(
                     f"member {member.name}: key `token` exists only on erc20_transfers; "
                     "correlate on from_address, to_address or transaction_hash"
                 )
         return self
+
+
+def key_columns(key: str | Sequence[str]) -> list[str]:
+    """A composite key's columns: one (`from_address`) or several (`[token, from_address]`)."""
+    return [key] if isinstance(key, str) else list(key)
+
+
+def describe_key(key: str | Sequence[str]) -> str:
+    """`from_address`, or `token+from_address` for a compound key (in alert texts)."""
+    return "+".join(key_columns(key))
 
 
 def _only_erc20(cond: Erc20TransferAbove | WatchedAddresses) -> bool:
