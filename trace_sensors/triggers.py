@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 
 from trace_resources.alert_pipeline.composite import RuleRef, load_firings
 from trace_resources.alert_pipeline.resource import AlertsResource
@@ -72,6 +73,18 @@ def origin_id(trigger_name: str, what: str) -> str:
     """The correlation id of the work a trigger requested for one object or firing:
     `trigger:<name>:<digest>`, the same on every tick (message history)."""
     return f"trigger:{trigger_name}:{hashlib.sha256(what.encode()).hexdigest()[:24]}"
+
+
+def _record_requested(
+    engine: sa.Engine,
+    trigger_name: str,
+    cursor: str | None,
+    hop: Callable[[str, str], dict[str, Any]],
+) -> None:
+    """Record the objects (or firings) whose run requests the cursor lists: their tick was
+    stored with it, so now they are acted on, each with the origin hop of its run's work."""
+    for key, version in json.loads(cursor or "[]"):
+        table.record_object(engine, trigger_name, key, version, "run requested", hop(key, version))
 
 
 def _origin_hop(
@@ -129,16 +142,18 @@ def build_file_arrival_sensor(
         context: dg.SensorEvaluationContext, objects: ObjectStoreResource, state: StateStoreResource
     ) -> dg.SensorResult:
         engine = engine_for(state.dsn)
-        requested: list[list[str]] = json.loads(context.cursor or "[]")
-        for key, version in requested:  # their tick was stored: now they are acted on
-            hop = _origin_hop(
+        _record_requested(
+            engine,
+            trigger.name,
+            context.cursor,
+            lambda key, version: _origin_hop(
                 trigger.name,
                 "file.arrived",
                 trigger.org,
                 f"{key}@{version}",
                 {"prefix": trigger.prefix, "key": key, "version": version},
-            )
-            table.record_object(engine, trigger.name, key, version, "run requested", hop)
+            ),
+        )
         seen = table.seen_objects(engine, trigger.name)
         source = objects.bucket(bucket)
         arrived = [
@@ -232,16 +247,18 @@ def build_composite_sensor(
         context: dg.SensorEvaluationContext, state: StateStoreResource, alerts: AlertsResource
     ) -> dg.SensorResult:
         engine = engine_for(state.dsn)
-        requested: list[list[str]] = json.loads(context.cursor or "[]")
-        for key, version in requested:  # their tick was stored: now they are acted on
-            hop = _origin_hop(
+        _record_requested(
+            engine,
+            trigger.name,
+            context.cursor,
+            lambda key, _: _origin_hop(
                 trigger.name,
                 "composite.fired",
                 trigger.org,
                 key,
                 {"rule": trigger.rule, "firing": key},
-            )
-            table.record_object(engine, trigger.name, key, version, "run requested", hop)
+            ),
+        )
         stored = alerts.rules().get(trigger.org, trigger.rule)
         if stored is None or stored.rule.condition.kind != "composite":
             what = "no alert rule" if stored is None else "no composite alert rule"
