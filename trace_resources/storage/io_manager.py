@@ -135,6 +135,14 @@ def _output_step(context: dg.OutputContext) -> StepIdentity:
     return StepIdentity(context.run_id, context.step_key, retry_number)
 
 
+def _run_of(context: dg.OutputContext) -> dg.DagsterRun | None:
+    """The Dagster run an output belongs to; None outside a run (direct invocation)."""
+    try:
+        return context.step_context.dagster_run
+    except Exception:  # Dagster raises its own error when there is no step context
+        return None
+
+
 def _asset_step(context: dg.AssetExecutionContext) -> StepIdentity:
     step = context.op_execution_context.get_step_execution_context().step
     return StepIdentity(context.run.run_id, step.key, context.retry_number)
@@ -418,8 +426,8 @@ class DatasetIOManager(dg.ConfigurableIOManager):
         mode = (context.definition_metadata or {}).get(COMMIT_MODE_METADATA, "replace")
         commit_mode: CommitMode = "append" if mode == "append" else "replace"
         writer = self._dataset_writer()
-        with contextlib.suppress(Exception):  # outside a run (direct invocation): no history
-            run = context.step_context.dagster_run
+        run = _run_of(context)
+        if run is not None:  # outside a run (direct invocation): no history
             self._correlate(run.run_id, run.tags)
         with as_dagster_failure():
             output = self._split_output(context, dataset, commit_mode, obj)
@@ -460,7 +468,7 @@ class DatasetIOManager(dg.ConfigurableIOManager):
                     [(d, k, v) for (d, k), v in self._read.items()],
                 ).values()
             )
-            if len(inherited) == 1 and len(self._read) > 0:
+            if len(inherited) == 1:
                 correlation_id = inherited.pop()
         self._dataset_writer().correlate(correlation_id, process_name("run"))
 
