@@ -742,7 +742,8 @@ def test_python_declarations_get_one_line_naming_file_line_and_field(
 # -- launched from the UI ------------------------------------------------------------------
 
 RUN_LOGS = """query($id: ID!) { logsForRun(runId: $id) { __typename
-  ... on EventConnection { events { __typename ... on MessageEvent { message } } } } }"""
+  ... on EventConnection { events { __typename ... on MessageEvent { message }
+  ... on ExecutionStepFailureEvent { error { message } } } } } }"""
 
 
 def test_the_ui_materialises_the_python_transform_over_new_labels(
@@ -775,8 +776,9 @@ def test_the_ui_materialises_the_python_transform_over_new_labels(
         backfill_id = dagster.backfill([key], [UDF])
         runs = dagster.graphql(BACKFILL, {"id": backfill_id})["partitionBackfillOrError"]["runs"]
         logs = dagster.graphql(RUN_LOGS, {"id": runs[0]["runId"]})["logsForRun"]
-    assert [r["status"] for r in runs] == ["SUCCESS"]
     messages = [e.get("message") or "" for e in logs["events"]]
+    errors = [e["error"]["message"] for e in logs["events"] if e.get("error")]
+    assert [r["status"] for r in runs] == ["SUCCESS"], errors or messages[-20:]
     # the transform's process reported through Pipes in the UI-launched run
     assert any("to the attempt's staging key" in m for m in messages), messages
 
