@@ -60,6 +60,7 @@ DEFAULT_ROOT = REPO_ROOT / ".local"
 DAGSTER_HOME = REPO_ROOT / "dagster_home"
 
 LOOPBACK = "127.0.0.1"
+MAX_CONNECTIONS = 300  # the local server's connection slots (PostgreSQL's default: 100)
 PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_PG_PORT = 54329
 DEFAULT_ANVIL_PORT = 18545
@@ -845,6 +846,11 @@ class PostgresServer:
                 f"hba_file={self.hba_file}",
                 "-c",
                 f"listen_addresses={LOOPBACK}",
+                # every process keeps a pool per database it uses (the test session: hundreds of
+                # short-lived databases, `dagster dev`'s daemon, webserver and run workers); the
+                # default 100 slots ran out under a loaded test run
+                "-c",
+                f"max_connections={MAX_CONNECTIONS}",
                 "-p",
                 str(self.port),
                 "-k",

@@ -29,7 +29,7 @@ from trace_resources.alert_pipeline.rules import RuleStore, parse_rule
 from trace_resources.alert_pipeline.sink import Sink
 from trace_resources.storage import state as state_tables
 from trace_resources.storage.history import CORRELATION_TAG
-from trace_resources.storage.state import engine_for
+from trace_resources.storage.state import dispose_engine, engine_for
 from trace_resources.telemetry import Tracing
 
 RAW = {"blocks", "transactions", "logs"}
@@ -48,6 +48,7 @@ def env(
         yield made
     finally:
         made.instance.dispose()
+        dispose_engine(made.state.dsn)  # the session's server has a bounded number of slots
 
 
 def _materialise(env: Env, key: str, assets: list[str], tags: dict[str, str]) -> str:
