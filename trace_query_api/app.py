@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trace_query_api.api.routes import (
     alerts,
+    dashboards,
     datasets,
     docs_ui,
     enrichments,
@@ -99,6 +100,8 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(query.router)
     app.include_router(exports.router)
     app.include_router(saved_queries.router)
+    app.include_router(dashboards.router)
+    app.include_router(dashboards.embed_router)
     app.include_router(alerts.router)
     app.include_router(history.router)
     app.include_router(transforms.router)
