@@ -32,6 +32,7 @@ from trace_query_api.api.routes import (
     tasks,
     transforms,
     triggers,
+    ui,
 )
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
@@ -102,6 +103,7 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(saved_queries.router)
     app.include_router(dashboards.router)
     app.include_router(dashboards.embed_router)
+    app.include_router(ui.router)
     app.include_router(alerts.router)
     app.include_router(history.router)
     app.include_router(transforms.router)
