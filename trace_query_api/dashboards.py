@@ -162,7 +162,13 @@ def literal(kind: ParameterType, value: ParameterValue, name: str) -> str:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return f"CAST('{moment.astimezone(UTC).isoformat(sep=' ')}' AS TIMESTAMPTZ)"
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidDashboardError(
+            f"parameter {name!r}: {value!r} is out of the range of timestamps"
+        ) from None
+    return f"CAST('{utc.isoformat(sep=' ')}' AS TIMESTAMPTZ)"
 
 
 _EXAMPLES = {

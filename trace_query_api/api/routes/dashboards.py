@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, status
+from fastapi import APIRouter, Depends, Path, Query, Request, status
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -92,7 +92,7 @@ def get_dashboard(
     dashboard_id: uuid.UUID,
     principal: CurrentPrincipal,
     services: ServicesDep,
-    version: int | None = None,
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> DashboardPublic:
     row = services.dashboards.get(principal, dashboard_id)
     return _public(row, services.dashboards.version(principal, dashboard_id, version))
