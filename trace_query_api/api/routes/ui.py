@@ -57,13 +57,18 @@ _HEADERS = {
 }
 
 
-@functools.cache
 def vega_bundle() -> bytes:
-    """vega-embed with Vega-Lite and Vega, as one ES module that sets `window.vegaEmbed`."""
+    """vega-embed with Vega-Lite and Vega, as one ES module that sets `window.vegaEmbed`
+    (built once per process: about a second; concurrent first requests wait for it)."""
     with _bundle_lock:
-        import vl_convert
+        return _build_bundle()
 
-        return str(vl_convert.javascript_bundle(_GLOBALS)).encode()
+
+@functools.cache
+def _build_bundle() -> bytes:
+    import vl_convert
+
+    return str(vl_convert.javascript_bundle(_GLOBALS)).encode()
 
 
 @functools.cache
