@@ -29,7 +29,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from infra.local.services import free_port
 from tests.dashboards.conftest import (
-    DAILY_SQL,
     PARAMETERS,
     TRANSFERS,
     TRANSFERS_SQL,
@@ -219,10 +218,21 @@ def test_query_chart_dashboard_and_drill_down(
         lambda d: d.find_element(By.CSS_SELECTOR, "#chart .big-number").text == "60",
     )
 
+    # the query saved for the organisation: the dashboard's first panel uses it
+    _fill(browser, "query-name", "Daily volume")
+    browser.find_element(By.ID, "save-query").click()
+    _wait(
+        browser,
+        "the saved query chosen",
+        lambda d: (
+            Select(d.find_element(By.ID, "saved-query")).first_selected_option.text
+            == "Daily volume"
+        ),
+    )
+
     # a dashboard of two panels: daily volume drills into the transfers of the clicked day
     _fill(browser, "dash-name", "Drill demo")
     _fill(browser, "dash-params", json.dumps(PARAMETERS))
-    _fill(browser, "sql", DAILY_SQL)
     _fill(browser, "panel-id", "daily")
     _fill(browser, "panel-title", "Daily volume")
     Select(browser.find_element(By.ID, "chart-kind")).select_by_value("bar")
@@ -243,8 +253,14 @@ def test_query_chart_dashboard_and_drill_down(
     )
     transfers = _panel(browser, "transfers")
     _wait(browser, "every transfer", lambda d: len(_rows(transfers)) == len(TRANSFERS))
-    saved = httpx.get(f"{service.url}/v1/dashboards", headers=bearer(service.token())).json()
-    assert "Drill demo" in {d["name"] for d in saved["data"]}
+    acme = bearer(service.token())
+    listed = httpx.get(f"{service.url}/v1/dashboards", headers=acme).json()
+    (dashboard_id,) = [d["id"] for d in listed["data"] if d["name"] == "Drill demo"]
+    stored = httpx.get(f"{service.url}/v1/dashboards/{dashboard_id}", headers=acme).json()
+    queries = httpx.get(f"{service.url}/v1/saved-queries", headers=acme).json()["data"]
+    (daily,) = [q for q in queries if q["name"] == "Daily volume"]
+    assert stored["spec"]["panels"][0]["query_id"] == daily["id"]
+    assert stored["spec"]["panels"][1]["sql"] == TRANSFERS_SQL
 
     # click the bar of 2026-01-03: the transfers panel re-runs with day = 2026-01-03
     browser.execute_script(
@@ -259,6 +275,19 @@ def test_query_chart_dashboard_and_drill_down(
     )
     assert "day = 2026-01-03" in _panel(browser, "transfers").text
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
+
+    # an edit is a new version; the older one stays readable
+    browser.find_element(By.ID, "edit-dashboard").click()
+    _fill(browser, "dash-name", "Drill demo renamed")
+    browser.find_element(By.ID, "save-dashboard").click()
+    title = browser.find_element(By.ID, "dashboard-title")
+    _wait(browser, "version 2", lambda d: title.text == "Drill demo renamed (version 2)")
+    Select(browser.find_element(By.ID, "version")).select_by_value("1")
+    _wait(
+        browser,
+        "version 1",
+        lambda d: d.find_element(By.ID, "dashboard-title").text == "Drill demo (version 1)",
+    )
 
     assert _requests_left_loopback(browser) == []
     assert _csp_violations(browser) == []

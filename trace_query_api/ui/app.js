@@ -11,6 +11,7 @@ let token = EMBED ? embedToken() : sessionStorage.getItem(TOKEN_KEY);
 let lastResult = null; // the editor's last result
 let draft = { id: null, panels: [] }; // the dashboard being built
 let current = null; // the dashboard shown: {id, version, spec}
+let saved = []; // the organisation's saved queries
 const drills = {}; // panel id -> {parameter: value} set by a click
 
 function embedToken() {
@@ -263,17 +264,17 @@ function renderDraft() {
   list.replaceChildren();
   for (const panel of draft.panels) {
     const drill = panel.drill ? ` → drill ${panel.drill.panel}.${panel.drill.parameter}=${panel.drill.field}` : "";
-    list.append(el("li", {}, `${panel.id}: ${panel.title} (${panel.chart.kind})${drill}`));
+    const source = panel.query_id ? " saved query" : "";
+    list.append(el("li", {}, `${panel.id}: ${panel.title} (${panel.chart.kind}${source})${drill}`));
   }
 }
 
 function addPanel() {
-  const panel = {
-    id: $("panel-id").value.trim(),
-    title: $("panel-title").value.trim(),
-    sql: $("sql").value,
-    chart: chartFromControls(),
-  };
+  const panel = { id: $("panel-id").value.trim(), title: $("panel-title").value.trim() };
+  const chosen = saved.find((q) => q.id === $("saved-query").value);
+  if (chosen && chosen.sql === $("sql").value) panel.query_id = chosen.id;
+  else panel.sql = $("sql").value;
+  panel.chart = chartFromControls();
   if ($("drill-panel").value.trim()) {
     panel.drill = {
       panel: $("drill-panel").value.trim(),
@@ -293,13 +294,13 @@ async function saveDashboard() {
     throw new Error(`parameters: not JSON (${error.message}); e.g. [{"name": "day", "type": "date"}]`);
   }
   const spec = { name: $("dash-name").value.trim(), parameters, panels: draft.panels };
-  const saved = draft.id
+  const stored = draft.id
     ? await api("PUT", `/v1/dashboards/${draft.id}`, spec)
     : await api("POST", "/v1/dashboards", spec);
-  draft = { id: saved.id, panels: saved.spec.panels.map(stripPanel) };
+  draft = { id: stored.id, panels: stored.spec.panels.map(stripPanel) };
   renderDraft();
   await loadDashboards();
-  await openDashboard(saved.id);
+  await openDashboard(stored.id);
 }
 
 function stripPanel(panel) {
@@ -318,9 +319,42 @@ function editDashboard() {
   renderDraft();
 }
 
-async function openDashboard(id) {
-  const dashboard = await api("GET", `/v1/dashboards/${id}`);
+async function openDashboard(id, version = null) {
+  const query = version ? `?version=${version}` : "";
+  const dashboard = await api("GET", `/v1/dashboards/${id}${query}`);
+  const versions = await api("GET", `/v1/dashboards/${id}/versions`);
+  const select = $("version");
+  select.replaceChildren();
+  for (const v of versions.data.slice().reverse()) {
+    select.append(el("option", { value: String(v.version) }, `${v.version} (${v.created_by})`));
+  }
+  select.value = String(dashboard.version);
   await showDashboard({ id: dashboard.id, version: dashboard.version, spec: dashboard.spec });
+}
+
+// -- saved queries ------------------------------------------------------------------------------
+
+async function loadSaved() {
+  saved = (await api("GET", "/v1/saved-queries")).data;
+  const select = $("saved-query");
+  const keep = select.value;
+  select.replaceChildren(el("option", { value: "" }, "(none)"));
+  for (const query of saved) select.append(el("option", { value: query.id }, query.name));
+  if (saved.some((q) => q.id === keep)) select.value = keep;
+}
+
+function chooseSaved() {
+  const chosen = saved.find((q) => q.id === $("saved-query").value);
+  if (chosen) $("sql").value = chosen.sql;
+}
+
+async function saveQuery() {
+  const created = await api("POST", "/v1/saved-queries", {
+    name: $("query-name").value.trim(),
+    sql: $("sql").value,
+  });
+  await loadSaved();
+  $("saved-query").value = created.id;
 }
 
 async function showDashboard(dashboard) {
@@ -422,6 +456,7 @@ async function signedIn() {
   $("token-status").textContent = token ? "signed in" : "signed out";
   if (!token) return;
   await loadDatasets();
+  await loadSaved();
   await loadDashboards();
 }
 
@@ -451,6 +486,9 @@ function startApp() {
   $("save-dashboard").addEventListener("click", () => guarded(saveDashboard));
   $("apply-params").addEventListener("click", () => guarded(runAll));
   $("edit-dashboard").addEventListener("click", editDashboard);
+  $("version").addEventListener("change", () => guarded(() => openDashboard(current.id, $("version").value)));
+  $("saved-query").addEventListener("change", chooseSaved);
+  $("save-query").addEventListener("click", () => guarded(saveQuery));
   $("share").addEventListener("click", () => guarded(share));
   $("delete-dashboard").addEventListener("click", () => guarded(deleteDashboard));
   guarded(signedIn);
