@@ -52,6 +52,8 @@ __all__ = [
     "EmbedAccess",
     "render_sql",
     "literal",
+    "panel_sql",
+    "shared_panels",
 ]
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
@@ -387,6 +389,18 @@ def panel_sql(spec: Mapping[str, Any], panel_id: str, values: Mapping[str, Param
 # -- embeds ----------------------------------------------------------------------------------
 
 
+def shared_panels(spec: Mapping[str, Any], panel: str | None) -> set[str]:
+    """The panels an embed runs: all (`panel` None), or that panel and its drill target."""
+    if panel is None:
+        return {str(p["id"]) for p in spec["panels"]}
+    allowed = {panel}
+    for candidate in spec["panels"]:
+        drill = candidate.get("drill")
+        if candidate["id"] == panel and drill and drill["panel"] != "self":
+            allowed.add(str(drill["panel"]))
+    return allowed
+
+
 @dataclass(frozen=True)
 class EmbedAccess:
     """A verified, live embed: what it may run."""
@@ -396,17 +410,7 @@ class EmbedAccess:
 
     @property
     def panels(self) -> set[str]:
-        """The panels it may run: all, or its one panel and that panel's drill target."""
-        every = {str(p["id"]) for p in self.spec["panels"]}
-        one = self.embed["panel"]
-        if one is None:
-            return every
-        allowed = {one}
-        for panel in self.spec["panels"]:
-            drill = panel.get("drill")
-            if panel["id"] == one and drill and drill["panel"] != "self":
-                allowed.add(str(drill["panel"]))
-        return allowed
+        return shared_panels(self.spec, self.embed["panel"])
 
     def principal(self, datasets: frozenset[str]) -> Principal:
         """The reader its queries run as: the organisation, narrowed to `datasets`."""

@@ -19,7 +19,7 @@ from trace_query_api.api.deps import CurrentPrincipal, CurrentUser, ServicesDep,
 from trace_query_api.api.docs import AUTH_ERRORS, errors
 from trace_query_api.api.routes.query import QUERY_RESPONSES, render
 from trace_query_api.catalog import Pins
-from trace_query_api.dashboards import DashboardSpec, EmbedAccess, panel_sql
+from trace_query_api.dashboards import DashboardSpec, EmbedAccess, panel_sql, shared_panels
 from trace_query_api.errors import ApiError, AuthError, NotFoundError
 from trace_query_api.models import (
     DashboardPublic,
@@ -37,6 +37,7 @@ from trace_query_api.models import (
 )
 from trace_query_api.services import Services
 from trace_resources.storage import dashboards as store
+from trace_resources.tokens import Principal
 
 router = APIRouter(prefix="/v1/dashboards", tags=["dashboards"])
 embed_router = APIRouter(prefix="/v1/embed", tags=["dashboards"])
@@ -170,15 +171,13 @@ def run_panel(
 # -- embed links -------------------------------------------------------------------------------
 
 
-def _embed_public(row: store.Embed) -> dict[str, Any]:
-    return {k: row[k] for k in EmbedPublic.model_fields}  # type: ignore[literal-required]
-
-
-def _pins_now(services: Services, access: EmbedAccess, principal: Any) -> Pins:
+def _pins_now(
+    services: Services, spec: dict[str, Any], panels: set[str], principal: Principal
+) -> Pins:
     """The versions each shared panel reads now, merged: the embed reads them on every view."""
     pins: Pins = {}
-    for panel_id in sorted(access.panels):
-        sql = panel_sql(access.spec, panel_id, {})
+    for panel_id in sorted(panels):
+        sql = panel_sql(spec, panel_id, {})
         plan = services.plan(principal, sql, pin=None, snapshot=None)
         for name, versions in plan.resolution.versions.items():
             pins.setdefault(name, {}).update(versions)
@@ -211,20 +210,8 @@ def create_embed(
         raise NotFoundError(
             f"version {version['version']} has no panel {body.panel!r}", code="unknown_panel"
         )
-    draft: store.Embed = {  # to know the panels it shares before the row exists
-        "id": "",
-        "dashboard_id": str(dashboard_id),
-        "org": principal.org,
-        "version": version["version"],
-        "panel": body.panel,
-        "pins": None,
-        "created_by": principal.subject,
-        "created_at": None,  # type: ignore[typeddict-item]
-        "expires_at": None,  # type: ignore[typeddict-item]
-        "revoked_at": None,
-    }
-    access = EmbedAccess(draft, version["spec"])
-    pins = _pins_now(services, access, principal) if body.pin_versions else None
+    panels = shared_panels(version["spec"], body.panel)
+    pins = _pins_now(services, version["spec"], panels, principal) if body.pin_versions else None
     row = store.create_embed(
         services.engine,
         org=principal.org,
@@ -238,7 +225,9 @@ def create_embed(
     token = services.embeds.issue(row)
     root = request.scope.get("root_path", "")
     return EmbedCreatedPublic(
-        **_embed_public(row), token=token, url=f"{root}/ui/embed/{row['id']}#token={token}"
+        **EmbedPublic.model_validate(row).model_dump(),
+        token=token,
+        url=f"{root}/ui/embed/{row['id']}#token={token}",
     )
 
 
@@ -253,7 +242,7 @@ def list_embeds(
 ) -> EmbedsPublic:
     services.dashboards.get(principal, dashboard_id)
     rows = store.org_embeds(services.engine, principal.org, str(dashboard_id))
-    return EmbedsPublic(data=[EmbedPublic(**_embed_public(r)) for r in rows], count=len(rows))
+    return EmbedsPublic(data=[EmbedPublic.model_validate(r) for r in rows], count=len(rows))
 
 
 @router.delete(
