@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trace_query_api.api.routes import (
     alerts,
+    dashboards,
     datasets,
     docs_ui,
     enrichments,
@@ -31,6 +32,7 @@ from trace_query_api.api.routes import (
     tasks,
     transforms,
     triggers,
+    ui,
 )
 from trace_query_api.edge import EdgeMiddleware
 from trace_query_api.errors import ApiError
@@ -99,6 +101,9 @@ def create_app(settings: QuerySettings | None = None) -> FastAPI:
     app.include_router(query.router)
     app.include_router(exports.router)
     app.include_router(saved_queries.router)
+    app.include_router(dashboards.router)
+    app.include_router(dashboards.embed_router)
+    app.include_router(ui.router)
     app.include_router(alerts.router)
     app.include_router(history.router)
     app.include_router(transforms.router)

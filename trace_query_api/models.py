@@ -54,6 +54,17 @@ __all__ = [
     "DeliveryPublic",
     "AlertPublic",
     "AlertsPublic",
+    "DashboardPublic",
+    "DashboardsPublic",
+    "DashboardVersionPublic",
+    "DashboardVersionsPublic",
+    "PanelRunRequest",
+    "EmbedRunRequest",
+    "EmbedCreate",
+    "EmbedPublic",
+    "EmbedCreatedPublic",
+    "EmbedsPublic",
+    "EmbedDashboardPublic",
 ]
 
 MAX_LIMIT = 1_000_000
@@ -411,3 +422,96 @@ class TriggerCallPublic(BaseModel):
         "and nothing new happens."
     )
     received_at: datetime
+
+
+# -- dashboards (`trace_query_api.dashboards` holds the spec they carry) ---------------------
+
+
+class DashboardPublic(BaseModel):
+    id: str
+    name: str
+    version: int = Field(description="The version shown here (the newest unless asked).")
+    current_version: int
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+    spec: dict[str, Any] | None = Field(
+        None, description="The version's spec; a saved query's SQL is copied into its panel."
+    )
+
+
+class DashboardsPublic(BaseModel):
+    data: list[DashboardPublic]
+    count: int
+
+
+class DashboardVersionPublic(BaseModel):
+    version: int
+    created_by: str
+    created_at: datetime
+
+
+class DashboardVersionsPublic(BaseModel):
+    data: list[DashboardVersionPublic]
+    count: int
+
+
+ParameterValues = dict[
+    Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")],
+    Annotated[str, StringConstraints(max_length=100)] | int | None,
+]
+
+
+class PanelRunRequest(_Request):
+    parameters: ParameterValues = Field(
+        default_factory=dict, description="Values of the dashboard's parameters (else defaults)."
+    )
+    version: Version | None = Field(None, description="Run the panel of this version.")
+    limit: int | None = Field(None, ge=1, le=MAX_LIMIT)
+
+
+class EmbedRunRequest(_Request):
+    parameters: ParameterValues = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1, le=MAX_LIMIT)
+
+
+class EmbedCreate(_Request):
+    ttl_s: int = Field(3600, ge=1, description="Seconds until the link stops working.")
+    panel: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")] | None = Field(
+        None, description="Share this panel only (and the panel it drills into)."
+    )
+    version: Version | None = Field(None, description="Share this version (default: newest).")
+    pin_versions: bool = Field(
+        True, description="Read the dataset versions current now, on every view."
+    )
+
+
+class EmbedPublic(BaseModel):
+    id: str
+    dashboard_id: str
+    version: int
+    panel: str | None
+    pins: dict[str, dict[str, int]] | None
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+
+class EmbedCreatedPublic(EmbedPublic):
+    token: str = Field(description="The embed token (read-only, this version's panels only).")
+    url: str = Field(description="The embed page, token in the fragment: never sent to servers.")
+
+
+class EmbedsPublic(BaseModel):
+    data: list[EmbedPublic]
+    count: int
+
+
+class EmbedDashboardPublic(BaseModel):
+    dashboard_id: str
+    version: int
+    name: str
+    panel: str | None
+    parameters: list[dict[str, Any]]
+    panels: list[dict[str, Any]]

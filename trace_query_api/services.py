@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from trace_query_api.alerts import AlertService
 from trace_query_api.catalog import Catalog, Pins, Resolution, pins_covering
 from trace_query_api.current import CurrentFilesCache
+from trace_query_api.dashboards import Dashboards, EmbedTokens
 from trace_query_api.encode import Cursor, sql_fingerprint
 from trace_query_api.engine import ParsedQuery, Parser, api_error, with_aliases
 from trace_query_api.errors import (
@@ -186,6 +187,8 @@ class Services:
         self.catalog = Catalog(self.engine, self.files, self.current)
         self.saved = SavedQueries(self.engine)
         self.parser = Parser()
+        self.dashboards = Dashboards(self.engine, self.parser)
+        self.embeds = EmbedTokens(self.keyring, settings, self.engine)
         self.sandbox = SandboxPool(
             settings.query_max_concurrent,
             memory_bytes=settings.query_memory_bytes,

@@ -986,6 +986,13 @@ class QuerySettings(Settings):
     query_token_leeway_s: int = Field(
         30, ge=0, description="Clock skew tolerated on exp / iat / nbf, seconds."
     )
+    query_embed_frame_ancestors: str = Field(
+        "*",
+        pattern=r"^(\*|'none'|'self'|(https?://[A-Za-z0-9.:*\[\]-]+)( https?://[A-Za-z0-9.:*\[\]-]+)*)$",
+        description="Who may frame a dashboard's embed page (`/ui/embed/<id>`): the CSP "
+        "`frame-ancestors` sources, e.g. `https://intranet.example.com https://wiki.example.com`; "
+        "`*` any web page. The `/ui/` page itself is never framed.",
+    )
     # the sandbox
     query_timeout_s: float = Field(
         10.0, gt=0, description="Hard time limit of an interactive query, seconds."

@@ -47,6 +47,9 @@ ADDED_AFTER_BASELINE: dict[migrations.Database, set[str]] = {
         "trace_trigger_calls",
         "trace_trigger_objects",
         "trace_event_history",
+        "trace_dashboards",
+        "trace_dashboard_versions",
+        "trace_dashboard_embeds",
     },
     "data": {
         "trace_alert_delivery_attempts",
@@ -64,6 +67,7 @@ def state_metadata() -> sa.MetaData:
     from trace_resources import event_history, leases  # noqa: F401  (history; leader leases)
     from trace_resources.storage import (  # noqa: F401
         access,
+        dashboards,
         enrichments,
         exports,
         iceberg,
