@@ -234,6 +234,72 @@ def alerts_end_to_end(
     print()
 
 
+DEMO_DASHBOARD: dict[str, Any] = {
+    "name": "Devnet overview",
+    "description": "Made by `make demo`: click a day's bar to see that day's transfers.",
+    "parameters": [{"name": "day", "type": "date", "label": "Day (click a bar)"}],
+    "panels": [
+        {
+            "id": "daily",
+            "title": "Daily ERC-20 transfer volume",
+            "chart": {"kind": "bar", "x": "day", "y": "transfers"},
+            "sql": "SELECT CAST(to_timestamp(block_timestamp) AS DATE) AS day, "
+            "count(*) AS transfers FROM erc20_transfers GROUP BY 1 ORDER BY 1",
+            "drill": {"panel": "transfers", "parameter": "day", "field": "day"},
+        },
+        {
+            "id": "transfers",
+            "title": "Transfers of the day (newest 50)",
+            "chart": {"kind": "table"},
+            "sql": "SELECT block_number, '0x' || lower(hex(token)) AS token, "
+            "'0x' || lower(hex(from_address)) AS sender, '0x' || lower(hex(to_address)) AS "
+            "receiver, value_string AS amount FROM erc20_transfers WHERE {{day}} IS NULL OR "
+            "CAST(to_timestamp(block_timestamp) AS DATE) = {{day}} "
+            "ORDER BY block_number DESC, log_index DESC LIMIT 50",
+        },
+        {
+            "id": "contracts",
+            "title": "Busiest contracts (ERC-20 Transfer events)",
+            "chart": {"kind": "bar", "x": "contract", "y": "transfers"},
+            "sql": "SELECT '0x' || lower(hex(token)) AS contract, count(*) AS transfers "
+            "FROM erc20_transfers GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+        },
+        {
+            "id": "gas",
+            "title": "Gas per block (last 1,000 blocks)",
+            "chart": {"kind": "line", "x": "block_number", "y": "gas_used"},
+            "sql": "SELECT block_number, gas_used FROM blocks "
+            "ORDER BY block_number DESC LIMIT 1000",
+        },
+    ],
+}
+EMBED_TTL_S = 30 * 24 * 3600  # the demo link works for 30 days (revoke it in the page)
+DEV_QUERY_URL = "http://127.0.0.1:8700"  # `make dev`'s query service (infra/dev.py --query-port)
+
+
+def demo_dashboard(client: httpx.Client, dev_url: str) -> str:
+    """The demo dashboard of organisation 'demo' (a new version if an earlier demo made it),
+    each panel run once through the service, and an embed link to it; the link's URL as
+    `make dev`'s query service serves it."""
+    listed = client.get("/v1/dashboards").raise_for_status().json()["data"]
+    same = [d for d in listed if d["name"] == DEMO_DASHBOARD["name"]]
+    if same:
+        made = client.put(f"/v1/dashboards/{same[0]['id']}", json=DEMO_DASHBOARD)
+    else:
+        made = client.post("/v1/dashboards", json=DEMO_DASHBOARD)
+    dashboard = made.raise_for_status().json()
+    for panel in DEMO_DASHBOARD["panels"]:
+        ran = client.post(
+            f"/v1/dashboards/{dashboard['id']}/panels/{panel['id']}/run", json={"parameters": {}}
+        ).raise_for_status()
+        _say(f"dashboard panel {panel['title']!r}: {len(ran.json()['rows'])} row(s)")
+    embed = client.post(
+        f"/v1/dashboards/{dashboard['id']}/embeds",
+        json={"ttl_s": EMBED_TTL_S, "pin_versions": False},
+    ).raise_for_status()
+    return f"{dev_url}{embed.json()['url']}"
+
+
 HEAD_WATCHED = "0x" + "d3" * 20
 
 
@@ -365,11 +431,17 @@ def main() -> int:
         with query_client(args.root) as client:
             sample_queries(client)
             alerts_end_to_end(env, args.root, keys, client)
+            dashboard_url = demo_dashboard(client, DEV_QUERY_URL)
         _say("stopped the query service")
     finally:
         if not args.keep_running:
             services.down()
             _say("stopped the local services")
+    print()
+    print("the demo dashboard (daily transfer volume, busiest contracts, gas per block), served")
+    print(f"by `make dev`; the link is read-only and works for 30 days:\n  {dashboard_url}")
+    print(f"or sign in at {DEV_QUERY_URL}/ui/ with the token that")
+    print("  .venv/bin/trace token issue --org demo --subject you   prints")
     return 0
 
 
