@@ -65,28 +65,34 @@ def test_a_full_server_is_refused_as_busy_not_as_the_orgs_share() -> None:
 def test_a_waiting_org_at_its_share_does_not_block_another_org_queued_behind_it() -> None:
     share = FairShare(total=2, per_org=1)
     order: list[str] = []
-    with holding(share, "a", 1), holding(share, "c", 1):
-        # both slots taken; "a" queues first (and stays at its share), then "b"
-        def wait_for(org: str) -> None:
-            try:
-                with share.acquire(org, wait_s=2):
-                    order.append(org)
-                    time.sleep(0.3)
-            except RateLimitedError:
-                order.append(f"{org} refused")
 
-        a = threading.Thread(target=wait_for, args=("a",))
-        a.start()
-        time.sleep(0.1)
-        b = threading.Thread(target=wait_for, args=("b",))
-        b.start()
-        time.sleep(0.1)
-    # "c" released a slot first (the blocks exit inner-first): only "b" may take it, although
-    # "a" waited longer; then "a" gets its own slot back
+    def wait_for(org: str) -> None:
+        try:
+            with share.acquire(org, wait_s=3):
+                order.append(org)
+                time.sleep(0.3)
+        except RateLimitedError:
+            order.append(f"{org} refused")
+
+    a = threading.Thread(target=wait_for, args=("a",))
+    b = threading.Thread(target=wait_for, args=("b",))
+    with holding(share, "a", 1):
+        with holding(share, "c", 1):
+            # both slots taken; "a" queues first (and stays at its share), then "b"
+            a.start()
+            time.sleep(0.1)
+            b.start()
+            time.sleep(0.1)
+        # "c" released its slot: only "b" may take it, although "a" waited longer ("a" still
+        # holds its share); "a" goes on waiting while its own slot is held
+        deadline = time.monotonic() + 2
+        while not order and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order == ["b"], order
+    # then "a" gets its own slot back
     a.join(5)
     b.join(5)
-    assert order[0] == "b", order
-    assert sorted(order) == ["a", "b"]
+    assert order == ["b", "a"], order
     assert share.running() == 0
 
 
