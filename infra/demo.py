@@ -263,6 +263,7 @@ DEMO_DASHBOARD: dict[str, Any] = {
             "chart": {"kind": "bar", "x": "contract", "y": "transfers"},
             "sql": "SELECT '0x' || lower(hex(token)) AS contract, count(*) AS transfers "
             "FROM erc20_transfers GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+            "represent": True,  # also an asset in `make dev`'s Dagster: its chart as SVG/PNG
         },
         {
             "id": "gas",

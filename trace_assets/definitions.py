@@ -16,6 +16,7 @@ from trace_assets.head.follower import HEAD_DATASETS
 from trace_assets.partitions import MAX_PARTITIONS_PER_RUN, block_ranges
 from trace_assets.raw.chain import RAW_ASSET_KEYS, RawChain, build_raw_chain, raw_chain
 from trace_assets.raw.traces import geth_calls
+from trace_assets.represent import load_represent_assets
 from trace_assets.retention import build_retention_schedule, retention_gc_job
 from trace_assets.udfs import load_enrichment_specs, load_udf_assets
 from trace_resources.alert_pipeline.resource import AlertsResource
@@ -159,6 +160,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             # organisations' transforms, as applied when the code location (re)loads
             *load_udf_assets(settings.state_dsn),
             *load_enrichment_specs(settings.state_dsn),  # the uploads they may join
+            # dashboard panels with `represent: true`: their charts as assets (represent.py)
+            *load_represent_assets(settings.state_dsn),
         ],
         asset_checks=[*DATASET_CHECKS, head_freshness_checks],
         jobs=jobs,

@@ -106,6 +106,13 @@ class PanelSpec(_Spec):
     sql: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SQL_CHARS)] | None = None
     chart: ChartSpec
     drill: DrillSpec | None = None
+    represent: bool = Field(
+        False,
+        description="Also materialise the panel as a Dagster asset (`represent_<org>__...`): "
+        "its chart as SVG and PNG and its data snapshot, pinned to the dataset versions read, "
+        "refreshed when they change. A line, bar, area, scatter or number panel without "
+        "parameters (one fixed picture).",
+    )
 
 
 class DashboardSpec(_Spec):
@@ -283,6 +290,16 @@ class Dashboards:
             )
         if chart.kind == "number" and not chart.y:
             raise InvalidDashboardError(f"{where}: a number chart needs `chart.y` (a column)")
+        if panel.represent and chart.kind == "table":
+            raise InvalidDashboardError(
+                f"{where}: `represent` draws a chart: a table panel has none (use a saved "
+                "query or an export for its rows)"
+            )
+        if panel.represent and PLACEHOLDER.search(sql):
+            raise InvalidDashboardError(
+                f"{where}: `represent` materialises one fixed picture: its SQL may use no "
+                "{{parameters}} (write the values into this panel's SQL)"
+            )
         if panel.drill is not None:
             target = panel.drill.panel
             if target != "self" and target not in {p.id for p in spec.panels}:

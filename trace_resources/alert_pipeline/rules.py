@@ -56,6 +56,7 @@ from trace_resources.settings import get_settings
 
 __all__ = [
     "ALERT_DATASETS",
+    "referenced_tables",
     "AlertRule",
     "AnyChannel",
     "ChannelRefused",
@@ -143,15 +144,15 @@ class CustomSql(_Strict):
             raise ValueError("must be one statement (no ';' inside)")
         if not re.match(r"(?is)^(select|with)\b", body):
             raise ValueError("must be a SELECT (or WITH … SELECT) statement")
-        _referenced_tables(body)  # must parse
+        referenced_tables(body)  # must parse
         return body
 
     def tables(self) -> list[str]:
         """The tables (dataset names) the statement reads, CTE names excluded."""
-        return _referenced_tables(self.sql)
+        return referenced_tables(self.sql)
 
 
-def _referenced_tables(sql: str) -> list[str]:
+def referenced_tables(sql: str) -> list[str]:
     """Dataset names a statement reads, parsed by DuckDB in a sandbox (no file or network
     access, so a table function such as read_csv can not touch anything while parsing).
     Identifiers are case-insensitive in SQL, so `BLOCKS` names `blocks`, as in the query

@@ -38,6 +38,7 @@ __all__ = [
     "org_embeds",
     "revoke_embed",
     "live_embed",
+    "current_specs",
 ]
 
 _now = sa.func.now()
@@ -359,3 +360,41 @@ def live_embed(engine: sa.Engine, embed_id: str) -> tuple[Embed, DashboardVersio
         created_at=embed["created_at"],
     )
     return embed, version
+
+
+def current_specs(engine: sa.Engine) -> list[tuple[Dashboard, DashboardVersion]]:
+    """Every dashboard of every organisation with its current version (the `Represent` assets
+    are built from them when the code location loads), by org and id."""
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(
+                sa.select(
+                    *dashboards.c,
+                    dashboard_versions.c.spec,
+                    dashboard_versions.c.created_by.label("version_created_by"),
+                    dashboard_versions.c.created_at.label("version_created_at"),
+                )
+                .join(
+                    dashboard_versions,
+                    sa.and_(
+                        dashboard_versions.c.dashboard_id == dashboards.c.id,
+                        dashboard_versions.c.version == dashboards.c.current_version,
+                    ),
+                )
+                .order_by(dashboards.c.org, dashboards.c.id)
+            )
+            .mappings()
+            .all()
+        )
+    out = []
+    for r in rows:
+        board = cast(Dashboard, {c.name: r[c.name] for c in dashboards.c})
+        version = DashboardVersion(
+            dashboard_id=r["id"],
+            version=r["current_version"],
+            spec=r["spec"],
+            created_by=r["version_created_by"],
+            created_at=r["version_created_at"],
+        )
+        out.append((board, version))
+    return out
