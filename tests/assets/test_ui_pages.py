@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -29,20 +28,18 @@ import httpx
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from infra.local.services import MotoS3Server, free_port
 from tests.conftest import CHAIN_ID, RANGE_SIZE, Devnet, NewDatabase
+from tests.utils.browser import headless_chrome
 from trace_resources.chain.ranges import complete_ranges
 from trace_resources.instance.run_launcher import WORKER_TAG
 from trace_resources.registry import DEFAULT_OWNER, check_description, declarations
 from trace_resources.storage.state import dispose_engine
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 _counter = itertools.count()
 
 ADD_PARTITION = """mutation($key: String!) { addDynamicPartition(partitionsDefName: "block_ranges",
@@ -196,23 +193,8 @@ def ui(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed for the UI tests: run `make install`")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container has no user namespace for Chromium's sandbox
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1600,1000",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-    try:
+    with headless_chrome((1600, 1000)) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _open(browser: webdriver.Chrome, url: str, *texts: str) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,6 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
-from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -36,32 +33,16 @@ from tests.dashboards.conftest import (
     bearer,
     spec,
 )
+from tests.utils.browser import headless_chrome
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 BARS = "svg .mark-rect path"
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.fail("chromium and chromedriver are needed for the UI tests: run `make install`")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # root in a container has no user namespace for Chromium's sandbox
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1600,1200",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=ChromeService(executable_path=CHROMEDRIVER))
-    try:
+    logs = {"goog:loggingPrefs": {"performance": "ALL", "browser": "ALL"}}
+    with headless_chrome((1600, 1200), logs) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 class _Framing(http.server.BaseHTTPRequestHandler):
