@@ -34,13 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from trace_assets.udfs import UDF_GROUP_PREFIX
+from trace_assets.udfs import UDF_GROUP_PREFIX, sandboxed_select
 from trace_resources.alert_pipeline.rules import referenced_tables
 from trace_resources.failures import as_dagster_failure
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.sandbox import InlineSource, SandboxError
-from trace_resources.sandbox.shared import udf_sql_pool
-from trace_resources.settings import byte_size, get_settings
+from trace_resources.sandbox import InlineSource
+from trace_resources.settings import get_settings
 from trace_resources.storage import dashboards as store
 from trace_resources.storage.paths import UNPARTITIONED
 from trace_resources.storage.state import engine_for
@@ -151,19 +150,7 @@ def _failure(panel: RepresentedPanel, why: str) -> dg.Failure:
 
 def _run_select(panel: RepresentedPanel, sources: list[InlineSource]) -> pa.Table:
     settings = get_settings()
-    timeout_s = settings.udf_sql_timeout_s
-    try:
-        with udf_sql_pool(settings).lease(wait_s=60 + timeout_s) as worker:
-            page = worker.page(
-                panel.sql,
-                sources,
-                offset=0,
-                limit=1 << 62,
-                max_bytes=byte_size(settings.udf_sql_max_output),
-                timeout_s=timeout_s,
-            )
-    except SandboxError as exc:
-        raise _failure(panel, f"its SQL failed in the sandbox ({exc.kind}): {exc}") from None
+    page = sandboxed_select(asset_name(panel), panel.sql, sources, settings)
     if page.has_more:
         raise _failure(
             panel,

@@ -42,7 +42,13 @@ from trace_resources.udfs.catalogue import input_catalogue
 from trace_resources.udfs.declaration import PythonCode, SqlCode
 from trace_resources.udfs.enrichments import enrichment_declarations
 
-__all__ = ["build_udf_asset", "load_enrichment_specs", "load_udf_assets", "UDF_GROUP_PREFIX"]
+__all__ = [
+    "build_udf_asset",
+    "load_enrichment_specs",
+    "load_udf_assets",
+    "sandboxed_select",
+    "UDF_GROUP_PREFIX",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +123,15 @@ def _conform(
     return conformed
 
 
-def _run_select(udf: UdfDeclaration, sources: list[InlineSource], settings: Settings) -> pa.Table:
-    assert isinstance(udf.code, SqlCode)
+def sandboxed_select(name: str, sql: str, sources: list[InlineSource], settings: Settings) -> Any:
+    """An organisation's SELECT over `sources` in a worker of the SQL transforms' sandbox pool:
+    its page of results (`has_more` when it outgrew TRACE_UDF_SQL_MAX_OUTPUT); a sandbox
+    refusal as the step's failure, naming `name`."""
     timeout_s = settings.udf_sql_timeout_s
     try:
         with udf_sql_pool(settings).lease(wait_s=60 + timeout_s) as worker:
-            page = worker.page(
-                udf.code.sql,
+            return worker.page(
+                sql,
                 sources,
                 offset=0,
                 limit=1 << 62,
@@ -131,7 +139,12 @@ def _run_select(udf: UdfDeclaration, sources: list[InlineSource], settings: Sett
                 timeout_s=timeout_s,
             )
     except SandboxError as exc:
-        raise _sandbox_failure(udf.name, exc, settings) from None
+        raise _sandbox_failure(name, exc, settings) from None
+
+
+def _run_select(udf: UdfDeclaration, sources: list[InlineSource], settings: Settings) -> pa.Table:
+    assert isinstance(udf.code, SqlCode)
+    page = sandboxed_select(udf.name, udf.code.sql, sources, settings)
     if page.has_more:
         raise _failure(
             f"the SQL of {udf.name} returned more than {settings.udf_sql_max_output} for one "
