@@ -67,10 +67,15 @@ def test_one_correlation_id_is_followed_from_its_finalized_block_to_its_webhook_
     history = json.loads(capsys.readouterr().out)
     hops: list[dict[str, Any]] = history["hops"]
     # the alert is published before the commit (a crash between them never loses it), so the
-    # sink may store it before the blocks commit: both lie between the block and the delivery
+    # sink may store it, and the deliverer send it, before the blocks commit (CI saw the commit
+    # last): the commit follows the block; the alert's own hops keep their order
     names = [h["hop"] for h in hops]
-    assert names[0] == "block.finalized" and names[-1] == "alert.delivered", names
-    assert sorted(names[1:3]) == ["alert.raised", "commit"], names
+    assert names[0] == "block.finalized" and names.count("commit") == 1, names
+    assert [n for n in names if n != "commit"] == [
+        "block.finalized",
+        "alert.raised",
+        "alert.delivered",
+    ], names
     assert [h["at"] for h in hops] == sorted(h["at"] for h in hops)
     by_name = {h["hop"]: h for h in hops}
     finalized, commit = by_name["block.finalized"], by_name["commit"]
