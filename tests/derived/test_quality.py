@@ -17,9 +17,12 @@ from trace_assets.checks import (
     raw_rule_outcomes,
 )
 from trace_assets.derived import transforms
-from trace_assets.quality import evaluate_rule, evaluate_rules
-from trace_resources.registry import RangeRule, SqlRule, declarations
+from trace_assets.derived.assets import PARTITIONED_TRANSFORMS, derive_pipelined
+from trace_assets.quality import RuleOutcome, evaluate_rule, evaluate_rules
+from trace_resources.chain.ranges import parse_partition_key
+from trace_resources.registry import RangeRule, SqlRule, arrow_schema, declarations
 from trace_resources.storage.commit import PartitionData
+from trace_resources.storage.state import engine_for
 
 
 def rule(dataset: str, name: str):  # type: ignore[no-untyped-def]
@@ -245,6 +248,14 @@ def test_circuit_breaker_keeps_bad_data_from_readers(raw_env: Env) -> None:
         assert check.metadata["failing_by_partition"].value == {key: 3}
         # nothing reached readers: no version for either range of the failed run
         assert raw_env.reader.resolve("erc20_transfers", raw_env.keys[:2]) == {}
+        # the ranges staged while the rules ran were failed at once (their files are GC's),
+        # not left live until their leases ran out
+        with engine_for(raw_env.settings.state_dsn).connect() as conn:
+            states = conn.exec_driver_sql(
+                "SELECT partition_key, state FROM trace_attempts WHERE dataset = 'erc20_transfers'"
+            ).all()
+        assert states and {k for k, _ in states} <= set(raw_env.keys[:2]), states
+        assert "staging" not in {state for _, state in states}, states
     finally:
         with raw_env.state.writer(raw_env.objects) as writer:
             writer.write("logs", key, PartitionData(logs))
@@ -327,3 +338,77 @@ def test_a_failed_upstream_check_blocks_downstream_in_later_runs(raw_env: Env) -
     )
     assert fixed.success
     assert sorted(raw_env.reader.resolve("erc20_transfers", keys)) == keys
+
+
+@pytest.mark.parametrize("dataset", ["erc20_transfers", "transaction_fees"])
+def test_a_run_derived_chunk_by_chunk_equals_the_run_derived_whole(
+    raw_env: Env, dataset: str
+) -> None:
+    """A multi-range run transforms, checks and stages its ranges a chunk at a time (the rules
+    and staging of one chunk beside the transform of the next): the same rows per range and the
+    same rule outcomes as the ranges transformed in one piece; unsorted input is taken whole."""
+    decl = declarations()[dataset]
+    upstream = {u: raw_env.reader.read(u, raw_env.keys) for u in decl.upstream}
+
+    def derive(
+        inputs: dict[str, pa.Table], chunks: int
+    ) -> tuple[list[object], dict[str, pa.Table]]:
+        staged: dict[str, pa.Table] = {}
+
+        def stage(parts: dict[str, PartitionData]) -> list[object]:
+            assert not set(parts) & set(staged), "a range staged twice"
+            staged.update((k, p.table) for k, p in parts.items())
+            return list(parts)
+
+        outcomes, handles = derive_pipelined(
+            decl,
+            PARTITIONED_TRANSFORMS[dataset],
+            arrow_schema(decl),
+            inputs,
+            list(reversed(raw_env.keys)),  # in any order
+            stage,  # type: ignore[arg-type]
+            chunks=chunks,
+        )
+        assert sorted(handles) == sorted(raw_env.keys)  # type: ignore[type-var]
+        return outcomes, staged
+
+    whole_outcomes, whole = derive(upstream, 1)
+    assert len(raw_env.keys) >= 4
+    assert sum(t.num_rows for t in whole.values()) > 0
+    for chunks in (3, len(raw_env.keys)):
+        outcomes, parts = derive(upstream, chunks)
+        assert sorted(parts) == sorted(whole)
+        for key, table in whole.items():
+            assert parts[key].equals(table), (chunks, key)
+        assert [seen(o) for o in outcomes] == [seen(o) for o in whole_outcomes]
+    # a duplicated row at the end breaks the block order: taken whole, the duplicate still
+    # counted by the range's unique rule
+    first = decl.upstream[0]
+    rows = upstream[first]
+    if first == "logs":
+        rows = rows.filter(
+            pc.equal(rows["topic0"], pa.scalar(transforms.TRANSFER_TOPIC, pa.binary()))
+        )
+    shuffled = {**upstream, first: pa.concat_tables([upstream[first], rows.slice(0, 1)])}
+    outcomes, parts = derive(shuffled, 3)
+    assert sorted(parts) == sorted(whole)
+    unique = next(o for o in outcomes if o.kind == "unique")
+    assert unique.failing == 1, unique
+    assert [k for k, n in unique.by_partition.items() if n] == [min(raw_env.keys, key=start)]
+
+
+def start(key: str) -> int:
+    return parse_partition_key(key).start
+
+
+def seen(outcome: RuleOutcome) -> tuple[object, ...]:
+    """What a rule's check shows (a partition without failing rows shows no examples)."""
+    return (
+        outcome.rule,
+        outcome.rows,
+        outcome.failing,
+        outcome.examples,
+        outcome.by_partition,
+        outcome.rows_by_partition,
+        {k: v for k, v in outcome.examples_by_partition.items() if v},
+    )

@@ -18,11 +18,13 @@ rules still stop a commit; the Dagster asset checks, and the datasets derived fr
 """
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from dagster_shared.utils.warnings import BetaWarning
@@ -32,17 +34,20 @@ from trace_assets.derived import transforms
 from trace_assets.partitions import ChainAssets
 from trace_assets.quality import (
     QualityGateError,
+    RuleOutcome,
     check_results,
     evaluate_rules,
     gate,
+    merge_outcomes,
     rule_check_specs,
 )
+from trace_resources.chain.ranges import parse_partition_key
 from trace_resources.chain.schemas import TRACE_DATASETS
 from trace_resources.chains import SECONDARY_DERIVED_DATASETS
 from trace_resources.failures import as_dagster_failure
 from trace_resources.registry import DatasetDeclaration, arrow_schema, declarations
 from trace_resources.resources import ObjectStoreResource, StateStoreResource
-from trace_resources.storage.commit import DatasetReader, PartitionData
+from trace_resources.storage.commit import DatasetReader, PartitionData, StagedPartition
 from trace_resources.storage.io_manager import (
     COMMIT_MODE_METADATA,
     DatasetIOManager,
@@ -169,36 +174,112 @@ def _quality_failure(exc: QualityGateError, outcomes: list[Any]) -> dg.Failure:
     )
 
 
+def _checked(
+    decl: DatasetDeclaration, chain: DerivedChain, outcomes: list[RuleOutcome]
+) -> Iterator[dg.AssetCheckResult]:
+    """The primary's check results, then its gate; another chain's gate alone (it has no
+    asset checks to report the results on): raise if a blocking rule tripped."""
+    if chain.chain is None:
+        yield from check_results(decl.name, outcomes)
+    try:
+        gate(decl.name, outcomes)
+    except QualityGateError as exc:
+        raise _quality_failure(exc, outcomes) from exc
+
+
 def _gated(
     decl: DatasetDeclaration, tables: dict[str | None, pa.Table]
 ) -> Iterator[dg.AssetCheckResult]:
-    """Yield the check results of every rule, then raise if a blocking one tripped."""
-    outcomes = evaluate_rules(decl, tables)
-    yield from check_results(decl.name, outcomes)
+    """Evaluate every rule over the tables, yield the check results, then raise if a blocking
+    rule tripped."""
+    yield from _checked(decl, PRIMARY, evaluate_rules(decl, tables))
+
+
+# A multi-range run transforms its ranges in up to this many chunks, so that while the
+# transform (Python, holding the GIL) works on one chunk, the rules (DuckDB) and the staging
+# (pyarrow's Parquet writers) of the chunk before run on another core.
+PIPELINE_CHUNKS = 8
+
+
+def _range_chunks(keys: Sequence[str], chunks: int) -> list[list[str]]:
+    """The keys in block order, cut into at most `chunks` runs of consecutive keys."""
+    ordered = sorted(keys, key=lambda k: parse_partition_key(k).start)
+    size = -(-len(ordered) // max(1, min(chunks, len(ordered))))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def _block_slicer(upstream: Mapping[str, pa.Table]) -> Callable[[int, int], dict[str, pa.Table]]:
+    """Slices of every upstream table by block numbers (first, last inclusive). LookupError
+    when a table is not sorted by `block_number`, or has none (the run is transformed whole)."""
+    numbers: dict[str, np.ndarray] = {}
+    for name, table in upstream.items():
+        if "block_number" not in table.column_names:
+            raise LookupError(name)
+        column = table["block_number"].to_numpy() if table.num_rows else np.array([], np.uint64)
+        if column.size > 1 and not bool(np.all(column[1:] >= column[:-1])):
+            raise LookupError(name)
+        numbers[name] = column
+
+    def cut(first: int, last: int) -> dict[str, pa.Table]:
+        out = {}
+        for name, table in upstream.items():
+            lo = int(np.searchsorted(numbers[name], first, side="left"))
+            hi = int(np.searchsorted(numbers[name], last, side="right"))
+            out[name] = table.slice(lo, hi - lo)
+        return out
+
+    return cut
+
+
+def derive_pipelined(
+    decl: DatasetDeclaration,
+    transform: Callable[..., pa.Table],
+    schema: pa.Schema,
+    upstream: Mapping[str, pa.Table],
+    keys: Sequence[str],
+    stage: Callable[[dict[str, PartitionData]], list[StagedPartition]],
+    chunks: int = PIPELINE_CHUNKS,
+) -> tuple[list[RuleOutcome], list[StagedPartition]]:
+    """Transform the run's ranges, evaluate every rule over each range and stage each range:
+    (the outcomes merged per rule, the staged partitions), exactly as for the ranges in one
+    piece. Ranges are transformed chunk by chunk (every transform is row-local within a
+    range), the rules and the staging of one chunk overlapping the transform of the next.
+    Nothing is committed; the caller gates and commits (or, raising, aborts what was staged).
+    """
     try:
-        gate(decl.name, outcomes)
-    except QualityGateError as exc:
-        raise _quality_failure(exc, outcomes) from exc
+        cut = _block_slicer(upstream) if len(keys) > 1 and chunks > 1 else None
+    except LookupError:
+        cut = None
+    groups = _range_chunks(keys, chunks) if cut is not None else [list(keys)]
 
+    def check_and_stage(parts: dict[str, pa.Table]) -> tuple[list[RuleOutcome], list[Any]]:
+        outcomes = evaluate_rules(decl, dict(parts))
+        return outcomes, stage({k: PartitionData(t) for k, t in parts.items()})
 
-def _gate_only(decl: DatasetDeclaration, tables: dict[str | None, pa.Table]) -> None:
-    """A secondary chain's circuit breaker: raise if a blocking rule tripped (it has no asset
-    checks to report the results on)."""
-    outcomes = evaluate_rules(decl, tables)
+    per_rule: list[list[RuleOutcome]] = []
+    staged: list[StagedPartition] = []
+    pool = ThreadPoolExecutor(1, thread_name_prefix=f"derive-{decl.name}")
+    pending: list[Future[tuple[list[RuleOutcome], list[Any]]]] = []
     try:
-        gate(decl.name, outcomes)
-    except QualityGateError as exc:
-        raise _quality_failure(exc, outcomes) from exc
-
-
-def _checked(
-    decl: DatasetDeclaration, chain: DerivedChain, tables: dict[str | None, pa.Table]
-) -> Iterator[dg.AssetCheckResult]:
-    """The primary's check results and gate; another chain's gate alone."""
-    if chain.chain is None:
-        yield from _gated(decl, tables)
-    else:
-        _gate_only(decl, tables)
+        for group in groups:
+            if cut is None:
+                inputs = dict(upstream)
+            else:
+                inputs = cut(
+                    parse_partition_key(group[0]).start, parse_partition_key(group[-1]).last
+                )
+            parts = transforms.split_by_range(transform(**inputs).cast(schema), group)
+            pending.append(pool.submit(check_and_stage, parts))
+        for future in pending:
+            outcomes, done = future.result()
+            staged += done
+            per_rule = per_rule or [[] for _ in outcomes]
+            for bucket, outcome in zip(per_rule, outcomes, strict=True):
+                bucket.append(outcome)
+    finally:
+        # every chunk's staging done (or cancelled) before the caller aborts what was staged
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [merge_outcomes(bucket) for bucket in per_rule], staged
 
 
 def build_derived_asset(
@@ -244,16 +325,20 @@ def _decorate(
         **upstream: pa.Table,
     ) -> Iterator[Any]:
         keys = list(context.partition_keys)
-        derived = transform(**upstream).cast(schema)
-        parts = transforms.split_by_range(derived, keys)
-        tables: dict[str | None, pa.Table] = {k: t for k, t in parts.items()}
-        yield from _checked(decl, chain, tables)
         # committed here, so the output carries the committed content's data version: a range
         # re-derived identical (kept as it was) does not re-trigger alert evaluation
         with as_dagster_failure(), dataset_io_manager.staging(context) as staging:
-            staged = staging.stage(
-                dataset, {k: PartitionData(t) for k, t in parts.items()}, mode=decl.commit_mode
+            outcomes, staged = derive_pipelined(
+                decl,
+                transform,
+                schema,
+                upstream,
+                keys,
+                lambda parts: staging.stage(dataset, parts, mode=decl.commit_mode),
             )
+            # every rule's result, then the circuit breaker: a tripped blocking rule fails the
+            # step here and the staging block aborts what was staged; nothing is committed
+            yield from _checked(decl, chain, outcomes)
             results = staging.commit(staged)
         yield versioned_output(
             results, metadata={"trace/input_rows": sum(t.num_rows for t in upstream.values())}
@@ -433,7 +518,7 @@ def build_rollup_asset(
             if primary:  # nothing committed: the checks report on the version that stands
                 yield from _unchanged_checks(decl, reader)
             return
-        yield from _checked(decl, chain, {None: table})
+        yield from _checked(decl, chain, evaluate_rules(decl, {None: table}))
         yield dg.Output(table, metadata={"dagster/row_count": table.num_rows})
 
     return _rollup
