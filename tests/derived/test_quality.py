@@ -350,13 +350,17 @@ def test_a_run_derived_chunk_by_chunk_equals_the_run_derived_whole(
     decl = declarations()[dataset]
     upstream = {u: raw_env.reader.read(u, raw_env.keys) for u in decl.upstream}
 
+    calls: list[list[str]] = []
+
     def derive(
         inputs: dict[str, pa.Table], chunks: int
     ) -> tuple[list[object], dict[str, pa.Table]]:
         staged: dict[str, pa.Table] = {}
+        calls.clear()
 
         def stage(parts: dict[str, PartitionData]) -> list[object]:
             assert not set(parts) & set(staged), "a range staged twice"
+            calls.append(sorted(parts, key=start))
             staged.update((k, p.table) for k, p in parts.items())
             return list(parts)
 
@@ -368,15 +372,20 @@ def test_a_run_derived_chunk_by_chunk_equals_the_run_derived_whole(
             list(reversed(raw_env.keys)),  # in any order
             stage,  # type: ignore[arg-type]
             chunks=chunks,
+            min_rows=0,  # the devnet's ranges are small
         )
         assert sorted(handles) == sorted(raw_env.keys)  # type: ignore[type-var]
         return outcomes, staged
 
     whole_outcomes, whole = derive(upstream, 1)
+    assert len(calls) == 1
     assert len(raw_env.keys) >= 4
     assert sum(t.num_rows for t in whole.values()) > 0
     for chunks in (3, len(raw_env.keys)):
         outcomes, parts = derive(upstream, chunks)
+        # staged a chunk of consecutive ranges at a time, in block order
+        assert 2 <= len(calls) <= chunks, calls
+        assert [k for chunk in calls for k in chunk] == sorted(raw_env.keys, key=start)
         assert sorted(parts) == sorted(whole)
         for key, table in whole.items():
             assert parts[key].equals(table), (chunks, key)
@@ -391,7 +400,7 @@ def test_a_run_derived_chunk_by_chunk_equals_the_run_derived_whole(
         )
     shuffled = {**upstream, first: pa.concat_tables([upstream[first], rows.slice(0, 1)])}
     outcomes, parts = derive(shuffled, 3)
-    assert sorted(parts) == sorted(whole)
+    assert sorted(parts) == sorted(whole) and len(calls) == 1
     unique = next(o for o in outcomes if o.kind == "unique")
     assert unique.failing == 1, unique
     assert [k for k, n in unique.by_partition.items() if n] == [min(raw_env.keys, key=start)]

@@ -17,6 +17,7 @@ rules still stop a commit; the Dagster asset checks, and the datasets derived fr
 (`TRACE_DERIVED_ASSETS`), are the primary's.
 """
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,40 +196,62 @@ def _gated(
     yield from _checked(decl, PRIMARY, evaluate_rules(decl, tables))
 
 
-# A multi-range run transforms its ranges in up to this many chunks, so that while the
+# A multi-range run transforms its ranges in up to PIPELINE_CHUNKS chunks, so that while the
 # transform (Python, holding the GIL) works on one chunk, the rules (DuckDB) and the staging
-# (pyarrow's Parquet writers) of the chunk before run on another core.
+# (pyarrow's Parquet writers) of the chunk before run on another core. A chunk takes at least
+# PIPELINE_MIN_ROWS input rows: below that, a chunk's own costs (a staging transaction, the
+# rules' queries) outweigh what the overlap saves.
 PIPELINE_CHUNKS = 8
+PIPELINE_MIN_ROWS = 200_000
 
 
-def _range_chunks(keys: Sequence[str], chunks: int) -> list[list[str]]:
-    """The keys in block order, cut into at most `chunks` runs of consecutive keys."""
-    ordered = sorted(keys, key=lambda k: parse_partition_key(k).start)
-    size = -(-len(ordered) // max(1, min(chunks, len(ordered))))
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+class _BlockSlicer:
+    """Slices of every upstream table by block numbers. LookupError when a table is not sorted
+    by `block_number`, or has none (then the run is transformed whole)."""
 
-
-def _block_slicer(upstream: Mapping[str, pa.Table]) -> Callable[[int, int], dict[str, pa.Table]]:
-    """Slices of every upstream table by block numbers (first, last inclusive). LookupError
-    when a table is not sorted by `block_number`, or has none (the run is transformed whole)."""
-    numbers: dict[str, np.ndarray] = {}
-    for name, table in upstream.items():
-        if "block_number" not in table.column_names:
-            raise LookupError(name)
-        column = table["block_number"].to_numpy() if table.num_rows else np.array([], np.uint64)
-        if column.size > 1 and not bool(np.all(column[1:] >= column[:-1])):
-            raise LookupError(name)
-        numbers[name] = column
-
-    def cut(first: int, last: int) -> dict[str, pa.Table]:
-        out = {}
+    def __init__(self, upstream: Mapping[str, pa.Table]) -> None:
+        self.upstream = upstream
+        self.numbers: dict[str, np.ndarray] = {}
         for name, table in upstream.items():
-            lo = int(np.searchsorted(numbers[name], first, side="left"))
-            hi = int(np.searchsorted(numbers[name], last, side="right"))
+            if "block_number" not in table.column_names:
+                raise LookupError(name)
+            column = table["block_number"].to_numpy() if table.num_rows else np.array([])
+            if column.size > 1 and not bool(np.all(column[1:] >= column[:-1])):
+                raise LookupError(name)
+            self.numbers[name] = column
+
+    def _bounds(self, name: str, first: int, last: int) -> tuple[int, int]:
+        lo = int(np.searchsorted(self.numbers[name], first, side="left"))
+        return lo, int(np.searchsorted(self.numbers[name], last, side="right"))
+
+    def rows(self, key: str) -> int:
+        r = parse_partition_key(key)
+        return sum(hi - lo for lo, hi in (self._bounds(n, r.start, r.last) for n in self.numbers))
+
+    def cut(self, keys: Sequence[str]) -> dict[str, pa.Table]:
+        """The rows of consecutive ranges `keys`, from every upstream table."""
+        first, last = parse_partition_key(keys[0]).start, parse_partition_key(keys[-1]).last
+        out = {}
+        for name, table in self.upstream.items():
+            lo, hi = self._bounds(name, first, last)
             out[name] = table.slice(lo, hi - lo)
         return out
 
-    return cut
+    def chunks(self, keys: Sequence[str], chunks: int, min_rows: int) -> list[list[str]]:
+        """The keys in block order, in runs of consecutive keys of about the same input rows:
+        at most `chunks` of them, each of `min_rows` rows or more (but the last)."""
+        ordered = sorted(keys, key=lambda k: parse_partition_key(k).start)
+        rows = {k: self.rows(k) for k in ordered}
+        target = max(sum(rows.values()) / max(1, chunks), min_rows, 1)
+        groups: list[list[str]] = [[]]
+        filled = 0
+        for key in ordered:
+            if filled >= target:
+                groups.append([])
+                filled = 0
+            groups[-1].append(key)
+            filled += rows[key]
+        return groups
 
 
 def derive_pipelined(
@@ -239,6 +262,7 @@ def derive_pipelined(
     keys: Sequence[str],
     stage: Callable[[dict[str, PartitionData]], list[StagedPartition]],
     chunks: int = PIPELINE_CHUNKS,
+    min_rows: int = PIPELINE_MIN_ROWS,
 ) -> tuple[list[RuleOutcome], list[StagedPartition]]:
     """Transform the run's ranges, evaluate every rule over each range and stage each range:
     (the outcomes merged per rule, the staged partitions), exactly as for the ranges in one
@@ -246,33 +270,29 @@ def derive_pipelined(
     range), the rules and the staging of one chunk overlapping the transform of the next.
     Nothing is committed; the caller gates and commits (or, raising, aborts what was staged).
     """
-    try:
-        cut = _block_slicer(upstream) if len(keys) > 1 and chunks > 1 else None
-    except LookupError:
-        cut = None
-    groups = _range_chunks(keys, chunks) if cut is not None else [list(keys)]
-
-    def check_and_stage(parts: dict[str, pa.Table]) -> tuple[list[RuleOutcome], list[Any]]:
-        outcomes = evaluate_rules(decl, dict(parts))
-        return outcomes, stage({k: PartitionData(t) for k, t in parts.items()})
+    slicer: _BlockSlicer | None = None
+    if len(keys) > 1 and chunks > 1:
+        with contextlib.suppress(LookupError):
+            slicer = _BlockSlicer(upstream)
+    groups = slicer.chunks(keys, chunks, min_rows) if slicer is not None else [list(keys)]
 
     per_rule: list[list[RuleOutcome]] = []
     staged: list[StagedPartition] = []
-    pool = ThreadPoolExecutor(1, thread_name_prefix=f"derive-{decl.name}")
-    pending: list[Future[tuple[list[RuleOutcome], list[Any]]]] = []
+    # a chunk's rules and its staging run side by side (both mostly outside the GIL), and
+    # beside the next chunk's transform
+    pool = ThreadPoolExecutor(2, thread_name_prefix=f"derive-{decl.name}")
+    checking: list[Future[list[RuleOutcome]]] = []
+    staging: list[Future[list[StagedPartition]]] = []
     try:
         for group in groups:
-            if cut is None:
-                inputs = dict(upstream)
-            else:
-                inputs = cut(
-                    parse_partition_key(group[0]).start, parse_partition_key(group[-1]).last
-                )
+            inputs = dict(upstream) if slicer is None else slicer.cut(group)
             parts = transforms.split_by_range(transform(**inputs).cast(schema), group)
-            pending.append(pool.submit(check_and_stage, parts))
-        for future in pending:
-            outcomes, done = future.result()
-            staged += done
+            checking.append(pool.submit(evaluate_rules, decl, dict(parts)))
+            staging.append(pool.submit(stage, {k: PartitionData(t) for k, t in parts.items()}))
+        for future in staging:
+            staged += future.result()
+        for checked in checking:
+            outcomes = checked.result()
             per_rule = per_rule or [[] for _ in outcomes]
             for bucket, outcome in zip(per_rule, outcomes, strict=True):
                 bucket.append(outcome)
