@@ -278,17 +278,23 @@ def derive_pipelined(
 
     per_rule: list[list[RuleOutcome]] = []
     staged: list[StagedPartition] = []
-    # a chunk's rules and its staging run side by side (both mostly outside the GIL), and
-    # beside the next chunk's transform
-    pool = ThreadPoolExecutor(2, thread_name_prefix=f"derive-{decl.name}")
     checking: list[Future[list[RuleOutcome]]] = []
     staging: list[Future[list[StagedPartition]]] = []
+    # one thread checks, then stages, each chunk while the next one is transformed (a second
+    # thread beside the transform slows it, and it is the run's longest path); the last chunk,
+    # with no transform left to overlap, is checked and staged side by side
+    serial = ThreadPoolExecutor(1, thread_name_prefix=f"derive-{decl.name}")
+    side = ThreadPoolExecutor(1, thread_name_prefix=f"derive-{decl.name}-last")
     try:
-        for group in groups:
+        for number, group in enumerate(groups, start=1):
             inputs = dict(upstream) if slicer is None else slicer.cut(group)
             parts = transforms.split_by_range(transform(**inputs).cast(schema), group)
-            checking.append(pool.submit(evaluate_rules, decl, dict(parts)))
-            staging.append(pool.submit(stage, {k: PartitionData(t) for k, t in parts.items()}))
+            checking.append(serial.submit(evaluate_rules, decl, dict(parts)))
+            staging.append(
+                (serial if number < len(groups) else side).submit(
+                    stage, {k: PartitionData(t) for k, t in parts.items()}
+                )
+            )
         for future in staging:
             staged += future.result()
         for checked in checking:
@@ -298,7 +304,8 @@ def derive_pipelined(
                 bucket.append(outcome)
     finally:
         # every chunk's staging done (or cancelled) before the caller aborts what was staged
-        pool.shutdown(wait=True, cancel_futures=True)
+        serial.shutdown(wait=True, cancel_futures=True)
+        side.shutdown(wait=True, cancel_futures=True)
     return [merge_outcomes(bucket) for bucket in per_rule], staged
 
 
