@@ -198,60 +198,41 @@ def _gated(
 
 # A multi-range run transforms its ranges in up to PIPELINE_CHUNKS chunks, so that while the
 # transform (Python, holding the GIL) works on one chunk, the rules (DuckDB) and the staging
-# (pyarrow's Parquet writers) of the chunk before run on another core. A chunk takes at least
-# PIPELINE_MIN_ROWS input rows: below that, a chunk's own costs (a staging transaction, the
+# (pyarrow's Parquet writers) of the chunk before run on another core. A chunk takes about
+# PIPELINE_MIN_ROWS input rows or more: below that, a chunk's own costs (a staging transaction, the
 # rules' queries) outweigh what the overlap saves.
 PIPELINE_CHUNKS = 8
 PIPELINE_MIN_ROWS = 200_000
 
 
-class _BlockSlicer:
-    """Slices of every upstream table by block numbers. LookupError when a table is not sorted
-    by `block_number`, or has none (then the run is transformed whole)."""
+def _block_slicer(upstream: Mapping[str, pa.Table]) -> Callable[[int, int], dict[str, pa.Table]]:
+    """Slices of every upstream table by block numbers (first, last inclusive). LookupError
+    when a table is not sorted by `block_number`, or has none (the run is transformed whole)."""
+    numbers: dict[str, np.ndarray] = {}
+    for name, table in upstream.items():
+        if "block_number" not in table.column_names:
+            raise LookupError(name)
+        column = table["block_number"].to_numpy() if table.num_rows else np.array([], np.uint64)
+        if column.size > 1 and not bool(np.all(column[1:] >= column[:-1])):
+            raise LookupError(name)
+        numbers[name] = column
 
-    def __init__(self, upstream: Mapping[str, pa.Table]) -> None:
-        self.upstream = upstream
-        self.numbers: dict[str, np.ndarray] = {}
-        for name, table in upstream.items():
-            if "block_number" not in table.column_names:
-                raise LookupError(name)
-            column = table["block_number"].to_numpy() if table.num_rows else np.array([])
-            if column.size > 1 and not bool(np.all(column[1:] >= column[:-1])):
-                raise LookupError(name)
-            self.numbers[name] = column
-
-    def _bounds(self, name: str, first: int, last: int) -> tuple[int, int]:
-        lo = int(np.searchsorted(self.numbers[name], first, side="left"))
-        return lo, int(np.searchsorted(self.numbers[name], last, side="right"))
-
-    def rows(self, key: str) -> int:
-        r = parse_partition_key(key)
-        return sum(hi - lo for lo, hi in (self._bounds(n, r.start, r.last) for n in self.numbers))
-
-    def cut(self, keys: Sequence[str]) -> dict[str, pa.Table]:
-        """The rows of consecutive ranges `keys`, from every upstream table."""
-        first, last = parse_partition_key(keys[0]).start, parse_partition_key(keys[-1]).last
+    def cut(first: int, last: int) -> dict[str, pa.Table]:
         out = {}
-        for name, table in self.upstream.items():
-            lo, hi = self._bounds(name, first, last)
+        for name, table in upstream.items():
+            lo = int(np.searchsorted(numbers[name], first, side="left"))
+            hi = int(np.searchsorted(numbers[name], last, side="right"))
             out[name] = table.slice(lo, hi - lo)
         return out
 
-    def chunks(self, keys: Sequence[str], chunks: int, min_rows: int) -> list[list[str]]:
-        """The keys in block order, in runs of consecutive keys of about the same input rows:
-        at most `chunks` of them, each of `min_rows` rows or more (but the last)."""
-        ordered = sorted(keys, key=lambda k: parse_partition_key(k).start)
-        rows = {k: self.rows(k) for k in ordered}
-        target = max(sum(rows.values()) / max(1, chunks), min_rows, 1)
-        groups: list[list[str]] = [[]]
-        filled = 0
-        for key in ordered:
-            if filled >= target:
-                groups.append([])
-                filled = 0
-            groups[-1].append(key)
-            filled += rows[key]
-        return groups
+    return cut
+
+
+def _range_chunks(keys: Sequence[str], chunks: int) -> list[list[str]]:
+    """The keys in block order, cut into at most `chunks` runs of consecutive keys."""
+    ordered = sorted(keys, key=lambda k: parse_partition_key(k).start)
+    size = -(-len(ordered) // max(1, min(chunks, len(ordered))))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def derive_pipelined(
@@ -270,11 +251,13 @@ def derive_pipelined(
     range), the rules and the staging of one chunk overlapping the transform of the next.
     Nothing is committed; the caller gates and commits (or, raising, aborts what was staged).
     """
-    slicer: _BlockSlicer | None = None
+    cut = None
     if len(keys) > 1 and chunks > 1:
         with contextlib.suppress(LookupError):
-            slicer = _BlockSlicer(upstream)
-    groups = slicer.chunks(keys, chunks, min_rows) if slicer is not None else [list(keys)]
+            cut = _block_slicer(upstream)
+    rows = sum(t.num_rows for t in upstream.values())
+    count = min(chunks, max(1, rows // max(1, min_rows)))  # chunks of min_rows rows or more
+    groups = _range_chunks(keys, count) if cut is not None else [list(keys)]
 
     per_rule: list[list[RuleOutcome]] = []
     staged: list[StagedPartition] = []
@@ -287,7 +270,8 @@ def derive_pipelined(
     side = ThreadPoolExecutor(1, thread_name_prefix=f"derive-{decl.name}-last")
     try:
         for number, group in enumerate(groups, start=1):
-            inputs = dict(upstream) if slicer is None else slicer.cut(group)
+            first, last = parse_partition_key(group[0]), parse_partition_key(group[-1])
+            inputs = dict(upstream) if cut is None else cut(first.start, last.last)
             parts = transforms.split_by_range(transform(**inputs).cast(schema), group)
             checking.append(serial.submit(evaluate_rules, decl, dict(parts)))
             staging.append(
