@@ -5,8 +5,10 @@ Each declaration gives the asset its description, `dagster/column_schema`,
 `schema_matches_declaration`). The code here only says how rows are computed (`transforms`).
 
 Partitioned datasets read the committed upstream ranges of the run (any number at once, one
-run per backfill), transform them together, cut the result by range, evaluate the quality
-rules of every range and commit only when no blocking rule tripped (the circuit breaker).
+run per backfill), transform them a chunk of consecutive ranges at a time (`derive_pipelined`:
+each chunk's rules and staging beside the next chunk's transform), cut the result by range,
+evaluate the quality rules of every range and commit only when no blocking rule tripped (the
+circuit breaker; what was staged is then failed at once).
 
 Every chain of TRACE_CHAINS derives the same datasets from its own raw ones (`DerivedChain`):
 the primary's are `DERIVED_ASSETS` (asset keys `erc20_transfers` ..., partitions
