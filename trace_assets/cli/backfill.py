@@ -28,11 +28,14 @@ resumes after them), unless `--detach` was given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,10 +186,12 @@ class Deployment:
         on_event: Callable[[dict[str, Any]], None],
         on_end: Callable[[str], None],
         idle_s: float = 1.0,
+        stop: Callable[[], bool] = lambda: False,
     ) -> str | None:
         """Hand the run's events to `on_event` as the webserver pushes them (GraphQL over its
         websocket), until the run's end event (its status to `on_end`); return the cursor after
-        the last event handled.
+        the last event handled; or as soon as `stop()` is true (checked at least every
+        `idle_s`).
 
         Returns early (with the cursor reached, None before any event) when the webserver
         serves no websocket or the connection breaks: the caller reads the rest with queries.
@@ -210,10 +215,12 @@ class Deployment:
                 variables = {"runId": run_id, "after": None}
                 payload = {"query": SUBSCRIBE, "variables": variables}
                 socket.send(json.dumps({"id": "1", "type": "start", "payload": payload}))
-                while True:
+                while not stop():
                     try:
                         message = json.loads(socket.recv(timeout=idle_s))
                     except TimeoutError:
+                        if stop():
+                            break
                         status = self.graphql(STATUS, {"runId": run_id})["runOrError"]
                         if status.get("status") in DONE or status["__typename"] != "Run":
                             return cursor
@@ -231,6 +238,7 @@ class Deployment:
                         return cursor
         except (OSError, WebSocketException, ValueError, KeyError, TypeError):
             return cursor
+        return cursor
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
@@ -390,18 +398,25 @@ def _launch(deployment: Deployment, selection: Selection) -> str:
     raise CliError(f"the deployment refused the run ({launched['__typename']}): {reason}")
 
 
-def _follow(deployment: Deployment, run_id: str, total: int, poll_s: float) -> Followed:
+def _follow(
+    deployment: Deployment,
+    run_id: str,
+    total: int,
+    poll_s: float,
+    stop: Callable[[], bool] = lambda: False,
+) -> Followed:
     """Follow the run's events to its end: pushed over the webserver's websocket while it
-    serves one, then read with queries (what is left, and the run's final status)."""
+    serves one, then read with queries (what is left, and the run's final status). Returns
+    early, the status unknown, once `stop()` is true."""
     from trace_assets.cli.console import progress
 
     seen = Followed()
     with progress("ranges committed", total) as bar:
         cursor = deployment.stream_events(
-            run_id, lambda event: _read_event(event, seen, bar), seen.end
+            run_id, lambda event: _read_event(event, seen, bar), seen.end, stop=stop
         )
         ended = seen.status if seen.status in DONE else None
-        while True:
+        while not stop():
             data = deployment.graphql(FOLLOW, {"runId": run_id, "after": cursor})
             run = data["runOrError"]
             if run["__typename"] != "Run":
@@ -421,6 +436,7 @@ def _follow(deployment: Deployment, run_id: str, total: int, poll_s: float) -> F
                 seen.status = run["status"]
                 return seen
             time.sleep(poll_s)
+    return seen
 
 
 def _read_event(event: dict[str, Any], seen: Followed, bar: Any) -> None:
@@ -448,6 +464,34 @@ def _read_event(event: dict[str, Any], seen: Followed, bar: Any) -> None:
             bar.advance("(committed by an earlier try)")
 
 
+@contextlib.contextmanager
+def _ctrl_c() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) while following a run sets the event: the follow loop sees it within a
+    second and returns, and the command stops the run. No KeyboardInterrupt is raised inside
+    the websocket client or httpx, where it could leave a lock held and hang the command. A
+    second Ctrl-C raises KeyboardInterrupt at once (caught here: the run is still stopped)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        try:  # signal handlers belong to the main thread: here Ctrl-C is a KeyboardInterrupt
+            yield interrupted
+        except KeyboardInterrupt:
+            interrupted.set()
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    except KeyboardInterrupt:
+        interrupted.set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.select.split(",") if n.strip()]
     if not names:
@@ -473,9 +517,9 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
         if args.detach:
             sys.stdout.write(f"{run_id}\n")
             return 0
-        try:
-            seen = _follow(deployment, run_id, len(selection.keys), args.poll)
-        except KeyboardInterrupt:
+        with _ctrl_c() as interrupted:
+            seen = _follow(deployment, run_id, len(selection.keys), args.poll, interrupted.is_set)
+        if interrupted.is_set():
             try:
                 stopped = deployment.graphql(TERMINATE, {"runId": run_id})["terminateRun"]
             except CliError as exc:
