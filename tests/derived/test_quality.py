@@ -422,3 +422,51 @@ def seen(outcome: RuleOutcome) -> tuple[object, ...]:
         outcome.rows_by_partition,
         {k: v for k, v in outcome.examples_by_partition.items() if v},
     )
+
+
+FORKED_EVALUATIONS = """
+import os, sys
+import pyarrow as pa
+from trace_assets.quality import evaluate_rules
+from trace_resources.registry import declarations
+
+decl = declarations()["logs"]
+table = pa.table({"block_number": pa.array([1, 1, 2], pa.uint64()),
+                  "log_index": pa.array([0, 0, 0], pa.uint32()),
+                  "address": [b"a", None, b"c"], "transaction_hash": [b"x", b"y", b"z"]})
+
+def failing():
+    outcomes = evaluate_rules(decl, {"000000000000-000000000999": table})
+    return {o.rule: o.failing for o in outcomes}
+
+print("parent before", failing(), flush=True)
+pid = os.fork()
+if pid == 0:
+    print("child", failing(), flush=True)
+    sys.exit(0)  # a normal exit: the interpreter frees what it still holds
+_, status = os.waitpid(pid, 0)
+print("child status", status, flush=True)
+print("parent after", failing(), flush=True)
+"""
+
+
+def test_rules_evaluate_in_a_forked_child_and_in_its_parent_after_the_fork(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The rules share one DuckDB database per process; the warm run worker forks runs. A
+    child must evaluate on a database of its own and exit cleanly (freeing an inherited one
+    crashes it), and the parent must go on evaluating after the fork."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_EVALUATIONS)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = "{'one_row_per_log': 1, 'address_not_null': 1}"
+    assert done.stdout.splitlines() == [
+        f"parent before {expected}",
+        f"child {expected}",
+        "child status 0",
+        f"parent after {expected}",
+    ], done.stderr[-3000:]
