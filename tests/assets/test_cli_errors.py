@@ -297,6 +297,14 @@ def test_missing_services_are_named_with_the_command_that_starts_them(
     refused(run(capsys, "head"), "TRACE_RANGE_SIZE", "integer")
     monkeypatch.delenv("TRACE_RANGE_SIZE")
 
+    # the Dagster webserver `trace backfill` launches on: down, not an http(s) URL, not one
+    monkeypatch.setenv("TRACE_DAGSTER_URL", f"http://127.0.0.1:{free_port()}")
+    refused(run(capsys, "backfill"), "no Dagster webserver answers", "make dev")
+    monkeypatch.setenv("TRACE_DAGSTER_URL", "127.0.0.1:3000")
+    refused(run(capsys, "backfill"), "TRACE_DAGSTER_URL='127.0.0.1:3000'", "http(s) URL")
+    monkeypatch.setenv("TRACE_DAGSTER_URL", not_found_url)
+    refused(run(capsys, "backfill"), f"{not_found_url}/graphql answered HTTP 404", "make dev")
+
     # DAGSTER_HOME unset or not a directory
     unset = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     done = subprocess.run(
@@ -360,3 +368,50 @@ def test_every_command_and_option_has_help() -> None:
 
     walk(build_parser(), "trace")
     assert missing == []
+
+
+class _KeepAliveGraphql(BaseHTTPRequestHandler):
+    """Answers every POST with a GraphQL result on a kept-alive connection, and closes the
+    connection once it sat idle for 0.2 s (as uvicorn does after its keep-alive timeout)."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 0.2
+    connections: list[int] = []  # the client port of each request's connection
+
+    def do_POST(self) -> None:  # noqa: N802 (the handler's protocol)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.connections.append(self.client_address[1])  # the client side's port
+        body = b'{"data": {"answer": 42}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_backfill_reconnects_when_the_webserver_closed_an_idle_connection() -> None:
+    """`trace backfill` keeps one connection to the webserver; after a long quiet stretch of a
+    run, the server has closed it, and the next call opens a new one instead of failing."""
+    import time
+
+    from trace_assets.cli.backfill import Deployment
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAliveGraphql)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    deployment = Deployment(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        assert deployment.graphql("{ answer }") == {"answer": 42}
+        assert deployment.graphql("{ answer }") == {"answer": 42}  # the same connection
+        time.sleep(0.6)  # the server closes the idle connection
+        assert deployment.graphql("{ answer }") == {"answer": 42}
+    finally:
+        deployment.close()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    first, second, third = _KeepAliveGraphql.connections
+    assert first == second and third != first

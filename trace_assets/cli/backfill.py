@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import re
 import signal
@@ -38,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from trace_assets.cli.errors import CliError, unknown
 from trace_resources.settings import Settings
@@ -167,18 +169,53 @@ class Deployment:
     """The webserver's GraphQL endpoint, with errors an operator can act on."""
 
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        import httpx
-
         self.url = url.rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", self.url):
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CliError(
                 f"TRACE_DAGSTER_URL={url!r} is not an http(s) URL; set it to the Dagster "
                 "webserver, e.g. http://127.0.0.1:3000 (what `make dev` serves)"
             )
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._parts = parts
+        self._timeout_s = timeout_s
+        self._http: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        # the standard library's client: the command's ~6 GraphQL calls need no more, and
+        # importing httpx and building its TLS context (even for http://) took 0.4 s of the
+        # command's start, before its run was launched
+        if self._http is None:
+            host, port = self._parts.hostname or "", self._parts.port
+            if self._parts.scheme == "https":
+                self._http = http.client.HTTPSConnection(host, port, timeout=self._timeout_s)
+            else:
+                self._http = http.client.HTTPConnection(host, port, timeout=self._timeout_s)
+        return self._http
+
+    def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST on the kept-alive connection; once more on a new one if the server had closed
+        it (an idle keep-alive connection may be closed between two calls)."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        target = (self._parts.path.rstrip("/") or "") + path
+        for attempt in (1, 2):
+            connection = self._connection()
+            try:
+                connection.request("POST", target, body, headers)
+                response = connection.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt == 2:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def stream_events(
         self,
@@ -241,23 +278,23 @@ class Deployment:
         return cursor
 
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        import httpx
-
+        request = json.dumps({"query": query, "variables": variables}).encode()
         try:
-            response = self._http.post("/graphql", json={"query": query, "variables": variables})
-        except httpx.TransportError as exc:
+            status, content = self._post("/graphql", request)
+        except (OSError, http.client.HTTPException) as exc:
             raise CliError(
-                f"no Dagster webserver answers at {self.url} (TRACE_DAGSTER_URL): {exc}; start "
-                "the deployment with `make dev`, or run the backfill in this shell with "
-                "`dagster asset materialize` (see `trace backfill --help`)"
+                f"no Dagster webserver answers at {self.url} (TRACE_DAGSTER_URL): "
+                f"{exc or type(exc).__name__}; start the deployment with `make dev`, or run the "
+                "backfill in this shell with `dagster asset materialize` (see `trace backfill "
+                "--help`)"
             ) from None
-        if response.status_code != 200:
+        if status != 200:
             raise CliError(
-                f"{self.url}/graphql answered HTTP {response.status_code}: is TRACE_DAGSTER_URL "
+                f"{self.url}/graphql answered HTTP {status}: is TRACE_DAGSTER_URL "
                 "the Dagster webserver (`make dev` serves it at http://127.0.0.1:3000)?"
             )
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError:
             raise CliError(
                 f"{self.url}/graphql did not answer JSON: is TRACE_DAGSTER_URL the Dagster "
@@ -468,7 +505,7 @@ def _read_event(event: dict[str, Any], seen: Followed, bar: Any) -> None:
 def _ctrl_c() -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) while following a run sets the event: the follow loop sees it within a
     second and returns, and the command stops the run. No KeyboardInterrupt is raised inside
-    the websocket client or httpx, where it could leave a lock held and hang the command. A
+    the websocket or HTTP client, where it could leave a lock held and hang the command. A
     second Ctrl-C raises KeyboardInterrupt at once (caught here: the run is still stopped)."""
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
