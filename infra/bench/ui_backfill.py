@@ -78,6 +78,21 @@ class Breakdown:
         )
 
 
+def _group_processes(group: int) -> list[str]:
+    """`pid state command` of every live process in the process group (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != group:  # pgrp
+                continue
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append(f"{stat.parent.name} {fields[0]} {command[:160]}")
+    return found
+
+
 class DagsterDev:
     """`dagster dev` with the deployment's dagster.yaml on the benchmark's services, in its own
     process group; stopped with SIGINT (its own graceful stop), then SIGKILL."""
@@ -129,7 +144,16 @@ class DagsterDev:
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _say(f"dagster dev did not stop in {STOP_TIMEOUT_S:.0f} s: SIGKILL")
+            stuck = (
+                f"dagster dev did not stop in {STOP_TIMEOUT_S:.0f} s: SIGKILL; still running: "
+                + "; ".join(_group_processes(process.pid))
+            )
+            _say(stuck)
+            # kept where a passing test run leaves it too (pytest shows only failures' output)
+            record = REPO_ROOT / ".local" / "dagster-dev-slow-stops.log"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            with record.open("a") as out:
+                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {stuck}\n{self._log_tail()}\n")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         # what a killed run or code server left in the group
