@@ -86,6 +86,7 @@ DEFAULT_PRELOAD = (
     "httpx",
     "cryo",
     "trace_assets.definitions",
+    "trace_assets.run_warmup",
     "trace_resources.instance.warmup",
 )
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ Starts no thread: the worker forks.
 - httpx imports its transport (httpcore, h11) only when the first client is made, and the RPC
   clients' TLS context loads the CA bundle: ~0.5 s per run when each fork did them (py-spy on
   the runs of a `trace backfill`).
-- The code location's repository (`Definitions.get_repository_def()`, cached on the
-  `Definitions`: every asset's resources resolved) and its jobs: ~0.2 s per run.
+- (The code location's repository and jobs are built by `trace_assets.run_warmup`, preloaded
+  after the code location: this package does not import the assets.)
 - The modules a run imports after the worker's preloads (found by diffing `sys.modules` in a
   forked run of the raw datasets): Dagster's run-worker internals, the instance's storage, the
   keccak backend, pyarrow's Acero, numpy.ma, the IDNA codec.
@@ -48,9 +48,6 @@ def warm_up() -> None:
     httpx.HTTPTransport(verify=tls_context()).close()
     for name in RUN_IMPORTS:
         importlib.import_module(name)
-    from trace_assets.definitions import defs
-
-    defs.get_repository_def().get_all_jobs()
 
 
 warm_up()
