@@ -11,6 +11,7 @@ nothing is committed and readers keep the previous version.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import datetime as dt
 import os
@@ -128,6 +129,15 @@ class _Databases:
         os.register_at_fork(
             before=self._retire, after_in_parent=self._release, after_in_child=self._keep
         )
+        atexit.register(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        """Closed before the interpreter tears its modules down (DuckDB's bindings report a
+        database still open then as leaked)."""
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()
 
     def _retire(self) -> None:
         self._lock.acquire()  # held across the fork: no cursor is being made meanwhile

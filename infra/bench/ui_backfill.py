@@ -110,6 +110,8 @@ class DagsterDev:
             **pg.dagster_env(),
             # the benchmark drives the backfill; the sensors' runs would compete with it
             "TRACE_SENSORS_RUNNING": "false",
+            # a stop that hangs is diagnosed with SIGABRT: every process prints its threads' stacks
+            "PYTHONFAULTHANDLER": "1",
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.client = httpx.Client(base_url=self.url, timeout=30)
@@ -148,12 +150,15 @@ class DagsterDev:
                 f"dagster dev did not stop in {STOP_TIMEOUT_S:.0f} s: SIGKILL; still running: "
                 + "; ".join(_group_processes(process.pid))
             )
+            os.killpg(process.pid, signal.SIGABRT)  # their stacks to the log (faulthandler)
+            time.sleep(2)
             _say(stuck)
             # kept where a passing test run leaves it too (pytest shows only failures' output)
             record = REPO_ROOT / ".local" / "dagster-dev-slow-stops.log"
             record.parent.mkdir(parents=True, exist_ok=True)
             with record.open("a") as out:
-                out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {stuck}\n{self._log_tail()}\n")
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                out.write(f"{stamp} {stuck}\n{self._log_tail(60_000)}\n")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         # what a killed run or code server left in the group
@@ -170,8 +175,8 @@ class DagsterDev:
             raise RuntimeError(f"GraphQL error: {body['errors']}")
         return dict(body["data"])
 
-    def _log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+    def _log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
 
     def _wait_ready(self) -> None:
         """Until the webserver answers, the code location is loaded and every daemon is
