@@ -15,6 +15,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,12 @@ class Breakdown:
         )
 
 
+_DEFAULT_SIGINT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _group_processes(group: int) -> list[str]:
     """`pid state command` of every live process in the process group (from /proc)."""
     found = []
@@ -117,7 +124,10 @@ class DagsterDev:
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def __enter__(self) -> DagsterDev:
-        command = dagster_dev_command(self.port)
+        # SIGINT back to its default for `dagster dev`: an ignored SIGINT is inherited across
+        # exec, and a `dagster dev` started by a process that ignores it never stops on it
+        # (its services did: it was the parent that went on waiting, measured with stacks)
+        command = [sys.executable, "-c", _DEFAULT_SIGINT_EXEC, *dagster_dev_command(self.port)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command,
