@@ -302,6 +302,8 @@ def test_missing_services_are_named_with_the_command_that_starts_them(
     refused(run(capsys, "backfill"), "no Dagster webserver answers", "make dev")
     monkeypatch.setenv("TRACE_DAGSTER_URL", "127.0.0.1:3000")
     refused(run(capsys, "backfill"), "TRACE_DAGSTER_URL='127.0.0.1:3000'", "http(s) URL")
+    monkeypatch.setenv("TRACE_DAGSTER_URL", "http://127.0.0.1:port")
+    refused(run(capsys, "backfill"), "TRACE_DAGSTER_URL='http://127.0.0.1:port'", "http(s) URL")
     monkeypatch.setenv("TRACE_DAGSTER_URL", not_found_url)
     refused(run(capsys, "backfill"), f"{not_found_url}/graphql answered HTTP 404", "make dev")
 

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from trace_assets.cli.errors import CliError, unknown
 from trace_resources.settings import Settings
@@ -165,13 +165,25 @@ class Followed:
         self.status = status
 
 
+def _has_valid_port(parts: SplitResult) -> bool:
+    """No port, or a number in range (`SplitResult.port` raises on anything else)."""
+    try:
+        return parts.port is None or parts.port > 0
+    except ValueError:
+        return False
+
+
 class Deployment:
     """The webserver's GraphQL endpoint, with errors an operator can act on."""
 
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not _has_valid_port(parts)
+        ):
             raise CliError(
                 f"TRACE_DAGSTER_URL={url!r} is not an http(s) URL; set it to the Dagster "
                 "webserver, e.g. http://127.0.0.1:3000 (what `make dev` serves)"
