@@ -211,23 +211,25 @@ class Deployment:
 
     def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST on the kept-alive connection; once more on a new one if the server had closed
-        it (an idle keep-alive connection may be closed between two calls)."""
+        it (an idle keep-alive connection may be closed between two calls). Only a reused
+        connection is retried: on a new one the failure is the server's, and a mutation (the
+        launch) is never sent twice for it."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         target = (self._parts.path.rstrip("/") or "") + path
-        for attempt in (1, 2):
+        while True:
             connection = self._connection()
+            reused = connection.sock is not None
             try:
                 connection.request("POST", target, body, headers)
                 response = connection.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.close()
-                if attempt == 2:
+                if not reused:
                     raise
             except (OSError, http.client.HTTPException):
                 self.close()
                 raise
-        raise AssertionError("unreachable")
 
     def stream_events(
         self,
